@@ -1,0 +1,13 @@
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+try:  # DEVELOPERS.md: one torch thread on CPU (2 threads is much slower on these machines)
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # torch is optional for the core tests
+    pass

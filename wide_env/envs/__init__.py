@@ -1,0 +1,5 @@
+"""Gymnasium front ends over the simulation core."""
+
+from wide_env.envs.decode import WideMoEEnv
+
+__all__ = ["WideMoEEnv"]

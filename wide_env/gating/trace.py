@@ -1,0 +1,199 @@
+"""Recorded gating traces (`.npz`, schema in docs/trace-schema.md): validation, loading, saving, replay.
+
+Files are read with ``allow_pickle=False``; every schema violation raises :class:`TraceError` naming
+the file, the key and what was expected, so a corrupt or foreign file never half-loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from wide_env.gating.base import GatingSource, TokenGates
+
+SCHEMA_VERSION = 1
+ROUTINGS = ("softmax_topk_renorm", "softmax_topk_raw", "sigmoid_topk_renorm")
+EFFECT_KEYS = ("effect_correct", "effect_same", "effect_dloss", "effect_kl")
+REQUIRED_KEYS = ("schema_version", "gate_probs", "topk_idx", "topk_weight", "mismatch", "layer_budget", "d_model", "routing")
+OPTIONAL_KEYS = ("token_id", "target_id", "doc_start", "full_correct", "meta") + EFFECT_KEYS
+
+
+class TraceError(ValueError):
+    """A trace file that does not follow the schema."""
+
+
+def _err(source: str, key: str, problem: str) -> TraceError:
+    return TraceError(f"trace {source}: '{key}' {problem} (see docs/trace-schema.md)")
+
+
+def validate_trace(arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -> dict[str, np.ndarray]:
+    """Check ``arrays`` against the schema; return them as a dict (unknown keys are rejected)."""
+    data = {k: np.asarray(v) for k, v in arrays.items()}
+    for key in REQUIRED_KEYS:
+        if key not in data:
+            raise _err(source, key, "is missing")
+    unknown = sorted(set(data) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise _err(source, unknown[0], f"is not a schema key; allowed: {sorted(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+    version = data["schema_version"]
+    if version.shape != () or not np.issubdtype(version.dtype, np.integer) or int(version) != SCHEMA_VERSION:
+        raise _err(source, "schema_version", f"must be the integer {SCHEMA_VERSION}, got {version!r}")
+
+    probs = data["gate_probs"]
+    if probs.ndim != 3 or not np.issubdtype(probs.dtype, np.floating):
+        raise _err(source, "gate_probs", f"must be a float array (T, L, E), got {probs.dtype} {probs.shape}")
+    T, L, E = probs.shape
+    if min(T, L, E) < 1:
+        raise _err(source, "gate_probs", f"has an empty axis: shape {probs.shape}")
+    p32 = probs.astype(np.float32)
+    if not np.isfinite(p32).all() or (p32 < 0).any():
+        raise _err(source, "gate_probs", "must be finite and >= 0")
+    if np.abs(p32.sum(axis=-1) - 1.0).max() > 1e-2:
+        raise _err(source, "gate_probs", "rows must sum to 1 (within 1e-2)")
+
+    idx = data["topk_idx"]
+    if idx.ndim != 3 or idx.shape[:2] != (T, L) or not np.issubdtype(idx.dtype, np.integer):
+        raise _err(source, "topk_idx", f"must be an integer array (T, L, K) = ({T}, {L}, K), got {idx.dtype} {idx.shape}")
+    K = idx.shape[2]
+    if not 1 <= K <= E:
+        raise _err(source, "topk_idx", f"K = {K} must be in [1, E = {E}]")
+    if (idx < 0).any() or (idx >= E).any():
+        raise _err(source, "topk_idx", f"indices must be in [0, {E})")
+    if K > 1 and (np.diff(np.sort(idx, axis=-1), axis=-1) == 0).any():
+        raise _err(source, "topk_idx", "indices must be distinct within a (token, layer)")
+
+    weight = data["topk_weight"]
+    if weight.shape != (T, L, K) or not np.issubdtype(weight.dtype, np.floating):
+        raise _err(source, "topk_weight", f"must be a float array of shape ({T}, {L}, {K}), got {weight.dtype} {weight.shape}")
+    if not np.isfinite(weight.astype(np.float32)).all() or (weight < 0).any():
+        raise _err(source, "topk_weight", "must be finite and >= 0")
+
+    mismatch = data["mismatch"]
+    if mismatch.shape != (L, E, E + 1) or not np.issubdtype(mismatch.dtype, np.floating):
+        raise _err(source, "mismatch", f"must be a float array of shape ({L}, {E}, {E + 1}), got {mismatch.dtype} {mismatch.shape}")
+    if not np.isfinite(mismatch).all() or (mismatch < 0).any():
+        raise _err(source, "mismatch", "must be finite and >= 0")
+    if np.abs(mismatch[:, np.arange(E), np.arange(E)]).max() > 1e-6:
+        raise _err(source, "mismatch", "must have D_l(i, i) = 0 on the diagonal")
+
+    budget = data["layer_budget"]
+    if budget.shape != (L,) or not np.issubdtype(budget.dtype, np.floating) or not np.isfinite(budget).all() or (budget <= 0).any():
+        raise _err(source, "layer_budget", f"must be {L} finite floats > 0")
+    d_model = data["d_model"]
+    if d_model.shape != () or not np.issubdtype(d_model.dtype, np.integer) or int(d_model) < 1:
+        raise _err(source, "d_model", "must be a positive integer scalar")
+    routing = data["routing"]
+    if routing.shape != () or routing.dtype.kind != "U" or str(routing) not in ROUTINGS:
+        raise _err(source, "routing", f"must be one of {list(ROUTINGS)} as a 0-d string array")
+
+    for key in ("token_id", "target_id"):
+        if key in data and (data[key].shape != (T,) or not np.issubdtype(data[key].dtype, np.integer)):
+            raise _err(source, key, f"must be an integer array of shape ({T},)")
+    for key in ("doc_start", "full_correct"):
+        if key in data and (data[key].shape != (T,) or data[key].dtype != np.bool_):
+            raise _err(source, key, f"must be a bool array of shape ({T},)")
+    present = [k for k in EFFECT_KEYS if k in data]
+    if present and "effect_correct" not in data:
+        raise _err(source, "effect_correct", "is required when any effect table is present")
+    for key in present:
+        arr = data[key]
+        if arr.shape != (T, L, K, E + 1):
+            raise _err(source, key, f"must have shape ({T}, {L}, {K}, {E + 1}), got {arr.shape}")
+        if key in ("effect_correct", "effect_same") and arr.dtype != np.bool_:
+            raise _err(source, key, f"must be bool, got {arr.dtype}")
+        if key in ("effect_dloss", "effect_kl") and (not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr.astype(np.float32)).all()):
+            raise _err(source, key, "must be finite floats")
+    if "meta" in data:
+        if data["meta"].shape != () or data["meta"].dtype.kind != "U":
+            raise _err(source, "meta", "must be a 0-d string array holding JSON")
+        try:
+            json.loads(str(data["meta"]))
+        except json.JSONDecodeError as exc:
+            raise _err(source, "meta", f"is not valid JSON ({exc})") from None
+    return data
+
+
+def load_trace(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load and validate a trace; raises :class:`TraceError` for missing, corrupt or wrong-schema files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise TraceError(f"trace {path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise TraceError(f"trace {path}: not a readable .npz archive ({type(exc).__name__}: {exc}); "
+                         "re-export it or check the download") from None
+    return validate_trace(arrays, source=path)
+
+
+def save_trace(path: str | os.PathLike, compress: bool = True, **arrays: Any) -> None:
+    """Validate and write a trace. ``meta`` may be a dict (stored as JSON)."""
+    if isinstance(arrays.get("meta"), Mapping):
+        arrays["meta"] = np.array(json.dumps(arrays["meta"], sort_keys=True))
+    for key in ("routing",):
+        if key in arrays and isinstance(arrays[key], str):
+            arrays[key] = np.array(arrays[key])
+    data = validate_trace(arrays, source=os.fspath(path))
+    (np.savez_compressed if compress else np.savez)(path, **data)
+
+
+def trace_meta(data: Mapping[str, np.ndarray]) -> dict:
+    return json.loads(str(data["meta"])) if "meta" in data else {}
+
+
+class TraceGating(GatingSource):
+    """Replays a recorded trace: each episode reads ``n_tokens`` consecutive tokens (inside one document)."""
+
+    name = "trace"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        data = load_trace(self.path)
+        self.probs = data["gate_probs"].astype(np.float32)
+        self.topk_idx = data["topk_idx"].astype(np.int64)
+        self.topk_weight = data["topk_weight"].astype(np.float64)
+        self.mismatch = data["mismatch"].astype(np.float64)
+        self.layer_budget = data["layer_budget"].astype(np.float64)
+        self.n_tokens_total, self.n_layers, self.n_experts = self.probs.shape
+        self.top_k = self.topk_idx.shape[2]
+        self.d_model = int(data["d_model"])
+        self.routing = str(data["routing"])
+        self.doc_start = data.get("doc_start")
+        self.full_correct = data.get("full_correct")
+        self.effects = {k: data[k] for k in EFFECT_KEYS if k in data}
+        self.has_effects = "effect_correct" in self.effects
+        self.meta = trace_meta(data)
+        self._valid_starts: dict[int, np.ndarray] = {}
+
+    def valid_starts(self, n_tokens: int) -> np.ndarray:
+        if n_tokens not in self._valid_starts:
+            T = self.n_tokens_total
+            if n_tokens > T:
+                raise ValueError(f"n_tokens = {n_tokens} exceeds the trace length {T} of {self.path}; lower n_tokens")
+            starts = np.arange(T - n_tokens + 1)
+            if self.doc_start is not None:
+                # a window may begin at a document start but must not contain a later one
+                boundaries = np.concatenate([[0], np.cumsum(self.doc_start.astype(np.int64))])
+                inside = boundaries[starts + n_tokens] - boundaries[starts + 1] == 0
+                starts = starts[inside]
+                if starts.size == 0:
+                    raise ValueError(f"no document in {self.path} holds {n_tokens} tokens; lower n_tokens")
+            self._valid_starts[n_tokens] = starts
+        return self._valid_starts[n_tokens]
+
+    def start(self, rng, batch, n_tokens):
+        starts = self.valid_starts(n_tokens)
+        return starts[rng.integers(0, starts.size, size=batch)]
+
+    def gates(self, positions, rng):
+        return TokenGates(self.probs[positions], self.topk_idx[positions], self.topk_weight[positions])
+
+    def describe(self):
+        out = super().describe()
+        out.update(path=self.path, n_trace_tokens=self.n_tokens_total)
+        return out

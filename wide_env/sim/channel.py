@@ -1,0 +1,97 @@
+"""Wireless channel: path loss and Nakagami-m small-scale fading with AR(1) time correlation.
+
+All functions are batched over leading axes and use only numpy. The fading power gain of a link is
+built from ``2m`` real Gaussian components x_k, h = (1/(2m)) * sum_k x_k^2, which is Gamma(m, 1/m)
+(mean 1, E[1/h] = m/(m-1)). Each component follows x' = rho*x + sqrt(1-rho^2)*w, so h is stationary
+with lag-1 power correlation rho^2 and rho = 0 gives i.i.d. fading, rho = 1 a static channel [std].
+For m that is not a multiple of 1/2 only rho in {0, 1} is allowed and h is drawn from the Gamma law.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wide_env.sim.units import db_to_linear
+
+
+def path_gain(distance_m, exponent: float, reference_gain_db: float = 0.0):
+    """Large-scale power gain G = A * d^(-alpha) with A = 10^(reference_gain_db/10) [paper: A = 1, alpha = 4]."""
+    return db_to_linear(reference_gain_db) * np.power(np.asarray(distance_m, dtype=np.float64), -exponent)
+
+
+class NakagamiFading:
+    """Time-correlated Nakagami-m power gains for arrays of links of shape ``shape`` (e.g. (B, N))."""
+
+    def __init__(self, m: float, rho: float):
+        if not m > 0:
+            raise ValueError(f"Nakagami shape m must be > 0, got {m}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"fading correlation rho must be in [0, 1], got {rho}")
+        self.m = float(m)
+        self.rho = float(rho)
+        twice_m = 2.0 * self.m
+        self.n_components = int(round(twice_m)) if float(twice_m).is_integer() else 0
+        if self.n_components == 0 and self.rho not in (0.0, 1.0):
+            raise ValueError("correlated Nakagami fading needs m to be a multiple of 0.5")
+
+    def init(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Initial fading state: Gaussian components (shape + (2m,)) or the gains themselves (shape + (1,))."""
+        if self.n_components:
+            return rng.standard_normal(shape + (self.n_components,))
+        return rng.gamma(self.m, 1.0 / self.m, size=shape + (1,))
+
+    def advance(self, rng: np.random.Generator, state: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+        """Next fading state; ``where`` (broadcastable to the link shape) limits the update to some rows."""
+        if self.rho == 1.0:
+            return state
+        if self.n_components:
+            fresh = rng.standard_normal(state.shape)
+            new = self.rho * state + np.sqrt(1.0 - self.rho * self.rho) * fresh if self.rho > 0.0 else fresh
+        else:
+            new = rng.gamma(self.m, 1.0 / self.m, size=state.shape)
+        if where is None:
+            return new
+        return np.where(np.asarray(where)[..., None], new, state)
+
+    def gain(self, state: np.ndarray) -> np.ndarray:
+        """Small-scale power gain h (mean 1) for each link."""
+        if self.n_components:
+            return np.einsum("...k,...k->...", state, state) / self.n_components
+        return state[..., 0]
+
+
+def draw_distances(rng: np.random.Generator, shape: tuple[int, ...], r_min: float, r_max: float) -> np.ndarray:
+    """Distances uniform in area over the annulus r_min..r_max (user at the centre) [choice]."""
+    u = rng.random(shape)
+    return np.sqrt(r_min * r_min + u * (r_max * r_max - r_min * r_min))
+
+
+def draw_positions(rng: np.random.Generator, shape: tuple[int, ...], r_min: float, r_max: float) -> np.ndarray:
+    """Helper positions (shape + (2,)) in metres, uniform in area over the annulus."""
+    r = draw_distances(rng, shape, r_min, r_max)
+    angle = rng.uniform(0.0, 2.0 * np.pi, size=shape)
+    return np.stack([r * np.cos(angle), r * np.sin(angle)], axis=-1)
+
+
+def move_random_waypoint(rng: np.random.Generator, positions: np.ndarray, waypoints: np.ndarray, speeds: np.ndarray,
+                         dt: float, r_min: float, r_max: float, speed_range: tuple[float, float]):
+    """Advance pedestrians by ``dt`` toward their waypoints; those that arrive draw a new waypoint and speed.
+
+    Returns (positions, waypoints, speeds). Positions stay inside the annulus because waypoints do and
+    the annulus... is not convex, so the distance is clipped to [r_min, r_max] afterwards.
+    """
+    delta = waypoints - positions
+    remaining = np.linalg.norm(delta, axis=-1)
+    step = speeds * dt
+    arrived = remaining <= step
+    frac = np.where(arrived, 1.0, step / np.maximum(remaining, 1e-12))
+    positions = positions + delta * frac[..., None]
+    if arrived.any():
+        new_wp = draw_positions(rng, arrived.shape, r_min, r_max)
+        new_speed = rng.uniform(speed_range[0], speed_range[1], size=arrived.shape)
+        waypoints = np.where(arrived[..., None], new_wp, waypoints)
+        speeds = np.where(arrived, new_speed, speeds)
+    dist = np.linalg.norm(positions, axis=-1)
+    clipped = np.clip(dist, r_min, r_max)
+    positions = positions * (clipped / np.maximum(dist, 1e-12))[..., None]
+    return positions, waypoints, speeds

@@ -1,0 +1,67 @@
+"""The decoding observation: layout, bounds and a batched builder shared by every env front end.
+
+Scale-free by design: energies are relative to the Top-K energy of the same state (so the reward's
+energy term is the sum of ``energy_cost`` over executed experts), latencies relative to the deadline,
+deviations relative to the budget unit (eps_l per layer, or the token budget).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+# Finite clipping bounds [choice]: values beyond them carry no decision-relevant information.
+MAX_ENERGY_COST = 1.0e4
+MAX_LATENCY_RATIO = 100.0
+MAX_DEVIATION = 1.0e3
+GAIN_DB_LOW, GAIN_DB_HIGH = -250.0, 50.0
+
+
+def observation_layout(n_experts: int, top_k: int, n_nodes: int) -> "OrderedDict[str, tuple[int, float, float]]":
+    """key -> (size, low, high), in the order of the flat observation."""
+    E, K, N = n_experts, top_k, n_nodes
+    return OrderedDict([
+        ("gate_probs", (E, 0.0, 1.0)),
+        ("topk_mask", (E, 0.0, 1.0)),
+        ("topk_weight", (E, 0.0, 1.0)),
+        ("channel_gain_db", (N, GAIN_DB_LOW, GAIN_DB_HIGH)),
+        ("energy_cost", (E, 0.0, MAX_ENERGY_COST)),
+        ("latency_ratio", (E, 0.0, MAX_LATENCY_RATIO)),
+        ("deviation_table", (K * (E + 1), 0.0, MAX_DEVIATION)),
+        ("budget_remaining", (1, 0.0, MAX_DEVIATION)),
+        ("position", (2, 0.0, 1.0)),
+    ])
+
+
+def observation_slices(layout) -> "OrderedDict[str, slice]":
+    out, offset = OrderedDict(), 0
+    for key, (size, _, _) in layout.items():
+        out[key] = slice(offset, offset + size)
+        offset += size
+    return out
+
+
+def build_static_observation(layout, *, probs, topk_mask, topk_idx, topk_weight, gain_db, energy_cost,
+                             latency_ratio, deviation_table) -> np.ndarray:
+    """Flat float32 observations (B, L, D) of one token in every layer, except ``budget_remaining`` and
+    ``position``, which change with the step and are filled by the simulator. Inputs have axes (B, L, ...)
+    except ``gain_db`` (B, N), the same in every layer."""
+    B, L = probs.shape[:2]
+    slices = observation_slices(layout)
+    out = np.zeros((B, L, sum(size for size, _, _ in layout.values())), dtype=np.float32)
+    out[..., slices["gate_probs"]] = np.clip(probs, 0.0, 1.0)
+    out[..., slices["topk_mask"]] = topk_mask
+    weight = np.zeros(probs.shape)
+    np.put_along_axis(weight, topk_idx, topk_weight, axis=-1)
+    out[..., slices["topk_weight"]] = np.clip(weight, 0.0, 1.0)
+    out[..., slices["channel_gain_db"]] = np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH)[:, None, :]
+    out[..., slices["energy_cost"]] = np.clip(energy_cost, 0.0, MAX_ENERGY_COST)
+    out[..., slices["latency_ratio"]] = np.clip(latency_ratio, 0.0, MAX_LATENCY_RATIO)
+    out[..., slices["deviation_table"]] = np.clip(deviation_table, 0.0, MAX_DEVIATION)
+    return out
+
+
+def split_observation(flat: np.ndarray, slices) -> dict:
+    """Flat observation(s) (..., D) -> dict of arrays (..., size) in layout order (copies)."""
+    return {key: flat[..., sl].copy() for key, sl in slices.items()}
