@@ -12,14 +12,15 @@ from gymnasium import spaces
 from wide_env.config import WideConfig
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
-from wide_env.sim.observation import split_observation
 
 INFO_KEYS = (
     "energy_j", "topk_energy_j", "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation",
     "weighted_deviation", "deviation_budget", "budget_violated", "latency_s", "deadline_misses", "n_executed",
     "n_lost", "n_kept", "n_replaced", "n_skipped", "reward_energy", "reward_deviation", "reward_deadline",
 )
-_INT_KEYS = {"deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "budget_violated"}
+
+#: info keys holding counts (integers); the rest are floats
+_INT_KEYS = frozenset({"deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "budget_violated"})
 
 
 @dataclass(frozen=True)
@@ -38,20 +39,19 @@ class DecodeProblem:
     obs_slices: dict
 
 
-def validate_action(action: Any, n_experts: int) -> np.ndarray:
-    """Turn an action into a (E,) bool mask, or raise ValueError saying what was expected."""
-    arr = np.asarray(action)
+def validate_action(action: Any, n_experts: int) -> list:
+    """Turn an action into a list of E ints (0/1), or raise ValueError saying what was expected."""
+    arr = action if type(action) is np.ndarray else np.asarray(action)
     if arr.shape != (n_experts,):
         raise ValueError(f"action has shape {arr.shape}; expected shape ({n_experts},): one 0/1 entry per expert "
                          f"(MultiBinary({n_experts}), 1 = execute)")
-    if arr.dtype == np.bool_:
-        return arr
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    if arr.dtype.kind not in "biuf":
         raise ValueError(f"action has dtype {arr.dtype}; expected int8/bool/int/float entries equal to 0 or 1")
-    if not np.all((arr == 0) | (arr == 1)):
-        bad = arr[~((arr == 0) | (arr == 1))][0]
+    values = arr.tolist()
+    if not set(values) <= {0, 1}:  # NaN, 2, -1, 0.5 all fail; True/False/0.0/1.0 pass
+        bad = next(v for v in values if v not in (0, 1))
         raise ValueError(f"action entries must be 0 or 1 (got {bad!r}); expected shape ({n_experts},) of 0/1")
-    return arr == 1
+    return values
 
 
 class WideMoEEnv(gym.Env):
@@ -156,41 +156,51 @@ class WideMoEEnv(gym.Env):
         else:
             self.observation_space = spaces.Dict(boxes)
         self.action_space = spaces.MultiBinary(sim.n_experts)
+        self._slice_items = tuple(sim.obs_slices.items())
         self._state = None
-        self._view = None
+        self._lists = None
+        self._lists_chunk = -1
         self._last: dict | None = None
 
     # ---- Gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._state = self.sim.reset(self.np_random, 1)
-        self._view = self.sim.view(self._state, 0)
+        self._lists_chunk = -1
         self._last = None
-        info = {"layer": 0, "token": 0, "topk_energy_j": float(self._view.topk_energy),
-                "deviation_budget": float(self._view.budget)}
+        view = self.current_view()
+        info = {"layer": 0, "token": 0, "topk_energy_j": float(view.topk_energy), "deviation_budget": float(view.budget)}
         return self._observation(), info
 
     def step(self, action):
-        if self._state is None:
+        state = self._state
+        if state is None:
             raise RuntimeError("call reset() before step()")
-        if self._state.done[0]:
+        if state.done[0]:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
         executed = validate_action(action, self.sim.n_experts)
-        view = self._view
-        out = self.sim.evaluate(view, executed)
-        truncated = bool(self.sim.advance(self.np_random, self._state, out["weighted_deviation"])[0])
-        info = {key: (int(out[key]) if key in _INT_KEYS else float(out[key])) for key in INFO_KEYS}
-        info["layer"] = view.layer
-        info["token"] = view.token
-        self._last = {"view": view, "executed": executed, "info": info, "server": out["server"]}
-        self._view = self.sim.view(self._state, 0)
-        return self._observation(), float(out["reward"]), False, truncated, info
+        sim = self.sim
+        if self._lists_chunk != state.chunk_id:  # Python copies of the plan, once per planned chunk
+            self._lists = sim.plan_lists(state, 0)
+            self._lists_chunk = state.chunk_id
+        layer, token = int(state.layer[0]), int(state.token[0])
+        budget, unit = self._budget()
+        if self.render_mode is not None:
+            self._last = {"view": self.current_view(), "executed": executed}
+        out = sim.evaluate_one(self._lists, token - int(state.chunk_start[0]), layer, executed, budget, unit)
+        truncated = bool(sim.advance(self.np_random, state, out["weighted_deviation"])[0])
+        info = {key: out[key] for key in INFO_KEYS}
+        info["layer"] = layer
+        info["token"] = token
+        if self._last is not None:
+            self._last["info"] = info
+        return self._observation(), out["reward"], False, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2E,) bool, pairs [may be 0, may be 1] per expert."""
-        if self._view is None:
+        if self._state is None:
             raise RuntimeError("call reset() before action_masks()")
-        may_execute = self._view.meets_deadline if self.sim.enforce_deadline else np.ones(self.sim.n_experts, bool)
+        may_execute = self.current_view().meets_deadline if self.sim.enforce_deadline else np.ones(self.sim.n_experts, bool)
         return np.stack([np.ones(self.sim.n_experts, dtype=bool), may_execute], axis=1).reshape(-1)
 
     def render(self):
@@ -209,12 +219,27 @@ class WideMoEEnv(gym.Env):
         rendering.close(self)
 
     # ---- helpers ---------------------------------------------------------------------------------
+    def _budget(self) -> tuple[float, float]:
+        """(budget available to this step, budget unit), weighted units."""
+        sim, state = self.sim, self._state
+        if sim.budget_mode == "layer":
+            eps = sim.layer_budget_list[int(state.layer[0])]
+            return eps, eps
+        return sim.token_budget - float(state.budget_used[0]), sim.token_budget
+
     def _observation(self):
-        flat = self.sim.observation(self._view)
+        state = self._state
+        layer, token = int(state.layer[0]), int(state.token[0])
+        budget, unit = self._budget()
+        flat = self.sim.fill_observation(state.plan.obs_static[0, token - int(state.chunk_start[0]), layer].copy(),
+                                         budget / unit, layer, token)
         if self.config.flatten_observation:
             return flat
-        return split_observation(flat, self.sim.obs_slices)
+        # views into this step's fresh array: nothing is shared with earlier or later observations
+        return {key: flat[sl] for key, sl in self._slice_items}
 
     def current_view(self):
         """The simulator's view of the current layer (unbatched): for analytic policies and tests."""
-        return self._view
+        if self._state is None:
+            raise RuntimeError("call reset() first")
+        return self.sim.view(self._state, 0)

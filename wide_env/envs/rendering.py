@@ -9,8 +9,8 @@ def render_text(env) -> str:
     """One line per expert of the last decided layer (or the upcoming one before any step)."""
     sim = env.sim
     last = env._last
-    view = last["view"] if last else env._view
-    executed = last["executed"] if last else np.zeros(sim.n_experts, dtype=bool)
+    view = last["view"] if last else env.current_view()
+    executed = last["executed"] if last else [0] * sim.n_experts
     topk = set(view.topk_idx.tolist())
     lines = [f"token {int(view.token)} layer {int(view.layer)}" + ("" if last else " (before acting)"),
              f"{'expert':>6} {'node':>4} {'gate':>6} {'topK':>4} {'energy_J':>10} {'T/Tmax':>7} {'run':>3}"]
@@ -36,12 +36,12 @@ def render_rgb(env) -> np.ndarray:
     sim = env.sim
     state = env._state
     last = env._last
-    view = last["view"] if last else env._view
-    executed = last["executed"] if last else np.zeros(sim.n_experts, dtype=bool)
+    view = last["view"] if last else env.current_view()
+    executed = last["executed"] if last else [0] * sim.n_experts
     fig = Figure(figsize=(5, 5), dpi=80)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
-    pos = state.positions[0]
+    pos = state.plan.helper_positions[0, int(view.token) - int(state.chunk_start[0])]
     gain_db = view.channel_gain_db
     sc = ax.scatter(pos[:, 0], pos[:, 1], c=gain_db, cmap="viridis", s=80, zorder=3)
     fig.colorbar(sc, ax=ax, label="channel gain (dB)")

@@ -10,6 +10,7 @@ at the current layer) and :meth:`DecodeSimulator.step` (apply masks, return outc
 from __future__ import annotations
 
 import dataclasses
+from itertools import compress
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,33 +26,62 @@ from wide_env.sim.units import dbm_to_watt, linear_to_db
 SCOPES = ("uplink", "comm", "system")
 
 
+# Layer-steps planned ahead in one batched call (all envs x tokens x layers): amortises numpy's per-call
+# overhead over many steps while bounding memory for large vector envs.
+PLAN_LAYER_STEPS = 32768
+
+
+@dataclass
+class TokenPlan:
+    """The next C tokens of every episode in every layer, computed in one batched call.
+    Axes (B, C, L, ...): batch, token within the chunk, layer. E experts, K Top-K, N helpers."""
+
+    probs: np.ndarray  # (B, C, L, E)
+    topk_idx: np.ndarray  # (B, C, L, K)
+    topk_weight: np.ndarray  # (B, C, L, K)
+    topk_mask: np.ndarray  # (B, C, L, E) bool
+    energy_scopes: np.ndarray  # (B, C, L, 3, E) J per expert call: uplink / comm / system scope
+    latency: np.ndarray  # (B, C, L, E) s
+    meets_deadline: np.ndarray  # (B, C, L, E) bool
+    deviation_table: np.ndarray  # (B, C, L, K, E+1) kappa_l * w_k * D_l(S_k, j)
+    topk_energy: np.ndarray  # (B, C, L)
+    energy_reference: np.ndarray  # (B, C, L)
+    channel_gain_db: np.ndarray  # (B, C, Lf, N), Lf = L with per-layer fading, else 1
+    helper_positions: np.ndarray  # (B, C, N, 2) m, where the helpers are at each token
+    obs_static: np.ndarray  # (B, C, L, D) float32 observation without budget and position
+
+
 @dataclass
 class DecodeState:
-    """Per-episode arrays (leading axis B)."""
+    """Per-episode arrays (leading axis B). The channel arrays describe the last planned token."""
 
     positions: np.ndarray  # (B, N, 2) helper positions, m
     waypoints: np.ndarray  # (B, N, 2) mobility targets
     speeds: np.ndarray  # (B, N) m/s
     path_gain: np.ndarray  # (B, N) linear
     fading: np.ndarray  # (B, N, C) fading components
-    channel_gain: np.ndarray  # (B, N) G * h, linear
     start: np.ndarray  # (B,) trace position of token 0
     token: np.ndarray  # (B,) token index within the episode
     layer: np.ndarray  # (B,) current MoE layer
-    gates: TokenGates  # current token, all layers
-    plan: "TokenPlan"  # the current token in every layer
+    chunk_start: np.ndarray  # (B,) token index of plan[:, 0]
+    plan: TokenPlan
     budget_used: np.ndarray  # (B,) weighted deviation spent this token (token mode)
     done: np.ndarray  # (B,) episode over (truncated)
+    chunk_id: int = 0  # bumped whenever any row is re-planned (lets front ends cache per-chunk data)
 
     @property
     def batch_size(self) -> int:
         return self.token.shape[0]
 
+    @property
+    def chunk_tokens(self) -> int:
+        return self.plan.probs.shape[1]
+
 
 @dataclass
 class LayerView:
     """The current layer of each episode: arrays with leading axes ``lead`` = (B,) for a batch, or ()
-    for one episode (the single env slices the token plan without copying). E = experts, K = Top-K."""
+    for one episode (then the arrays are views into the plan, not copies). E experts, K Top-K."""
 
     layer: np.ndarray  # lead, int
     token: np.ndarray  # lead, int
@@ -71,21 +101,6 @@ class LayerView:
     energy_reference: np.ndarray  # lead, denominator of the reward's energy term
     channel_gain_db: np.ndarray  # lead + (N,)
     obs_static: np.ndarray  # lead + (D,) float32 observation without budget and position
-
-
-@dataclass
-class TokenPlan:
-    """Everything about the current token in every layer, computed once per token (axes (B, L, ...))."""
-
-    topk_mask: np.ndarray  # (B, L, E) bool
-    energy_scopes: np.ndarray  # (B, L, 3, E)
-    latency: np.ndarray  # (B, L, E)
-    meets_deadline: np.ndarray  # (B, L, E)
-    deviation_table: np.ndarray  # (B, L, K, E+1)
-    topk_energy: np.ndarray  # (B, L)
-    energy_reference: np.ndarray  # (B, L)
-    channel_gain_db: np.ndarray  # (B, N)
-    obs_static: np.ndarray  # (B, L, D) float32
 
 
 class DecodeSimulator:
@@ -135,6 +150,12 @@ class DecodeSimulator:
         self.layout = observation_layout(self.n_experts, self.top_k, self.n_nodes)
         self.obs_slices = observation_slices(self.layout)
         self.obs_size = sum(size for size, _, _ in self.layout.values())
+        # budget_remaining and position are the last three entries of the flat layout
+        self._budget_index = self.obs_slices["budget_remaining"].start
+        assert self.obs_slices["position"].start == self._budget_index + 1 and self._budget_index + 3 == self.obs_size
+        self._layer_den = max(self.n_layers - 1, 1)
+        self._token_den = max(self.n_tokens - 1, 1)
+        self.layer_budget_list = self.layer_budget.tolist()
 
     def _check_trace_consistency(self) -> None:
         b = self.config.budget
@@ -148,7 +169,11 @@ class DecodeSimulator:
                                  f"({self.source.n_layers}, {self.source.n_experts})")
 
     # ---- episodes --------------------------------------------------------------------------------
-    def reset(self, rng: np.random.Generator, batch: int) -> DecodeState:
+    def chunk_size(self, batch: int) -> int:
+        """Tokens planned per batched call for a batch of ``batch`` episodes."""
+        return int(max(1, min(self.n_tokens, PLAN_LAYER_STEPS // max(1, batch * self.n_layers))))
+
+    def reset(self, rng: np.random.Generator, batch: int, chunk: int | None = None) -> DecodeState:
         """New episodes for ``batch`` environments (all random draws from ``rng``)."""
         pl = self.config.placement
         N = self.n_nodes
@@ -162,29 +187,62 @@ class DecodeSimulator:
                          self.config.channel.reference_gain_db)
         fading = self.fading_model.init(rng, (batch, N))
         start = self.source.start(rng, batch, self.n_tokens)
-        channel_gain = gain * self.fading_model.gain(fading)
-        gates = self.source.gates(start, rng)
-        return DecodeState(
-            positions=positions, waypoints=waypoints, speeds=speeds, path_gain=gain, fading=fading,
-            channel_gain=channel_gain, start=start, token=np.zeros(batch, dtype=np.int64),
-            layer=np.zeros(batch, dtype=np.int64), gates=gates, plan=self._plan(rng, channel_gain, gates),
-            budget_used=np.zeros(batch), done=np.zeros(batch, dtype=bool))
+        zeros = np.zeros(batch, dtype=np.int64)
+        state = DecodeState(
+            positions=positions, waypoints=waypoints, speeds=speeds, path_gain=gain, fading=fading, start=start,
+            token=zeros, layer=zeros.copy(), chunk_start=zeros.copy(), plan=None, budget_used=np.zeros(batch),
+            done=np.zeros(batch, dtype=bool))
+        state.plan = self._plan_chunk(rng, state, None, self.chunk_size(batch) if chunk is None else chunk, fresh=True)
+        return state
 
     def reset_rows(self, rng: np.random.Generator, state: DecodeState, rows: np.ndarray) -> None:
         """Reset only episodes ``rows`` (index array) of a batch in place (vector-env autoreset)."""
-        fresh = self.reset(rng, len(rows))
-        for name in ("positions", "waypoints", "speeds", "path_gain", "fading", "channel_gain", "start", "token",
-                     "layer", "budget_used", "done"):
+        fresh = self.reset(rng, len(rows), chunk=state.chunk_tokens)
+        for name in ("positions", "waypoints", "speeds", "path_gain", "fading", "start", "token", "layer",
+                     "chunk_start", "budget_used", "done"):
             getattr(state, name)[rows] = getattr(fresh, name)
-        _assign_rows(state.gates, fresh.gates, rows)
         _assign_rows(state.plan, fresh.plan, rows)
+        state.chunk_id += 1
 
-    # ---- per-token physics -----------------------------------------------------------------------
-    def _plan(self, rng: np.random.Generator, channel_gain: np.ndarray, gates: TokenGates) -> TokenPlan:
-        """Costs, deviation tables and the static observation of one token in every layer (batched)."""
+    # ---- physics of the coming tokens ------------------------------------------------------------
+    def _plan_chunk(self, rng: np.random.Generator, state: DecodeState, rows, chunk: int, fresh: bool) -> TokenPlan:
+        """Channels, gating and costs of tokens chunk_start .. chunk_start+chunk-1 for ``rows`` (None = all).
+        ``fresh``: the stored channel is already token 0's (just reset), so the first epoch does not fade."""
+        sel = slice(None) if rows is None else rows
+        pl, ch = self.config.placement, self.config.channel
+        per_layer = ch.fading_per_layer
+        epochs_per_token = self.n_layers if per_layer else 1
+        fading, path_g = state.fading[sel], state.path_gain[sel]
+        n = fading.shape[0]
+        gains = np.empty((n, chunk * epochs_per_token, self.n_nodes))
+        where = np.empty((n, chunk, self.n_nodes, 2))
+        where[:] = state.positions[sel][:, None]
+        for epoch in range(chunk * epochs_per_token):
+            if fresh and epoch == 0:
+                gains[:, 0] = path_g * self.fading_model.gain(fading)
+                continue
+            fading = self.fading_model.advance(rng, fading)
+            if pl.mobility and epoch % epochs_per_token == 0:  # pedestrians move once per token
+                pos, wp, sp = move_random_waypoint(
+                    rng, state.positions[sel], state.waypoints[sel], state.speeds[sel], ch.token_interval_s,
+                    pl.r_min_m, pl.r_max_m, (pl.speed_min_mps, pl.speed_max_mps))
+                state.positions[sel], state.waypoints[sel], state.speeds[sel] = pos, wp, sp
+                path_g = path_gain(np.linalg.norm(pos, axis=-1), ch.path_loss_exponent, ch.reference_gain_db)
+                state.path_gain[sel] = path_g
+                where[:, epoch // epochs_per_token] = pos
+            gains[:, epoch] = path_g * self.fading_model.gain(fading)
+        state.fading[sel] = fading
+        tokens = np.minimum(state.chunk_start[sel][:, None] + np.arange(chunk), self.n_tokens - 1)  # (n, C)
+        flat = self.source.gates((state.start[sel][:, None] + tokens).reshape(-1), rng)
+        gates = TokenGates(*(x.reshape((n, chunk) + x.shape[1:]) for x in (flat.probs, flat.topk_idx, flat.topk_weight)))
+        return self._plan(rng, gains.reshape(n, chunk, epochs_per_token, self.n_nodes), gates, where)
+
+    def _plan(self, rng: np.random.Generator, channel_gain: np.ndarray, gates: TokenGates, positions) -> TokenPlan:
+        """Costs, deviation tables and static observations. channel_gain (n, C, Lf, N); gates (n, C, L, ...)."""
         comp, radio = self.config.compute, self.config.radio
-        B, N, L, E = channel_gain.shape[0], self.n_nodes, self.n_layers, self.n_experts
-        queue = rng.exponential(comp.queue_delay_mean_s, size=(B, N)) if comp.queue_delay_mean_s > 0 else 0.0
+        n, C, Lf, N = channel_gain.shape
+        L, E = self.n_layers, self.n_experts
+        queue = rng.exponential(comp.queue_delay_mean_s, size=channel_gain.shape) if comp.queue_delay_mean_s > 0 else 0.0
         costs = link_costs(
             channel_gain, bits=self.bits, bandwidth_hz=radio.bandwidth_hz, noise_psd_w_hz=self.noise_psd,
             user_max_power_w=self.user_max_power, helper_power_w=self.helper_power, deadline_s=self.deadline,
@@ -192,73 +250,87 @@ class DecodeSimulator:
             helper_compute_power_w=comp.helper_compute_power_w, uplink_model=radio.uplink_model, queue_delay_s=queue)
         # node axis: 0 = the user device (local experts: no radio, P_gpu * (t_load + t_comp) in the system scope)
         local_time = comp.load_time_s + comp.compute_time_s
-        node_energy = np.empty((B, 3, N + 1))
-        node_energy[:, 0, 1:] = costs.uplink_energy
-        node_energy[:, 1, 1:] = costs.uplink_energy + costs.downlink_energy
-        node_energy[:, 2, 1:] = node_energy[:, 1, 1:] + costs.compute_energy
-        node_energy[:, :2, 0] = 0.0
-        node_energy[:, 2, 0] = comp.local_compute_power_w * local_time
-        node_latency = np.empty((B, N + 1))
-        node_latency[:, 1:] = costs.latency
-        node_latency[:, 0] = local_time
+        node_energy = np.empty((n, C, Lf, 3, N + 1))
+        node_energy[..., 0, 1:] = costs.uplink_energy
+        node_energy[..., 1, 1:] = costs.uplink_energy + costs.downlink_energy
+        node_energy[..., 2, 1:] = node_energy[..., 1, 1:] + costs.compute_energy
+        node_energy[..., :2, 0] = 0.0
+        node_energy[..., 2, 0] = comp.local_compute_power_w * local_time
+        node_latency = np.empty((n, C, Lf, N + 1))
+        node_latency[..., 1:] = costs.latency
+        node_latency[..., 0] = local_time
 
-        energy_scopes = node_energy[:, :, self.hosts].transpose(0, 2, 1, 3)  # (B, L, 3, E)
-        latency = node_latency[:, self.hosts]  # (B, L, E)
+        hosts = self.hosts  # (L, E)
+        energy_scopes = np.take_along_axis(np.broadcast_to(node_energy, (n, C, L, 3, N + 1)),
+                                           hosts[None, None, :, None, :], axis=-1)  # (n, C, L, 3, E)
+        latency = np.take_along_axis(np.broadcast_to(node_latency, (n, C, L, N + 1)), hosts[None, None], axis=-1)
         meets = latency <= self.deadline * (1.0 + 1e-9)
-        topk_mask = np.zeros((B, L, E), dtype=bool)
-        np.put_along_axis(topk_mask, gates.topk_idx, True, axis=2)
-        table = self.weighted_mismatch[np.arange(L)[None, :, None], gates.topk_idx] * gates.topk_weight[..., None]
-        energy = energy_scopes[:, :, self.scope_index]
-        topk_energy = np.where(topk_mask, energy, 0.0).sum(axis=2)
-        reference = np.where(topk_energy > 0, topk_energy, energy.mean(axis=2))
+        topk_mask = np.zeros((n, C, L, E), dtype=bool)
+        np.put_along_axis(topk_mask, gates.topk_idx, True, axis=-1)
+        table = self.weighted_mismatch[np.arange(L)[:, None], gates.topk_idx] * gates.topk_weight[..., None]
+        energy = energy_scopes[..., self.scope_index, :]
+        topk_energy = np.where(topk_mask, energy, 0.0).sum(axis=-1)
+        reference = np.where(topk_energy > 0, topk_energy, energy.mean(axis=-1))
         reference = np.where(reference > 0, reference, 1.0)
         gain_db = linear_to_db(channel_gain)
-        unit = self.layer_budget[None, :, None] if self.budget_mode == "layer" else self.token_budget
+        unit = self.layer_budget[:, None] if self.budget_mode == "layer" else self.token_budget
         obs = build_static_observation(
             self.layout, probs=gates.probs, topk_mask=topk_mask, topk_idx=gates.topk_idx, topk_weight=gates.topk_weight,
             gain_db=gain_db, energy_cost=energy / reference[..., None], latency_ratio=latency / self.deadline,
-            deviation_table=table.reshape(B, L, -1) / unit)
-        return TokenPlan(topk_mask=topk_mask, energy_scopes=energy_scopes, latency=latency, meets_deadline=meets,
+            deviation_table=table.reshape(n, C, L, -1) / unit)
+        return TokenPlan(probs=gates.probs, topk_idx=gates.topk_idx, topk_weight=gates.topk_weight,
+                         topk_mask=topk_mask, energy_scopes=energy_scopes, latency=latency, meets_deadline=meets,
                          deviation_table=table, topk_energy=topk_energy, energy_reference=reference,
-                         channel_gain_db=gain_db, obs_static=obs)
+                         channel_gain_db=gain_db, helper_positions=positions, obs_static=obs)
 
     # ---- the current layer -----------------------------------------------------------------------
     def view(self, state: DecodeState, index=None) -> LayerView:
         """The current layer of every episode (``index=None``), or of episode ``index`` alone (no copies)."""
+        plan = state.plan
+        per_layer = self.config.channel.fading_per_layer
         if index is None:
-            rows, layer, token = np.arange(state.batch_size), state.layer, state.token
-            sel = (rows, layer)
+            layer, token = state.layer, state.token
+            sel = (np.arange(state.batch_size), token - state.chunk_start, layer)
             budget_used = state.budget_used
-            gain_db = state.plan.channel_gain_db
+            gain_sel = sel if per_layer else sel[:2] + (0,)
         else:
             layer, token = int(state.layer[index]), int(state.token[index])
-            sel = (index, layer)
-            budget_used = state.budget_used[index]
-            gain_db = state.plan.channel_gain_db[index]
-        plan, gates = state.plan, state.gates
+            sel = (index, token - int(state.chunk_start[index]), layer)
+            budget_used = float(state.budget_used[index])
+            gain_sel = sel if per_layer else sel[:2] + (0,)
         if self.budget_mode == "layer":
             budget = self.layer_budget[layer]
             unit = budget
         else:
             budget = self.token_budget - budget_used
-            unit = np.full(np.shape(budget), self.token_budget)
+            unit = np.full(np.shape(budget), self.token_budget) if index is None else self.token_budget
         energy_scopes = plan.energy_scopes[sel]
         return LayerView(
-            layer=layer, token=token, probs=gates.probs[sel], topk_idx=gates.topk_idx[sel],
-            topk_weight=gates.topk_weight[sel], topk_mask=plan.topk_mask[sel], energy_scopes=energy_scopes,
+            layer=layer, token=token, probs=plan.probs[sel], topk_idx=plan.topk_idx[sel],
+            topk_weight=plan.topk_weight[sel], topk_mask=plan.topk_mask[sel], energy_scopes=energy_scopes,
             energy=energy_scopes[..., self.scope_index, :], latency=plan.latency[sel],
             meets_deadline=plan.meets_deadline[sel], deviation_table=plan.deviation_table[sel],
             layer_weight=self.layer_weight[layer], budget=budget, budget_unit=unit, topk_energy=plan.topk_energy[sel],
-            energy_reference=plan.energy_reference[sel], channel_gain_db=gain_db, obs_static=plan.obs_static[sel])
+            energy_reference=plan.energy_reference[sel], channel_gain_db=plan.channel_gain_db[gain_sel],
+            obs_static=plan.obs_static[sel])
 
     def observation(self, view: LayerView) -> np.ndarray:
         """Flat float32 observation(s) of a view, in layout order."""
-        obs = view.obs_static.copy()
-        budget_slice = self.obs_slices["budget_remaining"]
-        position = self.obs_slices["position"]
-        obs[..., budget_slice.start] = np.clip(view.budget / view.budget_unit, 0.0, MAX_DEVIATION)
-        obs[..., position.start] = view.layer / max(self.n_layers - 1, 1)
-        obs[..., position.start + 1] = view.token / max(self.n_tokens - 1, 1)
+        fraction = view.budget / view.budget_unit
+        return self.fill_observation(view.obs_static.copy(), fraction if np.ndim(fraction) else float(fraction),
+                                     view.layer, view.token)
+
+    def fill_observation(self, obs: np.ndarray, budget_fraction, layer, token) -> np.ndarray:
+        """Write the step-dependent entries (budget left, position) into static observation(s) ``obs``."""
+        i = self._budget_index
+        if isinstance(budget_fraction, float):  # one episode: Python arithmetic beats numpy calls on scalars
+            obs[i] = min(max(float(budget_fraction), 0.0), MAX_DEVIATION)
+            obs[i + 1] = layer / self._layer_den
+            obs[i + 2] = token / self._token_den
+        else:
+            obs[..., i] = np.clip(budget_fraction, 0.0, MAX_DEVIATION)
+            obs[..., i + 1] = layer / self._layer_den
+            obs[..., i + 2] = token / self._token_den
         return obs
 
     def evaluate(self, view: LayerView, executed: np.ndarray) -> dict[str, np.ndarray]:
@@ -305,34 +377,117 @@ class DecodeSimulator:
             "server": server,
         }
 
+    # ---- single-episode fast path ---------------------------------------------------------------
+    def plan_lists(self, state: DecodeState, index: int) -> dict:
+        """Episode ``index``'s current plan chunk as nested Python lists (built once per chunk), for
+        :meth:`evaluate_one`: on 8-expert layers plain Python beats numpy's per-call overhead ~5x."""
+        plan = state.plan
+        return {
+            "energy_scopes": plan.energy_scopes[index].tolist(),
+            "latency": plan.latency[index].tolist(),
+            "meets": plan.meets_deadline[index].tolist(),
+            "table": plan.deviation_table[index].tolist(),
+            "topk_idx": plan.topk_idx[index].tolist(),
+            "topk_energy": plan.topk_energy[index].tolist(),
+            "reference": plan.energy_reference[index].tolist(),
+        }
+
+    def evaluate_one(self, lists: dict, chunk_token: int, layer: int, executed: list, budget: float,
+                     budget_unit: float) -> dict:
+        """:meth:`evaluate` for one episode on Python lists (same results; tests check the equivalence).
+        ``executed`` is a list of E bools/0-1 ints; returns Python numbers."""
+        E = self.n_experts
+        scopes = lists["energy_scopes"][chunk_token][layer]
+        latency = lists["latency"][chunk_token][layer]
+        meets = lists["meets"][chunk_token][layer]
+        up, comm, system = sum(compress(scopes[0], executed)), sum(compress(scopes[1], executed)), sum(compress(scopes[2], executed))
+        n_exec = sum(executed)
+        longest = max(compress(latency, executed), default=0.0)
+        misses = n_exec - sum(compress(meets, executed))
+        effective = [x and m for x, m in zip(executed, meets)] if misses and self.enforce_deadline else executed
+        candidates = list(compress(range(E), effective))
+        weighted_dev = 0.0
+        n_kept = n_skipped = 0
+        server = []
+        for own, row in zip(lists["topk_idx"][chunk_token][layer], lists["table"][chunk_token][layer]):
+            best, best_j = row[E], E  # skip, unless an executed expert is as good (lowest index wins ties)
+            if candidates:
+                values = [row[j] for j in candidates]
+                low = min(values)
+                if low <= best:
+                    best, best_j = low, candidates[values.index(low)]
+            weighted_dev += best
+            server.append(best_j)
+            n_kept += best_j == own
+            n_skipped += best_j == E
+        energy = (up, comm, system)[self.scope_index]
+        excess = weighted_dev - max(budget, 0.0)
+        violated = excess > 1e-9 * budget_unit
+        rw = self.config.reward
+        reward_energy = -energy / lists["reference"][chunk_token][layer]
+        reward_deviation = -rw.deviation_weight * (1.0 + excess / budget_unit) if violated else -0.0
+        reward_deadline = -rw.deadline_weight * misses if self.enforce_deadline else 0.0
+        lost = misses if self.enforce_deadline else 0
+        return {
+            "reward": reward_energy + reward_deviation + reward_deadline,
+            "reward_energy": reward_energy, "reward_deviation": reward_deviation, "reward_deadline": reward_deadline,
+            "energy_j": energy, "topk_energy_j": lists["topk_energy"][chunk_token][layer],
+            "energy_uplink_j": up, "energy_comm_j": comm, "energy_system_j": system,
+            "deviation": weighted_dev / float(self.layer_weight[layer]), "weighted_deviation": weighted_dev,
+            "deviation_budget": budget, "budget_violated": int(violated), "latency_s": longest,
+            "deadline_misses": misses, "n_executed": n_exec, "n_lost": lost, "n_kept": n_kept,
+            "n_replaced": self.top_k - n_kept - n_skipped, "n_skipped": n_skipped, "server": server,
+        }
+
     def advance(self, rng: np.random.Generator, state: DecodeState, weighted_deviation) -> np.ndarray:
-        """Move every episode past its current layer; returns the (B,) truncation flags."""
+        """Move every episode past its current layer; returns the (B,) truncation flags (not a copy)."""
+        if state.batch_size == 1 and not state.done[0]:
+            return self._advance_single(rng, state, float(np.asarray(weighted_deviation).reshape(-1)[0]))
         if self.budget_mode == "token":
             state.budget_used += weighted_deviation
         layer = state.layer + 1
         new_token = layer >= self.n_layers
         if not new_token.any():
             state.layer = layer
-            if self.config.channel.fading_per_layer:
-                self._new_channel(rng, state, None)
-            return state.done  # all False here: episodes end only at a token boundary
+            return state.done  # all False: episodes end only at a token boundary
         last = new_token & (state.token + 1 >= self.n_tokens)
-        state.done = state.done | last
+        state.done |= last
         advance = new_token & ~last
         state.layer = np.where(last, self.n_layers - 1, np.where(advance, 0, layer))
-        if advance.any():
-            rows = None if advance.all() else np.flatnonzero(advance)
+        state.token = state.token + advance
+        state.budget_used[advance] = 0.0
+        replan = advance & (state.token - state.chunk_start >= state.chunk_tokens)
+        if replan.any():
+            rows = None if replan.all() else np.flatnonzero(replan)
             sel = slice(None) if rows is None else rows
-            state.token[sel] += 1
-            state.budget_used[sel] = 0.0
-            gates = self.source.gates(state.start[sel] + state.token[sel], rng)
+            state.chunk_start[sel] = state.token[sel]
+            plan = self._plan_chunk(rng, state, rows, state.chunk_tokens, fresh=False)
             if rows is None:
-                state.gates = gates
+                state.plan = plan
             else:
-                _assign_rows(state.gates, gates, rows)
-            self._new_channel(rng, state, rows)
-        if self.config.channel.fading_per_layer and not new_token.all():
-            self._new_channel(rng, state, np.flatnonzero(~new_token))
+                _assign_rows(state.plan, plan, rows)
+            state.chunk_id += 1
+        return state.done
+
+    def _advance_single(self, rng: np.random.Generator, state: DecodeState, weighted_deviation: float) -> np.ndarray:
+        """:meth:`advance` for a batch of one on Python ints (same semantics, a fraction of the overhead)."""
+        if self.budget_mode == "token":
+            state.budget_used[0] += weighted_deviation
+        layer = int(state.layer[0]) + 1
+        if layer < self.n_layers:
+            state.layer[0] = layer
+            return state.done
+        token = int(state.token[0]) + 1
+        if token >= self.n_tokens:
+            state.done[0] = True  # the layer stays at L-1: the final observation repeats the last layer
+            return state.done
+        state.layer[0] = 0
+        state.token[0] = token
+        state.budget_used[0] = 0.0
+        if token - int(state.chunk_start[0]) >= state.chunk_tokens:
+            state.chunk_start[0] = token
+            state.plan = self._plan_chunk(rng, state, None, state.chunk_tokens, fresh=False)
+            state.chunk_id += 1
         return state.done
 
     def step(self, rng: np.random.Generator, state: DecodeState, executed: np.ndarray):
@@ -340,25 +495,6 @@ class DecodeSimulator:
         Returns (outcomes, truncated)."""
         out = self.evaluate(self.view(state), executed)
         return out, self.advance(rng, state, out["weighted_deviation"]).copy()
-
-    def _new_channel(self, rng, state: DecodeState, rows) -> None:
-        """Fading (and mobility) step for ``rows`` (None = all), then re-plan those rows' token."""
-        sel = slice(None) if rows is None else rows
-        state.fading[sel] = self.fading_model.advance(rng, state.fading[sel])
-        pl = self.config.placement
-        if pl.mobility:
-            pos, wp, sp = move_random_waypoint(
-                rng, state.positions[sel], state.waypoints[sel], state.speeds[sel], self.config.channel.token_interval_s,
-                pl.r_min_m, pl.r_max_m, (pl.speed_min_mps, pl.speed_max_mps))
-            state.positions[sel], state.waypoints[sel], state.speeds[sel] = pos, wp, sp
-            state.path_gain[sel] = path_gain(np.linalg.norm(pos, axis=-1), self.config.channel.path_loss_exponent,
-                                             self.config.channel.reference_gain_db)
-        state.channel_gain[sel] = state.path_gain[sel] * self.fading_model.gain(state.fading[sel])
-        if rows is None:
-            state.plan = self._plan(rng, state.channel_gain, state.gates)
-        else:
-            sub = TokenGates(state.gates.probs[rows], state.gates.topk_idx[rows], state.gates.topk_weight[rows])
-            _assign_rows(state.plan, self._plan(rng, state.channel_gain[rows], sub), rows)
 
 
 def _assign_rows(target, source, rows) -> None:

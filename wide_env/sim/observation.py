@@ -44,18 +44,17 @@ def observation_slices(layout) -> "OrderedDict[str, slice]":
 
 def build_static_observation(layout, *, probs, topk_mask, topk_idx, topk_weight, gain_db, energy_cost,
                              latency_ratio, deviation_table) -> np.ndarray:
-    """Flat float32 observations (B, L, D) of one token in every layer, except ``budget_remaining`` and
-    ``position``, which change with the step and are filled by the simulator. Inputs have axes (B, L, ...)
-    except ``gain_db`` (B, N), the same in every layer."""
-    B, L = probs.shape[:2]
+    """Flat float32 observations (lead + (D,)) of tokens in every layer, except ``budget_remaining`` and
+    ``position``, which change with the step and are filled by the simulator. Inputs have leading axes
+    ``lead`` (e.g. batch, token, layer); ``gain_db`` may have 1 in the layer axis (same in every layer)."""
     slices = observation_slices(layout)
-    out = np.zeros((B, L, sum(size for size, _, _ in layout.values())), dtype=np.float32)
+    out = np.zeros(probs.shape[:-1] + (sum(size for size, _, _ in layout.values()),), dtype=np.float32)
     out[..., slices["gate_probs"]] = np.clip(probs, 0.0, 1.0)
     out[..., slices["topk_mask"]] = topk_mask
     weight = np.zeros(probs.shape)
     np.put_along_axis(weight, topk_idx, topk_weight, axis=-1)
     out[..., slices["topk_weight"]] = np.clip(weight, 0.0, 1.0)
-    out[..., slices["channel_gain_db"]] = np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH)[:, None, :]
+    out[..., slices["channel_gain_db"]] = np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH)  # broadcasts over layers
     out[..., slices["energy_cost"]] = np.clip(energy_cost, 0.0, MAX_ENERGY_COST)
     out[..., slices["latency_ratio"]] = np.clip(latency_ratio, 0.0, MAX_LATENCY_RATIO)
     out[..., slices["deviation_table"]] = np.clip(deviation_table, 0.0, MAX_DEVIATION)
