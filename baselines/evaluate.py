@@ -1,0 +1,357 @@
+"""Evaluate expert-selection policies on a WIDE decoding environment, on identical episodes.
+
+    python -m baselines.evaluate --env wide_env/WideMoE-v0 --policies topk,siftmoe --episodes 20 --seed 0 \
+        --out runs/eval [--env-kwargs "{'config': {'n_tokens': 8}}"] [--budget-scales 0.25,0.5,1,2,4] \
+        [--policy-kwargs "{'wdmoe': {'threshold': 0.3}}"] [--no-progress]
+
+Policies: the names of :data:`baselines.policies.POLICY_NAMES` and saved SB3 models ``ppo:PATH``,
+``a2c:PATH``, ``maskable_ppo:PATH``, ``recurrent_ppo:PATH`` (loaded lazily, on CPU).
+
+Every policy sees the same episodes: episode ``i`` is ``env.reset(seed=seed + i)``, and the
+environment's randomness (channels, gating) does not depend on the actions, so the channel and token
+realisations are identical across policies and budget scales.  A budget scale ``s`` multiplies the
+env's own ``budget.scale`` (config key ``budget.scale``); it is applied through the env config.
+
+Outputs: a table on stdout, ``OUT/results.csv`` (one row per policy and budget scale),
+``OUT/episodes.csv`` (one row per episode) and ``OUT/tradeoff.png`` (accuracy, when the env's info
+reports ``accuracy_*`` keys, and deviation vs energy per token, one curve per policy across the scales).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from baselines.policies import Policy, make_policy
+
+__all__ = ["evaluate_policies", "summarize", "write_csv", "plot_tradeoff", "format_table", "main"]
+
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; beyond that the normal 1.96 is used
+# (error < 2%).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def ci95(values) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student t); NaN for fewer than 2 values."""
+    v = np.asarray(values, dtype=np.float64)
+    n = v.size
+    if n < 2:
+        return float("nan")
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return float(t * v.std(ddof=1) / math.sqrt(n))
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _env_kwargs_for_scale(env_id: str, env_kwargs: dict | None, scale: float | None) -> dict:
+    """Registered kwargs + user kwargs (configs deep-merged) + the budget scale folded into the config."""
+    import gymnasium as gym
+
+    import wide_env  # noqa: F401  (registers the environments)
+    from wide_env.config import WideConfig
+
+    try:
+        spec = gym.spec(env_id)
+    except Exception as exc:  # gymnasium raises its own NameNotFound / NamespaceNotFound
+        raise ValueError(f"unknown environment id {env_id!r}: {exc}; registered WIDE ids: "
+                         f"{sorted(wide_env.ENVIRONMENTS)}") from None
+    user = dict(env_kwargs or {})
+    config = user.pop("config", None) or {}
+    if isinstance(config, WideConfig):
+        config = config.to_dict()
+    if not isinstance(config, dict):
+        raise TypeError(f"env_kwargs['config'] must be a dict, got {type(config).__name__}")
+    merged = _deep_merge(dict(spec.kwargs.get("config") or {}), config)
+    if scale is not None:
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"budget scale must be a positive number, got {scale!r}")
+        base = WideConfig.from_dict(merged, **{k: v for k, v in user.items() if k != "render_mode"}).budget.scale
+        merged = _deep_merge(merged, {"budget": {"scale": float(base) * float(scale)}})
+    return {**user, "config": merged}
+
+
+def _build_policies(policies, env, policy_kwargs, cache):
+    built = []
+    for item in policies:
+        if isinstance(item, str):
+            label = item
+            key = item.split(":", 1)[0].strip().lower() if ":" in item else item.strip().lower()
+            kwargs = dict((policy_kwargs or {}).get(item, (policy_kwargs or {}).get(key, {})))
+            pol = make_policy(item, env, **kwargs)
+            if ":" in item:  # reuse a loaded model across budget scales
+                if item in cache:
+                    pol._model = cache[item]
+                else:
+                    cache[item] = pol.model
+            built.append((label, pol))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            label, obj = item
+            if isinstance(obj, Policy) or (callable(obj) and not _is_factory(obj)):
+                built.append((label, obj))
+            else:
+                built.append((label, obj(env)))
+        else:
+            raise TypeError(f"policies must be names ('siftmoe', 'ppo:model.zip') or (label, policy) pairs; got {item!r}")
+    return built
+
+
+def _is_factory(obj) -> bool:
+    return getattr(obj, "is_policy_factory", False)
+
+
+def _run_episode(env, policy, seed: int, max_steps: int | None):
+    obs, _ = env.reset(seed=seed)
+    if hasattr(policy, "reset"):
+        policy.reset(seed=seed)
+    rec = {"energy_j": 0.0, "topk_energy_j": 0.0, "deviation": 0.0, "budget_violated": 0.0, "deadline_misses": 0.0,
+           "n_executed": 0.0, "reward": 0.0, "decision_s": 0.0, "steps": 0}
+    acc: dict[str, list[float]] = {}
+    tokens = set()
+    done = False
+    while not done:
+        t0 = time.perf_counter()
+        action = policy(obs)
+        rec["decision_s"] += time.perf_counter() - t0
+        obs, reward, term, trunc, info = env.step(action)
+        rec["reward"] += float(reward)
+        for key in ("energy_j", "topk_energy_j", "deviation", "budget_violated", "deadline_misses", "n_executed"):
+            rec[key] += float(info[key])
+        for key, value in info.items():
+            if key.startswith("accuracy_"):
+                acc.setdefault(key, []).append(float(value))
+        tokens.add(info.get("token", 0))
+        rec["steps"] += 1
+        done = term or trunc or (max_steps is not None and rec["steps"] >= max_steps)
+    rec["tokens"] = len(tokens)
+    for key, values in acc.items():
+        rec[key] = float(np.mean(values))
+    return rec
+
+
+def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, seed: int = 0,
+                      env_kwargs: dict | None = None, budget_scales: Iterable[float] | None = None,
+                      policy_kwargs: dict | None = None, progress: bool | None = None,
+                      max_steps: int | None = None, episode_rows: list | None = None) -> list[dict]:
+    """Run every policy on the same ``episodes`` seeds (``seed + i``) for each budget scale.
+
+    policies: names (``"siftmoe"``, ``"ppo:runs/model.zip"``) or ``(label, policy)`` pairs where policy is
+        a callable ``obs -> action`` (optionally with ``reset(seed)``) or a factory ``env -> policy``
+        marked with ``factory.is_policy_factory = True``.
+    budget_scales: multipliers of the env's budget (None: the env as configured, reported as scale 1).
+    policy_kwargs: ``{name: {kwarg: value}}`` for named policies.
+    progress: tqdm bar (None: only when stderr is a terminal).
+    max_steps: optional cap on steps per episode (default: run to truncation).
+    episode_rows: if a list is given, one dict per episode is appended to it.
+
+    Returns one summary dict per (budget scale, policy); see :func:`summarize` for the fields.
+    """
+    import gymnasium as gym
+
+    policies = list(policies)
+    if not policies:
+        raise ValueError("no policies given; pass e.g. ['topk', 'siftmoe']")
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    scales = [None] if budget_scales is None else [float(s) for s in budget_scales]
+    total = len(scales) * len(policies) * episodes
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="evaluate", unit="ep", leave=False)
+        except ImportError:  # tqdm is optional
+            bar = None
+    rows, cache = [], {}
+    try:
+        for scale in scales:
+            env = gym.make(env_id, **_env_kwargs_for_scale(env_id, env_kwargs, scale))
+            try:
+                problem = env.unwrapped.problem
+                for label, pol in _build_policies(policies, env, policy_kwargs, cache):
+                    recs = []
+                    for i in range(episodes):
+                        rec = _run_episode(env, pol, seed + i, max_steps)
+                        rec.update(policy=label, budget_scale=1.0 if scale is None else scale, episode=i,
+                                   seed=seed + i)
+                        recs.append(rec)
+                        if bar is not None:
+                            bar.set_postfix_str(f"{label} x{1.0 if scale is None else scale:g}")
+                            bar.update(1)
+                    if episode_rows is not None:
+                        episode_rows.extend(recs)
+                    rows.append(summarize(recs, env_id=env_id, policy=label,
+                                          budget_scale=1.0 if scale is None else scale, problem=problem))
+            finally:
+                env.close()
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def summarize(recs: list[dict], *, env_id: str, policy: str, budget_scale: float, problem) -> dict:
+    """Aggregate episode records: per-token energy (mean, 95% CI), energy relative to Top-K, mean
+    per-layer deviation (model units), budget-violation rate per step, deadline misses per token,
+    executed experts per step, reward per step, accuracy_* means, decision time per step (us)."""
+    e_tok = [r["energy_j"] / max(r["tokens"], 1) for r in recs]
+    dev = [r["deviation"] / r["steps"] for r in recs]
+    row = {
+        "env": env_id, "policy": policy, "budget_scale": budget_scale, "episodes": len(recs),
+        "energy_per_token_j": float(np.mean(e_tok)), "energy_per_token_ci95": ci95(e_tok),
+        "energy_rel_topk": float(sum(r["energy_j"] for r in recs) / max(sum(r["topk_energy_j"] for r in recs), 1e-300)),
+        "deviation": float(np.mean(dev)), "deviation_ci95": ci95(dev),
+        "violation_rate": float(sum(r["budget_violated"] for r in recs) / sum(r["steps"] for r in recs)),
+        "deadline_misses_per_token": float(sum(r["deadline_misses"] for r in recs) / sum(r["tokens"] for r in recs)),
+        "executed_per_step": float(sum(r["n_executed"] for r in recs) / sum(r["steps"] for r in recs)),
+        "reward_per_step": float(sum(r["reward"] for r in recs) / sum(r["steps"] for r in recs)),
+        "decision_time_us": float(1e6 * sum(r["decision_s"] for r in recs) / sum(r["steps"] for r in recs)),
+        "steps": int(sum(r["steps"] for r in recs)),
+        "n_layers": problem.n_layers, "n_experts": problem.n_experts, "top_k": problem.top_k,
+        "budget_mode": problem.budget_mode, "enforce_deadline": problem.enforce_deadline,
+    }
+    for key in sorted({k for r in recs for k in r if k.startswith("accuracy_")}):
+        vals = [r[key] for r in recs if key in r]
+        row[key] = float(np.mean(vals))
+        row[key + "_ci95"] = ci95(vals)
+    return row
+
+
+def write_csv(rows: list[dict], path) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def format_table(rows: list[dict]) -> str:
+    acc_keys = sorted({k for r in rows for k in r if k.startswith("accuracy_") and not k.endswith("_ci95")})
+    head = (f"{'policy':<24} {'scale':>6} {'energy/token (J)':>24} {'E/E_topk':>8} {'deviation':>10} "
+            f"{'viol %':>7} {'miss/tok':>8} {'exec':>5}" + "".join(f" {k[9:]:>9}" for k in acc_keys)
+            + f" {'t (us)':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        e = f"{r['energy_per_token_j']:.4g} ± {r['energy_per_token_ci95']:.2g}"
+        line = (f"{r['policy'][:24]:<24} {r['budget_scale']:>6g} {e:>24} {r['energy_rel_topk']:>8.3f} "
+                f"{r['deviation']:>10.4g} {100 * r['violation_rate']:>7.2f} {r['deadline_misses_per_token']:>8.3f} "
+                f"{r['executed_per_step']:>5.2f}")
+        line += "".join(f" {r.get(k, float('nan')):>9.4f}" for k in acc_keys)
+        line += f" {r['decision_time_us']:>8.1f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_tradeoff(rows: list[dict], path) -> None:
+    """Accuracy (if reported) and deviation vs energy per token; one curve per policy over the scales."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc_keys = sorted({k for r in rows for k in r if k.startswith("accuracy_") and not k.endswith("_ci95")})
+    panels = [(k, k.replace("_", " ")) for k in acc_keys] + [("deviation", "mean deviation per layer (model units)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    energies = [r["energy_per_token_j"] for r in rows if r["energy_per_token_j"] > 0]
+    log_x = bool(energies) and max(energies) / min(energies) > 100
+    for ax, (key, label) in zip(axes[0], panels):
+        for pol in policies:
+            pts = sorted((r["budget_scale"], r["energy_per_token_j"], r.get(key, float("nan")))
+                         for r in rows if r["policy"] == pol)
+            xs = [p[1] for p in pts]
+            ys = [p[2] for p in pts]
+            ax.plot(xs, ys, marker="o", label=pol)
+            if len(pts) > 1 and len({round(x, 15) for x in xs}) > 1:
+                for s, x, y in (pts[0], pts[-1]):
+                    ax.annotate(f"x{s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("energy per token (J)")
+        ax.set_ylabel(label)
+        if log_x:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    env = rows[0]["env"] if rows else ""
+    fig.suptitle(f"{env}: trade-off while sweeping the deviation budget", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _literal(text: str, what: str):
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as exc:
+        raise SystemExit(f"--{what}: cannot parse {text!r} as a Python literal ({exc}); "
+                         "example: \"{'config': {'n_tokens': 8}}\"")
+    if not isinstance(value, dict):
+        raise SystemExit(f"--{what} must be a dict literal, got {type(value).__name__}")
+    return value
+
+
+def main(argv=None) -> list[dict]:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    ap = argparse.ArgumentParser(prog="python -m baselines.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--env", default="wide_env/WideMoE-v0", help="registered environment id")
+    ap.add_argument("--policies", default="topk,siftmoe",
+                    help="comma-separated names (topk,siftmoe,wdmoe,des,adapmoe,greedy,random) or algo:PATH")
+    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="output directory (created)")
+    ap.add_argument("--env-kwargs", default=None, help="Python dict literal passed to gym.make")
+    ap.add_argument("--policy-kwargs", default=None, help="Python dict literal {policy: {kwarg: value}}")
+    ap.add_argument("--budget-scales", default=None, help="comma-separated multipliers of the budget, e.g. 0.5,1,2")
+    ap.add_argument("--max-steps", type=int, default=None, help="cap on steps per episode")
+    ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    args = ap.parse_args(argv)
+
+    env_kwargs = _literal(args.env_kwargs, "env-kwargs") if args.env_kwargs else None
+    policy_kwargs = _literal(args.policy_kwargs, "policy-kwargs") if args.policy_kwargs else None
+    scales = None
+    if args.budget_scales:
+        try:
+            scales = [float(s) for s in args.budget_scales.split(",") if s.strip()]
+        except ValueError:
+            raise SystemExit(f"--budget-scales: expected comma-separated numbers, got {args.budget_scales!r}")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    episodes: list[dict] = []
+    rows = evaluate_policies(args.env, policies, episodes=args.episodes, seed=args.seed, env_kwargs=env_kwargs,
+                             budget_scales=scales, policy_kwargs=policy_kwargs,
+                             progress=False if args.no_progress else None, max_steps=args.max_steps,
+                             episode_rows=episodes)
+    print(f"{args.env}: {args.episodes} episodes per policy, seeds {args.seed}..{args.seed + args.episodes - 1}")
+    print(format_table(rows))
+    write_csv(rows, out / "results.csv")
+    write_csv(episodes, out / "episodes.csv")
+    plot_tradeoff(rows, out / "tradeoff.png")
+    print(f"wrote {out / 'results.csv'}, {out / 'episodes.csv'}, {out / 'tradeoff.png'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
