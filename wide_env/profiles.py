@@ -7,8 +7,9 @@ bandwidth (batch-1 decoding is memory bound). ``output_norm`` sets the synthetic
 the paper's eps is a meaningful fraction of a typical weighted skip deviation [choice].
 
 ``tiny`` (the default) matches the small byte-level MoE the project trains (4 layers, 8 experts,
-top-2, d_model 64); its radio and timing numbers are our choices, picked so that deadlines and
-stragglers matter (a shared helper queues for 2 ms on average).
+top-2, d_model 64); its radio and timing numbers are our choices. Like the paper profiles it has no
+helper queueing by default (every feasible expert meets the deadline); the registered
+``WideMoE-Stragglers-v0`` preset adds 2 ms mean queueing so that deadlines bite.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
         "model": {"n_layers": 4, "n_experts": 8, "top_k": 2, "d_model": 64, "routing": "softmax_topk_renorm"},
         "gating": {"output_norm": 1.0, "synthetic_budget": 0.3},
         "radio": {"bandwidth_hz": 1.0e5},
-        "compute": {"load_time_s": 0.002, "compute_time_s": 0.0005, "queue_delay_mean_s": 0.002},
+        "compute": {"load_time_s": 0.002, "compute_time_s": 0.0005, "queue_delay_mean_s": 0.0},
         "deadline": {"deadline_s": 0.01},
     },
     "switch-base-8": {
