@@ -130,9 +130,10 @@ def _run_episode(env, policy, seed: int, max_steps: int | None):
         rec["reward"] += float(reward)
         for key in ("energy_j", "topk_energy_j", "deviation", "budget_violated", "deadline_misses", "n_executed"):
             rec[key] += float(info[key])
-        for key, value in info.items():
-            if key.startswith("accuracy_"):
-                acc.setdefault(key, []).append(float(value))
+        if info.get("token_complete", 1):  # accuracy is a per-token outcome: count each token once
+            for key, value in info.items():
+                if key.startswith("accuracy_"):
+                    acc.setdefault(key, []).append(float(value))
         tokens.add(info.get("token", 0))
         rec["steps"] += 1
         done = term or trunc or (max_steps is not None and rec["steps"] >= max_steps)

@@ -6,8 +6,9 @@ expert load and compute times are our estimates [choice]: load = expert weight b
 bandwidth (batch-1 decoding is memory bound). ``output_norm`` sets the synthetic mismatch scale so that
 the paper's eps is a meaningful fraction of a typical weighted skip deviation [choice].
 
-``tiny`` (the default) matches the small byte-level MoE the project trains (4 layers, 8 experts,
-top-2, d_model 64); its radio and timing numbers are our choices. Like the paper profiles it has no
+``tiny`` (the default) replays the trace of the small byte-level MoE the project trains (4 layers,
+8 experts, top-2, d_model 64; ``wide_env/models``), so gates, mismatch tables, budgets and accuracy
+effects are real; with ``gating.source = "synthetic"`` it uses the synthetic router at the same sizes; its radio and timing numbers are our choices. Like the paper profiles it has no
 helper queueing by default (every feasible expert meets the deadline); the registered
 ``WideMoE-Stragglers-v0`` preset adds 2 ms mean queueing so that deadlines bite.
 """
@@ -21,7 +22,8 @@ _PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "n_tokens": 16,
         "model": {"n_layers": 4, "n_experts": 8, "top_k": 2, "d_model": 64, "routing": "softmax_topk_renorm"},
-        "gating": {"output_norm": 1.0, "synthetic_budget": 0.3},
+        # the shipped trace of the project's own trained byte-level MoE (wide_env/data/moe_trace.npz)
+        "gating": {"source": "trace", "output_norm": 1.0, "synthetic_budget": 0.8},
         "radio": {"bandwidth_hz": 1.0e5},
         "compute": {"load_time_s": 0.002, "compute_time_s": 0.0005, "queue_delay_mean_s": 0.0},
         "deadline": {"deadline_s": 0.01},
@@ -29,7 +31,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
     "switch-base-8": {
         "n_tokens": 8,
         "model": {"n_layers": 12, "n_experts": 8, "top_k": 1, "d_model": 768, "routing": "softmax_topk_raw"},
-        "gating": {"output_norm": 400.0, "synthetic_budget": 200.0},
+        "gating": {"source": "synthetic", "output_norm": 400.0, "synthetic_budget": 200.0},
         "radio": {"bandwidth_hz": 1.0e6},
         "compute": {"load_time_s": 0.0007, "compute_time_s": 0.00003, "queue_delay_mean_s": 0.0},
         "deadline": {"deadline_s": 0.7},
@@ -37,7 +39,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
     "mixtral-8x7b": {
         "n_tokens": 4,
         "model": {"n_layers": 32, "n_experts": 8, "top_k": 2, "d_model": 4096, "routing": "softmax_topk_renorm"},
-        "gating": {"output_norm": 3.0, "synthetic_budget": 1.5},
+        "gating": {"source": "synthetic", "output_norm": 3.0, "synthetic_budget": 1.5},
         "radio": {"bandwidth_hz": 2.0e6},
         "compute": {"load_time_s": 0.027, "compute_time_s": 0.0012, "queue_delay_mean_s": 0.0},
         "deadline": {"deadline_s": 0.074},
@@ -45,7 +47,7 @@ _PROFILES: dict[str, dict[str, Any]] = {
     "gpt-oss-20b": {
         "n_tokens": 4,
         "model": {"n_layers": 24, "n_experts": 32, "top_k": 4, "d_model": 2880, "routing": "softmax_topk_renorm"},
-        "gating": {"output_norm": 60.0, "synthetic_budget": 30.0},
+        "gating": {"source": "synthetic", "output_norm": 60.0, "synthetic_budget": 30.0},
         "radio": {"bandwidth_hz": 0.8e6},
         "compute": {"load_time_s": 0.001, "compute_time_s": 0.00005, "queue_delay_mean_s": 0.0},
         "deadline": {"deadline_s": 0.35},

@@ -20,6 +20,8 @@ INFO_KEYS = (
 )
 
 #: info keys holding counts (integers); the rest are floats
+#: extra info keys when the gating source has effect tables (the shipped real model's trace)
+ACCURACY_KEYS = ("accuracy_correct", "accuracy_same", "accuracy_full", "delta_loss", "token_complete")
 _INT_KEYS = frozenset({"deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "budget_violated"})
 
 
@@ -157,6 +159,7 @@ class WideMoEEnv(gym.Env):
             self.observation_space = spaces.Dict(boxes)
         self.action_space = spaces.MultiBinary(sim.n_experts)
         self._slice_items = tuple(sim.obs_slices.items())
+        self._has_accuracy = sim.has_accuracy
         self._state = None
         self._lists = None
         self._lists_chunk = -1
@@ -188,10 +191,14 @@ class WideMoEEnv(gym.Env):
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed}
         out = sim.evaluate_one(self._lists, token - int(state.chunk_start[0]), layer, executed, budget, unit)
-        truncated = bool(sim.advance(self.np_random, state, out["weighted_deviation"])[0])
         info = {key: out[key] for key in INFO_KEYS}
         info["layer"] = layer
         info["token"] = token
+        if self._has_accuracy:
+            acc = sim.record_accuracy(state, np.array([out["server"]]), state.plan.topk_idx[0, token - int(state.chunk_start[0]), layer][None])
+            for key in ACCURACY_KEYS:
+                info[key] = float(acc[key][0]) if key == "delta_loss" else int(acc[key][0])
+        truncated = bool(sim.advance(self.np_random, state, out["weighted_deviation"])[0])
         if self._last is not None:
             self._last["info"] = info
         return self._observation(), out["reward"], False, truncated, info

@@ -16,7 +16,7 @@ _TRACE_CACHE: dict[tuple, TraceGating] = {}
 
 def default_trace_path() -> str:
     """The trace shipped with the package (recorded from the project's own trained MoE model)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tiny_moe_trace.npz")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "moe_trace.npz")
 
 
 def make_gating_source(config) -> GatingSource:

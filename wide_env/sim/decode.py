@@ -67,6 +67,10 @@ class DecodeState:
     plan: TokenPlan
     budget_used: np.ndarray  # (B,) weighted deviation spent this token (token mode)
     done: np.ndarray  # (B,) episode over (truncated)
+    # real-accuracy bookkeeping of the current token (sources with effect tables)
+    perturbed_same: np.ndarray = None  # (B,) every perturbation so far kept the full model's prediction
+    perturbed_correct: np.ndarray = None  # (B,) every perturbation so far kept the prediction correct
+    delta_loss: np.ndarray = None  # (B,) summed single-perturbation loss changes, nats
     chunk_id: int = 0  # bumped whenever any row is re-planned (lets front ends cache per-chunk data)
 
     @property
@@ -191,7 +195,8 @@ class DecodeSimulator:
         state = DecodeState(
             positions=positions, waypoints=waypoints, speeds=speeds, path_gain=gain, fading=fading, start=start,
             token=zeros, layer=zeros.copy(), chunk_start=zeros.copy(), plan=None, budget_used=np.zeros(batch),
-            done=np.zeros(batch, dtype=bool))
+            done=np.zeros(batch, dtype=bool), perturbed_same=np.ones(batch, dtype=bool),
+            perturbed_correct=np.ones(batch, dtype=bool), delta_loss=np.zeros(batch))
         state.plan = self._plan_chunk(rng, state, None, self.chunk_size(batch) if chunk is None else chunk, fresh=True)
         return state
 
@@ -199,7 +204,7 @@ class DecodeSimulator:
         """Reset only episodes ``rows`` (index array) of a batch in place (vector-env autoreset)."""
         fresh = self.reset(rng, len(rows), chunk=state.chunk_tokens)
         for name in ("positions", "waypoints", "speeds", "path_gain", "fading", "start", "token", "layer",
-                     "chunk_start", "budget_used", "done"):
+                     "chunk_start", "budget_used", "done", "perturbed_same", "perturbed_correct", "delta_loss"):
             getattr(state, name)[rows] = getattr(fresh, name)
         _assign_rows(state.plan, fresh.plan, rows)
         state.chunk_id += 1
@@ -439,6 +444,41 @@ class DecodeSimulator:
             "n_replaced": self.top_k - n_kept - n_skipped, "n_skipped": n_skipped, "server": server,
         }
 
+    # ---- real accuracy (effect tables) -----------------------------------------------------------
+    @property
+    def has_accuracy(self) -> bool:
+        return bool(getattr(self.source, "has_effects", False))
+
+    def record_accuracy(self, state: DecodeState, server: np.ndarray, topk_idx: np.ndarray) -> dict:
+        """Fold this layer's serving decisions into each episode's token accuracy (call before advance).
+
+        ``server`` and ``topk_idx`` are (B, K). The effect tables hold single perturbations (one slot of one
+        layer served by another expert or skipped, all else as the full model); a token's outcome is
+        estimated as: prediction unchanged if every perturbation so far left it unchanged (then correct iff
+        the full model is), else correct iff every perturbation left it correct. Exact with at most one
+        perturbation per token; with more it ignores interactions (the live backend measures them).
+        Returns (B,) arrays: accuracy_correct, accuracy_same, accuracy_full, delta_loss, token_complete."""
+        src = self.source
+        position = state.start + state.token
+        K = server.shape[1]
+        index = (position[:, None], state.layer[:, None], np.arange(K)[None, :], server)
+        perturbed = server != topk_idx
+        state.perturbed_correct &= np.where(perturbed, src.effects["effect_correct"][index], True).all(axis=1)
+        if "effect_same" in src.effects:
+            state.perturbed_same &= np.where(perturbed, src.effects["effect_same"][index], True).all(axis=1)
+        else:  # without the table, only "no perturbation at all" is known to keep the prediction
+            state.perturbed_same &= ~perturbed.any(axis=1)
+        if "effect_dloss" in src.effects:
+            state.delta_loss += np.where(perturbed, src.effects["effect_dloss"][index].astype(np.float64), 0.0).sum(axis=1)
+        full = src.full_correct[position] if src.full_correct is not None else np.ones(len(position), dtype=bool)
+        return {
+            "accuracy_correct": np.where(state.perturbed_same, full, state.perturbed_correct),
+            "accuracy_same": state.perturbed_same.copy(),
+            "accuracy_full": full,
+            "delta_loss": state.delta_loss.copy(),
+            "token_complete": state.layer == self.n_layers - 1,
+        }
+
     def advance(self, rng: np.random.Generator, state: DecodeState, weighted_deviation) -> np.ndarray:
         """Move every episode past its current layer; returns the (B,) truncation flags (not a copy)."""
         if state.batch_size == 1 and not state.done[0]:
@@ -455,7 +495,8 @@ class DecodeSimulator:
         advance = new_token & ~last
         state.layer = np.where(last, self.n_layers - 1, np.where(advance, 0, layer))
         state.token = state.token + advance
-        state.budget_used[advance] = 0.0
+        for name, fresh in (("budget_used", 0.0), ("perturbed_same", True), ("perturbed_correct", True), ("delta_loss", 0.0)):
+            getattr(state, name)[advance] = fresh
         replan = advance & (state.token - state.chunk_start >= state.chunk_tokens)
         if replan.any():
             rows = None if replan.all() else np.flatnonzero(replan)
@@ -484,6 +525,8 @@ class DecodeSimulator:
         state.layer[0] = 0
         state.token[0] = token
         state.budget_used[0] = 0.0
+        state.perturbed_same[0] = state.perturbed_correct[0] = True
+        state.delta_loss[0] = 0.0
         if token - int(state.chunk_start[0]) >= state.chunk_tokens:
             state.chunk_start[0] = token
             state.plan = self._plan_chunk(rng, state, None, state.chunk_tokens, fresh=False)

@@ -1,0 +1,255 @@
+"""Live backend: run the tiny MoE LM token by token (KV cache) with a caller-chosen set of executed experts.
+
+Combine rule (docs/WIDE-MODEL.md section 4): at layer l with executed set A (a bool mask over the E
+experts), each Top-K slot i is served by phi(i) = i if i is executed, else by the executed j minimising
+D_l(i, j), or skipped when D_l(i, skip) is smaller (or nothing is executed); a skipped slot's weighted
+output is dropped. The layer output is sum_i w_i E_{phi(i)}(h).
+
+Two ways to drive it:
+
+* one call per token: ``step(token_id, executed=None | (L, E) mask | callable(layer, gate) -> (E,) mask)``;
+* layer by layer (a policy that sees each layer's router before choosing):
+  ``gate = begin(token_id)``; then ``gate = execute(mask)`` per layer until it returns None;
+  then ``finish(target)``.
+
+Perturbed experts change this token's hidden states and therefore the keys/values later tokens attend to,
+as in a real deployment. With ``track_full=True`` a second, unperturbed stream runs alongside so that every
+result also says whether the prediction equals the full Top-K model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .moe_lm import MoELM, load_checkpoint
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_TRACE = DATA_DIR / "moe_trace.npz"
+
+
+class ContextFull(RuntimeError):
+    """The context reached the model's block_size; call reset() (the trace uses windows of block_size)."""
+
+
+@dataclass
+class LayerGate:
+    layer: int
+    probs: np.ndarray  # (E,) router softmax
+    topk_idx: np.ndarray  # (K,) descending
+    topk_weight: np.ndarray  # (K,) renormalised combine weights
+
+
+@dataclass
+class TokenResult:
+    logits: np.ndarray  # (V,) next-token logits
+    pred: int  # argmax
+    correct: Optional[bool]  # pred == target (None when no target given)
+    same_as_full: Optional[bool]  # pred equals the unperturbed model's (None unless track_full)
+    served: np.ndarray  # (L, K) phi per slot: expert index, or E = skipped
+    bound: np.ndarray  # (L,) deviation bound sum_i w_i D_l(i, phi(i))
+    deviation: np.ndarray  # (L,) measured ||sum_i w_i E_i(h) - sum_i w_i E_phi(i)(h)||
+    gates: list = field(default_factory=list)  # LayerGate per layer
+    nll: Optional[float] = None  # -log p(target)
+
+
+def serve_map(D_l: np.ndarray, topk_idx: np.ndarray, executed: np.ndarray) -> np.ndarray:
+    """phi for one layer: (K,) expert index serving each Top-K slot, or E for 'skip'."""
+    E = D_l.shape[0]
+    ex = np.flatnonzero(np.asarray(executed, bool))
+    phi = np.empty(len(topk_idx), np.int64)
+    for k, i in enumerate(np.asarray(topk_idx)):
+        if executed[i]:
+            phi[k] = i
+            continue
+        if ex.size:
+            j = ex[np.argmin(D_l[i, ex])]  # ties -> lowest index
+            phi[k] = j if D_l[i, j] <= D_l[i, E] else E
+        else:
+            phi[k] = E
+    return phi
+
+
+class LiveMoE:
+    """Token-by-token execution of :class:`MoELM` under per-layer expert masks."""
+
+    def __init__(self, model: MoELM, mismatch: np.ndarray, track_full: bool = False):
+        self.model = model.eval()
+        cfg = model.cfg
+        self.cfg = cfg
+        self.L, self.E, self.K = cfg.n_layer, cfg.n_expert, cfg.top_k
+        D = np.asarray(mismatch, np.float64)
+        if D.shape != (self.L, self.E, self.E + 1):
+            raise ValueError(f"mismatch must have shape {(self.L, self.E, self.E + 1)}, got {D.shape}")
+        self.D = D
+        self.track_full = track_full
+        self.reset()
+
+    @classmethod
+    def from_files(cls, ckpt: Union[str, Path] = DATA_DIR, trace: Union[str, Path] = DEFAULT_TRACE,
+                   track_full: bool = False) -> "LiveMoE":
+        """Load the checkpoint and take the mismatch tables from a trace exported from it."""
+        from wide_env.gating.trace import load_trace
+
+        model, _ = load_checkpoint(ckpt)
+        return cls(model, load_trace(trace)["mismatch"], track_full=track_full)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        self._cache = [[None, None] for _ in range(self.L)]
+        self._ref_cache = [[None, None] for _ in range(self.L)]
+        self.pos = 0
+        self._cur = None
+
+    def truncate(self, pos: int) -> None:
+        """Forget every token from position ``pos`` on (both streams): e.g. try several perturbations of the
+        same token from the same prefix."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot truncate to {pos}: context holds {self.pos} tokens")
+        for cache in (self._cache, self._ref_cache):
+            for kv in cache:
+                if kv[0] is not None:
+                    kv[0], kv[1] = kv[0][:, :, :pos], kv[1][:, :, :pos]
+        self.pos = pos
+        self._cur = None
+
+    @property
+    def block_size(self) -> int:
+        return self.cfg.block_size
+
+    # ------------------------------------------------------------------ internals
+    def _attend(self, l: int, x: torch.Tensor, cache) -> torch.Tensor:
+        blk = self.model.blocks[l]
+        q, k, v = blk.qkv_heads(x)  # (1, H, 1, hd)
+        Kc, Vc = cache[l]
+        K_ = k if Kc is None else torch.cat([Kc, k], 2)
+        V_ = v if Vc is None else torch.cat([Vc, v], 2)
+        cache[l] = [K_, V_]
+        scale = q.shape[-1] ** -0.5
+        a = torch.softmax(torch.einsum("bhqd,bhtd->bhqt", q, K_) * scale, -1)
+        return x + blk.attn_out(torch.einsum("bhqt,bhtd->bhqd", a, V_))
+
+    def _embed(self, token_id: int) -> torch.Tensor:
+        if not 0 <= int(token_id) < self.cfg.vocab_size:
+            raise ValueError(f"token id {token_id} outside [0, {self.cfg.vocab_size})")
+        if self.pos >= self.cfg.block_size:
+            raise ContextFull(f"context is full ({self.cfg.block_size} tokens); call reset()")
+        t = torch.tensor([[int(token_id)]])
+        return self.model.tok(t) + self.model.pos(torch.tensor([self.pos]))
+
+    @torch.no_grad()
+    def _ref_logits(self, token_id: int) -> torch.Tensor:
+        x = self._embed(token_id)
+        for l, blk in enumerate(self.model.blocks):
+            r = self._attend(l, x, self._ref_cache)
+            h = blk.ln2(r).reshape(1, -1)
+            _, idx, w = blk.moe_route(h)
+            x = r + blk.experts.sparse(h, idx, w.to(h.dtype)).reshape(1, 1, -1)
+        return self.model.head_logits(x)[0, 0]
+
+    @torch.no_grad()
+    def _route(self) -> LayerGate:
+        c = self._cur
+        l = c["layer"]
+        blk = self.model.blocks[l]
+        r = self._attend(l, c["x"], self._cache)
+        h = blk.ln2(r).reshape(1, -1)
+        probs, idx, w = blk.moe_route(h)
+        c.update(r=r, h=h)
+        g = LayerGate(l, probs[0].numpy(), idx[0].numpy(), w[0].numpy())
+        c["gates"].append(g)
+        return g
+
+    # ------------------------------------------------------------------ layer-by-layer API
+    @torch.no_grad()
+    def begin(self, token_id: int) -> LayerGate:
+        """Start a token: returns layer 0's gating. Then call execute() once per layer."""
+        ref = self._ref_logits(token_id) if self.track_full else None
+        self._cur = dict(token=int(token_id), layer=0, x=self._embed(token_id), gates=[], ref=ref,
+                         served=np.zeros((self.L, self.K), np.int64), bound=np.zeros(self.L), dev=np.zeros(self.L))
+        return self._route()
+
+    @torch.no_grad()
+    def execute(self, executed: Optional[np.ndarray] = None, served: Optional[np.ndarray] = None) -> Optional[LayerGate]:
+        """Apply the current layer with the executed-expert mask (E,) (None = exactly the Top-K).
+        ``served`` (K,) overrides the combine rule with an explicit phi per slot (expert index, E = skip).
+        Returns the next layer's gating, or None after the last layer (then call finish())."""
+        c = self._cur
+        if c is None or c["layer"] >= self.L:
+            raise RuntimeError("execute() called without a pending layer; call begin(token) first")
+        l = c["layer"]
+        blk = self.model.blocks[l]
+        g = c["gates"][-1]
+        if executed is None:
+            ex = np.zeros(self.E, bool)
+            ex[g.topk_idx] = True
+        else:
+            ex = np.asarray(executed, bool).reshape(-1)
+            if ex.shape != (self.E,):
+                raise ValueError(f"executed mask must have shape ({self.E},), got {np.shape(executed)}")
+        if served is None:
+            phi = serve_map(self.D[l], g.topk_idx, ex)
+        else:
+            phi = np.asarray(served, np.int64).reshape(-1)
+            if phi.shape != (self.K,) or (phi < 0).any() or (phi > self.E).any():
+                raise ValueError(f"served must be {self.K} ints in [0, {self.E}], got {served!r}")
+        eo = blk.experts(c["h"])[0]  # (E, d)
+        w = torch.from_numpy(g.topk_weight.astype(np.float32))
+        full = (w[:, None] * eo[torch.from_numpy(g.topk_idx)]).sum(0)
+        C = torch.zeros(self.E + 1)
+        C.index_add_(0, torch.from_numpy(phi), w)
+        moe = C[: self.E] @ eo
+        c["served"][l] = phi
+        c["bound"][l] = float((g.topk_weight * self.D[l, g.topk_idx, phi]).sum())
+        c["dev"][l] = float((full - moe).norm())
+        c["x"] = c["r"] + moe.reshape(1, 1, -1)
+        c["layer"] = l + 1
+        if l + 1 < self.L:
+            return self._route()
+        return None
+
+    @torch.no_grad()
+    def finish(self, target: Optional[int] = None) -> TokenResult:
+        c = self._cur
+        if c is None or c["layer"] != self.L:
+            raise RuntimeError("finish() called before every layer was executed")
+        logits = self.model.head_logits(c["x"])[0, 0]
+        pred = int(logits.argmax())
+        same = None if c["ref"] is None else bool(pred == int(c["ref"].argmax()))
+        nll = None if target is None else float(-F.log_softmax(logits.double(), -1)[int(target)])
+        self.pos += 1
+        self._cur = None
+        return TokenResult(logits.numpy().copy(), pred, None if target is None else pred == int(target), same,
+                           c["served"], c["bound"], c["dev"], c["gates"], nll)
+
+    # ------------------------------------------------------------------ one call per token
+    def step(self, token_id: int, executed: Union[None, np.ndarray, Callable[[int, LayerGate], np.ndarray]] = None,
+             target: Optional[int] = None) -> TokenResult:
+        """Run one token. ``executed``: None (Top-K everywhere), an (L, E) bool mask (a row of all-False
+        executes nothing at that layer) or a callable (layer, LayerGate) -> (E,) mask (None = Top-K)."""
+        if executed is not None and not callable(executed):
+            executed = np.asarray(executed, bool)
+            if executed.shape != (self.L, self.E):
+                raise ValueError(f"executed must have shape ({self.L}, {self.E}), got {executed.shape}")
+        g = self.begin(token_id)
+        while g is not None:
+            if executed is None:
+                m = None
+            elif callable(executed):
+                m = executed(g.layer, g)
+            else:
+                m = executed[g.layer]
+            g = self.execute(m)
+        return self.finish(target)
+
+    def prefill(self, token_ids) -> Optional[TokenResult]:
+        """Feed a prefix with the full Top-K model (both streams); returns the last token's result."""
+        res = None
+        for t in token_ids:
+            res = self.step(int(t))
+        return res
