@@ -72,6 +72,12 @@ class GatingConfig:
     source: str = "synthetic"
     #: path of the trace (.npz) when source == "trace"; None = the trace shipped with the package.
     trace_path: str | None = None
+    #: "table": accuracy from the trace's effect tables (numpy only); "live": run the shipped checkpoint
+    #: (torch) token by token with the executed experts, so later layers' gates and the next-token outcome
+    #: are real (needs the trace the checkpoint exported; single env only).
+    backend: str = "table"
+    #: directory of the live backend's checkpoint (moe_lm.safetensors + moe_lm.json); None = shipped.
+    checkpoint_dir: str | None = None
     #: synthetic: typical norm of one expert's output, i.e. D(i, skip) [choice; sets the deviation scale].
     output_norm: float = 1.0
     #: synthetic: per-layer deviation budget eps_l in the same units as output_norm [paper value per profile].
@@ -87,6 +93,11 @@ class GatingConfig:
 
     def validate(self, path: str = "gating") -> None:
         _check_choice(f"{path}.source", self.source, ("synthetic", "trace"))
+        _check_choice(f"{path}.backend", self.backend, ("table", "live"))
+        if self.backend == "live" and self.source != "trace":
+            _fail(f"{path}.backend", self.backend, "the live backend replays a trace's text: set gating.source = 'trace'")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
+            _fail(f"{path}.checkpoint_dir", self.checkpoint_dir, "expected a directory path string or None")
         if self.trace_path is not None and not isinstance(self.trace_path, str):
             _fail(f"{path}.trace_path", self.trace_path, "expected a file path string or None")
         _check_number(f"{path}.output_norm", self.output_norm, low=0, low_open=True)

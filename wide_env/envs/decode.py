@@ -160,6 +160,11 @@ class WideMoEEnv(gym.Env):
         self.action_space = spaces.MultiBinary(sim.n_experts)
         self._slice_items = tuple(sim.obs_slices.items())
         self._has_accuracy = sim.has_accuracy
+        self._live = None
+        if self.config.gating.backend == "live":
+            from wide_env.envs.live_backend import LiveBackend
+
+            self._live = LiveBackend(sim.source, self.config.gating.checkpoint_dir)
         self._state = None
         self._lists = None
         self._lists_chunk = -1
@@ -171,6 +176,8 @@ class WideMoEEnv(gym.Env):
         self._state = self.sim.reset(self.np_random, 1)
         self._lists_chunk = -1
         self._last = None
+        if self._live is not None:
+            self._live.start_episode(self.sim, self._state)
         view = self.current_view()
         info = {"layer": 0, "token": 0, "topk_energy_j": float(view.topk_energy), "deviation_budget": float(view.budget)}
         return self._observation(), info
@@ -198,7 +205,11 @@ class WideMoEEnv(gym.Env):
             acc = sim.record_accuracy(state, np.array([out["server"]]), state.plan.topk_idx[0, token - int(state.chunk_start[0]), layer][None])
             for key in ACCURACY_KEYS:
                 info[key] = float(acc[key][0]) if key == "delta_loss" else int(acc[key][0])
+        if self._live is not None:
+            self._live.execute(state, executed, out["server"], info)
         truncated = bool(sim.advance(self.np_random, state, out["weighted_deviation"])[0])
+        if self._live is not None and not truncated:
+            self._live.next_layer(self.sim, state)
         if self._last is not None:
             self._last["info"] = info
         return self._observation(), out["reward"], False, truncated, info

@@ -164,6 +164,8 @@ class TraceGating(GatingSource):
         self.d_model = int(data["d_model"])
         self.routing = str(data["routing"])
         self.doc_start = data.get("doc_start")
+        self.token_id = data.get("token_id")
+        self.target_id = data.get("target_id")
         self.full_correct = data.get("full_correct")
         self.effects = {k: data[k] for k in EFFECT_KEYS if k in data}
         self.has_effects = "effect_correct" in self.effects

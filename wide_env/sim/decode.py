@@ -270,23 +270,47 @@ class DecodeSimulator:
                                            hosts[None, None, :, None, :], axis=-1)  # (n, C, L, 3, E)
         latency = np.take_along_axis(np.broadcast_to(node_latency, (n, C, L, N + 1)), hosts[None, None], axis=-1)
         meets = latency <= self.deadline * (1.0 + 1e-9)
-        topk_mask = np.zeros((n, C, L, E), dtype=bool)
-        np.put_along_axis(topk_mask, gates.topk_idx, True, axis=-1)
-        table = self.weighted_mismatch[np.arange(L)[:, None], gates.topk_idx] * gates.topk_weight[..., None]
+        gain_db = linear_to_db(channel_gain)
+        gating = self._gating_entries(np.arange(L), gates.probs, gates.topk_idx, gates.topk_weight, energy_scopes,
+                                      latency, gain_db)
+        return TokenPlan(probs=gates.probs, topk_idx=gates.topk_idx, topk_weight=gates.topk_weight,
+                         energy_scopes=energy_scopes, latency=latency, meets_deadline=meets,
+                         channel_gain_db=gain_db, helper_positions=positions, **gating)
+
+    def _gating_entries(self, layer, probs, topk_idx, topk_weight, energy_scopes, latency, gain_db) -> dict:
+        """The plan entries that depend on gating: Top-K mask, deviation tables, Top-K energy, reference and
+        the static observation. Leading axes end with the layer axis; ``layer`` holds its layer indices."""
+        topk_mask = np.zeros(probs.shape, dtype=bool)
+        np.put_along_axis(topk_mask, topk_idx, True, axis=-1)
+        table = self.weighted_mismatch[np.asarray(layer)[:, None], topk_idx] * topk_weight[..., None]
         energy = energy_scopes[..., self.scope_index, :]
         topk_energy = np.where(topk_mask, energy, 0.0).sum(axis=-1)
         reference = np.where(topk_energy > 0, topk_energy, energy.mean(axis=-1))
         reference = np.where(reference > 0, reference, 1.0)
-        gain_db = linear_to_db(channel_gain)
-        unit = self.layer_budget[:, None] if self.budget_mode == "layer" else self.token_budget
+        unit = self.layer_budget[layer][:, None] if self.budget_mode == "layer" else self.token_budget
         obs = build_static_observation(
-            self.layout, probs=gates.probs, topk_mask=topk_mask, topk_idx=gates.topk_idx, topk_weight=gates.topk_weight,
+            self.layout, probs=probs, topk_mask=topk_mask, topk_idx=topk_idx, topk_weight=topk_weight,
             gain_db=gain_db, energy_cost=energy / reference[..., None], latency_ratio=latency / self.deadline,
-            deviation_table=table.reshape(n, C, L, -1) / unit)
-        return TokenPlan(probs=gates.probs, topk_idx=gates.topk_idx, topk_weight=gates.topk_weight,
-                         topk_mask=topk_mask, energy_scopes=energy_scopes, latency=latency, meets_deadline=meets,
-                         deviation_table=table, topk_energy=topk_energy, energy_reference=reference,
-                         channel_gain_db=gain_db, helper_positions=positions, obs_static=obs)
+            deviation_table=table.reshape(table.shape[:-2] + (-1,)) / unit)
+        return {"topk_mask": topk_mask, "deviation_table": table, "topk_energy": topk_energy,
+                "energy_reference": reference, "obs_static": obs}
+
+    def override_gates(self, state: DecodeState, index: int, probs, topk_idx, topk_weight) -> None:
+        """Replace episode ``index``'s gating at its current (token, layer) by gates computed elsewhere
+        (the live backend: real router outputs after the executed experts changed the hidden state)."""
+        plan = state.plan
+        layer = int(state.layer[index])
+        c = int(state.token[index]) - int(state.chunk_start[index])
+        sel = (index, c, slice(layer, layer + 1))
+        gain = plan.channel_gain_db[index, c, slice(layer, layer + 1) if self.config.channel.fading_per_layer else slice(0, 1)]
+        plan.probs[sel] = probs
+        plan.topk_idx[sel] = topk_idx
+        plan.topk_weight[sel] = topk_weight
+        entries = self._gating_entries(np.array([layer]), plan.probs[sel], plan.topk_idx[sel], plan.topk_weight[sel],
+                                       plan.energy_scopes[sel], plan.latency[sel], gain)
+        for name, value in entries.items():
+            getattr(plan, name)[sel] = value
+        state.chunk_id += 1  # cached copies of the plan are stale
 
     # ---- the current layer -----------------------------------------------------------------------
     def view(self, state: DecodeState, index=None) -> LayerView:
