@@ -106,7 +106,9 @@ class WideMoEEnv(gym.Env):
     ## Starting State
 
     Helper distances uniform in area over a 10-150 m annulus, fresh Nakagami fading, a random window of
-    the gating trace (or fresh synthetic tokens).
+    `n_tokens` consecutive tokens of the gating trace inside one document (default: 16,384 held-out
+    tokens of Shakespeare recorded from the project's own 4-layer, 8-expert, top-2 byte-level MoE), or
+    fresh synthetic tokens.
 
     ## Episode End
 
@@ -118,17 +120,25 @@ class WideMoEEnv(gym.Env):
     `deviation` (Delta_l, model units), `weighted_deviation` (kappa_l Delta_l), `deviation_budget`,
     `budget_violated`, `latency_s`, `deadline_misses`, `n_executed`, `n_lost`, `n_kept`, `n_replaced`,
     `n_skipped`, `reward_energy`, `reward_deviation`, `reward_deadline`, `layer`, `token` (Python numbers).
+    With a gating trace that has effect tables (the default, shipped model) also: `accuracy_correct` (the
+    token's next-byte prediction stays correct under the executed experts), `accuracy_same` (it equals the
+    full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (summed single-perturbation
+    loss change, nats) and `token_complete` (1 at a token's last layer, where the values are final; before
+    that they are the running estimate). From the tables the outcome is exact for one perturbation per token
+    and ignores interactions beyond that; with `config={"gating": {"backend": "live"}}` the shipped
+    checkpoint runs inside the env (torch) and `accuracy_*` at `token_complete` are measured for real.
 
     ## Arguments
 
     `gym.make("wide_env/WideMoE-v0", config={...}, render_mode=None)`; `config` is a nested dict (or
-    `WideConfig`) over a profile: `profile` ("tiny" default, "switch-base-8", "mixtral-8x7b",
-    "gpt-oss-20b"), `n_tokens`, `flatten_observation`, and sections `model`, `gating`, `placement`,
+    `WideConfig`) over a profile: `profile` ("tiny" default: the shipped real trace; "switch-base-8",
+    "mixtral-8x7b", "gpt-oss-20b": the paper's sizes with the synthetic router), `n_tokens`, `flatten_observation`, and sections `model`, `gating`, `placement`,
     `channel`, `radio`, `compute`, `deadline`, `budget`, `reward` (see README's configuration table).
     Provenance: L, E, K, d_model, B, T_max, eps per profile, alpha = 4, A = 1, m = 2, N0 = -174 dBm/Hz,
     P_h = 38 dBm, 16-bit payloads and one-to-one placement come from the SiftMoE paper; the annulus,
     p_max = 23 dBm, per-token i.i.d. fading, load/compute/queue times, energy scope, synthetic gating and
-    the reward weights are our choices.
+    the reward weights are our choices. Deviation budgets of the default trace are in the model's own
+    units: eps_l = the median weighted deviation of skipping a token's 2nd expert on calibration text.
 
     ## Version History
 
