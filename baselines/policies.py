@@ -44,6 +44,7 @@ import numpy as np
 
 from baselines.related import (adapmoe_policy, des_policy, greedy_policy, random_policy, topk_policy,
                                wdmoe_policy)
+from baselines.prefill_policies import is_prefill, make_prefill_policy
 from baselines.siftmoe import solve_decode
 
 __all__ = ["POLICY_NAMES", "SB3_ALGOS", "Policy", "make_policy", "parse_observation", "problem_of"]
@@ -326,6 +327,8 @@ def make_policy(name: str, env, **kwargs) -> Policy:
         raise ValueError(f"unknown policy {name!r}; choose one of {list(POLICY_NAMES)} or 'algo:path.zip' "
                          f"with algo in {list(SB3_ALGOS)}")
     try:
+        if is_prefill(problem):
+            return make_prefill_policy(key, problem, _CLASSES[key], **kwargs)
         return _CLASSES[key](problem, **kwargs)
     except TypeError as exc:
         raise TypeError(f"bad keyword arguments for policy {key!r}: {exc}") from None

@@ -23,17 +23,19 @@ def _kwargs(name):
 @pytest.mark.parametrize("env_id", sorted(wide_env.ENVIRONMENTS))
 def test_every_policy_returns_valid_actions(env_id):
     env = gym.make(env_id)
-    E = env.unwrapped.problem.n_experts
+    n_actions = env.action_space.n  # E for decoding, T*E for prefilling
     for name in POLICY_NAMES:
         policy = make_policy(name, env, **_kwargs(name))
         obs, _ = env.reset(seed=1)
         for _ in range(6):
             action = policy(obs)
-            assert action.shape == (E,) and action.dtype == np.int8
+            assert action.shape == (n_actions,) and action.dtype == np.int8
             assert set(np.unique(action)) <= {0, 1}
             assert env.action_space.contains(action)
             obs, _, term, trunc, _ = env.step(action)
             assert not term
+            if trunc:  # the prefill env's episode is one prompt (L steps)
+                obs, _ = env.reset()
 
 
 def test_flat_observations_and_batched_observations():

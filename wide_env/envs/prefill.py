@@ -1,0 +1,234 @@
+"""`wide_env/WideMoEPrefill-v0`: (token, expert) selection for wireless distributed MoE prefilling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from wide_env.config import WideConfig
+from wide_env.gating import make_gating_source
+from wide_env.sim.prefill import PrefillSimulator
+
+INFO_KEYS = (
+    "energy_j", "topk_energy_j", "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation",
+    "deviation_mean", "weighted_deviation", "deviation_budget", "budget_violated", "latency_s", "deadline_misses",
+    "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "n_helpers_used", "reward_energy",
+    "reward_deviation", "reward_deadline",
+)
+_INT_KEYS = {"deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "budget_violated",
+             "n_helpers_used"}
+
+
+@dataclass(frozen=True)
+class PrefillProblem:
+    """Static facts a policy may use (the same a learned agent could infer from the spaces)."""
+
+    n_layers: int
+    n_experts: int
+    top_k: int
+    n_nodes: int
+    prompt_tokens: int
+    n_prompts: int
+    deadline_s: float
+    enforce_deadline: bool
+    budget_mode: str
+    flatten: bool
+    one_to_one: bool
+    obs_slices: dict
+
+
+def validate_prefill_action(action: Any, prompt_tokens: int, n_experts: int) -> np.ndarray:
+    """Turn an action into a (T, E) bool mask, or raise ValueError saying what was expected.
+
+    Accepts the flat token-major MultiBinary(T*E) vector (entry t*E + e) or a (T, E) array."""
+    T, E = prompt_tokens, n_experts
+    arr = np.asarray(action)
+    if arr.shape not in ((T * E,), (T, E)):
+        raise ValueError(f"action has shape {arr.shape}; expected shape ({T * E},): one 0/1 entry per (token, expert) "
+                         f"pair, token-major (MultiBinary({T * E}), entry t*{E}+e = execute expert e for token t), "
+                         f"or ({T}, {E})")
+    if arr.dtype != np.bool_:
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise ValueError(f"action has dtype {arr.dtype}; expected int8/bool/int/float entries equal to 0 or 1")
+        ok = (arr == 0) | (arr == 1)
+        if not np.all(ok):
+            raise ValueError(f"action entries must be 0 or 1 (got {arr[~ok].reshape(-1)[0]!r}); expected shape "
+                             f"({T * E},) of 0/1")
+        arr = arr == 1
+    return arr.reshape(T, E)
+
+
+class WideMoEPrefillEnv(gym.Env):
+    """
+    ## Description
+
+    Wireless distributed MoE inference (WIDE), prefilling phase. The experts of an MoE language model live
+    on wireless edge helpers around a user device. A prompt of T tokens is processed one MoE layer at a
+    time: for every token the router proposes its Top-K experts, and the agent decides which (token,
+    expert) pairs are executed. The hidden states of all tokens routed to one helper travel in one uplink
+    (u_n D bits, u_n = distinct tokens sent to helper n) within the layer deadline T_max, so the
+    uplink energy tau (N0 B / g)(2^(u_n D / (B tau)) - 1) is convex in the helper's load [paper]. A Top-K
+    pair that is not executed is served by the token's best executed stand-in or skipped; each token's
+    deviation bound Delta_t (SiftMoE, arXiv 2603.23888) must stay within its budget. One step = one layer.
+
+    ## Action Space
+
+    `MultiBinary(T*E)`, token-major: entry t*E + e = 1 executes expert e for token t. A (T, E) array is
+    accepted too. Wrong shapes, dtypes or values (2, -1, NaN) raise `ValueError`. `action_masks()` gives
+    sb3-contrib's MultiBinary layout (2*T*E booleans: [may be 0, may be 1] per pair); pairs whose expert
+    misses the deadline even with a single token are masked to 0 while deadline enforcement is on (a
+    per-pair mask cannot express load limits: heavier loads may still miss, see `load_latency_ratio`).
+
+    ## Observation Space
+
+    `Dict` of 1-D float32 `Box`es (or one flat `Box`, keys concatenated in this order, with
+    `config={"flatten_observation": True}`; slices in `env.unwrapped.problem.obs_slices`):
+
+    | key | shape | range | meaning |
+    |-----|-------|-------|---------|
+    | `gate_probs` | T*E | [0, 1] | router probabilities, token-major |
+    | `topk_mask` | T*E | {0, 1} | Top-K indicator per token |
+    | `topk_weight` | T*E | [0, 1] | combine weight w_{t,i} of Top-K experts, 0 elsewhere |
+    | `channel_gain_db` | N | [-250, 50] | G_n h_n of each helper, dB |
+    | `load_energy_cost` | E*T | [0, 1e4] | entry e*T + n-1: energy of expert e run on n tokens / Top-K energy |
+    | `load_latency_ratio` | E*T | [0, 100] | entry e*T + n-1: its latency / T_max (> 1 misses the deadline) |
+    | `deviation_table` | T*K*(E+1) | [0, 1e3] | token t, slot k: w D_l(S_k, j) / budget unit; last column = skip |
+    | `budget_remaining` | T | [0, 1e3] | each token's budget for this step / budget unit |
+    | `position` | 2 | [0, 1] | layer / (L-1), prompt / (n_prompts-1) |
+
+    Load tables are for an expert alone on its helper: exact with the paper's one-to-one placement
+    (`problem.one_to_one`); with shared helpers the env charges the helper's aggregated load.
+
+    ## Rewards
+
+    `r = -energy / E_topk - w_dev * mean_t([violated_t] (1 + excess_t / unit)) - w_deadline * misses`:
+    E_topk = energy of executing every Top-K pair, `excess_t` = token t's deviation above its budget,
+    `misses` = helpers used that are later than T_max (only while enforcement is on; their pairs are lost).
+    Top-K scores about -1 per step. Every term is in `info`.
+
+    ## Starting State
+
+    Helper distances uniform in area over a 10-150 m annulus, fresh Nakagami fading, the first prompt
+    (a window of T consecutive trace tokens, or fresh synthetic tokens).
+
+    ## Episode End
+
+    Never terminates; truncated after `n_prompts * L` steps. Fading (and mobility) advance once per
+    prompt, and per layer too with `channel.fading_per_layer`.
+
+    ## Info
+
+    `energy_j`, `topk_energy_j`, `energy_uplink_j`, `energy_comm_j`, `energy_system_j` (all three scopes),
+    `deviation` (max over tokens of Delta_t, model units: the binding per-token constraint),
+    `deviation_mean` (mean over tokens), `weighted_deviation` (max of kappa_l Delta_t), `deviation_budget`
+    (the smallest budget of any token), `budget_violated` (number of tokens over budget), `latency_s`
+    (slowest helper used), `deadline_misses` (late helpers), `n_executed`, `n_lost` ((token, expert) pairs),
+    `n_kept`, `n_replaced`, `n_skipped` (Top-K slots summed over tokens), `n_helpers_used`,
+    `reward_energy`, `reward_deviation`, `reward_deadline`, `layer`, `prompt` (Python numbers).
+
+    ## Arguments
+
+    `gym.make("wide_env/WideMoEPrefill-v0", config={...}, prompt_tokens=8, n_prompts=1, render_mode=None)`;
+    `config` is the same nested dict (or `WideConfig`) as WideMoE-v0's (`n_tokens` is not used here).
+    Helpers run their experts sequentially (k t_load + k t_comp, t_comp per batch: memory bound) [choice].
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, config: WideConfig | dict | None = None, render_mode: str | None = None,
+                 prompt_tokens: int = 8, n_prompts: int = 1, **overrides: Any):
+        self.config = WideConfig.from_dict(config, **overrides)
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode={render_mode!r} is not supported; choose one of {self.metadata['render_modes']} or None")
+        self.render_mode = render_mode
+        self.sim = PrefillSimulator(self.config, make_gating_source(self.config), prompt_tokens, n_prompts)
+        sim = self.sim
+        self.problem = PrefillProblem(
+            n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes,
+            prompt_tokens=sim.T, n_prompts=sim.n_prompts, deadline_s=sim.deadline,
+            enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode,
+            flatten=self.config.flatten_observation, one_to_one=sim.one_to_one, obs_slices=dict(sim.obs_slices))
+        boxes = {key: spaces.Box(low, high, shape=(size,), dtype=np.float32) for key, (size, low, high) in sim.layout.items()}
+        if self.config.flatten_observation:
+            self.observation_space = spaces.Box(
+                np.concatenate([b.low for b in boxes.values()]), np.concatenate([b.high for b in boxes.values()]),
+                dtype=np.float32)
+        else:
+            self.observation_space = spaces.Dict(boxes)
+        self.action_space = spaces.MultiBinary(sim.T * sim.n_experts)
+        self._state = None
+        self._view = None
+        self._last: dict | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._state = self.sim.reset(self.np_random, 1)
+        self._view = self.sim.view(self._state)
+        self._last = None
+        info = {"layer": 0, "prompt": 0, "topk_energy_j": float(self._view.topk_energy[0]),
+                "deviation_budget": float(self._view.budget[0].min())}
+        return self._observation(), info
+
+    def step(self, action):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        if self._state.done[0]:
+            raise RuntimeError("the episode is over (truncated); call reset() before step()")
+        executed = validate_prefill_action(action, self.sim.T, self.sim.n_experts)
+        view = self._view
+        out = self.sim.evaluate(view, executed[None])
+        truncated = bool(self.sim.advance(self.np_random, self._state, out["token_weighted_deviation"])[0])
+        info = {key: (int(out[key][0]) if key in _INT_KEYS else float(out[key][0])) for key in INFO_KEYS}
+        info["layer"] = int(view.layer[0])
+        info["prompt"] = int(view.prompt[0])
+        self._last = {"view": view, "executed": executed, "info": info}
+        self._view = self.sim.view(self._state)
+        return self._observation(), float(out["reward"][0]), False, truncated, info
+
+    def action_masks(self) -> np.ndarray:
+        """sb3-contrib MultiBinary mask: (2*T*E,) bool, pairs [may be 0, may be 1] per (token, expert)."""
+        if self._view is None:
+            raise RuntimeError("call reset() before action_masks()")
+        T, E = self.sim.T, self.sim.n_experts
+        if self.sim.enforce_deadline:
+            ok = self._view.load_latency[0, :, 1] <= self.sim.deadline * (1.0 + 1e-9)
+        else:
+            ok = np.ones(E, dtype=bool)
+        may = np.broadcast_to(ok, (T, E)).reshape(-1)
+        return np.stack([np.ones(T * E, dtype=bool), may], axis=1).reshape(-1)
+
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' to make()")
+            return None
+        view = self._last["view"] if self._last else self._view
+        executed = self._last["executed"] if self._last else np.zeros((self.sim.T, self.sim.n_experts), bool)
+        lines = [f"prompt {int(view.prompt[0])} layer {int(view.layer[0])}" + ("" if self._last else " (before acting)"),
+                 "token  " + " ".join(f"{e:>2}" for e in range(self.sim.n_experts))]
+        for t in range(self.sim.T):
+            topk = set(view.topk_idx[0, t].tolist())
+            cells = [("X" if executed[t, e] else ("*" if e in topk else ".")) for e in range(self.sim.n_experts)]
+            lines.append(f"{t:>5}  " + " ".join(f"{c:>2}" for c in cells))
+        if self._last:
+            i = self._last["info"]
+            lines.append(f"energy {i['energy_j']:.3e} J (Top-K {i['topk_energy_j']:.3e} J), max deviation "
+                         f"{i['deviation']:.4g}, tokens over budget {i['budget_violated']}, helpers {i['n_helpers_used']}")
+        return "\n".join(lines) + "\n"
+
+    def _observation(self):
+        flat = self.sim.observation(self._view)[0]
+        if self.config.flatten_observation:
+            return flat
+        return {key: flat[sl].copy() for key, sl in self.sim.obs_slices.items()}
+
+    def current_view(self):
+        """The simulator's view of the current layer (batch of 1): for analytic policies and tests."""
+        return self._view
