@@ -224,6 +224,10 @@ class RadioConfig:
     bits_per_element: int = 16  # BF16 hidden state [paper]
     #: energy counted by the objective: "uplink" (user radio, default), "comm" (+ downlink), "system" (+ compute).
     energy_scope: str = "uplink"
+    #: split the uplink window into S slots with i.i.d. fading each [paper's fast-fading case]; 1 = one window.
+    uplink_slots: int = 1
+    #: bits per slot when uplink_slots > 1: "dp" (causal dynamic programming [paper]) or "uniform".
+    bit_allocation: str = "dp"
 
     def validate(self, path: str = "radio") -> None:
         _check_number(f"{path}.bandwidth_hz", self.bandwidth_hz, low=0, low_open=True)
@@ -232,6 +236,10 @@ class RadioConfig:
         _check_number(f"{path}.helper_power_dbm", self.helper_power_dbm)
         _check_number(f"{path}.bits_per_element", self.bits_per_element, low=1, integer=True)
         _check_choice(f"{path}.energy_scope", self.energy_scope, ("uplink", "comm", "system"))
+        _check_number(f"{path}.uplink_slots", self.uplink_slots, low=1, high=64, integer=True)
+        _check_choice(f"{path}.bit_allocation", self.bit_allocation, ("dp", "uniform"))
+        if self.uplink_slots > 1 and self.uplink_model != "inversion":
+            _fail(f"{path}.uplink_slots", self.uplink_slots, "slotted uplinks need uplink_model 'inversion'")
 
 
 @dataclass(frozen=True)
@@ -343,6 +351,9 @@ class WideConfig:
         self.placement.validate(self.model)
         self.channel.validate()
         self.radio.validate()
+        if self.radio.uplink_slots > 1 and self.channel.nakagami_m <= 1:
+            _fail("radio.uplink_slots", self.radio.uplink_slots,
+                  "slotted uplinks select experts by E[1/h] = m/(m-1), finite only for channel.nakagami_m > 1")
         self.compute.validate()
         self.deadline.validate()
         self.budget.validate(self.model)

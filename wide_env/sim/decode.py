@@ -18,6 +18,7 @@ import numpy as np
 from wide_env.config import WideConfig
 from wide_env.gating.base import GatingSource, TokenGates
 from wide_env.sim.channel import NakagamiFading, draw_positions, move_random_waypoint, path_gain
+from wide_env.sim import slots
 from wide_env.sim.costs import link_costs
 from wide_env.sim.deviation import serve_slots
 from wide_env.sim.observation import MAX_DEVIATION, build_static_observation, observation_layout, observation_slices
@@ -41,6 +42,7 @@ class TokenPlan:
     topk_weight: np.ndarray  # (B, C, L, K)
     topk_mask: np.ndarray  # (B, C, L, E) bool
     energy_scopes: np.ndarray  # (B, C, L, 3, E) J per expert call: uplink / comm / system scope
+    observed_energy_scopes: np.ndarray  # what the observation shows: the same array unless the uplink is slotted
     latency: np.ndarray  # (B, C, L, E) s
     meets_deadline: np.ndarray  # (B, C, L, E) bool
     deviation_table: np.ndarray  # (B, C, L, K, E+1) kappa_l * w_k * D_l(S_k, j)
@@ -220,11 +222,13 @@ class DecodeSimulator:
         fading, path_g = state.fading[sel], state.path_gain[sel]
         n = fading.shape[0]
         gains = np.empty((n, chunk * epochs_per_token, self.n_nodes))
+        path_gains = np.empty_like(gains)  # large-scale part alone (slotted uplinks fade within the window)
         where = np.empty((n, chunk, self.n_nodes, 2))
         where[:] = state.positions[sel][:, None]
         for epoch in range(chunk * epochs_per_token):
             if fresh and epoch == 0:
                 gains[:, 0] = path_g * self.fading_model.gain(fading)
+                path_gains[:, 0] = path_g
                 continue
             fading = self.fading_model.advance(rng, fading)
             if pl.mobility and epoch % epochs_per_token == 0:  # pedestrians move once per token
@@ -236,14 +240,18 @@ class DecodeSimulator:
                 state.path_gain[sel] = path_g
                 where[:, epoch // epochs_per_token] = pos
             gains[:, epoch] = path_g * self.fading_model.gain(fading)
+            path_gains[:, epoch] = path_g
         state.fading[sel] = fading
         tokens = np.minimum(state.chunk_start[sel][:, None] + np.arange(chunk), self.n_tokens - 1)  # (n, C)
         flat = self.source.gates((state.start[sel][:, None] + tokens).reshape(-1), rng)
         gates = TokenGates(*(x.reshape((n, chunk) + x.shape[1:]) for x in (flat.probs, flat.topk_idx, flat.topk_weight)))
-        return self._plan(rng, gains.reshape(n, chunk, epochs_per_token, self.n_nodes), gates, where)
+        shape = (n, chunk, epochs_per_token, self.n_nodes)
+        return self._plan(rng, gains.reshape(shape), gates, where, path_gains.reshape(shape))
 
-    def _plan(self, rng: np.random.Generator, channel_gain: np.ndarray, gates: TokenGates, positions) -> TokenPlan:
-        """Costs, deviation tables and static observations. channel_gain (n, C, Lf, N); gates (n, C, L, ...)."""
+    def _plan(self, rng: np.random.Generator, channel_gain: np.ndarray, gates: TokenGates, positions,
+              path_gains: np.ndarray) -> TokenPlan:
+        """Costs, deviation tables and static observations. channel_gain, path_gains (n, C, Lf, N);
+        gates (n, C, L, ...); positions (n, C, N, 2)."""
         comp, radio = self.config.compute, self.config.radio
         n, C, Lf, N = channel_gain.shape
         L, E = self.n_layers, self.n_experts
@@ -253,33 +261,53 @@ class DecodeSimulator:
             user_max_power_w=self.user_max_power, helper_power_w=self.helper_power, deadline_s=self.deadline,
             load_time_s=comp.load_time_s, compute_time_s=comp.compute_time_s,
             helper_compute_power_w=comp.helper_compute_power_w, uplink_model=radio.uplink_model, queue_delay_s=queue)
-        # node axis: 0 = the user device (local experts: no radio, P_gpu * (t_load + t_comp) in the system scope)
+        uplink = costs.uplink_energy
+        expected_uplink = None
+        if radio.uplink_slots > 1:
+            # Fast fading within the uplink [paper]: the policy sees the expected-inverse-gain surrogate
+            # (E[1/h] for 1/h over the path gain); the energy spent follows the slot gains as revealed,
+            # with bits allocated per slot by DP or uniformly. The window is the inversion window.
+            window = self.deadline - comp.compute_time_s - costs.downlink_time
+            m = self.config.channel.nakagami_m
+            expected_uplink = slots.surrogate_energy(self.bits, window, path_gains, radio.bandwidth_hz, self.noise_psd, m)
+            slot_gains = slots.draw_slot_fading(rng, path_gains.shape, m, radio.uplink_slots)
+            uplink = slots.allocate_bits(radio.bit_allocation, self.bits, window, path_gains, slot_gains,
+                                         radio.bandwidth_hz, self.noise_psd, m).energy
         local_time = comp.load_time_s + comp.compute_time_s
-        node_energy = np.empty((n, C, Lf, 3, N + 1))
-        node_energy[..., 0, 1:] = costs.uplink_energy
-        node_energy[..., 1, 1:] = costs.uplink_energy + costs.downlink_energy
-        node_energy[..., 2, 1:] = node_energy[..., 1, 1:] + costs.compute_energy
-        node_energy[..., :2, 0] = 0.0
-        node_energy[..., 2, 0] = comp.local_compute_power_w * local_time
+        energy_scopes = self._expert_energy(uplink, costs, local_time)
         node_latency = np.empty((n, C, Lf, N + 1))
         node_latency[..., 1:] = costs.latency
         node_latency[..., 0] = local_time
-
-        hosts = self.hosts  # (L, E)
-        energy_scopes = np.take_along_axis(np.broadcast_to(node_energy, (n, C, L, 3, N + 1)),
-                                           hosts[None, None, :, None, :], axis=-1)  # (n, C, L, 3, E)
-        latency = np.take_along_axis(np.broadcast_to(node_latency, (n, C, L, N + 1)), hosts[None, None], axis=-1)
+        latency = np.take_along_axis(np.broadcast_to(node_latency, (n, C, L, N + 1)), self.hosts[None, None], axis=-1)
         meets = latency <= self.deadline * (1.0 + 1e-9)
         gain_db = linear_to_db(channel_gain)
+        observed = None if expected_uplink is None else self._expert_energy(expected_uplink, costs, local_time)
         gating = self._gating_entries(np.arange(L), gates.probs, gates.topk_idx, gates.topk_weight, energy_scopes,
-                                      latency, gain_db)
+                                      latency, gain_db, observed)
         return TokenPlan(probs=gates.probs, topk_idx=gates.topk_idx, topk_weight=gates.topk_weight,
-                         energy_scopes=energy_scopes, latency=latency, meets_deadline=meets,
+                         energy_scopes=energy_scopes, observed_energy_scopes=energy_scopes if observed is None else observed,
+                         latency=latency, meets_deadline=meets,
                          channel_gain_db=gain_db, helper_positions=positions, **gating)
 
-    def _gating_entries(self, layer, probs, topk_idx, topk_weight, energy_scopes, latency, gain_db) -> dict:
+    def _expert_energy(self, uplink, costs, local_time) -> np.ndarray:
+        """Per-expert energies (n, C, L, 3, E) in the uplink / comm / system scopes from node costs
+        (n, C, Lf, N); node 0 is the user device (no radio; P_gpu (t_load + t_comp) in the system scope)."""
+        n, C, Lf, N = uplink.shape
+        node_energy = np.empty((n, C, Lf, 3, N + 1))
+        node_energy[..., 0, 1:] = uplink
+        node_energy[..., 1, 1:] = uplink + costs.downlink_energy
+        node_energy[..., 2, 1:] = node_energy[..., 1, 1:] + costs.compute_energy
+        node_energy[..., :2, 0] = 0.0
+        node_energy[..., 2, 0] = self.config.compute.local_compute_power_w * local_time
+        return np.take_along_axis(np.broadcast_to(node_energy, (n, C, self.n_layers, 3, N + 1)),
+                                  self.hosts[None, None, :, None, :], axis=-1)
+
+    def _gating_entries(self, layer, probs, topk_idx, topk_weight, energy_scopes, latency, gain_db,
+                        observed_energy_scopes=None) -> dict:
         """The plan entries that depend on gating: Top-K mask, deviation tables, Top-K energy, reference and
-        the static observation. Leading axes end with the layer axis; ``layer`` holds its layer indices."""
+        the static observation. Leading axes end with the layer axis; ``layer`` holds its layer indices.
+        ``observed_energy_scopes``: what the observation shows when it differs from the energy spent
+        (slotted uplinks: the surrogate expectation); the reward's reference stays the spent Top-K energy."""
         topk_mask = np.zeros(probs.shape, dtype=bool)
         np.put_along_axis(topk_mask, topk_idx, True, axis=-1)
         table = self.weighted_mismatch[np.asarray(layer)[:, None], topk_idx] * topk_weight[..., None]
@@ -288,9 +316,15 @@ class DecodeSimulator:
         reference = np.where(topk_energy > 0, topk_energy, energy.mean(axis=-1))
         reference = np.where(reference > 0, reference, 1.0)
         unit = self.layer_budget[layer][:, None] if self.budget_mode == "layer" else self.token_budget
+        if observed_energy_scopes is None:
+            energy_cost = energy / reference[..., None]
+        else:
+            seen = observed_energy_scopes[..., self.scope_index, :]
+            seen_topk = np.where(topk_mask, seen, 0.0).sum(axis=-1)
+            energy_cost = seen / np.where(seen_topk > 0, seen_topk, 1.0)[..., None]
         obs = build_static_observation(
             self.layout, probs=probs, topk_mask=topk_mask, topk_idx=topk_idx, topk_weight=topk_weight,
-            gain_db=gain_db, energy_cost=energy / reference[..., None], latency_ratio=latency / self.deadline,
+            gain_db=gain_db, energy_cost=energy_cost, latency_ratio=latency / self.deadline,
             deviation_table=table.reshape(table.shape[:-2] + (-1,)) / unit)
         return {"topk_mask": topk_mask, "deviation_table": table, "topk_energy": topk_energy,
                 "energy_reference": reference, "obs_static": obs}
@@ -306,8 +340,9 @@ class DecodeSimulator:
         plan.probs[sel] = probs
         plan.topk_idx[sel] = topk_idx
         plan.topk_weight[sel] = topk_weight
+        observed = None if plan.observed_energy_scopes is plan.energy_scopes else plan.observed_energy_scopes[sel]
         entries = self._gating_entries(np.array([layer]), plan.probs[sel], plan.topk_idx[sel], plan.topk_weight[sel],
-                                       plan.energy_scopes[sel], plan.latency[sel], gain)
+                                       plan.energy_scopes[sel], plan.latency[sel], gain, observed)
         for name, value in entries.items():
             getattr(plan, name)[sel] = value
         state.chunk_id += 1  # cached copies of the plan are stale
@@ -567,6 +602,8 @@ class DecodeSimulator:
 def _assign_rows(target, source, rows) -> None:
     """Copy every array field of dataclass ``source`` into rows ``rows`` of ``target``'s fields."""
     for f in dataclasses.fields(target):
+        if f.name == "observed_energy_scopes" and target.observed_energy_scopes is target.energy_scopes:
+            continue  # an alias of energy_scopes (unslotted uplink): copied with it
         getattr(target, f.name)[rows] = getattr(source, f.name)
 
 
