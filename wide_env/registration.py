@@ -10,12 +10,18 @@ ENVIRONMENTS = {
     "wide_env/WideMoE-Switch-v0": ("wide_env.envs.decode:WideMoEEnv", {"config": {"profile": "switch-base-8"}}),
     "wide_env/WideMoE-Mixtral-v0": ("wide_env.envs.decode:WideMoEEnv", {"config": {"profile": "mixtral-8x7b"}}),
     "wide_env/WideMoE-GptOss-v0": ("wide_env.envs.decode:WideMoEEnv", {"config": {"profile": "gpt-oss-20b"}}),
+    "wide_env/WideMoE-Stragglers-v0": ("wide_env.envs.decode:WideMoEEnv",
+                                       {"config": {"compute": {"queue_delay_mean_s": 0.002}}}),
+    "wide_env/WideMoEPrefill-v0": ("wide_env.envs.prefill:WideMoEPrefillEnv", {"prompt_tokens": 8, "n_prompts": 1}),
     "wide_env/WideMoE-Synthetic-v0": ("wide_env.envs.decode:WideMoEEnv", {"config": {"gating": {"source": "synthetic"}}}),
 }
+# single-env entry point -> its batched vector env (gym.make_vec(..., vectorization_mode="vector_entry_point")).
+VECTOR_ENTRY_POINTS = {"wide_env.envs.decode:WideMoEEnv": "wide_env.envs.vector:WideMoEVectorEnv"}
 
 
 def register_envs() -> None:
     for env_id, (entry_point, kwargs) in ENVIRONMENTS.items():
         if env_id in gym.registry:
             continue
-        gym.register(id=env_id, entry_point=entry_point, kwargs=kwargs, disable_env_checker=False)
+        gym.register(id=env_id, entry_point=entry_point, vector_entry_point=VECTOR_ENTRY_POINTS.get(entry_point),
+                     kwargs=kwargs, disable_env_checker=False)
