@@ -107,3 +107,22 @@ def test_mobility_moves_helpers_within_annulus():
     assert (moved > 0).all() and (moved <= 6 * 5.0 * 1.5 + 1e-9).all()  # at most speed_max * time
     r = np.linalg.norm(track, axis=-1)
     assert (r >= 10.0 - 1e-9).all() and (r <= 150.0 + 1e-9).all()
+
+
+def test_python_accuracy_path_equals_batched_record_accuracy():
+    cfg = WideConfig.from_dict({})
+    sim = DecodeSimulator(cfg, make_gating_source(cfg))
+    assert sim.has_accuracy
+    rng = np.random.default_rng(3)
+    batched, single = sim.reset(rng, 8), sim.reset(np.random.default_rng(3), 8)
+    for _ in range(3 * sim.n_layers):
+        executed = rng.random((8, sim.n_experts)) < 0.4
+        view = sim.view(batched)
+        out = sim.evaluate(view, executed)
+        acc = sim.record_accuracy(batched, out["server"], view.topk_idx)
+        for b in range(8):
+            one = sim.record_accuracy_one(single, out["server"][b].tolist(), view.topk_idx[b].tolist(), b)
+            for key, value in one.items():
+                assert value == pytest.approx(float(acc[key][b])), key
+        sim.advance(rng, batched, out["weighted_deviation"])
+        sim.advance(rng, single, out["weighted_deviation"])  # same draws: `single` mirrors `batched`

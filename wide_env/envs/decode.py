@@ -212,9 +212,8 @@ class WideMoEEnv(gym.Env):
         info["layer"] = layer
         info["token"] = token
         if self._has_accuracy:
-            acc = sim.record_accuracy(state, np.array([out["server"]]), state.plan.topk_idx[0, token - int(state.chunk_start[0]), layer][None])
-            for key in ACCURACY_KEYS:
-                info[key] = float(acc[key][0]) if key == "delta_loss" else int(acc[key][0])
+            own = self._lists["topk_idx"][token - int(state.chunk_start[0])][layer]
+            info.update(sim.record_accuracy_one(state, out["server"], own))
         if self._live is not None:
             self._live.execute(state, executed, out["server"], info)
         truncated = bool(sim.advance(self.np_random, state, out["weighted_deviation"])[0])

@@ -50,38 +50,6 @@ def single_observation_space(sim: DecodeSimulator, flatten: bool) -> spaces.Spac
     return spaces.Dict(boxes)
 
 
-def lockstep_view(sim: DecodeSimulator, state: DecodeState) -> LayerView:
-    """``sim.view(state)`` for a batch, without gathering when every episode is at the same place.
-
-    Episodes of a batch have the same length, so after a joint reset they stay in lockstep (same layer,
-    same token offset within the planned chunk): the current layer is then one basic slice
-    ``[:, c, l]`` of each token-plan array (views, no copies) instead of ~15 fancy-index gathers.
-    Falls back to ``sim.view`` when episodes are out of step (after partial resets). Returns the same
-    values as ``sim.view(state)`` (tested)."""
-    layer, offset = state.layer, state.token - state.chunk_start
-    B = layer.shape[0]
-    l, c = int(layer[0]), int(offset[0])
-    if B > 1 and not ((layer == l).all() and (offset == c).all()):
-        return sim.view(state)
-    plan = state.plan
-    if sim.budget_mode == "layer":
-        budget = np.full(B, sim.layer_budget[l])
-        unit = budget
-    else:
-        budget = sim.token_budget - state.budget_used
-        unit = np.full(B, sim.token_budget)
-    gain_layer = l if sim.config.channel.fading_per_layer else 0
-    energy_scopes = plan.energy_scopes[:, c, l]
-    return LayerView(
-        layer=layer.copy(), token=state.token.copy(), probs=plan.probs[:, c, l], topk_idx=plan.topk_idx[:, c, l],
-        topk_weight=plan.topk_weight[:, c, l], topk_mask=plan.topk_mask[:, c, l], energy_scopes=energy_scopes,
-        energy=energy_scopes[:, sim.scope_index], latency=plan.latency[:, c, l],
-        meets_deadline=plan.meets_deadline[:, c, l], deviation_table=plan.deviation_table[:, c, l],
-        layer_weight=np.full(B, sim.layer_weight[l]), budget=budget, budget_unit=unit,
-        topk_energy=plan.topk_energy[:, c, l], energy_reference=plan.energy_reference[:, c, l],
-        channel_gain_db=plan.channel_gain_db[:, c, gain_layer], obs_static=plan.obs_static[:, c, l])
-
-
 def validate_actions(actions: Any, num_envs: int, n_experts: int) -> np.ndarray:
     """Turn a batch of actions into a (B, E) bool array, or raise ValueError saying what was expected."""
     arr = np.asarray(actions)
@@ -140,7 +108,7 @@ class _BatchedDecode:
         self.state = self.sim.reset(rng, self.num_envs)
         self.elapsed[:] = 0
         self.pending[:] = False
-        self.view = lockstep_view(self.sim, self.state)
+        self.view = self.sim.view(self.state)
 
     def reset_rows(self, rng: np.random.Generator, rows: np.ndarray) -> None:
         """Reset rows (index array); the whole batch goes through ``sim.reset`` (same draws, no copies)."""
@@ -150,7 +118,7 @@ class _BatchedDecode:
             self.sim.reset_rows(rng, self.state, rows)
         self.elapsed[rows] = 0
         self.pending[rows] = False
-        self.view = lockstep_view(self.sim, self.state)
+        self.view = self.sim.view(self.state)
 
     # ---- one step --------------------------------------------------------------------------------
     def evaluate_and_advance(self, rng: np.random.Generator, executed: np.ndarray):
@@ -170,7 +138,7 @@ class _BatchedDecode:
         return out, layer, token, truncated
 
     def refresh_view(self) -> None:
-        self.view = lockstep_view(self.sim, self.state)
+        self.view = self.sim.view(self.state)
 
     def observation_flat(self) -> np.ndarray:
         return self.sim.observation(self.view)

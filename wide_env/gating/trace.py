@@ -154,7 +154,7 @@ class TraceGating(GatingSource):
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         data = load_trace(self.path)
-        self.probs = data["gate_probs"].astype(np.float32)
+        self.probs = np.clip(data["gate_probs"].astype(np.float32), 0.0, 1.0)  # float16 rounding may pass 1
         self.topk_idx = data["topk_idx"].astype(np.int64)
         self.topk_weight = data["topk_weight"].astype(np.float64)
         self.mismatch = data["mismatch"].astype(np.float64)

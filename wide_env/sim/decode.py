@@ -153,6 +153,7 @@ class DecodeSimulator:
             raise ValueError("config fields 'budget.scale'/'budget.layer_weights' give a zero token budget; use > 0")
         # Mismatch rows pre-multiplied by kappa_l so tables are directly in budget units.
         self.weighted_mismatch = source.mismatch * self.layer_weight[:, None, None]
+        self._same_hosts_every_layer = bool((self.hosts == self.hosts[0]).all())
         self.layout = observation_layout(self.n_experts, self.top_k, self.n_nodes)
         self.obs_slices = observation_slices(self.layout)
         self.obs_size = sum(size for size, _, _ in self.layout.values())
@@ -278,7 +279,7 @@ class DecodeSimulator:
         node_latency = np.empty((n, C, Lf, N + 1))
         node_latency[..., 1:] = costs.latency
         node_latency[..., 0] = local_time
-        latency = np.take_along_axis(np.broadcast_to(node_latency, (n, C, L, N + 1)), self.hosts[None, None], axis=-1)
+        latency = self._by_expert(node_latency)
         meets = latency <= self.deadline * (1.0 + 1e-9)
         gain_db = linear_to_db(channel_gain)
         observed = None if expected_uplink is None else self._expert_energy(expected_uplink, costs, local_time)
@@ -299,8 +300,20 @@ class DecodeSimulator:
         node_energy[..., 2, 1:] = node_energy[..., 1, 1:] + costs.compute_energy
         node_energy[..., :2, 0] = 0.0
         node_energy[..., 2, 0] = self.config.compute.local_compute_power_w * local_time
-        return np.take_along_axis(np.broadcast_to(node_energy, (n, C, self.n_layers, 3, N + 1)),
-                                  self.hosts[None, None, :, None, :], axis=-1)
+        return self._by_expert(node_energy)
+
+    def _by_expert(self, node_values: np.ndarray) -> np.ndarray:
+        """Node-indexed values (n, C, Lf, ..., N+1) -> expert-indexed (n, C, L, ..., E) through the host map."""
+        n, C, Lf = node_values.shape[:3]
+        if self._same_hosts_every_layer:  # one gather, then a copy per layer (the common one-to-one case)
+            per_expert = np.take(node_values, self.hosts[0], axis=-1)
+            out = np.empty((n, C, self.n_layers) + per_expert.shape[3:])
+            out[...] = per_expert  # broadcasts over layers when the channel is per token
+            return out
+        out = np.empty((n, C, self.n_layers) + node_values.shape[3:-1] + (self.n_experts,))
+        for layer in range(self.n_layers):
+            out[:, :, layer] = np.take(node_values[:, :, layer if Lf > 1 else 0], self.hosts[layer], axis=-1)
+        return out
 
     def _gating_entries(self, layer, probs, topk_idx, topk_weight, energy_scopes, latency, gain_db,
                         observed_energy_scopes=None) -> dict:
@@ -352,6 +365,10 @@ class DecodeSimulator:
         """The current layer of every episode (``index=None``), or of episode ``index`` alone (no copies)."""
         plan = state.plan
         per_layer = self.config.channel.fading_per_layer
+        if index is None and state.batch_size > 1:
+            lockstep = self._lockstep_view(state)
+            if lockstep is not None:
+                return lockstep
         if index is None:
             layer, token = state.layer, state.token
             sel = (np.arange(state.batch_size), token - state.chunk_start, layer)
@@ -378,6 +395,32 @@ class DecodeSimulator:
             energy_reference=plan.energy_reference[sel], channel_gain_db=plan.channel_gain_db[gain_sel],
             obs_static=plan.obs_static[sel])
 
+    def _lockstep_view(self, state: DecodeState) -> LayerView | None:
+        """The batch view as basic slices ``[:, c, l]`` (no gathers) when every episode is at the same
+        layer and chunk offset, as after a joint reset; None otherwise."""
+        layer, offset = state.layer, state.token - state.chunk_start
+        B = layer.shape[0]
+        l, c = int(layer[0]), int(offset[0])
+        if not ((layer == l).all() and (offset == c).all()):
+            return None
+        plan = state.plan
+        if self.budget_mode == "layer":
+            budget = np.full(B, self.layer_budget[l])
+            unit = budget
+        else:
+            budget = self.token_budget - state.budget_used
+            unit = np.full(B, self.token_budget)
+        energy_scopes = plan.energy_scopes[:, c, l]
+        return LayerView(
+            layer=layer.copy(), token=state.token.copy(), probs=plan.probs[:, c, l], topk_idx=plan.topk_idx[:, c, l],
+            topk_weight=plan.topk_weight[:, c, l], topk_mask=plan.topk_mask[:, c, l], energy_scopes=energy_scopes,
+            energy=energy_scopes[:, self.scope_index], latency=plan.latency[:, c, l],
+            meets_deadline=plan.meets_deadline[:, c, l], deviation_table=plan.deviation_table[:, c, l],
+            layer_weight=np.full(B, self.layer_weight[l]), budget=budget, budget_unit=unit,
+            topk_energy=plan.topk_energy[:, c, l], energy_reference=plan.energy_reference[:, c, l],
+            channel_gain_db=plan.channel_gain_db[:, c, l if self.config.channel.fading_per_layer else 0],
+            obs_static=plan.obs_static[:, c, l])
+
     def observation(self, view: LayerView) -> np.ndarray:
         """Flat float32 observation(s) of a view, in layout order."""
         fraction = view.budget / view.budget_unit
@@ -400,23 +443,25 @@ class DecodeSimulator:
     def evaluate(self, view: LayerView, executed: np.ndarray) -> dict[str, np.ndarray]:
         """Outcomes of executing ``executed`` (lead + (E,), bool) on ``view``; no state changes.
         Works for a batch or a single episode alike (only elementwise ops and last-axis reductions)."""
-        late = ~view.meets_deadline
-        late_run = executed & late
-        lost = late_run if self.enforce_deadline else np.zeros_like(executed)
-        effective = executed & ~lost
-        energy_scopes = (view.energy_scopes * executed[..., None, :]).sum(axis=-1)  # spent even if late
+        late_run = executed & ~view.meets_deadline
+        effective = executed & view.meets_deadline if self.enforce_deadline else executed
+        # energy is spent by every executed expert, even a late one
+        energy_scopes = np.einsum("...se,...e->...s", view.energy_scopes, executed.astype(view.energy_scopes.dtype))
         energy = energy_scopes[..., self.scope_index]
         weighted_dev, server = serve_slots(view.deviation_table, effective)
         n_kept = (server == view.topk_idx).sum(axis=-1)
         n_skipped = (server == self.n_experts).sum(axis=-1)
-        latency = np.where(executed, view.latency, 0.0).max(axis=-1)
+        latency = (view.latency * executed).max(axis=-1)
+        n_executed = executed.sum(axis=-1)
         misses = late_run.sum(axis=-1)
-        excess = np.maximum(weighted_dev - np.maximum(view.budget, 0.0), 0.0)
+        lost = misses if self.enforce_deadline else np.zeros_like(misses)
+        available = view.budget if self.budget_mode == "layer" else np.maximum(view.budget, 0.0)  # eps_l > 0
+        excess = np.maximum(weighted_dev - available, 0.0)
         violated = excess > 1e-9 * view.budget_unit
         rw = self.config.reward
         reward_energy = -energy / view.energy_reference
-        reward_deviation = -rw.deviation_weight * (violated + excess / view.budget_unit * violated)
-        reward_deadline = -rw.deadline_weight * misses * self.enforce_deadline
+        reward_deviation = (-rw.deviation_weight) * violated * (1.0 + excess / view.budget_unit)
+        reward_deadline = (-rw.deadline_weight) * misses if self.enforce_deadline else np.zeros(np.shape(misses))
         return {
             "reward": reward_energy + reward_deviation + reward_deadline,
             "reward_energy": reward_energy,
@@ -433,8 +478,8 @@ class DecodeSimulator:
             "budget_violated": violated,
             "latency_s": latency,
             "deadline_misses": misses,
-            "n_executed": executed.sum(axis=-1),
-            "n_lost": lost.sum(axis=-1),
+            "n_executed": n_executed,
+            "n_lost": lost,
             "n_kept": n_kept,
             "n_replaced": self.top_k - n_kept - n_skipped,
             "n_skipped": n_skipped,
@@ -508,6 +553,13 @@ class DecodeSimulator:
     def has_accuracy(self) -> bool:
         return bool(getattr(self.source, "has_effects", False))
 
+    @property
+    def _flat_effects(self) -> dict:
+        """The source's effect tables as 1-D views (built once)."""
+        if not hasattr(self, "_flat_effect_tables"):
+            self._flat_effect_tables = {k: v.reshape(-1) for k, v in self.source.effects.items()}
+        return self._flat_effect_tables
+
     def record_accuracy(self, state: DecodeState, server: np.ndarray, topk_idx: np.ndarray) -> dict:
         """Fold this layer's serving decisions into each episode's token accuracy (call before advance).
 
@@ -519,16 +571,19 @@ class DecodeSimulator:
         Returns (B,) arrays: accuracy_correct, accuracy_same, accuracy_full, delta_loss, token_complete."""
         src = self.source
         position = state.start + state.token
-        K = server.shape[1]
-        index = (position[:, None], state.layer[:, None], np.arange(K)[None, :], server)
         perturbed = server != topk_idx
-        state.perturbed_correct &= np.where(perturbed, src.effects["effect_correct"][index], True).all(axis=1)
-        if "effect_same" in src.effects:
-            state.perturbed_same &= np.where(perturbed, src.effects["effect_same"][index], True).all(axis=1)
-        else:  # without the table, only "no perturbation at all" is known to keep the prediction
-            state.perturbed_same &= ~perturbed.any(axis=1)
-        if "effect_dloss" in src.effects:
-            state.delta_loss += np.where(perturbed, src.effects["effect_dloss"][index].astype(np.float64), 0.0).sum(axis=1)
+        if perturbed.any():
+            K, E1 = server.shape[1], self.n_experts + 1
+            # one flat index into the (T, L, K, E+1) tables instead of four index arrays per table
+            flat = ((position * self.n_layers + state.layer)[:, None] * K + np.arange(K)) * E1 + server
+            tables = self._flat_effects
+            state.perturbed_correct &= np.where(perturbed, tables["effect_correct"][flat], True).all(axis=1)
+            if "effect_same" in tables:
+                state.perturbed_same &= np.where(perturbed, tables["effect_same"][flat], True).all(axis=1)
+            else:  # without the table, only "no perturbation at all" is known to keep the prediction
+                state.perturbed_same &= ~perturbed.any(axis=1)
+            if "effect_dloss" in tables:
+                state.delta_loss += np.where(perturbed, tables["effect_dloss"][flat].astype(np.float64), 0.0).sum(axis=1)
         full = src.full_correct[position] if src.full_correct is not None else np.ones(len(position), dtype=bool)
         return {
             "accuracy_correct": np.where(state.perturbed_same, full, state.perturbed_correct),
@@ -537,6 +592,27 @@ class DecodeSimulator:
             "delta_loss": state.delta_loss.copy(),
             "token_complete": state.layer == self.n_layers - 1,
         }
+
+    def record_accuracy_one(self, state: DecodeState, server: list, topk_idx: list, index: int = 0) -> dict:
+        """:meth:`record_accuracy` for one episode on Python values (same results; tests check it)."""
+        src = self.source
+        position = int(state.start[index] + state.token[index])
+        layer = int(state.layer[index])
+        effects = src.effects
+        same, correct, dloss = bool(state.perturbed_same[index]), bool(state.perturbed_correct[index]), 0.0
+        for k, (j, own) in enumerate(zip(server, topk_idx)):
+            if j == own:
+                continue
+            correct = correct and bool(effects["effect_correct"][position, layer, k, j])
+            same = same and (bool(effects["effect_same"][position, layer, k, j]) if "effect_same" in effects else False)
+            if "effect_dloss" in effects:
+                dloss += float(effects["effect_dloss"][position, layer, k, j])
+        state.perturbed_same[index], state.perturbed_correct[index] = same, correct
+        state.delta_loss[index] += dloss
+        full = bool(src.full_correct[position]) if src.full_correct is not None else True
+        return {"accuracy_correct": int(full if same else correct), "accuracy_same": int(same),
+                "accuracy_full": int(full), "delta_loss": float(state.delta_loss[index]),
+                "token_complete": int(layer == self.n_layers - 1)}
 
     def advance(self, rng: np.random.Generator, state: DecodeState, weighted_deviation) -> np.ndarray:
         """Move every episode past its current layer; returns the (B,) truncation flags (not a copy)."""

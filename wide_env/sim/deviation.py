@@ -26,7 +26,11 @@ def serve_slots(table: np.ndarray, executed: np.ndarray):
     """
     allowed = np.concatenate([executed, np.ones(executed.shape[:-1] + (1,), dtype=bool)], axis=-1)
     masked = np.where(allowed[..., None, :], table, np.inf)
-    return masked.min(axis=-1).sum(axis=-1), masked.argmin(axis=-1)
+    server = masked.argmin(axis=-1)
+    # gather the minima through the argmin (a flat take is several times cheaper than a second reduction)
+    width = masked.shape[-1]
+    cost = masked.reshape(-1)[np.arange(server.size) * width + server.reshape(-1)].reshape(server.shape)
+    return cost.sum(axis=-1), server
 
 
 def deviation_bound(table: np.ndarray, executed: np.ndarray) -> np.ndarray:
