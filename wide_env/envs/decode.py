@@ -203,17 +203,16 @@ class WideMoEEnv(gym.Env):
         if self._lists_chunk != state.chunk_id:  # Python copies of the plan, once per planned chunk
             self._lists = sim.plan_lists(state, 0)
             self._lists_chunk = state.chunk_id
-        layer, token = int(state.layer[0]), int(state.token[0])
-        budget, unit = self._budget()
+        chunk_token, layer, token = self._where()
+        budget, unit = self._budget(layer)
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed}
-        out = sim.evaluate_one(self._lists, token - int(state.chunk_start[0]), layer, executed, budget, unit)
+        out = sim.evaluate_one(self._lists, chunk_token, layer, executed, budget, unit)
         info = {key: out[key] for key in INFO_KEYS}
         info["layer"] = layer
         info["token"] = token
         if self._has_accuracy:
-            own = self._lists["topk_idx"][token - int(state.chunk_start[0])][layer]
-            info.update(sim.record_accuracy_one(state, out["server"], own))
+            info.update(sim.record_accuracy_one(state, out["server"], self._lists["topk_idx"][chunk_token][layer]))
         if self._live is not None:
             self._live.execute(state, executed, out["server"], info)
         truncated = bool(sim.advance(self.np_random, state, out["weighted_deviation"])[0])
@@ -246,20 +245,25 @@ class WideMoEEnv(gym.Env):
         rendering.close(self)
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _budget(self) -> tuple[float, float]:
+    def _where(self) -> tuple[int, int, int]:
+        """(token offset in the planned chunk, layer, token) of the current step, as Python ints."""
+        state = self._state
+        token = int(state.token[0])
+        return token - int(state.chunk_start[0]), int(state.layer[0]), token
+
+    def _budget(self, layer: int) -> tuple[float, float]:
         """(budget available to this step, budget unit), weighted units."""
-        sim, state = self.sim, self._state
+        sim = self.sim
         if sim.budget_mode == "layer":
-            eps = sim.layer_budget_list[int(state.layer[0])]
+            eps = sim.layer_budget_list[layer]
             return eps, eps
-        return sim.token_budget - float(state.budget_used[0]), sim.token_budget
+        return sim.token_budget - float(self._state.budget_used[0]), sim.token_budget
 
     def _observation(self):
-        state = self._state
-        layer, token = int(state.layer[0]), int(state.token[0])
-        budget, unit = self._budget()
-        flat = self.sim.fill_observation(state.plan.obs_static[0, token - int(state.chunk_start[0]), layer].copy(),
-                                         budget / unit, layer, token)
+        chunk_token, layer, token = self._where()
+        budget, unit = self._budget(layer)
+        flat = self.sim.fill_observation(self._state.plan.obs_static[0, chunk_token, layer].copy(), budget / unit,
+                                         layer, token)
         if self.config.flatten_observation:
             return flat
         # views into this step's fresh array: nothing is shared with earlier or later observations
