@@ -324,7 +324,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", required=True, help="output directory (created)")
     ap.add_argument("--env-kwargs", default=None, help="Python dict literal passed to gym.make")
     ap.add_argument("--policy-kwargs", default=None, help="Python dict literal {policy: {kwarg: value}}")
-    ap.add_argument("--budget-scales", default=None, help="comma-separated multipliers of the budget, e.g. 0.5,1,2")
+    ap.add_argument("--budget-scales", default="0.25,0.5,1,2,4",
+                    help="comma-separated multipliers of the budget swept for the trade-off curves "
+                         "(default 0.25,0.5,1,2,4; '1' for the env as configured only)")
     ap.add_argument("--max-steps", type=int, default=None, help="cap on steps per episode")
     ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     args = ap.parse_args(argv)
