@@ -57,6 +57,10 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+#: policy name for ideal Top-K: Top-K routing with deadline enforcement off (late experts still count)
+IDEAL_TOPK = "topk_ideal"
+
+
 def _env_kwargs_for_scale(env_id: str, env_kwargs: dict | None, scale: float | None) -> dict:
     """Registered kwargs + user kwargs (configs deep-merged) + the budget scale folded into the config."""
     import gymnasium as gym
@@ -91,7 +95,7 @@ def _build_policies(policies, env, policy_kwargs, cache):
             label = item
             key = item.split(":", 1)[0].strip().lower() if ":" in item else item.strip().lower()
             kwargs = dict((policy_kwargs or {}).get(item, (policy_kwargs or {}).get(key, {})))
-            pol = make_policy(item, env, **kwargs)
+            pol = make_policy("topk" if key == IDEAL_TOPK else item, env, **kwargs)
             if ":" in item:  # reuse a loaded model across budget scales
                 if item in cache:
                     pol._model = cache[item]
@@ -180,13 +184,20 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
     rows, cache = [], {}
     try:
         for scale in scales:
-            env = gym.make(env_id, **_env_kwargs_for_scale(env_id, env_kwargs, scale))
+            kwargs = _env_kwargs_for_scale(env_id, env_kwargs, scale)
+            env = gym.make(env_id, **kwargs)
+            # "topk_ideal": Top-K with deadline enforcement off, on the same seeds (the channel and gating
+            # draws do not depend on enforcement, so it sees the same realisations)
+            ideal = None
+            if any(isinstance(p, str) and p.strip().lower() == IDEAL_TOPK for p in policies):
+                ideal = gym.make(env_id, **{**kwargs, "config": _deep_merge(kwargs["config"], {"deadline": {"enforce": False}})})
             try:
                 problem = env.unwrapped.problem
                 for label, pol in _build_policies(policies, env, policy_kwargs, cache):
                     recs = []
+                    run_env = ideal if label.strip().lower() == IDEAL_TOPK else env
                     for i in range(episodes):
-                        rec = _run_episode(env, pol, seed + i, max_steps)
+                        rec = _run_episode(run_env, pol, seed + i, max_steps)
                         rec.update(policy=label, budget_scale=1.0 if scale is None else scale, episode=i,
                                    seed=seed + i)
                         recs.append(rec)
@@ -199,6 +210,8 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
                                           budget_scale=1.0 if scale is None else scale, problem=problem))
             finally:
                 env.close()
+                if ideal is not None:
+                    ideal.close()
     finally:
         if bar is not None:
             bar.close()
@@ -318,7 +331,8 @@ def main(argv=None) -> list[dict]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--env", default="wide_env/WideMoE-v0", help="registered environment id")
     ap.add_argument("--policies", default="topk,siftmoe",
-                    help="comma-separated names (topk,siftmoe,wdmoe,des,adapmoe,greedy,random) or algo:PATH")
+                    help="comma-separated names (topk,topk_ideal,siftmoe,wdmoe,des,adapmoe,greedy,random) or algo:PATH; "
+                         "topk = practical Top-K (late experts lost), topk_ideal = deadline enforcement off")
     ap.add_argument("--episodes", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output directory (created)")

@@ -225,3 +225,22 @@ def test_evaluate_cli_reports_bad_arguments(tmp_path):
                            "--env-kwargs", "{oops"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode != 0 and "--env-kwargs" in proc.stderr
+
+
+def test_practical_topk_loses_accuracy_under_a_tight_deadline():
+    """Stragglers (helper queueing) against a tight deadline: practical Top-K loses late experts, which
+    costs real accuracy and deviation; ideal Top-K (enforcement off, same seeds) does not; SiftMoE avoids
+    late experts and spends less energy than practical Top-K."""
+    from baselines.evaluate import evaluate_policies
+
+    rows = evaluate_policies("wide_env/WideMoE-Stragglers-v0", ["topk", "topk_ideal", "siftmoe"], episodes=100,
+                             seed=0, env_kwargs={"config": {"compute": {"queue_delay_mean_s": 0.004}}}, progress=False)
+    by = {r["policy"]: r for r in rows}
+    practical, ideal, sift = by["topk"], by["topk_ideal"], by["siftmoe"]
+    assert practical["deadline_misses_per_token"] > 0.1
+    assert ideal["deviation"] == 0.0 and practical["deviation"] > 0.0
+    assert practical["accuracy_same"] < ideal["accuracy_same"] == 1.0
+    # 1,600 tokens: losing late experts costs next-byte accuracy (about 4 points on these seeds)
+    assert practical["accuracy_correct"] < ideal["accuracy_correct"] - 0.01
+    assert sift["energy_per_token_j"] < practical["energy_per_token_j"]
+    assert sift["deadline_misses_per_token"] == 0.0
