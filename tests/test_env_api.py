@@ -251,3 +251,18 @@ def test_token_budget_mode_tracks_remaining_budget():
         if layer < L - 1:
             assert obs["budget_remaining"][0] == pytest.approx(max(token_budget - spent, 0) / token_budget, rel=1e-5)
     assert obs["budget_remaining"][0] == pytest.approx(1.0)  # new token, fresh budget
+
+
+def test_default_env_runs_on_the_shipped_trace_without_torch():
+    code = ("import sys\n"
+            "sys.modules['torch'] = None  # any 'import torch' now fails\n"
+            "import gymnasium as gym\n"
+            "env = gym.make('wide_env:wide_env/WideMoE-v0')\n"
+            "obs, _ = env.reset(seed=0)\n"
+            "for _ in range(4):\n"
+            "    obs, r, te, tr, info = env.step(obs['topk_mask'].astype('int8'))\n"
+            "print(env.unwrapped.sim.source.name, info['token_complete'], info['accuracy_same'])\n")
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["trace", "1", "1"]
