@@ -54,9 +54,10 @@ def build_static_observation(layout, *, probs, topk_mask, topk_idx, topk_weight,
     out[..., slices["topk_mask"]] = topk_mask
     np.put_along_axis(out[..., slices["topk_weight"]], topk_idx, np.minimum(topk_weight, 1.0), axis=-1)
     out[..., slices["channel_gain_db"]] = np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH)  # broadcasts over layers
-    out[..., slices["energy_cost"]] = np.clip(energy_cost, 0.0, MAX_ENERGY_COST)
-    out[..., slices["latency_ratio"]] = np.clip(latency_ratio, 0.0, MAX_LATENCY_RATIO)
-    out[..., slices["deviation_table"]] = np.clip(deviation_table, 0.0, MAX_DEVIATION)
+    # energies, latencies and deviations are >= 0 by construction: only the upper bound needs clipping
+    np.minimum(energy_cost, MAX_ENERGY_COST, out=out[..., slices["energy_cost"]], casting="same_kind")
+    np.minimum(latency_ratio, MAX_LATENCY_RATIO, out=out[..., slices["latency_ratio"]], casting="same_kind")
+    np.minimum(deviation_table, MAX_DEVIATION, out=out[..., slices["deviation_table"]], casting="same_kind")
     return out
 
 
