@@ -7,7 +7,7 @@ import copy
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import gymnasium as gym
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -205,7 +204,6 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
 
 def _train(cfg: dict, run_dir: Path, *, resumed: bool, progress: bool, verbose: int, compare: bool) -> Path:
     import gymnasium as gym
-    import numpy as np
     from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import VecNormalize
 

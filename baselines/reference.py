@@ -5,8 +5,6 @@ Deliberately written independently of the fast solvers: they enumerate every exe
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 __all__ = ["all_masks", "brute_force_decode", "brute_force_decode_batch", "assignment_decode", "brute_force_des", "brute_force_best"]

@@ -53,8 +53,8 @@ def main() -> None:
     cartpole = rows[0][1]
     print(f"# single-env step rate, {args.steps} steps, best of {args.repeats}; numpy {np.__version__}, "
           f"gymnasium {gym.__version__}, python {platform.python_version()}, {platform.machine()}")
-    print(f"| env | steps/s | ratio to CartPole-v1 |")
-    print(f"|---|---:|---:|")
+    print("| env | steps/s | ratio to CartPole-v1 |")
+    print("|---|---:|---:|")
     for env_id, rate in rows:
         print(f"| {env_id} | {rate:,.0f} | {rate / cartpole:.3f} |")
     ratio = rows[1][1] / cartpole

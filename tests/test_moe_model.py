@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 from wide_env.gating.trace import TraceError, load_trace  # noqa: E402
 from wide_env.models.corpus import DEFAULT_CACHE, synthetic_corpus  # noqa: E402
-from wide_env.models.export import _windows, export_trace, mismatch_tables  # noqa: E402
+from wide_env.models.export import _windows, export_trace  # noqa: E402
 from wide_env.models.live import DATA_DIR, DEFAULT_TRACE, LiveMoE, serve_map  # noqa: E402
 from wide_env.models.moe_lm import CheckpointError, MoEConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from wide_env.models.train_moe import train  # noqa: E402

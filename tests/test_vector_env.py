@@ -20,7 +20,7 @@ from gymnasium.vector import AutoresetMode
 
 import wide_env
 from wide_env.envs.decode import INFO_KEYS
-from wide_env.envs.vector import RESET_INFO_KEYS, STEP_INFO_KEYS, WideMoEVectorEnv
+from wide_env.envs.vector import RESET_INFO_KEYS, WideMoEVectorEnv
 
 SHORT = {"n_tokens": 2}  # 8 steps per episode with the tiny profile
 

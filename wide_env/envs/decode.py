@@ -19,10 +19,13 @@ INFO_KEYS = (
     "n_lost", "n_kept", "n_replaced", "n_skipped", "reward_energy", "reward_deviation", "reward_deadline",
 )
 
-#: info keys holding counts (integers); the rest are floats
 #: extra info keys when the gating source has effect tables (the shipped real model's trace)
 ACCURACY_KEYS = ("accuracy_correct", "accuracy_same", "accuracy_full", "delta_loss", "token_complete")
-_INT_KEYS = frozenset({"deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "budget_violated"})
+
+#: info keys holding counts or flags (Python ints in the single env's info, int64 in the vector env's)
+INT_INFO_KEYS = frozenset(("deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped",
+                           "budget_violated", "layer", "token", "accuracy_correct", "accuracy_same",
+                           "accuracy_full", "token_complete"))
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,23 @@ class DecodeProblem:
     budget_mode: str
     flatten: bool
     obs_slices: dict
+
+
+def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
+    """The static facts of a decoding simulator that policies may use."""
+    return DecodeProblem(
+        n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes, n_tokens=sim.n_tokens,
+        deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode, flatten=flatten,
+        obs_slices=dict(sim.obs_slices))
+
+
+def observation_space_for(layout, flatten: bool) -> spaces.Space:
+    """A Dict of 1-D float32 Boxes (one per layout key), or one flat Box in layout order."""
+    boxes = {key: spaces.Box(low, high, shape=(size,), dtype=np.float32) for key, (size, low, high) in layout.items()}
+    if flatten:
+        return spaces.Box(np.concatenate([b.low for b in boxes.values()]),
+                          np.concatenate([b.high for b in boxes.values()]), dtype=np.float32)
+    return spaces.Dict(boxes)
 
 
 def validate_action(action: Any, n_experts: int) -> list:
@@ -155,18 +175,8 @@ class WideMoEEnv(gym.Env):
         self.sim = DecodeSimulator(self.config, make_gating_source(self.config))
         sim = self.sim
         self._layout = sim.layout
-        self.problem = DecodeProblem(
-            n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes,
-            n_tokens=sim.n_tokens, deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline,
-            budget_mode=sim.budget_mode, flatten=self.config.flatten_observation,
-            obs_slices=dict(sim.obs_slices))
-        boxes = {key: spaces.Box(low, high, shape=(size,), dtype=np.float32) for key, (size, low, high) in self._layout.items()}
-        if self.config.flatten_observation:
-            self.observation_space = spaces.Box(
-                np.concatenate([b.low for b in boxes.values()]), np.concatenate([b.high for b in boxes.values()]),
-                dtype=np.float32)
-        else:
-            self.observation_space = spaces.Dict(boxes)
+        self.problem = build_problem(sim, self.config.flatten_observation)
+        self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.n_experts)
         self._slice_items = tuple(sim.obs_slices.items())
         self._has_accuracy = sim.has_accuracy

@@ -10,6 +10,7 @@ import numpy as np
 from gymnasium import spaces
 
 from wide_env.config import WideConfig
+from wide_env.envs.decode import INT_INFO_KEYS, observation_space_for
 from wide_env.gating import make_gating_source
 from wide_env.sim.prefill import PrefillSimulator
 
@@ -19,8 +20,7 @@ INFO_KEYS = (
     "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "n_helpers_used", "reward_energy",
     "reward_deviation", "reward_deadline",
 )
-_INT_KEYS = {"deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "budget_violated",
-             "n_helpers_used"}
+_INT_KEYS = INT_INFO_KEYS | {"n_helpers_used"}
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,7 @@ class WideMoEPrefillEnv(gym.Env):
             prompt_tokens=sim.T, n_prompts=sim.n_prompts, deadline_s=sim.deadline,
             enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode,
             flatten=self.config.flatten_observation, one_to_one=sim.one_to_one, obs_slices=dict(sim.obs_slices))
-        boxes = {key: spaces.Box(low, high, shape=(size,), dtype=np.float32) for key, (size, low, high) in sim.layout.items()}
-        if self.config.flatten_observation:
-            self.observation_space = spaces.Box(
-                np.concatenate([b.low for b in boxes.values()]), np.concatenate([b.high for b in boxes.values()]),
-                dtype=np.float32)
-        else:
-            self.observation_space = spaces.Dict(boxes)
+        self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.T * sim.n_experts)
         self._state = None
         self._view = None

@@ -14,7 +14,6 @@ such as ``problem`` or ``config`` are shared by all sub-envs (read-only through 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Iterable, Sequence
 
 import gymnasium as gym
@@ -25,7 +24,8 @@ from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from wide_env.config import WideConfig
-from wide_env.envs.vector import _BatchedDecode, build_problem, single_observation_space, validate_actions
+from wide_env.envs.decode import build_problem, observation_space_for
+from wide_env.envs.vector import _BatchedDecode, validate_actions
 
 torch.set_num_threads(1)  # project rule: one torch thread on CPU
 
@@ -107,7 +107,7 @@ class WideMoESB3VecEnv(VecEnv):
         self._np_random: np.random.Generator | None = None
         self._pending_seed: int | None = None
         self._actions: np.ndarray | None = None
-        super().__init__(self._core.num_envs, single_observation_space(self.sim, self.config.flatten_observation),
+        super().__init__(self._core.num_envs, observation_space_for(self.sim.layout, self.config.flatten_observation),
                          spaces.MultiBinary(self.sim.n_experts))
 
     # ---- seeding ---------------------------------------------------------------------------------

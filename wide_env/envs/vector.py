@@ -18,7 +18,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from wide_env.config import WideConfig
-from wide_env.envs.decode import ACCURACY_KEYS, INFO_KEYS, DecodeProblem
+from wide_env.envs.decode import ACCURACY_KEYS, INFO_KEYS, INT_INFO_KEYS, build_problem, observation_space_for
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator, DecodeState, LayerView
 
@@ -27,27 +27,6 @@ RESET_INFO_KEYS = ("layer", "token", "topk_energy_j", "deviation_budget")
 #: the info keys of every step, in order (the single env's); sources with effect tables (the shipped
 #: real-model trace) add ACCURACY_KEYS (see ``_BatchedDecode.info_keys``).
 STEP_INFO_KEYS = INFO_KEYS + ("layer", "token")
-#: counters and flags (int64 arrays; Python ints in the single env's info), the other keys are float64.
-_INT_KEYS = frozenset(("deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped",
-                       "budget_violated", "layer", "token", "accuracy_correct", "accuracy_same", "accuracy_full",
-                       "token_complete"))
-
-
-def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
-    """The single env's :class:`DecodeProblem` for a simulator (identical fields)."""
-    return DecodeProblem(
-        n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes,
-        n_tokens=sim.n_tokens, deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline,
-        budget_mode=sim.budget_mode, flatten=flatten, obs_slices=dict(sim.obs_slices))
-
-
-def single_observation_space(sim: DecodeSimulator, flatten: bool) -> spaces.Space:
-    """The single env's observation space (Dict of 1-D float32 Boxes, or one flat Box)."""
-    boxes = {key: spaces.Box(low, high, shape=(size,), dtype=np.float32) for key, (size, low, high) in sim.layout.items()}
-    if flatten:
-        return spaces.Box(np.concatenate([b.low for b in boxes.values()]),
-                          np.concatenate([b.high for b in boxes.values()]), dtype=np.float32)
-    return spaces.Dict(boxes)
 
 
 def validate_actions(actions: Any, num_envs: int, n_experts: int) -> np.ndarray:
@@ -57,7 +36,7 @@ def validate_actions(actions: Any, num_envs: int, n_experts: int) -> np.ndarray:
     if arr.shape != expected:
         hint = ""
         if arr.shape == (n_experts,):
-            hint = f"; this is one sub-env's action: stack one row per sub-env (for num_envs=1 pass action[None])"
+            hint = "; this is one sub-env's action: stack one row per sub-env (for num_envs=1 pass action[None])"
         raise ValueError(f"actions have shape {arr.shape}; expected shape {expected}: one row of {n_experts} 0/1 "
                          f"entries per sub-env (MultiBinary({expected}), 1 = execute){hint}")
     if arr.dtype == np.bool_:
@@ -160,7 +139,7 @@ class _BatchedDecode:
             if key in ("layer", "token"):
                 continue
             value = out[key]
-            if key in _INT_KEYS:
+            if key in INT_INFO_KEYS:
                 value = value.astype(np.int64, copy=value.dtype != np.int64)
             elif key in ("topk_energy_j", "deviation_budget", "delta_loss"):
                 value = np.array(value, dtype=np.float64)  # may alias the token plan: copy
@@ -271,7 +250,7 @@ class WideMoEVectorEnv(VectorEnv):
         self.problem = build_problem(self.sim, self.config.flatten_observation)
         #: every step's info keys (the single env's, including ``accuracy_*`` with effect tables)
         self.info_keys = self._core.info_keys
-        self.single_observation_space = single_observation_space(self.sim, self.config.flatten_observation)
+        self.single_observation_space = observation_space_for(self.sim.layout, self.config.flatten_observation)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.single_action_space = spaces.MultiBinary(self.sim.n_experts)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
@@ -324,7 +303,7 @@ class WideMoEVectorEnv(VectorEnv):
                 core.reset_rows(rng, np.arange(self.num_envs))
                 info = core.reset_info()
                 for key in core.only_step_keys:
-                    info[key] = np.zeros(self.num_envs, dtype=np.int64 if key in _INT_KEYS else np.float64)
+                    info[key] = np.zeros(self.num_envs, dtype=np.int64 if key in INT_INFO_KEYS else np.float64)
                 masks = {key: (resets if key in RESET_INFO_KEYS else ~resets) for key in core.info_keys}
                 return self._finish(core.observation_flat(), np.zeros(self.num_envs), np.zeros(self.num_envs, bool),
                                     info, masks)

@@ -73,6 +73,20 @@ def draw_positions(rng: np.random.Generator, shape: tuple[int, ...], r_min: floa
     return np.stack([r * np.cos(angle), r * np.sin(angle)], axis=-1)
 
 
+def draw_helpers(rng: np.random.Generator, batch: int, n_helpers: int, placement, channel):
+    """New episodes' helpers: positions (B, N, 2), mobility waypoints (B, N, 2) and speeds (B, N), and
+    path gains (B, N). ``placement`` and ``channel`` are the config sections of those names."""
+    shape = (batch, n_helpers)
+    positions = draw_positions(rng, shape, placement.r_min_m, placement.r_max_m)
+    if placement.mobility:
+        waypoints = draw_positions(rng, shape, placement.r_min_m, placement.r_max_m)
+        speeds = rng.uniform(placement.speed_min_mps, placement.speed_max_mps, size=shape)
+    else:
+        waypoints, speeds = positions.copy(), np.zeros(shape)
+    gain = path_gain(np.linalg.norm(positions, axis=-1), channel.path_loss_exponent, channel.reference_gain_db)
+    return positions, waypoints, speeds, gain
+
+
 def move_random_waypoint(rng: np.random.Generator, positions: np.ndarray, waypoints: np.ndarray, speeds: np.ndarray,
                          dt: float, r_min: float, r_max: float, speed_range: tuple[float, float]):
     """Advance pedestrians by ``dt`` toward their waypoints; those that arrive draw a new waypoint and speed.

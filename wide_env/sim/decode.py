@@ -17,7 +17,7 @@ import numpy as np
 
 from wide_env.config import WideConfig
 from wide_env.gating.base import GatingSource, TokenGates
-from wide_env.sim.channel import NakagamiFading, draw_positions, move_random_waypoint, path_gain
+from wide_env.sim.channel import NakagamiFading, draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim import slots
 from wide_env.sim.costs import link_costs
 from wide_env.sim.deviation import serve_slots
@@ -182,17 +182,9 @@ class DecodeSimulator:
 
     def reset(self, rng: np.random.Generator, batch: int, chunk: int | None = None) -> DecodeState:
         """New episodes for ``batch`` environments (all random draws from ``rng``)."""
-        pl = self.config.placement
-        N = self.n_nodes
-        positions = draw_positions(rng, (batch, N), pl.r_min_m, pl.r_max_m)
-        if pl.mobility:
-            waypoints = draw_positions(rng, (batch, N), pl.r_min_m, pl.r_max_m)
-            speeds = rng.uniform(pl.speed_min_mps, pl.speed_max_mps, size=(batch, N))
-        else:
-            waypoints, speeds = positions.copy(), np.zeros((batch, N))
-        gain = path_gain(np.linalg.norm(positions, axis=-1), self.config.channel.path_loss_exponent,
-                         self.config.channel.reference_gain_db)
-        fading = self.fading_model.init(rng, (batch, N))
+        positions, waypoints, speeds, gain = draw_helpers(rng, batch, self.n_nodes, self.config.placement,
+                                                          self.config.channel)
+        fading = self.fading_model.init(rng, (batch, self.n_nodes))
         start = self.source.start(rng, batch, self.n_tokens)
         zeros = np.zeros(batch, dtype=np.int64)
         state = DecodeState(
@@ -255,7 +247,7 @@ class DecodeSimulator:
         gates (n, C, L, ...); positions (n, C, N, 2)."""
         comp, radio = self.config.compute, self.config.radio
         n, C, Lf, N = channel_gain.shape
-        L, E = self.n_layers, self.n_experts
+        L = self.n_layers
         queue = rng.exponential(comp.queue_delay_mean_s, size=channel_gain.shape) if comp.queue_delay_mean_s > 0 else 0.0
         costs = link_costs(
             channel_gain, bits=self.bits, bandwidth_hz=radio.bandwidth_hz, noise_psd_w_hz=self.noise_psd,

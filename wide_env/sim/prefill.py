@@ -28,7 +28,7 @@ import numpy as np
 
 from wide_env.config import WideConfig
 from wide_env.gating.base import GatingSource, TokenGates
-from wide_env.sim.channel import draw_positions, move_random_waypoint, path_gain
+from wide_env.sim.channel import draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim.costs import LinkCosts, inversion_power, shannon_rate
 from wide_env.sim.decode import DecodeSimulator
 from wide_env.sim.deviation import serve_slots
@@ -240,15 +240,8 @@ class PrefillSimulator:
 
     # ---- episodes ----------------------------------------------------------------------------------
     def reset(self, rng: np.random.Generator, batch: int) -> PrefillState:
-        pl, ch = self.config.placement, self.config.channel
         N = self.n_nodes
-        positions = draw_positions(rng, (batch, N), pl.r_min_m, pl.r_max_m)
-        if pl.mobility:
-            waypoints = draw_positions(rng, (batch, N), pl.r_min_m, pl.r_max_m)
-            speeds = rng.uniform(pl.speed_min_mps, pl.speed_max_mps, size=(batch, N))
-        else:
-            waypoints, speeds = positions.copy(), np.zeros((batch, N))
-        gain = path_gain(np.linalg.norm(positions, axis=-1), ch.path_loss_exponent, ch.reference_gain_db)
+        positions, waypoints, speeds, gain = draw_helpers(rng, batch, N, self.config.placement, self.config.channel)
         fading = self.fading_model.init(rng, (batch, N))
         start = self.source.start(rng, batch * self.n_prompts, self.T).reshape(batch, self.n_prompts)
         state = PrefillState(
