@@ -141,7 +141,9 @@ def _run_episode(env, policy, seed: int, max_steps: int | None):
         tokens.add(info.get("token", 0))
         rec["steps"] += 1
         done = term or trunc or (max_steps is not None and rec["steps"] >= max_steps)
-    rec["tokens"] = len(tokens)
+    problem = env.unwrapped.problem
+    # decoding: one token per L steps (info["token"]); prefilling: every step covers the whole prompt
+    rec["tokens"] = problem.prompt_tokens * problem.n_prompts if hasattr(problem, "prompt_tokens") else len(tokens)
     for key, values in acc.items():
         rec[key] = float(np.mean(values))
     return rec
@@ -229,7 +231,9 @@ def summarize(recs: list[dict], *, env_id: str, policy: str, budget_scale: float
         "energy_per_token_j": float(np.mean(e_tok)), "energy_per_token_ci95": ci95(e_tok),
         "energy_rel_topk": float(sum(r["energy_j"] for r in recs) / max(sum(r["topk_energy_j"] for r in recs), 1e-300)),
         "deviation": float(np.mean(dev)), "deviation_ci95": ci95(dev),
-        "violation_rate": float(sum(r["budget_violated"] for r in recs) / sum(r["steps"] for r in recs)),
+        # per decision: a decoding step decides one token's layer, a prefill step every prompt token's
+        "violation_rate": float(sum(r["budget_violated"] for r in recs)
+                                / (sum(r["steps"] for r in recs) * getattr(problem, "prompt_tokens", 1))),
         "deadline_misses_per_token": float(sum(r["deadline_misses"] for r in recs) / sum(r["tokens"] for r in recs)),
         "executed_per_step": float(sum(r["n_executed"] for r in recs) / sum(r["steps"] for r in recs)),
         "reward_per_step": float(sum(r["reward"] for r in recs) / sum(r["steps"] for r in recs)),
