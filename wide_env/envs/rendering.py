@@ -38,7 +38,7 @@ def render_rgb(env) -> np.ndarray:
     last = env._last
     view = last["view"] if last else env.current_view()
     executed = last["executed"] if last else [0] * sim.n_experts
-    fig = Figure(figsize=(5, 5), dpi=80)
+    fig = Figure(figsize=(6, 5), dpi=80)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
     pos = state.plan.helper_positions[0, int(view.token) - int(state.chunk_start[0])]
@@ -60,10 +60,11 @@ def render_rgb(env) -> np.ndarray:
     ax.set_xlim(-1.1 * r, 1.1 * r)
     ax.set_ylim(-1.1 * r, 1.1 * r)
     ax.set_aspect("equal")
-    ax.set_title(f"token {int(view.token)}, layer {layer}: orange = executed, * = Top-K")
+    ax.set_title(f"token {int(view.token)}, layer {layer}: orange = executed, * = Top-K", fontsize=9)
     ax.set_xlabel("x (m)")
     ax.set_ylabel("y (m)")
     ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
