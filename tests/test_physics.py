@@ -122,3 +122,21 @@ def test_deviation_bound_matches_hand_computation():
     assert server.tolist() == [[0, 0]]
     _, server = serve_slots(table, np.array([[0, 0, 1]], dtype=bool))
     assert server.tolist() == [[3, 3]]  # 3 = skip
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.6, 0.95, 1.0])
+def test_batched_fading_sequence_has_the_ar1_law(rho):
+    """sequence() draws many steps at once; it must keep the stationary law and lag-1 correlation rho."""
+    rng = np.random.default_rng(4)
+    fading = NakagamiFading(2.0, rho)
+    start = fading.init(rng, (20_000,))
+    states, last = fading.sequence(rng, start, 6)
+    assert states.shape == (6, 20_000, 4) and np.array_equal(last, states[-1])
+    chain = np.concatenate([start[None], states])
+    for t in range(6):
+        assert abs(chain[t + 1, :, 0].std() - 1.0) < 0.02  # stationary components
+        if rho < 1.0:
+            assert abs(np.corrcoef(chain[t, :, 0], chain[t + 1, :, 0])[0, 1] - rho) < 0.02
+        else:
+            assert np.array_equal(chain[t + 1], chain[t])
+    assert abs(fading.gain(states).mean() - 1.0) < 0.02

@@ -53,6 +53,28 @@ class NakagamiFading:
             return new
         return np.where(np.asarray(where)[..., None], new, state)
 
+    def sequence(self, rng: np.random.Generator, state: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """``steps`` successive states after ``state`` in one batched draw (no Python loop over steps).
+        Returns (states of shape (steps,) + state.shape, the last state). Same law as calling
+        :meth:`advance` ``steps`` times: x_t = rho^t x_0 + sqrt(1 - rho^2) sum_{s<=t} rho^(t-s) w_s."""
+        if steps == 0:
+            return np.empty((0,) + state.shape), state
+        if self.rho == 1.0:
+            states = np.broadcast_to(state, (steps,) + state.shape)
+        elif not self.n_components:  # i.i.d. Gamma draws (rho = 0)
+            states = rng.gamma(self.m, 1.0 / self.m, size=(steps,) + state.shape)
+        else:
+            fresh = rng.standard_normal((steps,) + state.shape)
+            if self.rho == 0.0:
+                states = fresh
+            else:
+                t = np.arange(1, steps + 1)
+                lag = t[:, None] - t[None, :]
+                weights = np.where(lag >= 0, self.rho ** np.maximum(lag, 0), 0.0) * np.sqrt(1.0 - self.rho ** 2)
+                states = np.tensordot(weights, fresh, axes=(1, 0))
+                states += (self.rho ** t).reshape((steps,) + (1,) * state.ndim) * state
+        return states, states[-1]
+
     def gain(self, state: np.ndarray) -> np.ndarray:
         """Small-scale power gain h (mean 1) for each link."""
         if self.n_components:

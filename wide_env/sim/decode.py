@@ -215,26 +215,32 @@ class DecodeSimulator:
         epochs_per_token = self.n_layers if per_layer else 1
         fading, path_g = state.fading[sel], state.path_gain[sel]
         n = fading.shape[0]
-        gains = np.empty((n, chunk * epochs_per_token, self.n_nodes))
-        path_gains = np.empty_like(gains)  # large-scale part alone (slotted uplinks fade within the window)
+        epochs = chunk * epochs_per_token
         where = np.empty((n, chunk, self.n_nodes, 2))
         where[:] = state.positions[sel][:, None]
-        for epoch in range(chunk * epochs_per_token):
-            if fresh and epoch == 0:
-                gains[:, 0] = path_g * self.fading_model.gain(fading)
-                path_gains[:, 0] = path_g
-                continue
-            fading = self.fading_model.advance(rng, fading)
-            if pl.mobility and epoch % epochs_per_token == 0:  # pedestrians move once per token
-                pos, wp, sp = move_random_waypoint(
-                    rng, state.positions[sel], state.waypoints[sel], state.speeds[sel], ch.token_interval_s,
-                    pl.r_min_m, pl.r_max_m, (pl.speed_min_mps, pl.speed_max_mps))
-                state.positions[sel], state.waypoints[sel], state.speeds[sel] = pos, wp, sp
-                path_g = path_gain(np.linalg.norm(pos, axis=-1), ch.path_loss_exponent, ch.reference_gain_db)
-                state.path_gain[sel] = path_g
-                where[:, epoch // epochs_per_token] = pos
-            gains[:, epoch] = path_g * self.fading_model.gain(fading)
-            path_gains[:, epoch] = path_g
+        if pl.mobility:  # pedestrians move once per token: walk the epochs in order
+            gains = np.empty((n, epochs, self.n_nodes))
+            path_gains = np.empty_like(gains)  # large-scale part alone (slotted uplinks fade within the window)
+            for epoch in range(epochs):
+                if not (fresh and epoch == 0):
+                    fading = self.fading_model.advance(rng, fading)
+                    if epoch % epochs_per_token == 0:
+                        pos, wp, sp = move_random_waypoint(
+                            rng, state.positions[sel], state.waypoints[sel], state.speeds[sel], ch.token_interval_s,
+                            pl.r_min_m, pl.r_max_m, (pl.speed_min_mps, pl.speed_max_mps))
+                        state.positions[sel], state.waypoints[sel], state.speeds[sel] = pos, wp, sp
+                        path_g = path_gain(np.linalg.norm(pos, axis=-1), ch.path_loss_exponent, ch.reference_gain_db)
+                        state.path_gain[sel] = path_g
+                        where[:, epoch // epochs_per_token] = pos
+                gains[:, epoch] = path_g * self.fading_model.gain(fading)
+                path_gains[:, epoch] = path_g
+        else:  # static helpers: every epoch's fading in one draw
+            states, last = self.fading_model.sequence(rng, fading, epochs - 1 if fresh else epochs)
+            if fresh:
+                states = np.concatenate([fading[None], states], axis=0)
+            fading = last if len(states) else fading
+            gains = path_g[:, None] * np.moveaxis(self.fading_model.gain(states), 0, 1)  # (n, epochs, N)
+            path_gains = np.broadcast_to(path_g[:, None], gains.shape)
         state.fading[sel] = fading
         tokens = np.minimum(state.chunk_start[sel][:, None] + np.arange(chunk), self.n_tokens - 1)  # (n, C)
         flat = self.source.gates((state.start[sel][:, None] + tokens).reshape(-1), rng)
