@@ -8,6 +8,7 @@ and combine weights, for a batch of episodes. Sources are numpy only.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ class TokenGates:
     topk_weight: np.ndarray
 
 
-class GatingSource:
+class GatingSource(ABC):
     """Base class. Subclasses set the attributes below and implement :meth:`start` and :meth:`gates`."""
 
     name: str = "source"
@@ -35,13 +36,13 @@ class GatingSource:
     layer_budget: np.ndarray  # (L,) float64, eps_l in the model's units
     has_effects: bool = False
 
+    @abstractmethod
     def start(self, rng: np.random.Generator, batch: int, n_tokens: int) -> np.ndarray:
         """Start positions (B,) of new episodes of ``n_tokens`` tokens."""
-        raise NotImplementedError
 
+    @abstractmethod
     def gates(self, positions: np.ndarray, rng: np.random.Generator) -> TokenGates:
         """Gating of the tokens at ``positions`` (B,) (start + token index) in every layer."""
-        raise NotImplementedError
 
     def describe(self) -> dict:
         return {"source": self.name, "n_layers": self.n_layers, "n_experts": self.n_experts,
