@@ -1,6 +1,7 @@
 """WideMoE-v0 against the Gymnasium and SB3 contracts: checkers, registration, determinism, errors."""
 
 import copy
+import os
 import pickle
 import subprocess
 import sys
@@ -68,6 +69,14 @@ def test_make_after_import_and_presets_are_json_able():
     wide_env.register_envs()  # idempotent: no error, no duplicate warning
 
 
+def run_in_fresh_process(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new interpreter from the repository root; fail with its stderr if it fails."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
 def test_make_with_module_prefix_in_fresh_process():
     code = ("import gymnasium as gym, sys\n"
             "assert 'wide_env' not in sys.modules\n"
@@ -75,9 +84,7 @@ def test_make_with_module_prefix_in_fresh_process():
             "obs, info = env.reset(seed=0)\n"
             "obs, r, te, tr, info = env.step(env.action_space.sample())\n"
             "print(type(env.unwrapped).__name__, isinstance(r, float))\n")
-    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_in_fresh_process(code)
     assert out.stdout.strip() == "WideMoEEnv True"
 
 
@@ -262,7 +269,5 @@ def test_default_env_runs_on_the_shipped_trace_without_torch():
             "for _ in range(4):\n"
             "    obs, r, te, tr, info = env.step(obs['topk_mask'].astype('int8'))\n"
             "print(env.unwrapped.sim.source.name, info['token_complete'], info['accuracy_same'])\n")
-    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_in_fresh_process(code)
     assert out.stdout.split() == ["trace", "1", "1"]
