@@ -15,7 +15,6 @@ helper queueing by default (every feasible expert meets the deadline); the regis
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 _PROFILES: dict[str, dict[str, Any]] = {
@@ -55,12 +54,3 @@ _PROFILES: dict[str, dict[str, Any]] = {
 }
 
 PROFILES = _PROFILES
-
-
-def profile_overrides(name: str) -> dict[str, Any]:
-    """A deep copy of a profile's overrides (raises with the valid names for an unknown profile)."""
-    if name not in _PROFILES:
-        from wide_env.config import ConfigError
-
-        raise ConfigError(f"config field 'profile' = {name!r} is invalid: unknown profile; choose one of {sorted(_PROFILES)}")
-    return copy.deepcopy(_PROFILES[name])

@@ -59,8 +59,3 @@ def build_static_observation(layout, *, probs, topk_mask, topk_idx, topk_weight,
     np.minimum(latency_ratio, MAX_LATENCY_RATIO, out=out[..., slices["latency_ratio"]], casting="same_kind")
     np.minimum(deviation_table, MAX_DEVIATION, out=out[..., slices["deviation_table"]], casting="same_kind")
     return out
-
-
-def split_observation(flat: np.ndarray, slices) -> dict:
-    """Flat observation(s) (..., D) -> dict of arrays (..., size) in layout order (copies)."""
-    return {key: flat[..., sl].copy() for key, sl in slices.items()}
