@@ -30,11 +30,14 @@ def test_ar1_lag1_correlation_matches_rho(rho):
     state = fading.init(rng, (50_000,))
     nxt = fading.advance(rng, state)
     # each Gaussian component is AR(1) with correlation rho; the power gain then has correlation rho^2
-    comp = np.corrcoef(state[..., 0], nxt[..., 0])[0, 1]
+    # (without correlation the state is the Gamma-distributed gain itself)
+    if rho > 0:
+        comp = np.corrcoef(state[..., 0], nxt[..., 0])[0, 1]
+        assert abs(comp - rho) < 0.02
     power = np.corrcoef(fading.gain(state), fading.gain(nxt))[0, 1]
-    assert abs(comp - rho) < 0.02
     assert abs(power - rho * rho) < 0.02
     assert abs(fading.gain(nxt).mean() - 1.0) < 0.02  # stationary
+    assert abs(fading.gain(nxt).var() - 0.5) < 0.03  # Gamma(2, 1/2)
 
 
 def test_static_fading_when_rho_is_one():
@@ -131,12 +134,17 @@ def test_batched_fading_sequence_has_the_ar1_law(rho):
     fading = NakagamiFading(2.0, rho)
     start = fading.init(rng, (20_000,))
     states, last = fading.sequence(rng, start, 6)
-    assert states.shape == (6, 20_000, 4) and np.array_equal(last, states[-1])
+    correlated = 0.0 < rho < 1.0  # 2m = 4 Gaussian components; otherwise the state is the gain itself
+    assert states.shape == (6, 20_000, 4 if correlated else 1) and np.array_equal(last, states[-1])
     chain = np.concatenate([start[None], states])
+    gains = fading.gain(chain)
     for t in range(6):
-        assert abs(chain[t + 1, :, 0].std() - 1.0) < 0.02  # stationary components
-        if rho < 1.0:
+        if correlated:
+            assert abs(chain[t + 1, :, 0].std() - 1.0) < 0.02  # stationary components
             assert abs(np.corrcoef(chain[t, :, 0], chain[t + 1, :, 0])[0, 1] - rho) < 0.02
+        elif rho == 0.0:
+            assert abs(np.corrcoef(gains[t], gains[t + 1])[0, 1]) < 0.03
         else:
             assert np.array_equal(chain[t + 1], chain[t])
+        assert abs(gains[t + 1].var() - 0.5) < 0.03  # stationary Gamma(2, 1/2) gain
     assert abs(fading.gain(states).mean() - 1.0) < 0.02

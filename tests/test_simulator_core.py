@@ -119,7 +119,7 @@ def test_python_accuracy_path_equals_batched_record_accuracy():
         executed = rng.random((8, sim.n_experts)) < 0.4
         view = sim.view(batched)
         out = sim.evaluate(view, executed)
-        acc = sim.record_accuracy(batched, out["server"], view.topk_idx)
+        acc = sim.record_accuracy(batched, out["server"])
         for b in range(8):
             one = sim.record_accuracy_one(single, out["server"][b].tolist(), view.topk_idx[b].tolist(), b)
             for key, value in one.items():

@@ -204,7 +204,15 @@ def test_lockstep_batch_view_equals_per_episode_views():
             for i in range(5):
                 one = env.sim.view(state, i)
                 for name in one.__dataclass_fields__:
+                    if name == "gating":  # the rows table itself; its rows are compared via gate_rows
+                        assert batch.gating is one.gating
+                        continue
+                    if name == "uniform":  # batch-only: the scalars every row shares, when they do
+                        if batch.uniform is not None:
+                            assert batch.uniform == (one.budget_unit, one.layer, one.token)
+                        continue
                     np.testing.assert_array_equal(np.asarray(getattr(batch, name))[i], getattr(one, name), err_msg=name)
+                np.testing.assert_array_equal(env.sim.observation(batch)[i], env.sim.observation(one))
             env._core.view = batch
             env.step(np.ones((5, 8), dtype=np.int8))
 

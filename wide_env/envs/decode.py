@@ -210,19 +210,17 @@ class WideMoEEnv(gym.Env):
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
         executed = validate_action(action, self.sim.n_experts)
         sim = self.sim
-        if self._lists_chunk != state.chunk_id:  # Python copies of the plan, once per planned chunk
-            self._lists = sim.plan_lists(state, 0)
-            self._lists_chunk = state.chunk_id
+        lists = self._chunk_lists()
         chunk_token, layer, token = self._where()
         budget, unit = self._budget(layer)
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed}
-        out = sim.evaluate_one(self._lists, chunk_token, layer, executed, budget, unit)
+        out = sim.evaluate_one(lists, chunk_token, layer, executed, budget, unit)
         info = {key: out[key] for key in INFO_KEYS}
         info["layer"] = layer
         info["token"] = token
         if self._has_accuracy:
-            info.update(sim.record_accuracy_one(state, out["server"], self._lists["topk_idx"][chunk_token][layer]))
+            info.update(sim.record_accuracy_one(state, out["server"], lists["topk_idx"][chunk_token][layer]))
         if self._live is not None:
             self._live.execute(state, executed, out["server"], info)
         truncated = bool(sim.advance(self.np_random, state, out["weighted_deviation"])[0])
@@ -255,6 +253,14 @@ class WideMoEEnv(gym.Env):
         rendering.close(self)
 
     # ---- helpers ---------------------------------------------------------------------------------
+    def _chunk_lists(self) -> dict:
+        """Python copies of the plan (and the chunk's static observations), rebuilt once per planned chunk."""
+        state = self._state
+        if self._lists_chunk != state.chunk_id:
+            self._lists = self.sim.plan_lists(state, 0)
+            self._lists_chunk = state.chunk_id
+        return self._lists
+
     def _where(self) -> tuple[int, int, int]:
         """(token offset in the planned chunk, layer, token) of the current step, as Python ints."""
         state = self._state
@@ -272,7 +278,7 @@ class WideMoEEnv(gym.Env):
     def _observation(self):
         chunk_token, layer, token = self._where()
         budget, unit = self._budget(layer)
-        flat = self.sim.fill_observation(self._state.plan.obs_static[0, chunk_token, layer].copy(), budget / unit,
+        flat = self.sim.fill_observation(self._chunk_lists()["obs_static"][chunk_token, layer].copy(), budget / unit,
                                          layer, token)
         if self.config.flatten_observation:
             return flat

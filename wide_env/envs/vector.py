@@ -41,7 +41,10 @@ def validate_actions(actions: Any, num_envs: int, n_experts: int) -> np.ndarray:
                          f"entries per sub-env (MultiBinary({expected}), 1 = execute){hint}")
     if arr.dtype == np.bool_:
         return arr
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    if arr.dtype == np.int8 or arr.dtype == np.uint8:  # MultiBinary's own dtype: 0/1 bytes are bools already
+        if not (arr.view(np.uint8) > 1).any():
+            return arr.view(np.bool_)
+    elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"actions have dtype {arr.dtype}; expected shape {expected} of int8/bool/int/float 0 or 1")
     ok = (arr == 0) | (arr == 1)
     if not ok.all():
@@ -76,6 +79,8 @@ class _BatchedDecode:
         self.info_keys = STEP_INFO_KEYS + (ACCURACY_KEYS if self.has_accuracy else ())
         #: keys a step reports but a reset does not
         self.only_step_keys = tuple(k for k in self.info_keys if k not in RESET_INFO_KEYS)
+        self._int_keys = tuple(k for k in self.info_keys if k in INT_INFO_KEYS)
+        self._aliased_keys = tuple(k for k in self.info_keys if k in ("topk_energy_j", "deviation_budget"))
         self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
         self.state: DecodeState | None = None
         self.view: LayerView | None = None
@@ -109,7 +114,7 @@ class _BatchedDecode:
         if layer is self.state.layer or token is self.state.token:
             layer, token = layer.copy(), token.copy()
         if self.has_accuracy:  # the single env's order: evaluate, record accuracy, advance
-            out.update(self.sim.record_accuracy(self.state, out["server"], view.topk_idx))
+            out.update(self.sim.record_accuracy(self.state, out["server"]))
         truncated = self.sim.advance(rng, self.state, out["weighted_deviation"]).copy()
         if self.max_episode_steps is not None:
             self.elapsed += 1
@@ -134,18 +139,13 @@ class _BatchedDecode:
 
     def step_info(self, out: dict, layer: np.ndarray, token: np.ndarray) -> dict[str, np.ndarray]:
         """The single env's step info as (B,) arrays (int64 for counters, float64 otherwise; copies)."""
-        info = {}
-        for key in self.info_keys:
-            if key in ("layer", "token"):
-                continue
-            value = out[key]
-            if key in INT_INFO_KEYS:
-                value = value.astype(np.int64, copy=value.dtype != np.int64)
-            elif key in ("topk_energy_j", "deviation_budget", "delta_loss"):
-                value = np.array(value, dtype=np.float64)  # may alias the token plan: copy
-            info[key] = value
-        info["layer"] = layer
-        info["token"] = token
+        out["layer"], out["token"] = layer, token
+        info = {key: out[key] for key in self.info_keys}
+        for key in self._int_keys:
+            if info[key].dtype != np.int64:  # flags come out of the simulator as bool
+                info[key] = info[key].astype(np.int64)
+        for key in self._aliased_keys:  # may alias the token plan or the state: copy
+            info[key] = np.array(info[key], dtype=np.float64)
         return info
 
     def reset_info(self) -> dict[str, np.ndarray]:
@@ -256,6 +256,7 @@ class WideMoEVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._all_true = np.ones(self.num_envs, dtype=bool)
         self._all_true.flags.writeable = False
+        self._all_true_masks = {"_" + key: self._all_true for key in self.info_keys}
 
     @property
     def max_episode_steps(self) -> int | None:
@@ -330,7 +331,7 @@ class WideMoEVectorEnv(VectorEnv):
         out, layer, token, truncated = core.evaluate_and_advance(rng, executed)
         core.refresh_view()
         info = core.step_info(out, layer, token)
-        masks = dict.fromkeys(core.info_keys, self._all_true)
+        masks = None  # every sub-env reports every key
         reward = out["reward"]
         if mode == AutoresetMode.SAME_STEP and truncated.any():
             rows = np.flatnonzero(truncated)
@@ -385,7 +386,10 @@ class WideMoEVectorEnv(VectorEnv):
         return {key: flat[..., sl] for key, sl in self.sim.obs_slices.items()}
 
     def _finish(self, obs_flat, reward, truncated, info, masks):
-        for key, mask in masks.items():
-            info["_" + key] = mask
+        if masks is None:
+            info.update(self._all_true_masks)
+        else:
+            for key, mask in masks.items():
+                info["_" + key] = mask
         terminated = np.zeros(self.num_envs, dtype=bool)
         return self._package(obs_flat), reward, terminated, truncated, info

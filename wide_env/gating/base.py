@@ -35,6 +35,9 @@ class GatingSource(ABC):
     mismatch: np.ndarray  # (L, E, E+1) float64
     layer_budget: np.ndarray  # (L,) float64, eps_l in the model's units
     has_effects: bool = False
+    #: True when gating depends only on the position (a recorded trace), never on the generator: then
+    #: :meth:`all_gates` returns every position's gating and simulators may precompute per-position tables.
+    positional: bool = False
 
     @abstractmethod
     def start(self, rng: np.random.Generator, batch: int, n_tokens: int) -> np.ndarray:
@@ -43,6 +46,10 @@ class GatingSource(ABC):
     @abstractmethod
     def gates(self, positions: np.ndarray, rng: np.random.Generator) -> TokenGates:
         """Gating of the tokens at ``positions`` (B,) (start + token index) in every layer."""
+
+    def all_gates(self) -> TokenGates:
+        """Gating of every position, (T, L, ...) arrays; only for ``positional`` sources."""
+        raise NotImplementedError(f"{type(self).__name__} draws gating at random: it has no per-position table")
 
     def describe(self) -> dict:
         return {"source": self.name, "n_layers": self.n_layers, "n_experts": self.n_experts,

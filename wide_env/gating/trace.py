@@ -150,6 +150,7 @@ class TraceGating(GatingSource):
     """Replays a recorded trace: each episode reads ``n_tokens`` consecutive tokens (inside one document)."""
 
     name = "trace"
+    positional = True
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -194,6 +195,9 @@ class TraceGating(GatingSource):
 
     def gates(self, positions, rng):
         return TokenGates(self.probs[positions], self.topk_idx[positions], self.topk_weight[positions])
+
+    def all_gates(self):
+        return TokenGates(self.probs, self.topk_idx, self.topk_weight)
 
     def describe(self):
         out = super().describe()

@@ -4,7 +4,8 @@ All functions are batched over leading axes and use only numpy. The fading power
 built from ``2m`` real Gaussian components x_k, h = (1/(2m)) * sum_k x_k^2, which is Gamma(m, 1/m)
 (mean 1, E[1/h] = m/(m-1)). Each component follows x' = rho*x + sqrt(1-rho^2)*w, so h is stationary
 with lag-1 power correlation rho^2 and rho = 0 gives i.i.d. fading, rho = 1 a static channel [std].
-For m that is not a multiple of 1/2 only rho in {0, 1} is allowed and h is drawn from the Gamma law.
+Without correlation (rho in {0, 1}) h itself is drawn from the Gamma law, one draw per link; for m that
+is not a multiple of 1/2 only those two values are allowed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ class NakagamiFading:
         self.m = float(m)
         self.rho = float(rho)
         twice_m = 2.0 * self.m
-        self.n_components = int(round(twice_m)) if float(twice_m).is_integer() else 0
+        # Correlated fading evolves 2m Gaussian components by AR(1); without correlation only the gain's
+        # law matters, so it is drawn directly from Gamma(m, 1/m) (one draw per link, not 2m).
+        correlated = 0.0 < self.rho < 1.0
+        self.n_components = int(round(twice_m)) if float(twice_m).is_integer() and correlated else 0
         if self.n_components == 0 and self.rho not in (0.0, 1.0):
             raise ValueError("correlated Nakagami fading needs m to be a multiple of 0.5")
 

@@ -10,6 +10,7 @@ at the current layer) and :meth:`DecodeSimulator.step` (apply masks, return outc
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from itertools import compress
 from dataclasses import dataclass
 
@@ -20,12 +21,17 @@ from wide_env.gating.base import GatingSource, TokenGates
 from wide_env.sim.channel import NakagamiFading, draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim import slots
 from wide_env.sim.costs import link_costs
-from wide_env.sim.deviation import serve_slots, slot_deviation_table
-from wide_env.sim.observation import MAX_DEVIATION, build_static_observation, observation_layout, observation_slices
+from wide_env.sim.deviation import serve_slots
+from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
+from wide_env.sim.observation import (GAIN_DB_HIGH, GAIN_DB_LOW, MAX_DEVIATION, MAX_ENERGY_COST, MAX_LATENCY_RATIO,
+                                      observation_layout, observation_slices)
 from wide_env.sim.units import dbm_to_watt, linear_to_db
 
 SCOPES = ("uplink", "comm", "system")
 
+
+# Per-source lookup tables of record_accuracy (derived from the source's effect tables, shared by its envs).
+_EFFECT_LOOKUPS: "weakref.WeakKeyDictionary[GatingSource, tuple]" = weakref.WeakKeyDictionary()
 
 # Layer-steps planned ahead in one batched call (all envs x tokens x layers): amortises numpy's per-call
 # overhead over many steps while bounding memory for large vector envs.
@@ -34,23 +40,35 @@ PLAN_LAYER_STEPS = 32768
 
 @dataclass
 class TokenPlan:
-    """The next C tokens of every episode in every layer, computed in one batched call.
-    Axes (B, C, L, ...): batch, token within the chunk, layer. E experts, K Top-K, N helpers."""
+    """The next C tokens of every episode, computed in one batched call.
+    Axes (B, C, ...): batch, token within the chunk; then the layer axis: L for gating, Lc for costs
+    (1 when every layer sees the same channel and host map, else L), Lf for the channel (1, or L with
+    per-layer fading). E experts, N helpers. Gating lives in ``gating`` rows indexed by ``gate_rows``."""
 
-    probs: np.ndarray  # (B, C, L, E)
-    topk_idx: np.ndarray  # (B, C, L, K)
-    topk_weight: np.ndarray  # (B, C, L, K)
-    topk_mask: np.ndarray  # (B, C, L, E) bool
-    energy_scopes: np.ndarray  # (B, C, L, 3, E) J per expert call: uplink / comm / system scope
-    observed_energy_scopes: np.ndarray  # what the observation shows: the same array unless the uplink is slotted
-    latency: np.ndarray  # (B, C, L, E) s
-    meets_deadline: np.ndarray  # (B, C, L, E) bool
-    deviation_table: np.ndarray  # (B, C, L, K, E+1) kappa_l * w_k * D_l(S_k, j)
-    topk_energy: np.ndarray  # (B, C, L)
-    energy_reference: np.ndarray  # (B, C, L)
-    channel_gain_db: np.ndarray  # (B, C, Lf, N), Lf = L with per-layer fading, else 1
+    gate_rows: np.ndarray  # (B, C, L) int64: rows of ``gating``
+    gating: GatingRows  # per-position rows shared by every plan on the source, or this plan's own
+    dense_gating: bool  # True: ``gating`` is this plan's own, row (b * C + c) * L + l
+    # (B, C, Lc, 5, E) per expert call: energy (J) in the uplink / comm / system scopes, 1, and 1 if it
+    # misses the deadline; one product with the executed mask sums what a step reports
+    expert_terms: np.ndarray
+    observed_energy_scopes: np.ndarray | None  # (B, C, Lc, 3, E) what the observation shows (slotted uplink), else None
+    latency: np.ndarray  # (B, C, Lc, E) s
+    meets_deadline: np.ndarray  # (B, C, Lc, E) bool
+    topk_energy: np.ndarray  # (B, C, L) objective-scope energy of the Top-K set, J
+    energy_reference: np.ndarray  # (B, C, L) the reward's energy denominator (Top-K energy, see _topk_energy)
+    obs_latency: np.ndarray  # (B, C, Lc, E) float32 latency / deadline, clipped (observation entry)
+    channel_gain_db: np.ndarray  # (B, C, Lf, N)
+    obs_gain: np.ndarray  # (B, C, Lf, N) float32, clipped (observation entry)
+    # sources with effect tables: flat index of slot k's row in the (T, L, K, E+1) tables, (B, C, L, K), and
+    # whether the full model predicts the token correctly, (B, C); None otherwise
+    effect_rows: np.ndarray | None
+    full_correct: np.ndarray | None
     helper_positions: np.ndarray  # (B, C, N, 2) m, where the helpers are at each token
-    obs_static: np.ndarray  # (B, C, L, D) float32 observation without budget and position
+
+    @property
+    def energy_scopes(self) -> np.ndarray:
+        """(B, C, Lc, 3, E) J per expert call: uplink / comm / system scope."""
+        return self.expert_terms[..., :3, :]
 
 
 @dataclass
@@ -74,6 +92,9 @@ class DecodeState:
     perturbed_correct: np.ndarray = None  # (B,) every perturbation so far kept the prediction correct
     delta_loss: np.ndarray = None  # (B,) summed single-perturbation loss changes, nats
     chunk_id: int = 0  # bumped whenever any row is re-planned (lets front ends cache per-chunk data)
+    # every episode at the same token, layer and chunk offset (true after a joint reset; kept by advance,
+    # which moves all episodes alike; a partial reset ends it)
+    lockstep: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -81,20 +102,18 @@ class DecodeState:
 
     @property
     def chunk_tokens(self) -> int:
-        return self.plan.probs.shape[1]
+        return self.plan.gate_rows.shape[1]
 
 
 @dataclass
 class LayerView:
     """The current layer of each episode: arrays with leading axes ``lead`` = (B,) for a batch, or ()
-    for one episode (then the arrays are views into the plan, not copies). E experts, K Top-K."""
+    for one episode. Arrays may be views into the plan: do not write to them. E experts, K Top-K."""
 
     layer: np.ndarray  # lead, int
     token: np.ndarray  # lead, int
-    probs: np.ndarray  # lead + (E,)
     topk_idx: np.ndarray  # lead + (K,)
-    topk_weight: np.ndarray  # lead + (K,)
-    topk_mask: np.ndarray  # lead + (E,) bool
+    expert_terms: np.ndarray  # lead + (5, E) energies in the three scopes, 1, misses-the-deadline (TokenPlan)
     energy_scopes: np.ndarray  # lead + (3, E) J of executing each expert: uplink / comm / system scope
     energy: np.ndarray  # lead + (E,) objective-scope energy, J
     latency: np.ndarray  # lead + (E,) s
@@ -106,7 +125,31 @@ class LayerView:
     topk_energy: np.ndarray  # lead, objective-scope energy of the Top-K set, J
     energy_reference: np.ndarray  # lead, denominator of the reward's energy term
     channel_gain_db: np.ndarray  # lead + (N,)
-    obs_static: np.ndarray  # lead + (D,) float32 observation without budget and position
+    # observation parts (see DecodeSimulator.observation)
+    gating: GatingRows  # the plan's gating rows
+    gate_rows: np.ndarray  # lead, rows of ``gating``
+    energy_cost: np.ndarray  # lead + (E,) observed energy / observed Top-K energy
+    obs_latency: np.ndarray  # lead + (E,) float32
+    obs_gain: np.ndarray  # lead + (N,) float32
+    # (budget unit, layer, token) as Python numbers when every row shares them (lockstep batches in layer
+    # mode): lets evaluate and the observation use scalars instead of (B,) arrays
+    uniform: tuple | None = None
+
+    # gathered on demand: a step itself does not need them
+    @property
+    def probs(self) -> np.ndarray:
+        """lead + (E,) router probabilities."""
+        return np.take(self.gating.probs, self.gate_rows, axis=0)
+
+    @property
+    def topk_weight(self) -> np.ndarray:
+        """lead + (K,) combine weights."""
+        return np.take(self.gating.topk_weight, self.gate_rows, axis=0)
+
+    @property
+    def topk_mask(self) -> np.ndarray:
+        """lead + (E,) bool, the Top-K set."""
+        return np.take(self.gating.topk_mask, self.gate_rows, axis=0)
 
 
 class DecodeSimulator:
@@ -160,6 +203,17 @@ class DecodeSimulator:
         # budget_remaining and position are the last three entries of the flat layout
         self._budget_index = self.obs_slices["budget_remaining"].start
         assert self.obs_slices["position"].start == self._budget_index + 1 and self._budget_index + 3 == self.obs_size
+        E, K = self.n_experts, self.top_k
+        sl = self.obs_slices
+        # the gating entries lead the layout, so one gathered row fills them (GatingRows.obs_gating)
+        assert (sl["gate_probs"].start, sl["topk_mask"].start, sl["topk_weight"].stop) == (0, E, 3 * E)
+        self._obs_gain, self._obs_energy = sl["channel_gain_db"], sl["energy_cost"]
+        self._obs_latency, self._obs_deviation = sl["latency_ratio"], sl["deviation_table"]
+        # the observation's deviation unit per layer: eps_l, or the token budget
+        self.budget_unit = self.layer_budget.copy() if budget.mode == "layer" else np.full(self.n_layers, self.token_budget)
+        # costs differ between layers only with per-layer fading or per-layer host maps
+        self.cost_per_layer = bool(ch.fading_per_layer or not self._same_hosts_every_layer)
+        self._constants: dict = {}  # see _layer_constants
         self._layer_den = max(self.n_layers - 1, 1)
         self._token_den = max(self.n_tokens - 1, 1)
         self.layer_budget_list = self.layer_budget.tolist()
@@ -193,6 +247,7 @@ class DecodeSimulator:
             done=np.zeros(batch, dtype=bool), perturbed_same=np.ones(batch, dtype=bool),
             perturbed_correct=np.ones(batch, dtype=bool), delta_loss=np.zeros(batch))
         state.plan = self._plan_chunk(rng, state, None, self.chunk_size(batch) if chunk is None else chunk, fresh=True)
+        state.lockstep = True
         return state
 
     def reset_rows(self, rng: np.random.Generator, state: DecodeState, rows: np.ndarray) -> None:
@@ -203,6 +258,7 @@ class DecodeSimulator:
             getattr(state, name)[rows] = getattr(fresh, name)
         _assign_rows(state.plan, fresh.plan, rows)
         state.chunk_id += 1
+        state.lockstep = state.lockstep and len(rows) == state.batch_size
 
     # ---- physics of the coming tokens ------------------------------------------------------------
     def _plan_chunk(self, rng: np.random.Generator, state: DecodeState, rows, chunk: int, fresh: bool) -> TokenPlan:
@@ -242,18 +298,37 @@ class DecodeSimulator:
             path_gains = np.broadcast_to(path_g[:, None], gains.shape)
         state.fading[sel] = fading
         tokens = np.minimum(state.chunk_start[sel][:, None] + np.arange(chunk), self.n_tokens - 1)  # (n, C)
-        flat = self.source.gates((state.start[sel][:, None] + tokens).reshape(-1), rng)
-        gates = TokenGates(*(x.reshape((n, chunk) + x.shape[1:]) for x in (flat.probs, flat.topk_idx, flat.topk_weight)))
+        positions = state.start[sel][:, None] + tokens  # (n, C) trace positions
+        gate_rows, gating, dense = self._plan_gating(rng, positions)
         shape = (n, chunk, epochs_per_token, self.n_nodes)
-        return self._plan(rng, gains.reshape(shape), gates, where, path_gains.reshape(shape))
+        plan = self._plan(rng, gains.reshape(shape), gate_rows, gating, dense, where, path_gains.reshape(shape))
+        if self.has_accuracy:
+            K, E1 = self.top_k, self.n_experts + 1
+            cells = positions[..., None] * self.n_layers + np.arange(self.n_layers)  # (n, C, L)
+            plan.effect_rows = (cells[..., None] * K + np.arange(K)) * E1
+            full = self.source.full_correct
+            plan.full_correct = full[positions] if full is not None else np.ones(positions.shape, dtype=bool)
+        return plan
 
-    def _plan(self, rng: np.random.Generator, channel_gain: np.ndarray, gates: TokenGates, positions,
+    def _plan_gating(self, rng: np.random.Generator, positions: np.ndarray):
+        """(gate_rows (n, C, L), gating rows, dense) of tokens at ``positions`` (n, C)."""
+        L = self.n_layers
+        if self.source.positional:  # precomputed rows of every position: the plan only indexes them
+            gating = position_gating_rows(self.source, self.weighted_mismatch, self.budget_unit, self.obs_slices)
+            return positions[..., None] * L + np.arange(L), gating, False
+        n, C = positions.shape
+        flat = self.source.gates(positions.reshape(-1), rng)  # (n C, L, ...)
+        R = n * C * L
+        gating = build_gating_rows(self.weighted_mismatch, self.budget_unit, self.obs_slices, np.tile(np.arange(L), n * C),
+                                   flat.probs.reshape(R, -1), flat.topk_idx.reshape(R, -1),
+                                   flat.topk_weight.reshape(R, -1))
+        return np.arange(R).reshape(n, C, L), gating, True
+
+    def _plan(self, rng: np.random.Generator, channel_gain: np.ndarray, gate_rows, gating, dense: bool, positions,
               path_gains: np.ndarray) -> TokenPlan:
-        """Costs, deviation tables and static observations. channel_gain, path_gains (n, C, Lf, N);
-        gates (n, C, L, ...); positions (n, C, N, 2)."""
+        """Costs of the planned tokens. channel_gain, path_gains (n, C, Lf, N); positions (n, C, N, 2)."""
         comp, radio = self.config.compute, self.config.radio
         n, C, Lf, N = channel_gain.shape
-        L = self.n_layers
         queue = rng.exponential(comp.queue_delay_mean_s, size=channel_gain.shape) if comp.queue_delay_mean_s > 0 else 0.0
         costs = link_costs(
             channel_gain, bits=self.bits, bandwidth_hz=radio.bandwidth_hz, noise_psd_w_hz=self.noise_psd,
@@ -273,26 +348,32 @@ class DecodeSimulator:
             uplink = slots.allocate_bits(radio.bit_allocation, self.bits, window, path_gains, slot_gains,
                                          radio.bandwidth_hz, self.noise_psd, m).energy
         local_time = comp.load_time_s + comp.compute_time_s
-        energy_scopes = self._expert_energy(uplink, costs, local_time)
         node_latency = np.empty((n, C, Lf, N + 1))
         node_latency[..., 1:] = costs.latency
         node_latency[..., 0] = local_time
         latency = self._by_expert(node_latency)
-        meets = latency <= self.deadline * (1.0 + 1e-9)
+        late = node_latency > self.deadline * (1.0 + 1e-9)
+        expert_terms = self._expert_energy(uplink, costs, local_time, late)
         gain_db = linear_to_db(channel_gain)
         observed = None if expected_uplink is None else self._expert_energy(expected_uplink, costs, local_time)
-        gating = self._gating_entries(np.arange(L), gates.probs, gates.topk_idx, gates.topk_weight, energy_scopes,
-                                      latency, gain_db, observed)
-        return TokenPlan(probs=gates.probs, topk_idx=gates.topk_idx, topk_weight=gates.topk_weight,
-                         energy_scopes=energy_scopes, observed_energy_scopes=energy_scopes if observed is None else observed,
-                         latency=latency, meets_deadline=meets,
-                         channel_gain_db=gain_db, helper_positions=positions, **gating)
+        topk_energy, reference = self._plan_topk_energy(expert_terms, np.take(gating.topk_idx, gate_rows, axis=0))
+        return TokenPlan(
+            gate_rows=gate_rows, gating=gating, dense_gating=dense, expert_terms=expert_terms,
+            observed_energy_scopes=observed, latency=latency, meets_deadline=expert_terms[..., 4, :] == 0.0,
+            topk_energy=topk_energy, energy_reference=reference,
+            obs_latency=np.minimum(latency / self.deadline, MAX_LATENCY_RATIO).astype(np.float32),
+            channel_gain_db=gain_db, obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32),
+            effect_rows=None, full_correct=None, helper_positions=positions)
 
-    def _expert_energy(self, uplink, costs, local_time) -> np.ndarray:
-        """Per-expert energies (n, C, L, 3, E) in the uplink / comm / system scopes from node costs
-        (n, C, Lf, N); node 0 is the user device (no radio; P_gpu (t_load + t_comp) in the system scope)."""
+    def _expert_energy(self, uplink, costs, local_time, late=None) -> np.ndarray:
+        """Per-expert energies (n, C, Lc, 3, E) in the uplink / comm / system scopes from node costs
+        (n, C, Lf, N); node 0 is the user device (no radio; P_gpu (t_load + t_comp) in the system scope).
+        With ``late`` (n, C, Lf, N+1) bool: the (n, C, Lc, 5, E) ``expert_terms`` (rows 1 and late added)."""
         n, C, Lf, N = uplink.shape
-        node_energy = np.empty((n, C, Lf, 3, N + 1))
+        node_energy = np.empty((n, C, Lf, 3 if late is None else 5, N + 1))
+        if late is not None:
+            node_energy[..., 3, :] = 1.0
+            node_energy[..., 4, :] = late
         node_energy[..., 0, 1:] = uplink
         node_energy[..., 1, 1:] = uplink + costs.downlink_energy
         node_energy[..., 2, 1:] = node_energy[..., 1, 1:] + costs.compute_energy
@@ -301,129 +382,164 @@ class DecodeSimulator:
         return self._by_expert(node_energy)
 
     def _by_expert(self, node_values: np.ndarray) -> np.ndarray:
-        """Node-indexed values (n, C, Lf, ..., N+1) -> expert-indexed (n, C, L, ..., E) through the host map."""
+        """Node-indexed values (n, C, Lf, ..., N+1) -> expert-indexed (n, C, Lc, ..., E) through the host map
+        (Lc = Lf when every layer has the same host map, else L)."""
+        if not self.cost_per_layer or self._same_hosts_every_layer:
+            return np.take(node_values, self.hosts[0], axis=-1)
         n, C, Lf = node_values.shape[:3]
-        if self._same_hosts_every_layer:  # one gather, then a copy per layer (the common one-to-one case)
-            per_expert = np.take(node_values, self.hosts[0], axis=-1)
-            out = np.empty((n, C, self.n_layers) + per_expert.shape[3:])
-            out[...] = per_expert  # broadcasts over layers when the channel is per token
-            return out
         out = np.empty((n, C, self.n_layers) + node_values.shape[3:-1] + (self.n_experts,))
         for layer in range(self.n_layers):
             out[:, :, layer] = np.take(node_values[:, :, layer if Lf > 1 else 0], self.hosts[layer], axis=-1)
         return out
 
-    def _gating_entries(self, layer, probs, topk_idx, topk_weight, energy_scopes, latency, gain_db,
-                        observed_energy_scopes=None) -> dict:
-        """The plan entries that depend on gating: Top-K mask, deviation tables, Top-K energy, reference and
-        the static observation. Leading axes end with the layer axis; ``layer`` holds its layer indices.
-        ``observed_energy_scopes``: what the observation shows when it differs from the energy spent
-        (slotted uplinks: the surrogate expectation); the reward's reference stays the spent Top-K energy."""
-        topk_mask = np.zeros(probs.shape, dtype=bool)
-        np.put_along_axis(topk_mask, topk_idx, True, axis=-1)
-        table = slot_deviation_table(self.weighted_mismatch, np.asarray(layer), topk_idx, topk_weight)
-        energy = energy_scopes[..., self.scope_index, :]
-        topk_energy = np.where(topk_mask, energy, 0.0).sum(axis=-1)
-        reference = np.where(topk_energy > 0, topk_energy, energy.mean(axis=-1))
-        reference = np.where(reference > 0, reference, 1.0)
-        unit = self.layer_budget[layer][:, None] if self.budget_mode == "layer" else self.token_budget
-        if observed_energy_scopes is None:
-            energy_cost = energy / reference[..., None]
-        else:
-            seen = observed_energy_scopes[..., self.scope_index, :]
-            seen_topk = np.where(topk_mask, seen, 0.0).sum(axis=-1)
-            energy_cost = seen / np.where(seen_topk > 0, seen_topk, 1.0)[..., None]
-        obs = build_static_observation(
-            self.layout, probs=probs, topk_mask=topk_mask, topk_idx=topk_idx, topk_weight=topk_weight,
-            gain_db=gain_db, energy_cost=energy_cost, latency_ratio=latency / self.deadline,
-            deviation_table=table.reshape(table.shape[:-2] + (-1,)) / unit)
-        return {"topk_mask": topk_mask, "deviation_table": table, "topk_energy": topk_energy,
-                "energy_reference": reference, "obs_static": obs}
-
     def override_gates(self, state: DecodeState, index: int, probs, topk_idx, topk_weight) -> None:
         """Replace episode ``index``'s gating at its current (token, layer) by gates computed elsewhere
         (the live backend: real router outputs after the executed experts changed the hidden state)."""
         plan = state.plan
+        _densify(plan)
         layer = int(state.layer[index])
         c = int(state.token[index]) - int(state.chunk_start[index])
-        sel = (index, c, slice(layer, layer + 1))
-        gain = plan.channel_gain_db[index, c, slice(layer, layer + 1) if self.config.channel.fading_per_layer else slice(0, 1)]
-        plan.probs[sel] = probs
-        plan.topk_idx[sel] = topk_idx
-        plan.topk_weight[sel] = topk_weight
-        observed = None if plan.observed_energy_scopes is plan.energy_scopes else plan.observed_energy_scopes[sel]
-        entries = self._gating_entries(np.array([layer]), plan.probs[sel], plan.topk_idx[sel], plan.topk_weight[sel],
-                                       plan.energy_scopes[sel], plan.latency[sel], gain, observed)
-        for name, value in entries.items():
-            getattr(plan, name)[sel] = value
+        row = build_gating_rows(self.weighted_mismatch, self.budget_unit, self.obs_slices, np.array([layer]),
+                                np.asarray(probs, dtype=plan.gating.probs.dtype).reshape(1, -1),
+                                np.asarray(topk_idx, dtype=np.int64).reshape(1, -1),
+                                np.asarray(topk_weight, dtype=np.float64).reshape(1, -1))
+        plan.gating.assign(plan.gate_rows[index, c, layer:layer + 1], row)
+        cost_layer = layer if self.cost_per_layer else 0
+        energy = plan.expert_terms[index, c, cost_layer, self.scope_index]
+        topk_energy, reference = self._topk_energy(energy, row.topk_idx[0])
+        plan.topk_energy[index, c, layer], plan.energy_reference[index, c, layer] = topk_energy, reference
         state.chunk_id += 1  # cached copies of the plan are stale
 
     # ---- the current layer -----------------------------------------------------------------------
     def view(self, state: DecodeState, index=None) -> LayerView:
-        """The current layer of every episode (``index=None``), or of episode ``index`` alone (no copies)."""
-        plan = state.plan
-        per_layer = self.config.channel.fading_per_layer
+        """The current layer of every episode (``index=None``), or of episode ``index`` alone."""
         if index is None and state.batch_size > 1:
             lockstep = self._lockstep_view(state)
             if lockstep is not None:
                 return lockstep
         if index is None:
             layer, token = state.layer, state.token
-            sel = (np.arange(state.batch_size), token - state.chunk_start, layer)
-            budget_used = state.budget_used
-            gain_sel = sel if per_layer else sel[:2] + (0,)
-        else:
-            layer, token = int(state.layer[index]), int(state.token[index])
-            sel = (index, token - int(state.chunk_start[index]), layer)
-            budget_used = float(state.budget_used[index])
-            gain_sel = sel if per_layer else sel[:2] + (0,)
+            batch = np.arange(state.batch_size)
+            chunk_token = token - state.chunk_start
+            if self.budget_mode == "layer":
+                budget = self.layer_budget[layer]
+                unit = budget
+            else:
+                budget = self.token_budget - state.budget_used
+                unit = np.full(state.batch_size, self.token_budget)
+            return self._make_view(state.plan, batch, chunk_token, layer, layer, token, budget, unit,
+                                   self.layer_weight[layer])
+        layer, token = int(state.layer[index]), int(state.token[index])
         if self.budget_mode == "layer":
-            budget = self.layer_budget[layer]
-            unit = budget
+            budget = unit = float(self.layer_budget[layer])
         else:
-            budget = self.token_budget - budget_used
-            unit = np.full(np.shape(budget), self.token_budget) if index is None else self.token_budget
-        energy_scopes = plan.energy_scopes[sel]
-        return LayerView(
-            layer=layer, token=token, probs=plan.probs[sel], topk_idx=plan.topk_idx[sel],
-            topk_weight=plan.topk_weight[sel], topk_mask=plan.topk_mask[sel], energy_scopes=energy_scopes,
-            energy=energy_scopes[..., self.scope_index, :], latency=plan.latency[sel],
-            meets_deadline=plan.meets_deadline[sel], deviation_table=plan.deviation_table[sel],
-            layer_weight=self.layer_weight[layer], budget=budget, budget_unit=unit, topk_energy=plan.topk_energy[sel],
-            energy_reference=plan.energy_reference[sel], channel_gain_db=plan.channel_gain_db[gain_sel],
-            obs_static=plan.obs_static[sel])
+            budget, unit = self.token_budget - float(state.budget_used[index]), self.token_budget
+        return self._make_view(state.plan, index, token - int(state.chunk_start[index]), layer, layer, token, budget,
+                               unit, self.layer_weight[layer])
 
     def _lockstep_view(self, state: DecodeState) -> LayerView | None:
-        """The batch view as basic slices ``[:, c, l]`` (no gathers) when every episode is at the same
-        layer and chunk offset, as after a joint reset; None otherwise."""
-        layer, offset = state.layer, state.token - state.chunk_start
-        B = layer.shape[0]
-        l, c = int(layer[0]), int(offset[0])
-        if not ((layer == l).all() and (offset == c).all()):
+        """The batch view through basic slices ``[:, c, l]`` when every episode is at the same layer and
+        chunk offset (``state.lockstep``), as after a joint reset; None otherwise."""
+        if not state.lockstep:
             return None
-        plan = state.plan
+        B = state.batch_size
+        l, c = int(state.layer[0]), int(state.token[0] - state.chunk_start[0])
+        constants = self._layer_constants(B, l)  # read-only (B,) arrays: budget, unit, kappa
         if self.budget_mode == "layer":
-            budget = np.full(B, self.layer_budget[l])
-            unit = budget
+            budget = unit = constants[0]
         else:
-            budget = self.token_budget - state.budget_used
-            unit = np.full(B, self.token_budget)
-        energy_scopes = plan.energy_scopes[:, c, l]
+            budget, unit = self.token_budget - state.budget_used, constants[1]
+        view = self._make_view(state.plan, slice(None), c, l, state.layer.copy(), state.token.copy(), budget, unit,
+                               constants[2])
+        if self.budget_mode == "layer":
+            view.uniform = (self.layer_budget_list[l], l, int(state.token[0]))
+        return view
+
+    def _layer_constants(self, batch: int, layer: int) -> tuple:
+        """(eps_l, budget unit, kappa_l) of ``layer`` as read-only (batch,) arrays, made once per (batch, layer)."""
+        key = (batch, layer)
+        if key not in self._constants:
+            unit = self.layer_budget[layer] if self.budget_mode == "layer" else self.token_budget
+            arrays = tuple(np.full(batch, value) for value in (self.layer_budget[layer], unit, self.layer_weight[layer]))
+            for array in arrays:
+                array.flags.writeable = False
+            self._constants[key] = arrays
+        return self._constants[key]
+
+    def _make_view(self, plan: TokenPlan, b, c, l, layer, token, budget, unit, layer_weight) -> LayerView:
+        """The view at batch rows ``b``, chunk offsets ``c`` and layers ``l`` (ints, slices or index arrays)."""
+        lc = l if self.cost_per_layer else 0
+        lf = l if self.config.channel.fading_per_layer else 0
+        g = plan.gating
+        rows = plan.gate_rows[b, c, l]
+        terms = plan.expert_terms[b, c, lc]
+        energy_scopes = terms[..., :3, :]
+        energy = terms[..., self.scope_index, :]
+        topk_idx = np.take(g.topk_idx, rows, axis=0)
+        reference = plan.energy_reference[b, c, l]
+        energy_cost = self._energy_cost(plan.observed_energy_scopes, (b, c, lc), energy, topk_idx, reference)
         return LayerView(
-            layer=layer.copy(), token=state.token.copy(), probs=plan.probs[:, c, l], topk_idx=plan.topk_idx[:, c, l],
-            topk_weight=plan.topk_weight[:, c, l], topk_mask=plan.topk_mask[:, c, l], energy_scopes=energy_scopes,
-            energy=energy_scopes[:, self.scope_index], latency=plan.latency[:, c, l],
-            meets_deadline=plan.meets_deadline[:, c, l], deviation_table=plan.deviation_table[:, c, l],
-            layer_weight=np.full(B, self.layer_weight[l]), budget=budget, budget_unit=unit,
-            topk_energy=plan.topk_energy[:, c, l], energy_reference=plan.energy_reference[:, c, l],
-            channel_gain_db=plan.channel_gain_db[:, c, l if self.config.channel.fading_per_layer else 0],
-            obs_static=plan.obs_static[:, c, l])
+            layer=layer, token=token, topk_idx=topk_idx, expert_terms=terms, energy_scopes=energy_scopes, energy=energy,
+            latency=plan.latency[b, c, lc], meets_deadline=plan.meets_deadline[b, c, lc],
+            deviation_table=np.take(g.deviation_table, rows, axis=0), layer_weight=layer_weight, budget=budget,
+            budget_unit=unit, topk_energy=plan.topk_energy[b, c, l], energy_reference=reference,
+            channel_gain_db=plan.channel_gain_db[b, c, lf], gating=g, gate_rows=rows, energy_cost=energy_cost,
+            obs_latency=plan.obs_latency[b, c, lc], obs_gain=plan.obs_gain[b, c, lf])
+
+    def _plan_topk_energy(self, expert_terms: np.ndarray, topk_idx: np.ndarray):
+        """:meth:`_topk_energy` of a whole plan: expert_terms (n, C, Lc, 5, E), topk_idx (n, C, L, K), by
+        one flat gather (many times cheaper than take_along_axis on broadcast arrays)."""
+        n, C, Lc, S, E = expert_terms.shape
+        L = topk_idx.shape[2]
+        cell = (np.arange(n)[:, None] * C + np.arange(C)) * Lc  # (n, C) first cost cell of each token
+        cell = cell[..., None] + (np.arange(L) if Lc > 1 else 0)  # (n, C, L)
+        flat = (cell * S + self.scope_index) * E
+        topk_energy = np.take(expert_terms, flat[..., None] + topk_idx).sum(axis=-1)
+        if (topk_energy > 0).all():  # the usual case: every Top-K set costs energy
+            return topk_energy, topk_energy.copy()
+        return self._topk_energy(expert_terms[..., self.scope_index, :], topk_idx)
+
+    @staticmethod
+    def _topk_energy(energy: np.ndarray, topk_idx: np.ndarray):
+        """(Top-K energy, reward reference) from energies lead + (E,) (any broadcastable layer axis) and
+        Top-K indices lead + (K,). The reference is the Top-K energy, or the mean expert energy when that is
+        0 (all Top-K experts on the user device)."""
+        energy = np.broadcast_to(energy, topk_idx.shape[:-1] + energy.shape[-1:])
+        topk_energy = np.take_along_axis(energy, topk_idx, axis=-1).sum(axis=-1)
+        reference = np.where(topk_energy > 0, topk_energy, energy.mean(axis=-1))
+        return topk_energy, np.where(reference > 0, reference, 1.0)
+
+    def _energy_cost(self, observed_scopes, where, energy, topk_idx, reference) -> np.ndarray:
+        """The observation's energy entries at plan index ``where``: energy / reference, or, with slotted
+        uplinks (``observed_scopes`` not None), the surrogate energy over the surrogate Top-K energy (the
+        reward's reference stays the spent Top-K energy)."""
+        if observed_scopes is None:
+            return energy / reference[..., None]
+        seen = observed_scopes[where][..., self.scope_index, :]
+        seen = np.broadcast_to(seen, topk_idx.shape[:-1] + seen.shape[-1:])  # a cost axis of 1 spans the layers
+        seen_topk = np.take_along_axis(seen, topk_idx, axis=-1).sum(axis=-1)
+        return seen / np.where(seen_topk > 0, seen_topk, 1.0)[..., None]
 
     def observation(self, view: LayerView) -> np.ndarray:
-        """Flat float32 observation(s) of a view, in layout order."""
+        """Flat float32 observation(s) of a view, in layout order (a fresh array)."""
+        obs = self._static_observation(view.gating, view.gate_rows, view.obs_gain, view.energy_cost, view.obs_latency)
+        if view.uniform is not None:  # scalars: no (B,) arithmetic
+            i = self._budget_index
+            obs[..., i] = 1.0  # budget = unit = eps_l
+            obs[..., i + 1] = view.uniform[1] / self._layer_den
+            obs[..., i + 2] = view.uniform[2] / self._token_den
+            return obs
         fraction = view.budget / view.budget_unit
-        return self.fill_observation(view.obs_static.copy(), fraction if np.ndim(fraction) else float(fraction),
-                                     view.layer, view.token)
+        return self.fill_observation(obs, fraction if np.ndim(fraction) else float(fraction), view.layer, view.token)
+
+    def _static_observation(self, gating: GatingRows, rows, obs_gain, energy_cost, obs_latency) -> np.ndarray:
+        """Observations lead + (D,) without budget and position (a fresh array); lead = rows' shape; the
+        other parts broadcast to lead + (size,)."""
+        obs = np.take(gating.obs_template, rows, axis=0)  # gating entries filled, channel entries zero
+        obs[..., self._obs_gain] = obs_gain
+        np.minimum(energy_cost, MAX_ENERGY_COST, out=obs[..., self._obs_energy], casting="same_kind")
+        obs[..., self._obs_latency] = obs_latency
+        return obs
 
     def fill_observation(self, obs: np.ndarray, budget_fraction, layer, token) -> np.ndarray:
         """Write the step-dependent entries (budget left, position) into static observation(s) ``obs``."""
@@ -433,7 +549,7 @@ class DecodeSimulator:
             obs[i + 1] = layer / self._layer_den
             obs[i + 2] = token / self._token_den
         else:
-            obs[..., i] = np.clip(budget_fraction, 0.0, MAX_DEVIATION)
+            obs[..., i] = np.minimum(np.maximum(budget_fraction, 0.0), MAX_DEVIATION)
             obs[..., i + 1] = layer / self._layer_den
             obs[..., i + 2] = token / self._token_den
         return obs
@@ -441,24 +557,28 @@ class DecodeSimulator:
     def evaluate(self, view: LayerView, executed: np.ndarray) -> dict[str, np.ndarray]:
         """Outcomes of executing ``executed`` (lead + (E,), bool) on ``view``; no state changes.
         Works for a batch or a single episode alike (only elementwise ops and last-axis reductions)."""
-        late_run = executed & ~view.meets_deadline
         effective = executed & view.meets_deadline if self.enforce_deadline else executed
-        # energy is spent by every executed expert, even a late one
-        energy_scopes = np.einsum("...se,...e->...s", view.energy_scopes, executed.astype(view.energy_scopes.dtype))
-        energy = energy_scopes[..., self.scope_index]
+        # energy is spent by every executed expert, even a late one; one product sums energies and counts
+        sums = np.einsum("...se,...e->...s", view.expert_terms, executed.astype(np.float64))
+        energy_scopes = sums[..., :3]
+        energy = sums[..., self.scope_index]
         weighted_dev, server = serve_slots(view.deviation_table, effective)
         n_kept = (server == view.topk_idx).sum(axis=-1)
         n_skipped = (server == self.n_experts).sum(axis=-1)
         latency = (view.latency * executed).max(axis=-1)
-        n_executed = executed.sum(axis=-1)
-        misses = late_run.sum(axis=-1)
+        n_executed = sums[..., 3].astype(np.int64)  # exact: sums of 0/1
+        misses = sums[..., 4].astype(np.int64)
         lost = misses if self.enforce_deadline else np.zeros_like(misses)
-        available = view.budget if self.budget_mode == "layer" else np.maximum(view.budget, 0.0)  # eps_l > 0
+        if view.uniform is not None:  # layer mode, one eps_l for all rows: budget = unit = a Python float
+            available = unit = view.uniform[0]
+        else:
+            unit = view.budget_unit
+            available = view.budget if self.budget_mode == "layer" else np.maximum(view.budget, 0.0)  # eps_l > 0
         excess = np.maximum(weighted_dev - available, 0.0)
-        violated = excess > 1e-9 * view.budget_unit
+        violated = excess > 1e-9 * unit
         rw = self.config.reward
         reward_energy = -energy / view.energy_reference
-        reward_deviation = (-rw.deviation_weight) * violated * (1.0 + excess / view.budget_unit)
+        reward_deviation = (-rw.deviation_weight) * violated * (1.0 + excess / unit)
         reward_deadline = (-rw.deadline_weight) * misses if self.enforce_deadline else np.zeros(np.shape(misses))
         return {
             "reward": reward_energy + reward_deviation + reward_deadline,
@@ -487,16 +607,25 @@ class DecodeSimulator:
     # ---- single-episode fast path ---------------------------------------------------------------
     def plan_lists(self, state: DecodeState, index: int) -> dict:
         """Episode ``index``'s current plan chunk as nested Python lists (built once per chunk), for
-        :meth:`evaluate_one`: on 8-expert layers plain Python beats numpy's per-call overhead ~5x."""
+        :meth:`evaluate_one`: on 8-expert layers plain Python beats numpy's per-call overhead ~5x.
+        Cost lists have the cost layer axis (index ``layer if cost_per_layer else 0``); ``obs_static``
+        is the chunk's (C, L, D) observations without budget and position (an array)."""
         plan = state.plan
+        g = plan.gating
+        rows = plan.gate_rows[index]  # (C, L)
+        topk_idx = np.take(g.topk_idx, rows, axis=0)
+        reference = plan.energy_reference[index]
+        energy_cost = self._energy_cost(plan.observed_energy_scopes, (index,),
+                                        plan.expert_terms[index][:, :, self.scope_index], topk_idx, reference)
         return {
             "energy_scopes": plan.energy_scopes[index].tolist(),
             "latency": plan.latency[index].tolist(),
             "meets": plan.meets_deadline[index].tolist(),
-            "table": plan.deviation_table[index].tolist(),
-            "topk_idx": plan.topk_idx[index].tolist(),
+            "table": np.take(g.deviation_table, rows, axis=0).tolist(),
+            "topk_idx": topk_idx.tolist(),
             "topk_energy": plan.topk_energy[index].tolist(),
-            "reference": plan.energy_reference[index].tolist(),
+            "reference": reference.tolist(),
+            "obs_static": self._static_observation(g, rows, plan.obs_gain[index], energy_cost, plan.obs_latency[index]),
         }
 
     def evaluate_one(self, lists: dict, chunk_token: int, layer: int, executed: list, budget: float,
@@ -504,9 +633,10 @@ class DecodeSimulator:
         """:meth:`evaluate` for one episode on Python lists (same results; tests check the equivalence).
         ``executed`` is a list of E bools/0-1 ints; returns Python numbers."""
         E = self.n_experts
-        scopes = lists["energy_scopes"][chunk_token][layer]
-        latency = lists["latency"][chunk_token][layer]
-        meets = lists["meets"][chunk_token][layer]
+        cost_layer = layer if self.cost_per_layer else 0
+        scopes = lists["energy_scopes"][chunk_token][cost_layer]
+        latency = lists["latency"][chunk_token][cost_layer]
+        meets = lists["meets"][chunk_token][cost_layer]
         up, comm, system = sum(compress(scopes[0], executed)), sum(compress(scopes[1], executed)), sum(compress(scopes[2], executed))
         n_exec = sum(executed)
         longest = max(compress(latency, executed), default=0.0)
@@ -551,44 +681,59 @@ class DecodeSimulator:
     def has_accuracy(self) -> bool:
         return bool(getattr(self.source, "has_effects", False))
 
-    @property
-    def _flat_effects(self) -> dict:
-        """The source's effect tables as 1-D views (built once)."""
-        if not hasattr(self, "_flat_effect_tables"):
-            self._flat_effect_tables = {k: v.reshape(-1) for k, v in self.source.effects.items()}
-        return self._flat_effect_tables
+    def _effect_lookup(self):
+        """Flat (T L K (E+1),) tables for :meth:`record_accuracy`: a uint8 code (bit 0: stays correct, bit 1:
+        keeps the full model's prediction) and the loss change, neutral (3, 0) wherever the slot is served
+        by its own Top-K expert, so a step gathers without masking unperturbed slots. Built once per source."""
+        tables = self.__dict__.get("_effect_tables") or _EFFECT_LOOKUPS.get(self.source)
+        if tables is None:
+            src = self.source
+            effects = src.effects
+            T, L, K, E1 = effects["effect_correct"].shape
+            code = effects["effect_correct"].astype(np.uint8)
+            if "effect_same" in effects:  # without it, only "no perturbation at all" keeps the prediction
+                code |= effects["effect_same"].astype(np.uint8) << 1
+            dloss = (effects["effect_dloss"].astype(np.float64) if "effect_dloss" in effects
+                     else np.zeros(code.shape))
+            own = (*np.indices((T, L, K)), src.topk_idx)  # the slot's own expert: no perturbation
+            code[own] = 3
+            dloss[own] = 0.0
+            tables = _EFFECT_LOOKUPS[src] = (code.reshape(-1), dloss.reshape(-1))
+        self._effect_tables = tables
+        return tables
 
-    def record_accuracy(self, state: DecodeState, server: np.ndarray, topk_idx: np.ndarray) -> dict:
+    def record_accuracy(self, state: DecodeState, server: np.ndarray) -> dict:
         """Fold this layer's serving decisions into each episode's token accuracy (call before advance).
 
-        ``server`` and ``topk_idx`` are (B, K). The effect tables hold single perturbations (one slot of one
-        layer served by another expert or skipped, all else as the full model); a token's outcome is
-        estimated as: prediction unchanged if every perturbation so far left it unchanged (then correct iff
-        the full model is), else correct iff every perturbation left it correct. Exact with at most one
-        perturbation per token; with more it ignores interactions (the live backend measures them).
+        ``server`` is (B, K), the slots' servers (:meth:`evaluate`); a slot served by its own Top-K expert
+        (the source's) is not perturbed. The effect tables hold single perturbations (one slot of one layer
+        served by another expert or skipped, all else as the full model); a token's outcome is estimated
+        as: prediction unchanged if every perturbation so far left it unchanged (then correct iff the full
+        model is), else correct iff every perturbation left it correct. Exact with at most one perturbation
+        per token; with more it ignores interactions (the live backend measures them).
         Returns (B,) arrays: accuracy_correct, accuracy_same, accuracy_full, delta_loss, token_complete."""
-        src = self.source
-        position = state.start + state.token
-        perturbed = server != topk_idx
-        if perturbed.any():
-            K, E1 = server.shape[1], self.n_experts + 1
-            # one flat index into the (T, L, K, E+1) tables instead of four index arrays per table
-            flat = ((position * self.n_layers + state.layer)[:, None] * K + np.arange(K)) * E1 + server
-            tables = self._flat_effects
-            state.perturbed_correct &= np.where(perturbed, tables["effect_correct"][flat], True).all(axis=1)
-            if "effect_same" in tables:
-                state.perturbed_same &= np.where(perturbed, tables["effect_same"][flat], True).all(axis=1)
-            else:  # without the table, only "no perturbation at all" is known to keep the prediction
-                state.perturbed_same &= ~perturbed.any(axis=1)
-            if "effect_dloss" in tables:
-                state.delta_loss += np.where(perturbed, tables["effect_dloss"][flat].astype(np.float64), 0.0).sum(axis=1)
-        full = src.full_correct[position] if src.full_correct is not None else np.ones(len(position), dtype=bool)
+        code, dloss = self._effect_lookup()
+        plan = state.plan
+        if state.lockstep:
+            c, layer = int(state.token[0] - state.chunk_start[0]), int(state.layer[0])
+            flat = plan.effect_rows[:, c, layer] + server
+            full = plan.full_correct[:, c]
+            complete = np.full(state.batch_size, layer == self.n_layers - 1)
+        else:
+            batch, c = np.arange(state.batch_size), state.token - state.chunk_start
+            flat = plan.effect_rows[batch, c, state.layer] + server
+            full = plan.full_correct[batch, c]
+            complete = state.layer == self.n_layers - 1
+        kept = np.bitwise_and.reduce(np.take(code, flat), axis=1)
+        state.perturbed_correct &= (kept & 1).view(bool)
+        state.perturbed_same &= (kept >> 1).view(bool)
+        state.delta_loss += np.take(dloss, flat).sum(axis=1)
         return {
             "accuracy_correct": np.where(state.perturbed_same, full, state.perturbed_correct),
             "accuracy_same": state.perturbed_same.copy(),
-            "accuracy_full": full,
+            "accuracy_full": full.copy(),
             "delta_loss": state.delta_loss.copy(),
-            "token_complete": state.layer == self.n_layers - 1,
+            "token_complete": complete,
         }
 
     def record_accuracy_one(self, state: DecodeState, server: list, topk_idx: list, index: int = 0) -> dict:
@@ -673,12 +818,32 @@ class DecodeSimulator:
         return out, self.advance(rng, state, out["weighted_deviation"]).copy()
 
 
-def _assign_rows(target, source, rows) -> None:
-    """Copy every array field of dataclass ``source`` into rows ``rows`` of ``target``'s fields."""
+def _assign_rows(target: TokenPlan, source: TokenPlan, rows) -> None:
+    """Copy plan ``source`` (len(rows) episodes) into episodes ``rows`` (index array) of plan ``target``."""
     for f in dataclasses.fields(target):
-        if f.name == "observed_energy_scopes" and target.observed_energy_scopes is target.energy_scopes:
-            continue  # an alias of energy_scopes (unslotted uplink): copied with it
+        if f.name in ("gate_rows", "gating", "dense_gating"):
+            continue
+        if getattr(target, f.name) is None:
+            continue  # an optional entry this source or radio does not have
         getattr(target, f.name)[rows] = getattr(source, f.name)
+    if source.dense_gating or target.dense_gating:
+        _densify(target)
+        _densify(source)
+        per_episode = target.gate_rows[0].size  # dense rows are episode-major: (b * C + c) * L + l
+        flat_rows = (np.asarray(rows)[:, None] * per_episode + np.arange(per_episode)).reshape(-1)
+        target.gating.assign(flat_rows, source.gating)
+    else:  # both index the same shared per-position rows
+        target.gate_rows[rows] = source.gate_rows
+
+
+def _densify(plan: TokenPlan) -> None:
+    """Give ``plan`` its own gating rows (episode-major), so they can be written without touching the
+    shared per-position rows."""
+    if plan.dense_gating:
+        return
+    plan.gating = plan.gating.take(plan.gate_rows)
+    plan.gate_rows = np.arange(plan.gate_rows.size).reshape(plan.gate_rows.shape)
+    plan.dense_gating = True
 
 
 @dataclass(frozen=True)
