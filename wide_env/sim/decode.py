@@ -21,7 +21,7 @@ from wide_env.gating.base import GatingSource, TokenGates
 from wide_env.sim.channel import NakagamiFading, draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim import slots
 from wide_env.sim.costs import link_costs
-from wide_env.sim.deviation import serve_slots
+from wide_env.sim.deviation import _row_starts, serve_slots
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import (GAIN_DB_HIGH, GAIN_DB_LOW, MAX_DEVIATION, MAX_ENERGY_COST, MAX_LATENCY_RATIO,
                                       observation_layout, observation_slices)
@@ -214,6 +214,9 @@ class DecodeSimulator:
         # costs differ between layers only with per-layer fading or per-layer host maps
         self.cost_per_layer = bool(ch.fading_per_layer or not self._same_hosts_every_layer)
         self._constants: dict = {}  # see _layer_constants
+        # (2K, 3) and (3,): [kept | skipped] hits -> (n_kept, n_skipped, K - n_kept - n_skipped)
+        self._slot_count_matrix = np.kron(np.array([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]]), np.ones((self.top_k, 1)))
+        self._slot_count_offset = np.array([0.0, 0.0, self.top_k])
         self._layer_den = max(self.n_layers - 1, 1)
         self._token_den = max(self.n_tokens - 1, 1)
         self.layer_budget_list = self.layer_budget.tolist()
@@ -456,11 +459,13 @@ class DecodeSimulator:
         return view
 
     def _layer_constants(self, batch: int, layer: int) -> tuple:
-        """(eps_l, budget unit, kappa_l) of ``layer`` as read-only (batch,) arrays, made once per (batch, layer)."""
+        """(eps_l, budget unit, kappa_l, last layer?) of ``layer`` as read-only (batch,) arrays, made once per
+        (batch, layer)."""
         key = (batch, layer)
         if key not in self._constants:
             unit = self.layer_budget[layer] if self.budget_mode == "layer" else self.token_budget
-            arrays = tuple(np.full(batch, value) for value in (self.layer_budget[layer], unit, self.layer_weight[layer]))
+            arrays = tuple(np.full(batch, value) for value in (self.layer_budget[layer], unit, self.layer_weight[layer],
+                                                               layer == self.n_layers - 1))
             for array in arrays:
                 array.flags.writeable = False
             self._constants[key] = arrays
@@ -559,15 +564,17 @@ class DecodeSimulator:
         Works for a batch or a single episode alike (only elementwise ops and last-axis reductions)."""
         effective = executed & view.meets_deadline if self.enforce_deadline else executed
         # energy is spent by every executed expert, even a late one; one product sums energies and counts
-        sums = np.einsum("...se,...e->...s", view.expert_terms, executed.astype(np.float64))
+        sums = np.matmul(view.expert_terms, executed.astype(np.float64)[..., None])[..., 0]  # (.., 5): faster than einsum
         energy_scopes = sums[..., :3]
         energy = sums[..., self.scope_index]
         weighted_dev, server = serve_slots(view.deviation_table, effective)
-        n_kept = (server == view.topk_idx).sum(axis=-1)
-        n_skipped = (server == self.n_experts).sum(axis=-1)
-        latency = (view.latency * executed).max(axis=-1)
-        n_executed = sums[..., 3].astype(np.int64)  # exact: sums of 0/1
-        misses = sums[..., 4].astype(np.int64)
+        # kept and skipped slots counted by one product (numpy's sums over a short last axis are slow)
+        hits = np.concatenate([server == view.topk_idx, server == self.n_experts], axis=-1).astype(np.float64)
+        counts = (hits @ self._slot_count_matrix + self._slot_count_offset).astype(np.int64)
+        n_kept, n_skipped, n_replaced = counts[..., 0], counts[..., 1], counts[..., 2]
+        latency = _last_axis_max(view.latency * executed)
+        tallies = sums[..., 3:].astype(np.int64)  # exact: sums of 0/1
+        n_executed, misses = tallies[..., 0], tallies[..., 1]
         lost = misses if self.enforce_deadline else np.zeros_like(misses)
         if view.uniform is not None:  # layer mode, one eps_l for all rows: budget = unit = a Python float
             available = unit = view.uniform[0]
@@ -599,7 +606,7 @@ class DecodeSimulator:
             "n_executed": n_executed,
             "n_lost": lost,
             "n_kept": n_kept,
-            "n_replaced": self.top_k - n_kept - n_skipped,
+            "n_replaced": n_replaced,
             "n_skipped": n_skipped,
             "server": server,
         }
@@ -718,7 +725,7 @@ class DecodeSimulator:
             c, layer = int(state.token[0] - state.chunk_start[0]), int(state.layer[0])
             flat = plan.effect_rows[:, c, layer] + server
             full = plan.full_correct[:, c]
-            complete = np.full(state.batch_size, layer == self.n_layers - 1)
+            complete = self._layer_constants(state.batch_size, layer)[3]
         else:
             batch, c = np.arange(state.batch_size), state.token - state.chunk_start
             flat = plan.effect_rows[batch, c, state.layer] + server
@@ -727,7 +734,7 @@ class DecodeSimulator:
         kept = np.bitwise_and.reduce(np.take(code, flat), axis=1)
         state.perturbed_correct &= (kept & 1).view(bool)
         state.perturbed_same &= (kept >> 1).view(bool)
-        state.delta_loss += np.take(dloss, flat).sum(axis=1)
+        state.delta_loss += np.take(dloss, flat) @ np.ones(flat.shape[1])  # a product: short sums are slow
         return {
             "accuracy_correct": np.where(state.perturbed_same, full, state.perturbed_correct),
             "accuracy_same": state.perturbed_same.copy(),
@@ -816,6 +823,15 @@ class DecodeSimulator:
         Returns (outcomes, truncated)."""
         out = self.evaluate(self.view(state), executed)
         return out, self.advance(rng, state, out["weighted_deviation"]).copy()
+
+
+def _last_axis_max(values: np.ndarray):
+    """values.max(axis=-1) through argmax and a flat take (numpy's max over a short last axis is slow)."""
+    if values.ndim == 1:
+        return values.max()
+    rows = values.reshape(-1, values.shape[-1])
+    flat = _row_starts(rows.shape[0], rows.shape[1]) + rows.argmax(axis=-1)
+    return np.take(rows, flat).reshape(values.shape[:-1])
 
 
 def _assign_rows(target: TokenPlan, source: TokenPlan, rows) -> None:

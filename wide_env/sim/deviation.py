@@ -28,12 +28,28 @@ def serve_slots(table: np.ndarray, executed: np.ndarray):
     Returns (deviation lead, server lead + (K,)) with server = expert index, or E for skip. Ties prefer
     the lowest index, so an executed Top-K expert (cost 0) is reported as kept, never as skipped.
     """
-    allowed = np.concatenate([executed, np.ones(executed.shape[:-1] + (1,), dtype=bool)], axis=-1)
-    masked = np.where(allowed[..., None, :], table, np.inf)
+    n_experts = executed.shape[-1]
+    # +inf on experts not executed, 0 on executed ones and on skip: adding it masks the table (cheaper
+    # than a broadcast np.where); allowed entries keep their exact values, so ties resolve as before
+    penalty = np.zeros(executed.shape[:-1] + (n_experts + 1,))
+    penalty[..., :n_experts] = np.take(_NOT_EXECUTED_PENALTY, executed.view(np.uint8))
+    masked = table + penalty[..., None, :]
     server = masked.argmin(axis=-1)
-    # gather the minima through the argmin (a flat take is several times cheaper than a second reduction)
+    # gather the minima through the argmin (a flat take is several times cheaper than a second reduction),
+    # and add the K slots with a product (numpy's reductions over a short last axis are slow)
     cost = np.take(masked, _row_starts(server.size, masked.shape[-1]) + server.reshape(-1)).reshape(server.shape)
-    return cost.sum(axis=-1), server
+    return cost @ _ones(server.shape[-1]), server
+
+
+_NOT_EXECUTED_PENALTY = np.array([np.inf, 0.0])  # indexed by executed (0/1)
+_NOT_EXECUTED_PENALTY.flags.writeable = False
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(n: int) -> np.ndarray:
+    ones = np.ones(n)
+    ones.flags.writeable = False
+    return ones
 
 
 @functools.lru_cache(maxsize=16)
