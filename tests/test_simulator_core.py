@@ -102,7 +102,7 @@ def test_fading_per_layer_changes_channel_within_a_token():
 def test_mobility_moves_helpers_within_annulus():
     env = WideMoEEnv({"placement": {"mobility": True}, "channel": {"token_interval_s": 5.0}})
     env.reset(seed=0)
-    track = env._state.plan.helper_positions[0]  # (tokens, N, 2)
+    track = env._state.plan.helper_positions[..., 0]  # (tokens, N, 2)
     moved = np.linalg.norm(track[6] - track[0], axis=-1)
     assert (moved > 0).all() and (moved <= 6 * 5.0 * 1.5 + 1e-9).all()  # at most speed_max * time
     r = np.linalg.norm(track, axis=-1)

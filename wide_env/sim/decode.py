@@ -21,7 +21,7 @@ from wide_env.gating.base import GatingSource, TokenGates
 from wide_env.sim.channel import NakagamiFading, draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim import slots
 from wide_env.sim.costs import link_costs
-from wide_env.sim.deviation import _row_starts, serve_slots
+from wide_env.sim.deviation import serve_slots_batch_last
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import (GAIN_DB_HIGH, GAIN_DB_LOW, MAX_DEVIATION, MAX_ENERGY_COST, MAX_LATENCY_RATIO,
                                       observation_layout, observation_slices)
@@ -41,34 +41,38 @@ PLAN_LAYER_STEPS = 32768
 @dataclass
 class TokenPlan:
     """The next C tokens of every episode, computed in one batched call.
-    Axes (B, C, ...): batch, token within the chunk; then the layer axis: L for gating, Lc for costs
-    (1 when every layer sees the same channel and host map, else L), Lf for the channel (1, or L with
-    per-layer fading). E experts, N helpers. Gating lives in ``gating`` rows indexed by ``gate_rows``."""
 
-    gate_rows: np.ndarray  # (B, C, L) int64: rows of ``gating``
+    Every array has the token-in-chunk axis C first and the batch axis B LAST, so the step of all
+    episodes at (c, l) is one contiguous block ``x[c, l]`` with the batch on the fast axis (reductions
+    over experts and slots then vectorise over the batch). After C comes the layer axis: L for gating,
+    Lc for costs (1 when every layer sees the same channel and host map, else L), Lf for the channel (1,
+    or L with per-layer fading). E experts, K Top-K, N helpers. Gating lives in ``gating`` rows indexed
+    by ``gate_rows``."""
+
+    gate_rows: np.ndarray  # (C, L, B) int64: rows of ``gating``
     gating: GatingRows  # per-position rows shared by every plan on the source, or this plan's own
     dense_gating: bool  # True: ``gating`` is this plan's own, row (b * C + c) * L + l
-    # (B, C, Lc, 5, E) per expert call: energy (J) in the uplink / comm / system scopes, 1, and 1 if it
+    # (C, Lc, 5, E, B) per expert call: energy (J) in the uplink / comm / system scopes, 1, and 1 if it
     # misses the deadline; one product with the executed mask sums what a step reports
     expert_terms: np.ndarray
-    observed_energy_scopes: np.ndarray | None  # (B, C, Lc, 3, E) what the observation shows (slotted uplink), else None
-    latency: np.ndarray  # (B, C, Lc, E) s
-    meets_deadline: np.ndarray  # (B, C, Lc, E) bool
-    topk_energy: np.ndarray  # (B, C, L) objective-scope energy of the Top-K set, J
-    energy_reference: np.ndarray  # (B, C, L) the reward's energy denominator (Top-K energy, see _topk_energy)
-    obs_latency: np.ndarray  # (B, C, Lc, E) float32 latency / deadline, clipped (observation entry)
-    channel_gain_db: np.ndarray  # (B, C, Lf, N)
-    obs_gain: np.ndarray  # (B, C, Lf, N) float32, clipped (observation entry)
-    # sources with effect tables: flat index of slot k's row in the (T, L, K, E+1) tables, (B, C, L, K), and
-    # whether the full model predicts the token correctly, (B, C); None otherwise
+    observed_energy_scopes: np.ndarray | None  # (C, Lc, 3, E, B) what the observation shows (slotted uplink), else None
+    latency: np.ndarray  # (C, Lc, E, B) s
+    meets_deadline: np.ndarray  # (C, Lc, E, B) bool
+    topk_energy: np.ndarray  # (C, L, B) objective-scope energy of the Top-K set, J
+    energy_reference: np.ndarray  # (C, L, B) the reward's energy denominator (Top-K energy, see _topk_energy)
+    obs_latency: np.ndarray  # (C, Lc, E, B) float32 latency / deadline, clipped (observation entry)
+    channel_gain_db: np.ndarray  # (C, Lf, N, B)
+    obs_gain: np.ndarray  # (C, Lf, N, B) float32, clipped (observation entry)
+    # sources with effect tables: flat index of slot k's row in the (T, L, K, E+1) tables, (C, L, K, B), and
+    # whether the full model predicts the token correctly, (C, B); None otherwise
     effect_rows: np.ndarray | None
     full_correct: np.ndarray | None
-    helper_positions: np.ndarray  # (B, C, N, 2) m, where the helpers are at each token
+    helper_positions: np.ndarray  # (C, N, 2, B) m, where the helpers are at each token
 
     @property
     def energy_scopes(self) -> np.ndarray:
-        """(B, C, Lc, 3, E) J per expert call: uplink / comm / system scope."""
-        return self.expert_terms[..., :3, :]
+        """(C, Lc, 3, E, B) J per expert call: uplink / comm / system scope."""
+        return self.expert_terms[:, :, :3]
 
 
 @dataclass
@@ -102,7 +106,7 @@ class DecodeState:
 
     @property
     def chunk_tokens(self) -> int:
-        return self.plan.gate_rows.shape[1]
+        return self.plan.gate_rows.shape[0]
 
 
 @dataclass
@@ -197,6 +201,7 @@ class DecodeSimulator:
         # Mismatch rows pre-multiplied by kappa_l so tables are directly in budget units.
         self.weighted_mismatch = source.mismatch * self.layer_weight[:, None, None]
         self._same_hosts_every_layer = bool((self.hosts == self.hosts[0]).all())
+        self._identity_hosts = self._same_hosts_every_layer and self.hosts[0].tolist() == list(range(1, self.n_nodes + 1))
         self.layout = observation_layout(self.n_experts, self.top_k, self.n_nodes)
         self.obs_slices = observation_slices(self.layout)
         self.obs_size = sum(size for size, _, _ in self.layout.values())
@@ -214,9 +219,6 @@ class DecodeSimulator:
         # costs differ between layers only with per-layer fading or per-layer host maps
         self.cost_per_layer = bool(ch.fading_per_layer or not self._same_hosts_every_layer)
         self._constants: dict = {}  # see _layer_constants
-        # (2K, 3) and (3,): [kept | skipped] hits -> (n_kept, n_skipped, K - n_kept - n_skipped)
-        self._slot_count_matrix = np.kron(np.array([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]]), np.ones((self.top_k, 1)))
-        self._slot_count_offset = np.array([0.0, 0.0, self.top_k])
         self._layer_den = max(self.n_layers - 1, 1)
         self._token_den = max(self.n_tokens - 1, 1)
         self.layer_budget_list = self.layer_budget.tolist()
@@ -311,6 +313,7 @@ class DecodeSimulator:
             plan.effect_rows = (cells[..., None] * K + np.arange(K)) * E1
             full = self.source.full_correct
             plan.full_correct = full[positions] if full is not None else np.ones(positions.shape, dtype=bool)
+        _to_batch_last(plan)
         return plan
 
     def _plan_gating(self, rng: np.random.Generator, positions: np.ndarray):
@@ -329,7 +332,8 @@ class DecodeSimulator:
 
     def _plan(self, rng: np.random.Generator, channel_gain: np.ndarray, gate_rows, gating, dense: bool, positions,
               path_gains: np.ndarray) -> TokenPlan:
-        """Costs of the planned tokens. channel_gain, path_gains (n, C, Lf, N); positions (n, C, N, 2)."""
+        """Costs of the planned tokens, batch axis FIRST (``_plan_chunk`` moves it last). channel_gain,
+        path_gains (n, C, Lf, N); positions (n, C, N, 2)."""
         comp, radio = self.config.compute, self.config.radio
         n, C, Lf, N = channel_gain.shape
         queue = rng.exponential(comp.queue_delay_mean_s, size=channel_gain.shape) if comp.queue_delay_mean_s > 0 else 0.0
@@ -388,6 +392,8 @@ class DecodeSimulator:
         """Node-indexed values (n, C, Lf, ..., N+1) -> expert-indexed (n, C, Lc, ..., E) through the host map
         (Lc = Lf when every layer has the same host map, else L)."""
         if not self.cost_per_layer or self._same_hosts_every_layer:
+            if self._identity_hosts:  # expert e on helper e + 1 (one-to-one): a view, no gather
+                return node_values[..., 1:]
             return np.take(node_values, self.hosts[0], axis=-1)
         n, C, Lf = node_values.shape[:3]
         out = np.empty((n, C, self.n_layers) + node_values.shape[3:-1] + (self.n_experts,))
@@ -406,11 +412,11 @@ class DecodeSimulator:
                                 np.asarray(probs, dtype=plan.gating.probs.dtype).reshape(1, -1),
                                 np.asarray(topk_idx, dtype=np.int64).reshape(1, -1),
                                 np.asarray(topk_weight, dtype=np.float64).reshape(1, -1))
-        plan.gating.assign(plan.gate_rows[index, c, layer:layer + 1], row)
+        plan.gating.assign(plan.gate_rows[c, layer, index:index + 1], row)
         cost_layer = layer if self.cost_per_layer else 0
-        energy = plan.expert_terms[index, c, cost_layer, self.scope_index]
+        energy = plan.expert_terms[c, cost_layer, self.scope_index, :, index]
         topk_energy, reference = self._topk_energy(energy, row.topk_idx[0])
-        plan.topk_energy[index, c, layer], plan.energy_reference[index, c, layer] = topk_energy, reference
+        plan.topk_energy[c, layer, index], plan.energy_reference[c, layer, index] = topk_energy, reference
         state.chunk_id += 1  # cached copies of the plan are stale
 
     # ---- the current layer -----------------------------------------------------------------------
@@ -472,37 +478,47 @@ class DecodeSimulator:
         return self._constants[key]
 
     def _make_view(self, plan: TokenPlan, b, c, l, layer, token, budget, unit, layer_weight) -> LayerView:
-        """The view at batch rows ``b``, chunk offsets ``c`` and layers ``l`` (ints, slices or index arrays)."""
+        """The view at batch rows ``b``, chunk offsets ``c`` and layers ``l``: ``b`` = slice(None) with int
+        ``c`` and ``l`` (lockstep: contiguous plan blocks, shown batch-first by transposed views), an int
+        (one episode), or index arrays (each episode at its own place)."""
         lc = l if self.cost_per_layer else 0
         lf = l if self.config.channel.fading_per_layer else 0
+        if isinstance(b, slice):
+            def pick(x, layer_index):
+                return _lead_first(x[c, layer_index])
+        else:
+            def pick(x, layer_index):
+                return x[c, layer_index, ..., b]
         g = plan.gating
-        rows = plan.gate_rows[b, c, l]
-        terms = plan.expert_terms[b, c, lc]
-        energy_scopes = terms[..., :3, :]
+        rows = pick(plan.gate_rows, l)
+        terms = pick(plan.expert_terms, lc)
         energy = terms[..., self.scope_index, :]
         topk_idx = np.take(g.topk_idx, rows, axis=0)
-        reference = plan.energy_reference[b, c, l]
-        energy_cost = self._energy_cost(plan.observed_energy_scopes, (b, c, lc), energy, topk_idx, reference)
+        reference = pick(plan.energy_reference, l)
+        if plan.observed_energy_scopes is None:
+            energy_cost = energy / reference[..., None]
+        else:
+            energy_cost = self._surrogate_energy_cost(pick(plan.observed_energy_scopes, lc), topk_idx)
         return LayerView(
-            layer=layer, token=token, topk_idx=topk_idx, expert_terms=terms, energy_scopes=energy_scopes, energy=energy,
-            latency=plan.latency[b, c, lc], meets_deadline=plan.meets_deadline[b, c, lc],
+            layer=layer, token=token, topk_idx=topk_idx, expert_terms=terms, energy_scopes=terms[..., :3, :],
+            energy=energy, latency=pick(plan.latency, lc), meets_deadline=pick(plan.meets_deadline, lc),
             deviation_table=np.take(g.deviation_table, rows, axis=0), layer_weight=layer_weight, budget=budget,
-            budget_unit=unit, topk_energy=plan.topk_energy[b, c, l], energy_reference=reference,
-            channel_gain_db=plan.channel_gain_db[b, c, lf], gating=g, gate_rows=rows, energy_cost=energy_cost,
-            obs_latency=plan.obs_latency[b, c, lc], obs_gain=plan.obs_gain[b, c, lf])
+            budget_unit=unit, topk_energy=pick(plan.topk_energy, l), energy_reference=reference,
+            channel_gain_db=pick(plan.channel_gain_db, lf), gating=g, gate_rows=rows, energy_cost=energy_cost,
+            obs_latency=pick(plan.obs_latency, lc), obs_gain=pick(plan.obs_gain, lf))
 
     def _plan_topk_energy(self, expert_terms: np.ndarray, topk_idx: np.ndarray):
         """:meth:`_topk_energy` of a whole plan: expert_terms (n, C, Lc, 5, E), topk_idx (n, C, L, K), by
         one flat gather (many times cheaper than take_along_axis on broadcast arrays)."""
-        n, C, Lc, S, E = expert_terms.shape
+        energy = np.ascontiguousarray(expert_terms[..., self.scope_index, :])  # (n, C, Lc, E): flat-indexable
+        n, C, Lc, E = energy.shape
         L = topk_idx.shape[2]
         cell = (np.arange(n)[:, None] * C + np.arange(C)) * Lc  # (n, C) first cost cell of each token
         cell = cell[..., None] + (np.arange(L) if Lc > 1 else 0)  # (n, C, L)
-        flat = (cell * S + self.scope_index) * E
-        topk_energy = np.take(expert_terms, flat[..., None] + topk_idx).sum(axis=-1)
+        topk_energy = np.take(energy, (cell * E)[..., None] + topk_idx) @ np.ones(topk_idx.shape[-1])
         if (topk_energy > 0).all():  # the usual case: every Top-K set costs energy
             return topk_energy, topk_energy.copy()
-        return self._topk_energy(expert_terms[..., self.scope_index, :], topk_idx)
+        return self._topk_energy(energy, topk_idx)
 
     @staticmethod
     def _topk_energy(energy: np.ndarray, topk_idx: np.ndarray):
@@ -514,14 +530,12 @@ class DecodeSimulator:
         reference = np.where(topk_energy > 0, topk_energy, energy.mean(axis=-1))
         return topk_energy, np.where(reference > 0, reference, 1.0)
 
-    def _energy_cost(self, observed_scopes, where, energy, topk_idx, reference) -> np.ndarray:
-        """The observation's energy entries at plan index ``where``: energy / reference, or, with slotted
-        uplinks (``observed_scopes`` not None), the surrogate energy over the surrogate Top-K energy (the
-        reward's reference stays the spent Top-K energy)."""
-        if observed_scopes is None:
-            return energy / reference[..., None]
-        seen = observed_scopes[where][..., self.scope_index, :]
-        seen = np.broadcast_to(seen, topk_idx.shape[:-1] + seen.shape[-1:])  # a cost axis of 1 spans the layers
+    def _surrogate_energy_cost(self, observed_scopes: np.ndarray, topk_idx: np.ndarray) -> np.ndarray:
+        """The observation's energy entries with slotted uplinks: the surrogate energy over the surrogate
+        Top-K energy (the reward's reference stays the spent Top-K energy). observed_scopes lead + (3, E)
+        (a layer axis of 1 spans the layers), topk_idx lead + (K,)."""
+        seen = observed_scopes[..., self.scope_index, :]
+        seen = np.broadcast_to(seen, topk_idx.shape[:-1] + seen.shape[-1:])
         seen_topk = np.take_along_axis(seen, topk_idx, axis=-1).sum(axis=-1)
         return seen / np.where(seen_topk > 0, seen_topk, 1.0)[..., None]
 
@@ -561,20 +575,26 @@ class DecodeSimulator:
 
     def evaluate(self, view: LayerView, executed: np.ndarray) -> dict[str, np.ndarray]:
         """Outcomes of executing ``executed`` (lead + (E,), bool) on ``view``; no state changes.
-        Works for a batch or a single episode alike (only elementwise ops and last-axis reductions)."""
-        effective = executed & view.meets_deadline if self.enforce_deadline else executed
-        # energy is spent by every executed expert, even a late one; one product sums energies and counts
-        sums = np.matmul(view.expert_terms, executed.astype(np.float64)[..., None])[..., 0]  # (.., 5): faster than einsum
-        energy_scopes = sums[..., :3]
-        energy = sums[..., self.scope_index]
-        weighted_dev, server = serve_slots(view.deviation_table, effective)
-        # kept and skipped slots counted by one product (numpy's sums over a short last axis are slow)
-        hits = np.concatenate([server == view.topk_idx, server == self.n_experts], axis=-1).astype(np.float64)
-        counts = (hits @ self._slot_count_matrix + self._slot_count_offset).astype(np.int64)
-        n_kept, n_skipped, n_replaced = counts[..., 0], counts[..., 1], counts[..., 2]
-        latency = _last_axis_max(view.latency * executed)
-        tallies = sums[..., 3:].astype(np.int64)  # exact: sums of 0/1
-        n_executed, misses = tallies[..., 0], tallies[..., 1]
+        Works for a batch (lead (B,)) or a single episode (lead ()). Computed with the batch on the last
+        axis, so reductions over experts and slots vectorise over the batch (lockstep views are then
+        contiguous blocks of the plan)."""
+        single = np.ndim(executed) == 1
+        to_batch_last = _one_batch_last if single else _batch_last
+        terms = to_batch_last(view.expert_terms)  # (5, E, B)
+        executed = to_batch_last(executed)  # (E, B) bool
+        effective = executed & to_batch_last(view.meets_deadline) if self.enforce_deadline else executed
+        executed_f = executed.astype(np.float64)
+        # energy is spent by every executed expert, even a late one; summing the expert terms gives the
+        # three energy scopes, the executed count and the deadline misses (experts summed in order)
+        sums = (terms * executed_f).sum(axis=1)  # (5, B)
+        energy_scopes = sums[:3]
+        energy = sums[self.scope_index]
+        weighted_dev, server = serve_slots_batch_last(to_batch_last(view.deviation_table), effective)
+        n_kept = (server == to_batch_last(view.topk_idx)).sum(axis=0)
+        n_skipped = (server == self.n_experts).sum(axis=0)
+        latency = (to_batch_last(view.latency) * executed_f).max(axis=0)
+        tallies = sums[3:].astype(np.int64)  # exact: sums of 0/1
+        n_executed, misses = tallies[0], tallies[1]
         lost = misses if self.enforce_deadline else np.zeros_like(misses)
         if view.uniform is not None:  # layer mode, one eps_l for all rows: budget = unit = a Python float
             available = unit = view.uniform[0]
@@ -587,16 +607,16 @@ class DecodeSimulator:
         reward_energy = -energy / view.energy_reference
         reward_deviation = (-rw.deviation_weight) * violated * (1.0 + excess / unit)
         reward_deadline = (-rw.deadline_weight) * misses if self.enforce_deadline else np.zeros(np.shape(misses))
-        return {
+        out = {
             "reward": reward_energy + reward_deviation + reward_deadline,
             "reward_energy": reward_energy,
             "reward_deviation": reward_deviation,
             "reward_deadline": reward_deadline,
             "energy_j": energy,
             "topk_energy_j": view.topk_energy,
-            "energy_uplink_j": energy_scopes[..., 0],
-            "energy_comm_j": energy_scopes[..., 1],
-            "energy_system_j": energy_scopes[..., 2],
+            "energy_uplink_j": energy_scopes[0],
+            "energy_comm_j": energy_scopes[1],
+            "energy_system_j": energy_scopes[2],
             "deviation": weighted_dev / view.layer_weight,
             "weighted_deviation": weighted_dev,
             "deviation_budget": view.budget,
@@ -606,10 +626,13 @@ class DecodeSimulator:
             "n_executed": n_executed,
             "n_lost": lost,
             "n_kept": n_kept,
-            "n_replaced": n_replaced,
+            "n_replaced": self.top_k - n_kept - n_skipped,
             "n_skipped": n_skipped,
-            "server": server,
+            "server": server.T,  # (B, K)
         }
+        if single:  # back to one episode's scalars
+            out = {key: value[0] if np.ndim(value) else value for key, value in out.items()}
+        return out
 
     # ---- single-episode fast path ---------------------------------------------------------------
     def plan_lists(self, state: DecodeState, index: int) -> dict:
@@ -619,20 +642,23 @@ class DecodeSimulator:
         is the chunk's (C, L, D) observations without budget and position (an array)."""
         plan = state.plan
         g = plan.gating
-        rows = plan.gate_rows[index]  # (C, L)
+        rows = plan.gate_rows[..., index]  # (C, L)
         topk_idx = np.take(g.topk_idx, rows, axis=0)
-        reference = plan.energy_reference[index]
-        energy_cost = self._energy_cost(plan.observed_energy_scopes, (index,),
-                                        plan.expert_terms[index][:, :, self.scope_index], topk_idx, reference)
+        reference = plan.energy_reference[..., index]
+        if plan.observed_energy_scopes is None:
+            energy_cost = plan.expert_terms[:, :, self.scope_index, :, index] / reference[..., None]
+        else:
+            energy_cost = self._surrogate_energy_cost(plan.observed_energy_scopes[..., index], topk_idx)
         return {
-            "energy_scopes": plan.energy_scopes[index].tolist(),
-            "latency": plan.latency[index].tolist(),
-            "meets": plan.meets_deadline[index].tolist(),
+            "energy_scopes": plan.energy_scopes[..., index].tolist(),
+            "latency": plan.latency[..., index].tolist(),
+            "meets": plan.meets_deadline[..., index].tolist(),
             "table": np.take(g.deviation_table, rows, axis=0).tolist(),
             "topk_idx": topk_idx.tolist(),
-            "topk_energy": plan.topk_energy[index].tolist(),
+            "topk_energy": plan.topk_energy[..., index].tolist(),
             "reference": reference.tolist(),
-            "obs_static": self._static_observation(g, rows, plan.obs_gain[index], energy_cost, plan.obs_latency[index]),
+            "obs_static": self._static_observation(g, rows, plan.obs_gain[..., index], energy_cost,
+                                                   plan.obs_latency[..., index]),
         }
 
     def evaluate_one(self, lists: dict, chunk_token: int, layer: int, executed: list, budget: float,
@@ -723,18 +749,19 @@ class DecodeSimulator:
         plan = state.plan
         if state.lockstep:
             c, layer = int(state.token[0] - state.chunk_start[0]), int(state.layer[0])
-            flat = plan.effect_rows[:, c, layer] + server
-            full = plan.full_correct[:, c]
+            flat = plan.effect_rows[c, layer] + server.T  # (K, B)
+            full = plan.full_correct[c]
             complete = self._layer_constants(state.batch_size, layer)[3]
         else:
-            batch, c = np.arange(state.batch_size), state.token - state.chunk_start
-            flat = plan.effect_rows[batch, c, state.layer] + server
-            full = plan.full_correct[batch, c]
+            c = state.token - state.chunk_start
+            flat = (plan.effect_rows[c, state.layer, :, np.arange(state.batch_size)] + server).T
+            full = plan.full_correct[c, np.arange(state.batch_size)]
             complete = state.layer == self.n_layers - 1
-        kept = np.bitwise_and.reduce(np.take(code, flat), axis=1)
+        # slots on the leading axis: the AND and the sum over slots vectorise over the batch
+        kept = np.bitwise_and.reduce(np.take(code, flat), axis=0)
         state.perturbed_correct &= (kept & 1).view(bool)
         state.perturbed_same &= (kept >> 1).view(bool)
-        state.delta_loss += np.take(dloss, flat) @ np.ones(flat.shape[1])  # a product: short sums are slow
+        state.delta_loss += np.take(dloss, flat).sum(axis=0)
         return {
             "accuracy_correct": np.where(state.perturbed_same, full, state.perturbed_correct),
             "accuracy_same": state.perturbed_same.copy(),
@@ -825,15 +852,6 @@ class DecodeSimulator:
         return out, self.advance(rng, state, out["weighted_deviation"]).copy()
 
 
-def _last_axis_max(values: np.ndarray):
-    """values.max(axis=-1) through argmax and a flat take (numpy's max over a short last axis is slow)."""
-    if values.ndim == 1:
-        return values.max()
-    rows = values.reshape(-1, values.shape[-1])
-    flat = _row_starts(rows.shape[0], rows.shape[1]) + rows.argmax(axis=-1)
-    return np.take(rows, flat).reshape(values.shape[:-1])
-
-
 def _assign_rows(target: TokenPlan, source: TokenPlan, rows) -> None:
     """Copy plan ``source`` (len(rows) episodes) into episodes ``rows`` (index array) of plan ``target``."""
     for f in dataclasses.fields(target):
@@ -841,15 +859,15 @@ def _assign_rows(target: TokenPlan, source: TokenPlan, rows) -> None:
             continue
         if getattr(target, f.name) is None:
             continue  # an optional entry this source or radio does not have
-        getattr(target, f.name)[rows] = getattr(source, f.name)
+        getattr(target, f.name)[..., rows] = getattr(source, f.name)  # the batch axis is last
     if source.dense_gating or target.dense_gating:
         _densify(target)
         _densify(source)
-        per_episode = target.gate_rows[0].size  # dense rows are episode-major: (b * C + c) * L + l
+        per_episode = target.gate_rows[..., 0].size  # dense rows are episode-major: (b * C + c) * L + l
         flat_rows = (np.asarray(rows)[:, None] * per_episode + np.arange(per_episode)).reshape(-1)
         target.gating.assign(flat_rows, source.gating)
     else:  # both index the same shared per-position rows
-        target.gate_rows[rows] = source.gate_rows
+        target.gate_rows[..., rows] = source.gate_rows
 
 
 def _densify(plan: TokenPlan) -> None:
@@ -857,9 +875,33 @@ def _densify(plan: TokenPlan) -> None:
     shared per-position rows."""
     if plan.dense_gating:
         return
-    plan.gating = plan.gating.take(plan.gate_rows)
-    plan.gate_rows = np.arange(plan.gate_rows.size).reshape(plan.gate_rows.shape)
+    C, L, n = plan.gate_rows.shape
+    plan.gating = plan.gating.take(plan.gate_rows.transpose(2, 0, 1))  # episode-major order
+    plan.gate_rows = np.ascontiguousarray(np.arange(n * C * L).reshape(n, C, L).transpose(1, 2, 0))
     plan.dense_gating = True
+
+
+def _to_batch_last(plan: TokenPlan) -> None:
+    """Move the batch axis of every plan array from first to last (contiguous copies)."""
+    for f in dataclasses.fields(plan):
+        value = getattr(plan, f.name)
+        if isinstance(value, np.ndarray):
+            setattr(plan, f.name, np.ascontiguousarray(np.moveaxis(value, 0, -1)))
+
+
+def _batch_last(x: np.ndarray) -> np.ndarray:
+    """lead (B,) + shape -> shape + (B,) (a view)."""
+    return x.transpose(tuple(range(1, x.ndim)) + (0,))
+
+
+def _lead_first(x: np.ndarray) -> np.ndarray:
+    """shape + (B,) -> (B,) + shape (a view): the inverse of :func:`_batch_last`."""
+    return x.transpose((x.ndim - 1,) + tuple(range(x.ndim - 1)))
+
+
+def _one_batch_last(x) -> np.ndarray:
+    """One episode's array -> a batch of one on the last axis (a view)."""
+    return np.asarray(x)[..., None]
 
 
 @dataclass(frozen=True)

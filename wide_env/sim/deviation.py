@@ -8,8 +8,6 @@ Functions take any leading axes (a batch, or none for one episode).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 
@@ -28,36 +26,29 @@ def serve_slots(table: np.ndarray, executed: np.ndarray):
     Returns (deviation lead, server lead + (K,)) with server = expert index, or E for skip. Ties prefer
     the lowest index, so an executed Top-K expert (cost 0) is reported as kept, never as skipped.
     """
-    n_experts = executed.shape[-1]
-    # +inf on experts not executed, 0 on executed ones and on skip: adding it masks the table (cheaper
-    # than a broadcast np.where); allowed entries keep their exact values, so ties resolve as before
-    penalty = np.zeros(executed.shape[:-1] + (n_experts + 1,))
-    penalty[..., :n_experts] = np.take(_NOT_EXECUTED_PENALTY, executed.view(np.uint8))
-    masked = table + penalty[..., None, :]
-    server = masked.argmin(axis=-1)
-    # gather the minima through the argmin (a flat take is several times cheaper than a second reduction),
-    # and add the K slots with a product (numpy's reductions over a short last axis are slow)
-    cost = np.take(masked, _row_starts(server.size, masked.shape[-1]) + server.reshape(-1)).reshape(server.shape)
-    return cost @ _ones(server.shape[-1]), server
+    executed = np.asarray(executed, dtype=bool)
+    lead, (K, width) = executed.shape[:-1], table.shape[-2:]
+    flat_table = np.broadcast_to(table, lead + (K, width)).reshape((-1, K, width))
+    cost, server = serve_slots_batch_last(flat_table.transpose(1, 2, 0), executed.reshape(-1, width - 1).T)
+    return cost.reshape(lead), server.T.reshape(lead + (K,))
+
+
+def serve_slots_batch_last(table: np.ndarray, executed: np.ndarray):
+    """:func:`serve_slots` with the batch on the LAST axis: table (K, E+1, B), executed (E, B) bool.
+    Returns (deviation (B,), server (K, B)). Reductions over experts and slots then run along a leading
+    axis, which numpy vectorises over the batch (a short last axis costs a loop per row)."""
+    n_experts = executed.shape[0]
+    # +inf on experts not executed, 0 on executed ones and on skip: adding it masks the table; allowed
+    # entries keep their exact values, so the minimum and the first index reaching it are unchanged
+    penalty = np.zeros((n_experts + 1,) + executed.shape[1:])
+    penalty[:n_experts] = np.take(_NOT_EXECUTED_PENALTY, executed.view(np.uint8))
+    masked = table + penalty
+    server = masked.argmin(axis=1)
+    return masked.min(axis=1).sum(axis=0), server  # slots summed in order, as the single-episode path does
 
 
 _NOT_EXECUTED_PENALTY = np.array([np.inf, 0.0])  # indexed by executed (0/1)
 _NOT_EXECUTED_PENALTY.flags.writeable = False
-
-
-@functools.lru_cache(maxsize=16)
-def _ones(n: int) -> np.ndarray:
-    ones = np.ones(n)
-    ones.flags.writeable = False
-    return ones
-
-
-@functools.lru_cache(maxsize=16)
-def _row_starts(rows: int, width: int) -> np.ndarray:
-    """Flat offsets of the rows of a (rows, width) array (read-only, cached: a step reuses them)."""
-    starts = np.arange(rows) * width
-    starts.flags.writeable = False
-    return starts
 
 
 def deviation_bound(table: np.ndarray, executed: np.ndarray) -> np.ndarray:
