@@ -58,17 +58,19 @@ def link_costs(gain, *, bits: float, bandwidth_hz: float, noise_psd_w_hz: float,
     gain = np.asarray(gain, dtype=np.float64)
     rate_dl = shannon_rate(helper_power_w, gain, bandwidth_hz, noise_psd_w_hz)
     t_dl = bits / rate_dl
-    rate_ul_max = shannon_rate(user_max_power_w, gain, bandwidth_hz, noise_psd_w_hz)
-    t_ul_max_power = bits / rate_ul_max
     if uplink_model == "inversion":
         window = deadline_s - compute_time_s - t_dl
         power = inversion_power(bits, window, gain, bandwidth_hz, noise_psd_w_hz)
         feasible = power <= user_max_power_w
-        p_ul = np.where(feasible, power, user_max_power_w)
-        t_ul = np.where(feasible, window, t_ul_max_power)
+        p_ul, t_ul = power, window  # both shaped like gain
+        if not feasible.all():  # usually a few links: the p_max rate only where it is needed
+            infeasible = ~feasible
+            p_ul = np.where(feasible, power, user_max_power_w)
+            t_ul = window.copy()
+            t_ul[infeasible] = bits / shannon_rate(user_max_power_w, gain[infeasible], bandwidth_hz, noise_psd_w_hz)
     elif uplink_model == "fixed":
         p_ul = np.full_like(gain, user_max_power_w)
-        t_ul = t_ul_max_power
+        t_ul = bits / shannon_rate(user_max_power_w, gain, bandwidth_hz, noise_psd_w_hz)
     else:
         raise ValueError(f"unknown uplink_model {uplink_model!r}; choose 'inversion' or 'fixed'")
     load = float(load_time_s)

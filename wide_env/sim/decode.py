@@ -585,8 +585,8 @@ class DecodeSimulator:
         effective = executed & to_batch_last(view.meets_deadline) if self.enforce_deadline else executed
         executed_f = executed.astype(np.float64)
         # energy is spent by every executed expert, even a late one; summing the expert terms gives the
-        # three energy scopes, the executed count and the deadline misses (experts summed in order)
-        sums = (terms * executed_f).sum(axis=1)  # (5, B)
+        # three energy scopes, the executed count and the deadline misses
+        sums = np.einsum("seb,eb->sb", terms, executed_f)  # (5, B)
         energy_scopes = sums[:3]
         energy = sums[self.scope_index]
         weighted_dev, server = serve_slots_batch_last(to_batch_last(view.deviation_table), effective)
@@ -885,8 +885,12 @@ def _to_batch_last(plan: TokenPlan) -> None:
     """Move the batch axis of every plan array from first to last (contiguous copies)."""
     for f in dataclasses.fields(plan):
         value = getattr(plan, f.name)
-        if isinstance(value, np.ndarray):
-            setattr(plan, f.name, np.ascontiguousarray(np.moveaxis(value, 0, -1)))
+        if not isinstance(value, np.ndarray):
+            continue
+        if value.shape[0] == 1:  # one episode: the same memory order, no copy
+            setattr(plan, f.name, value.reshape(value.shape[1:] + (1,)))
+        else:
+            setattr(plan, f.name, np.ascontiguousarray(_batch_last(value)))
 
 
 def _batch_last(x: np.ndarray) -> np.ndarray:

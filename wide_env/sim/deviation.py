@@ -41,14 +41,10 @@ def serve_slots_batch_last(table: np.ndarray, executed: np.ndarray):
     # +inf on experts not executed, 0 on executed ones and on skip: adding it masks the table; allowed
     # entries keep their exact values, so the minimum and the first index reaching it are unchanged
     penalty = np.zeros((n_experts + 1,) + executed.shape[1:])
-    penalty[:n_experts] = np.take(_NOT_EXECUTED_PENALTY, executed.view(np.uint8))
-    masked = table + penalty
+    penalty[:n_experts] = np.where(executed, 0.0, np.inf)
+    masked = np.add(table, penalty, order="C")  # C order whatever the table's: the reductions below want it
     server = masked.argmin(axis=1)
     return masked.min(axis=1).sum(axis=0), server  # slots summed in order, as the single-episode path does
-
-
-_NOT_EXECUTED_PENALTY = np.array([np.inf, 0.0])  # indexed by executed (0/1)
-_NOT_EXECUTED_PENALTY.flags.writeable = False
 
 
 def deviation_bound(table: np.ndarray, executed: np.ndarray) -> np.ndarray:
