@@ -23,6 +23,18 @@ def test_nakagami_gain_has_unit_mean_and_inverse_mean(m):
         assert abs(np.mean(1.0 / h) - m / (m - 1)) / (m / (m - 1)) < 0.05
 
 
+@pytest.mark.parametrize("m", [1.0, 2.0, 3.0])
+def test_uncorrelated_gain_follows_the_gamma_law(m):
+    """Without correlation, integer m draws the gain as a sum of exponentials: compare its whole
+    distribution with numpy's Gamma(m, 1/m) sampler (two-sample Kolmogorov-Smirnov distance)."""
+    rng = np.random.default_rng(5)
+    ours = np.sort(NakagamiFading(m, 0.0).init(rng, (200_000,))[:, 0])
+    reference = np.sort(rng.gamma(m, 1.0 / m, size=200_000))
+    grid = np.quantile(reference, np.linspace(0.001, 0.999, 999))
+    ks = np.abs(np.searchsorted(ours, grid) - np.searchsorted(reference, grid)).max() / 200_000
+    assert ks < 0.01  # the 1% critical value at these sizes is about 0.005
+
+
 @pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
 def test_ar1_lag1_correlation_matches_rho(rho):
     rng = np.random.default_rng(1)

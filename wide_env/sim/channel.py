@@ -35,6 +35,9 @@ class NakagamiFading:
         # law matters, so it is drawn directly from Gamma(m, 1/m) (one draw per link, not 2m).
         correlated = 0.0 < self.rho < 1.0
         self.n_components = int(round(twice_m)) if float(twice_m).is_integer() and correlated else 0
+        # Gamma(m, 1/m) for integer m is a sum of m unit exponentials over m: the same law, drawn about
+        # twice as fast as numpy's gamma sampler (m = 2 is the paper's)
+        self._exponentials = int(self.m) if self.m.is_integer() and self.m <= 8 else 0
         if self.n_components == 0 and self.rho not in (0.0, 1.0):
             raise ValueError("correlated Nakagami fading needs m to be a multiple of 0.5")
 
@@ -42,7 +45,7 @@ class NakagamiFading:
         """Initial fading state: Gaussian components (shape + (2m,)) or the gains themselves (shape + (1,))."""
         if self.n_components:
             return rng.standard_normal(shape + (self.n_components,))
-        return rng.gamma(self.m, 1.0 / self.m, size=shape + (1,))
+        return self._gamma(rng, shape + (1,))
 
     def advance(self, rng: np.random.Generator, state: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
         """Next fading state; ``where`` (broadcastable to the link shape) limits the update to some rows."""
@@ -52,7 +55,7 @@ class NakagamiFading:
             fresh = rng.standard_normal(state.shape)
             new = self.rho * state + np.sqrt(1.0 - self.rho * self.rho) * fresh if self.rho > 0.0 else fresh
         else:
-            new = rng.gamma(self.m, 1.0 / self.m, size=state.shape)
+            new = self._gamma(rng, state.shape)
         if where is None:
             return new
         return np.where(np.asarray(where)[..., None], new, state)
@@ -66,7 +69,7 @@ class NakagamiFading:
         if self.rho == 1.0:
             states = np.broadcast_to(state, (steps,) + state.shape)
         elif not self.n_components:  # i.i.d. Gamma draws (rho = 0)
-            states = rng.gamma(self.m, 1.0 / self.m, size=(steps,) + state.shape)
+            states = self._gamma(rng, (steps,) + state.shape)
         else:
             fresh = rng.standard_normal((steps,) + state.shape)
             if self.rho == 0.0:
@@ -78,6 +81,12 @@ class NakagamiFading:
                 states = np.tensordot(weights, fresh, axes=(1, 0))
                 states += (self.rho ** t).reshape((steps,) + (1,) * state.ndim) * state
         return states, states[-1]
+
+    def _gamma(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Gamma(m, 1/m) draws (mean 1) of shape ``shape``."""
+        if self._exponentials:
+            return rng.standard_exponential((self._exponentials,) + shape).sum(axis=0) / self.m
+        return rng.gamma(self.m, 1.0 / self.m, size=shape)
 
     def gain(self, state: np.ndarray) -> np.ndarray:
         """Small-scale power gain h (mean 1) for each link."""
