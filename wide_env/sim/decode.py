@@ -42,9 +42,9 @@ PLAN_LAYER_STEPS = 32768
 class TokenPlan:
     """The next C tokens of every episode, computed in one batched call.
 
-    Every array has the token-in-chunk axis C first and the batch axis B LAST, so the step of all
-    episodes at (c, l) is one contiguous block ``x[c, l]`` with the batch on the fast axis (reductions
-    over experts and slots then vectorise over the batch). After C comes the layer axis: L for gating,
+    Every array has the token-in-chunk axis C first and the batch axis B last (``obs_*`` entries: second
+    to last), so the step of all episodes at (c, l) is one contiguous block ``x[c, l]`` with the batch
+    on the fast axis (reductions over experts and slots then vectorise over the batch). After C comes the layer axis: L for gating,
     Lc for costs (1 when every layer sees the same channel and host map, else L), Lf for the channel (1,
     or L with per-layer fading). E experts, K Top-K, N helpers. Gating lives in ``gating`` rows indexed
     by ``gate_rows``."""
@@ -60,9 +60,12 @@ class TokenPlan:
     meets_deadline: np.ndarray  # (C, Lc, E, B) bool
     topk_energy: np.ndarray  # (C, L, B) objective-scope energy of the Top-K set, J
     energy_reference: np.ndarray  # (C, L, B) the reward's energy denominator (Top-K energy, see _topk_energy)
-    obs_latency: np.ndarray  # (C, Lc, E, B) float32 latency / deadline, clipped (observation entry)
     channel_gain_db: np.ndarray  # (C, Lf, N, B)
-    obs_gain: np.ndarray  # (C, Lf, N, B) float32, clipped (observation entry)
+    # observation entries, float32 and clipped, with the batch axis SECOND to last so a step's block
+    # (B, size) is contiguous in the observation's own order
+    obs_gain: np.ndarray  # (C, Lf, B, N) channel gain, dB
+    obs_energy: np.ndarray  # (C, L, B, E) energy / Top-K energy (surrogate energies with slotted uplinks)
+    obs_latency: np.ndarray  # (C, Lc, B, E) latency / deadline
     # sources with effect tables: flat index of slot k's row in the (T, L, K, E+1) tables, (C, L, K, B), and
     # whether the full model predicts the token correctly, (C, B); None otherwise
     effect_rows: np.ndarray | None
@@ -132,9 +135,9 @@ class LayerView:
     # observation parts (see DecodeSimulator.observation)
     gating: GatingRows  # the plan's gating rows
     gate_rows: np.ndarray  # lead, rows of ``gating``
-    energy_cost: np.ndarray  # lead + (E,) observed energy / observed Top-K energy
-    obs_latency: np.ndarray  # lead + (E,) float32
     obs_gain: np.ndarray  # lead + (N,) float32
+    obs_energy: np.ndarray  # lead + (E,) float32, observed energy / observed Top-K energy
+    obs_latency: np.ndarray  # lead + (E,) float32
     # (budget unit, layer, token) as Python numbers when every row shares them (lockstep batches in layer
     # mode): lets evaluate and the observation use scalars instead of (B,) arrays
     uniform: tuple | None = None
@@ -363,13 +366,19 @@ class DecodeSimulator:
         expert_terms = self._expert_energy(uplink, costs, local_time, late)
         gain_db = linear_to_db(channel_gain)
         observed = None if expected_uplink is None else self._expert_energy(expected_uplink, costs, local_time)
-        topk_energy, reference = self._plan_topk_energy(expert_terms, np.take(gating.topk_idx, gate_rows, axis=0))
+        topk_idx = np.take(gating.topk_idx, gate_rows, axis=0)
+        topk_energy, reference = self._plan_topk_energy(expert_terms, topk_idx)
+        if observed is None:
+            energy_cost = expert_terms[..., self.scope_index, :] / reference[..., None]
+        else:
+            energy_cost = self._surrogate_energy_cost(observed, topk_idx)
         return TokenPlan(
             gate_rows=gate_rows, gating=gating, dense_gating=dense, expert_terms=expert_terms,
             observed_energy_scopes=observed, latency=latency, meets_deadline=expert_terms[..., 4, :] == 0.0,
-            topk_energy=topk_energy, energy_reference=reference,
+            topk_energy=topk_energy, energy_reference=reference, channel_gain_db=gain_db,
+            obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32),
+            obs_energy=np.minimum(energy_cost, MAX_ENERGY_COST).astype(np.float32),
             obs_latency=np.minimum(latency / self.deadline, MAX_LATENCY_RATIO).astype(np.float32),
-            channel_gain_db=gain_db, obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32),
             effect_rows=None, full_correct=None, helper_positions=positions)
 
     def _expert_energy(self, uplink, costs, local_time, late=None) -> np.ndarray:
@@ -417,6 +426,12 @@ class DecodeSimulator:
         energy = plan.expert_terms[c, cost_layer, self.scope_index, :, index]
         topk_energy, reference = self._topk_energy(energy, row.topk_idx[0])
         plan.topk_energy[c, layer, index], plan.energy_reference[c, layer, index] = topk_energy, reference
+        if plan.observed_energy_scopes is None:
+            energy_cost = energy / reference
+        else:
+            energy_cost = self._surrogate_energy_cost(plan.observed_energy_scopes[c, cost_layer, ..., index],
+                                                      row.topk_idx[0])
+        plan.obs_energy[c, layer, index] = np.minimum(energy_cost, MAX_ENERGY_COST)
         state.chunk_id += 1  # cached copies of the plan are stale
 
     # ---- the current layer -----------------------------------------------------------------------
@@ -486,26 +501,29 @@ class DecodeSimulator:
         if isinstance(b, slice):
             def pick(x, layer_index):
                 return _lead_first(x[c, layer_index])
+
+            def pick_obs(x, layer_index):  # batch axis already first in the block
+                return x[c, layer_index]
         else:
             def pick(x, layer_index):
                 return x[c, layer_index, ..., b]
+
+            def pick_obs(x, layer_index):
+                return x[c, layer_index, b]
         g = plan.gating
         rows = pick(plan.gate_rows, l)
         terms = pick(plan.expert_terms, lc)
         energy = terms[..., self.scope_index, :]
         topk_idx = np.take(g.topk_idx, rows, axis=0)
         reference = pick(plan.energy_reference, l)
-        if plan.observed_energy_scopes is None:
-            energy_cost = energy / reference[..., None]
-        else:
-            energy_cost = self._surrogate_energy_cost(pick(plan.observed_energy_scopes, lc), topk_idx)
         return LayerView(
             layer=layer, token=token, topk_idx=topk_idx, expert_terms=terms, energy_scopes=terms[..., :3, :],
             energy=energy, latency=pick(plan.latency, lc), meets_deadline=pick(plan.meets_deadline, lc),
             deviation_table=np.take(g.deviation_table, rows, axis=0), layer_weight=layer_weight, budget=budget,
             budget_unit=unit, topk_energy=pick(plan.topk_energy, l), energy_reference=reference,
-            channel_gain_db=pick(plan.channel_gain_db, lf), gating=g, gate_rows=rows, energy_cost=energy_cost,
-            obs_latency=pick(plan.obs_latency, lc), obs_gain=pick(plan.obs_gain, lf))
+            channel_gain_db=pick(plan.channel_gain_db, lf), gating=g, gate_rows=rows,
+            obs_gain=pick_obs(plan.obs_gain, lf), obs_energy=pick_obs(plan.obs_energy, l),
+            obs_latency=pick_obs(plan.obs_latency, lc))
 
     def _plan_topk_energy(self, expert_terms: np.ndarray, topk_idx: np.ndarray):
         """:meth:`_topk_energy` of a whole plan: expert_terms (n, C, Lc, 5, E), topk_idx (n, C, L, K), by
@@ -541,7 +559,7 @@ class DecodeSimulator:
 
     def observation(self, view: LayerView) -> np.ndarray:
         """Flat float32 observation(s) of a view, in layout order (a fresh array)."""
-        obs = self._static_observation(view.gating, view.gate_rows, view.obs_gain, view.energy_cost, view.obs_latency)
+        obs = self._static_observation(view.gating, view.gate_rows, view.obs_gain, view.obs_energy, view.obs_latency)
         if view.uniform is not None:  # scalars: no (B,) arithmetic
             i = self._budget_index
             obs[..., i] = 1.0  # budget = unit = eps_l
@@ -551,12 +569,12 @@ class DecodeSimulator:
         fraction = view.budget / view.budget_unit
         return self.fill_observation(obs, fraction if np.ndim(fraction) else float(fraction), view.layer, view.token)
 
-    def _static_observation(self, gating: GatingRows, rows, obs_gain, energy_cost, obs_latency) -> np.ndarray:
+    def _static_observation(self, gating: GatingRows, rows, obs_gain, obs_energy, obs_latency) -> np.ndarray:
         """Observations lead + (D,) without budget and position (a fresh array); lead = rows' shape; the
         other parts broadcast to lead + (size,)."""
         obs = np.take(gating.obs_template, rows, axis=0)  # gating entries filled, channel entries zero
         obs[..., self._obs_gain] = obs_gain
-        np.minimum(energy_cost, MAX_ENERGY_COST, out=obs[..., self._obs_energy], casting="same_kind")
+        obs[..., self._obs_energy] = obs_energy
         obs[..., self._obs_latency] = obs_latency
         return obs
 
@@ -581,7 +599,7 @@ class DecodeSimulator:
         single = np.ndim(executed) == 1
         to_batch_last = _one_batch_last if single else _batch_last
         terms = to_batch_last(view.expert_terms)  # (5, E, B)
-        executed = to_batch_last(executed)  # (E, B) bool
+        executed = np.ascontiguousarray(to_batch_last(executed))  # (E, B) bool; contiguous: it is used 4 times
         effective = executed & to_batch_last(view.meets_deadline) if self.enforce_deadline else executed
         executed_f = executed.astype(np.float64)
         # energy is spent by every executed expert, even a late one; summing the expert terms gives the
@@ -645,10 +663,6 @@ class DecodeSimulator:
         rows = plan.gate_rows[..., index]  # (C, L)
         topk_idx = np.take(g.topk_idx, rows, axis=0)
         reference = plan.energy_reference[..., index]
-        if plan.observed_energy_scopes is None:
-            energy_cost = plan.expert_terms[:, :, self.scope_index, :, index] / reference[..., None]
-        else:
-            energy_cost = self._surrogate_energy_cost(plan.observed_energy_scopes[..., index], topk_idx)
         return {
             "energy_scopes": plan.energy_scopes[..., index].tolist(),
             "latency": plan.latency[..., index].tolist(),
@@ -657,8 +671,8 @@ class DecodeSimulator:
             "topk_idx": topk_idx.tolist(),
             "topk_energy": plan.topk_energy[..., index].tolist(),
             "reference": reference.tolist(),
-            "obs_static": self._static_observation(g, rows, plan.obs_gain[..., index], energy_cost,
-                                                   plan.obs_latency[..., index]),
+            "obs_static": self._static_observation(g, rows, plan.obs_gain[..., index, :],
+                                                   plan.obs_energy[..., index, :], plan.obs_latency[..., index, :]),
         }
 
     def evaluate_one(self, lists: dict, chunk_token: int, layer: int, executed: list, budget: float,
@@ -859,7 +873,10 @@ def _assign_rows(target: TokenPlan, source: TokenPlan, rows) -> None:
             continue
         if getattr(target, f.name) is None:
             continue  # an optional entry this source or radio does not have
-        getattr(target, f.name)[..., rows] = getattr(source, f.name)  # the batch axis is last
+        if f.name.startswith("obs_"):  # the batch axis is second to last
+            getattr(target, f.name)[..., rows, :] = getattr(source, f.name)
+        else:  # the batch axis is last
+            getattr(target, f.name)[..., rows] = getattr(source, f.name)
     if source.dense_gating or target.dense_gating:
         _densify(target)
         _densify(source)
@@ -882,15 +899,18 @@ def _densify(plan: TokenPlan) -> None:
 
 
 def _to_batch_last(plan: TokenPlan) -> None:
-    """Move the batch axis of every plan array from first to last (contiguous copies)."""
+    """Move the batch axis of every plan array from first to last (``obs_*`` entries: second to last),
+    as contiguous copies."""
     for f in dataclasses.fields(plan):
         value = getattr(plan, f.name)
         if not isinstance(value, np.ndarray):
             continue
+        to = value.ndim - 2 if f.name.startswith("obs_") else value.ndim - 1
+        shape = value.shape[1:to + 1] + (value.shape[0],) + value.shape[to + 1:]
         if value.shape[0] == 1:  # one episode: the same memory order, no copy
-            setattr(plan, f.name, value.reshape(value.shape[1:] + (1,)))
+            setattr(plan, f.name, value.reshape(shape))
         else:
-            setattr(plan, f.name, np.ascontiguousarray(_batch_last(value)))
+            setattr(plan, f.name, np.ascontiguousarray(np.moveaxis(value, 0, to)))
 
 
 def _batch_last(x: np.ndarray) -> np.ndarray:
