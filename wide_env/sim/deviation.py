@@ -38,11 +38,10 @@ def serve_slots_batch_last(table: np.ndarray, executed: np.ndarray):
     Returns (deviation (B,), server (K, B)). Reductions over experts and slots then run along a leading
     axis, which numpy vectorises over the batch (a short last axis costs a loop per row)."""
     n_experts = executed.shape[0]
-    # +inf on experts not executed, 0 on executed ones and on skip: adding it masks the table; allowed
-    # entries keep their exact values, so the minimum and the first index reaching it are unchanged
-    penalty = np.zeros((n_experts + 1,) + executed.shape[1:])
-    penalty[:n_experts] = np.where(executed, 0.0, np.inf)
-    masked = np.add(table, penalty, order="C")  # C order whatever the table's: the reductions below want it
+    allowed = np.empty((n_experts + 1,) + executed.shape[1:], dtype=bool)
+    allowed[:n_experts] = executed
+    allowed[n_experts] = True  # skipping is always possible
+    masked = np.where(allowed, table, np.inf)  # C order whatever the table's layout: the reductions want it
     server = masked.argmin(axis=1)
     return masked.min(axis=1).sum(axis=0), server  # slots summed in order, as the single-episode path does
 
