@@ -194,6 +194,7 @@ class WideMoEEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._state = self.sim.reset(self.np_random, 1)
+        self._start = int(self._state.start[0])  # trace position of token 0
         self._lists_chunk = -1
         self._last = None
         if self._live is not None:
@@ -215,20 +216,21 @@ class WideMoEEnv(gym.Env):
         budget, unit = self._budget(layer)
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed}
-        out = sim.evaluate_one(lists, chunk_token, layer, executed, budget, unit)
-        info = {key: out[key] for key in INFO_KEYS}
+        info = sim.evaluate_one(lists, chunk_token, layer, executed, budget, unit)  # INFO_KEYS, reward, server
+        reward, server = info.pop("reward"), info.pop("server")
         info["layer"] = layer
         info["token"] = token
         if self._has_accuracy:
-            info.update(sim.record_accuracy_one(state, out["server"], lists["topk_idx"][chunk_token][layer]))
+            info.update(sim.record_accuracy_one(state, server, lists["topk_idx"][chunk_token][layer],
+                                                position=self._start + token, layer=layer))
         if self._live is not None:
-            self._live.execute(state, executed, out["server"], info)
-        truncated = bool(sim.advance(self.np_random, state, out["weighted_deviation"])[0])
+            self._live.execute(state, executed, server, info)
+        truncated = bool(sim.advance_one(self.np_random, state, info["weighted_deviation"])[0])
         if self._live is not None and not truncated:
             self._live.next_layer(self.sim, state)
         if self._last is not None:
             self._last["info"] = info
-        return self._observation(), out["reward"], False, truncated, info
+        return self._observation(), reward, False, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2E,) bool, pairs [may be 0, may be 1] per expert."""

@@ -225,6 +225,7 @@ class DecodeSimulator:
         self._layer_den = max(self.n_layers - 1, 1)
         self._token_den = max(self.n_tokens - 1, 1)
         self.layer_budget_list = self.layer_budget.tolist()
+        self.layer_weight_list = [float(w) for w in self.layer_weight]
 
     def _check_trace_consistency(self) -> None:
         b = self.config.budget
@@ -302,14 +303,17 @@ class DecodeSimulator:
             if fresh:
                 states = np.concatenate([fading[None], states], axis=0)
             fading = last if len(states) else fading
-            gains = path_g[:, None] * np.moveaxis(self.fading_model.gain(states), 0, 1)  # (n, epochs, N)
-            path_gains = np.broadcast_to(path_g[:, None], gains.shape)
+            gains = path_g[:, None] * self.fading_model.gain(states).transpose(1, 0, 2)  # (n, epochs, N)
+            path_gains = None  # built only for slotted uplinks (below)
         state.fading[sel] = fading
         tokens = np.minimum(state.chunk_start[sel][:, None] + np.arange(chunk), self.n_tokens - 1)  # (n, C)
         positions = state.start[sel][:, None] + tokens  # (n, C) trace positions
         gate_rows, gating, dense = self._plan_gating(rng, positions)
         shape = (n, chunk, epochs_per_token, self.n_nodes)
-        plan = self._plan(rng, gains.reshape(shape), gate_rows, gating, dense, where, path_gains.reshape(shape))
+        if path_gains is None and self.config.radio.uplink_slots > 1:
+            path_gains = np.broadcast_to(path_g[:, None], gains.shape)
+        plan = self._plan(rng, gains.reshape(shape), gate_rows, gating, dense, where,
+                          None if path_gains is None else path_gains.reshape(shape))
         if self.has_accuracy:
             K, E1 = self.top_k, self.n_experts + 1
             cells = positions[..., None] * self.n_layers + np.arange(self.n_layers)  # (n, C, L)
@@ -336,7 +340,7 @@ class DecodeSimulator:
     def _plan(self, rng: np.random.Generator, channel_gain: np.ndarray, gate_rows, gating, dense: bool, positions,
               path_gains: np.ndarray) -> TokenPlan:
         """Costs of the planned tokens, batch axis FIRST (``_plan_chunk`` moves it last). channel_gain,
-        path_gains (n, C, Lf, N); positions (n, C, N, 2)."""
+        path_gains (n, C, Lf, N) (only needed with slotted uplinks); positions (n, C, N, 2)."""
         comp, radio = self.config.compute, self.config.radio
         n, C, Lf, N = channel_gain.shape
         queue = rng.exponential(comp.queue_delay_mean_s, size=channel_gain.shape) if comp.queue_delay_mean_s > 0 else 0.0
@@ -712,15 +716,17 @@ class DecodeSimulator:
         reward_deviation = -rw.deviation_weight * (1.0 + excess / budget_unit) if violated else -0.0
         reward_deadline = -rw.deadline_weight * misses if self.enforce_deadline else 0.0
         lost = misses if self.enforce_deadline else 0
+        # the env's info keys in the env's order (INFO_KEYS), then reward and server: the env pops those two
+        # and hands the rest out as its info without copying
         return {
-            "reward": reward_energy + reward_deviation + reward_deadline,
-            "reward_energy": reward_energy, "reward_deviation": reward_deviation, "reward_deadline": reward_deadline,
             "energy_j": energy, "topk_energy_j": lists["topk_energy"][chunk_token][layer],
             "energy_uplink_j": up, "energy_comm_j": comm, "energy_system_j": system,
-            "deviation": weighted_dev / float(self.layer_weight[layer]), "weighted_deviation": weighted_dev,
+            "deviation": weighted_dev / self.layer_weight_list[layer], "weighted_deviation": weighted_dev,
             "deviation_budget": budget, "budget_violated": int(violated), "latency_s": longest,
             "deadline_misses": misses, "n_executed": n_exec, "n_lost": lost, "n_kept": n_kept,
-            "n_replaced": self.top_k - n_kept - n_skipped, "n_skipped": n_skipped, "server": server,
+            "n_replaced": self.top_k - n_kept - n_skipped, "n_skipped": n_skipped,
+            "reward_energy": reward_energy, "reward_deviation": reward_deviation, "reward_deadline": reward_deadline,
+            "reward": reward_energy + reward_deviation + reward_deadline, "server": server,
         }
 
     # ---- real accuracy (effect tables) -----------------------------------------------------------
@@ -784,11 +790,14 @@ class DecodeSimulator:
             "token_complete": complete,
         }
 
-    def record_accuracy_one(self, state: DecodeState, server: list, topk_idx: list, index: int = 0) -> dict:
-        """:meth:`record_accuracy` for one episode on Python values (same results; tests check it)."""
+    def record_accuracy_one(self, state: DecodeState, server: list, topk_idx: list, index: int = 0,
+                            position: int | None = None, layer: int | None = None) -> dict:
+        """:meth:`record_accuracy` for one episode on Python values (same results; tests check it).
+        ``position`` (trace position) and ``layer``, when the caller knows them, save reading the state."""
         src = self.source
-        position = int(state.start[index] + state.token[index])
-        layer = int(state.layer[index])
+        if position is None:
+            position = int(state.start[index] + state.token[index])
+            layer = int(state.layer[index])
         effects = src.effects
         same, correct, dloss = bool(state.perturbed_same[index]), bool(state.perturbed_correct[index]), 0.0
         for k, (j, own) in enumerate(zip(server, topk_idx)):
@@ -808,7 +817,7 @@ class DecodeSimulator:
     def advance(self, rng: np.random.Generator, state: DecodeState, weighted_deviation) -> np.ndarray:
         """Move every episode past its current layer; returns the (B,) truncation flags (not a copy)."""
         if state.batch_size == 1 and not state.done[0]:
-            return self._advance_single(rng, state, float(np.asarray(weighted_deviation).reshape(-1)[0]))
+            return self.advance_one(rng, state, float(np.asarray(weighted_deviation).reshape(-1)[0]))
         if self.budget_mode == "token":
             state.budget_used += weighted_deviation
         layer = state.layer + 1
@@ -836,8 +845,9 @@ class DecodeSimulator:
             state.chunk_id += 1
         return state.done
 
-    def _advance_single(self, rng: np.random.Generator, state: DecodeState, weighted_deviation: float) -> np.ndarray:
-        """:meth:`advance` for a batch of one on Python ints (same semantics, a fraction of the overhead)."""
+    def advance_one(self, rng: np.random.Generator, state: DecodeState, weighted_deviation: float) -> np.ndarray:
+        """:meth:`advance` for a batch of one whose episode is not over, on Python numbers (same semantics,
+        a fraction of the overhead)."""
         if self.budget_mode == "token":
             state.budget_used[0] += weighted_deviation
         layer = int(state.layer[0]) + 1
@@ -901,16 +911,19 @@ def _densify(plan: TokenPlan) -> None:
 def _to_batch_last(plan: TokenPlan) -> None:
     """Move the batch axis of every plan array from first to last (``obs_*`` entries: second to last),
     as contiguous copies."""
-    for f in dataclasses.fields(plan):
-        value = getattr(plan, f.name)
-        if not isinstance(value, np.ndarray):
+    for name in _PLAN_ARRAYS:
+        value = getattr(plan, name)
+        if value is None:
             continue
-        to = value.ndim - 2 if f.name.startswith("obs_") else value.ndim - 1
+        to = value.ndim - 2 if name.startswith("obs_") else value.ndim - 1
         shape = value.shape[1:to + 1] + (value.shape[0],) + value.shape[to + 1:]
         if value.shape[0] == 1:  # one episode: the same memory order, no copy
-            setattr(plan, f.name, value.reshape(shape))
+            setattr(plan, name, value.reshape(shape))
         else:
-            setattr(plan, f.name, np.ascontiguousarray(np.moveaxis(value, 0, to)))
+            setattr(plan, name, np.ascontiguousarray(np.moveaxis(value, 0, to)))
+
+
+_PLAN_ARRAYS = tuple(f.name for f in dataclasses.fields(TokenPlan) if f.name not in ("gating", "dense_gating"))
 
 
 def _batch_last(x: np.ndarray) -> np.ndarray:
