@@ -2,9 +2,12 @@
 
 One step is one MoE layer of one generated token. :class:`DecodeSimulator` holds everything static
 (config, gating source, host map, physical constants); :class:`DecodeState` holds the per-episode
-arrays with a leading batch axis B. The single env, the vector env and fast evaluators all drive the
-same three calls: :meth:`DecodeSimulator.reset`, :meth:`DecodeSimulator.view` (what a policy may see
-at the current layer) and :meth:`DecodeSimulator.step` (apply masks, return outcomes, advance).
+arrays with a leading batch axis B, and a :class:`TokenPlan` of the next tokens (batch axis last, see
+there). The single env, the vector env and fast evaluators all drive the same calls:
+:meth:`DecodeSimulator.reset`, :meth:`DecodeSimulator.view` (what a policy may see at the current
+layer), :meth:`DecodeSimulator.evaluate` (outcomes of expert masks) and :meth:`DecodeSimulator.advance`
+(:meth:`DecodeSimulator.step` does both); the single env uses their one-episode forms
+(:meth:`plan_lists`, :meth:`evaluate_one`, :meth:`record_accuracy_one`, :meth:`advance_one`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wide_env.config import WideConfig
-from wide_env.gating.base import GatingSource, TokenGates
+from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import NakagamiFading, draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim import slots
 from wide_env.sim.costs import link_costs
@@ -211,12 +214,9 @@ class DecodeSimulator:
         # budget_remaining and position are the last three entries of the flat layout
         self._budget_index = self.obs_slices["budget_remaining"].start
         assert self.obs_slices["position"].start == self._budget_index + 1 and self._budget_index + 3 == self.obs_size
-        E, K = self.n_experts, self.top_k
         sl = self.obs_slices
-        # the gating entries lead the layout, so one gathered row fills them (GatingRows.obs_gating)
-        assert (sl["gate_probs"].start, sl["topk_mask"].start, sl["topk_weight"].stop) == (0, E, 3 * E)
         self._obs_gain, self._obs_energy = sl["channel_gain_db"], sl["energy_cost"]
-        self._obs_latency, self._obs_deviation = sl["latency_ratio"], sl["deviation_table"]
+        self._obs_latency = sl["latency_ratio"]
         # the observation's deviation unit per layer: eps_l, or the token budget
         self.budget_unit = self.layer_budget.copy() if budget.mode == "layer" else np.full(self.n_layers, self.token_budget)
         # costs differ between layers only with per-layer fading or per-layer host maps

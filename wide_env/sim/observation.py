@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import numpy as np
-
 # Finite clipping bounds [choice]: values beyond them carry no decision-relevant information.
 MAX_ENERGY_COST = 1.0e4
 MAX_LATENCY_RATIO = 100.0
