@@ -46,6 +46,8 @@ def build_gating_rows(weighted_mismatch: np.ndarray, budget_unit: np.ndarray, ob
     """Rows from flat gating: layer (R,) ints, probs (R, E), topk_idx / topk_weight (R, K).
     weighted_mismatch (L, E, E+1) = kappa_l * D_l; budget_unit (L,) = the observation's deviation unit
     of each layer (eps_l per layer, or the token budget); obs_slices: the observation layout's slices."""
+    # contiguous rows: np.take on a strided array copies all of it first (topk_idx is often an argsort slice)
+    probs, topk_idx, topk_weight = (np.ascontiguousarray(x) for x in (probs, topk_idx, topk_weight))
     R, E = probs.shape
     topk_mask = np.zeros((R, E), dtype=bool)
     np.put_along_axis(topk_mask, topk_idx, True, axis=-1)
