@@ -47,10 +47,10 @@ class TokenPlan:
 
     Every array has the token-in-chunk axis C first and the batch axis B last (``obs_*`` entries: second
     to last), so the step of all episodes at (c, l) is one contiguous block ``x[c, l]`` with the batch
-    on the fast axis (reductions over experts and slots then vectorise over the batch). After C comes the layer axis: L for gating,
-    Lc for costs (1 when every layer sees the same channel and host map, else L), Lf for the channel (1,
-    or L with per-layer fading). E experts, K Top-K, N helpers. Gating lives in ``gating`` rows indexed
-    by ``gate_rows``."""
+    on the fast axis (reductions over experts and slots then vectorise over the batch). After C comes
+    the layer axis: L for gating, Lc for costs (1 when every layer sees the same channel and host map,
+    else L), Lf for the channel (1, or L with per-layer fading). E experts, K Top-K, N helpers. Gating
+    lives in ``gating`` rows indexed by ``gate_rows``."""
 
     gate_rows: np.ndarray  # (C, L, B) int64: rows of ``gating``
     gating: GatingRows  # per-position rows shared by every plan on the source, or this plan's own
@@ -404,7 +404,7 @@ class DecodeSimulator:
     def _by_expert(self, node_values: np.ndarray) -> np.ndarray:
         """Node-indexed values (n, C, Lf, ..., N+1) -> expert-indexed (n, C, Lc, ..., E) through the host map
         (Lc = Lf when every layer has the same host map, else L)."""
-        if not self.cost_per_layer or self._same_hosts_every_layer:
+        if self._same_hosts_every_layer:
             if self._identity_hosts:  # expert e on helper e + 1 (one-to-one): a view, no gather
                 return node_values[..., 1:]
             return np.take(node_values, self.hosts[0], axis=-1)
@@ -473,13 +473,14 @@ class DecodeSimulator:
         B = state.batch_size
         l, c = int(state.layer[0]), int(state.token[0] - state.chunk_start[0])
         constants = self._layer_constants(B, l)  # read-only (B,) arrays: budget, unit, kappa
-        if self.budget_mode == "layer":
+        layer_mode = self.budget_mode == "layer"
+        if layer_mode:
             budget = unit = constants[0]
         else:
             budget, unit = self.token_budget - state.budget_used, constants[1]
         view = self._make_view(state.plan, slice(None), c, l, state.layer.copy(), state.token.copy(), budget, unit,
                                constants[2])
-        if self.budget_mode == "layer":
+        if layer_mode:
             view.uniform = (self.layer_budget_list[l], l, int(state.token[0]))
         return view
 

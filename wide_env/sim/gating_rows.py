@@ -25,7 +25,7 @@ class GatingRows:
     topk_idx: np.ndarray  # (R, K) int64, descending probability
     topk_weight: np.ndarray  # (R, K) combine weights
     topk_mask: np.ndarray  # (R, E) bool
-    deviation_table: np.ndarray  # (R, K, E+1) float64: kappa_l * w_k * D_l(S_k, j), budget units x unit
+    deviation_table: np.ndarray  # (R, K, E+1) float64: kappa_l * w_k * D_l(S_k, j), column E = skip
     # (R, D) float32 observation with the gating entries filled (gate_probs, topk_mask, dense topk_weight,
     # deviation_table / budget unit) and zeros elsewhere: one gathered row starts a step's observation
     obs_template: np.ndarray
