@@ -24,7 +24,7 @@ from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import NakagamiFading, draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim import slots
 from wide_env.sim.costs import link_costs
-from wide_env.sim.deviation import serve_slots_batch_last
+from wide_env.sim.deviation import budget_overrun, serve_slots_batch_last
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import (GAIN_DB_HIGH, GAIN_DB_LOW, MAX_DEVIATION, MAX_ENERGY_COST, MAX_LATENCY_RATIO,
                                       observation_layout, observation_slices)
@@ -624,11 +624,10 @@ class DecodeSimulator:
         else:
             unit = view.budget_unit
             available = view.budget if self.budget_mode == "layer" else np.maximum(view.budget, 0.0)  # eps_l > 0
-        excess = np.maximum(weighted_dev - available, 0.0)
-        violated = excess > 1e-9 * unit
+        violated, overrun = budget_overrun(weighted_dev, available, unit)
         rw = self.config.reward
         reward_energy = -energy / view.energy_reference
-        reward_deviation = (-rw.deviation_weight) * violated * (1.0 + excess / unit)
+        reward_deviation = (-rw.deviation_weight) * overrun
         reward_deadline = (-rw.deadline_weight) * misses if self.enforce_deadline else np.zeros(np.shape(misses))
         out = {
             "reward": reward_energy + reward_deviation + reward_deadline,

@@ -46,6 +46,15 @@ def serve_slots_batch_last(table: np.ndarray, executed: np.ndarray):
     return masked.min(axis=1).sum(axis=0), server  # slots summed in order, as the single-episode path does
 
 
+def budget_overrun(weighted_deviation, available, unit):
+    """The reward's budget terms (spec section 5): (violated, overrun) with violated = the deviation exceeds
+    the available budget by more than 1e-9 units and overrun = violated * (1 + excess / unit), the factor
+    the deviation weight multiplies. Elementwise; ``available`` >= 0 (a spent token budget counts as 0)."""
+    excess = np.maximum(weighted_deviation - available, 0.0)
+    violated = excess > 1e-9 * unit
+    return violated, violated * (1.0 + excess / unit)
+
+
 def deviation_bound(table: np.ndarray, executed: np.ndarray) -> np.ndarray:
     """Delta for executed sets given weighted slot tables (see :func:`serve_slots`)."""
     return serve_slots(table, executed)[0]

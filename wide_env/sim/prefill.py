@@ -31,7 +31,7 @@ from wide_env.gating.base import GatingSource, TokenGates
 from wide_env.sim.channel import draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim.costs import LinkCosts, inversion_power, shannon_rate
 from wide_env.sim.decode import DecodeSimulator
-from wide_env.sim.deviation import serve_slots
+from wide_env.sim.deviation import budget_overrun, serve_slots
 from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_DEVIATION, MAX_ENERGY_COST, MAX_LATENCY_RATIO
 from wide_env.sim.units import linear_to_db
 
@@ -356,11 +356,10 @@ class PrefillSimulator:
         ran = (executed[:, :, :, None] & onehot[:, None]).any(axis=(1, 2))  # (B, N+1) node used
         misses = (ran & late_node).sum(axis=-1)
         unit = view.budget_unit[:, None]
-        excess = np.maximum(weighted - np.maximum(view.budget, 0.0), 0.0)
-        violated = excess > 1e-9 * unit
+        violated, overrun = budget_overrun(weighted, np.maximum(view.budget, 0.0), unit)
         rw = self.config.reward
         reward_energy = -energy / view.energy_reference
-        reward_deviation = -rw.deviation_weight * (violated * (1.0 + excess / unit)).mean(axis=-1)
+        reward_deviation = -rw.deviation_weight * overrun.mean(axis=-1)
         reward_deadline = -rw.deadline_weight * misses * self.enforce_deadline
         dev = weighted / view.layer_weight[:, None]
         return {
