@@ -30,6 +30,7 @@ from typing import Iterable
 import numpy as np
 
 from baselines.policies import Policy, make_policy
+from wide_env.config import deep_merge
 
 __all__ = ["evaluate_policies", "summarize", "write_csv", "plot_tradeoff", "format_table", "main"]
 
@@ -48,13 +49,6 @@ def ci95(values) -> float:
         return float("nan")
     t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
     return float(t * v.std(ddof=1) / math.sqrt(n))
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 #: policy name for ideal Top-K: Top-K routing with deadline enforcement off (late experts still count)
@@ -79,12 +73,12 @@ def _env_kwargs_for_scale(env_id: str, env_kwargs: dict | None, scale: float | N
         config = config.to_dict()
     if not isinstance(config, dict):
         raise TypeError(f"env_kwargs['config'] must be a dict, got {type(config).__name__}")
-    merged = _deep_merge(dict(spec.kwargs.get("config") or {}), config)
+    merged = deep_merge(dict(spec.kwargs.get("config") or {}), config)
     if scale is not None:
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"budget scale must be a positive number, got {scale!r}")
         base = WideConfig.from_dict(merged, **{k: v for k, v in user.items() if k != "render_mode"}).budget.scale
-        merged = _deep_merge(merged, {"budget": {"scale": float(base) * float(scale)}})
+        merged = deep_merge(merged, {"budget": {"scale": float(base) * float(scale)}})
     return {**user, "config": merged}
 
 
@@ -192,7 +186,7 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
             # draws do not depend on enforcement, so it sees the same realisations)
             ideal = None
             if any(isinstance(p, str) and p.strip().lower() == IDEAL_TOPK for p in policies):
-                ideal = gym.make(env_id, **{**kwargs, "config": _deep_merge(kwargs["config"], {"deadline": {"enforce": False}})})
+                ideal = gym.make(env_id, **{**kwargs, "config": deep_merge(kwargs["config"], {"deadline": {"enforce": False}})})
             try:
                 problem = env.unwrapped.problem
                 for label, pol in _build_policies(policies, env, policy_kwargs, cache):

@@ -361,21 +361,23 @@ class WideConfig:
 
     # ---- construction from plain data -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | "WideConfig" | None = None, **overrides: Any) -> "WideConfig":
-        """Profile defaults, then ``data``, then keyword ``overrides`` (both nested dicts, JSON-able)."""
+    def from_dict(cls, data: Mapping[str, Any] | "WideConfig" | None = None, *,
+                  preset: Mapping[str, Any] | None = None, **overrides: Any) -> "WideConfig":
+        """Profile defaults, then a registered env's ``preset`` (a nested dict), then ``data``, then keyword
+        ``overrides`` (all nested dicts, JSON-able): each level merges over the one before, key by key."""
         from wide_env.profiles import PROFILES
 
         if isinstance(data, WideConfig):
             data = data.to_dict()
         merged: dict[str, Any] = {}
-        for src in (data or {}, overrides):
+        for src in (preset or {}, data or {}, overrides):
             if not isinstance(src, Mapping):
                 raise ConfigError(f"config must be a dict (or WideConfig), got {type(src).__name__}")
-            merged = _deep_merge(merged, src)
+            merged = deep_merge(merged, src)
         profile = merged.get("profile", cls.profile)
         if profile not in PROFILES:
             _fail("profile", profile, f"unknown profile; choose one of {sorted(PROFILES)}")
-        full = _deep_merge(PROFILES[profile], merged)
+        full = deep_merge(PROFILES[profile], merged)
         full["profile"] = profile
         kwargs: dict[str, Any] = {}
         top_fields = {f.name for f in fields(cls)}
@@ -397,7 +399,7 @@ class WideConfig:
 
     def replace(self, **changes: Any) -> "WideConfig":
         """A copy with nested changes, e.g. ``cfg.replace(budget={"scale": 2.0})``."""
-        return WideConfig.from_dict(_deep_merge(self.to_dict(), changes))
+        return WideConfig.from_dict(deep_merge(self.to_dict(), changes))
 
 
 def _section_from(name: str, cls: type, value: Any):
@@ -417,11 +419,13 @@ def _section_from(name: str, cls: type, value: Any):
     return cls(**value)
 
 
-def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` merged over ``base`` key by key (nested mappings merged, everything else replaced; a
+    dataclass section becomes its dict). The project's one deep merge: configs, presets, hyperparameters."""
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             out[key] = dataclasses.asdict(value)
         else:

@@ -32,7 +32,8 @@ from wide_env.sim.channel import draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim.costs import LinkCosts, inversion_power, shannon_rate
 from wide_env.sim.decode import DecodeSimulator
 from wide_env.sim.deviation import budget_overrun, serve_slots
-from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_DEVIATION, MAX_ENERGY_COST, MAX_LATENCY_RATIO
+from wide_env.sim.observation import (GAIN_DB_HIGH, GAIN_DB_LOW, MAX_DEVIATION, MAX_ENERGY_COST, MAX_LATENCY_RATIO,
+                                      prefill_observation_layout)
 from wide_env.sim.units import linear_to_db
 
 SCOPES = ("uplink", "comm", "system")
@@ -81,24 +82,6 @@ def prefill_costs(gain, *, uplink_bits, downlink_bits, n_experts_run, bandwidth_
         downlink_energy=helper_power_w * t_dl,
         compute_energy=helper_compute_power_w * (t_load + t_comp),
         uplink_time=t_ul, downlink_time=t_dl, latency=latency, uplink_power=p_ul)
-
-
-def prefill_observation_layout(prompt_tokens: int, n_experts: int, top_k: int, n_nodes: int):
-    """key -> (size, low, high), in the order of the flat prefill observation (token-major tables)."""
-    from collections import OrderedDict
-
-    T, E, K, N = prompt_tokens, n_experts, top_k, n_nodes
-    return OrderedDict([
-        ("gate_probs", (T * E, 0.0, 1.0)),
-        ("topk_mask", (T * E, 0.0, 1.0)),
-        ("topk_weight", (T * E, 0.0, 1.0)),
-        ("channel_gain_db", (N, GAIN_DB_LOW, GAIN_DB_HIGH)),
-        ("load_energy_cost", (E * T, 0.0, MAX_ENERGY_COST)),
-        ("load_latency_ratio", (E * T, 0.0, MAX_LATENCY_RATIO)),
-        ("deviation_table", (T * K * (E + 1), 0.0, MAX_DEVIATION)),
-        ("budget_remaining", (T, 0.0, MAX_DEVIATION)),
-        ("position", (2, 0.0, 1.0)),
-    ])
 
 
 @dataclass
