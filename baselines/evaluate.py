@@ -73,11 +73,12 @@ def _env_kwargs_for_scale(env_id: str, env_kwargs: dict | None, scale: float | N
         config = config.to_dict()
     if not isinstance(config, dict):
         raise TypeError(f"env_kwargs['config'] must be a dict, got {type(config).__name__}")
-    merged = deep_merge(dict(spec.kwargs.get("config") or {}), config)
+    merged = dict(config)
     if scale is not None:
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"budget scale must be a positive number, got {scale!r}")
-        base = WideConfig.from_dict(merged, **{k: v for k, v in user.items() if k != "render_mode"}).budget.scale
+        preset = user.get("preset", spec.kwargs.get("preset"))
+        base = WideConfig.from_dict(merged, preset=preset).budget.scale
         merged = deep_merge(merged, {"budget": {"scale": float(base) * float(scale)}})
     return {**user, "config": merged}
 

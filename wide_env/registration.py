@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-# id -> (entry point, JSON-able kwargs). One preset per paper profile.
+# id -> (entry point, JSON-able kwargs). A preset's settings are registered under the keyword ``preset`` (a
+# config dict), not ``config``: gym.make(id, config=...) replaces registered kwargs, and the envs merge the
+# user's config over the preset, so a preset keeps its settings whatever the user passes.
 ENVIRONMENTS = {
     "wide_env/WideMoE-v0": ("wide_env.envs.decode:WideMoEEnv", {}),
-    "wide_env/WideMoE-Switch-v0": ("wide_env.envs.decode:WideMoEEnv", {"config": {"profile": "switch-base-8"}}),
-    "wide_env/WideMoE-Mixtral-v0": ("wide_env.envs.decode:WideMoEEnv", {"config": {"profile": "mixtral-8x7b"}}),
-    "wide_env/WideMoE-GptOss-v0": ("wide_env.envs.decode:WideMoEEnv", {"config": {"profile": "gpt-oss-20b"}}),
+    "wide_env/WideMoE-Switch-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"profile": "switch-base-8"}}),
+    "wide_env/WideMoE-Mixtral-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"profile": "mixtral-8x7b"}}),
+    "wide_env/WideMoE-GptOss-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"profile": "gpt-oss-20b"}}),
     "wide_env/WideMoE-Stragglers-v0": ("wide_env.envs.decode:WideMoEEnv",
-                                       {"config": {"compute": {"queue_delay_mean_s": 0.002}}}),
+                                       {"preset": {"compute": {"queue_delay_mean_s": 0.002}}}),
     "wide_env/WideMoEPrefill-v0": ("wide_env.envs.prefill:WideMoEPrefillEnv", {"prompt_tokens": 8, "n_prompts": 1}),
-    "wide_env/WideMoE-Synthetic-v0": ("wide_env.envs.decode:WideMoEEnv", {"config": {"gating": {"source": "synthetic"}}}),
+    "wide_env/WideMoE-Synthetic-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"gating": {"source": "synthetic"}}}),
 }
 # single-env entry point -> its batched vector env (gym.make_vec(..., vectorization_mode="vector_entry_point")).
 VECTOR_ENTRY_POINTS = {"wide_env.envs.decode:WideMoEEnv": "wide_env.envs.vector:WideMoEVectorEnv"}

@@ -167,8 +167,9 @@ class WideMoEEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
 
-    def __init__(self, config: WideConfig | dict | None = None, render_mode: str | None = None, **overrides: Any):
-        self.config = WideConfig.from_dict(config, **overrides)
+    def __init__(self, config: WideConfig | dict | None = None, render_mode: str | None = None,
+                 preset: dict | None = None):
+        self.config = WideConfig.from_dict(config, preset=preset)
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r} is not supported; choose one of {self.metadata['render_modes']} or None")
         self.render_mode = render_mode

@@ -89,11 +89,11 @@ class WideMoESB3VecEnv(VecEnv):
     """
 
     def __init__(self, num_envs: int = 1, config: WideConfig | dict | None = None, render_mode: str | None = None,
-                 max_episode_steps: int | None = None, info_keys: Iterable[str] | None = None, **overrides: Any):
+                 max_episode_steps: int | None = None, info_keys: Iterable[str] | None = None, preset: dict | None = None):
         if render_mode is not None:
             raise ValueError(f"render_mode={render_mode!r}: the native vector env does not render; use None, or "
                              f"make_vec_env(..., vec_env_cls=DummyVecEnv) to render sub-envs")
-        self._core = _BatchedDecode(num_envs, WideConfig.from_dict(config, **overrides), max_episode_steps)
+        self._core = _BatchedDecode(num_envs, WideConfig.from_dict(config, preset=preset), max_episode_steps)
         info_keys = self._core.info_keys if info_keys is None else tuple(info_keys)
         unknown = [k for k in info_keys if k not in self._core.info_keys]
         if unknown:

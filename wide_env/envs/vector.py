@@ -224,7 +224,7 @@ class WideMoEVectorEnv(VectorEnv):
 
     `gym.make_vec("wide_env/WideMoE-v0", num_envs=B, vectorization_mode="vector_entry_point",
     config={...})`, or `WideMoEVectorEnv(num_envs=B, config=None, autoreset_mode=AutoresetMode.NEXT_STEP,
-    max_episode_steps=None, **overrides)`; `config` is the single env's nested dict (or `WideConfig`).
+    max_episode_steps=None, preset=None)`; `config` is the single env's nested dict (or `WideConfig`).
     `render_mode` must be None (use `SyncVectorEnv` of the single env to render).
     """
 
@@ -232,7 +232,7 @@ class WideMoEVectorEnv(VectorEnv):
 
     def __init__(self, num_envs: int = 1, config: WideConfig | dict | None = None, render_mode: str | None = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, max_episode_steps: int | None = None,
-                 **overrides: Any):
+                 preset: dict | None = None):
         if render_mode is not None:
             raise ValueError(f"render_mode={render_mode!r}: the native vector env does not render; use None, or "
                              f"gym.make_vec(..., vectorization_mode='sync', render_mode=...) to render sub-envs")
@@ -240,7 +240,7 @@ class WideMoEVectorEnv(VectorEnv):
             mode = AutoresetMode(autoreset_mode)
         except ValueError:
             raise ValueError(f"autoreset_mode={autoreset_mode!r}; choose one of {[m for m in AutoresetMode]}") from None
-        self._core = _BatchedDecode(num_envs, WideConfig.from_dict(config, **overrides), max_episode_steps)
+        self._core = _BatchedDecode(num_envs, WideConfig.from_dict(config, preset=preset), max_episode_steps)
         self.num_envs = self._core.num_envs
         self.config = self._core.config
         self.sim = self._core.sim
