@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from wide_env.sim.channel import NakagamiFading, draw_distances, path_gain
-from wide_env.sim.costs import inversion_energy, link_costs, shannon_rate
+from wide_env.sim.physics import LinkParameters, inversion_energy, node_costs, shannon_rate
 from wide_env.sim.deviation import deviation_bound, serve_slots, slot_deviation_table
 from wide_env.sim.units import bessel_j0, dbm_to_watt
 
@@ -81,9 +81,11 @@ def test_rate_and_inversion_energy_match_formula_at_known_distance():
 
 
 def _costs(gain, bits=65536.0, model="inversion"):
-    return link_costs(np.asarray(gain, float), bits=bits, bandwidth_hz=1e6, noise_psd_w_hz=dbm_to_watt(-174.0),
-                      user_max_power_w=0.2, helper_power_w=dbm_to_watt(38.0), deadline_s=0.1, load_time_s=0.01,
-                      compute_time_s=0.001, helper_compute_power_w=300.0, uplink_model=model)
+    link = LinkParameters(bits=bits, bandwidth_hz=1e6, noise_psd_w_hz=float(dbm_to_watt(-174.0)), user_max_power_w=0.2,
+                          helper_power_w=float(dbm_to_watt(38.0)), deadline_s=0.1, load_time_s=0.01,
+                          compute_time_s=0.001, helper_compute_power_w=300.0, local_compute_power_w=30.0,
+                          uplink_model=model)
+    return node_costs(np.asarray(gain, float), link)
 
 
 @pytest.mark.parametrize("model", ["inversion", "fixed"])

@@ -10,8 +10,7 @@ import pytest
 
 import wide_env  # noqa: F401  (registers the package's envs)
 from wide_env.envs.prefill import INFO_KEYS, WideMoEPrefillEnv
-from wide_env.sim.costs import link_costs
-from wide_env.sim.prefill import prefill_costs
+from wide_env.sim.physics import LinkParameters, node_costs
 
 ENV_ID = "wide_env/WideMoEPrefill-v0"
 ENTRY = ("wide_env.envs.prefill:WideMoEPrefillEnv", {"prompt_tokens": 8, "n_prompts": 1})
@@ -147,19 +146,30 @@ def test_load_tables_predict_reward_energy_and_are_convex():
         assert info["reward_energy"] == pytest.approx(predicted, rel=1e-5, abs=1e-7)
 
 
-def test_prefill_costs_with_unit_load_equal_decode_link_costs():
+def test_node_costs_of_one_call_match_the_formulas_and_aggregated_loads_are_convex():
+    """One physics for both phases: a helper's load (u hidden states up, p outputs down, k experts) gives
+    the decoding call for u = p = k = 1 (the hand formulas), and the uplink energy is convex in u."""
     rng = np.random.default_rng(0)
     gain = rng.uniform(10, 150, size=20) ** -4.0
-    kw = dict(bandwidth_hz=1e5, noise_psd_w_hz=4e-21, user_max_power_w=0.2, helper_power_w=6.3,
-              deadline_s=0.01, load_time_s=0.002, compute_time_s=0.0005, helper_compute_power_w=300.0,
-              uplink_model="inversion", queue_delay_s=0.001)
-    one = link_costs(gain, bits=1024.0, **kw)
-    agg = prefill_costs(gain, uplink_bits=1024.0, downlink_bits=1024.0, n_experts_run=1, **kw)
+    link = LinkParameters(bits=1024.0, bandwidth_hz=1e5, noise_psd_w_hz=4e-21, user_max_power_w=0.2,
+                          helper_power_w=6.3, deadline_s=0.01, load_time_s=0.002, compute_time_s=0.0005,
+                          helper_compute_power_w=300.0, local_compute_power_w=30.0, uplink_model="inversion")
+    one = node_costs(gain, link, queue_delay_s=0.001)
+    ones = np.ones(20)
+    agg = node_costs(gain, link, uplink_payloads=ones, downlink_payloads=ones, experts=ones, queue_delay_s=0.001)
     for field in ("uplink_energy", "downlink_energy", "compute_energy", "latency", "uplink_time"):
         np.testing.assert_allclose(getattr(agg, field), getattr(one, field), rtol=1e-12)
-    # n tokens in one uplink cost more than n times... less than n separate windows? inversion: convex in n
-    e = [float(prefill_costs(gain[:1], uplink_bits=n * 1024.0, downlink_bits=n * 1024.0, n_experts_run=1,
-                             **kw).uplink_energy[0]) for n in range(1, 5)]
+    B, N0, D = 1e5, 4e-21, 1024.0
+    t_dl = D / (B * np.log2(1 + 6.3 * gain / (N0 * B)))
+    window = 0.01 - 0.0005 - t_dl
+    e_ul = window * N0 * B / gain * (2 ** (D / (B * window)) - 1)
+    feasible = e_ul / window <= 0.2
+    np.testing.assert_allclose(one.uplink_energy[feasible], e_ul[feasible], rtol=1e-10)
+    np.testing.assert_allclose(one.downlink_energy, 6.3 * t_dl, rtol=1e-12)
+    np.testing.assert_allclose(one.compute_energy, 300.0 * (0.002 + 0.0005), rtol=1e-12)
+    # n tokens in one uplink window: the energy grows with n and is convex in it
+    e = [float(node_costs(gain[:1], link, uplink_payloads=n, downlink_payloads=n, experts=np.ones(1)).uplink_energy[0])
+         for n in range(1, 5)]
     assert np.all(np.diff(e) > 0) and np.all(np.diff(e, 2) > 0)
 
 
@@ -239,9 +249,8 @@ def test_token_budget_mode_tracks_each_tokens_budget():
     spent = np.zeros(4)
     unit = env.sim.token_budget
     for layer in range(L):
-        view = env.current_view()
         a = np.zeros(4 * env.problem.n_experts, dtype=np.int8)
-        out = env.sim.evaluate(view, a.reshape(1, 4, -1).astype(bool))
+        out = env.sim.evaluate(env._state, a.reshape(1, 4, -1).astype(bool))
         obs, *_ = env.step(a)
         spent += out["token_weighted_deviation"][0]
         if layer < L - 1:

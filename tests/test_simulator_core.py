@@ -1,4 +1,5 @@
-"""The batched numpy core: batched and single-episode paths agree; plans and chunks behave."""
+"""The batched decoding core: chunks and re-planning, resets of some rows, channel timing, the accuracy
+bookkeeping of the step kernel against the effect tables, and errors of the vector-env constructor."""
 
 import numpy as np
 import pytest
@@ -14,43 +15,18 @@ def make_sim(**config):
     return DecodeSimulator(cfg, make_gating_source(cfg))
 
 
-@pytest.mark.parametrize("config", [
-    {}, {"deadline": {"enforce": False}}, {"compute": {"queue_delay_mean_s": 0.01}},
-    {"budget": {"mode": "token", "layer_weights": [1.0, 2.0, 0.5, 1.0]}}, {"profile": "gpt-oss-20b"},
-    {"radio": {"energy_scope": "system"}}, {"placement": {"hosts": [[0, 1, 2, 3, 0, 1, 2, 3]] * 4}},
-])
-def test_python_fast_path_equals_batched_evaluate(config):
-    sim = make_sim(**config)
-    rng = np.random.default_rng(0)
-    state = sim.reset(rng, 16)
-    E = sim.n_experts
-    for _ in range(3 * sim.n_layers):
-        executed = rng.random((16, E)) < 0.3
-        view = sim.view(state)
-        batched = sim.evaluate(view, executed)
-        for b in range(16):
-            lists = sim.plan_lists(state, b)
-            one = sim.view(state, b)
-            single = sim.evaluate_one(lists, one.token - int(state.chunk_start[b]), one.layer,
-                                      executed[b].astype(int).tolist(), float(one.budget), float(one.budget_unit))
-            for key in INFO_KEYS + ("reward",):
-                assert single[key] == pytest.approx(float(batched[key][b]), rel=1e-12, abs=1e-15), key
-            assert single["server"] == batched["server"][b].tolist()
-        sim.advance(rng, state, batched["weighted_deviation"])
-
-
 def test_batched_episodes_truncate_together_and_chunks_replan():
     sim = make_sim(n_tokens=5)
     rng = np.random.default_rng(1)
-    state = sim.reset(rng, 1000)  # chunk smaller than the episode: re-planning must happen mid-episode
-    assert state.chunk_tokens < 5 or sim.chunk_size(1000) == 5
+    state = sim.reset(rng, 1000, chunk=2)  # chunks shorter than the episode: re-planning mid-episode
+    assert state.plan.chunk_tokens == 2
     steps = 0
     while True:
-        out, done = sim.step(rng, state, np.ones((1000, sim.n_experts), dtype=bool))
+        sim.step(rng, state, np.ones((1000, sim.n_experts), dtype=bool))
         steps += 1
-        if done.all():
+        if state.done.all():
             break
-        assert not done.any()
+        assert not state.done.any()
     assert steps == 5 * sim.n_layers
 
 
@@ -65,7 +41,7 @@ def test_chunked_and_unchunked_plans_have_the_same_statistics():
         for _ in range(8 * sim.n_layers):
             view = sim.view(state)
             total.append(np.log(view.topk_energy))
-            sim.advance(rng, state, np.zeros(400))
+            sim.step(rng, state, np.zeros((400, sim.n_experts), dtype=bool))
         energies.append(np.mean(total))
     assert energies[0] == pytest.approx(energies[1], abs=0.15)
 
@@ -74,7 +50,7 @@ def test_reset_rows_only_touches_those_rows():
     sim = make_sim()
     rng = np.random.default_rng(2)
     state = sim.reset(rng, 6)
-    sim.advance(rng, state, np.zeros(6))
+    sim.step(rng, state, np.zeros((6, sim.n_experts), dtype=bool))
     before = sim.view(state)
     probs = before.probs.copy()
     sim.reset_rows(rng, state, np.array([1, 4]))
@@ -102,27 +78,61 @@ def test_fading_per_layer_changes_channel_within_a_token():
 def test_mobility_moves_helpers_within_annulus():
     env = WideMoEEnv({"placement": {"mobility": True}, "channel": {"token_interval_s": 5.0}})
     env.reset(seed=0)
-    track = env._state.plan.helper_positions[..., 0]  # (tokens, N, 2)
+    track = env._state.plan.helper_positions[:, 0, 0]  # (tokens, N, 2)
     moved = np.linalg.norm(track[6] - track[0], axis=-1)
     assert (moved > 0).all() and (moved <= 6 * 5.0 * 1.5 + 1e-9).all()  # at most speed_max * time
     r = np.linalg.norm(track, axis=-1)
     assert (r >= 10.0 - 1e-9).all() and (r <= 150.0 + 1e-9).all()
 
 
-def test_python_accuracy_path_equals_batched_record_accuracy():
-    cfg = WideConfig.from_dict({})
+def test_accuracy_bookkeeping_follows_the_effect_tables():
+    """The kernel's accuracy of each token, step by step, against the rule computed here from the trace's
+    effect tables: prediction kept iff every perturbation so far kept it (then correct iff the full model
+    is), else correct iff every perturbation kept it correct; loss changes add up. Servers come from the
+    step's outcome; a slot served by its own Top-K expert is no perturbation."""
+    cfg = WideConfig.from_dict({"n_tokens": 4})
     sim = DecodeSimulator(cfg, make_gating_source(cfg))
+    src = sim.source
     assert sim.has_accuracy
     rng = np.random.default_rng(3)
-    batched, single = sim.reset(rng, 8), sim.reset(np.random.default_rng(3), 8)
-    for _ in range(3 * sim.n_layers):
-        executed = rng.random((8, sim.n_experts)) < 0.4
-        view = sim.view(batched)
-        out = sim.evaluate(view, executed)
-        acc = sim.record_accuracy(batched, out["server"])
+    state = sim.reset(rng, 8)
+    same, correct, dloss = np.ones(8, bool), np.ones(8, bool), np.zeros(8)
+    checked = 0
+    for _ in range(4 * sim.n_layers):
+        position, layer = state.start + state.token, state.layer.copy()
+        topk = src.topk_idx[position, layer]  # (8, K)
+        out = sim.step(rng, state, rng.random((8, sim.n_experts)) < 0.4)
         for b in range(8):
-            one = sim.record_accuracy_one(single, out["server"][b].tolist(), view.topk_idx[b].tolist(), b)
-            for key, value in one.items():
-                assert value == pytest.approx(float(acc[key][b])), key
-        sim.advance(rng, batched, out["weighted_deviation"])
-        sim.advance(rng, single, out["weighted_deviation"])  # same draws: `single` mirrors `batched`
+            for k, j in enumerate(out.server[b]):
+                if j != topk[b, k]:
+                    same[b] &= bool(src.effects["effect_same"][position[b], layer[b], k, j])
+                    correct[b] &= bool(src.effects["effect_correct"][position[b], layer[b], k, j])
+                    dloss[b] += float(src.effects["effect_dloss"][position[b], layer[b], k, j])
+            full = bool(src.full_correct[position[b]])
+            assert out["accuracy_same"][b] == same[b] and out["accuracy_full"][b] == full
+            assert out["accuracy_correct"][b] == (full if same[b] else correct[b])
+            assert out["delta_loss"][b] == pytest.approx(dloss[b], rel=1e-12, abs=1e-12)
+            assert out["token_complete"][b] == (layer[b] == sim.n_layers - 1)
+            checked += int(not same[b])
+        done = layer == sim.n_layers - 1  # a new token starts afresh
+        same[done], correct[done], dloss[done] = True, True, 0.0
+    assert checked > 0  # some tokens were perturbed
+
+
+def test_a_failed_vector_env_constructor_raises_only_its_own_error():
+    import gc
+    import sys
+
+    from wide_env.envs.vector import WideMoEVectorEnv
+
+    seen = []
+    hook, sys.unraisablehook = sys.unraisablehook, seen.append
+    try:
+        with pytest.raises(ValueError, match="num_envs"):
+            WideMoEVectorEnv(0)
+        with pytest.raises(ValueError, match="autoreset_mode"):
+            WideMoEVectorEnv(2, autoreset_mode="sometimes")
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert not seen, [str(u.exc_value) for u in seen]  # no AttributeError from __del__ / close

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from wide_env.sim import slots
-from wide_env.sim.costs import inversion_energy
+from wide_env.sim.physics import inversion_energy
 from wide_env.sim.units import dbm_to_watt
 
 N0 = float(dbm_to_watt(-174.0))

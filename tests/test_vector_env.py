@@ -1,12 +1,11 @@
-"""The native vector env (`WideMoEVectorEnv`) and the SB3 adapter against the single env and the contracts.
+"""The native vector envs (`WideMoEVectorEnv`, `WideMoEPrefillVectorEnv`) and the SB3 adapter against the
+single envs and the contracts.
 
-Single/vector equivalence. One generator drives a whole batch, so sub-env i of a B > 1 batch cannot
-replay a single env's random stream. What is tested instead:
-* B = 1: the same trajectory as `gym.make` for the same seed and actions, across autoresets
-  (observations, truncations and counters exactly; float rewards/infos to 1e-12 relative, because the
-  single env evaluates a step in pure Python and the batch in numpy: different summation order);
-* every sub-env of a batch, every step: its reward, info and next observation equal the simulator's
-  single-episode path (`sim.view(state, i)`, `sim.evaluate`, `sim.observation`) on that sub-env's state;
+Single/vector equivalence. The single env is a batch of one of the same simulator and step kernel, so:
+* B = 1: the same trajectory as `gym.make` for the same seed and actions, across autoresets;
+* sub-env b of a batch equals a single env with the same draws: its state taken as a batch of one and
+  stepped alone gives the same rewards, infos and observations;
+* with a seed list, sub-env i replays the single env seeded s_i, across autoresets;
 * no cross-talk: changing the actions of the other sub-envs never changes sub-env i's trajectory;
 * the same distribution: batch rows and single-env episodes agree under a two-sample KS test.
 """
@@ -20,7 +19,7 @@ from gymnasium.vector import AutoresetMode
 
 import wide_env
 from wide_env.envs.decode import INFO_KEYS
-from wide_env.envs.vector import RESET_INFO_KEYS, WideMoEVectorEnv
+from wide_env.envs.vector import RESET_INFO_KEYS, WideMoEPrefillVectorEnv, WideMoEVectorEnv
 
 SHORT = {"n_tokens": 2}  # 8 steps per episode with the tiny profile
 
@@ -45,24 +44,27 @@ def _assert_close_info(single_info, vector_info, row):
 
 # ---- registration ----------------------------------------------------------------------------------
 DECODE_IDS = sorted(i for i, (entry, _) in wide_env.ENVIRONMENTS.items() if entry == "wide_env.envs.decode:WideMoEEnv")
+NATIVE = {"wide_env.envs.decode:WideMoEEnv": WideMoEVectorEnv,
+          "wide_env.envs.prefill:WideMoEPrefillEnv": WideMoEPrefillVectorEnv}
 
 
-def test_only_decoding_ids_get_the_native_vector_entry_point():
+def test_every_registered_id_gets_its_native_vector_entry_point():
     for env_id, (entry, _) in wide_env.ENVIRONMENTS.items():
-        expected = "wide_env.envs.vector:WideMoEVectorEnv" if entry == "wide_env.envs.decode:WideMoEEnv" else None
-        assert gym.spec(env_id).vector_entry_point == expected, env_id
+        cls = NATIVE[entry]
+        assert gym.spec(env_id).vector_entry_point == f"wide_env.envs.vector:{cls.__name__}", env_id
 
 
-@pytest.mark.parametrize("env_id", DECODE_IDS)
+@pytest.mark.parametrize("env_id", sorted(wide_env.ENVIRONMENTS))
 def test_every_id_has_the_native_vector_entry_point(env_id):
+    cls = NATIVE[wide_env.ENVIRONMENTS[env_id][0]]
     env = gym.make_vec(env_id, num_envs=3, vectorization_mode="vector_entry_point")
-    assert isinstance(env, WideMoEVectorEnv)
+    assert isinstance(env, cls)
     assert env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     single = gym.make(env_id).unwrapped
     assert env.problem == single.problem  # the preset's config reached the vector env
     assert env.single_observation_space == single.observation_space
-    assert env.action_space.shape == (3, single.problem.n_experts)
-    assert gym.make_vec(env_id, num_envs=2).__class__ is WideMoEVectorEnv  # default mode uses it too
+    assert env.action_space.shape == (3,) + single.action_space.shape
+    assert gym.make_vec(env_id, num_envs=2).__class__ is cls  # default mode uses it too
 
 
 # ---- B = 1 equals the single env --------------------------------------------------------------------
@@ -120,29 +122,79 @@ def test_b1_same_step_autoreset_replays_the_single_env():
 
 
 # ---- sub-envs of a batch -----------------------------------------------------------------------------
-def test_each_sub_env_equals_the_single_episode_core_on_its_state():
-    env = WideMoEVectorEnv(6, config={"budget": {"mode": "token"}, "n_tokens": 3})
-    sim = env.sim
-    obs, _ = env.reset(seed=2)
+@pytest.mark.parametrize("config", [{"budget": {"mode": "token"}, "n_tokens": 3},
+                                    {"gating": {"source": "synthetic"}, "channel": {"fading_per_layer": True}},
+                                    {"compute": {"queue_delay_mean_s": 0.005}, "radio": {"uplink_slots": 3}}])
+def test_sub_env_b_of_a_batch_equals_a_single_env_with_the_same_draws(config):
+    """The state of sub-env b, taken out as a batch of one and stepped by a single env, gives the batch's
+    rewards, infos and observations (the same draws: steps inside the planned chunk draw nothing)."""
+    vec = WideMoEVectorEnv(6, config=config)
+    vec.reset(seed=2)
     rng = np.random.default_rng(0)
-    env.step(rng.integers(0, 2, (6, 8)))
-    env.reset(options={"reset_mask": np.array([True, False, True, False, False, False])})  # out of lockstep
-    for _ in range(40):
-        state = env._core.state
+    vec.step(rng.integers(0, 2, (6, 8)))
+    vec.reset(options={"reset_mask": np.array([True, False, True, False, False, False])})  # rows out of step
+    singles = []
+    for b in range(6):
+        env = wide_env.envs.WideMoEEnv(config)
+        env.reset(seed=0)
+        env._batch.state = vec._core.state.take([b])
+        env._batch.obs = vec._core.obs[b:b + 1].copy()
+        singles.append(env)
+    for _ in range(2 * vec.problem.n_layers):
         actions = rng.integers(0, 2, (6, 8))
-        views = [sim.view(state, i) for i in range(6)]
-        pending = env._core.pending.copy()
-        expected = [sim.evaluate(v, actions[i].astype(bool)) for i, v in enumerate(views)]
-        obs, reward, _, trunc, info = env.step(actions)
-        for i in range(6):
-            if pending[i]:
-                assert reward[i] == 0.0 and info["layer"][i] == 0 and info["token"][i] == 0
+        pending = vec._core.pending.copy()
+        assert not pending.any()  # no episode ends inside these steps (n_tokens >= 3)
+        obs, reward, _, trunc, info = vec.step(actions)
+        for b, env in enumerate(singles):
+            o, r, _, t, i = env.step(actions[b])
+            assert r == reward[b] and t == trunc[b]
+            for key, value in i.items():
+                assert value == info[key][b], key
+            np.testing.assert_array_equal(_flat(o), _flat(obs)[b])
+
+
+@pytest.mark.parametrize("env_id", ["wide_env/WideMoE-v0", "wide_env/WideMoE-Synthetic-v0", "wide_env/WideMoEPrefill-v0"])
+def test_seed_list_makes_each_sub_env_replay_the_single_env_with_its_seed(env_id):
+    seeds = [5, 17, 3]
+    vec = gym.make_vec(env_id, num_envs=3, vectorization_mode="vector_entry_point", config=SHORT)
+    singles = [gym.make(env_id, config=SHORT) for _ in seeds]
+    obs, info = vec.reset(seed=seeds)
+    for b, (env, seed) in enumerate(zip(singles, seeds)):
+        o, i = env.reset(seed=seed)
+        np.testing.assert_array_equal(_flat(o), _flat(obs)[b])
+    rng = np.random.default_rng(1)
+    n = singles[0].action_space.n
+    pending = np.zeros(3, dtype=bool)
+    for _ in range(3 * singles[0].unwrapped.problem.n_layers * 2 + 2):  # several episodes, autoresets included
+        actions = rng.integers(0, 2, (3, n))
+        obs, reward, _, trunc, info = vec.step(actions)
+        for b, env in enumerate(singles):
+            if pending[b]:  # NEXT_STEP autoreset: the single env resets from its own generator
+                o, _ = env.reset()
+                assert reward[b] == 0.0
             else:
-                assert reward[i] == pytest.approx(float(expected[i]["reward"]), rel=1e-12, abs=1e-300)
-                for key in INFO_KEYS:
-                    assert info[key][i] == pytest.approx(float(expected[i][key]), rel=1e-12, abs=1e-300), key
-                assert (info["layer"][i], info["token"][i]) == (views[i].layer, views[i].token)
-            np.testing.assert_array_equal(_flat(obs)[i], sim.observation(sim.view(env._core.state, i)))
+                o, r, _, t, _ = env.step(actions[b])
+                assert r == reward[b] and t == trunc[b]
+            np.testing.assert_array_equal(_flat(o), _flat(obs)[b])
+        pending = trunc.copy()
+    vec.reset(seed=7)  # an int seed goes back to one generator for the batch
+    assert vec.unwrapped._row_rngs is None
+
+
+def test_batch_view_rows_equal_single_episode_views():
+    for config in ({}, {"budget": {"mode": "token"}, "channel": {"fading_per_layer": True}}):
+        env = WideMoEVectorEnv(5, config=config)
+        env.reset(seed=0)
+        for t in range(12):
+            state = env._core.state
+            if t == 6:
+                env.reset(options={"reset_mask": np.array([False, True, False, True, False])})
+            batch = env.sim.view(state)
+            for i in range(5):
+                one = env.sim.view(state, i)
+                for name in one.__dataclass_fields__:
+                    np.testing.assert_array_equal(np.asarray(getattr(batch, name))[i], getattr(one, name), err_msg=name)
+            env.step(np.ones((5, 8), dtype=np.int8))
 
 
 def test_other_sub_envs_actions_do_not_change_a_sub_env():
@@ -188,33 +240,6 @@ def test_batch_rows_and_single_envs_have_the_same_distribution():
     assert _ks_statistic(batch_gain, np.array(single_gain)) < critical
     assert _ks_statistic(batch_cost, np.array(single_cost)) < critical
     assert not np.array_equal(batch_gain[:10], np.array(single_gain[:10]))  # different streams
-
-
-def test_lockstep_batch_view_equals_per_episode_views():
-    """The batch view (basic slices while episodes are in lockstep, gathers otherwise) equals each
-    episode's own view, before and after a partial reset breaks the lockstep."""
-    for config in ({}, {"budget": {"mode": "token"}, "channel": {"fading_per_layer": True}}):
-        env = WideMoEVectorEnv(5, config=config)
-        env.reset(seed=0)
-        for t in range(12):
-            state = env._core.state
-            if t == 6:
-                env.sim.reset_rows(np.random.default_rng(0), state, np.array([1, 3]))
-            batch = env.sim.view(state)
-            for i in range(5):
-                one = env.sim.view(state, i)
-                for name in one.__dataclass_fields__:
-                    if name == "gating":  # the rows table itself; its rows are compared via gate_rows
-                        assert batch.gating is one.gating
-                        continue
-                    if name == "uniform":  # batch-only: the scalars every row shares, when they do
-                        if batch.uniform is not None:
-                            assert batch.uniform == (one.budget_unit, one.layer, one.token)
-                        continue
-                    np.testing.assert_array_equal(np.asarray(getattr(batch, name))[i], getattr(one, name), err_msg=name)
-                np.testing.assert_array_equal(env.sim.observation(batch)[i], env.sim.observation(one))
-            env._core.view = batch
-            env.step(np.ones((5, 8), dtype=np.int8))
 
 
 # ---- autoreset contracts -------------------------------------------------------------------------------
@@ -358,7 +383,9 @@ def test_bad_arguments_raise():
     with pytest.raises(RuntimeError, match="reset"):
         env.step(np.ones((2, 8)))
     with pytest.raises(ValueError, match="seed"):
-        env.reset(seed=[1, 2])
+        env.reset(seed=[1, 2, 3])  # one per sub-env
+    with pytest.raises(ValueError, match="seed"):
+        env.reset(seed=1.5)
     with pytest.raises(ValueError, match="reset_mask"):
         env.reset(seed=0, options={"reset_mask": np.array([1, 0])})
     with pytest.raises(ValueError, match="gating.backend"):

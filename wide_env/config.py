@@ -172,6 +172,8 @@ class PlacementConfig:
 class ChannelConfig:
     """Large-scale path loss and Nakagami-m fading with AR(1) time correlation."""
 
+    #: small-scale fading model by name (wide_env.sim.channel.FADING_MODELS): "nakagami" [paper] or "none"
+    fading: str = "nakagami"
     path_loss_exponent: float = 4.0  # alpha [paper]
     reference_gain_db: float = 0.0  # A = 1 (0 dB) [paper]; set e.g. -30 for a 1 m reference loss [choice]
     nakagami_m: float = 2.0  # [paper]; m = 1 is Rayleigh
@@ -187,6 +189,9 @@ class ChannelConfig:
     noise_psd_dbm_hz: float = -174.0  # N0 [paper]
 
     def validate(self, path: str = "channel") -> None:
+        from wide_env.sim.channel import FADING_MODELS
+
+        _check_choice(f"{path}.fading", self.fading, tuple(FADING_MODELS))
         _check_number(f"{path}.path_loss_exponent", self.path_loss_exponent, low=0, low_open=True)
         _check_number(f"{path}.reference_gain_db", self.reference_gain_db)
         _check_number(f"{path}.nakagami_m", self.nakagami_m, low=0, low_open=True)
@@ -222,6 +227,9 @@ class RadioConfig:
     user_max_power_dbm: float = 23.0  # p_max [choice]
     helper_power_dbm: float = 38.0  # P_h [paper]
     bits_per_element: int = 16  # BF16 hidden state [paper]
+    #: width of the hidden state sent over the air; None = the model's d_model. Lets a paper profile keep the
+    #: paper model's payload with gating recorded from a smaller model [choice, labelled per profile].
+    payload_d_model: int | None = None
     #: energy counted by the objective: "uplink" (user radio, default), "comm" (+ downlink), "system" (+ compute).
     energy_scope: str = "uplink"
     #: split the uplink window into S slots with i.i.d. fading each [paper's fast-fading case]; 1 = one window.
@@ -235,6 +243,8 @@ class RadioConfig:
         _check_number(f"{path}.user_max_power_dbm", self.user_max_power_dbm)
         _check_number(f"{path}.helper_power_dbm", self.helper_power_dbm)
         _check_number(f"{path}.bits_per_element", self.bits_per_element, low=1, integer=True)
+        if self.payload_d_model is not None:
+            _check_number(f"{path}.payload_d_model", self.payload_d_model, low=1, high=1_000_000, integer=True)
         _check_choice(f"{path}.energy_scope", self.energy_scope, ("uplink", "comm", "system"))
         _check_number(f"{path}.uplink_slots", self.uplink_slots, low=1, high=64, integer=True)
         _check_choice(f"{path}.bit_allocation", self.bit_allocation, ("dp", "uniform"))
@@ -351,7 +361,7 @@ class WideConfig:
         self.placement.validate(self.model)
         self.channel.validate()
         self.radio.validate()
-        if self.radio.uplink_slots > 1 and self.channel.nakagami_m <= 1:
+        if self.radio.uplink_slots > 1 and self.channel.fading == "nakagami" and self.channel.nakagami_m <= 1:
             _fail("radio.uplink_slots", self.radio.uplink_slots,
                   "slotted uplinks select experts by E[1/h] = m/(m-1), finite only for channel.nakagami_m > 1")
         self.compute.validate()

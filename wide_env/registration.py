@@ -18,7 +18,8 @@ ENVIRONMENTS = {
     "wide_env/WideMoE-Synthetic-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"gating": {"source": "synthetic"}}}),
 }
 # single-env entry point -> its batched vector env (gym.make_vec(..., vectorization_mode="vector_entry_point")).
-VECTOR_ENTRY_POINTS = {"wide_env.envs.decode:WideMoEEnv": "wide_env.envs.vector:WideMoEVectorEnv"}
+VECTOR_ENTRY_POINTS = {"wide_env.envs.decode:WideMoEEnv": "wide_env.envs.vector:WideMoEVectorEnv",
+                       "wide_env.envs.prefill:WideMoEPrefillEnv": "wide_env.envs.vector:WideMoEPrefillVectorEnv"}
 
 
 def register_envs() -> None:

@@ -1,4 +1,8 @@
-"""`wide_env/WideMoE-v0`: expert selection for wireless distributed MoE decoding, one MoE layer per step."""
+"""`wide_env/WideMoE-v0`: expert selection for wireless distributed MoE decoding, one MoE layer per step.
+
+The env is a batch of one of the decoding simulator (:mod:`wide_env.sim.decode`): the vector envs
+(:mod:`wide_env.envs.vector`, :mod:`wide_env.envs.sb3_vec`) step B episodes with the same code.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 from gymnasium import spaces
 
 from wide_env.config import WideConfig
+from wide_env.envs.batch import EpisodeBatch
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 
@@ -61,19 +66,20 @@ def observation_space_for(layout, flatten: bool) -> spaces.Space:
     return spaces.Dict(boxes)
 
 
-def validate_action(action: Any, n_experts: int) -> list:
-    """Turn an action into a list of E ints (0/1), or raise ValueError saying what was expected."""
+def validate_action(action: Any, n_experts: int) -> np.ndarray:
+    """Turn an action into a (1, E) bool array (a fresh one), or raise ValueError saying what was expected."""
     arr = action if type(action) is np.ndarray else np.asarray(action)
     if arr.shape != (n_experts,):
         raise ValueError(f"action has shape {arr.shape}; expected shape ({n_experts},): one 0/1 entry per expert "
                          f"(MultiBinary({n_experts}), 1 = execute)")
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"action has dtype {arr.dtype}; expected int8/bool/int/float entries equal to 0 or 1")
-    values = arr.tolist()
-    if not set(values) <= {0, 1}:  # NaN, 2, -1, 0.5 all fail; True/False/0.0/1.0 pass
-        bad = next(v for v in values if v not in (0, 1))
-        raise ValueError(f"action entries must be 0 or 1 (got {bad!r}); expected shape ({n_experts},) of 0/1")
-    return values
+    if arr.dtype.kind != "b":
+        values = arr.tolist()
+        if not set(values) <= {0, 1}:  # NaN, 2, -1, 0.5 all fail; 0.0/1.0 pass
+            bad = next(v for v in values if v not in (0, 1))
+            raise ValueError(f"action entries must be 0 or 1 (got {bad!r}); expected shape ({n_experts},) of 0/1")
+    return arr.astype(bool).reshape(1, n_experts)
 
 
 class WideMoEEnv(gym.Env):
@@ -175,70 +181,62 @@ class WideMoEEnv(gym.Env):
         self.render_mode = render_mode
         self.sim = DecodeSimulator(self.config, make_gating_source(self.config))
         sim = self.sim
-        self._layout = sim.layout
         self.problem = build_problem(sim, self.config.flatten_observation)
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.n_experts)
+        self._batch = EpisodeBatch(sim, 1)
         self._slice_items = tuple(sim.obs_slices.items())
-        self._has_accuracy = sim.has_accuracy
         self._live = None
         if self.config.gating.backend == "live":
             from wide_env.envs.live_backend import LiveBackend
 
             self._live = LiveBackend(sim.source, self.config.gating.checkpoint_dir)
-        self._state = None
-        self._lists = None
-        self._lists_chunk = -1
         self._last: dict | None = None
+
+    @property
+    def _state(self):
+        return self._batch.state
 
     # ---- Gymnasium API ---------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self._state = self.sim.reset(self.np_random, 1)
-        self._start = int(self._state.start[0])  # trace position of token 0
-        self._lists_chunk = -1
+        batch = self._batch
+        batch.reset_all(self.np_random)
         self._last = None
         if self._live is not None:
-            self._live.start_episode(self.sim, self._state)
-        view = self.current_view()
-        info = {"layer": 0, "token": 0, "topk_energy_j": float(view.topk_energy), "deviation_budget": float(view.budget)}
+            self._live.start_episode(self.sim, batch.state)
+            self.sim.observe(batch.state, None, batch.obs)
+        info = {key: value[0].item() for key, value in batch.reset_info().items()}
         return self._observation(), info
 
     def step(self, action):
-        state = self._state
+        batch = self._batch
+        state = batch.state
         if state is None:
             raise RuntimeError("call reset() before step()")
         if state.done[0]:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
         executed = validate_action(action, self.sim.n_experts)
-        sim = self.sim
-        lists = self._chunk_lists()
-        chunk_token, layer, token = self._where()
-        budget, unit = self._budget(layer)
         if self.render_mode is not None:
-            self._last = {"view": self.current_view(), "executed": executed}
-        info = sim.evaluate_one(lists, chunk_token, layer, executed, budget, unit)  # INFO_KEYS, reward, server
-        reward, server = info.pop("reward"), info.pop("server")
-        info["layer"] = layer
-        info["token"] = token
-        if self._has_accuracy:
-            info.update(sim.record_accuracy_one(state, server, lists["topk_idx"][chunk_token][layer],
-                                                position=self._start + token, layer=layer))
+            self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
+        position = int(state.start[0] + state.token[0]) if self._live is not None else 0
+        outcome, truncated = batch.step(self.np_random, executed)
+        values = outcome.values[0].tolist()
+        info = dict(zip(batch.float_keys, values[1:]))
+        info.update(zip(batch.int_keys, outcome.counts[0].tolist()))
+        truncated = bool(truncated[0])
         if self._live is not None:
-            self._live.execute(state, executed, server, info)
-        truncated = bool(sim.advance_one(self.np_random, state, info["weighted_deviation"])[0])
-        if self._live is not None and not truncated:
-            self._live.next_layer(self.sim, state)
+            self._live.execute(position, executed[0], outcome.server[0], info)
+            if not truncated:
+                self._live.next_layer(self.sim, state)
+                self.sim.observe(state, None, batch.obs)
         if self._last is not None:
             self._last["info"] = info
-        return self._observation(), reward, False, truncated, info
+        return self._observation(), values[0], False, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2E,) bool, pairs [may be 0, may be 1] per expert."""
-        if self._state is None:
-            raise RuntimeError("call reset() before action_masks()")
-        may_execute = self.current_view().meets_deadline if self.sim.enforce_deadline else np.ones(self.sim.n_experts, bool)
-        return np.stack([np.ones(self.sim.n_experts, dtype=bool), may_execute], axis=1).reshape(-1)
+        return self._batch.action_masks()[0]
 
     def render(self):
         if self.render_mode is None:
@@ -256,33 +254,8 @@ class WideMoEEnv(gym.Env):
         rendering.close(self)
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _chunk_lists(self) -> dict:
-        """Python copies of the plan (and the chunk's static observations), rebuilt once per planned chunk."""
-        state = self._state
-        if self._lists_chunk != state.chunk_id:
-            self._lists = self.sim.plan_lists(state, 0)
-            self._lists_chunk = state.chunk_id
-        return self._lists
-
-    def _where(self) -> tuple[int, int, int]:
-        """(token offset in the planned chunk, layer, token) of the current step, as Python ints."""
-        state = self._state
-        token = int(state.token[0])
-        return token - int(state.chunk_start[0]), int(state.layer[0]), token
-
-    def _budget(self, layer: int) -> tuple[float, float]:
-        """(budget available to this step, budget unit), weighted units."""
-        sim = self.sim
-        if sim.budget_mode == "layer":
-            eps = sim.layer_budget_list[layer]
-            return eps, eps
-        return sim.token_budget - float(self._state.budget_used[0]), sim.token_budget
-
     def _observation(self):
-        chunk_token, layer, token = self._where()
-        budget, unit = self._budget(layer)
-        flat = self.sim.fill_observation(self._chunk_lists()["obs_static"][chunk_token, layer].copy(), budget / unit,
-                                         layer, token)
+        flat = self._batch.obs[0]
         if self.config.flatten_observation:
             return flat
         # views into this step's fresh array: nothing is shared with earlier or later observations
@@ -290,6 +263,6 @@ class WideMoEEnv(gym.Env):
 
     def current_view(self):
         """The simulator's view of the current layer (unbatched): for analytic policies and tests."""
-        if self._state is None:
+        if self._batch.state is None:
             raise RuntimeError("call reset() first")
-        return self.sim.view(self._state, 0)
+        return self.sim.view(self._batch.state, 0)

@@ -38,9 +38,6 @@ class LiveBackend:
         self.window_starts = np.flatnonzero(source.doc_start) if source.doc_start is not None else np.array([0])
         self.result = None
 
-    def _position(self, state) -> int:
-        return int(state.start[0] + state.token[0])
-
     def start_episode(self, sim, state) -> None:
         """Reset the KV cache, feed the document's text before the episode with the full model, and
         route the first token's layer 0 live."""
@@ -51,11 +48,11 @@ class LiveBackend:
         gate = self.model.begin(int(self.source.token_id[start]))
         sim.override_gates(state, 0, gate.probs, gate.topk_idx, gate.topk_weight)
 
-    def execute(self, state, executed, server, info: dict) -> None:
-        """Apply the layer with the env's serving decision; at the token's last layer, report its outcome."""
+    def execute(self, position: int, executed, server, info: dict) -> None:
+        """Apply the layer with the env's serving decision (trace ``position`` of the token); at the token's
+        last layer, report its outcome."""
         self._pending = self.model.execute(np.asarray(executed, dtype=bool), served=np.asarray(server))
         if self._pending is None:
-            position = self._position(state)
             result = self.model.finish(int(self.source.target_id[position]))
             info["accuracy_correct"] = int(result.correct)
             info["accuracy_same"] = int(result.same_as_full)
@@ -65,7 +62,7 @@ class LiveBackend:
     def next_layer(self, sim, state) -> None:
         """After the simulator advanced: route the next layer (or the next token's first layer) live."""
         if self._pending is None:
-            gate = self.model.begin(int(self.source.token_id[self._position(state)]))
+            gate = self.model.begin(int(self.source.token_id[int(state.start[0] + state.token[0])]))
         else:
             gate = self._pending
         sim.override_gates(state, 0, gate.probs, gate.topk_idx, gate.topk_weight)

@@ -1,4 +1,8 @@
-"""`wide_env/WideMoEPrefill-v0`: (token, expert) selection for wireless distributed MoE prefilling."""
+"""`wide_env/WideMoEPrefill-v0`: (token, expert) selection for wireless distributed MoE prefilling.
+
+The env is a batch of one of the prefill simulator (:mod:`wide_env.sim.prefill`); the native vector envs
+step B episodes with the same code.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,14 @@ import numpy as np
 from gymnasium import spaces
 
 from wide_env.config import WideConfig
-from wide_env.envs.decode import INT_INFO_KEYS, observation_space_for
+from wide_env.envs.batch import EpisodeBatch
+from wide_env.envs.decode import observation_space_for
 from wide_env.gating import make_gating_source
 from wide_env.sim.prefill import PrefillSimulator
+from wide_env.sim.prefill.step import FIELDS
 
-INFO_KEYS = (
-    "energy_j", "topk_energy_j", "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation",
-    "deviation_mean", "weighted_deviation", "deviation_budget", "budget_violated", "latency_s", "deadline_misses",
-    "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "n_helpers_used", "reward_energy",
-    "reward_deviation", "reward_deadline",
-)
-_INT_KEYS = INT_INFO_KEYS | {"n_helpers_used"}
+#: the step info keys (Python numbers), besides ``layer`` and ``prompt``
+INFO_KEYS = tuple(k for k in FIELDS.floats[1:] + FIELDS.ints if k not in ("layer", "prompt"))
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,13 @@ class PrefillProblem:
     flatten: bool
     one_to_one: bool
     obs_slices: dict
+
+
+def build_prefill_problem(sim: PrefillSimulator, flatten: bool) -> PrefillProblem:
+    return PrefillProblem(
+        n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes,
+        prompt_tokens=sim.T, n_prompts=sim.n_prompts, deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline,
+        budget_mode=sim.budget_mode, flatten=flatten, one_to_one=sim.one_to_one, obs_slices=dict(sim.obs_slices))
 
 
 def validate_prefill_action(action: Any, prompt_tokens: int, n_experts: int) -> np.ndarray:
@@ -151,59 +159,45 @@ class WideMoEPrefillEnv(gym.Env):
         self.render_mode = render_mode
         self.sim = PrefillSimulator(self.config, make_gating_source(self.config), prompt_tokens, n_prompts)
         sim = self.sim
-        self.problem = PrefillProblem(
-            n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes,
-            prompt_tokens=sim.T, n_prompts=sim.n_prompts, deadline_s=sim.deadline,
-            enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode,
-            flatten=self.config.flatten_observation, one_to_one=sim.one_to_one, obs_slices=dict(sim.obs_slices))
+        self.problem = build_prefill_problem(sim, self.config.flatten_observation)
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.T * sim.n_experts)
-        self._state = None
-        self._view = None
+        self._batch = EpisodeBatch(sim, 1)
         self._last: dict | None = None
+
+    @property
+    def _state(self):
+        return self._batch.state
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        self._state = self.sim.reset(self.np_random, 1)
-        self._view = self.sim.view(self._state)
+        self._batch.reset_all(self.np_random)
         self._last = None
-        info = {"layer": 0, "prompt": 0, "topk_energy_j": float(self._view.topk_energy[0]),
-                "deviation_budget": float(self._view.budget[0].min())}
+        info = {key: value[0].item() for key, value in self._batch.reset_info().items()}
         return self._observation(), info
 
     def step(self, action):
-        if self._state is None:
+        batch = self._batch
+        if batch.state is None:
             raise RuntimeError("call reset() before step()")
-        if self._state.done[0]:
+        if batch.state.done[0]:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
         executed = validate_prefill_action(action, self.sim.T, self.sim.n_experts)
-        view = self._view
-        out = self.sim.evaluate(view, executed[None])
-        truncated = bool(self.sim.advance(self.np_random, self._state, out["token_weighted_deviation"])[0])
-        info = {key: (int(out[key][0]) if key in _INT_KEYS else float(out[key][0])) for key in INFO_KEYS}
-        info["layer"] = int(view.layer[0])
-        info["prompt"] = int(view.prompt[0])
+        view = self.current_view()
+        outcome, truncated = batch.step(self.np_random, executed[None])
+        info = batch.step_info_one(outcome)
         self._last = {"view": view, "executed": executed, "info": info}
-        self._view = self.sim.view(self._state)
-        return self._observation(), float(out["reward"][0]), False, truncated, info
+        return self._observation(), float(outcome.values[0, 0]), False, bool(truncated[0]), info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2*T*E,) bool, pairs [may be 0, may be 1] per (token, expert)."""
-        if self._view is None:
-            raise RuntimeError("call reset() before action_masks()")
-        T, E = self.sim.T, self.sim.n_experts
-        if self.sim.enforce_deadline:
-            ok = self._view.load_latency[0, :, 1] <= self.sim.deadline * (1.0 + 1e-9)
-        else:
-            ok = np.ones(E, dtype=bool)
-        may = np.broadcast_to(ok, (T, E)).reshape(-1)
-        return np.stack([np.ones(T * E, dtype=bool), may], axis=1).reshape(-1)
+        return self._batch.action_masks()[0]
 
     def render(self):
         if self.render_mode is None:
             gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' to make()")
             return None
-        view = self._last["view"] if self._last else self._view
+        view = self._last["view"] if self._last else self.current_view()
         executed = self._last["executed"] if self._last else np.zeros((self.sim.T, self.sim.n_experts), bool)
         lines = [f"prompt {int(view.prompt[0])} layer {int(view.layer[0])}" + ("" if self._last else " (before acting)"),
                  "token  " + " ".join(f"{e:>2}" for e in range(self.sim.n_experts))]
@@ -218,11 +212,13 @@ class WideMoEPrefillEnv(gym.Env):
         return "\n".join(lines) + "\n"
 
     def _observation(self):
-        flat = self.sim.observation(self._view)[0]
+        flat = self._batch.obs[0]
         if self.config.flatten_observation:
             return flat
-        return {key: flat[sl].copy() for key, sl in self.sim.obs_slices.items()}
+        return {key: flat[sl] for key, sl in self.sim.obs_slices.items()}
 
     def current_view(self):
         """The simulator's view of the current layer (batch of 1): for analytic policies and tests."""
-        return self._view
+        if self._batch.state is None:
+            raise RuntimeError("call reset() first")
+        return self.sim.view(self._batch.state)

@@ -41,7 +41,7 @@ def render_rgb(env) -> np.ndarray:
     fig = Figure(figsize=(6, 5), dpi=80)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
-    pos = state.plan.helper_positions[int(view.token) - int(state.chunk_start[0]), ..., 0]  # (N, 2)
+    pos = state.plan.helper_positions[int(view.token) - int(state.chunk_start[0]), 0, 0]  # (N, 2)
     gain_db = view.channel_gain_db
     sc = ax.scatter(pos[:, 0], pos[:, 1], c=gain_db, cmap="viridis", s=80, zorder=3)
     fig.colorbar(sc, ax=ax, label="channel gain (dB)")

@@ -1,4 +1,4 @@
-"""Stable-Baselines3 ``VecEnv`` over the batched WIDE decoding core (no Python loop over sub-envs per step).
+"""Stable-Baselines3 ``VecEnv`` over the batched WIDE cores (no Python loop over sub-envs per step).
 
     from wide_env.envs.sb3_vec import make_native_vec_env
     venv = make_native_vec_env("wide_env/WideMoE-v0", n_envs=64, seed=0, env_kwargs={"config": {...}})
@@ -24,12 +24,13 @@ from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from wide_env.config import WideConfig
-from wide_env.envs.decode import build_problem, observation_space_for
-from wide_env.envs.vector import _BatchedDecode, validate_actions
+from wide_env.envs.vector import BatchedVectorEnv, WideMoEPrefillVectorEnv, WideMoEVectorEnv
 
 torch.set_num_threads(1)  # project rule: one torch thread on CPU
 
-NATIVE_VECTOR_ENTRY_POINT = "wide_env.envs.vector:WideMoEVectorEnv"
+#: vector entry points of registered ids -> the native vector env class the adapter drives
+NATIVE_VECTOR_ENVS = {"wide_env.envs.vector:WideMoEVectorEnv": WideMoEVectorEnv,
+                      "wide_env.envs.vector:WideMoEPrefillVectorEnv": WideMoEPrefillVectorEnv}
 #: attributes shared by every sub-env of the batched core; ``set_attr`` refuses to change them.
 SHARED_ATTRIBUTES = ("problem", "config", "sim", "render_mode", "observation_space", "action_space", "metadata",
                      "spec", "np_random", "unwrapped")
@@ -55,7 +56,7 @@ class _SubEnv:
     unwrapped = property(lambda self: self)
 
     def action_masks(self) -> np.ndarray:
-        """(2E,) bool: sb3-contrib MultiBinary pairs [may be 0, may be 1] for this sub-env."""
+        """(2A,) bool: sb3-contrib MultiBinary pairs [may be 0, may be 1] for this sub-env."""
         return self._owner._core.action_masks()[self._index]
 
     def current_view(self):
@@ -75,40 +76,44 @@ class _SubEnv:
 
 
 class WideMoESB3VecEnv(VecEnv):
-    """SB3 ``VecEnv`` of ``num_envs`` WIDE decoding episodes stepped in one batched numpy call.
+    """SB3 ``VecEnv`` of ``num_envs`` WIDE episodes stepped in one batched call (decoding by default;
+    ``vector_cls=WideMoEPrefillVectorEnv`` for prefill).
 
     Observation/action spaces are the single env's (``Dict`` of float32 Boxes or a flat Box;
-    ``MultiBinary(E)``); ``step`` returns (obs batch, float32 rewards (B,), bool dones (B,), list of B
-    info dicts). Episodes never terminate and are truncated after ``n_tokens * L`` steps (or
-    ``max_episode_steps``); a finished sub-env is reset in the same step (SB3 convention): its info
-    holds ``terminal_observation`` (the single env's last observation) and ``TimeLimit.truncated``
-    (True). Every info holds ``TimeLimit.truncated`` and the keys in ``info_keys`` (None, the default:
-    all of the single env's step keys, including ``accuracy_*`` with effect tables, as Python numbers;
-    ``()`` skips building them, which is faster at large B). ``env_method("action_masks")`` returns the per-sub-env (2E,) masks for MaskablePPO.
-    ``seed(s)`` seeds the one generator of the batch at the next ``reset()``.
+    ``MultiBinary``); ``step`` returns (obs batch, float32 rewards (B,), bool dones (B,), list of B
+    info dicts). Episodes never terminate and are truncated after their length (or ``max_episode_steps``);
+    a finished sub-env is reset in the same step (SB3 convention): its info holds ``terminal_observation``
+    (the single env's last observation) and ``TimeLimit.truncated`` (True). Every info holds
+    ``TimeLimit.truncated`` and the keys in ``info_keys`` (None, the default: all of the single env's step
+    keys, as Python numbers; ``()`` skips building them, which is faster at large B).
+    ``env_method("action_masks")`` returns the per-sub-env masks for MaskablePPO. ``seed(s)`` seeds the one
+    generator of the batch at the next ``reset()``.
     """
 
     def __init__(self, num_envs: int = 1, config: WideConfig | dict | None = None, render_mode: str | None = None,
-                 max_episode_steps: int | None = None, info_keys: Iterable[str] | None = None, preset: dict | None = None):
+                 max_episode_steps: int | None = None, info_keys: Iterable[str] | None = None,
+                 preset: dict | None = None, vector_cls: type[BatchedVectorEnv] = WideMoEVectorEnv,
+                 **vector_kwargs: Any):
         if render_mode is not None:
             raise ValueError(f"render_mode={render_mode!r}: the native vector env does not render; use None, or "
                              f"make_vec_env(..., vec_env_cls=DummyVecEnv) to render sub-envs")
-        self._core = _BatchedDecode(num_envs, WideConfig.from_dict(config, preset=preset), max_episode_steps)
+        self._vector = vector_cls(num_envs, config=config, max_episode_steps=max_episode_steps, preset=preset,
+                                  **vector_kwargs)
+        self._core = self._vector._core
         info_keys = self._core.info_keys if info_keys is None else tuple(info_keys)
         unknown = [k for k in info_keys if k not in self._core.info_keys]
         if unknown:
             raise ValueError(f"info_keys {unknown} are not step info keys of this env; choose from "
                              f"{list(self._core.info_keys)} (or None for all, () for none)")
-        self.config = self._core.config
-        self.sim = self._core.sim
-        self.problem = build_problem(self.sim, self.config.flatten_observation)
+        self.config = self._vector.config
+        self.sim = self._vector.sim
+        self.problem = self._vector.problem
         self.info_keys = info_keys
         self._subenvs = [_SubEnv(self, i) for i in range(self._core.num_envs)]
         self._np_random: np.random.Generator | None = None
         self._pending_seed: int | None = None
         self._actions: np.ndarray | None = None
-        super().__init__(self._core.num_envs, observation_space_for(self.sim.layout, self.config.flatten_observation),
-                         spaces.MultiBinary(self.sim.n_experts))
+        super().__init__(self._core.num_envs, self._vector.single_observation_space, self._vector.single_action_space)
 
     # ---- seeding ---------------------------------------------------------------------------------
     @property
@@ -140,7 +145,7 @@ class WideMoESB3VecEnv(VecEnv):
         self.reset_infos = _rows_to_dicts(self._core.reset_info(), self.num_envs)
         self._reset_seeds()
         self._reset_options()
-        return self._package(self._core.observation_flat())
+        return self._package(self._core.obs)
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = actions
@@ -151,14 +156,13 @@ class WideMoESB3VecEnv(VecEnv):
             raise RuntimeError("call reset() before step()")
         if self._actions is None:
             raise RuntimeError("call step_async(actions) before step_wait()")
-        executed = validate_actions(self._actions, self.num_envs, self.sim.n_experts)
+        executed = self._vector._to_executed(self._actions)
         self._actions = None
         rng = self.np_random
-        out, layer, token, dones = core.evaluate_and_advance(rng, executed)
-        core.refresh_view()
-        rewards = out["reward"].astype(np.float32)
+        out, dones = core.step(rng, executed)
+        rewards = out.values[:, 0].astype(np.float32)
         if self.info_keys:
-            columns = core.step_info(out, layer, token)
+            columns = core.step_info(out)
             infos = _rows_to_dicts({k: columns[k] for k in self.info_keys}, self.num_envs)
             for info, trunc in zip(infos, dones.tolist()):
                 info["TimeLimit.truncated"] = trunc
@@ -166,18 +170,17 @@ class WideMoESB3VecEnv(VecEnv):
             infos = [{"TimeLimit.truncated": trunc} for trunc in dones.tolist()]
         if dones.any():
             rows = np.flatnonzero(dones)
-            final = core.observation_flat()[rows]
+            final = core.obs[rows]
             for j, i in enumerate(rows.tolist()):
                 infos[i]["terminal_observation"] = self._package(final[j])
             core.reset_rows(rng, rows)
             fresh = _rows_to_dicts({k: v[rows] for k, v in core.reset_info().items()}, rows.size)
             for j, i in enumerate(rows.tolist()):
                 self.reset_infos[i] = fresh[j]
-        return self._package(core.observation_flat()), rewards, dones, infos
+        return self._package(core.obs), rewards, dones, infos
 
     def close(self) -> None:
         self._core.state = None
-        self._core.view = None
 
     def action_masks(self) -> np.ndarray:
         """(num_envs, 2E) bool masks of the whole batch (MaskablePPO reads them via env_method)."""
@@ -222,22 +225,23 @@ def make_native_vec_env(env_id: str = "wide_env/WideMoE-v0", n_envs: int = 1, se
                         env_kwargs: dict[str, Any] | None = None, **adapter_kwargs: Any) -> WideMoESB3VecEnv:
     """The native batched counterpart of SB3's ``make_vec_env(env_id, n_envs, seed, env_kwargs=env_kwargs)``.
 
-    ``env_kwargs`` update the registered kwargs of ``env_id`` exactly as ``gym.make`` does (a
-    ``config`` given here replaces the preset's ``config``). ``adapter_kwargs`` go to
-    :class:`WideMoESB3VecEnv` (``info_keys``, ``max_episode_steps``). ``seed`` seeds the batch's one
-    generator (None: random). Raises ValueError for ids without the native core."""
+    ``env_kwargs`` update the registered kwargs of ``env_id`` exactly as ``gym.make`` does (a preset's settings
+    stay: the user's ``config`` merges over them). ``adapter_kwargs`` go to :class:`WideMoESB3VecEnv`
+    (``info_keys``, ``max_episode_steps``). ``seed`` seeds the batch's one generator (None: random). Raises
+    ValueError for ids without a native core."""
     import wide_env  # noqa: F401  (registers the ids)
 
     spec = gym.spec(env_id)
-    if spec.vector_entry_point != NATIVE_VECTOR_ENTRY_POINT:
+    vector_cls = NATIVE_VECTOR_ENVS.get(spec.vector_entry_point)
+    if vector_cls is None:
         raise ValueError(f"env_id {env_id!r} has no native batched core (vector_entry_point="
-                         f"{spec.vector_entry_point!r}); use a WIDE decoding id such as 'wide_env/WideMoE-v0', or "
+                         f"{spec.vector_entry_point!r}); use a WIDE id such as 'wide_env/WideMoE-v0', or "
                          f"SB3's make_vec_env with DummyVecEnv/SubprocVecEnv")
     kwargs = dict(spec.kwargs)
     kwargs.update(env_kwargs or {})
     if spec.max_episode_steps is not None:
         adapter_kwargs.setdefault("max_episode_steps", spec.max_episode_steps)
-    venv = WideMoESB3VecEnv(n_envs, **kwargs, **adapter_kwargs)
+    venv = WideMoESB3VecEnv(n_envs, vector_cls=vector_cls, **kwargs, **adapter_kwargs)
     if seed is not None:
         venv.seed(seed)
     return venv

@@ -1,15 +1,15 @@
-"""`WideMoEVectorEnv`: B WIDE decoding episodes stepped by one batched numpy call per step.
+"""Native vector envs: B WIDE episodes stepped by one batched call per step (no Python loop over sub-envs).
 
-The ``vector_entry_point`` of ``wide_env/WideMoE-v0`` and its presets:
-``gym.make_vec("wide_env/WideMoE-v0", num_envs=B, vectorization_mode="vector_entry_point")``.
-It drives the same :class:`~wide_env.sim.decode.DecodeSimulator` as the single env, so every number
-(observation, reward, info) has the single env's meaning; only the packaging differs.
+`WideMoEVectorEnv` (decoding, the ``vector_entry_point`` of ``wide_env/WideMoE-v0`` and its presets) and
+`WideMoEPrefillVectorEnv` (prefill): ``gym.make_vec(id, num_envs=B, vectorization_mode="vector_entry_point")``.
+Both are :class:`BatchedVectorEnv` over an :class:`~wide_env.envs.batch.EpisodeBatch` of their simulator,
+the same one the single envs use as a batch of one, so every number has the single env's meaning.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
@@ -18,32 +18,32 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from wide_env.config import WideConfig
-from wide_env.envs.decode import ACCURACY_KEYS, INFO_KEYS, INT_INFO_KEYS, build_problem, observation_space_for
+from wide_env.envs.batch import EpisodeBatch
+from wide_env.envs.decode import build_problem, observation_space_for
+from wide_env.envs.prefill import build_prefill_problem
 from wide_env.gating import make_gating_source
-from wide_env.sim.decode import DecodeSimulator, DecodeState, LayerView
+from wide_env.sim.decode import DecodeSimulator
+from wide_env.sim.prefill import PrefillSimulator
 
-#: info keys a (re)set sub-env reports (the single env's ``reset`` info); also present after every step.
-RESET_INFO_KEYS = ("layer", "token", "topk_energy_j", "deviation_budget")
-#: the info keys of every step, in order (the single env's); sources with effect tables (the shipped
-#: real-model trace) add ACCURACY_KEYS (see ``_BatchedDecode.info_keys``).
-STEP_INFO_KEYS = INFO_KEYS + ("layer", "token")
+#: info keys a (re)set decoding sub-env reports (the single env's ``reset`` info)
+RESET_INFO_KEYS = DecodeSimulator.RESET_INFO_KEYS
 
 
-def validate_actions(actions: Any, num_envs: int, n_experts: int) -> np.ndarray:
-    """Turn a batch of actions into a (B, E) bool array, or raise ValueError saying what was expected."""
+def validate_actions(actions: Any, num_envs: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Turn a batch of actions into a (B,) + ``shape`` bool array, or raise ValueError saying what was expected."""
     arr = np.asarray(actions)
-    expected = (num_envs, n_experts)
+    expected = (num_envs,) + tuple(shape)
     if arr.shape != expected:
         hint = ""
-        if arr.shape == (n_experts,):
+        if arr.shape == tuple(shape):
             hint = "; this is one sub-env's action: stack one row per sub-env (for num_envs=1 pass action[None])"
-        raise ValueError(f"actions have shape {arr.shape}; expected shape {expected}: one row of {n_experts} 0/1 "
-                         f"entries per sub-env (MultiBinary({expected}), 1 = execute){hint}")
+        raise ValueError(f"actions have shape {arr.shape}; expected shape {expected}: one row of 0/1 entries per "
+                         f"sub-env (MultiBinary({expected}), 1 = execute){hint}")
     if arr.dtype == np.bool_:
-        return arr
+        return np.ascontiguousarray(arr)
     if arr.dtype == np.int8 or arr.dtype == np.uint8:  # MultiBinary's own dtype: 0/1 bytes are bools already
         if not (arr.view(np.uint8) > 1).any():
-            return arr.view(np.bool_)
+            return np.ascontiguousarray(arr).view(np.bool_)
     elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"actions have dtype {arr.dtype}; expected shape {expected} of int8/bool/int/float 0 or 1")
     ok = (arr == 0) | (arr == 1)
@@ -54,118 +54,211 @@ def validate_actions(actions: Any, num_envs: int, n_experts: int) -> np.ndarray:
     return arr.astype(bool)
 
 
-class _BatchedDecode:
-    """The batched stepping logic shared by the Gymnasium vector env and the SB3 adapter.
+class BatchedVectorEnv(VectorEnv):
+    """The Gymnasium vector-env contract (autoreset modes, vector info with masks, seeding) over an
+    :class:`EpisodeBatch`; subclasses choose the simulator, the spaces and the action layout."""
 
-    Holds the simulator, the batched state, the current (lockstep) view, per-row episode step counts
-    and the autoreset flags. All randomness comes from the generator passed in."""
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(self, num_envs: int, config: WideConfig, max_episode_steps: int | None):
-        if isinstance(num_envs, bool) or not isinstance(num_envs, numbers.Integral) or num_envs < 1:
-            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
-        if max_episode_steps is not None and (isinstance(max_episode_steps, bool) or
-                                              not isinstance(max_episode_steps, numbers.Integral) or
-                                              max_episode_steps < 1):
-            raise ValueError(f"max_episode_steps must be an integer >= 1 or None, got {max_episode_steps!r}")
-        if config.gating.backend != "table":
-            raise ValueError(f"config field 'gating.backend' is {config.gating.backend!r}: the live backend runs the "
-                             f"model per episode and is single-env only; use 'table' (effect tables) here, or "
-                             f"gym.make_vec(..., vectorization_mode='sync') for live sub-envs")
-        self.num_envs = int(num_envs)
-        self.config = config
-        self.sim = DecodeSimulator(config, make_gating_source(config))
-        self.has_accuracy = bool(self.sim.has_accuracy)
-        #: every step's info keys, in the single env's order
-        self.info_keys = STEP_INFO_KEYS + (ACCURACY_KEYS if self.has_accuracy else ())
-        #: keys a step reports but a reset does not
-        self.only_step_keys = tuple(k for k in self.info_keys if k not in RESET_INFO_KEYS)
-        self._int_keys = tuple(k for k in self.info_keys if k in INT_INFO_KEYS)
-        self._aliased_keys = tuple(k for k in self.info_keys if k in ("topk_energy_j", "deviation_budget"))
-        self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
-        self.state: DecodeState | None = None
-        self.view: LayerView | None = None
-        self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
-        self.pending = np.zeros(self.num_envs, dtype=bool)  # episode over at the previous step
+    def _setup(self, sim, num_envs, problem, single_action_space, to_executed: Callable, render_mode,
+               autoreset_mode, max_episode_steps) -> None:
+        if render_mode is not None:
+            raise ValueError(f"render_mode={render_mode!r}: the native vector env does not render; use None, or "
+                             f"gym.make_vec(..., vectorization_mode='sync', render_mode=...) to render sub-envs")
+        try:
+            mode = AutoresetMode(autoreset_mode)
+        except ValueError:
+            raise ValueError(f"autoreset_mode={autoreset_mode!r}; choose one of {[m for m in AutoresetMode]}") from None
+        self._core = EpisodeBatch(sim, num_envs, max_episode_steps)
+        self.sim = sim
+        self.config = sim.config
+        self.num_envs = self._core.num_envs
+        self.render_mode = None
+        self.autoreset_mode = mode
+        self.metadata = {**type(self).metadata, "autoreset_mode": mode}
+        self.problem = problem
+        #: every step's info keys (the single env's)
+        self.info_keys = self._core.info_keys
+        self.single_observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.single_action_space = single_action_space
+        self.action_space = batch_space(single_action_space, self.num_envs)
+        self._to_executed = to_executed
+        self._row_rngs: list | None = None  # per-sub-env generators after reset(seed=[...])
+        self._all_true = np.ones(self.num_envs, dtype=bool)
+        self._all_true.flags.writeable = False
+        self._all_true_masks = {"_" + key: self._all_true for key in self.info_keys}
 
-    # ---- resets ----------------------------------------------------------------------------------
-    def reset_all(self, rng: np.random.Generator) -> None:
-        self.state = self.sim.reset(rng, self.num_envs)
-        self.elapsed[:] = 0
-        self.pending[:] = False
-        self.view = self.sim.view(self.state)
+    @property
+    def max_episode_steps(self) -> int | None:
+        return self._core.max_episode_steps
 
-    def reset_rows(self, rng: np.random.Generator, rows: np.ndarray) -> None:
-        """Reset rows (index array); the whole batch goes through ``sim.reset`` (same draws, no copies)."""
-        if rows.size == self.num_envs:
-            self.state = self.sim.reset(rng, self.num_envs)
+    @property
+    def _rng(self):
+        """The generator(s) the next draws come from: one for the batch, or one per sub-env."""
+        return self._row_rngs if self._row_rngs is not None else self.np_random
+
+    # ---- Gymnasium API ---------------------------------------------------------------------------
+    def reset(self, *, seed: int | list | None = None, options: dict[str, Any] | None = None):
+        """Reset every sub-env (or those in ``options["reset_mask"]``); returns (observations, info).
+        ``seed``: an int (one generator for the batch), a list of ``num_envs`` ints (one per sub-env, each
+        replaying the single env with that seed) or None (continue the current generators)."""
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != self.num_envs or not all(s is None or (isinstance(s, numbers.Integral) and
+                                                                   not isinstance(s, bool)) for s in seed):
+                raise ValueError(f"seed list must hold {self.num_envs} ints or None (one per sub-env), got {seed!r}")
+            super().reset(seed=None)
+            self._row_rngs = [np.random.default_rng(s) for s in seed]
+        elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be an int, a list of {self.num_envs} ints (one per sub-env) or None, "
+                             f"got {seed!r}")
         else:
-            self.sim.reset_rows(rng, self.state, rows)
-        self.elapsed[rows] = 0
-        self.pending[rows] = False
-        self.view = self.sim.view(self.state)
+            super().reset(seed=seed)
+            if seed is not None:
+                self._row_rngs = None
+        core = self._core
+        mask = None if options is None else options.get("reset_mask")
+        if mask is None:
+            core.reset_all(self._rng)
+            mask = self._all_true
+        else:
+            mask = np.asarray(mask)
+            if mask.shape != (self.num_envs,) or mask.dtype != np.bool_:
+                raise ValueError(f"options['reset_mask'] has shape {mask.shape} and dtype {mask.dtype}; expected a "
+                                 f"({self.num_envs},) bool array (True = reset that sub-env)")
+            if core.state is None:
+                if not mask.all():
+                    raise ValueError("options['reset_mask'] must be all True at the first reset (no episode exists yet)")
+                core.reset_all(self._rng)
+            elif mask.any():
+                core.reset_rows(self._rng, np.flatnonzero(mask))
+        info = core.reset_info()
+        for key in core.reset_info_keys:
+            info["_" + key] = mask
+        return self._package(core.obs), info
 
-    # ---- one step --------------------------------------------------------------------------------
-    def evaluate_and_advance(self, rng: np.random.Generator, executed: np.ndarray):
-        """Evaluate ``executed`` at every row's current layer and advance every row.
-        Returns (outcomes, step layer, step token, truncated) with (B,) arrays; the view is stale after."""
-        view = self.view
-        out = self.sim.evaluate(view, executed)
-        layer, token = view.layer, view.token  # lockstep views hold copies; sim.view aliases the state's
-        if layer is self.state.layer or token is self.state.token:
-            layer, token = layer.copy(), token.copy()
-        if self.has_accuracy:  # the single env's order: evaluate, record accuracy, advance
-            out.update(self.sim.record_accuracy(self.state, out["server"]))
-        truncated = self.sim.advance(rng, self.state, out["weighted_deviation"]).copy()
-        if self.max_episode_steps is not None:
-            self.elapsed += 1
-            truncated |= self.elapsed >= self.max_episode_steps
-        return out, layer, token, truncated
+    def step(self, actions):
+        """Step every sub-env; returns (observations, rewards, terminations, truncations, info)."""
+        core = self._core
+        if core.state is None:
+            raise RuntimeError("call reset() before step()")
+        executed = self._to_executed(actions)
+        mode = self.autoreset_mode
+        rng = self._rng
+        pending = core.pending
+        if mode == AutoresetMode.NEXT_STEP and pending.any():
+            resets = pending.copy()
+            if resets.all():  # lockstep batches end together: just a new episode everywhere
+                core.reset_all(rng)
+                info = core.reset_info()
+                for key in core.only_step_keys:
+                    info[key] = np.zeros(self.num_envs, dtype=np.int64 if key in core.int_keys else np.float64)
+                masks = {key: (resets if key in core.reset_info_keys else ~resets) for key in core.info_keys}
+                return self._finish(core.obs, np.zeros(self.num_envs), np.zeros(self.num_envs, bool), info, masks)
+            outcome, truncated = core.step(rng, executed)
+            rows = np.flatnonzero(resets)
+            core.reset_rows(rng, rows)
+            info = core.step_info(outcome)
+            fresh = core.reset_info()
+            for key in core.reset_info_keys:
+                info[key][rows] = fresh[key][rows]
+            for key in core.only_step_keys:
+                info[key][rows] = 0
+            keep = ~resets
+            masks = {key: (self._all_true if key in core.reset_info_keys else keep) for key in core.info_keys}
+            reward = outcome.values[:, 0].copy()
+            reward[rows] = 0.0
+            truncated[rows] = False
+            core.pending = truncated.copy()
+            return self._finish(core.obs, reward, truncated, info, masks)
 
-    def refresh_view(self) -> None:
-        self.view = self.sim.view(self.state)
-
-    def observation_flat(self) -> np.ndarray:
-        return self.sim.observation(self.view)
+        if mode == AutoresetMode.DISABLED and pending.any():
+            raise RuntimeError(f"sub-envs {np.flatnonzero(pending).tolist()} are truncated and autoreset_mode is "
+                               f"DISABLED; call reset(options={{'reset_mask': mask}}) before step()")
+        outcome, truncated = core.step(rng, executed)
+        info = core.step_info(outcome)
+        masks = None  # every sub-env reports every key
+        reward = outcome.values[:, 0].copy()
+        if mode == AutoresetMode.SAME_STEP and truncated.any():
+            rows = np.flatnonzero(truncated)
+            final_flat = core.obs[rows]
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            for j, row in enumerate(rows):
+                final_obs[row] = self._package(final_flat[j])
+            final_info = {}
+            for key in core.info_keys:
+                final_info[key] = np.where(truncated, info[key], 0).astype(info[key].dtype, copy=False)
+                final_info["_" + key] = truncated
+            core.reset_rows(rng, rows)
+            fresh = core.reset_info()
+            for key in core.reset_info_keys:
+                info[key] = np.where(truncated, fresh[key], info[key])
+            for key in core.only_step_keys:
+                info[key] = np.where(truncated, 0, info[key]).astype(info[key].dtype, copy=False)
+            keep = ~truncated
+            masks = {key: (self._all_true if key in core.reset_info_keys else keep) for key in core.info_keys}
+            info["final_obs"], info["_final_obs"] = final_obs, truncated.copy()
+            info["final_info"], info["_final_info"] = final_info, truncated.copy()
+            core.pending[:] = False
+        else:
+            core.pending = truncated.copy()
+        return self._finish(core.obs, reward, truncated, info, masks)
 
     def action_masks(self) -> np.ndarray:
-        """(B, 2E) bool: sb3-contrib MultiBinary pairs [may be 0, may be 1] per expert."""
-        if self.view is None:
-            raise RuntimeError("call reset() before action_masks()")
-        B, E = self.num_envs, self.sim.n_experts
-        masks = np.ones((B, E, 2), dtype=bool)
-        if self.sim.enforce_deadline:
-            masks[:, :, 1] = self.view.meets_deadline
-        return masks.reshape(B, 2 * E)
+        """sb3-contrib MultiBinary masks: (num_envs, 2A) bool, pairs [may be 0, may be 1] per action entry;
+        entries that cannot meet the deadline are masked to 0 while deadline enforcement is on."""
+        return self._core.action_masks()
 
-    def step_info(self, out: dict, layer: np.ndarray, token: np.ndarray) -> dict[str, np.ndarray]:
-        """The single env's step info as (B,) arrays (int64 for counters, float64 otherwise; copies)."""
-        out["layer"], out["token"] = layer, token
-        info = {key: out[key] for key in self.info_keys}
-        for key in self._int_keys:
-            if info[key].dtype != np.int64:  # flags come out of the simulator as bool
-                info[key] = info[key].astype(np.int64)
-        for key in self._aliased_keys:  # may alias the token plan or the state: copy
-            info[key] = np.array(info[key], dtype=np.float64)
-        return info
+    def current_view(self):
+        """The simulator's batched view of the current layer (for analytic policies and tests)."""
+        if self._core.state is None:
+            raise RuntimeError("call reset() before current_view()")
+        return self.sim.view(self._core.state)
 
-    def reset_info(self) -> dict[str, np.ndarray]:
-        """The single env's reset info for every row, read at the current view (copies)."""
-        v = self.view
-        return {"layer": np.array(v.layer, dtype=np.int64), "token": np.array(v.token, dtype=np.int64),
-                "topk_energy_j": np.array(v.topk_energy, dtype=np.float64),
-                "deviation_budget": np.array(v.budget, dtype=np.float64)}
+    def render(self):
+        gym.logger.warn(f"{type(self).__name__} does not render; use gym.make_vec(..., vectorization_mode='sync', "
+                        "render_mode='ansi') to render sub-envs")
+        return None
+
+    def close_extras(self, **kwargs: Any) -> None:
+        core = getattr(self, "_core", None)  # absent when the constructor failed
+        if core is not None:
+            core.state = None
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _package(self, flat: np.ndarray):
+        """Flat float32 observation(s) -> the space's structure (Dict entries are views of ``flat``)."""
+        if self.config.flatten_observation:
+            return flat
+        return {key: flat[..., sl] for key, sl in self.sim.obs_slices.items()}
+
+    def _finish(self, obs_flat, reward, truncated, info, masks):
+        if masks is None:
+            info.update(self._all_true_masks)
+        else:
+            for key, mask in masks.items():
+                info["_" + key] = mask
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        return self._package(obs_flat), reward, terminated, truncated, info
 
 
-class WideMoEVectorEnv(VectorEnv):
+class WideMoEVectorEnv(BatchedVectorEnv):
     """
     ## Description
 
     `num_envs` independent episodes of `wide_env/WideMoE-v0` (wireless distributed MoE decoding, one
     MoE layer of one token per step) advanced by one batched numpy call per `step`: there is no Python
     loop over sub-envs. Each sub-env has exactly the single env's dynamics, observation, reward and
-    info (same simulator, see `WideMoEEnv`). All randomness comes from ONE generator, `np_random`,
-    seeded by `reset(seed=...)`; with `num_envs=1` the trajectory equals `gym.make("wide_env/WideMoE-v0")`
-    for the same seed and actions, including across resets.
+    info (same simulator and step kernel, see `WideMoEEnv`). Seeding:
+
+    * `reset(seed=s)` (an int) or no seed: ONE generator, `np_random`, drives the whole batch (the fastest);
+      with `num_envs=1` the trajectory equals `gym.make("wide_env/WideMoE-v0")` for the same seed and
+      actions, including across resets; for `num_envs > 1` sub-env i is not the single env seeded `s + i`
+      (SyncVectorEnv's convention), only distributed like it.
+    * `reset(seed=[s_0, ..., s_{B-1}])` (a list, as `SyncVectorEnv` takes): sub-env i gets its own generator
+      seeded `s_i` and replays `gym.make(...)` reset with `s_i` exactly, across autoresets too, until a reset
+      with an int seed. Every sub-env then plans a single env's chunk of tokens (more memory for large B)
+      and plans separately (slower resets).
 
     ## Action Space
 
@@ -228,168 +321,54 @@ class WideMoEVectorEnv(VectorEnv):
     `render_mode` must be None (use `SyncVectorEnv` of the single env to render).
     """
 
-    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
-
     def __init__(self, num_envs: int = 1, config: WideConfig | dict | None = None, render_mode: str | None = None,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, max_episode_steps: int | None = None,
                  preset: dict | None = None):
-        if render_mode is not None:
-            raise ValueError(f"render_mode={render_mode!r}: the native vector env does not render; use None, or "
-                             f"gym.make_vec(..., vectorization_mode='sync', render_mode=...) to render sub-envs")
-        try:
-            mode = AutoresetMode(autoreset_mode)
-        except ValueError:
-            raise ValueError(f"autoreset_mode={autoreset_mode!r}; choose one of {[m for m in AutoresetMode]}") from None
-        self._core = _BatchedDecode(num_envs, WideConfig.from_dict(config, preset=preset), max_episode_steps)
-        self.num_envs = self._core.num_envs
-        self.config = self._core.config
-        self.sim = self._core.sim
-        self.render_mode = None
-        self.autoreset_mode = mode
-        self.metadata = {**type(self).metadata, "autoreset_mode": mode}
-        self.problem = build_problem(self.sim, self.config.flatten_observation)
-        #: every step's info keys (the single env's, including ``accuracy_*`` with effect tables)
-        self.info_keys = self._core.info_keys
-        self.single_observation_space = observation_space_for(self.sim.layout, self.config.flatten_observation)
-        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        self.single_action_space = spaces.MultiBinary(self.sim.n_experts)
-        self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self._all_true = np.ones(self.num_envs, dtype=bool)
-        self._all_true.flags.writeable = False
-        self._all_true_masks = {"_" + key: self._all_true for key in self.info_keys}
+        config = WideConfig.from_dict(config, preset=preset)
+        if config.gating.backend != "table":
+            raise ValueError(f"config field 'gating.backend' is {config.gating.backend!r}: the live backend runs the "
+                             f"model per episode and is single-env only; use 'table' (effect tables) here, or "
+                             f"gym.make_vec(..., vectorization_mode='sync') for live sub-envs")
+        sim = DecodeSimulator(config, make_gating_source(config))
+        E = sim.n_experts
+        self._setup(sim, num_envs, build_problem(sim, config.flatten_observation), spaces.MultiBinary(E),
+                    lambda actions: validate_actions(actions, self.num_envs, (E,)), render_mode, autoreset_mode,
+                    max_episode_steps)
 
-    @property
-    def max_episode_steps(self) -> int | None:
-        return self._core.max_episode_steps
 
-    # ---- Gymnasium API ---------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Reset every sub-env (or those in ``options["reset_mask"]``); returns (observations, info)."""
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise ValueError(f"seed must be an int or None (one generator drives the whole batch), got {seed!r}")
-        super().reset(seed=seed)
-        core = self._core
-        mask = None if options is None else options.get("reset_mask")
-        if mask is None:
-            core.reset_all(self.np_random)
-            mask = self._all_true
-        else:
-            mask = np.asarray(mask)
-            if mask.shape != (self.num_envs,) or mask.dtype != np.bool_:
-                raise ValueError(f"options['reset_mask'] has shape {mask.shape} and dtype {mask.dtype}; expected a "
-                                 f"({self.num_envs},) bool array (True = reset that sub-env)")
-            if core.state is None:
-                if not mask.all():
-                    raise ValueError("options['reset_mask'] must be all True at the first reset (no episode exists yet)")
-                core.reset_all(self.np_random)
-            elif mask.any():
-                core.reset_rows(self.np_random, np.flatnonzero(mask))
-        info = core.reset_info()
-        for key in RESET_INFO_KEYS:
-            info["_" + key] = mask
-        return self._package(core.observation_flat()), info
+class WideMoEPrefillVectorEnv(BatchedVectorEnv):
+    """
+    ## Description
 
-    def step(self, actions):
-        """Step every sub-env; returns (observations, rewards, terminations, truncations, info)."""
-        core = self._core
-        if core.state is None:
-            raise RuntimeError("call reset() before step()")
-        executed = validate_actions(actions, self.num_envs, self.sim.n_experts)
-        mode = self.autoreset_mode
-        rng = self.np_random
-        pending = core.pending
-        if mode == AutoresetMode.NEXT_STEP and pending.any():
-            resets = pending.copy()
-            if resets.all():  # lockstep batches end together: just a new episode everywhere
-                core.reset_rows(rng, np.arange(self.num_envs))
-                info = core.reset_info()
-                for key in core.only_step_keys:
-                    info[key] = np.zeros(self.num_envs, dtype=np.int64 if key in INT_INFO_KEYS else np.float64)
-                masks = {key: (resets if key in RESET_INFO_KEYS else ~resets) for key in core.info_keys}
-                return self._finish(core.observation_flat(), np.zeros(self.num_envs), np.zeros(self.num_envs, bool),
-                                    info, masks)
-            out, layer, token, truncated = core.evaluate_and_advance(rng, executed)
-            rows = np.flatnonzero(resets)
-            core.reset_rows(rng, rows)
-            info = core.step_info(out, layer, token)
-            fresh = core.reset_info()
-            for key in RESET_INFO_KEYS:
-                info[key][rows] = fresh[key][rows]
-            for key in core.only_step_keys:
-                info[key][rows] = 0
-            keep = ~resets
-            masks = {key: (self._all_true if key in RESET_INFO_KEYS else keep) for key in core.info_keys}
-            reward = out["reward"].copy()
-            reward[rows] = 0.0
-            truncated[rows] = False
-            core.pending = truncated.copy()
-            return self._finish(core.observation_flat(), reward, truncated, info, masks)
+    `num_envs` independent episodes of `wide_env/WideMoEPrefill-v0` (one MoE layer over a prompt of T tokens per
+    step, (token, expert) actions) advanced by one batched numpy call per `step`, with the single env's
+    dynamics, observation, reward and info (same simulator, see `WideMoEPrefillEnv`). Seeding, autoreset
+    modes, `reset_mask`, info masks and `max_episode_steps` as in `WideMoEVectorEnv`.
 
-        if mode == AutoresetMode.DISABLED and pending.any():
-            raise RuntimeError(f"sub-envs {np.flatnonzero(pending).tolist()} are truncated and autoreset_mode is "
-                               f"DISABLED; call reset(options={{'reset_mask': mask}}) before step()")
-        out, layer, token, truncated = core.evaluate_and_advance(rng, executed)
-        core.refresh_view()
-        info = core.step_info(out, layer, token)
-        masks = None  # every sub-env reports every key
-        reward = out["reward"]
-        if mode == AutoresetMode.SAME_STEP and truncated.any():
-            rows = np.flatnonzero(truncated)
-            final_flat = core.observation_flat()[rows]
-            final_obs = np.full(self.num_envs, None, dtype=object)
-            for j, row in enumerate(rows):
-                final_obs[row] = self._package(final_flat[j])
-            final_info = {}
-            for key in core.info_keys:
-                final_info[key] = np.where(truncated, info[key], 0).astype(info[key].dtype, copy=False)
-                final_info["_" + key] = truncated
-            core.reset_rows(rng, rows)
-            fresh = core.reset_info()
-            for key in RESET_INFO_KEYS:
-                info[key] = np.where(truncated, fresh[key], info[key])
-            for key in core.only_step_keys:
-                info[key] = np.where(truncated, 0, info[key]).astype(info[key].dtype, copy=False)
-            keep = ~truncated
-            masks = {key: (self._all_true if key in RESET_INFO_KEYS else keep) for key in core.info_keys}
-            info["final_obs"], info["_final_obs"] = final_obs, truncated.copy()
-            info["final_info"], info["_final_info"] = final_info, truncated.copy()
-            obs_flat = core.observation_flat()
-            core.pending[:] = False
-        else:
-            obs_flat = core.observation_flat()
-            core.pending = truncated.copy()
-        return self._finish(obs_flat, reward, truncated, info, masks)
+    ## Action Space
 
-    def action_masks(self) -> np.ndarray:
-        """sb3-contrib MultiBinary masks: (num_envs, 2E) bool, pairs [may be 0, may be 1] per expert;
-        experts that cannot meet the deadline are masked to 0 while deadline enforcement is on."""
-        return self._core.action_masks()
+    `MultiBinary((num_envs, T*E))`, row i token-major as the single env's (a `(num_envs, T, E)` array is
+    accepted too). `action_masks()` returns `(num_envs, 2*T*E)` bools in sb3-contrib's MultiBinary layout.
 
-    def current_view(self) -> LayerView | None:
-        """The simulator's batched view of the current layer (for analytic policies and tests)."""
-        return self._core.view
+    ## Arguments
 
-    def render(self):
-        gym.logger.warn("WideMoEVectorEnv does not render; use gym.make_vec(..., vectorization_mode='sync', "
-                        "render_mode='ansi') to render sub-envs")
-        return None
+    `gym.make_vec("wide_env/WideMoEPrefill-v0", num_envs=B, vectorization_mode="vector_entry_point",
+    config={...}, prompt_tokens=8, n_prompts=1)`.
+    """
 
-    def close_extras(self, **kwargs: Any) -> None:
-        self._core.state = None
-        self._core.view = None
+    def __init__(self, num_envs: int = 1, config: WideConfig | dict | None = None, render_mode: str | None = None,
+                 prompt_tokens: int = 8, n_prompts: int = 1,
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, max_episode_steps: int | None = None,
+                 preset: dict | None = None):
+        config = WideConfig.from_dict(config, preset=preset)
+        sim = PrefillSimulator(config, make_gating_source(config), prompt_tokens, n_prompts)
+        T, E = sim.T, sim.n_experts
 
-    # ---- helpers ---------------------------------------------------------------------------------
-    def _package(self, flat: np.ndarray):
-        """Flat float32 observation(s) -> the space's structure (Dict entries are views of ``flat``)."""
-        if self.config.flatten_observation:
-            return flat
-        return {key: flat[..., sl] for key, sl in self.sim.obs_slices.items()}
+        def to_executed(actions):
+            arr = np.asarray(actions)
+            if arr.shape == (self.num_envs, T, E):
+                arr = arr.reshape(self.num_envs, T * E)
+            return validate_actions(arr, self.num_envs, (T * E,)).reshape(self.num_envs, T, E)
 
-    def _finish(self, obs_flat, reward, truncated, info, masks):
-        if masks is None:
-            info.update(self._all_true_masks)
-        else:
-            for key, mask in masks.items():
-                info["_" + key] = mask
-        terminated = np.zeros(self.num_envs, dtype=bool)
-        return self._package(obs_flat), reward, terminated, truncated, info
+        self._setup(sim, num_envs, build_prefill_problem(sim, config.flatten_observation), spaces.MultiBinary(T * E),
+                    to_executed, render_mode, autoreset_mode, max_episode_steps)

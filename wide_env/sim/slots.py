@@ -1,9 +1,11 @@
 """Fast fading within one uplink: S equal slots, bit allocation by uniform split or dynamic programming.
 
-Spec section 2 ("slots") and section 6 ("SiftMoE, fast fading") [paper's fast-fading case]. The uplink
-window ``tau`` of a link is split into ``S`` equal slots of ``tau / S``; slot ``s`` sees an i.i.d.
-Nakagami-m power gain ``h_s ~ Gamma(m, 1/m)`` (mean 1) on top of the large-scale gain ``G``. Sending
-``b`` bits in a slot by channel inversion costs (the :func:`~wide_env.sim.costs.inversion_energy`
+docs/model.md, "Slotted uplinks" [paper's fast-fading case]. The uplink window ``tau`` of a link is split
+into ``S`` equal slots of ``tau / S``; slot ``s`` sees an i.i.d. power gain ``h_s`` (mean 1) of the
+channel's fading model (:class:`wide_env.sim.channel.FadingModel`; the paper's Nakagami-m,
+``h ~ Gamma(m, 1/m)``) on top of the large-scale gain ``G``. Every function taking a fading ``law``
+accepts a fading model or a number m (Nakagami-m). Sending
+``b`` bits in a slot by channel inversion costs (the :func:`~wide_env.sim.physics.inversion_energy`
 formula with window ``tau / S``)::
 
     e(b, h) = (tau/S) * (N0 B / (G h)) * (2^(b / (B tau/S)) - 1)   [J]
@@ -18,15 +20,15 @@ Allocations (all numpy, batched over any leading axes of the link arrays):
 
 **Normalisation.** With ``a = (tau/S) N0 B / G`` (joules) and the spectral load ``x = b / (B tau/S)``
 (bit/s/Hz in one slot), ``e = a (2^x - 1) / h``. The normalised value functions ``v_s(x)`` depend only
-on ``m`` and ``S``, not on the link, so they are tabulated once per (m, S) and shared by every link:
+on the fading law and ``S``, not on the link, so they are tabulated once per (law, S) and shared by every link:
 table ``k`` covers ``x in [0, 2^k]`` on a uniform grid of ``grid_points`` points, and a link with total
 load ``X = D / (B tau/S)`` uses the smallest table with ``2^k >= X`` (at least ``(grid_points-1)/2 + 1``
 grid points fall inside ``[0, X]``). Tables are built lazily and cached.
 
 **Decisions on the grid.** After each slot the remaining load is a grid point of the link's table (the
 first slot's choice moves ``X`` onto the grid), so the DP's Bellman recursion is exact on that finite
-decision set. Expectations over ``h`` use Gauss-generalised-Laguerre quadrature for the Gamma(m, 1/m)
-law (``quad_nodes`` nodes, Golub-Welsch); the integrand ``min_b(e(b,h) + V(r-b))`` is bounded (it lies
+decision set. Expectations over ``h`` use the fading model's quadrature (Gauss-generalised-Laguerre for the
+Gamma(m, 1/m) law, ``quad_nodes`` nodes, Golub-Welsch); the integrand ``min_b(e(b,h) + V(r-b))`` is bounded (it lies
 between ``0`` and ``V(r)``), so the rule is stable. The last slot's expectation is analytic (``E[1/h]``).
 
 **Accuracy** (measured, m = 2, spectral load D/(B tau) = 1.09, S = 2..16): with the defaults
@@ -56,47 +58,23 @@ from functools import lru_cache
 
 import numpy as np
 
-from wide_env.sim.costs import inversion_energy, inversion_power
+from wide_env.sim.channel import fading_law
+from wide_env.sim.channel import gamma_quadrature as _gamma_quadrature
+from wide_env.sim.physics import inversion_energy, inversion_power
 
 DEFAULT_QUAD_NODES = 48
 DEFAULT_GRID_POINTS = 257
 
 
-# ---- the Gamma(m, 1/m) law ---------------------------------------------------------------------------
-def expected_inverse_gain(m: float) -> float:
-    """E[1/h] = m / (m - 1) for h ~ Gamma(m, 1/m); raises ValueError for m <= 1 (infinite)."""
-    m = float(m)
-    if not m > 1.0:
-        raise ValueError(f"Nakagami m = {m} <= 1: E[1/h] is infinite, so expected inversion energies are infinite; "
-                         "use config field 'channel.nakagami_m' > 1 (the paper uses m = 2) for the "
-                         "expected-energy surrogate and the DP bit allocation")
-    return m / (m - 1.0)
+# ---- the fading law ------------------------------------------------------------------------------
+def expected_inverse_gain(fading) -> float:
+    """E[1/h] of the slots' fading law (m / (m - 1) for Nakagami-m); raises ValueError where infinite."""
+    return fading_law(fading).expected_inverse_gain()
 
 
-@lru_cache(maxsize=64)
 def gamma_quadrature(m: float, n_nodes: int = DEFAULT_QUAD_NODES) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes h_q and probability weights w_q with sum_q w_q g(h_q) ~ E[g(h)], h ~ Gamma(m, 1/m).
-
-    Gauss-generalised-Laguerre rule for the weight x^(m-1) e^(-x) (Golub-Welsch: eigen-decomposition
-    of the Jacobi matrix), then h = x / m. Exact for polynomials of degree < 2 n_nodes."""
-    if not m > 0:
-        raise ValueError(f"Nakagami m must be > 0, got {m}")
-    if int(n_nodes) < 1:
-        raise ValueError(f"quadrature needs n_nodes >= 1, got {n_nodes}")
-    n = int(n_nodes)
-    alpha = float(m) - 1.0
-    i = np.arange(n, dtype=np.float64)
-    diag = 2.0 * i + alpha + 1.0
-    off = np.sqrt(i[1:] * (i[1:] + alpha))
-    jacobi = np.diag(diag) + np.diag(off, 1) + np.diag(off, -1)
-    x, vec = np.linalg.eigh(jacobi)
-    weights = vec[0] ** 2
-    keep = weights > 0  # far-tail nodes whose weight underflows carry no mass
-    weights = weights[keep] / weights[keep].sum()
-    nodes = x[keep] / float(m)
-    nodes.setflags(write=False)
-    weights.setflags(write=False)
-    return nodes, weights
+    """Quadrature of the Gamma(m, 1/m) law (:func:`wide_env.sim.channel.gamma_quadrature`)."""
+    return _gamma_quadrature(float(m), int(n_nodes))
 
 
 def _f(x):
@@ -105,19 +83,20 @@ def _f(x):
 
 
 # ---- deterministic energies ------------------------------------------------------------------------
-def surrogate_energy(bits, window_s, path_gain, bandwidth_hz: float, noise_psd_w_hz: float, m: float):
-    """SiftMoE's deterministic selection surrogate: inversion energy over the whole window with
-    1/h replaced by E[1/h] = m/(m-1) (J). Equals :func:`expected_energy_uniform` for any S. m <= 1 raises."""
-    mu = expected_inverse_gain(m)
+def surrogate_energy(bits, window_s, path_gain, bandwidth_hz: float, noise_psd_w_hz: float, law):
+    """SiftMoE's deterministic selection surrogate: inversion energy over the whole window with 1/h replaced
+    by E[1/h] of the fading ``law`` (J). Equals :func:`expected_energy_uniform` for any S. Raises where E[1/h]
+    is infinite (Nakagami m <= 1)."""
+    mu = expected_inverse_gain(law)
     return inversion_energy(bits, window_s, np.asarray(path_gain, dtype=np.float64) / mu, bandwidth_hz, noise_psd_w_hz)
 
 
-def expected_energy_uniform(bits, window_s, path_gain, bandwidth_hz: float, noise_psd_w_hz: float, m: float,
+def expected_energy_uniform(bits, window_s, path_gain, bandwidth_hz: float, noise_psd_w_hz: float, law,
                             n_slots: int):
     """Expected energy (J) of D/S bits per slot by inversion, S i.i.d. Nakagami-m slots: exact,
-    S * (tau/S) * E[1/h] * (N0 B / G) * (2^(D/(B tau/S)) - 1). Batched; m <= 1 raises."""
+    S * (tau/S) * E[1/h] * (N0 B / G) * (2^(D/(B tau/S)) - 1). Batched; raises where E[1/h] is infinite."""
     S = _check_slots(n_slots)
-    mu = expected_inverse_gain(m)
+    mu = expected_inverse_gain(law)
     window = np.asarray(window_s, dtype=np.float64)
     return S * inversion_energy(np.asarray(bits, dtype=np.float64) / S, window / S,
                                 np.asarray(path_gain, dtype=np.float64) / mu, bandwidth_hz, noise_psd_w_hz)
@@ -143,7 +122,7 @@ class SlotOutcome:
 
 
 def realised_uniform(bits, window_s, path_gain, fading, bandwidth_hz: float, noise_psd_w_hz: float) -> SlotOutcome:
-    """D/S bits per slot; ``fading`` lead + (S,) are the slots' small-scale gains. Any m."""
+    """D/S bits per slot; ``fading`` lead + (S,) are the slots' small-scale gains. Any fading law."""
     fading = np.asarray(fading, dtype=np.float64)
     S = fading.shape[-1]
     bits = np.asarray(bits, dtype=np.float64)
@@ -165,7 +144,7 @@ def _outcome(slot_bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_h
 
 # ---- dynamic programming ---------------------------------------------------------------------------
 class SlotDP:
-    """Causal DP bit allocation over ``n_slots`` i.i.d. Nakagami-``m`` slots (see the module docstring).
+    """Causal DP bit allocation over ``n_slots`` i.i.d. slots of the fading ``law`` (see the module docstring).
 
     ``expected_energy(...)`` gives the DP's expected energy per link, ``allocate(...)`` runs the policy on
     realised slot gains. Both are batched over the leading axes of ``bits``, ``window_s``, ``path_gain``.
@@ -174,15 +153,15 @@ class SlotDP:
     grid_points (realised), later slots grid_points each.
     """
 
-    def __init__(self, m: float, n_slots: int, *, quad_nodes: int = DEFAULT_QUAD_NODES,
+    def __init__(self, law, n_slots: int, *, quad_nodes: int = DEFAULT_QUAD_NODES,
                  grid_points: int = DEFAULT_GRID_POINTS):
         self.S = _check_slots(n_slots)
-        self.mu = expected_inverse_gain(m)
-        self.m = float(m)
+        self.law = fading_law(law)
+        self.mu = self.law.expected_inverse_gain()
         if int(grid_points) < 3:
             raise ValueError(f"grid_points = {grid_points} is too small; use >= 3 (64-1025 recommended)")
         self.G = int(grid_points)
-        self.nodes, self.weights = gamma_quadrature(self.m, int(quad_nodes))
+        self.nodes, self.weights = self.law.quadrature(int(quad_nodes))
         self._tables: dict[int, np.ndarray] = {}
 
     def _table(self, k: int) -> np.ndarray:
@@ -282,7 +261,7 @@ class SlotDP:
         (links on the uniform fallback, and S = 1, return :func:`expected_energy_uniform` exactly)."""
         lead, a, X = self._normalise(bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz)
         out = np.array(np.broadcast_to(expected_energy_uniform(bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz,
-                                                               self.m, self.S), lead), dtype=np.float64).reshape(-1)
+                                                               self.law, self.S), lead), dtype=np.float64).reshape(-1)
         Xf = X.reshape(-1)
         use = self.use_dp(Xf)
         if use.any():
@@ -349,45 +328,51 @@ class SlotDP:
         return out
 
 
-@lru_cache(maxsize=32)
-def slot_dp(m: float, n_slots: int, quad_nodes: int = DEFAULT_QUAD_NODES,
+def slot_dp(law, n_slots: int, quad_nodes: int = DEFAULT_QUAD_NODES,
             grid_points: int = DEFAULT_GRID_POINTS) -> SlotDP:
-    """A cached :class:`SlotDP` (its tables are shared by every caller with the same settings)."""
-    return SlotDP(m, n_slots, quad_nodes=quad_nodes, grid_points=grid_points)
+    """A cached :class:`SlotDP` (its tables are shared by every caller with the same law and settings)."""
+    law = fading_law(law)
+    return _slot_dp(law.law_key(), law, int(n_slots), int(quad_nodes), int(grid_points))
 
 
-def expected_energy_dp(bits, window_s, path_gain, bandwidth_hz: float, noise_psd_w_hz: float, m: float,
+@lru_cache(maxsize=32)
+def _slot_dp(key: tuple, law, n_slots: int, quad_nodes: int, grid_points: int) -> SlotDP:
+    return SlotDP(law, n_slots, quad_nodes=quad_nodes, grid_points=grid_points)
+
+
+def expected_energy_dp(bits, window_s, path_gain, bandwidth_hz: float, noise_psd_w_hz: float, law,
                        n_slots: int, *, quad_nodes: int = DEFAULT_QUAD_NODES, grid_points: int = DEFAULT_GRID_POINTS):
     """Expected energy (J) of causal DP bit allocation over S slots, per link (batched); <= uniform's."""
-    return slot_dp(float(m), _check_slots(n_slots), int(quad_nodes), int(grid_points)).expected_energy(
+    return slot_dp(law, _check_slots(n_slots), int(quad_nodes), int(grid_points)).expected_energy(
         bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz)
 
 
 def allocate_bits(policy: str, bits, window_s, path_gain, fading, bandwidth_hz: float, noise_psd_w_hz: float,
-                  m: float | None = None, *, quad_nodes: int = DEFAULT_QUAD_NODES,
+                  law=None, *, quad_nodes: int = DEFAULT_QUAD_NODES,
                   grid_points: int = DEFAULT_GRID_POINTS) -> SlotOutcome:
-    """Realised allocation with ``policy`` 'uniform' or 'dp' (m needed for 'dp'); S = fading.shape[-1]."""
+    """Realised allocation with ``policy`` 'uniform' or 'dp' (the fading ``law`` needed for 'dp');
+    S = fading.shape[-1]."""
     if policy == "uniform":
         return realised_uniform(bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz)
     if policy == "dp":
-        if m is None:
-            raise ValueError("bit allocation 'dp' needs the Nakagami m of the slot gains")
+        if law is None:
+            raise ValueError("bit allocation 'dp' needs the fading law of the slot gains (a model or Nakagami m)")
         S = np.shape(fading)[-1]
-        return slot_dp(float(m), int(S), int(quad_nodes), int(grid_points)).allocate(
+        return slot_dp(law, int(S), int(quad_nodes), int(grid_points)).allocate(
             bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz)
     raise ValueError(f"unknown bit allocation {policy!r}; choose 'uniform' or 'dp' (config field 'radio.bit_allocation')")
 
 
-def expected_energy(policy: str, bits, window_s, path_gain, bandwidth_hz: float, noise_psd_w_hz: float, m: float,
+def expected_energy(policy: str, bits, window_s, path_gain, bandwidth_hz: float, noise_psd_w_hz: float, law,
                     n_slots: int, **kwargs):
     """Expected energy (J) under ``policy`` 'uniform' or 'dp' (dispatch helper for the simulators)."""
     if policy == "uniform":
-        return expected_energy_uniform(bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz, m, n_slots)
+        return expected_energy_uniform(bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz, law, n_slots)
     if policy == "dp":
-        return expected_energy_dp(bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz, m, n_slots, **kwargs)
+        return expected_energy_dp(bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz, law, n_slots, **kwargs)
     raise ValueError(f"unknown bit allocation {policy!r}; choose 'uniform' or 'dp' (config field 'radio.bit_allocation')")
 
 
-def draw_slot_fading(rng: np.random.Generator, shape: tuple[int, ...], m: float, n_slots: int) -> np.ndarray:
-    """i.i.d. Gamma(m, 1/m) slot gains of shape ``shape + (S,)``."""
-    return rng.gamma(float(m), 1.0 / float(m), size=tuple(shape) + (_check_slots(n_slots),))
+def draw_slot_fading(rng: np.random.Generator, shape: tuple[int, ...], law, n_slots: int) -> np.ndarray:
+    """i.i.d. slot gains of the fading ``law``, of shape ``shape + (S,)``."""
+    return fading_law(law).draw(rng, tuple(shape) + (_check_slots(n_slots),))

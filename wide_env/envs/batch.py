@@ -1,0 +1,93 @@
+"""B episodes of one simulator as every env front end drives them (single env = a batch of one, the
+Gymnasium vector env and the SB3 VecEnv = batches of B). Phase-generic: decoding and prefill simulators
+offer the same calls (reset, reset_rows, step, observe, view, may_execute, reset_info) and outcomes.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+class EpisodeBatch:
+    """The simulator, the state of ``num_envs`` episodes, their latest observation, per-row step counts
+    (``max_episode_steps``) and autoreset flags. All randomness comes from the generator passed in."""
+
+    def __init__(self, sim, num_envs: int, max_episode_steps: int | None = None):
+        if isinstance(num_envs, bool) or not isinstance(num_envs, numbers.Integral) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        if max_episode_steps is not None and (isinstance(max_episode_steps, bool) or
+                                              not isinstance(max_episode_steps, numbers.Integral) or
+                                              max_episode_steps < 1):
+            raise ValueError(f"max_episode_steps must be an integer >= 1 or None, got {max_episode_steps!r}")
+        self.sim = sim
+        self.num_envs = int(num_envs)
+        self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
+        #: step info keys: the outcome's float fields after "reward", then its int fields
+        self.float_keys, self.int_keys = sim.info_keys()
+        self.info_keys = self.float_keys + self.int_keys
+        self.reset_info_keys = sim.RESET_INFO_KEYS
+        self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
+        self.state = None
+        self.obs: np.ndarray | None = None  # (B, D) float32, the current observations (fresh after each call)
+        self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
+        self.pending = np.zeros(self.num_envs, dtype=bool)  # episode over at the previous step (autoreset)
+
+    # ---- resets ----------------------------------------------------------------------------------
+    def reset_all(self, rng: np.random.Generator) -> None:
+        self.state = self.sim.reset(rng, self.num_envs)
+        self.obs = self.sim.observe(self.state)
+        self.elapsed[:] = 0
+        self.pending[:] = False
+
+    def reset_rows(self, rng: np.random.Generator, rows: np.ndarray) -> None:
+        """Reset rows (index array); all rows at once go through a plain reset (same draws, no copies)."""
+        if rows.size == self.num_envs:
+            return self.reset_all(rng)
+        self.sim.reset_rows(rng, self.state, rows)
+        mask = np.zeros(self.num_envs, dtype=bool)
+        mask[rows] = True
+        self.obs = self.sim.observe(self.state, mask, self.obs.copy())
+        self.elapsed[rows] = 0
+        self.pending[rows] = False
+
+    # ---- one step --------------------------------------------------------------------------------
+    def step(self, rng: np.random.Generator, executed: np.ndarray):
+        """Step every row not yet finished (finished rows report zeros); returns (outcome, truncated (B,)).
+        The observations after the step are in ``self.obs`` (a fresh array)."""
+        self.obs = obs = np.empty_like(self.obs)
+        outcome = self.sim.step(rng, self.state, executed, obs)
+        truncated = self.state.done.copy()
+        if self.max_episode_steps is not None:
+            self.elapsed += 1
+            truncated |= self.elapsed >= self.max_episode_steps
+        return outcome, truncated
+
+    def action_masks(self) -> np.ndarray:
+        """(B, 2A) bool: sb3-contrib MultiBinary pairs [may be 0, may be 1] per action entry."""
+        if self.state is None:
+            raise RuntimeError("call reset() before action_masks()")
+        may = self.sim.may_execute(self.state).reshape(self.num_envs, -1)
+        masks = np.ones(may.shape + (2,), dtype=bool)
+        masks[..., 1] = may
+        return masks.reshape(self.num_envs, -1)
+
+    # ---- info ------------------------------------------------------------------------------------
+    def step_info(self, outcome) -> dict[str, np.ndarray]:
+        """The single env's step info as (B,) arrays (int64 counters, float64 otherwise; fresh arrays)."""
+        floats = outcome.values[:, 1:1 + len(self.float_keys)].T.copy()
+        ints = outcome.counts[:, :len(self.int_keys)].T.copy()
+        info = dict(zip(self.float_keys, floats))
+        info.update(zip(self.int_keys, ints))
+        return info
+
+    def step_info_one(self, outcome, row: int = 0) -> dict:
+        """One row's step info as Python numbers (the single env's)."""
+        info = dict(zip(self.float_keys, outcome.values[row, 1:].tolist()))
+        info.update(zip(self.int_keys, outcome.counts[row].tolist()))
+        return info
+
+    def reset_info(self) -> dict[str, np.ndarray]:
+        """The reset info of every row at the current state, (B,) arrays (copies)."""
+        return self.sim.reset_info(self.state)

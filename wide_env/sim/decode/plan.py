@@ -1,0 +1,278 @@
+"""Planning of decoding: the channels, costs and gating of the next C tokens of every episode, in one batched
+numpy call per chunk (a step then only reads its entries; see :mod:`wide_env.sim.decode.kernel`).
+
+Every array is STEP-MAJOR, (C, Lx, n, ...): chunk token, then layer, then episode, then the entries of one
+decision. The entries all episodes need at one step, ``x[c, l]``, are then one contiguous block (a lockstep
+batch streams through memory), and each episode's entries are contiguous inside it. Lx is L for gating,
+Lc for costs (1 when every layer sees the same channel and host map, else L), Lf for the channel (1, or L
+with per-layer fading), 1 for helper positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from wide_env.config import ConfigError
+from wide_env.sim import slots
+from wide_env.sim.channel import move_random_waypoint, path_gain
+from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
+from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_ENERGY_COST, MAX_LATENCY_RATIO
+from wide_env.sim.physics import by_expert, node_cost_table, node_costs, topk_reference
+from wide_env.sim.scenario import Scenario
+from wide_env.sim.units import linear_to_db
+
+# Layer-steps planned ahead in one batched call (all envs x tokens x layers): amortises numpy's per-call
+# overhead over many steps while bounding memory for large vector envs.
+PLAN_LAYER_STEPS = 32768
+
+#: the episode axis of every plan array
+EPISODES = 2
+
+
+@dataclass
+class TokenPlan:
+    """The next C tokens of n episodes, step-major. E experts, K Top-K, N helpers, D observation entries."""
+
+    # (C, Lc, n, 4, E) per expert call: J spent in the uplink / comm / system scopes, then the latency (s)
+    costs: np.ndarray
+    meets_deadline: np.ndarray  # (C, Lc, n, E) bool
+    observed_energy_scopes: np.ndarray | None  # (C, Lc, n, 3, E) what the observation shows (slotted), else None
+    # (C, L, n, 2): objective-scope energy of the Top-K set and the reward's energy unit (physics.topk_reference), J
+    topk: np.ndarray
+    probs: np.ndarray  # (C, L, n, E) float32 router probabilities
+    topk_idx: np.ndarray  # (C, L, n, K) int64, descending probability
+    topk_weight: np.ndarray  # (C, L, n, K) combine weights
+    deviation_table: np.ndarray  # (C, L, n, K, E+1) kappa_l w_k D_l(S_k, j), weighted model units, column E = skip
+    # the channel's observation entries (CHANNEL_KEYS), float32, clipped to their boxes; the step writes
+    # them with the gating entries (from the arrays above), the budget left and the position
+    obs_gain: np.ndarray  # (C, Lf, n, N) channel_gain_db
+    obs_energy: np.ndarray  # (C, L, n, E) energy_cost
+    obs_latency: np.ndarray  # (C, Lc, n, E) latency_ratio
+    channel_gain_db: np.ndarray  # (C, Lf, n, N)
+    helper_positions: np.ndarray  # (C, 1, n, N, 2) m, where the helpers are at each token
+    # real accuracy, the effect tables' rows of the planned tokens (sources without tables: width 0): per
+    # (slot, server) a code (bit 0: stays correct, bit 1: keeps the full model's prediction; 3 where a slot is
+    # served by its own expert) and the loss change (nats); whether the full model predicts each token
+    effect_code: np.ndarray  # (C, L, n, K (E+1)) uint8
+    effect_dloss: np.ndarray  # (C, L, n, K (E+1)) float32
+    full_correct: np.ndarray  # (C, 1, n) bool
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.costs.shape[0]
+
+    @property
+    def energy_scopes(self) -> np.ndarray:
+        """(C, Lc, n, 3, E) J of executing each expert: uplink / comm / system scope."""
+        return self.costs[..., :3, :]
+
+    @property
+    def latency(self) -> np.ndarray:
+        """(C, Lc, n, E) s."""
+        return self.costs[..., 3, :]
+
+    @property
+    def topk_energy(self) -> np.ndarray:
+        """(C, L, n) objective-scope energy of the Top-K set, J."""
+        return self.topk[..., 0]
+
+    @property
+    def energy_reference(self) -> np.ndarray:
+        """(C, L, n) the reward's energy unit, J."""
+        return self.topk[..., 1]
+
+
+#: observation keys planned from the channel (``obs_gain``, ``obs_energy``, ``obs_latency``, in this order)
+CHANNEL_KEYS = ("channel_gain_db", "energy_cost", "latency_ratio")
+
+
+def chunk_size(scn: Scenario, batch: int) -> int:
+    """Tokens planned per batched call for a batch of ``batch`` episodes."""
+    return int(max(1, min(scn.n_tokens, PLAN_LAYER_STEPS // max(1, batch * scn.n_layers))))
+
+
+def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int, fresh: bool,
+                effects: tuple) -> TokenPlan:
+    """Channels, gating and costs of tokens chunk_start .. chunk_start+chunk-1 for episodes ``rows`` of
+    ``state`` (None = all); advances their fading (and mobility) state. ``fresh``: the stored channel is
+    already token 0's (just reset), so the first epoch does not fade. ``effects``: the source's accuracy
+    lookups (code (T, L, K (E+1)), dloss, full_correct (T,)), or arrays with no rows."""
+    sel = slice(None) if rows is None else rows
+    cfg = scn.config
+    pl, ch = cfg.placement, cfg.channel
+    epochs_per_token = scn.n_layers if scn.fading_per_layer else 1
+    fading, path_g = state.fading[sel], state.path_gain[sel]
+    n, N = fading.shape[0], scn.n_nodes
+    epochs = chunk * epochs_per_token
+    where = np.empty((chunk, 1, n, N, 2))
+    where[:] = state.positions[sel]
+    if pl.mobility:  # pedestrians move once per token: walk the epochs in order
+        gains = np.empty((epochs, n, N))
+        path_gains = np.empty_like(gains)  # large-scale part alone (slotted uplinks fade within the window)
+        for epoch in range(epochs):
+            if not (fresh and epoch == 0):
+                fading = scn.fading.advance(rng, fading)
+                if epoch % epochs_per_token == 0:
+                    pos, wp, sp = move_random_waypoint(
+                        rng, state.positions[sel], state.waypoints[sel], state.speeds[sel], ch.token_interval_s,
+                        pl.r_min_m, pl.r_max_m, (pl.speed_min_mps, pl.speed_max_mps))
+                    state.positions[sel], state.waypoints[sel], state.speeds[sel] = pos, wp, sp
+                    path_g = path_gain(np.linalg.norm(pos, axis=-1), ch.path_loss_exponent, ch.reference_gain_db)
+                    state.path_gain[sel] = path_g
+                    where[epoch // epochs_per_token, 0] = pos
+            gains[epoch] = path_g * scn.fading.gain(fading)
+            path_gains[epoch] = path_g
+    else:  # static helpers: every epoch's fading in one draw
+        states, last = scn.fading.sequence(rng, fading, epochs - 1 if fresh else epochs)
+        if fresh:
+            states = np.concatenate([fading[None], states], axis=0)
+        fading = last if len(states) else fading
+        gains = path_g * scn.fading.gain(states)  # (epochs, n, N)
+        path_gains = np.broadcast_to(path_g, gains.shape)
+    state.fading[sel] = fading
+    tokens = np.minimum(state.chunk_start[sel] + np.arange(chunk)[:, None], scn.n_tokens - 1)  # (C, n)
+    positions = state.start[sel] + tokens  # (C, n) trace positions
+    gating = plan_gating(scn, rng, positions)
+    shape = (chunk, epochs_per_token, n, N)
+    plan = _plan_costs(scn, rng, gains.reshape(shape), path_gains.reshape(shape), gating, where)
+    check_finite(scn, plan)
+    code, dloss, full = effects
+    if code.shape[0]:
+        L = scn.n_layers
+        rows = (positions[:, None, :] * L + np.arange(L)[:, None]).reshape(-1)  # (c, l, b) order
+        plan.effect_code = np.take(code.reshape(-1, code.shape[-1]), rows, axis=0).reshape(chunk, L, n, -1)
+        plan.effect_dloss = np.take(dloss.reshape(-1, dloss.shape[-1]), rows, axis=0).reshape(chunk, L, n, -1)
+        plan.full_correct = np.take(full, positions)[:, None, :]
+    else:
+        plan.effect_code = np.zeros((chunk, scn.n_layers, n, 0), dtype=np.uint8)
+        plan.effect_dloss = np.zeros((chunk, scn.n_layers, n, 0), dtype=np.float32)
+        plan.full_correct = np.ones((chunk, 1, n), dtype=bool)
+    return plan
+
+
+def plan_gating(scn: Scenario, rng: np.random.Generator, positions: np.ndarray) -> GatingRows:
+    """Gating rows of the tokens at trace ``positions`` (C, n) in every layer, in step-major order: row
+    (c L + l) n + b. A recorded trace's rows are gathered from its per-position tables; a synthetic source
+    draws fresh gating."""
+    C, n = positions.shape
+    L = scn.n_layers
+    if scn.source.positional:  # precomputed rows of every position: gather them
+        table = position_gating_rows(scn.source, scn.weighted_mismatch)
+        return table.take(positions[:, None, :] * L + np.arange(L)[:, None])
+    flat = scn.source.gates(positions.reshape(-1), rng)  # (C n, L, ...)
+    R = C * n * L
+    order = lambda x: x.reshape(C, n, L, -1).transpose(0, 2, 1, 3).reshape(R, -1)  # noqa: E731  (c, l, b) rows
+    return build_gating_rows(scn.weighted_mismatch, np.tile(np.repeat(np.arange(L), n), C), order(flat.probs),
+                             order(flat.topk_idx), order(flat.topk_weight))
+
+
+def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, gating: GatingRows, positions) -> TokenPlan:
+    """Costs of the planned tokens: channel_gain, path_gains (C, Lf, n, N); positions (C, 1, n, N, 2)."""
+    link, radio, comp = scn.link, scn.config.radio, scn.config.compute
+    C, Lf, n, N = channel_gain.shape
+    L, E = scn.n_layers, scn.n_experts
+    queue = rng.exponential(comp.queue_delay_mean_s, size=channel_gain.shape) if comp.queue_delay_mean_s > 0 else 0.0
+    costs = node_costs(channel_gain, link, queue_delay_s=queue)
+    uplink, observed = None, None
+    if radio.uplink_slots > 1:
+        # Fast fading within the uplink [paper]: the policy sees the expected-inverse-gain surrogate (E[1/h]
+        # for 1/h over the path gain); the energy spent follows the slot gains as revealed, with bits
+        # allocated per slot by DP or uniformly. The window is the inversion window.
+        window = link.deadline_s - link.compute_time_s - costs.downlink_time
+        surrogate = slots.surrogate_energy(link.bits, window, path_gains, link.bandwidth_hz, link.noise_psd_w_hz,
+                                           scn.fading)
+        slot_gains = slots.draw_slot_fading(rng, path_gains.shape, scn.fading, radio.uplink_slots)
+        uplink = slots.allocate_bits(radio.bit_allocation, link.bits, window, path_gains, slot_gains,
+                                     link.bandwidth_hz, link.noise_psd_w_hz, scn.fading).energy
+        observed = _experts(scn, node_cost_table(costs, link, surrogate, _local(scn)))[..., :3, :]
+    expert_costs = _experts(scn, node_cost_table(costs, link, uplink, _local(scn)))  # (C, Lc, n, 4, E)
+    latency = expert_costs[..., 3, :]
+    topk_idx = gating.topk_idx.reshape(C, L, n, -1)
+    energy = expert_costs[..., scn.scope_index, :]  # (C, Lc, n, E); Lc broadcasts over L
+    topk = np.empty((C, L, n, 2))
+    topk[..., 0], topk[..., 1] = topk_reference(energy, topk_idx)
+    gain_db = linear_to_db(channel_gain)
+    cost = observed_energy_cost(energy, observed, scn.scope_index, topk_idx, topk[..., 1])
+    return TokenPlan(
+        costs=expert_costs, meets_deadline=latency <= link.deadline_s * (1.0 + 1e-9), observed_energy_scopes=observed,
+        topk=topk, probs=gating.probs.reshape(C, L, n, E).astype(np.float32, copy=False), topk_idx=topk_idx,
+        topk_weight=gating.topk_weight.reshape(C, L, n, -1).astype(np.float64, copy=False),
+        deviation_table=gating.deviation_table.reshape(C, L, n, -1, E + 1),
+        obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32),
+        obs_energy=np.minimum(cost, MAX_ENERGY_COST).astype(np.float32),
+        obs_latency=np.minimum(latency / scn.deadline_s, MAX_LATENCY_RATIO).astype(np.float32),
+        channel_gain_db=gain_db, helper_positions=positions, effect_code=None, effect_dloss=None, full_correct=None)
+
+
+def _local(scn: Scenario):
+    """1 (one expert call) when some expert runs on the device (the node table then needs its column)."""
+    return 1.0 if (scn.hosts == 0).any() else None
+
+
+def _experts(scn: Scenario, node_values: np.ndarray) -> np.ndarray:
+    """(C, Lf, n, ..., nodes) node values -> (C, Lc, n, ..., E) expert values through the host map. Without a
+    device column the nodes are the helpers 1..N (a one-to-one map needs no gather)."""
+    offset = 0 if (scn.hosts == 0).any() else 1
+    if scn.same_hosts_every_layer:
+        hosts = scn.hosts[0] - offset
+        if np.array_equal(hosts, np.arange(node_values.shape[-1])):
+            return node_values
+        return by_expert(node_values, hosts)
+    C, Lf = node_values.shape[:2]
+    out = np.empty((C, scn.n_layers) + node_values.shape[2:-1] + (scn.n_experts,))
+    for layer in range(scn.n_layers):
+        out[:, layer] = by_expert(node_values[:, layer if Lf > 1 else 0], scn.hosts[layer] - offset)
+    return out
+
+
+def observed_energy_cost(energy, observed_scopes, scope_index: int, topk_idx, reference) -> np.ndarray:
+    """The observation's ``energy_cost`` entries: the energy of executing each expert over the reward's
+    reference (so executed entries sum to -reward_energy); with slotted uplinks the surrogate energy over
+    the surrogate Top-K energy instead (the reward's reference stays the spent Top-K energy)."""
+    if observed_scopes is None:
+        return energy / reference[..., None]
+    seen = observed_scopes[..., scope_index, :]
+    seen_topk, _ = topk_reference(seen, topk_idx)
+    return np.broadcast_to(seen, seen_topk.shape + seen.shape[-1:]) / np.where(seen_topk > 0, seen_topk, 1.0)[..., None]
+
+
+def check_finite(scn: Scenario, plan: TokenPlan) -> None:
+    """A plan with NaN or inf costs comes from a config whose numbers overflow: name the fields."""
+    bad = [name for name in ("costs", "topk", "channel_gain_db") if not np.isfinite(getattr(plan, name)).all()]
+    if bad:
+        cfg = scn.config
+        fields_ = {"channel.path_loss_exponent": cfg.channel.path_loss_exponent,
+                   "channel.reference_gain_db": cfg.channel.reference_gain_db,
+                   "channel.noise_psd_dbm_hz": cfg.channel.noise_psd_dbm_hz,
+                   "radio.bandwidth_hz": cfg.radio.bandwidth_hz, "radio.user_max_power_dbm": cfg.radio.user_max_power_dbm,
+                   "radio.helper_power_dbm": cfg.radio.helper_power_dbm, "placement.r_min_m": cfg.placement.r_min_m,
+                   "placement.r_max_m": cfg.placement.r_max_m}
+        listed = ", ".join(f"{k} = {v!r}" for k, v in fields_.items())
+        raise ConfigError(f"the planned {', '.join(bad)} are not finite (NaN or inf): the link budget under/overflows "
+                          f"double precision with {listed}; bring these fields to physical values")
+
+
+def _arrays(plan: TokenPlan):
+    return [(f.name, getattr(plan, f.name)) for f in fields(plan) if getattr(plan, f.name) is not None]
+
+
+def take_plan(plan: TokenPlan, rows) -> TokenPlan:
+    """The plan of episodes ``rows`` alone (copies)."""
+    taken = {name: np.take(value, rows, axis=EPISODES) for name, value in _arrays(plan)}
+    return TokenPlan(**{f.name: taken.get(f.name) for f in fields(TokenPlan)})
+
+
+def assign_plan(target: TokenPlan, rows, source: TokenPlan) -> None:
+    """Write plan ``source`` (len(rows) episodes) into episodes ``rows`` of ``target`` (in place)."""
+    for name, value in _arrays(target):
+        value[:, :, rows] = getattr(source, name)
+
+
+def concat_plans(plans: list[TokenPlan]) -> TokenPlan:
+    """The plans of several groups of episodes (same chunk length) as one plan, in order."""
+    if len(plans) == 1:
+        return plans[0]
+    joined = {name: np.concatenate([getattr(p, name) for p in plans], axis=EPISODES) for name, _ in _arrays(plans[0])}
+    return TokenPlan(**{f.name: joined.get(f.name) for f in fields(TokenPlan)})

@@ -1,0 +1,264 @@
+"""Batched decoding simulator: B WIDE episodes, one MoE layer of one generated token per step (no gymnasium).
+
+:class:`DecodeSimulator` holds the static scenario and drives :class:`DecodeState` (B episodes) through
+:meth:`~DecodeSimulator.reset`, :meth:`~DecodeSimulator.step` (one compiled kernel evaluates, folds the
+accuracy, advances and writes the next observations; chunks of tokens are planned in numpy when a plan is
+used up), :meth:`~DecodeSimulator.evaluate` (what-if outcomes, no state change) and
+:meth:`~DecodeSimulator.observe`. The single env is a batch of one; the vector envs are batches of B.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from wide_env.config import WideConfig
+from wide_env.gating.base import GatingSource
+from wide_env.sim.channel import draw_helpers
+from wide_env.sim.decode import kernel
+from wide_env.sim.decode.plan import assign_plan, chunk_size, concat_plans, observed_energy_cost, plan_tokens
+from wide_env.sim.decode.state import DecodeState, empty_outcome
+from wide_env.sim.outcome import Outcome
+from wide_env.sim.decode.view import LayerView, make_view
+from wide_env.sim.gating_rows import build_gating_rows
+from wide_env.sim.observation import MAX_DEVIATION, MAX_ENERGY_COST, observation_layout, observation_slices
+from wide_env.sim.physics import topk_reference
+from wide_env.sim.scenario import Scenario, per_row
+
+# Per-source lookup tables of the accuracy bookkeeping (derived from the source's effect tables, shared).
+_EFFECT_LOOKUPS: "weakref.WeakKeyDictionary[GatingSource, tuple]" = weakref.WeakKeyDictionary()
+
+
+class DecodeSimulator:
+    """Static description of a decoding scenario plus batched reset / step / evaluate / observe."""
+
+    #: info keys a (re)set episode reports
+    RESET_INFO_KEYS = ("layer", "token", "topk_energy_j", "deviation_budget")
+    #: outcome fields whose info keys only sources with effect tables report
+    ACCURACY_KEYS = ("delta_loss", "accuracy_correct", "accuracy_same", "accuracy_full", "token_complete")
+
+    def __init__(self, config: WideConfig, source: GatingSource):
+        self.scenario = scn = Scenario.build(config, source)
+        self.config, self.source = config, source
+        self.n_layers, self.n_experts, self.top_k = scn.n_layers, scn.n_experts, scn.top_k
+        self.n_nodes, self.n_tokens = scn.n_nodes, scn.n_tokens
+        self.deadline, self.enforce_deadline, self.budget_mode = scn.deadline_s, scn.enforce_deadline, scn.budget_mode
+        self.layer_budget, self.token_budget, self.layer_weight = scn.layer_budget, scn.token_budget, scn.layer_weight
+        self.hosts = scn.hosts
+        self.layout = observation_layout(self.n_experts, self.top_k, self.n_nodes)
+        self.obs_slices = observation_slices(self.layout)
+        self.obs_size = sum(size for size, _, _ in self.layout.values())
+        self.has_accuracy = bool(getattr(source, "has_effects", False))
+        sl = self.obs_slices
+        if tuple(sl) != kernel.OBSERVATION_KEYS:  # the step kernel writes every key of the layout
+            raise AssertionError(f"the decoding observation layout {list(sl)} differs from the keys the step kernel "
+                                 f"writes {list(kernel.OBSERVATION_KEYS)}: plan and write the new key in "
+                                 "wide_env/sim/decode (plan.py, kernel.py)")
+        ints = [self.n_layers, self.n_tokens, self.budget_mode == "token", self.enforce_deadline, scn.scope_index,
+                self.has_accuracy]
+        ints += [sl[key].start for key in kernel.OBSERVATION_KEYS]
+        assert len(ints) == kernel.I_AT + len(kernel.OBSERVATION_KEYS)
+        rw = config.reward
+        floats = [0.0 if np.isnan(self.token_budget) else self.token_budget, rw.deviation_weight, rw.deadline_weight,
+                  max(self.n_layers - 1, 1), max(self.n_tokens - 1, 1), MAX_DEVIATION]
+        assert len(floats) == kernel.F_LAYER_BUDGET
+        self._consts = (np.array(ints, dtype=np.int64),
+                        np.array(floats + list(self.layer_budget) + list(self.layer_weight) + list(scn.budget_unit),
+                                 dtype=np.float64))
+        self._accuracy = self._accuracy_tables()
+        self._all_rows: dict[int, np.ndarray] = {}
+
+    # ---- episodes --------------------------------------------------------------------------------
+    def chunk_size(self, batch: int) -> int:
+        return chunk_size(self.scenario, batch)
+
+    def reset(self, rng, batch: int, chunk: int | None = None) -> DecodeState:
+        """New episodes for ``batch`` environments; observe them with :meth:`observe`. ``rng``: one generator
+        for the whole batch, or a list of ``batch`` generators, one per episode, each drawing exactly what a
+        batch of one (the single env) draws (then every plan covers a single env's chunk of tokens)."""
+        if per_row(rng):
+            if len(rng) != batch:
+                raise ValueError(f"{len(rng)} generators for a batch of {batch} episodes")
+            chunk = self.chunk_size(1) if chunk is None else chunk
+            return DecodeState.concat([self._reset(r, 1, chunk) for r in rng])
+        return self._reset(rng, batch, self.chunk_size(batch) if chunk is None else chunk)
+
+    def _reset(self, rng: np.random.Generator, batch: int, chunk: int) -> DecodeState:
+        scn = self.scenario
+        positions, waypoints, speeds, gain = draw_helpers(rng, batch, scn.n_nodes, self.config.placement,
+                                                          self.config.channel)
+        fading = scn.fading.init(rng, (batch, scn.n_nodes))
+        start = self.source.start(rng, batch, self.n_tokens)
+        state = DecodeState.new(positions, waypoints, speeds, gain, fading, start)
+        state.plan = plan_tokens(scn, rng, state, None, chunk, True, self._accuracy)
+        return state
+
+    def reset_rows(self, rng, state: DecodeState, rows: np.ndarray) -> None:
+        """Reset only episodes ``rows`` (index array) of a batch in place (vector-env autoreset); ``rng`` as in
+        :meth:`reset` (a list holds every episode's generator)."""
+        chunk = state.plan.chunk_tokens
+        fresh = self.reset([rng[b] for b in rows], len(rows), chunk) if per_row(rng) else self.reset(rng, len(rows), chunk)
+        state.assign(rows, fresh)
+
+    def step(self, rng: np.random.Generator, state: DecodeState, executed: np.ndarray,
+             obs: np.ndarray | None = None, rows: np.ndarray | None = None) -> Outcome:
+        """Evaluate ``executed`` ((B, E) bool, C-contiguous) at each episode's current layer, fold the
+        accuracy, advance, and write the next observations into ``obs`` ((B, D) float32; None: none kept).
+        ``rows`` ((B,) bool) limits the step to some episodes; finished episodes are skipped (zero outcome)."""
+        out = empty_outcome(state.batch_size, self.top_k)
+        obs = self._obs_buffer(state, obs)
+        replan = self._flags(state)
+        if not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
+            executed = np.array(executed, dtype=bool)  # the kernel's one argument type
+        flagged = kernel.run_rows(kernel.STEP, self._rows(state, rows), executed, *self._kernel_args(state),
+                                  out.values, out.counts, obs, replan)
+        if flagged:  # their planned chunk is used up: plan the next one, then observe them
+            replanned = replan.copy()
+            replan[:] = False
+            self._replan(rng, state, replanned)
+            self.observe(state, replanned, obs)
+        return out
+
+    def evaluate(self, state: DecodeState, executed: np.ndarray, rows: np.ndarray | None = None) -> Outcome:
+        """Outcomes of ``executed`` ((B, E) bool) at each episode's current layer, without any state change."""
+        out = empty_outcome(state.batch_size, self.top_k)
+        executed = np.array(executed, dtype=bool)
+        kernel.run_rows(kernel.EVALUATE, self._rows(state, rows), executed, *self._kernel_args(state),
+                        out.values, out.counts, self._obs_buffer(state, None), np.zeros(state.batch_size, dtype=bool))
+        return out
+
+    def observe(self, state: DecodeState, rows: np.ndarray | None = None, obs: np.ndarray | None = None) -> np.ndarray:
+        """Observations (B, D) float32 of the current positions, written into ``obs`` (fresh if None) for the
+        episodes with ``rows[b]`` ((B,) bool; None = all)."""
+        if obs is None:
+            obs = np.zeros((state.batch_size, self.obs_size), dtype=np.float32)
+        B = state.batch_size
+        kernel.run_rows(kernel.OBSERVE, self._rows(state, rows), np.zeros((B, self.n_experts), dtype=bool),
+                        *self._kernel_args(state), np.zeros((B, 0)), np.zeros((B, 0), dtype=np.int64), obs,
+                        np.zeros(B, dtype=bool))
+        return obs
+
+    def _replan(self, rng, state: DecodeState, replan: np.ndarray) -> None:
+        rows = None if replan.all() else np.flatnonzero(replan)
+        sel = slice(None) if rows is None else rows
+        state.chunk_start[sel] = state.token[sel]
+        C = state.plan.chunk_tokens
+        if per_row(rng):
+            each = np.flatnonzero(replan)
+            plan = concat_plans([plan_tokens(self.scenario, rng[b], state, each[i:i + 1], C, False, self._accuracy) for i, b in enumerate(each)])
+        else:
+            plan = plan_tokens(self.scenario, rng, state, rows, C, False, self._accuracy)
+        if rows is None:
+            state.plan = plan
+        else:
+            assign_plan(state.plan, rows, plan)
+        state.kernel_args = None
+
+    # ---- kernel plumbing -------------------------------------------------------------------------
+    def _rows(self, state: DecodeState, rows) -> np.ndarray:
+        if rows is not None:
+            return np.ascontiguousarray(rows, dtype=bool)
+        B = state.batch_size
+        if B not in self._all_rows:
+            self._all_rows[B] = np.ones(B, dtype=bool)  # never written
+        return self._all_rows[B]
+
+    def _flags(self, state: DecodeState) -> np.ndarray:
+        """A (B,) bool buffer of the state for the kernel's replan flags (all False between steps)."""
+        flags = state.__dict__.get("_replan")
+        if flags is None or flags.shape[0] != state.batch_size:
+            flags = state.__dict__["_replan"] = np.zeros(state.batch_size, dtype=bool)
+        return flags
+
+    def _obs_buffer(self, state: DecodeState, obs):
+        return np.empty((state.batch_size, self.obs_size), dtype=np.float32) if obs is None else obs
+
+    def _kernel_args(self, state: DecodeState) -> tuple:
+        """(plan, state, consts) tuples for :func:`kernel.run_rows`, cached on the state until its
+        plan is replaced."""
+        args = state.kernel_args
+        if args is None:
+            p = state.plan
+            plan = (p.costs, p.meets_deadline, p.topk, p.topk_idx, p.deviation_table, p.probs, p.topk_weight, p.obs_gain,
+                    p.obs_energy, p.obs_latency, p.effect_code, p.effect_dloss, p.full_correct)
+            args = state.kernel_args = (plan, (state.counters, state.amounts, state.flags), self._consts)
+        return args
+
+    def _accuracy_tables(self) -> tuple:
+        """(code (T, L, K (E+1)) uint8, dloss (same) float32, full_correct (T,) bool), the plans gather their
+        tokens' rows: the code's bit 0 = stays correct, bit 1 = keeps the full model's prediction; neutral
+        (3, 0) wherever the slot is served by its own Top-K expert. Built once per source; no rows without
+        effect tables."""
+        src = self.source
+        if not self.has_accuracy:
+            L, KE = self.n_layers, self.top_k * (self.n_experts + 1)
+            return (np.zeros((0, L, KE), np.uint8), np.zeros((0, L, KE), np.float32), np.zeros(0, bool))
+        tables = _EFFECT_LOOKUPS.get(src)
+        if tables is None:
+            effects = src.effects
+            T, L, K, E1 = effects["effect_correct"].shape
+            code = effects["effect_correct"].astype(np.uint8)
+            if "effect_same" in effects:  # without it, only "no perturbation at all" keeps the prediction
+                code |= effects["effect_same"].astype(np.uint8) << 1
+            dloss = effects["effect_dloss"].astype(np.float32) if "effect_dloss" in effects else np.zeros(code.shape)
+            own = (*np.indices((T, L, K)), src.topk_idx)  # the slot's own expert: no perturbation
+            code[own] = 3
+            dloss[own] = 0.0
+            full = src.full_correct if src.full_correct is not None else np.ones(T, dtype=bool)
+            tables = _EFFECT_LOOKUPS[src] = (code.reshape(T, L, K * E1), dloss.astype(np.float32).reshape(T, L, K * E1),
+                                             full.astype(bool))
+        return tables
+
+    # ---- what the env front ends report -------------------------------------------------------------
+    def info_keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(float keys, int keys) of a step's info: prefixes of the outcome's fields after "reward" (the
+        accuracy fields, last in each list, only with effect tables)."""
+        floats, ints = kernel.FLOAT_FIELDS[1:], kernel.INT_FIELDS
+        if not self.has_accuracy:
+            floats = tuple(k for k in floats if k not in self.ACCURACY_KEYS)
+            ints = tuple(k for k in ints if k not in self.ACCURACY_KEYS)
+        assert floats == kernel.FLOAT_FIELDS[1:1 + len(floats)] and ints == kernel.INT_FIELDS[:len(ints)]
+        return floats, ints
+
+    def reset_info(self, state: DecodeState) -> dict[str, np.ndarray]:
+        """layer, token, Top-K energy and deviation budget at each episode's current position (copies)."""
+        b, layer = np.arange(state.batch_size), state.layer
+        topk = state.plan.topk_energy[state.token - state.chunk_start, layer, b]
+        budget = (self.layer_budget[layer] if self.budget_mode == "layer" else self.token_budget - state.budget_used)
+        return {"layer": layer.copy(), "token": state.token.copy(), "topk_energy_j": np.array(topk, dtype=np.float64),
+                "deviation_budget": np.array(budget, dtype=np.float64)}
+
+    # ---- what policies and tests may look at -------------------------------------------------------
+    def view(self, state: DecodeState, index: int | None = None) -> LayerView:
+        """The current layer of every episode (``index=None``, batch-first arrays), or of episode ``index``."""
+        return make_view(self, state, index)
+
+    def may_execute(self, state: DecodeState) -> np.ndarray:
+        """(B, E) bool: experts that meet the deadline at each episode's current layer (all while deadlines
+        are not enforced): the ``may be 1`` half of MaskablePPO's masks."""
+        if not self.enforce_deadline:
+            return np.ones((state.batch_size, self.n_experts), dtype=bool)
+        p, b = state.plan, np.arange(state.batch_size)
+        lc = state.layer if self.scenario.cost_per_layer else 0
+        return p.meets_deadline[state.token - state.chunk_start, lc, b]
+
+    def override_gates(self, state: DecodeState, index: int, probs, topk_idx, topk_weight) -> None:
+        """Replace episode ``index``'s gating at its current (token, layer) by gates computed elsewhere (the
+        live backend: real router outputs after the executed experts changed the hidden state); observe it
+        again with :meth:`observe`."""
+        plan, scn = state.plan, self.scenario
+        layer, c = int(state.layer[index]), int(state.token[index] - state.chunk_start[index])
+        row = build_gating_rows(scn.weighted_mismatch, np.array([layer]), np.asarray(probs).reshape(1, -1),
+                                np.asarray(topk_idx, dtype=np.int64).reshape(1, -1),
+                                np.asarray(topk_weight, dtype=np.float64).reshape(1, -1))
+        at = (c, layer, index)
+        plan.probs[at], plan.topk_idx[at], plan.topk_weight[at] = row.probs[0], row.topk_idx[0], row.topk_weight[0]
+        plan.deviation_table[at] = row.deviation_table[0]
+        lc = layer if scn.cost_per_layer else 0
+        energy = plan.energy_scopes[c, lc, index, scn.scope_index]
+        topk_energy, reference = topk_reference(energy, row.topk_idx[0])
+        plan.topk[at] = topk_energy, reference
+        observed = None if plan.observed_energy_scopes is None else plan.observed_energy_scopes[c, lc, index]
+        cost = observed_energy_cost(energy, observed, scn.scope_index, row.topk_idx[0], reference)
+        plan.obs_energy[at] = np.minimum(cost, MAX_ENERGY_COST)

@@ -1,0 +1,102 @@
+"""The state of a batch of decoding episodes and the buffers of a step's outcome (numpy; leading axis B everywhere).
+
+The per-episode scalars live in three packed arrays (``counters``, ``amounts``, ``flags``) that the step
+kernel takes whole; the named attributes (``token``, ``layer``, ...) are views of their columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from wide_env.sim.decode import kernel as k
+from wide_env.sim.decode.plan import TokenPlan, assign_plan, concat_plans, take_plan
+from wide_env.sim.outcome import Outcome, OutcomeFields
+
+
+def _column(packed: str, index: int, doc: str) -> property:
+    return property(lambda self: getattr(self, packed)[:, index], doc=doc)
+
+
+@dataclass
+class DecodeState:
+    """B decoding episodes. The channel arrays describe the last planned token."""
+
+    positions: np.ndarray  # (B, N, 2) helper positions, m
+    waypoints: np.ndarray  # (B, N, 2) mobility targets
+    speeds: np.ndarray  # (B, N) m/s
+    path_gain: np.ndarray  # (B, N) linear
+    fading: np.ndarray  # (B, N, S) fading model state
+    counters: np.ndarray  # (B, 4) int64: token, layer, chunk_start (token of the plan's first), start (trace position)
+    amounts: np.ndarray  # (B, 2) float64: budget_used (this token, token mode), delta_loss (this token, nats)
+    flags: np.ndarray  # (B, 3) bool: done, perturbed_same, perturbed_correct (this token, effect tables)
+    plan: TokenPlan | None = None
+    #: the step kernel's arguments for this state; None after the plan's arrays were replaced
+    kernel_args: tuple | None = None
+
+    token = _column("counters", k.TOKEN, "(B,) token index within the episode")
+    layer = _column("counters", k.LAYER, "(B,) current MoE layer")
+    chunk_start = _column("counters", k.CHUNK_START, "(B,) token index of the plan's first token")
+    start = _column("counters", k.START, "(B,) trace position of token 0")
+    budget_used = _column("amounts", k.BUDGET_USED, "(B,) weighted deviation spent this token (token mode)")
+    delta_loss = _column("amounts", k.DELTA_LOSS, "(B,) summed single-perturbation loss changes of this token")
+    done = _column("flags", k.DONE, "(B,) episode over (truncated)")
+    perturbed_same = _column("flags", k.PERTURBED_SAME, "(B,) every perturbation kept the full model's prediction")
+    perturbed_correct = _column("flags", k.PERTURBED_CORRECT, "(B,) every perturbation kept the prediction correct")
+
+    @classmethod
+    def new(cls, positions, waypoints, speeds, path_gain, fading, start) -> "DecodeState":
+        """Episodes at token 0, layer 0, with nothing spent."""
+        B = start.shape[0]
+        counters = np.zeros((B, 4), dtype=np.int64)
+        counters[:, k.START] = start
+        flags = np.zeros((B, 3), dtype=bool)
+        flags[:, k.PERTURBED_SAME] = flags[:, k.PERTURBED_CORRECT] = True
+        return cls(positions=positions, waypoints=waypoints, speeds=speeds, path_gain=path_gain, fading=fading,
+                   counters=counters, amounts=np.zeros((B, 2)), flags=flags)
+
+    @property
+    def batch_size(self) -> int:
+        return self.counters.shape[0]
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: the kernel's argument views are rebuilt on demand
+        state = dict(self.__dict__)
+        state["kernel_args"] = None
+        state.pop("_replan", None)
+        return state
+
+    def take(self, rows) -> "DecodeState":
+        """Episodes ``rows`` as a new state (copies): e.g. sub-env b of a batch as a batch of one."""
+        rows = np.atleast_1d(np.asarray(rows))
+        arrays = {f.name: getattr(self, f.name)[rows].copy() for f in fields(self) if f.name not in _NOT_ARRAYS}
+        return DecodeState(**arrays, plan=take_plan(self.plan, rows))
+
+    @classmethod
+    def concat(cls, states: list["DecodeState"]) -> "DecodeState":
+        """Several states (same plan chunk length) as one batch, in order."""
+        if len(states) == 1:
+            return states[0]
+        arrays = {f.name: np.concatenate([getattr(s, f.name) for s in states]) for f in fields(cls)
+                  if f.name not in _NOT_ARRAYS}
+        return cls(**arrays, plan=concat_plans([s.plan for s in states]))
+
+    def assign(self, rows: np.ndarray, other: "DecodeState") -> None:
+        """Write state ``other`` (len(rows) episodes) into episodes ``rows``."""
+        for f in fields(self):
+            if f.name not in _NOT_ARRAYS:
+                getattr(self, f.name)[rows] = getattr(other, f.name)
+        assign_plan(self.plan, rows, other.plan)
+        self.kernel_args = None
+
+
+_NOT_ARRAYS = ("plan", "kernel_args")
+
+
+FIELDS = OutcomeFields(k.FLOAT_FIELDS, k.INT_FIELDS)
+
+
+def empty_outcome(batch: int, top_k: int) -> Outcome:
+    """Outcome buffers the step kernel fills: the integer fields, then the K slots' servers, in ``counts``."""
+    counts = np.empty((batch, k.NI + top_k), dtype=np.int64)
+    return Outcome(np.empty((batch, len(k.FLOAT_FIELDS))), counts, counts[:, k.NI:], FIELDS)

@@ -1,0 +1,169 @@
+"""The physics of an expert call, once for both phases: radio formulas, the cost of a node serving a load,
+energy scopes, the expert -> node map and the Top-K reference energy (docs/model.md, "Cost of an expert call").
+
+Pure numpy, batched over any leading axes. Units: bits, seconds, hertz, watts, joules; gains are linear power
+gains (path gain times fading), noise is a power spectral density in W/Hz. Node 0 is the user device (no
+radio); nodes 1..N are helpers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: energy scopes, in the order of every ``(..., 3, ...)`` scope axis: user radio, + downlink, + compute
+SCOPES = ("uplink", "comm", "system")
+
+
+# ---- radio formulas [std] ------------------------------------------------------------------------------
+def shannon_rate(power_w, gain, bandwidth_hz: float, noise_psd_w_hz: float):
+    """r = B log2(1 + p g / (N0 B)) in bit/s [std]."""
+    snr = np.asarray(power_w) * np.asarray(gain) / (noise_psd_w_hz * bandwidth_hz)
+    return bandwidth_hz * np.log2(1.0 + snr)
+
+
+def inversion_power(bits, window_s, gain, bandwidth_hz: float, noise_psd_w_hz: float):
+    """Least transmit power that sends ``bits`` in ``window_s`` (channel inversion): p = (N0 B / g)(2^(D/(B tau)) - 1);
+    inf where the window is empty."""
+    window = np.asarray(window_s, dtype=np.float64)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        spectral = np.asarray(bits) / (bandwidth_hz * window)
+        power = noise_psd_w_hz * bandwidth_hz / np.asarray(gain) * np.expm1(spectral * np.log(2.0))
+    return np.where(window > 0, power, np.inf)
+
+
+def inversion_energy(bits, window_s, gain, bandwidth_hz: float, noise_psd_w_hz: float):
+    """E = tau (N0 B / g)(2^(D/(B tau)) - 1): the least uplink energy over the whole window [std]."""
+    return np.asarray(window_s) * inversion_power(bits, window_s, gain, bandwidth_hz, noise_psd_w_hz)
+
+
+# ---- one node serving a load ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinkParameters:
+    """The constants of every link and node (from the scenario's config, in SI units)."""
+
+    bits: float  # payload of one hidden state, D = d_model x bits per element
+    bandwidth_hz: float
+    noise_psd_w_hz: float
+    user_max_power_w: float
+    helper_power_w: float
+    deadline_s: float
+    load_time_s: float
+    compute_time_s: float
+    helper_compute_power_w: float
+    local_compute_power_w: float
+    uplink_model: str  # "inversion" or "fixed"
+
+
+@dataclass(frozen=True)
+class LinkCosts:
+    """Costs of one helper serving its load (arrays of the link shape)."""
+
+    uplink_energy: np.ndarray  # J, user radio
+    downlink_energy: np.ndarray  # J, helper radio
+    compute_energy: np.ndarray  # J, helper load + compute
+    uplink_time: np.ndarray  # s
+    downlink_time: np.ndarray  # s
+    latency: np.ndarray  # s, max(t_ul, queue + k t_load) + k t_comp + t_dl
+    uplink_power: np.ndarray  # W actually used by the user
+
+
+def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloads=1, experts=1,
+               queue_delay_s=0.0) -> LinkCosts:
+    """Costs of helpers with power gains ``gain`` serving ``uplink_payloads`` hidden states up, returning
+    ``downlink_payloads`` outputs and running ``experts`` experts (all broadcast together; decoding is the
+    load 1, 1, 1; a prefill helper aggregates a layer's tokens). Helpers with nothing to do cost nothing.
+
+    ``inversion``: the uplink spreads over the window tau = T_max - k t_comp - t_dl with the least power; if
+    that exceeds p_max (or tau <= 0) the user sends at p_max instead, which takes D_up/r > tau, so the call
+    misses the deadline and its energy is still spent. ``fixed``: p_max, t_ul = D_up / r. The helper loads
+    its experts after its queueing delay, overlapping the uplink [paper]: latency
+    max(t_ul, q + k t_load) + k t_comp + t_dl."""
+    gain = np.asarray(gain, dtype=np.float64)
+    unit = all(np.ndim(x) == 0 and x == 1 for x in (uplink_payloads, downlink_payloads, experts))
+    up_bits = link.bits * np.asarray(uplink_payloads, dtype=np.float64)
+    down_bits = link.bits * np.asarray(downlink_payloads, dtype=np.float64)
+    k = np.asarray(experts, dtype=np.float64)
+    t_dl = down_bits / shannon_rate(link.helper_power_w, gain, link.bandwidth_hz, link.noise_psd_w_hz)
+    t_comp, t_load = k * link.compute_time_s, k * link.load_time_s
+    if link.uplink_model == "inversion":
+        window = link.deadline_s - t_comp - t_dl
+        power = inversion_power(up_bits, window, gain, link.bandwidth_hz, link.noise_psd_w_hz)
+        feasible = power <= link.user_max_power_w
+        p_ul, t_ul = power, np.broadcast_to(window, power.shape)
+        if not feasible.all():  # usually a few links: the p_max rate only where it is needed
+            slow = ~feasible
+            p_ul = np.where(feasible, power, link.user_max_power_w)
+            t_ul = t_ul.copy()
+            rate = shannon_rate(link.user_max_power_w, np.broadcast_to(gain, slow.shape)[slow], link.bandwidth_hz,
+                                link.noise_psd_w_hz)
+            t_ul[slow] = np.broadcast_to(up_bits, slow.shape)[slow] / rate
+    elif link.uplink_model == "fixed":
+        t_ul = up_bits / shannon_rate(link.user_max_power_w, gain, link.bandwidth_hz, link.noise_psd_w_hz)
+        p_ul = np.full(np.shape(t_ul), link.user_max_power_w)
+    else:
+        raise ValueError(f"unknown uplink_model {link.uplink_model!r}; choose 'inversion' or 'fixed'")
+    latency = np.maximum(t_ul, np.asarray(queue_delay_s) + t_load) + t_comp + t_dl
+    if not unit:  # idle helpers: no uplink, no time, no energy
+        sends, active = up_bits > 0, (up_bits > 0) | (k > 0)
+        p_ul, t_ul = np.where(sends, p_ul, 0.0), np.where(sends, t_ul, 0.0)
+        latency = np.where(active, latency, 0.0)
+    return LinkCosts(uplink_energy=p_ul * t_ul, downlink_energy=link.helper_power_w * t_dl,
+                     compute_energy=link.helper_compute_power_w * (t_load + t_comp) * np.ones_like(gain),
+                     uplink_time=t_ul, downlink_time=t_dl, latency=latency, uplink_power=p_ul)
+
+
+#: rows of a node cost table: energy in the three scopes (J), then the latency (s)
+UPLINK, COMM, SYSTEM, LATENCY = range(4)
+
+
+def node_cost_table(costs: LinkCosts, link: LinkParameters, uplink_energy=None, local_experts=None) -> np.ndarray:
+    """(..., 4, N) per helper: energy in the ``uplink`` (user radio), ``comm`` (+ downlink) and ``system``
+    (+ compute) scopes, then the latency; from its costs (..., N). ``uplink_energy`` replaces the costs'
+    (slotted uplinks spend another uplink energy; the other terms do not change [choice]). With
+    ``local_experts`` (broadcastable to the lead shape) the device comes first as node 0: (..., 4, N+1); it
+    spends no radio energy and P_gpu k (t_load + t_comp) in the ``system`` scope, taking k (t_load + t_comp)."""
+    up = costs.uplink_energy if uplink_energy is None else uplink_energy
+    comm = up + costs.downlink_energy
+    helpers = np.stack([up, comm, comm + costs.compute_energy, costs.latency], axis=-2)
+    if local_experts is None:
+        return helpers
+    out = np.empty(helpers.shape[:-1] + (helpers.shape[-1] + 1,))
+    out[..., 1:] = helpers
+    local_time = (link.load_time_s + link.compute_time_s) * np.asarray(local_experts, dtype=np.float64)
+    out[..., UPLINK, 0] = out[..., COMM, 0] = 0.0
+    out[..., SYSTEM, 0] = link.local_compute_power_w * local_time
+    out[..., LATENCY, 0] = local_time
+    return out
+
+
+# ---- experts on nodes ----------------------------------------------------------------------------------
+def by_expert(node_values: np.ndarray, hosts: np.ndarray) -> np.ndarray:
+    """Node-indexed values (..., N+1) -> expert-indexed (..., E) through one layer's host map ``hosts`` (E,)
+    (expert e runs on node hosts[e]; node 0 = the device). A contiguous copy."""
+    return np.take(node_values, hosts, axis=-1)
+
+
+def topk_reference(energy: np.ndarray, topk_idx: np.ndarray):
+    """(Top-K energy, reward reference) from expert energies (..., E) and Top-K indices (..., K) (leading axes
+    broadcast); see :func:`energy_reference`."""
+    lead = np.broadcast_shapes(energy.shape[:-1], topk_idx.shape[:-1])
+    E = energy.shape[-1]
+    flat = np.ascontiguousarray(np.broadcast_to(energy, lead + (E,))).reshape(-1, E)
+    idx = np.broadcast_to(topk_idx, lead + topk_idx.shape[-1:]).reshape(flat.shape[0], -1)
+    picked = np.take(flat.reshape(-1), (np.arange(flat.shape[0]) * E)[:, None] + idx)  # one flat gather
+    topk_energy = picked[:, 0].copy()
+    for k in range(1, picked.shape[1]):  # in slot order
+        topk_energy += picked[:, k]
+    return topk_energy.reshape(lead), energy_reference(topk_energy.reshape(lead), flat.reshape(lead + (E,)))
+
+
+def energy_reference(topk_energy: np.ndarray, expert_energy: np.ndarray) -> np.ndarray:
+    """The reward's energy unit: the energy of executing the Top-K set (so Top-K scores -1 per step), or, when
+    that is 0 (every Top-K expert on the device), the mean energy of one expert call (``expert_energy``
+    (..., E)), or 1 J when both are 0."""
+    if (topk_energy > 0).all():  # the usual case: every Top-K set costs energy
+        return np.array(topk_energy, dtype=np.float64)
+    reference = np.where(topk_energy > 0, topk_energy, expert_energy.mean(axis=-1))
+    return np.where(reference > 0, reference, 1.0)

@@ -1,0 +1,112 @@
+"""The frozen scenario both phases share: every constant derived from a config and its gating source.
+
+Decoding and prefill simulators hold one :class:`Scenario` and never re-derive a constant (host map, link
+parameters, fading model, budgets in weighted units, the mismatch tables weighted by layer sensitivity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from wide_env.config import ConfigError, WideConfig
+from wide_env.gating.base import GatingSource
+from wide_env.sim.channel import FadingModel, make_fading
+from wide_env.sim.physics import SCOPES, LinkParameters
+from wide_env.sim.units import dbm_to_watt
+
+
+def per_row(rng) -> bool:
+    """True when ``rng`` is a list of generators, one per episode of a batch (each episode then draws exactly
+    what a batch of one draws); False for one generator driving the whole batch."""
+    return isinstance(rng, (list, tuple))
+
+
+def _frozen(a) -> np.ndarray:
+    a = np.array(a)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class Scenario:
+    """Constants of a WIDE scenario. L layers, E experts, K Top-K, N helpers (node 0 = the user device)."""
+
+    config: WideConfig
+    source: GatingSource
+    n_layers: int
+    n_experts: int
+    top_k: int
+    n_nodes: int  # helpers N
+    n_tokens: int  # tokens per decoding episode
+    hosts: np.ndarray  # (L, E) int64 node of each expert
+    link: LinkParameters
+    fading: FadingModel
+    scope_index: int  # the objective's energy scope (index into SCOPES)
+    enforce_deadline: bool
+    deadline_s: float
+    budget_mode: str  # "layer" or "token"
+    layer_budget: np.ndarray  # (L,) eps_l x scale, model units
+    layer_weight: np.ndarray  # (L,) kappa_l (1 in layer mode)
+    token_budget: float  # sum_l kappa_l eps_l (token mode), NaN in layer mode
+    budget_unit: np.ndarray  # (L,) the observation's deviation unit: eps_l, or the token budget
+    weighted_mismatch: np.ndarray  # (L, E, E+1) kappa_l D_l: deviation tables directly in budget units
+    same_hosts_every_layer: bool
+    fading_per_layer: bool
+    cost_per_layer: bool  # costs differ between layers (per-layer fading or per-layer host maps)
+
+    @classmethod
+    def build(cls, config: WideConfig, source: GatingSource) -> "Scenario":
+        """Derive the constants; a config that disagrees with the source raises ConfigError naming both."""
+        L, E, K = source.n_layers, source.n_experts, source.top_k
+        budget = config.budget
+        if budget.layer_weights is not None and len(budget.layer_weights) != L:
+            raise ConfigError(f"config field 'budget.layer_weights' has {len(budget.layer_weights)} numbers but the "
+                              f"gating source has {L} layers; give one weight per layer")
+        if isinstance(config.placement.hosts, str):
+            hosts = np.tile(np.arange(1, E + 1), (L, 1))
+        else:
+            hosts = np.asarray(config.placement.hosts, dtype=np.int64)
+            if hosts.shape != (L, E):
+                raise ConfigError(f"config field 'placement.hosts' has shape {hosts.shape}; the gating source needs "
+                                  f"({L}, {E}) (layers, experts)")
+        n_nodes = int(config.placement.n_helpers) if config.placement.n_helpers is not None else max(1, int(hosts.max()))
+        if hosts.max() > n_nodes:
+            raise ConfigError(f"config field 'placement.hosts' uses helper {hosts.max()} > placement.n_helpers "
+                              f"({n_nodes})")
+        ch, radio, comp = config.channel, config.radio, config.compute
+        d_model = int(radio.payload_d_model) if radio.payload_d_model is not None else int(source.d_model)
+        link = LinkParameters(
+            bits=float(d_model * radio.bits_per_element), bandwidth_hz=float(radio.bandwidth_hz),
+            noise_psd_w_hz=float(dbm_to_watt(ch.noise_psd_dbm_hz)),
+            user_max_power_w=float(dbm_to_watt(radio.user_max_power_dbm)),
+            helper_power_w=float(dbm_to_watt(radio.helper_power_dbm)), deadline_s=float(config.deadline.deadline_s),
+            load_time_s=float(comp.load_time_s), compute_time_s=float(comp.compute_time_s),
+            helper_compute_power_w=float(comp.helper_compute_power_w),
+            local_compute_power_w=float(comp.local_compute_power_w), uplink_model=radio.uplink_model)
+
+        eps = np.full(L, budget.layer_budget) if budget.layer_budget is not None else source.layer_budget
+        layer_budget = np.asarray(eps, dtype=np.float64) * budget.scale
+        if budget.mode == "token":
+            kappa = np.ones(L) if budget.layer_weights is None else np.asarray(budget.layer_weights, dtype=np.float64)
+            token_budget = float((layer_budget * kappa).sum())
+            if not token_budget > 0:
+                raise ConfigError("config fields 'budget.scale'/'budget.layer_weights' give a zero token budget; "
+                                  "use a scale > 0 and at least one weight > 0")
+            unit = np.full(L, token_budget)
+        else:
+            kappa = np.ones(L)
+            token_budget = float("nan")
+            if not (layer_budget > 0).all():
+                raise ConfigError("config field 'budget.scale' must be > 0 in layer mode (a zero budget has no unit)")
+            unit = layer_budget.copy()
+        same_hosts = bool((hosts == hosts[0]).all())
+        return cls(
+            config=config, source=source, n_layers=L, n_experts=E, top_k=K, n_nodes=n_nodes,
+            n_tokens=int(config.n_tokens), hosts=_frozen(hosts), link=link, fading=make_fading(ch),
+            scope_index=SCOPES.index(radio.energy_scope), enforce_deadline=bool(config.deadline.enforce),
+            deadline_s=link.deadline_s, budget_mode=budget.mode, layer_budget=_frozen(layer_budget),
+            layer_weight=_frozen(kappa), token_budget=token_budget, budget_unit=_frozen(unit),
+            weighted_mismatch=_frozen(source.mismatch * kappa[:, None, None]), same_hosts_every_layer=same_hosts,
+            fading_per_layer=bool(ch.fading_per_layer), cost_per_layer=bool(ch.fading_per_layer or not same_hosts))
