@@ -1,4 +1,4 @@
-"""Cost of executing one expert for one token: uplink, helper, downlink; energy and latency [spec section 3].
+"""Cost of executing one expert for one token: uplink, helper, downlink; energy and latency (docs/model.md#expert-cost).
 
 Pure numpy, batched over any leading axes. Units: bits, seconds, hertz, watts, joules; gains are linear
 power gains (path gain times fading), noise is a power spectral density in W/Hz.
@@ -51,7 +51,7 @@ def link_costs(gain, *, bits: float, bandwidth_hz: float, noise_psd_w_hz: float,
 
     ``inversion``: the uplink spreads over the window tau = T_max - t_comp - t_dl with the least power;
     if that power exceeds p_max (or tau <= 0) the user sends at p_max instead, which takes D/r > tau,
-    so the expert misses the deadline and its energy is still spent [spec section 3].
+    so the expert misses the deadline and its energy is still spent (docs/model.md#latency).
     ``fixed``: p_max, t_ul = D / r.
     ``queue_delay_s`` (broadcastable to ``gain``) delays the helper's load: helpers shared with others.
     """

@@ -1,4 +1,4 @@
-"""Batched prefilling simulator: one MoE layer over a prompt of T tokens per step (spec sections 3, 6).
+"""Batched prefilling simulator: one MoE layer over a prompt of T tokens per step (docs/model.md#prefill).
 
 In prefilling the user device holds the hidden states of all T prompt tokens at a layer at once, so the
 tokens routed to the same helper are sent together [paper]: helper n receives the hidden states of the

@@ -1,6 +1,6 @@
 """Fast fading within one uplink: S equal slots, bit allocation by uniform split or dynamic programming.
 
-Spec section 2 ("slots") and section 6 ("SiftMoE, fast fading") [paper's fast-fading case]. The uplink
+docs/model.md#slots and #policy-siftmoe-fast-fading [paper's fast-fading case]. The uplink
 window ``tau`` of a link is split into ``S`` equal slots of ``tau / S``; slot ``s`` sees an i.i.d.
 Nakagami-m power gain ``h_s ~ Gamma(m, 1/m)`` (mean 1) on top of the large-scale gain ``G``. Sending
 ``b`` bits in a slot by channel inversion costs (the :func:`~wide_env.sim.costs.inversion_energy`
@@ -44,7 +44,7 @@ deadline (whatever is left for the last slot costs ``E[1/h]`` times a positive n
 energies, the surrogate and the DP therefore raise :class:`ValueError` for ``m <= 1``; realised
 energies of the uniform split work for any m.
 
-**Power limit.** Channel inversion here has no power cap (as in the spec's inversion model); the
+**Power limit.** Channel inversion here has no power cap (docs/model.md#slots); the
 realised outcome reports each slot's transmit power so a caller can flag slots above ``p_max``.
 """
 
