@@ -1,4 +1,4 @@
-"""SiftMoE for fast fading within an uplink (spec section 6, [paper]'s fast-fading case), batched.
+"""SiftMoE for fast fading within an uplink ([paper]'s fast-fading case; docs/model.md#policy-siftmoe-fast-fading).
 
 Two stages:
 

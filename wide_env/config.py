@@ -5,8 +5,8 @@ JSON-able dicts (so ``gym.make(id, config={...})`` and YAML files work), startin
 profile (:mod:`wide_env.profiles`) and overriding only the keys given. Every invalid value raises
 :class:`ConfigError` (a ``ValueError``) naming the field and how to fix it.
 
-Provenance of defaults: see ``docs`` in README.md and ``../shared/spec/WIDE-MODEL.md``; the tags
-[paper], [std] and [choice] below follow the spec.
+Every field, its unit, default and provenance ([paper], [std], [choice], as tagged below) is documented in
+docs/model.md (section "Configuration reference", docs/model.md#config-reference).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ class WideMoEEnv(gym.Env):
     `gym.make("wide_env/WideMoE-v0", config={...}, render_mode=None)`; `config` is a nested dict (or
     `WideConfig`) over a profile: `profile` ("tiny" default: the shipped real trace; "switch-base-8",
     "mixtral-8x7b", "gpt-oss-20b": the paper's sizes with the synthetic router), `n_tokens`, `flatten_observation`, and sections `model`, `gating`, `placement`,
-    `channel`, `radio`, `compute`, `deadline`, `budget`, `reward` (see README's configuration table).
+    `channel`, `radio`, `compute`, `deadline`, `budget`, `reward` (every field: docs/model.md#config-reference).
     Provenance: L, E, K, d_model, B, T_max, eps per profile, alpha = 4, A = 1, m = 2, N0 = -174 dBm/Hz,
     P_h = 38 dBm, 16-bit payloads and one-to-one placement come from the SiftMoE paper; the annulus,
     p_max = 23 dBm, per-token i.i.d. fading, load/compute/queue times, energy scope, synthetic gating and

@@ -1,6 +1,6 @@
 """Live backend: run the tiny MoE LM token by token (KV cache) with a caller-chosen set of executed experts.
 
-Combine rule (docs/WIDE-MODEL.md section 4): at layer l with executed set A (a bool mask over the E
+Combine rule (docs/model.md#deviation-estimate): at layer l with executed set A (a bool mask over the E
 experts), each Top-K slot i is served by phi(i) = i if i is executed, else by the executed j minimising
 D_l(i, j), or skipped when D_l(i, skip) is smaller (or nothing is executed); a skipped slot's weighted
 output is dropped. The layer output is sum_i w_i E_{phi(i)}(h).

@@ -1,4 +1,4 @@
-"""The deviation bound of spec section 4: who serves each Top-K slot, and the layer's output deviation.
+"""The deviation estimate (docs/model.md#deviation-estimate): who serves each Top-K slot, and the layer's deviation.
 
 For an executed set A, Top-K slot i (expert S_i, weight w_i) is served by phi(i): S_i itself if executed,
 else the executed j minimising D_l(S_i, j), or skip if D_l(S_i, skip) is smaller. The bound is
@@ -47,7 +47,7 @@ def serve_slots_batch_last(table: np.ndarray, executed: np.ndarray):
 
 
 def budget_overrun(weighted_deviation, available, unit):
-    """The reward's budget terms (spec section 5): (violated, overrun) with violated = the deviation exceeds
+    """The reward's budget terms (docs/model.md#reward): (violated, overrun) with violated = the deviation exceeds
     the available budget by more than 1e-9 units and overrun = violated * (1 + excess / unit), the factor
     the deviation weight multiplies. Elementwise; ``available`` >= 0 (a spent token budget counts as 0)."""
     excess = np.maximum(weighted_deviation - available, 0.0)

@@ -90,6 +90,9 @@ class Scenario:
         layer_budget = np.asarray(eps, dtype=np.float64) * budget.scale
         if budget.mode == "token":
             kappa = np.ones(L) if budget.layer_weights is None else np.asarray(budget.layer_weights, dtype=np.float64)
+            if not (kappa > 0).all():  # deviations are reported in model units: Delta_l = weighted / kappa_l
+                raise ConfigError(f"config field 'budget.layer_weights' = {list(budget.layer_weights)} has a weight "
+                                  "<= 0; give every layer a positive sensitivity (a small one to count it little)")
             token_budget = float((layer_budget * kappa).sum())
             if not token_budget > 0:
                 raise ConfigError("config fields 'budget.scale'/'budget.layer_weights' give a zero token budget; "

@@ -1,8 +1,8 @@
 """Fast fading within one uplink: S equal slots, bit allocation by uniform split or dynamic programming.
 
-docs/model.md, "Slotted uplinks" [paper's fast-fading case]. The uplink window ``tau`` of a link is split
-into ``S`` equal slots of ``tau / S``; slot ``s`` sees an i.i.d. power gain ``h_s`` (mean 1) of the
-channel's fading model (:class:`wide_env.sim.channel.FadingModel`; the paper's Nakagami-m,
+docs/model.md#slots and #policy-siftmoe-fast-fading [paper's fast-fading case]. The uplink window ``tau`` of
+a link is split into ``S`` equal slots of ``tau / S``; slot ``s`` sees an i.i.d. power gain ``h_s`` (mean 1)
+of the channel's fading model (:class:`wide_env.sim.channel.FadingModel`; the paper's Nakagami-m,
 ``h ~ Gamma(m, 1/m)``) on top of the large-scale gain ``G``. Every function taking a fading ``law``
 accepts a fading model or a number m (Nakagami-m). Sending
 ``b`` bits in a slot by channel inversion costs (the :func:`~wide_env.sim.physics.inversion_energy`
@@ -46,7 +46,7 @@ deadline (whatever is left for the last slot costs ``E[1/h]`` times a positive n
 energies, the surrogate and the DP therefore raise :class:`ValueError` for ``m <= 1``; realised
 energies of the uniform split work for any m.
 
-**Power limit.** Channel inversion here has no power cap (as in the spec's inversion model); the
+**Power limit.** Channel inversion here has no power cap (docs/model.md#slots); the
 realised outcome reports each slot's transmit power so a caller can flag slots above ``p_max``.
 """
 
