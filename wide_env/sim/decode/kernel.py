@@ -53,212 +53,189 @@ F_TOKEN_BUDGET, F_DEVIATION_WEIGHT, F_DEADLINE_WEIGHT, F_LAYER_DEN, F_TOKEN_DEN,
 F_LAYER_BUDGET = 6
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, replan):
     """Run ``mode`` (EVALUATE, STEP or OBSERVE) on the episodes with ``rows[b]``; returns the number of
-    episodes flagged in ``replan`` (their planned chunk is used up).
+    episodes flagged in ``replan`` (their planned chunk is used up: plan it, then OBSERVE them).
 
     executed (B, E) bool; plan (step-major, see wide_env.sim.decode.plan) = (costs (C, Lc, B, 4, E),
     meets_deadline (C, Lc, B, E), topk (C, L, B, 2), topk_idx (C, L, B, K), deviation_table (C, L, B, K, E+1),
     probs (C, L, B, E) float32, topk_weight (C, L, B, K), obs_gain (C, Lf, B, N), obs_energy (C, L, B, E),
-    obs_latency (C, Lc, B, E), these three float32, effect_code (C, L, B, K (E+1)) uint8, effect_dloss (same) float32, full_correct
-    (C, 1, B) bool); state = (counters (B, 4), amounts (B, 2), flags (B, 3)); consts = (int64 constants,
-    float64 constants). Outputs: values (B, FLOAT_FIELDS), counts (B, INT_FIELDS + K servers), obs (B, D) float32,
-    replan (B,) bool."""
-    costs, meets, topk, topk_idx, deviation_table = plan[0], plan[1], plan[2], plan[3], plan[4]
+    obs_latency (C, Lc, B, E) (these three float32), effect_code (C, L, B, K (E+1)) uint8, effect_dloss
+    (C, L, B, K (E+1)) float32, full_correct (C, 1, B) bool); state = (counters (B, 4), amounts (B, 2),
+    flags (B, 3)); consts = (int64 constants, float64 constants). Outputs: values (B, FLOAT_FIELDS),
+    counts (B, INT_FIELDS + K servers), obs (B, D) float32, replan (B,) bool.
+
+    One function (no nested compiled calls): numba compiles it once, in about a second."""
+    costs, meets, topk, topk_idx, deviation_table, probs, topk_weight = plan[:7]
+    gain, energy_cost, latency_ratio, effect_code, effect_dloss, full_correct = plan[7:]
     counters, amounts, flags = state
     ints, floats = consts
     n_layers, n_tokens, token_mode = ints[I_LAYERS], ints[I_TOKENS], ints[I_TOKEN_MODE] != 0
     enforce, scope, has_accuracy = ints[I_ENFORCE] != 0, ints[I_SCOPE], ints[I_ACCURACY] != 0
-    token_budget = floats[F_TOKEN_BUDGET]
+    token_budget, max_deviation = floats[F_TOKEN_BUDGET], floats[F_MAX_DEVIATION]
     B, E = executed.shape
     C, K = costs.shape[0], topk_idx.shape[3]
-    per_layer_costs = costs.shape[1] > 1
+    per_layer_costs, per_layer_fading = costs.shape[1] > 1, gain.shape[1] > 1
     flagged = 0
     for b in range(B):
         if not rows[b]:
             continue
-        if mode == OBSERVE:
-            _observe(b, plan, state, consts, obs)
-            continue
-        if mode == STEP and flags[b, DONE]:
-            values[b, :] = 0.0
-            counts[b, :] = 0
-            continue
+        if mode != OBSERVE:
+            if mode == STEP and flags[b, DONE]:  # a finished episode does not step: a zero outcome
+                for i in range(values.shape[1]):
+                    values[b, i] = 0.0
+                for i in range(counts.shape[1]):
+                    counts[b, i] = 0
+                continue
+            token, l = counters[b, TOKEN], counters[b, LAYER]
+            c = token - counters[b, CHUNK_START]
+            if c < 0 or c >= C:
+                raise IndexError("an episode's token is outside its planned chunk: re-plan it before stepping")
+            lc = l if per_layer_costs else 0
+            # ---- evaluate: energy is spent by every executed expert, even a late one
+            up = comm = system = longest = 0.0
+            n_executed = misses = 0
+            for e in range(E):
+                if executed[b, e]:
+                    up += costs[c, lc, b, UPLINK, e]
+                    comm += costs[c, lc, b, COMM, e]
+                    system += costs[c, lc, b, SYSTEM, e]
+                    n_executed += 1
+                    if not meets[c, lc, b, e]:
+                        misses += 1
+                    if costs[c, lc, b, LATENCY, e] > longest:
+                        longest = costs[c, lc, b, LATENCY, e]
+            # each slot's server: an executed (on-time, when enforced) expert of least mismatch, or skip
+            weighted = 0.0
+            kept = skipped = 0
+            for k in range(K):
+                best = np.inf
+                best_j = E
+                for j in range(E):
+                    if executed[b, j] and (meets[c, lc, b, j] or not enforce):
+                        v = deviation_table[c, l, b, k, j]
+                        if v < best:
+                            best = v
+                            best_j = j
+                if deviation_table[c, l, b, k, E] < best:
+                    best = deviation_table[c, l, b, k, E]
+                    best_j = E
+                weighted += best
+                counts[b, NI + k] = best_j
+                if best_j == topk_idx[c, l, b, k]:
+                    kept += 1
+                elif best_j == E:
+                    skipped += 1
+            energy = up if scope == 0 else (comm if scope == 1 else system)
+            # budget terms: violated = exceeds the available budget by > 1e-9 units (deviation.budget_overrun)
+            if token_mode:
+                budget = token_budget - amounts[b, BUDGET_USED]
+                available = max(budget, 0.0)
+                unit = token_budget
+            else:
+                budget = available = unit = floats[F_LAYER_BUDGET + l]
+            excess = max(weighted - available, 0.0)
+            violated = excess > 1e-9 * unit
+            reward_deviation = -floats[F_DEVIATION_WEIGHT] * (1.0 + excess / unit) if violated else 0.0
+            reward_energy = -energy / topk[c, l, b, REFERENCE]
+            reward_deadline = -floats[F_DEADLINE_WEIGHT] * misses if enforce else 0.0
+            # the token's real accuracy with this layer folded in (effect tables of single perturbations,
+            # neutral where a slot is served by its own expert): prediction unchanged iff every perturbation
+            # so far left it unchanged (then correct iff the full model is), else correct iff every
+            # perturbation left it correct; loss changes add up
+            same, correct, dloss = flags[b, PERTURBED_SAME], flags[b, PERTURBED_CORRECT], amounts[b, DELTA_LOSS]
+            full = True
+            if has_accuracy:
+                for k in range(K):
+                    at = k * (E + 1) + counts[b, NI + k]
+                    code = effect_code[c, l, b, at]
+                    correct = correct and (code & 1) != 0
+                    same = same and (code & 2) != 0
+                    dloss += effect_dloss[c, l, b, at]
+                full = full_correct[c, 0, b]
+            values[b, 0] = reward_energy + reward_deviation + reward_deadline
+            values[b, 1] = reward_energy
+            values[b, 2] = reward_deviation
+            values[b, 3] = reward_deadline
+            values[b, 4] = energy
+            values[b, 5] = topk[c, l, b, TOPK_ENERGY]
+            values[b, 6] = up
+            values[b, 7] = comm
+            values[b, 8] = system
+            values[b, 9] = weighted / floats[F_LAYER_BUDGET + n_layers + l]
+            values[b, 10] = weighted
+            values[b, 11] = budget
+            values[b, 12] = longest
+            values[b, 13] = dloss
+            counts[b, 0] = violated
+            counts[b, 1] = misses
+            counts[b, 2] = n_executed
+            counts[b, 3] = misses if enforce else 0
+            counts[b, 4] = kept
+            counts[b, 5] = K - kept - skipped
+            counts[b, 6] = skipped
+            counts[b, 7] = l
+            counts[b, 8] = token
+            counts[b, 9] = full if same else correct
+            counts[b, 10] = same
+            counts[b, 11] = full
+            counts[b, 12] = l == n_layers - 1
+            if mode == EVALUATE:
+                continue
+            # ---- commit: accuracy bookkeeping, then advance to the next layer / token / episode end
+            flags[b, PERTURBED_SAME] = same
+            flags[b, PERTURBED_CORRECT] = correct
+            amounts[b, DELTA_LOSS] = dloss
+            if token_mode:
+                amounts[b, BUDGET_USED] += weighted
+            if l + 1 < n_layers:
+                counters[b, LAYER] = l + 1
+            elif token + 1 >= n_tokens:
+                flags[b, DONE] = True  # the layer stays at L-1: the final observation repeats the last layer
+            else:
+                counters[b, LAYER] = 0
+                counters[b, TOKEN] = token + 1
+                amounts[b, BUDGET_USED] = 0.0
+                amounts[b, DELTA_LOSS] = 0.0
+                flags[b, PERTURBED_SAME] = True
+                flags[b, PERTURBED_CORRECT] = True
+                if token + 1 - counters[b, CHUNK_START] >= C:
+                    replan[b] = True
+                    flagged += 1
+                    continue
+        # ---- observe the current position: the gating entries (probabilities, Top-K mask and weights,
+        # deviation table over the budget unit), the planned channel entries, the budget left, the position;
+        # every key of the layout, clipped to its box
         token, l = counters[b, TOKEN], counters[b, LAYER]
         c = token - counters[b, CHUNK_START]
         if c < 0 or c >= C:
-            raise IndexError("an episode's token is outside its planned chunk: re-plan it before stepping")
+            raise IndexError("an episode's token is outside its planned chunk: re-plan it before observing")
         lc = l if per_layer_costs else 0
-        # energy is spent by every executed expert, even a late one
-        up = comm = system = longest = 0.0
-        n_executed = misses = 0
+        lf = l if per_layer_fading else 0
+        at, mask_at, weight_at = ints[I_PROBS_AT], ints[I_MASK_AT], ints[I_WEIGHT_AT]
+        energy_at, latency_at = ints[I_ENERGY_AT], ints[I_LATENCY_AT]
         for e in range(E):
-            if executed[b, e]:
-                up += costs[c, lc, b, UPLINK, e]
-                comm += costs[c, lc, b, COMM, e]
-                system += costs[c, lc, b, SYSTEM, e]
-                n_executed += 1
-                if not meets[c, lc, b, e]:
-                    misses += 1
-                if costs[c, lc, b, LATENCY, e] > longest:
-                    longest = costs[c, lc, b, LATENCY, e]
-        # each slot's server: an executed (on-time, when enforced) expert of least mismatch, or skip
-        weighted = 0.0
-        kept = skipped = 0
+            obs[b, at + e] = probs[c, l, b, e]
+            obs[b, mask_at + e] = 0.0
+            obs[b, weight_at + e] = 0.0
+            obs[b, energy_at + e] = energy_cost[c, l, b, e]
+            obs[b, latency_at + e] = latency_ratio[c, lc, b, e]
         for k in range(K):
-            best = np.inf
-            best_j = E
-            for j in range(E):
-                if executed[b, j] and (meets[c, lc, b, j] or not enforce):
-                    v = deviation_table[c, l, b, k, j]
-                    if v < best:
-                        best = v
-                        best_j = j
-            if deviation_table[c, l, b, k, E] < best:
-                best = deviation_table[c, l, b, k, E]
-                best_j = E
-            weighted += best
-            counts[b, NI + k] = best_j
-            if best_j == topk_idx[c, l, b, k]:
-                kept += 1
-            elif best_j == E:
-                skipped += 1
-        energy = up if scope == 0 else (comm if scope == 1 else system)
-        # budget terms: violated = exceeds the available budget by > 1e-9 units (deviation.budget_overrun)
+            obs[b, mask_at + topk_idx[c, l, b, k]] = 1.0
+            obs[b, weight_at + topk_idx[c, l, b, k]] = min(topk_weight[c, l, b, k], 1.0)
+        at = ints[I_DEVIATION_AT]
+        unit = floats[F_LAYER_BUDGET + 2 * n_layers + l]
+        for k in range(K):
+            for j in range(E + 1):
+                obs[b, at + k * (E + 1) + j] = min(deviation_table[c, l, b, k, j] / unit, max_deviation)
+        at = ints[I_GAIN_AT]
+        for i in range(gain.shape[3]):
+            obs[b, at + i] = gain[c, lf, b, i]
+        fraction = 1.0  # layer mode: the budget of this step is its unit
         if token_mode:
-            budget = token_budget - amounts[b, BUDGET_USED]
-            available = max(budget, 0.0)
-            unit = token_budget
-        else:
-            budget = available = unit = floats[F_LAYER_BUDGET + l]
-        excess = max(weighted - available, 0.0)
-        violated = excess > 1e-9 * unit
-        reward_deviation = -floats[F_DEVIATION_WEIGHT] * (1.0 + excess / unit) if violated else 0.0
-        reward_energy = -energy / topk[c, l, b, REFERENCE]
-        reward_deadline = -floats[F_DEADLINE_WEIGHT] * misses if enforce else 0.0
-        # the token's accuracy with this layer folded in (effect tables)
-        same, correct, dloss, full = True, True, 0.0, True
-        if has_accuracy:
-            same, correct, dloss, full = _fold_accuracy(b, c, l, K, E, counts, plan, state)
-        v = values[b]
-        v[0] = reward_energy + reward_deviation + reward_deadline
-        v[1] = reward_energy
-        v[2] = reward_deviation
-        v[3] = reward_deadline
-        v[4] = energy
-        v[5] = topk[c, l, b, TOPK_ENERGY]
-        v[6] = up
-        v[7] = comm
-        v[8] = system
-        v[9] = weighted / floats[F_LAYER_BUDGET + n_layers + l]
-        v[10] = weighted
-        v[11] = budget
-        v[12] = longest
-        v[13] = dloss
-        n = counts[b]
-        n[0] = violated
-        n[1] = misses
-        n[2] = n_executed
-        n[3] = misses if enforce else 0
-        n[4] = kept
-        n[5] = K - kept - skipped
-        n[6] = skipped
-        n[7] = l
-        n[8] = token
-        n[9] = full if same else correct
-        n[10] = same
-        n[11] = full
-        n[12] = l == n_layers - 1
-        if mode == EVALUATE:
-            continue
-        # commit: accuracy bookkeeping, then advance to the next layer / token / episode end
-        flags[b, PERTURBED_SAME] = same
-        flags[b, PERTURBED_CORRECT] = correct
-        amounts[b, DELTA_LOSS] = dloss
-        if token_mode:
-            amounts[b, BUDGET_USED] += weighted
-        if l + 1 < n_layers:
-            counters[b, LAYER] = l + 1
-        elif token + 1 >= n_tokens:
-            flags[b, DONE] = True  # the layer stays at L-1: the final observation repeats the last layer
-        else:
-            counters[b, LAYER] = 0
-            counters[b, TOKEN] = token + 1
-            amounts[b, BUDGET_USED] = 0.0
-            amounts[b, DELTA_LOSS] = 0.0
-            flags[b, PERTURBED_SAME] = True
-            flags[b, PERTURBED_CORRECT] = True
-            if token + 1 - counters[b, CHUNK_START] >= C:
-                replan[b] = True
-                flagged += 1
-                continue
-        _observe(b, plan, state, consts, obs)
+            fraction = min(max(token_budget - amounts[b, BUDGET_USED], 0.0) / token_budget, max_deviation)
+        obs[b, ints[I_BUDGET_AT]] = fraction
+        obs[b, ints[I_POSITION_AT]] = l / floats[F_LAYER_DEN]
+        obs[b, ints[I_POSITION_AT] + 1] = token / floats[F_TOKEN_DEN]
     return flagged
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _fold_accuracy(b, c, l, K, E, counts, plan, state):
-    """(same, correct, delta_loss, full) of episode b's token with this layer's servers folded in.
-
-    The tables hold single perturbations (one slot of one layer served by another expert or skipped, all
-    else as the full model), neutral wherever a slot is served by its own expert. Prediction unchanged if
-    every perturbation so far left it unchanged (then correct iff the full model is), else correct iff
-    every perturbation left it correct; loss changes add up."""
-    code, dloss_table, full_correct = plan[10], plan[11], plan[12]
-    amounts, flags = state[1], state[2]
-    same, correct, dloss = flags[b, PERTURBED_SAME], flags[b, PERTURBED_CORRECT], amounts[b, DELTA_LOSS]
-    for k in range(K):
-        at = k * (E + 1) + counts[b, NI + k]
-        kept = code[c, l, b, at]
-        correct = correct and (kept & 1) != 0
-        same = same and (kept & 2) != 0
-        dloss += dloss_table[c, l, b, at]
-    return same, correct, dloss, full_correct[c, 0, b]
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _observe(b, plan, state, consts, obs):
-    """Write episode b's observation at its current token and layer, every key of the layout: the gating
-    entries (probabilities, Top-K mask and weights, deviation table over the budget unit), the planned
-    channel entries, the budget left and the position; clipped to their boxes."""
-    topk_idx, deviation_table, probs, topk_weight = plan[3], plan[4], plan[5], plan[6]
-    gain, energy, latency = plan[7], plan[8], plan[9]
-    counters, amounts = state[0], state[1]
-    ints, floats = consts
-    token, l = counters[b, TOKEN], counters[b, LAYER]
-    c = token - counters[b, CHUNK_START]
-    if c < 0 or c >= probs.shape[0]:
-        raise IndexError("an episode's token is outside its planned chunk: re-plan it before observing")
-    E, K = probs.shape[3], topk_idx.shape[3]
-    n_layers = ints[I_LAYERS]
-    max_deviation = floats[F_MAX_DEVIATION]
-    o = obs[b]
-    at, mask_at, weight_at = ints[I_PROBS_AT], ints[I_MASK_AT], ints[I_WEIGHT_AT]
-    for e in range(E):
-        o[at + e] = probs[c, l, b, e]
-        o[mask_at + e] = 0.0
-        o[weight_at + e] = 0.0
-    for k in range(K):
-        o[mask_at + topk_idx[c, l, b, k]] = 1.0
-        o[weight_at + topk_idx[c, l, b, k]] = min(topk_weight[c, l, b, k], 1.0)
-    at = ints[I_DEVIATION_AT]
-    unit = floats[F_LAYER_BUDGET + 2 * n_layers + l]
-    for k in range(K):
-        for j in range(E + 1):
-            o[at + k * (E + 1) + j] = min(deviation_table[c, l, b, k, j] / unit, max_deviation)
-    at = ints[I_GAIN_AT]
-    lf = l if gain.shape[1] > 1 else 0
-    o[at:at + gain.shape[3]] = gain[c, lf, b, :]
-    at = ints[I_ENERGY_AT]
-    o[at:at + E] = energy[c, l, b, :]
-    at = ints[I_LATENCY_AT]
-    lc = l if latency.shape[1] > 1 else 0
-    o[at:at + E] = latency[c, lc, b, :]
-    fraction = 1.0  # layer mode: the budget of this step is its unit
-    if ints[I_TOKEN_MODE] != 0:
-        token_budget = floats[F_TOKEN_BUDGET]
-        fraction = min(max(token_budget - amounts[b, BUDGET_USED], 0.0) / token_budget, max_deviation)
-    o[ints[I_BUDGET_AT]] = fraction
-    o[ints[I_POSITION_AT]] = l / floats[F_LAYER_DEN]
-    o[ints[I_POSITION_AT] + 1] = token / floats[F_TOKEN_DEN]
