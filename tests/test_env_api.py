@@ -251,7 +251,7 @@ def test_token_budget_mode_tracks_remaining_budget():
     L = env.problem.n_layers
     assert obs["budget_remaining"][0] == pytest.approx(1.0)
     spent = 0.0
-    token_budget = env.sim.token_budget
+    token_budget = env.sim.span_budget
     for layer in range(L):
         obs, _, _, _, info = env.step(np.zeros(8, dtype=np.int8))  # skip everything
         spent += info["weighted_deviation"]

@@ -247,7 +247,7 @@ def test_token_budget_mode_tracks_each_tokens_budget():
     np.testing.assert_allclose(obs["budget_remaining"], 1.0)
     L = env.problem.n_layers
     spent = np.zeros(4)
-    unit = env.sim.token_budget
+    unit = env.sim.span_budget
     for layer in range(L):
         a = np.zeros(4 * env.problem.n_experts, dtype=np.int8)
         out = env.sim.evaluate(env._state, a.reshape(1, 4, -1).astype(bool))

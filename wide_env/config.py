@@ -283,18 +283,20 @@ class DeadlineConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Deviation budget: per layer (paper) or one per token across layers."""
+    """Deviation budget: per layer (paper), one per token across its layers, or one per episode (a long-term
+    average over all its layer-steps) [choice]."""
 
-    mode: str = "layer"  # "layer" [paper] or "token"
+    mode: str = "layer"  # "layer" [paper], "token" or "episode"
     #: per-layer eps_l in the model's hidden-state units; None = the gating source's own budget.
     layer_budget: float | None = None
     #: multiplies every budget (sweeps of the accuracy-energy trade-off).
     scale: float = 1.0
-    #: token mode: layer sensitivities kappa_l (L numbers); None = all 1. Token budget = scale * sum_l eps_l.
+    #: token/episode modes: layer sensitivities kappa_l (L numbers); None = all 1. Token budget =
+    #: scale * sum_l kappa_l eps_l; episode budget = n_tokens * token budget.
     layer_weights: tuple | None = None
 
     def validate(self, model: ModelConfig, path: str = "budget") -> None:
-        _check_choice(f"{path}.mode", self.mode, ("layer", "token"))
+        _check_choice(f"{path}.mode", self.mode, ("layer", "token", "episode"))
         if self.layer_budget is not None:
             _check_number(f"{path}.layer_budget", self.layer_budget, low=0, low_open=True)
         _check_number(f"{path}.scale", self.scale, low=0)

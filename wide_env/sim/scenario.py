@@ -46,11 +46,13 @@ class Scenario:
     scope_index: int  # the objective's energy scope (index into SCOPES)
     enforce_deadline: bool
     deadline_s: float
-    budget_mode: str  # "layer" or "token"
+    budget_mode: str  # "layer", "token" or "episode"
     layer_budget: np.ndarray  # (L,) eps_l x scale, model units
     layer_weight: np.ndarray  # (L,) kappa_l (1 in layer mode)
-    token_budget: float  # sum_l kappa_l eps_l (token mode), NaN in layer mode
-    budget_unit: np.ndarray  # (L,) the observation's deviation unit: eps_l, or the token budget
+    # the budget a token (token mode: sum_l kappa_l eps_l) or an episode (episode mode: n_tokens times that)
+    # spends over its layer-steps, weighted units; NaN in layer mode
+    span_budget: float
+    budget_unit: np.ndarray  # (L,) the observation's deviation unit: eps_l, or the span budget
     weighted_mismatch: np.ndarray  # (L, E, E+1) kappa_l D_l: deviation tables directly in budget units
     same_hosts_every_layer: bool
     fading_per_layer: bool
@@ -88,19 +90,19 @@ class Scenario:
 
         eps = np.full(L, budget.layer_budget) if budget.layer_budget is not None else source.layer_budget
         layer_budget = np.asarray(eps, dtype=np.float64) * budget.scale
-        if budget.mode == "token":
+        if budget.mode in ("token", "episode"):
             kappa = np.ones(L) if budget.layer_weights is None else np.asarray(budget.layer_weights, dtype=np.float64)
             if not (kappa > 0).all():  # deviations are reported in model units: Delta_l = weighted / kappa_l
                 raise ConfigError(f"config field 'budget.layer_weights' = {list(budget.layer_weights)} has a weight "
                                   "<= 0; give every layer a positive sensitivity (a small one to count it little)")
-            token_budget = float((layer_budget * kappa).sum())
-            if not token_budget > 0:
-                raise ConfigError("config fields 'budget.scale'/'budget.layer_weights' give a zero token budget; "
-                                  "use a scale > 0 and at least one weight > 0")
-            unit = np.full(L, token_budget)
+            span_budget = float((layer_budget * kappa).sum()) * (config.n_tokens if budget.mode == "episode" else 1)
+            if not span_budget > 0:
+                raise ConfigError(f"config field 'budget.scale' = {budget.scale} gives a zero {budget.mode} budget; "
+                                  "use a scale > 0")
+            unit = np.full(L, span_budget)
         else:
             kappa = np.ones(L)
-            token_budget = float("nan")
+            span_budget = float("nan")
             if not (layer_budget > 0).all():
                 raise ConfigError("config field 'budget.scale' must be > 0 in layer mode (a zero budget has no unit)")
             unit = layer_budget.copy()
@@ -110,6 +112,6 @@ class Scenario:
             n_tokens=int(config.n_tokens), hosts=_frozen(hosts), link=link, fading=make_fading(ch),
             scope_index=SCOPES.index(radio.energy_scope), enforce_deadline=bool(config.deadline.enforce),
             deadline_s=link.deadline_s, budget_mode=budget.mode, layer_budget=_frozen(layer_budget),
-            layer_weight=_frozen(kappa), token_budget=token_budget, budget_unit=_frozen(unit),
+            layer_weight=_frozen(kappa), span_budget=span_budget, budget_unit=_frozen(unit),
             weighted_mismatch=_frozen(source.mismatch * kappa[:, None, None]), same_hosts_every_layer=same_hosts,
             fading_per_layer=bool(ch.fading_per_layer), cost_per_layer=bool(ch.fading_per_layer or not same_hosts))

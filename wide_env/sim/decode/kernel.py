@@ -41,7 +41,9 @@ TOKEN, LAYER, CHUNK_START, START = range(4)
 BUDGET_USED, DELTA_LOSS = range(2)
 DONE, PERTURBED_SAME, PERTURBED_CORRECT = range(3)
 # integer constants, then where each of OBSERVATION_KEYS starts in the flat observation
-I_LAYERS, I_TOKENS, I_TOKEN_MODE, I_ENFORCE, I_SCOPE, I_ACCURACY = range(6)
+I_LAYERS, I_TOKENS, I_SPAN, I_ENFORCE, I_SCOPE, I_ACCURACY = range(6)
+#: ``consts[0][I_SPAN]``: what a budget spans; a token or an episode spend one budget over their layer-steps
+SPAN_LAYER, SPAN_TOKEN, SPAN_EPISODE = range(3)
 I_AT = 6
 #: the observation keys the kernel writes (every key of wide_env.sim.observation.observation_layout)
 OBSERVATION_KEYS = ("gate_probs", "topk_mask", "topk_weight", "channel_gain_db", "energy_cost", "latency_ratio",
@@ -49,7 +51,7 @@ OBSERVATION_KEYS = ("gate_probs", "topk_mask", "topk_weight", "channel_gain_db",
 (I_PROBS_AT, I_MASK_AT, I_WEIGHT_AT, I_GAIN_AT, I_ENERGY_AT, I_LATENCY_AT, I_DEVIATION_AT, I_BUDGET_AT,
  I_POSITION_AT) = range(I_AT, I_AT + len(OBSERVATION_KEYS))
 # float constants: scalars, then eps_l (L values), kappa_l (L values), the observation's budget unit (L values)
-F_TOKEN_BUDGET, F_DEVIATION_WEIGHT, F_DEADLINE_WEIGHT, F_LAYER_DEN, F_TOKEN_DEN, F_MAX_DEVIATION = range(6)
+F_SPAN_BUDGET, F_DEVIATION_WEIGHT, F_DEADLINE_WEIGHT, F_LAYER_DEN, F_TOKEN_DEN, F_MAX_DEVIATION = range(6)
 F_LAYER_BUDGET = 6
 
 
@@ -71,9 +73,9 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     gain, energy_cost, latency_ratio, effect_code, effect_dloss, full_correct = plan[7:]
     counters, amounts, flags = state
     ints, floats = consts
-    n_layers, n_tokens, token_mode = ints[I_LAYERS], ints[I_TOKENS], ints[I_TOKEN_MODE] != 0
+    n_layers, n_tokens, span = ints[I_LAYERS], ints[I_TOKENS], ints[I_SPAN]
     enforce, scope, has_accuracy = ints[I_ENFORCE] != 0, ints[I_SCOPE], ints[I_ACCURACY] != 0
-    token_budget, max_deviation = floats[F_TOKEN_BUDGET], floats[F_MAX_DEVIATION]
+    span_budget, max_deviation = floats[F_SPAN_BUDGET], floats[F_MAX_DEVIATION]
     B, E = executed.shape
     C, K = costs.shape[0], topk_idx.shape[3]
     per_layer_costs, per_layer_fading = costs.shape[1] > 1, gain.shape[1] > 1
@@ -129,10 +131,10 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                     skipped += 1
             energy = up if scope == 0 else (comm if scope == 1 else system)
             # budget terms: violated = exceeds the available budget by > 1e-9 units (deviation.budget_overrun)
-            if token_mode:
-                budget = token_budget - amounts[b, BUDGET_USED]
+            if span != SPAN_LAYER:  # what is left of the token's / episode's budget
+                budget = span_budget - amounts[b, BUDGET_USED]
                 available = max(budget, 0.0)
-                unit = token_budget
+                unit = span_budget
             else:
                 budget = available = unit = floats[F_LAYER_BUDGET + l]
             excess = max(weighted - available, 0.0)
@@ -187,7 +189,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             flags[b, PERTURBED_SAME] = same
             flags[b, PERTURBED_CORRECT] = correct
             amounts[b, DELTA_LOSS] = dloss
-            if token_mode:
+            if span != SPAN_LAYER:
                 amounts[b, BUDGET_USED] += weighted
             if l + 1 < n_layers:
                 counters[b, LAYER] = l + 1
@@ -196,7 +198,8 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             else:
                 counters[b, LAYER] = 0
                 counters[b, TOKEN] = token + 1
-                amounts[b, BUDGET_USED] = 0.0
+                if span == SPAN_TOKEN:
+                    amounts[b, BUDGET_USED] = 0.0
                 amounts[b, DELTA_LOSS] = 0.0
                 flags[b, PERTURBED_SAME] = True
                 flags[b, PERTURBED_CORRECT] = True
@@ -233,8 +236,8 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
         for i in range(gain.shape[3]):
             obs[b, at + i] = gain[c, lf, b, i]
         fraction = 1.0  # layer mode: the budget of this step is its unit
-        if token_mode:
-            fraction = min(max(token_budget - amounts[b, BUDGET_USED], 0.0) / token_budget, max_deviation)
+        if span != SPAN_LAYER:
+            fraction = min(max(span_budget - amounts[b, BUDGET_USED], 0.0) / span_budget, max_deviation)
         obs[b, ints[I_BUDGET_AT]] = fraction
         obs[b, ints[I_POSITION_AT]] = l / floats[F_LAYER_DEN]
         obs[b, ints[I_POSITION_AT] + 1] = token / floats[F_TOKEN_DEN]

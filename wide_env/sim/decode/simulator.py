@@ -18,6 +18,7 @@ from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import draw_helpers
 from wide_env.sim.decode import kernel
 from wide_env.sim.decode.plan import assign_plan, chunk_size, concat_plans, observed_energy_cost, plan_tokens
+from wide_env.sim.decode.hindsight import EpisodeTables, episode_tables
 from wide_env.sim.decode.state import DecodeState, empty_outcome
 from wide_env.sim.outcome import Outcome
 from wide_env.sim.decode.view import LayerView, make_view
@@ -44,7 +45,7 @@ class DecodeSimulator:
         self.n_layers, self.n_experts, self.top_k = scn.n_layers, scn.n_experts, scn.top_k
         self.n_nodes, self.n_tokens = scn.n_nodes, scn.n_tokens
         self.deadline, self.enforce_deadline, self.budget_mode = scn.deadline_s, scn.enforce_deadline, scn.budget_mode
-        self.layer_budget, self.token_budget, self.layer_weight = scn.layer_budget, scn.token_budget, scn.layer_weight
+        self.layer_budget, self.span_budget, self.layer_weight = scn.layer_budget, scn.span_budget, scn.layer_weight
         self.hosts = scn.hosts
         self.layout = observation_layout(self.n_experts, self.top_k, self.n_nodes)
         self.obs_slices = observation_slices(self.layout)
@@ -55,12 +56,13 @@ class DecodeSimulator:
             raise AssertionError(f"the decoding observation layout {list(sl)} differs from the keys the step kernel "
                                  f"writes {list(kernel.OBSERVATION_KEYS)}: plan and write the new key in "
                                  "wide_env/sim/decode (plan.py, kernel.py)")
-        ints = [self.n_layers, self.n_tokens, self.budget_mode == "token", self.enforce_deadline, scn.scope_index,
+        span = {"layer": kernel.SPAN_LAYER, "token": kernel.SPAN_TOKEN, "episode": kernel.SPAN_EPISODE}[self.budget_mode]
+        ints = [self.n_layers, self.n_tokens, span, self.enforce_deadline, scn.scope_index,
                 self.has_accuracy]
         ints += [sl[key].start for key in kernel.OBSERVATION_KEYS]
         assert len(ints) == kernel.I_AT + len(kernel.OBSERVATION_KEYS)
         rw = config.reward
-        floats = [0.0 if np.isnan(self.token_budget) else self.token_budget, rw.deviation_weight, rw.deadline_weight,
+        floats = [0.0 if np.isnan(self.span_budget) else self.span_budget, rw.deviation_weight, rw.deadline_weight,
                   max(self.n_layers - 1, 1), max(self.n_tokens - 1, 1), MAX_DEVIATION]
         assert len(floats) == kernel.F_LAYER_BUDGET
         self._consts = (np.array(ints, dtype=np.int64),
@@ -225,11 +227,15 @@ class DecodeSimulator:
         """layer, token, Top-K energy and deviation budget at each episode's current position (copies)."""
         b, layer = np.arange(state.batch_size), state.layer
         topk = state.plan.topk_energy[state.token - state.chunk_start, layer, b]
-        budget = (self.layer_budget[layer] if self.budget_mode == "layer" else self.token_budget - state.budget_used)
+        budget = (self.layer_budget[layer] if self.budget_mode == "layer" else self.span_budget - state.budget_used)
         return {"layer": layer.copy(), "token": state.token.copy(), "topk_energy_j": np.array(topk, dtype=np.float64),
                 "deviation_budget": np.array(budget, dtype=np.float64)}
 
     # ---- what policies and tests may look at -------------------------------------------------------
+    def episode_tables(self, state: DecodeState, index: int = 0) -> EpisodeTables:
+        """Hindsight: every planned (token, layer) of episode ``index`` (:mod:`wide_env.sim.decode.hindsight`)."""
+        return episode_tables(self, state, index)
+
     def view(self, state: DecodeState, index: int | None = None) -> LayerView:
         """The current layer of every episode (``index=None``, batch-first arrays), or of episode ``index``."""
         return make_view(self, state, index)

@@ -28,7 +28,7 @@ class LayerView:
     meets_deadline: np.ndarray  # lead + (E,) bool
     layer_weight: np.ndarray  # lead, kappa_l (1 in layer mode)
     budget: np.ndarray  # lead, budget available to this step (weighted units; token mode: may be < 0)
-    budget_unit: np.ndarray  # lead, eps_l (layer mode) or the token budget (token mode)
+    budget_unit: np.ndarray  # lead, eps_l (layer mode) or the token's / episode's budget
     topk_energy: np.ndarray  # lead, objective-scope energy of the Top-K set, J
     energy_reference: np.ndarray  # lead, the reward's energy unit, J
     channel_gain_db: np.ndarray  # lead + (N,)
@@ -51,8 +51,8 @@ def make_view(sim, state, index=None) -> LayerView:
     if scn.budget_mode == "layer":
         budget = unit = scn.layer_budget[layer]
     else:
-        budget = scn.token_budget - state.budget_used[b]
-        unit = np.full(np.shape(budget), scn.token_budget) if index is None else scn.token_budget
+        budget = scn.span_budget - state.budget_used[b]
+        unit = np.full(np.shape(budget), scn.span_budget) if index is None else scn.span_budget
     return LayerView(
         layer=np.array(layer), token=np.array(token), probs=plan.probs[at], topk_idx=topk_idx,
         topk_weight=plan.topk_weight[at], topk_mask=topk_mask, deviation_table=plan.deviation_table[at],

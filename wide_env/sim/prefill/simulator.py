@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from wide_env.config import WideConfig
+from wide_env.config import ConfigError, WideConfig
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import draw_helpers, move_random_waypoint, path_gain
 from wide_env.sim.observation import observation_slices, prefill_observation_layout
@@ -97,7 +97,10 @@ class PrefillSimulator:
         self.T, self.n_prompts = int(prompt_tokens), int(n_prompts)
         self.n_layers, self.n_experts, self.top_k, self.n_nodes = scn.n_layers, scn.n_experts, scn.top_k, scn.n_nodes
         self.hosts, self.deadline, self.enforce_deadline = scn.hosts, scn.deadline_s, scn.enforce_deadline
-        self.budget_mode, self.layer_budget, self.token_budget = scn.budget_mode, scn.layer_budget, scn.token_budget
+        if scn.budget_mode == "episode":
+            raise ConfigError("config field 'budget.mode' = 'episode' is a decoding budget (over an episode's "
+                              "generated tokens); prefill budgets are per layer or per prompt token ('layer', 'token')")
+        self.budget_mode, self.layer_budget, self.span_budget = scn.budget_mode, scn.layer_budget, scn.span_budget
         self.layer_weight = scn.layer_weight
         self.one_to_one = bool((scn.hosts > 0).all() and all(len(set(r)) == len(r) for r in scn.hosts.tolist()))
         self.layout = prefill_observation_layout(self.T, self.n_experts, self.top_k, self.n_nodes)
@@ -246,8 +249,8 @@ class PrefillSimulator:
             budget = np.broadcast_to(self.layer_budget[layer][:, None], (state.batch_size, self.T)).copy()
             unit = self.layer_budget[layer]
         else:
-            budget = self.token_budget - state.budget_used
-            unit = np.full(state.batch_size, self.token_budget)
+            budget = self.span_budget - state.budget_used
+            unit = np.full(state.batch_size, self.span_budget)
         scopes = p.load_energy_scopes[sel]
         return PrefillView(
             layer=layer.copy(), prompt=state.prompt.copy(), probs=p.probs[sel], topk_idx=p.topk_idx[sel],
