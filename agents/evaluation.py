@@ -19,7 +19,7 @@ class AgentPolicy:
     """A trained SB3 / sb3-contrib model as a callable policy on raw env observations.
 
     Deterministic by default. MaskablePPO gets the deadline mask of ``env.action_masks()``, rebuilt from
-    the observation (``latency_ratio <= 1`` while deadline enforcement is on). ``vecnorm``: optional
+    the observation (``deadline_probability > 0`` while deadline enforcement is on). ``vecnorm``: optional
     VecNormalize whose (frozen) statistics normalise observations first."""
 
     def __init__(self, model, problem, *, maskable: bool = False, vecnorm=None, deterministic: bool = True,
@@ -32,10 +32,10 @@ class AgentPolicy:
 
     def masks(self, obs) -> np.ndarray:
         if isinstance(obs, dict):
-            lat = np.asarray(obs["latency_ratio"])
+            p = np.asarray(obs["deadline_probability"])
         else:
-            lat = np.asarray(obs)[..., self.problem.obs_slices["latency_ratio"]]
-        may = lat <= 1.0 if self.problem.enforce_deadline else np.ones(lat.shape, dtype=bool)
+            p = np.asarray(obs)[..., self.problem.obs_slices["deadline_probability"]]
+        may = p > 0 if self.problem.enforce_deadline else np.ones(p.shape, dtype=bool)
         return np.stack([np.ones_like(may), may], axis=-1).reshape(*may.shape[:-1], -1)
 
     def __call__(self, obs):

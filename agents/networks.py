@@ -36,7 +36,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 OBS_KEYS = ("gate_probs", "topk_mask", "topk_weight", "channel_gain_db", "energy_cost", "latency_ratio",
-            "deviation_table", "budget_remaining", "position")
+            "deadline_probability", "deviation_table", "budget_remaining", "position")
 
 
 # ---- observation handling ------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def split_obs(obs, E: int, K: int, N: int) -> dict[str, th.Tensor]:
     """Dict of (B, size) tensors from a Dict batch or a flat (B, D) batch."""
     if isinstance(obs, dict):
         return obs
-    sizes = (E, E, E, N, E, E, K * (E + 1), 1, 2)
+    sizes = (E, E, E, N, E, E, E, K * (E + 1), 1, 2)
     out, offset = {}, 0
     for key, size in zip(OBS_KEYS, sizes):
         out[key] = obs[:, offset:offset + size]
@@ -79,7 +79,7 @@ def scaled_features(o: dict[str, th.Tensor], E: int, K: int) -> th.Tensor:
         o["gate_probs"], o["topk_mask"], o["topk_weight"],
         ((o["channel_gain_db"] + 80.0) / 20.0).clamp(-5.0, 5.0),
         _log_energy(energy), energy.clamp(max=3.0),
-        lat.clamp(max=3.0), (lat <= 1.0).float(),
+        lat.clamp(max=3.0), (lat <= 1.0).float(), o["deadline_probability"],
         th.log1p(table), table.clamp(max=3.0),
         th.log1p(o["budget_remaining"]), o["position"],
     ]
@@ -87,7 +87,7 @@ def scaled_features(o: dict[str, th.Tensor], E: int, K: int) -> th.Tensor:
 
 
 def scaled_dim(E: int, K: int, N: int) -> int:
-    return 3 * E + N + 4 * E + 2 * K * (E + 1) + 1 + 2
+    return 3 * E + N + 5 * E + 2 * K * (E + 1) + 1 + 2
 
 
 class WideFlatExtractor(BaseFeaturesExtractor):
@@ -104,7 +104,7 @@ class WideFlatExtractor(BaseFeaturesExtractor):
 
 
 # ---- permutation-equivariant expert-set network ----------------------------------------------------
-N_OWN = 8  # per-expert own features
+N_OWN = 9  # per-expert own features
 N_PAIR = 7  # per (slot, expert) pair features
 N_GLOBAL = 3  # budget remaining, layer position, token position
 
@@ -114,7 +114,7 @@ def expert_set_inputs(o: dict[str, th.Tensor], E: int, K: int) -> tuple[th.Tenso
     energy, lat = o["energy_cost"], o["latency_ratio"]
     feasible = (lat <= 1.0).float()
     own = th.stack([o["gate_probs"], o["topk_mask"], o["topk_weight"], _log_energy(energy), energy.clamp(max=3.0),
-                    lat.clamp(max=3.0), feasible, o["gate_probs"] * E / 8.0], dim=-1)
+                    lat.clamp(max=3.0), feasible, o["deadline_probability"], o["gate_probs"] * E / 8.0], dim=-1)
     B = energy.shape[0]
     table = o["deviation_table"].reshape(B, K, E + 1)
     dev, skip = table[..., :E], table[..., E:]  # (B, K, E), (B, K, 1)

@@ -8,9 +8,8 @@ array of shape (E,), or (B, E) for batched observations.
 
 Derived quantities (all from the observation):
 
-* ``feasible`` = ``latency_ratio <= 1`` while ``problem.enforce_deadline`` is on, else every expert.
-  (The simulator tests ``latency <= T_max (1 + 1e-9)`` in float64; the observation is float32, so an
-  expert within float32 rounding above the deadline could be misjudged - vanishingly rare.)
+* ``feasible`` = ``deadline_probability > 0`` (the expert may meet the deadline, as far as the device
+  knows: helpers' queueing delays are uncertain) while ``problem.enforce_deadline`` is on, else every expert.
 * ``energy`` = ``energy_cost`` (energy relative to the Top-K energy of this state; clipped by the env at
   1e4, which only matters for experts that are hopeless anyway).
 * ``deviation_table`` reshaped to (K, E + 1) and ``budget_remaining``, both in budget units.
@@ -51,8 +50,8 @@ __all__ = ["POLICY_NAMES", "SB3_ALGOS", "Policy", "make_policy", "parse_observat
 
 POLICY_NAMES = ("topk", "siftmoe", "wdmoe", "des", "adapmoe", "greedy", "random")
 SB3_ALGOS = ("ppo", "a2c", "maskable_ppo", "recurrent_ppo")
-REQUIRED_KEYS = ("gate_probs", "topk_mask", "topk_weight", "energy_cost", "latency_ratio", "deviation_table",
-                 "budget_remaining", "position")
+REQUIRED_KEYS = ("gate_probs", "topk_mask", "topk_weight", "energy_cost", "latency_ratio", "deadline_probability",
+                 "deviation_table", "budget_remaining", "position")
 
 
 def problem_of(env) -> Any:
@@ -112,7 +111,7 @@ class Policy:
     # helpers --------------------------------------------------------------------------------------
     def feasible(self, a):
         if self.problem.enforce_deadline:
-            return a["latency_ratio"] <= 1.0
+            return a["deadline_probability"] > 0.0
         return np.ones(a["latency_ratio"].shape, dtype=bool)
 
     def select(self, a: dict) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 * ``siftmoe``: the exact SiftMoE prefilling selection (:func:`baselines.prefill.solve_prefill`) on the
   observed per-load energies f_e(n) (``load_energy_cost``, energies relative to the Top-K energy;
-  loads whose ``load_latency_ratio`` exceeds 1 are unusable while deadlines are enforced), the per-token
+  loads that cannot meet the deadline, ``load_deadline_probability`` 0, are unusable while deadlines are
+  enforced), the per-token
   deviation tables and budgets. Exact for one-to-one placement, like the solver.
 * every decoding policy (``topk``, ``wdmoe``, ``des``, ``adapmoe``, ``greedy``, ``random``) token by
   token: each prompt token becomes one decoding observation whose expert energies and latencies are
@@ -17,7 +18,7 @@ import numpy as np
 from baselines.prefill import solve_prefill
 
 _PREFILL_KEYS = ("gate_probs", "topk_mask", "topk_weight", "load_energy_cost", "load_latency_ratio",
-                 "deviation_table", "budget_remaining", "position")
+                 "load_deadline_probability", "deviation_table", "budget_remaining", "position")
 
 
 def is_prefill(problem) -> bool:
@@ -70,6 +71,7 @@ class PrefillPolicy:
             "topk_weight": a["topk_weight"].reshape(B * T, E),
             "energy_cost": np.repeat(one_token("load_energy_cost"), T, axis=0),
             "latency_ratio": np.repeat(one_token("load_latency_ratio"), T, axis=0),
+            "deadline_probability": np.repeat(one_token("load_deadline_probability"), T, axis=0),
             "deviation_table": a["deviation_table"].reshape(B * T, K * (E + 1)),
             "budget_remaining": a["budget_remaining"].reshape(B * T, 1),
             "position": np.repeat(a["position"], T, axis=0),
@@ -83,8 +85,8 @@ class PrefillPolicy:
         for b in range(B):  # the combinatorial search runs per prompt
             f = np.zeros((E, T + 1))
             f[:, 1:] = a["load_energy_cost"][b].reshape(E, T)
-            if self.problem.enforce_deadline:
-                f[:, 1:] = np.where(a["load_latency_ratio"][b].reshape(E, T) <= 1.0, f[:, 1:], np.inf)
+            if self.problem.enforce_deadline:  # loads that may meet the deadline, as far as the device knows
+                f[:, 1:] = np.where(a["load_deadline_probability"][b].reshape(E, T) > 0, f[:, 1:], np.inf)
             f = np.maximum.accumulate(f, axis=1)
             budget = a["budget_remaining"][b] * (1.0 - 1e-6)  # absorb float32 rounding of the observation
             out[b] = solve_prefill(f, a["deviation_table"][b].reshape(T, K, E + 1), budget).mask

@@ -112,7 +112,8 @@ def test_expert_set_weights_transfer_from_8_to_32_experts():
 
 
 def test_maskable_agent_never_executes_masked_experts():
-    env = gym.make("wide_env/WideMoE-v0", config={"n_tokens": 8, "deadline": {"deadline_s": 0.003},
+    # a deadline below load + compute + downlink for about a quarter of the calls: certain misses, masked
+    env = gym.make("wide_env/WideMoE-v0", config={"n_tokens": 8, "deadline": {"deadline_s": 0.0029},
                                                          "compute": {"queue_delay_mean_s": 0.003}})
     model = _model("maskable_ppo", "expert_set", env)
     policy = AgentPolicy(model, env.unwrapped.problem, maskable=True, deterministic=False)
@@ -127,7 +128,7 @@ def test_maskable_agent_never_executes_masked_experts():
         obs, _, term, trunc, _ = env.step(action)
         if term or trunc:
             obs, _ = env.reset()
-    assert seen_masked > 0  # the tiny profile has stragglers
+    assert seen_masked > 0
 
 
 def test_flat_extractor_scales_every_key_to_order_one():

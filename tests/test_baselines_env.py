@@ -229,8 +229,10 @@ def test_evaluate_cli_reports_bad_arguments(tmp_path):
 
 def test_practical_topk_loses_accuracy_under_a_tight_deadline():
     """Stragglers (helper queueing) against a tight deadline: practical Top-K loses late experts, which
-    costs real accuracy and deviation; ideal Top-K (enforcement off, same seeds) does not; SiftMoE avoids
-    late experts and spends less energy than practical Top-K."""
+    costs real accuracy and deviation; ideal Top-K (enforcement off, same seeds) does not; SiftMoE spends
+    less energy than practical Top-K and, executing fewer experts, loses fewer of them. The queueing delay
+    is unknown when deciding (the observation holds only P(meeting the deadline)), so SiftMoE cannot avoid
+    every miss."""
     from baselines.evaluate import evaluate_policies
 
     rows = evaluate_policies("wide_env/WideMoE-Stragglers-v0", ["topk", "topk_ideal", "siftmoe"], episodes=100,
@@ -243,4 +245,4 @@ def test_practical_topk_loses_accuracy_under_a_tight_deadline():
     # 1,600 tokens: losing late experts costs next-byte accuracy (about 4 points on these seeds)
     assert practical["accuracy_correct"] < ideal["accuracy_correct"] - 0.01
     assert sift["energy_per_token_j"] < practical["energy_per_token_j"]
-    assert sift["deadline_misses_per_token"] == 0.0
+    assert 0.0 < sift["deadline_misses_per_token"] < practical["deadline_misses_per_token"]

@@ -171,7 +171,8 @@ def test_observation_energy_cost_predicts_reward_energy_term():
 
 
 def test_deadline_misses_lose_experts_only_when_enforced():
-    tight = {"compute": {"queue_delay_mean_s": 0.02}, "gating": {"source": "synthetic"}}
+    # persistent backlogs: a helper known to be backed up cannot make the deadline, so it is masked
+    tight = {"compute": {"queue_delay_mean_s": 0.02, "queue_persistence": 0.9}, "gating": {"source": "synthetic"}}
     for enforce in (True, False):
         env = WideMoEEnv({**tight, "deadline": {"enforce": enforce}})
         obs, _ = env.reset(seed=0)
@@ -197,7 +198,7 @@ def test_action_mask_matches_latency_observation():
     for _ in range(30):
         mask = env.action_masks()
         assert mask.shape == (2 * env.action_space.n,) and mask.dtype == bool
-        np.testing.assert_array_equal(mask[1::2], obs["latency_ratio"] <= 1.0 + 1e-6)
+        np.testing.assert_array_equal(mask[1::2], obs["deadline_probability"] > 0)
         obs, *_ = env.step(env.action_space.sample())
 
 

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from wide_env.sim.channel import NakagamiFading, draw_distances, path_gain
+from wide_env.sim.channel import NakagamiFading, draw_distances
+from wide_env.sim.pathloss import path_gain
 from wide_env.sim.physics import LinkParameters, inversion_energy, node_costs, shannon_rate
 from wide_env.sim.deviation import deviation_bound, serve_slots, slot_deviation_table
 from wide_env.sim.units import bessel_j0, dbm_to_watt

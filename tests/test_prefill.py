@@ -212,15 +212,17 @@ def test_bad_actions_raise_and_change_nothing(bad, match):
     env.step(np.ones((8, 8), dtype=bool))  # (T, E) arrays are accepted too
 
 
-def test_action_masks_follow_single_token_latency():
-    env = WideMoEPrefillEnv({"compute": {"queue_delay_mean_s": 0.01}}, n_prompts=4)
+def test_action_masks_follow_the_single_token_deadline_probability():
+    """Masks rule out an expert exactly when the observation says a one-token load cannot meet the deadline
+    (persistent backlogs: a helper known to be backed up)."""
+    env = WideMoEPrefillEnv({"compute": {"queue_delay_mean_s": 0.01, "queue_persistence": 0.9}}, n_prompts=4)
     obs, _ = env.reset(seed=0)
     T, E = env.problem.prompt_tokens, env.problem.n_experts
     masked = 0
     for _ in range(12):
         mask = env.action_masks()
         assert mask.shape == (2 * T * E,) and mask.dtype == bool and mask[0::2].all()
-        single = obs["load_latency_ratio"].reshape(E, T)[:, 0] <= 1.0 + 1e-6
+        single = obs["load_deadline_probability"].reshape(E, T)[:, 0] > 0
         np.testing.assert_array_equal(mask[1::2].reshape(T, E), np.broadcast_to(single, (T, E)))
         masked += int((~mask[1::2]).sum())
         obs, _, _, trunc, _ = env.step(env.action_space.sample())

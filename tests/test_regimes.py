@@ -37,3 +37,62 @@ def test_episode_budget_is_spent_over_the_whole_episode():
         assert steps == 3 * 4 and violations > 0  # skipping everything overspends a budget of eps_l per step
     with pytest.raises(ConfigError, match="budget.mode"):
         wide_env.envs.WideMoEPrefillEnv({"budget": {"mode": "episode"}})
+
+
+def _plan_pair(config):
+    """Two plans of the same tokens that differ only in the realised queueing delays."""
+    from wide_env.gating import make_gating_source
+    from wide_env.sim.decode import DecodeSimulator
+    from wide_env.sim.decode.plan import _plan_costs, plan_gating
+
+    cfg = wide_env.WideConfig.from_dict(config)
+    sim = DecodeSimulator(cfg, make_gating_source(cfg))
+    scn, rng = sim.scenario, np.random.default_rng(0)
+    C, n, N = 3, 5, sim.n_nodes
+    gains = 10 ** rng.uniform(-9, -7, size=(C, 1, n, N))
+    known = rng.exponential(0.004, size=(C, 1, n, N))
+    gating = plan_gating(scn, rng, rng.integers(0, 1000, size=(C, n)))
+    where = np.zeros((C, 1, n, N, 2))
+    plans = [_plan_costs(scn, np.random.default_rng(1), gains, gains, rng.exponential(0.004, size=gains.shape), known,
+                         gating, where) for _ in range(2)]
+    return plans
+
+
+def test_the_observation_does_not_depend_on_the_realised_queueing_delay():
+    """Uncertain queues: what a policy sees (latency at an idle helper, P(meeting the deadline), energies) is
+    the same whatever the realised delays; only the outcome (who is late) changes."""
+    a, b = _plan_pair({"compute": {"queue_delay_mean_s": 0.004, "queue_persistence": 0.5}})
+    np.testing.assert_array_equal(a.obs_expert, b.obs_expert)
+    np.testing.assert_array_equal(a.deadline_probability, b.deadline_probability)
+    np.testing.assert_array_equal(a.costs[..., :3, :], b.costs[..., :3, :])  # energies
+    assert not np.array_equal(a.meets_deadline, b.meets_deadline)  # the realised lateness differs
+    assert 0 < a.deadline_probability.mean() < 1
+
+
+@pytest.mark.parametrize("persistence", [0.0, 0.8])
+def test_deadline_probability_is_calibrated(persistence):
+    """Among executed experts, the share that meets the deadline matches the observed probability (binned)."""
+    from wide_env.envs.vector import WideMoEVectorEnv
+
+    env = WideMoEVectorEnv(64, config={"compute": {"queue_delay_mean_s": 0.004,
+                                                                 "queue_persistence": persistence}})
+    obs, _ = env.reset(seed=3)
+    p_seen, met = [], []
+    for _ in range(64):
+        p = obs["deadline_probability"].astype(np.float64)
+        state = env._core.state
+        meets = env.sim.view(state).meets_deadline
+        obs, *_ = env.step(np.ones((64, 8), dtype=np.int8))
+        p_seen.append(p.ravel())
+        met.append(meets.ravel())
+    p_seen, met = np.concatenate(p_seen), np.concatenate(met)
+    checked = 0
+    for lo, hi in ((0.0, 0.05), (0.05, 0.35), (0.35, 0.65), (0.65, 0.95), (0.95, 1.01)):
+        sel = (p_seen >= lo) & (p_seen < hi)
+        if sel.sum() < 300:
+            continue
+        p = p_seen[sel].mean()  # 4 binomial standard errors
+        assert abs(met[sel].mean() - p) < 4 * np.sqrt(max(p * (1 - p), 1e-4) / sel.sum()) + 0.005, (lo, hi)
+        checked += 1
+    assert checked >= (3 if persistence else 1)
+    assert abs(met.mean() - p_seen.mean()) < 4 * np.sqrt(p_seen.mean() * (1 - p_seen.mean()) / met.size) + 0.005

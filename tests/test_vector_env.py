@@ -407,15 +407,16 @@ def test_topk_mask_actions_give_zero_deviation(config):
         np.testing.assert_allclose(reward[stepped], -1.0, rtol=1e-12)
 
 
-def test_action_masks_match_latency_and_deadline_setting():
+def test_action_masks_match_the_deadline_probability_and_setting():
     for enforce in (True, False):
-        env = WideMoEVectorEnv(8, config={"compute": {"queue_delay_mean_s": 0.01}, "deadline": {"enforce": enforce}})
+        env = WideMoEVectorEnv(8, config={"compute": {"queue_delay_mean_s": 0.01, "queue_persistence": 0.9},
+                                          "deadline": {"enforce": enforce}})
         obs, _ = env.reset(seed=0)
         masked = 0
         for _ in range(10):
             masks = env.action_masks()
             assert masks.shape == (8, 16) and masks.dtype == bool and masks[:, 0::2].all()
-            expected = obs["latency_ratio"] <= 1.0 + 1e-6 if enforce else np.ones((8, 8), bool)
+            expected = obs["deadline_probability"] > 0 if enforce else np.ones((8, 8), bool)
             np.testing.assert_array_equal(masks[:, 1::2], expected)
             masked += int((~masks).sum())
             obs, *_ = env.step(np.ones((8, 8), dtype=np.int8))

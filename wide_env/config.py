@@ -174,6 +174,9 @@ class ChannelConfig:
 
     #: small-scale fading model by name (wide_env.sim.channel.FADING_MODELS): "nakagami" [paper] or "none"
     fading: str = "nakagami"
+    #: large-scale path loss by name (wide_env.sim.pathloss.PATH_LOSS_MODELS): "power_law" [paper] or
+    #: "3gpp_umi" [std: TR 38.901 UMi street canyon]; None = the one radio.link_budget implies
+    path_loss: str | None = None
     path_loss_exponent: float = 4.0  # alpha [paper]
     reference_gain_db: float = 0.0  # A = 1 (0 dB) [paper]; set e.g. -30 for a 1 m reference loss [choice]
     nakagami_m: float = 2.0  # [paper]; m = 1 is Rayleigh
@@ -187,11 +190,28 @@ class ChannelConfig:
     #: advance the fading at every layer too, not only per token [choice; default per token].
     fading_per_layer: bool = False
     noise_psd_dbm_hz: float = -174.0  # N0 [paper]
+    #: 3gpp_umi: carrier frequency (GHz) [choice: 3.5 GHz, NR band n78], antenna heights (m) [std: UMi BS
+    #: 10 m, UE 1.5 m], and log-normal shadow fading per link and episode (sigma 4 / 7.82 dB LOS / NLOS) [std]
+    carrier_ghz: float = 3.5
+    helper_height_m: float = 10.0
+    user_height_m: float = 1.5
+    shadowing: bool = True
 
     def validate(self, path: str = "channel") -> None:
         from wide_env.sim.channel import FADING_MODELS
+        from wide_env.sim.pathloss import PATH_LOSS_MODELS
 
         _check_choice(f"{path}.fading", self.fading, tuple(FADING_MODELS))
+        if self.path_loss is not None:
+            _check_choice(f"{path}.path_loss", self.path_loss, tuple(PATH_LOSS_MODELS))
+        _check_number(f"{path}.carrier_ghz", self.carrier_ghz, low=0.5, high=100.0)  # TR 38.901 covers 0.5-100 GHz
+        _check_number(f"{path}.helper_height_m", self.helper_height_m, low=1.5, high=150.0)
+        _check_number(f"{path}.user_height_m", self.user_height_m, low=1.5, high=22.5)  # TR 38.901 UMi range
+        if self.helper_height_m <= self.user_height_m:
+            _fail(f"{path}.helper_height_m", self.helper_height_m,
+                  f"the 3gpp_umi model needs the helpers above the user (user_height_m = {self.user_height_m})")
+        if not isinstance(self.shadowing, bool):
+            _fail(f"{path}.shadowing", self.shadowing, "expected true or false")
         _check_number(f"{path}.path_loss_exponent", self.path_loss_exponent, low=0, low_open=True)
         _check_number(f"{path}.reference_gain_db", self.reference_gain_db)
         _check_number(f"{path}.nakagami_m", self.nakagami_m, low=0, low_open=True)
@@ -221,6 +241,10 @@ class ChannelConfig:
 class RadioConfig:
     """Links between the user device and the helpers (orthogonal, one per helper)."""
 
+    #: "paper": the SiftMoE paper's settings (A d^-alpha, no noise figure, radiated energy only, no least
+    #: output power); "3gpp": a realistic link budget (3GPP UMi path loss, device noise figure, amplifier
+    #: efficiency and circuit power, least output power). Fields below left at None follow the link budget.
+    link_budget: str = "paper"
     bandwidth_hz: float = 1.0e6  # B per link [paper, per profile]
     #: "inversion": least-energy power over the whole window (default) [std]; "fixed": p_max, t = D / r.
     uplink_model: str = "inversion"
@@ -236,9 +260,26 @@ class RadioConfig:
     uplink_slots: int = 1
     #: bits per slot when uplink_slots > 1: "dp" (causal dynamic programming [paper]) or "uniform".
     bit_allocation: str = "dp"
+    #: receivers' noise figure, dB; None = 0 (paper) / 9 dB (3gpp: device-class receiver [std])
+    noise_figure_db: float | None = None
+    #: the device amplifier's efficiency; None = 1 (paper: radiated energy) / 0.35 (3gpp [choice: 30-40% typical])
+    pa_efficiency: float | None = None
+    #: power the device's transmit chain draws while sending, W; None = 0 (paper) / 0.1 (3gpp [choice])
+    circuit_power_w: float | None = None
+    #: the device's least output power, dBm; None = none (paper) / -40 dBm (3gpp [std: TS 38.101-1 6.3.1])
+    user_min_power_dbm: float | None = None
 
     def validate(self, path: str = "radio") -> None:
+        _check_choice(f"{path}.link_budget", self.link_budget, ("paper", "3gpp"))
         _check_number(f"{path}.bandwidth_hz", self.bandwidth_hz, low=0, low_open=True)
+        if self.noise_figure_db is not None:
+            _check_number(f"{path}.noise_figure_db", self.noise_figure_db, low=0, high=30)
+        if self.pa_efficiency is not None:
+            _check_number(f"{path}.pa_efficiency", self.pa_efficiency, low=0.01, high=1)
+        if self.circuit_power_w is not None:
+            _check_number(f"{path}.circuit_power_w", self.circuit_power_w, low=0, high=10)
+        if self.user_min_power_dbm is not None:
+            _check_number(f"{path}.user_min_power_dbm", self.user_min_power_dbm, low=-100, high=self.user_max_power_dbm)
         _check_choice(f"{path}.uplink_model", self.uplink_model, ("inversion", "fixed"))
         _check_number(f"{path}.user_max_power_dbm", self.user_max_power_dbm)
         _check_number(f"{path}.helper_power_dbm", self.helper_power_dbm)
@@ -258,8 +299,11 @@ class ComputeConfig:
 
     load_time_s: float = 0.002  # load the expert's weights (overlaps the uplink [paper])
     compute_time_s: float = 0.0005  # run the expert for one token
-    #: mean of an exponential queueing delay per (token, helper): helpers shared with other users [choice].
+    #: mean of a helper's queueing delay per token (helpers shared with other users) [choice]: drawn with the
+    #: token's plan but hidden from the policy, which sees only P(meeting the deadline) (uncertain queues).
     queue_delay_mean_s: float = 0.0
+    #: backlog persistence rho in [0, 1): q_t = rho q_(t-1) + (1 - rho) e_t, e_t ~ Exp(mean); 0 = i.i.d. [choice]
+    queue_persistence: float = 0.0
     helper_compute_power_w: float = 300.0  # counted in the "system" scope [choice]
     local_compute_power_w: float = 30.0  # P_gpu of the user device for local experts [choice]
 
@@ -267,6 +311,7 @@ class ComputeConfig:
         for name in ("load_time_s", "compute_time_s", "queue_delay_mean_s",
                      "helper_compute_power_w", "local_compute_power_w"):
             _check_number(f"{path}.{name}", getattr(self, name), low=0)
+        _check_number(f"{path}.queue_persistence", self.queue_persistence, low=0, high=0.99)
 
 
 @dataclass(frozen=True)
@@ -309,14 +354,20 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """r = -energy/E_topk - deviation_weight * [violated] * (1 + excess/budget) - deadline_weight * misses."""
+    """r = -energy/E_topk - deadline_weight * misses, plus the objective's term: "deviation" (the proxy):
+    - deviation_weight * [violated] * (1 + excess/budget); "accuracy": - accuracy_weight * the token's real
+    loss increase (nats) at its last layer (needs a gating source with effect tables, or the live backend)."""
 
+    objective: str = "deviation"
     deviation_weight: float = 2.0  # [choice]
     deadline_weight: float = 0.5  # [choice]
+    accuracy_weight: float = 10.0  # per nat of loss increase [choice: a skipped expert costs ~0.05 nat]
 
     def validate(self, path: str = "reward") -> None:
+        _check_choice(f"{path}.objective", self.objective, ("deviation", "accuracy"))
         _check_number(f"{path}.deviation_weight", self.deviation_weight, low=0)
         _check_number(f"{path}.deadline_weight", self.deadline_weight, low=0)
+        _check_number(f"{path}.accuracy_weight", self.accuracy_weight, low=0, high=1e6)
 
 
 _SECTIONS = {

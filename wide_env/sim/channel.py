@@ -1,4 +1,5 @@
-"""Wireless channel: large-scale path loss, small-scale fading models chosen by name, helper placement.
+"""Wireless channel: small-scale fading models chosen by name, helper placement and mobility (the large-scale
+path loss is :mod:`wide_env.sim.pathloss`).
 
 All functions are batched over leading axes and use only numpy (docs/model.md, "Channel").
 
@@ -21,12 +22,6 @@ from functools import lru_cache
 
 import numpy as np
 
-from wide_env.sim.units import db_to_linear
-
-
-def path_gain(distance_m, exponent: float, reference_gain_db: float = 0.0):
-    """Large-scale power gain G = A * d^(-alpha) with A = 10^(reference_gain_db/10) [paper: A = 1, alpha = 4]."""
-    return db_to_linear(reference_gain_db) * np.power(np.asarray(distance_m, dtype=np.float64), -exponent)
 
 
 class FadingModel(ABC):
@@ -244,9 +239,9 @@ def draw_positions(rng: np.random.Generator, shape: tuple[int, ...], r_min: floa
     return np.stack([r * np.cos(angle), r * np.sin(angle)], axis=-1)
 
 
-def draw_helpers(rng: np.random.Generator, batch: int, n_helpers: int, placement, channel):
-    """New episodes' helpers: positions (B, N, 2), mobility waypoints (B, N, 2) and speeds (B, N), and
-    path gains (B, N). ``placement`` and ``channel`` are the config sections of those names."""
+def draw_helpers(rng: np.random.Generator, batch: int, n_helpers: int, placement, path_loss):
+    """New episodes' helpers: positions (B, N, 2), mobility waypoints (B, N, 2) and speeds (B, N), the path
+    loss model's per-link state (B, N, S) and the path gains (B, N). ``placement`` is that config section."""
     shape = (batch, n_helpers)
     positions = draw_positions(rng, shape, placement.r_min_m, placement.r_max_m)
     if placement.mobility:
@@ -254,8 +249,9 @@ def draw_helpers(rng: np.random.Generator, batch: int, n_helpers: int, placement
         speeds = rng.uniform(placement.speed_min_mps, placement.speed_max_mps, size=shape)
     else:
         waypoints, speeds = positions.copy(), np.zeros(shape)
-    gain = path_gain(np.linalg.norm(positions, axis=-1), channel.path_loss_exponent, channel.reference_gain_db)
-    return positions, waypoints, speeds, gain
+    distance = np.linalg.norm(positions, axis=-1)
+    state = path_loss.init(rng, distance)
+    return positions, waypoints, speeds, state, path_loss.gain(distance, state)
 
 
 def move_random_waypoint(rng: np.random.Generator, positions: np.ndarray, waypoints: np.ndarray, speeds: np.ndarray,

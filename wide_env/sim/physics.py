@@ -45,7 +45,7 @@ class LinkParameters:
 
     bits: float  # payload of one hidden state, D = d_model x bits per element
     bandwidth_hz: float
-    noise_psd_w_hz: float
+    noise_psd_w_hz: float  # N0 x the receiver's noise figure
     user_max_power_w: float
     helper_power_w: float
     deadline_s: float
@@ -54,6 +54,9 @@ class LinkParameters:
     helper_compute_power_w: float
     local_compute_power_w: float
     uplink_model: str  # "inversion" or "fixed"
+    user_min_power_w: float = 0.0  # the device's least output power (3GPP UE: -40 dBm); 0 = none [paper]
+    pa_efficiency: float = 1.0  # eta: radiated / drawn power of the device's amplifier; 1 = radiated energy [paper]
+    circuit_power_w: float = 0.0  # drawn by the device's transmit chain while it sends; 0 [paper]
 
 
 @dataclass(frozen=True)
@@ -75,43 +78,89 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
     ``downlink_payloads`` outputs and running ``experts`` experts (all broadcast together; decoding is the
     load 1, 1, 1; a prefill helper aggregates a layer's tokens). Helpers with nothing to do cost nothing.
 
-    ``inversion``: the uplink spreads over the window tau = T_max - k t_comp - t_dl with the least power; if
-    that exceeds p_max (or tau <= 0) the user sends at p_max instead, which takes D_up/r > tau, so the call
-    misses the deadline and its energy is still spent. ``fixed``: p_max, t_ul = D_up / r. The helper loads
-    its experts after its queueing delay, overlapping the uplink [paper]: latency
-    max(t_ul, q + k t_load) + k t_comp + t_dl."""
+    ``inversion``: the least-energy transmission within the window tau = T_max - k t_comp - t_dl [std]. With
+    radiated energy only (the paper's link budget) that spreads the bits over the whole window; with a
+    transmit chain drawing P_c while it sends (and an amplifier of efficiency eta) the energy
+    (p(t)/eta + P_c) t, p(t) = (N0 B / g)(2^(D/(B t)) - 1), is least at t* (:func:`efficient_uplink_time`),
+    so the user sends for min(tau, t*), at least for D/r(p_max); at a power below the device's least output
+    p_min it sends at p_min, for D/r(p_min). If even p_max needs longer than tau (or tau <= 0) the user sends
+    at p_max for D/r(p_max) > tau: the call misses the deadline and its energy is still spent.
+    ``fixed``: p_max, t_ul = D_up / r. The helper loads its experts after its queueing delay, overlapping the
+    uplink [paper]: latency max(t_ul, q + k t_load) + k t_comp + t_dl (:func:`call_latency`)."""
     gain = np.asarray(gain, dtype=np.float64)
     unit = all(np.ndim(x) == 0 and x == 1 for x in (uplink_payloads, downlink_payloads, experts))
     up_bits = link.bits * np.asarray(uplink_payloads, dtype=np.float64)
     down_bits = link.bits * np.asarray(downlink_payloads, dtype=np.float64)
     k = np.asarray(experts, dtype=np.float64)
-    t_dl = down_bits / shannon_rate(link.helper_power_w, gain, link.bandwidth_hz, link.noise_psd_w_hz)
-    t_comp, t_load = k * link.compute_time_s, k * link.load_time_s
+    B, N0 = link.bandwidth_hz, link.noise_psd_w_hz
+    t_dl = down_bits / shannon_rate(link.helper_power_w, gain, B, N0)
+    t_comp = k * link.compute_time_s
     if link.uplink_model == "inversion":
         window = link.deadline_s - t_comp - t_dl
-        power = inversion_power(up_bits, window, gain, link.bandwidth_hz, link.noise_psd_w_hz)
-        feasible = power <= link.user_max_power_w
-        p_ul, t_ul = power, np.broadcast_to(window, power.shape)
-        if not feasible.all():  # usually a few links: the p_max rate only where it is needed
-            slow = ~feasible
-            p_ul = np.where(feasible, power, link.user_max_power_w)
-            t_ul = t_ul.copy()
-            rate = shannon_rate(link.user_max_power_w, np.broadcast_to(gain, slow.shape)[slow], link.bandwidth_hz,
-                                link.noise_psd_w_hz)
-            t_ul[slow] = np.broadcast_to(up_bits, slow.shape)[slow] / rate
+        t_ul = np.broadcast_to(window, np.broadcast_shapes(np.shape(window), np.shape(up_bits))).copy()
+        if link.circuit_power_w > 0:  # a shorter transmission draws the circuit power for less time
+            t_ul = np.minimum(t_ul, efficient_uplink_time(up_bits, gain, link))
+        power = inversion_power(up_bits, t_ul, gain, B, N0)
+        slow = ~(power <= link.user_max_power_w)  # the window is too short even at p_max (or empty)
+        floor = power < link.user_min_power_w  # below the least output power: send at p_min, faster
+        p_ul = np.where(slow, link.user_max_power_w, np.where(floor, link.user_min_power_w, power))
+        if slow.any() or floor.any():  # usually a few links: their rates only where needed
+            fixed = slow | floor
+            rate = shannon_rate(p_ul[fixed], np.broadcast_to(gain, fixed.shape)[fixed], B, N0)
+            t_ul[fixed] = np.broadcast_to(up_bits, fixed.shape)[fixed] / rate
     elif link.uplink_model == "fixed":
-        t_ul = up_bits / shannon_rate(link.user_max_power_w, gain, link.bandwidth_hz, link.noise_psd_w_hz)
+        t_ul = up_bits / shannon_rate(link.user_max_power_w, gain, B, N0)
         p_ul = np.full(np.shape(t_ul), link.user_max_power_w)
     else:
         raise ValueError(f"unknown uplink_model {link.uplink_model!r}; choose 'inversion' or 'fixed'")
-    latency = np.maximum(t_ul, np.asarray(queue_delay_s) + t_load) + t_comp + t_dl
+    latency = call_latency(t_ul, t_dl, link, queue_delay_s, k)
+    energy_ul = (p_ul / link.pa_efficiency + link.circuit_power_w) * t_ul
     if not unit:  # idle helpers: no uplink, no time, no energy
         sends, active = up_bits > 0, (up_bits > 0) | (k > 0)
-        p_ul, t_ul = np.where(sends, p_ul, 0.0), np.where(sends, t_ul, 0.0)
+        p_ul, t_ul, energy_ul = np.where(sends, p_ul, 0.0), np.where(sends, t_ul, 0.0), np.where(sends, energy_ul, 0.0)
         latency = np.where(active, latency, 0.0)
-    return LinkCosts(uplink_energy=p_ul * t_ul, downlink_energy=link.helper_power_w * t_dl,
+    t_load = k * link.load_time_s
+    return LinkCosts(uplink_energy=energy_ul, downlink_energy=link.helper_power_w * t_dl,
                      compute_energy=link.helper_compute_power_w * (t_load + t_comp) * np.ones_like(gain),
                      uplink_time=t_ul, downlink_time=t_dl, latency=latency, uplink_power=p_ul)
+
+
+def call_latency(uplink_time, downlink_time, link: LinkParameters, queue_delay_s=0.0, experts=1.0):
+    """T = max(t_ul, q + k t_load) + k t_comp + t_dl: the helper loads its k experts after its queueing delay
+    q, overlapping the uplink [paper], then computes and sends the outputs back."""
+    k = np.asarray(experts, dtype=np.float64)
+    return (np.maximum(uplink_time, np.asarray(queue_delay_s) + k * link.load_time_s) + k * link.compute_time_s
+            + downlink_time)
+
+
+def efficient_uplink_time(bits, gain, link: LinkParameters):
+    """The transmission time t* minimising (p(t)/eta + P_c) t with p(t) = a (2^(D/(B t)) - 1), a = N0 B / g [std].
+
+    Setting the derivative to zero gives 2^x (x ln2 - 1) + 1 = P_c eta / a for the spectral load x = D/(B t),
+    i.e. x* = (1 + W0((P_c eta / a - 1) / e)) / ln 2 with the principal Lambert W; t* = D / (B x*), infinite
+    without circuit power."""
+    a = link.noise_psd_w_hz * link.bandwidth_hz / np.asarray(gain, dtype=np.float64)
+    c = link.circuit_power_w * link.pa_efficiency / a
+    x = (1.0 + lambert_w0((c - 1.0) / np.e)) / np.log(2.0)
+    with np.errstate(divide="ignore"):
+        return np.where(x > 0, np.asarray(bits, dtype=np.float64) / (link.bandwidth_hz * np.where(x > 0, x, 1.0)), np.inf)
+
+
+def lambert_w0(z):
+    """Principal branch W0 of the Lambert W function (w e^w = z) for z >= -1/e, by Halley's iteration from a
+    branch-point / logarithmic start (relative error below 1e-12 after a few steps)."""
+    z = np.asarray(z, dtype=np.float64)
+    near = z < 0.0
+    p = np.sqrt(np.maximum(2.0 * (np.e * z + 1.0), 0.0))
+    w = np.where(near, -1.0 + p - p * p / 3.0, np.log1p(np.maximum(z, 0.0)))  # start: series near -1/e, else log
+    w = np.where(z > 3.0, np.log(np.maximum(z, 3.0)) - np.log(np.log(np.maximum(z, 3.0))), w)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(20):
+            ew = np.exp(w)
+            f = w * ew - z
+            step = f / (ew * (w + 1.0) - (w + 2.0) * f / (2.0 * w + 2.0))
+            w = np.where(np.abs(w + 1.0) > 1e-12, w - step, w)  # at the branch point w = -1 exactly
+    return w
 
 
 #: rows of a node cost table: energy in the three scopes (J), then the latency (s)

@@ -13,8 +13,17 @@ import numpy as np
 from wide_env.config import ConfigError, WideConfig
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import FadingModel, make_fading
+from wide_env.sim.pathloss import PathLossModel, make_path_loss
 from wide_env.sim.physics import SCOPES, LinkParameters
+from wide_env.sim.queues import QueueModel
 from wide_env.sim.units import dbm_to_watt
+
+#: what radio.link_budget sets when a field is left at None: noise figure (dB), amplifier efficiency,
+#: circuit power (W), least output power (dBm; None = none)
+LINK_BUDGETS = {"paper": {"noise_figure_db": 0.0, "pa_efficiency": 1.0, "circuit_power_w": 0.0,
+                          "user_min_power_dbm": None},
+                "3gpp": {"noise_figure_db": 9.0, "pa_efficiency": 0.35, "circuit_power_w": 0.1,
+                         "user_min_power_dbm": -40.0}}
 
 
 def per_row(rng) -> bool:
@@ -42,7 +51,9 @@ class Scenario:
     n_tokens: int  # tokens per decoding episode
     hosts: np.ndarray  # (L, E) int64 node of each expert
     link: LinkParameters
+    path_loss: PathLossModel
     fading: FadingModel
+    queue: QueueModel
     scope_index: int  # the objective's energy scope (index into SCOPES)
     enforce_deadline: bool
     deadline_s: float
@@ -79,14 +90,18 @@ class Scenario:
                               f"({n_nodes})")
         ch, radio, comp = config.channel, config.radio, config.compute
         d_model = int(radio.payload_d_model) if radio.payload_d_model is not None else int(source.d_model)
+        budget_defaults = LINK_BUDGETS[radio.link_budget]
+        pick = {k: (getattr(radio, k) if getattr(radio, k) is not None else v) for k, v in budget_defaults.items()}
         link = LinkParameters(
             bits=float(d_model * radio.bits_per_element), bandwidth_hz=float(radio.bandwidth_hz),
-            noise_psd_w_hz=float(dbm_to_watt(ch.noise_psd_dbm_hz)),
+            noise_psd_w_hz=float(dbm_to_watt(ch.noise_psd_dbm_hz + pick["noise_figure_db"])),
             user_max_power_w=float(dbm_to_watt(radio.user_max_power_dbm)),
             helper_power_w=float(dbm_to_watt(radio.helper_power_dbm)), deadline_s=float(config.deadline.deadline_s),
             load_time_s=float(comp.load_time_s), compute_time_s=float(comp.compute_time_s),
             helper_compute_power_w=float(comp.helper_compute_power_w),
-            local_compute_power_w=float(comp.local_compute_power_w), uplink_model=radio.uplink_model)
+            local_compute_power_w=float(comp.local_compute_power_w), uplink_model=radio.uplink_model,
+            user_min_power_w=0.0 if pick["user_min_power_dbm"] is None else float(dbm_to_watt(pick["user_min_power_dbm"])),
+            pa_efficiency=float(pick["pa_efficiency"]), circuit_power_w=float(pick["circuit_power_w"]))
 
         eps = np.full(L, budget.layer_budget) if budget.layer_budget is not None else source.layer_budget
         layer_budget = np.asarray(eps, dtype=np.float64) * budget.scale
@@ -109,7 +124,8 @@ class Scenario:
         same_hosts = bool((hosts == hosts[0]).all())
         return cls(
             config=config, source=source, n_layers=L, n_experts=E, top_k=K, n_nodes=n_nodes,
-            n_tokens=int(config.n_tokens), hosts=_frozen(hosts), link=link, fading=make_fading(ch),
+            n_tokens=int(config.n_tokens), hosts=_frozen(hosts), link=link, path_loss=make_path_loss(ch, radio),
+            fading=make_fading(ch), queue=QueueModel(comp.queue_delay_mean_s, comp.queue_persistence),
             scope_index=SCOPES.index(radio.energy_scope), enforce_deadline=bool(config.deadline.enforce),
             deadline_s=link.deadline_s, budget_mode=budget.mode, layer_budget=_frozen(layer_budget),
             layer_weight=_frozen(kappa), span_budget=span_budget, budget_unit=_frozen(unit),

@@ -40,16 +40,18 @@ TOPK_ENERGY, REFERENCE = range(2)
 TOKEN, LAYER, CHUNK_START, START = range(4)
 BUDGET_USED, DELTA_LOSS = range(2)
 DONE, PERTURBED_SAME, PERTURBED_CORRECT = range(3)
-# integer constants, then where each of OBSERVATION_KEYS starts in the flat observation
+# integer constants, then where the observation's keys start in the flat observation: the gating and step
+# keys of OBSERVATION_KEYS, then the planned per-expert keys (wide_env.sim.decode.plan.EXPERT_KEYS)
 I_LAYERS, I_TOKENS, I_SPAN, I_ENFORCE, I_SCOPE, I_ACCURACY = range(6)
 #: ``consts[0][I_SPAN]``: what a budget spans; a token or an episode spend one budget over their layer-steps
 SPAN_LAYER, SPAN_TOKEN, SPAN_EPISODE = range(3)
 I_AT = 6
-#: the observation keys the kernel writes (every key of wide_env.sim.observation.observation_layout)
-OBSERVATION_KEYS = ("gate_probs", "topk_mask", "topk_weight", "channel_gain_db", "energy_cost", "latency_ratio",
-                    "deviation_table", "budget_remaining", "position")
-(I_PROBS_AT, I_MASK_AT, I_WEIGHT_AT, I_GAIN_AT, I_ENERGY_AT, I_LATENCY_AT, I_DEVIATION_AT, I_BUDGET_AT,
- I_POSITION_AT) = range(I_AT, I_AT + len(OBSERVATION_KEYS))
+#: the observation keys the kernel writes besides the planned per-expert ones
+OBSERVATION_KEYS = ("gate_probs", "topk_mask", "topk_weight", "deviation_table", "channel_gain_db",
+                    "budget_remaining", "position")
+I_PROBS_AT, I_MASK_AT, I_WEIGHT_AT, I_DEVIATION_AT, I_GAIN_AT, I_BUDGET_AT, I_POSITION_AT = \
+    range(I_AT, I_AT + len(OBSERVATION_KEYS))
+I_EXPERT_AT = I_AT + len(OBSERVATION_KEYS)  # one start per planned per-expert key
 # float constants: scalars, then eps_l (L values), kappa_l (L values), the observation's budget unit (L values)
 F_SPAN_BUDGET, F_DEVIATION_WEIGHT, F_DEADLINE_WEIGHT, F_LAYER_DEN, F_TOKEN_DEN, F_MAX_DEVIATION = range(6)
 F_LAYER_BUDGET = 6
@@ -62,15 +64,15 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
 
     executed (B, E) bool; plan (step-major, see wide_env.sim.decode.plan) = (costs (C, Lc, B, 4, E),
     meets_deadline (C, Lc, B, E), topk (C, L, B, 2), topk_idx (C, L, B, K), deviation_table (C, L, B, K, E+1),
-    probs (C, L, B, E) float32, topk_weight (C, L, B, K), obs_gain (C, Lf, B, N), obs_energy (C, L, B, E),
-    obs_latency (C, Lc, B, E) (these three float32), effect_code (C, L, B, K (E+1)) uint8, effect_dloss
+    probs (C, L, B, E) float32, topk_weight (C, L, B, K), obs_gain (C, Lf, B, N) float32, obs_expert
+    (C, L, B, P, E) float32 (the planned per-expert keys), effect_code (C, L, B, K (E+1)) uint8, effect_dloss
     (C, L, B, K (E+1)) float32, full_correct (C, 1, B) bool); state = (counters (B, 4), amounts (B, 2),
     flags (B, 3)); consts = (int64 constants, float64 constants). Outputs: values (B, FLOAT_FIELDS),
     counts (B, INT_FIELDS + K servers), obs (B, D) float32, replan (B,) bool.
 
     One function (no nested compiled calls): numba compiles it once, in about a second."""
     costs, meets, topk, topk_idx, deviation_table, probs, topk_weight = plan[:7]
-    gain, energy_cost, latency_ratio, effect_code, effect_dloss, full_correct = plan[7:]
+    gain, obs_expert, effect_code, effect_dloss, full_correct = plan[7:]
     counters, amounts, flags = state
     ints, floats = consts
     n_layers, n_tokens, span = ints[I_LAYERS], ints[I_TOKENS], ints[I_SPAN]
@@ -214,16 +216,16 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
         c = token - counters[b, CHUNK_START]
         if c < 0 or c >= C:
             raise IndexError("an episode's token is outside its planned chunk: re-plan it before observing")
-        lc = l if per_layer_costs else 0
         lf = l if per_layer_fading else 0
         at, mask_at, weight_at = ints[I_PROBS_AT], ints[I_MASK_AT], ints[I_WEIGHT_AT]
-        energy_at, latency_at = ints[I_ENERGY_AT], ints[I_LATENCY_AT]
         for e in range(E):
             obs[b, at + e] = probs[c, l, b, e]
             obs[b, mask_at + e] = 0.0
             obs[b, weight_at + e] = 0.0
-            obs[b, energy_at + e] = energy_cost[c, l, b, e]
-            obs[b, latency_at + e] = latency_ratio[c, lc, b, e]
+        for p in range(obs_expert.shape[3]):
+            at = ints[I_EXPERT_AT + p]
+            for e in range(E):
+                obs[b, at + e] = obs_expert[c, l, b, p, e]
         for k in range(K):
             obs[b, mask_at + topk_idx[c, l, b, k]] = 1.0
             obs[b, weight_at + topk_idx[c, l, b, k]] = min(topk_weight[c, l, b, k], 1.0)

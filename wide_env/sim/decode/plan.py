@@ -10,16 +10,17 @@ with per-layer fading), 1 for helper positions.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from wide_env.config import ConfigError
 from wide_env.sim import slots
-from wide_env.sim.channel import move_random_waypoint, path_gain
+from wide_env.sim.channel import move_random_waypoint
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_ENERGY_COST, MAX_LATENCY_RATIO
-from wide_env.sim.physics import by_expert, node_cost_table, node_costs, topk_reference
+from wide_env.sim.physics import by_expert, call_latency, node_cost_table, node_costs, topk_reference
 from wide_env.sim.scenario import Scenario
 from wide_env.sim.units import linear_to_db
 
@@ -45,11 +46,11 @@ class TokenPlan:
     topk_idx: np.ndarray  # (C, L, n, K) int64, descending probability
     topk_weight: np.ndarray  # (C, L, n, K) combine weights
     deviation_table: np.ndarray  # (C, L, n, K, E+1) kappa_l w_k D_l(S_k, j), weighted model units, column E = skip
-    # the channel's observation entries (CHANNEL_KEYS), float32, clipped to their boxes; the step writes
-    # them with the gating entries (from the arrays above), the budget left and the position
+    # the channel's observation entries, float32, clipped to their boxes; the step writes them with the
+    # gating entries (from the arrays above), the budget left and the position
     obs_gain: np.ndarray  # (C, Lf, n, N) channel_gain_db
-    obs_energy: np.ndarray  # (C, L, n, E) energy_cost
-    obs_latency: np.ndarray  # (C, Lc, n, E) latency_ratio
+    obs_expert: np.ndarray  # (C, L, n, len(EXPERT_KEYS), E) the per-expert keys of EXPERT_KEYS
+    deadline_probability: np.ndarray  # (C, Lc, n, E) P(meeting the deadline | what the device knows)
     channel_gain_db: np.ndarray  # (C, Lf, n, N)
     helper_positions: np.ndarray  # (C, 1, n, N, 2) m, where the helpers are at each token
     # real accuracy, the effect tables' rows of the planned tokens (sources without tables: width 0): per
@@ -84,8 +85,8 @@ class TokenPlan:
         return self.topk[..., 1]
 
 
-#: observation keys planned from the channel (``obs_gain``, ``obs_energy``, ``obs_latency``, in this order)
-CHANNEL_KEYS = ("channel_gain_db", "energy_cost", "latency_ratio")
+#: per-expert observation keys planned from the channel (``obs_expert``'s rows, in this order)
+EXPERT_KEYS = ("energy_cost", "latency_ratio", "deadline_probability")
 
 
 def chunk_size(scn: Scenario, batch: int) -> int:
@@ -119,7 +120,7 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
                         rng, state.positions[sel], state.waypoints[sel], state.speeds[sel], ch.token_interval_s,
                         pl.r_min_m, pl.r_max_m, (pl.speed_min_mps, pl.speed_max_mps))
                     state.positions[sel], state.waypoints[sel], state.speeds[sel] = pos, wp, sp
-                    path_g = path_gain(np.linalg.norm(pos, axis=-1), ch.path_loss_exponent, ch.reference_gain_db)
+                    path_g = scn.path_loss.gain(np.linalg.norm(pos, axis=-1), state.path_state[sel])
                     state.path_gain[sel] = path_g
                     where[epoch // epochs_per_token, 0] = pos
             gains[epoch] = path_g * scn.fading.gain(fading)
@@ -135,8 +136,13 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
     tokens = np.minimum(state.chunk_start[sel] + np.arange(chunk)[:, None], scn.n_tokens - 1)  # (C, n)
     positions = state.start[sel] + tokens  # (C, n) trace positions
     gating = plan_gating(scn, rng, positions)
+    # queueing delays of every epoch and the ones before them (what the device knows when it decides)
+    delays = scn.queue.sequence(rng, state.queue_last[sel], epochs)  # (epochs, n, N)
+    known = np.concatenate([state.queue_last[sel][None], delays[:-1]])
+    state.queue_last[sel] = delays[-1]
     shape = (chunk, epochs_per_token, n, N)
-    plan = _plan_costs(scn, rng, gains.reshape(shape), path_gains.reshape(shape), gating, where)
+    plan = _plan_costs(scn, rng, gains.reshape(shape), path_gains.reshape(shape), delays.reshape(shape),
+                       known.reshape(shape), gating, where)
     check_finite(scn, plan)
     code, dloss, full = effects
     if code.shape[0]:
@@ -168,42 +174,64 @@ def plan_gating(scn: Scenario, rng: np.random.Generator, positions: np.ndarray) 
                              order(flat.topk_idx), order(flat.topk_weight))
 
 
-def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, gating: GatingRows, positions) -> TokenPlan:
-    """Costs of the planned tokens: channel_gain, path_gains (C, Lf, n, N); positions (C, 1, n, N, 2)."""
-    link, radio, comp = scn.link, scn.config.radio, scn.config.compute
+def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, known_delays, gating: GatingRows,
+                positions) -> TokenPlan:
+    """Costs of the planned tokens: channel_gain, path_gains, the realised queueing delays and the delays the
+    device knows (the previous epoch's), all (C, Lf, n, N); positions (C, 1, n, N, 2)."""
+    link, radio = scn.link, scn.config.radio
     C, Lf, n, N = channel_gain.shape
     L, E = scn.n_layers, scn.n_experts
-    queue = rng.exponential(comp.queue_delay_mean_s, size=channel_gain.shape) if comp.queue_delay_mean_s > 0 else 0.0
-    costs = node_costs(channel_gain, link, queue_delay_s=queue)
+    idle = node_costs(channel_gain, link)  # an idle helper: the latency the device can count on
+    realised = dataclasses.replace(idle, latency=call_latency(idle.uplink_time, idle.downlink_time, link,
+                                                              queue_delays))
     uplink, observed = None, None
     if radio.uplink_slots > 1:
         # Fast fading within the uplink [paper]: the policy sees the expected-inverse-gain surrogate (E[1/h]
         # for 1/h over the path gain); the energy spent follows the slot gains as revealed, with bits
         # allocated per slot by DP or uniformly. The window is the inversion window.
-        window = link.deadline_s - link.compute_time_s - costs.downlink_time
+        window = link.deadline_s - link.compute_time_s - idle.downlink_time
         surrogate = slots.surrogate_energy(link.bits, window, path_gains, link.bandwidth_hz, link.noise_psd_w_hz,
                                            scn.fading)
         slot_gains = slots.draw_slot_fading(rng, path_gains.shape, scn.fading, radio.uplink_slots)
         uplink = slots.allocate_bits(radio.bit_allocation, link.bits, window, path_gains, slot_gains,
                                      link.bandwidth_hz, link.noise_psd_w_hz, scn.fading).energy
-        observed = _experts(scn, node_cost_table(costs, link, surrogate, _local(scn)))[..., :3, :]
-    expert_costs = _experts(scn, node_cost_table(costs, link, uplink, _local(scn)))  # (C, Lc, n, 4, E)
-    latency = expert_costs[..., 3, :]
+        observed = _experts(scn, node_cost_table(idle, link, surrogate, _local(scn)))[..., :3, :]
+    expert_costs = _experts(scn, node_cost_table(realised, link, uplink, _local(scn)))  # (C, Lc, n, 4, E)
+    deadline = link.deadline_s * (1.0 + 1e-9)
+    # what the device knows of each call: its latency at an idle helper, and P(meeting the deadline)
+    room = deadline - link.compute_time_s - idle.downlink_time  # for max(t_ul, q + t_load)
+    meet = (idle.uplink_time <= room) * scn.queue.below_probability(room - link.load_time_s, known_delays)
+    knowable = _experts(scn, _with_device(scn, np.stack([idle.latency, meet], axis=-2), link))  # (C, Lc, n, 2, E)
     topk_idx = gating.topk_idx.reshape(C, L, n, -1)
     energy = expert_costs[..., scn.scope_index, :]  # (C, Lc, n, E); Lc broadcasts over L
     topk = np.empty((C, L, n, 2))
     topk[..., 0], topk[..., 1] = topk_reference(energy, topk_idx)
     gain_db = linear_to_db(channel_gain)
+    obs_expert = np.empty((C, L, n, len(EXPERT_KEYS), E), dtype=np.float32)
     cost = observed_energy_cost(energy, observed, scn.scope_index, topk_idx, topk[..., 1])
+    obs_expert[..., 0, :] = np.minimum(cost, MAX_ENERGY_COST)
+    obs_expert[..., 1, :] = np.minimum(knowable[..., 0, :] / scn.deadline_s, MAX_LATENCY_RATIO)
+    obs_expert[..., 2, :] = knowable[..., 1, :]
     return TokenPlan(
-        costs=expert_costs, meets_deadline=latency <= link.deadline_s * (1.0 + 1e-9), observed_energy_scopes=observed,
+        costs=expert_costs, meets_deadline=expert_costs[..., 3, :] <= deadline, observed_energy_scopes=observed,
         topk=topk, probs=gating.probs.reshape(C, L, n, E).astype(np.float32, copy=False), topk_idx=topk_idx,
         topk_weight=gating.topk_weight.reshape(C, L, n, -1).astype(np.float64, copy=False),
         deviation_table=gating.deviation_table.reshape(C, L, n, -1, E + 1),
-        obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32),
-        obs_energy=np.minimum(cost, MAX_ENERGY_COST).astype(np.float32),
-        obs_latency=np.minimum(latency / scn.deadline_s, MAX_LATENCY_RATIO).astype(np.float32),
-        channel_gain_db=gain_db, helper_positions=positions, effect_code=None, effect_dloss=None, full_correct=None)
+        obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32), obs_expert=obs_expert,
+        deadline_probability=knowable[..., 1, :], channel_gain_db=gain_db, helper_positions=positions,
+        effect_code=None, effect_dloss=None, full_correct=None)
+
+
+def _with_device(scn: Scenario, helper_values: np.ndarray, link) -> np.ndarray:
+    """(..., 2, N) [idle latency, P(meet)] of the helpers, with the device's column first when some expert
+    runs on it (its latency k (t_load + t_comp), certain)."""
+    if _local(scn) is None:
+        return helper_values
+    local = link.load_time_s + link.compute_time_s
+    device = np.empty(helper_values.shape[:-1] + (1,))
+    device[..., 0, 0] = local
+    device[..., 1, 0] = float(local <= link.deadline_s * (1.0 + 1e-9))
+    return np.concatenate([device, helper_values], axis=-1)
 
 
 def _local(scn: Scenario):

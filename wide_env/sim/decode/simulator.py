@@ -17,7 +17,8 @@ from wide_env.config import WideConfig
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import draw_helpers
 from wide_env.sim.decode import kernel
-from wide_env.sim.decode.plan import assign_plan, chunk_size, concat_plans, observed_energy_cost, plan_tokens
+from wide_env.sim.decode.plan import (EXPERT_KEYS, assign_plan, chunk_size, concat_plans, observed_energy_cost,
+                                      plan_tokens)
 from wide_env.sim.decode.hindsight import EpisodeTables, episode_tables
 from wide_env.sim.decode.state import DecodeState, empty_outcome
 from wide_env.sim.outcome import Outcome
@@ -52,15 +53,16 @@ class DecodeSimulator:
         self.obs_size = sum(size for size, _, _ in self.layout.values())
         self.has_accuracy = bool(getattr(source, "has_effects", False))
         sl = self.obs_slices
-        if tuple(sl) != kernel.OBSERVATION_KEYS:  # the step kernel writes every key of the layout
+        written = kernel.OBSERVATION_KEYS + EXPERT_KEYS
+        if sorted(sl) != sorted(written):  # the step kernel writes every key of the layout
             raise AssertionError(f"the decoding observation layout {list(sl)} differs from the keys the step kernel "
-                                 f"writes {list(kernel.OBSERVATION_KEYS)}: plan and write the new key in "
-                                 "wide_env/sim/decode (plan.py, kernel.py)")
+                                 f"writes {list(written)}: plan a new per-expert key in wide_env/sim/decode/plan.py "
+                                 "(EXPERT_KEYS), others in kernel.py")
         span = {"layer": kernel.SPAN_LAYER, "token": kernel.SPAN_TOKEN, "episode": kernel.SPAN_EPISODE}[self.budget_mode]
         ints = [self.n_layers, self.n_tokens, span, self.enforce_deadline, scn.scope_index,
                 self.has_accuracy]
-        ints += [sl[key].start for key in kernel.OBSERVATION_KEYS]
-        assert len(ints) == kernel.I_AT + len(kernel.OBSERVATION_KEYS)
+        ints += [sl[key].start for key in kernel.OBSERVATION_KEYS + EXPERT_KEYS]
+        assert len(ints) == kernel.I_EXPERT_AT + len(EXPERT_KEYS)
         rw = config.reward
         floats = [0.0 if np.isnan(self.span_budget) else self.span_budget, rw.deviation_weight, rw.deadline_weight,
                   max(self.n_layers - 1, 1), max(self.n_tokens - 1, 1), MAX_DEVIATION]
@@ -88,11 +90,12 @@ class DecodeSimulator:
 
     def _reset(self, rng: np.random.Generator, batch: int, chunk: int) -> DecodeState:
         scn = self.scenario
-        positions, waypoints, speeds, gain = draw_helpers(rng, batch, scn.n_nodes, self.config.placement,
-                                                          self.config.channel)
+        positions, waypoints, speeds, path_state, gain = draw_helpers(rng, batch, scn.n_nodes, self.config.placement,
+                                                                      scn.path_loss)
         fading = scn.fading.init(rng, (batch, scn.n_nodes))
+        queue_last = scn.queue.initial(rng, (batch, scn.n_nodes))
         start = self.source.start(rng, batch, self.n_tokens)
-        state = DecodeState.new(positions, waypoints, speeds, gain, fading, start)
+        state = DecodeState.new(positions, waypoints, speeds, path_state, gain, fading, queue_last, start)
         state.plan = plan_tokens(scn, rng, state, None, chunk, True, self._accuracy)
         return state
 
@@ -183,7 +186,7 @@ class DecodeSimulator:
         if args is None:
             p = state.plan
             plan = (p.costs, p.meets_deadline, p.topk, p.topk_idx, p.deviation_table, p.probs, p.topk_weight, p.obs_gain,
-                    p.obs_energy, p.obs_latency, p.effect_code, p.effect_dloss, p.full_correct)
+                    p.obs_expert, p.effect_code, p.effect_dloss, p.full_correct)
             args = state.kernel_args = (plan, (state.counters, state.amounts, state.flags), self._consts)
         return args
 
@@ -241,13 +244,14 @@ class DecodeSimulator:
         return make_view(self, state, index)
 
     def may_execute(self, state: DecodeState) -> np.ndarray:
-        """(B, E) bool: experts that meet the deadline at each episode's current layer (all while deadlines
-        are not enforced): the ``may be 1`` half of MaskablePPO's masks."""
+        """(B, E) bool: experts that may meet the deadline, as far as the device knows (P(meeting it) > 0), at
+        each episode's current layer (all while deadlines are not enforced): the ``may be 1`` half of
+        MaskablePPO's masks. The realised queueing delays stay hidden."""
         if not self.enforce_deadline:
             return np.ones((state.batch_size, self.n_experts), dtype=bool)
         p, b = state.plan, np.arange(state.batch_size)
         lc = state.layer if self.scenario.cost_per_layer else 0
-        return p.meets_deadline[state.token - state.chunk_start, lc, b]
+        return p.deadline_probability[state.token - state.chunk_start, lc, b] > 0
 
     def override_gates(self, state: DecodeState, index: int, probs, topk_idx, topk_weight) -> None:
         """Replace episode ``index``'s gating at its current (token, layer) by gates computed elsewhere (the
@@ -267,4 +271,4 @@ class DecodeSimulator:
         plan.topk[at] = topk_energy, reference
         observed = None if plan.observed_energy_scopes is None else plan.observed_energy_scopes[c, lc, index]
         cost = observed_energy_cost(energy, observed, scn.scope_index, row.topk_idx[0], reference)
-        plan.obs_energy[at] = np.minimum(cost, MAX_ENERGY_COST)
+        plan.obs_expert[at][EXPERT_KEYS.index("energy_cost")] = np.minimum(cost, MAX_ENERGY_COST)

@@ -26,8 +26,10 @@ class DecodeState:
     positions: np.ndarray  # (B, N, 2) helper positions, m
     waypoints: np.ndarray  # (B, N, 2) mobility targets
     speeds: np.ndarray  # (B, N) m/s
+    path_state: np.ndarray  # (B, N, P) the path-loss model's per-link state (line of sight, shadowing)
     path_gain: np.ndarray  # (B, N) linear
     fading: np.ndarray  # (B, N, S) fading model state
+    queue_last: np.ndarray  # (B, N) s, each helper's queueing delay at the last planned epoch
     counters: np.ndarray  # (B, 4) int64: token, layer, chunk_start (token of the plan's first), start (trace position)
     amounts: np.ndarray  # (B, 2) float64: budget_used (this token, token mode), delta_loss (this token, nats)
     flags: np.ndarray  # (B, 3) bool: done, perturbed_same, perturbed_correct (this token, effect tables)
@@ -46,14 +48,15 @@ class DecodeState:
     perturbed_correct = _column("flags", k.PERTURBED_CORRECT, "(B,) every perturbation kept the prediction correct")
 
     @classmethod
-    def new(cls, positions, waypoints, speeds, path_gain, fading, start) -> "DecodeState":
+    def new(cls, positions, waypoints, speeds, path_state, path_gain, fading, queue_last, start) -> "DecodeState":
         """Episodes at token 0, layer 0, with nothing spent."""
         B = start.shape[0]
         counters = np.zeros((B, 4), dtype=np.int64)
         counters[:, k.START] = start
         flags = np.zeros((B, 3), dtype=bool)
         flags[:, k.PERTURBED_SAME] = flags[:, k.PERTURBED_CORRECT] = True
-        return cls(positions=positions, waypoints=waypoints, speeds=speeds, path_gain=path_gain, fading=fading,
+        return cls(positions=positions, waypoints=waypoints, speeds=speeds, path_state=path_state, path_gain=path_gain,
+                   fading=fading, queue_last=queue_last,
                    counters=counters, amounts=np.zeros((B, 2)), flags=flags)
 
     @property

@@ -21,6 +21,7 @@ def write_observation(view, obs_slices, deadline_s: float, n_layers: int, n_prom
     cost = view.load_energy[:, :, 1:] / view.energy_reference[:, None, None]
     out[:, s["load_energy_cost"]] = np.clip(cost, 0.0, MAX_ENERGY_COST).reshape(B, -1)
     out[:, s["load_latency_ratio"]] = np.clip(view.load_latency[:, :, 1:] / deadline_s, 0.0, MAX_LATENCY_RATIO).reshape(B, -1)
+    out[:, s["load_deadline_probability"]] = view.load_deadline_probability[:, :, 1:].reshape(B, -1)
     dev = view.deviation_table / view.budget_unit[:, None, None, None]
     out[:, s["deviation_table"]] = np.clip(dev, 0.0, MAX_DEVIATION).reshape(B, -1)
     out[:, s["budget_remaining"]] = np.clip(view.budget / view.budget_unit[:, None], 0.0, MAX_DEVIATION)

@@ -33,10 +33,11 @@ class PromptPlan:
     topk_mask: np.ndarray  # (B, L, T, E) bool
     deviation_table: np.ndarray  # (B, L, T, K, E+1) kappa_l w D_l(S, j), weighted model units
     load_energy_scopes: np.ndarray  # (B, L, 3, E, T+1) J of expert e alone on its node with n = 0..T tokens
-    load_latency: np.ndarray  # (B, L, E, T+1) s
+    load_latency: np.ndarray  # (B, L, E, T+1) s at an idle helper (what the device can count on)
+    load_deadline_probability: np.ndarray  # (B, L, E, T+1) P(meeting the deadline | the delays the device knows)
     topk_energy: np.ndarray  # (B, L) objective-scope energy of executing every Top-K pair
     energy_reference: np.ndarray  # (B, L) the reward's energy unit
-    queue: np.ndarray  # (B, N+1) s (node 0 = device: 0)
+    queue: np.ndarray  # (B, N+1) s, realised queueing delays (node 0 = device: 0), revealed by the step
     channel_gain: np.ndarray  # (B, N)
     channel_gain_db: np.ndarray  # (B, N)
 
@@ -59,8 +60,10 @@ def prompt_gates(scn: Scenario, rng: np.random.Generator, first: np.ndarray, pro
                       g.topk_weight.reshape(lead + g.topk_weight.shape[1:]))
 
 
-def plan_prompt(scn: Scenario, rng: np.random.Generator, channel_gain: np.ndarray, gates: TokenGates) -> PromptPlan:
-    """Gating tables of a prompt and the load tables of its channel ``channel_gain`` (B, N)."""
+def plan_prompt(scn: Scenario, rng: np.random.Generator, channel_gain: np.ndarray, gates: TokenGates,
+                known_delays: np.ndarray) -> PromptPlan:
+    """Gating tables of a prompt and the load tables of its channel ``channel_gain`` (B, N); ``known_delays``
+    (B, N) are the helpers' previous queueing delays."""
     B, L, E = channel_gain.shape[0], scn.n_layers, scn.n_experts
     probs = gates.probs.transpose(0, 2, 1, 3).astype(np.float64)  # (B, L, T, E)
     idx = gates.topk_idx.transpose(0, 2, 1, 3)
@@ -71,30 +74,38 @@ def plan_prompt(scn: Scenario, rng: np.random.Generator, channel_gain: np.ndarra
     T = probs.shape[2]
     empty = np.zeros((B, L, 3, E, T + 1))
     plan = PromptPlan(probs=probs, topk_idx=idx, topk_weight=weight, topk_mask=topk_mask, deviation_table=table,
-                      load_energy_scopes=empty, load_latency=np.zeros((B, L, E, T + 1)), topk_energy=np.zeros((B, L)),
+                      load_energy_scopes=empty, load_latency=np.zeros((B, L, E, T + 1)),
+                      load_deadline_probability=np.zeros((B, L, E, T + 1)), topk_energy=np.zeros((B, L)),
                       energy_reference=np.ones((B, L)), queue=np.zeros((B, scn.n_nodes + 1)),
                       channel_gain=channel_gain, channel_gain_db=linear_to_db(channel_gain))
-    plan_channel(scn, rng, plan, channel_gain)
+    plan_channel(scn, rng, plan, channel_gain, known_delays)
     return plan
 
 
-def plan_channel(scn: Scenario, rng: np.random.Generator, plan: PromptPlan, channel_gain: np.ndarray) -> None:
-    """(Re)compute ``plan``'s channel part for gains (B, N): queueing delays, the stand-alone load tables and
-    the Top-K energies, keeping its gating."""
-    comp, link = scn.config.compute, scn.link
+def plan_channel(scn: Scenario, rng: np.random.Generator, plan: PromptPlan, channel_gain: np.ndarray,
+                 known_delays: np.ndarray) -> None:
+    """(Re)compute ``plan``'s channel part for gains (B, N): the helpers' queueing delays (drawn after the
+    ``known_delays`` (B, N) of the previous prompt, hidden from the observation), the stand-alone load tables
+    and the Top-K energies, keeping its gating."""
+    link = scn.link
     B, L, T = channel_gain.shape[0], scn.n_layers, plan.probs.shape[2]
     queue = np.zeros((B, scn.n_nodes + 1))
-    if comp.queue_delay_mean_s > 0:
-        queue[:, 1:] = rng.exponential(comp.queue_delay_mean_s, size=(B, scn.n_nodes))
-    # stand-alone load tables: expert e alone on its node with n = 0..T tokens, (B, T+1, ..., N+1)
+    queue[:, 1:] = scn.queue.sequence(rng, known_delays, 1)[0]
+    # stand-alone load tables: expert e alone on an idle node with n = 0..T tokens, (B, T+1, ..., N+1)
     n = np.arange(T + 1, dtype=np.float64)[:, None]
     runs = (n > 0).astype(np.float64)
-    c = node_costs(channel_gain[:, None, :], link, uplink_payloads=n, downlink_payloads=n, experts=runs,
-                   queue_delay_s=queue[:, None, 1:])
+    c = node_costs(channel_gain[:, None, :], link, uplink_payloads=n, downlink_payloads=n, experts=runs)
+    room = link.deadline_s * (1.0 + 1e-9) - runs * link.compute_time_s - c.downlink_time  # for max(t_ul, q + t_load)
+    meet = np.where(runs > 0, (c.uplink_time <= room) *
+                    scn.queue.below_probability(room - runs * link.load_time_s, known_delays[:, None, :]), 1.0)
     table = node_cost_table(c, link, local_experts=runs[:, 0])  # (B, T+1, 4, N+1)
+    local_meet = float(link.load_time_s + link.compute_time_s <= link.deadline_s * (1.0 + 1e-9))
+    meet = np.concatenate([np.broadcast_to(np.where(runs > 0, local_meet, 1.0), meet.shape[:-1] + (1,)), meet], -1)
     experts = np.stack([by_expert(table, scn.hosts[l]) for l in range(L)], axis=1)  # (B, L, T+1, 4, E)
     plan.load_energy_scopes = np.ascontiguousarray(experts[..., :3, :].transpose(0, 1, 3, 4, 2))  # (B, L, 3, E, T+1)
     plan.load_latency = np.ascontiguousarray(experts[..., 3, :].transpose(0, 1, 3, 2))  # (B, L, E, T+1)
+    plan.load_deadline_probability = np.stack([by_expert(meet, scn.hosts[l]) for l in range(L)],
+                                              axis=1).transpose(0, 1, 3, 2).copy()
     layers = np.broadcast_to(np.arange(L), (B, L))
     topk_scopes, _ = layer_node_costs(scn, channel_gain[:, None], queue[:, None], layers, plan.topk_mask)
     plan.topk_energy = topk_scopes[:, :, scn.scope_index].sum(axis=-1)

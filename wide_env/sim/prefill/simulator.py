@@ -15,7 +15,7 @@ import numpy as np
 
 from wide_env.config import ConfigError, WideConfig
 from wide_env.gating.base import GatingSource
-from wide_env.sim.channel import draw_helpers, move_random_waypoint, path_gain
+from wide_env.sim.channel import draw_helpers, move_random_waypoint
 from wide_env.sim.observation import observation_slices, prefill_observation_layout
 from wide_env.sim.outcome import Outcome
 from wide_env.sim.prefill import step as prefill_step
@@ -31,8 +31,10 @@ class PrefillState:
     positions: np.ndarray  # (B, N, 2)
     waypoints: np.ndarray
     speeds: np.ndarray
+    path_state: np.ndarray  # (B, N, P) the path-loss model's per-link state
     path_gain: np.ndarray  # (B, N)
     fading: np.ndarray  # (B, N, S)
+    queue_last: np.ndarray  # (B, N) s, the helpers' queueing delays of the current prompt
     start: np.ndarray  # (B, n_prompts) trace positions of each prompt's first token
     prompt: np.ndarray  # (B,)
     layer: np.ndarray  # (B,)
@@ -75,7 +77,8 @@ class PrefillView:
     budget_unit: np.ndarray  # (B,) eps_l (layer mode) or the token budget
     load_energy_scopes: np.ndarray  # (B, 3, E, T+1)
     load_energy: np.ndarray  # (B, E, T+1) objective scope
-    load_latency: np.ndarray  # (B, E, T+1)
+    load_latency: np.ndarray  # (B, E, T+1) at an idle helper
+    load_deadline_probability: np.ndarray  # (B, E, T+1)
     topk_energy: np.ndarray  # (B,)
     energy_reference: np.ndarray  # (B,)
     queue: np.ndarray  # (B, N+1)
@@ -121,15 +124,18 @@ class PrefillSimulator:
 
     def _reset(self, rng: np.random.Generator, batch: int) -> PrefillState:
         scn = self.scenario
-        positions, waypoints, speeds, gain = draw_helpers(rng, batch, scn.n_nodes, self.config.placement,
-                                                          self.config.channel)
+        positions, waypoints, speeds, path_state, gain = draw_helpers(rng, batch, scn.n_nodes, self.config.placement,
+                                                                      scn.path_loss)
         fading = scn.fading.init(rng, (batch, scn.n_nodes))
+        known = scn.queue.initial(rng, (batch, scn.n_nodes))
         start = self.source.start(rng, batch * self.n_prompts, self.T).reshape(batch, self.n_prompts)
         state = PrefillState(
-            positions=positions, waypoints=waypoints, speeds=speeds, path_gain=gain, fading=fading, start=start,
-            prompt=np.zeros(batch, dtype=np.int64), layer=np.zeros(batch, dtype=np.int64),
-            budget_used=np.zeros((batch, self.T)), done=np.zeros(batch, dtype=bool))
-        state.plan = plan_prompt(scn, rng, gain * scn.fading.gain(fading), prompt_gates(scn, rng, start[:, 0], self.T))
+            positions=positions, waypoints=waypoints, speeds=speeds, path_state=path_state, path_gain=gain,
+            fading=fading, queue_last=known, start=start, prompt=np.zeros(batch, dtype=np.int64),
+            layer=np.zeros(batch, dtype=np.int64), budget_used=np.zeros((batch, self.T)), done=np.zeros(batch, dtype=bool))
+        state.plan = plan_prompt(scn, rng, gain * scn.fading.gain(fading), prompt_gates(scn, rng, start[:, 0], self.T),
+                                 known)
+        state.queue_last[:] = state.plan.queue[:, 1:]
         return state
 
     def reset_rows(self, rng, state: PrefillState, rows: np.ndarray) -> None:
@@ -200,23 +206,26 @@ class PrefillSimulator:
                                                ch.token_interval_s, pl.r_min_m, pl.r_max_m,
                                                (pl.speed_min_mps, pl.speed_max_mps))
             state.positions[moved], state.waypoints[moved], state.speeds[moved] = pos, wp, sp
-            state.path_gain[moved] = path_gain(np.linalg.norm(pos, axis=-1), ch.path_loss_exponent, ch.reference_gain_db)
+            state.path_gain[moved] = scn.path_loss.gain(np.linalg.norm(pos, axis=-1), state.path_state[moved])
         gain = state.path_gain[rows] * scn.fading.gain(state.fading[rows])
+        known = state.queue_last[rows]
         if new_prompt.all():
-            state.plan.assign(rows, plan_prompt(scn, rng, gain, prompt_gates(scn, rng, state.start[rows, state.prompt[rows]], self.T)))
-            return
-        plan = PromptPlan(**{f.name: getattr(state.plan, f.name)[rows].copy() for f in fields(PromptPlan)})
-        if new_prompt.any():
-            first = state.start[moved, state.prompt[moved]]
-            fresh = plan_prompt(scn, rng, gain[new_prompt], prompt_gates(scn, rng, first, self.T))
-            plan.assign(np.flatnonzero(new_prompt), fresh)
-            keep = ~new_prompt
-            sub = PromptPlan(**{f.name: getattr(plan, f.name)[keep].copy() for f in fields(PromptPlan)})
-            plan_channel(scn, rng, sub, gain[keep])
-            plan.assign(np.flatnonzero(keep), sub)
+            first = state.start[rows, state.prompt[rows]]
+            state.plan.assign(rows, plan_prompt(scn, rng, gain, prompt_gates(scn, rng, first, self.T), known))
         else:
-            plan_channel(scn, rng, plan, gain)
-        state.plan.assign(rows, plan)
+            plan = PromptPlan(**{f.name: getattr(state.plan, f.name)[rows].copy() for f in fields(PromptPlan)})
+            if new_prompt.any():
+                first = state.start[moved, state.prompt[moved]]
+                fresh = plan_prompt(scn, rng, gain[new_prompt], prompt_gates(scn, rng, first, self.T), known[new_prompt])
+                plan.assign(np.flatnonzero(new_prompt), fresh)
+                keep = ~new_prompt
+                sub = PromptPlan(**{f.name: getattr(plan, f.name)[keep].copy() for f in fields(PromptPlan)})
+                plan_channel(scn, rng, sub, gain[keep], known[keep])
+                plan.assign(np.flatnonzero(keep), sub)
+            else:
+                plan_channel(scn, rng, plan, gain, known)
+            state.plan.assign(rows, plan)
+        state.queue_last[rows] = state.plan.queue[rows, 1:]
 
     # ---- what the env front ends report -------------------------------------------------------------
     def info_keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -234,7 +243,7 @@ class PrefillSimulator:
         B = state.batch_size
         if not self.enforce_deadline:
             return np.ones((B, self.T, self.n_experts), dtype=bool)
-        single = self.view(state).load_latency[:, :, 1] <= self.deadline * (1.0 + 1e-9)  # (B, E)
+        single = self.view(state).load_deadline_probability[:, :, 1] > 0  # (B, E): as far as the device knows
         return np.broadcast_to(single[:, None, :], (B, self.T, self.n_experts)).copy()
 
     def node_costs(self, channel_gain, queue, layer, executed):
@@ -257,5 +266,6 @@ class PrefillSimulator:
             topk_weight=p.topk_weight[sel], topk_mask=p.topk_mask[sel], deviation_table=p.deviation_table[sel],
             layer_weight=self.layer_weight[layer], budget=budget, budget_unit=unit, load_energy_scopes=scopes,
             load_energy=scopes[:, self.scenario.scope_index], load_latency=p.load_latency[sel],
+            load_deadline_probability=p.load_deadline_probability[sel],
             topk_energy=p.topk_energy[sel], energy_reference=p.energy_reference[sel], queue=p.queue,
             channel_gain=p.channel_gain, channel_gain_db=p.channel_gain_db)
