@@ -147,6 +147,9 @@ class CheckpointEvalCallback(BaseCallback):
             for k, v in rec.items():
                 if k != "timesteps":
                     self.logger.record(f"eval/{k}", v)
+            # written now, at the evaluated step (as SB3's EvalCallback does): SB3 dumps only at the end of
+            # a rollout, so the evaluation after the last update would otherwise never be written
+            self.logger.dump(n)
         except AttributeError:  # model without a logger (e.g. a finished run re-opened by --resume)
             pass
         if rec["reward_per_step"] > self.best_reward:

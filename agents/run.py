@@ -421,7 +421,6 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     ckpt_cb.model = model
     if ckpt_cb.last_eval < model.num_timesteps and cfg["eval_freq"] >= 0:
         ckpt_cb.run_eval()
-        _flush_logger(model)  # the final evaluation reaches TensorBoard too
     if ckpt_cb.last_save < model.num_timesteps or not checkpoints_exist(run_dir):
         ckpt_cb.save_checkpoint()
     from agents.callbacks import atomic_save_model, atomic_save_vecnormalize
@@ -458,12 +457,6 @@ def _resume_state(run_dir: Path, ckpt: dict, n: int) -> dict:
             state["best_reward"] = max(float(r["reward_per_step"]) for r in rows)
     state["last_save"] = n
     return state
-
-
-def _flush_logger(model) -> None:
-    logger = getattr(model, "_logger", None)
-    if logger is not None:
-        logger.dump(int(model.num_timesteps))
 
 
 def _frozen(vecnorm):

@@ -75,8 +75,11 @@ def test_final_evaluation_reaches_tensorboard(finished_run):
     (events,) = (run_dir / "tb").glob("tb_*")
     acc = EventAccumulator(str(events))
     acc.Reload()
-    steps = [e.step for e in acc.Scalars("eval/reward_per_step")]
-    assert steps[-1] == 256, steps  # the evaluation after the last update, not only the first ones
+    logged = [(e.step, e.value) for e in acc.Scalars("eval/reward_per_step")]
+    evals = [(int(float(r["timesteps"])), float(r["reward_per_step"])) for r in read_rows(run_dir / "eval" / "eval_log.csv")]
+    # every evaluation at its own step, the one after the last update (256) included
+    assert [s for s, _ in logged] == [s for s, _ in evals] == [0, 128, 256]
+    np.testing.assert_allclose([v for _, v in logged], [v for _, v in evals], rtol=1e-6)
 
 
 def test_status_json_follows_each_checkpoint(tmp_path):

@@ -3,10 +3,12 @@
 Every section is a frozen dataclass; :meth:`WideConfig.from_dict` builds the whole tree from plain,
 JSON-able dicts (so ``gym.make(id, config={...})`` and YAML files work), starting from a named
 profile (:mod:`wide_env.profiles`) and overriding only the keys given. Every invalid value raises
-:class:`ConfigError` (a ``ValueError``) naming the field and how to fix it.
+:class:`ConfigError` (a ``ValueError``) naming the field and how to fix it. Every numeric field declares
+its physical range and the reason for it (:func:`_range`), checked at construction; the ranges bound the
+sizes too, so an absurd value is an error naming the limit, not a NaN, an inf or a MemoryError later.
 
-Provenance of defaults: see ``docs`` in README.md and ``../shared/spec/WIDE-MODEL.md``; the tags
-[paper], [std] and [choice] below follow the spec.
+Provenance of defaults: README.md's configuration table and docs/model.md; tags: [paper] SiftMoE's
+setting, [std] textbook or standard, [choice] ours.
 """
 
 from __future__ import annotations
