@@ -42,7 +42,7 @@ The observation is parsed by key name from the env's layout (``problem.obs_slice
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
