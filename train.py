@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train an RL agent on a WIDE environment (thin entry over :mod:`agents`, rl-baselines3-zoo style).
+"""Train an RL agent on a WIDE environment: a thin shim over :func:`agents.run.main` (rl-baselines3-zoo
+style), the same entry point as ``wide-train`` and ``python -m agents`` after ``pip install``.
 
     python train.py                                   # short demonstration run on wide_env/WideMoE-v0
     python train.py --algo ppo --env wide_env/WideMoE-v0 -n 200000 --seed 0
@@ -16,4 +17,4 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from agents.run import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python train.py"))

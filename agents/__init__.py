@@ -1,7 +1,8 @@
 """RL agents for the WIDE environments: SB3 PPO / A2C and sb3-contrib MaskablePPO with either a plain MLP
-over the scaled observation or a permutation-equivariant expert-set network; training driver behind
-``train.py`` (see :mod:`agents.run`)."""
+over the scaled observation or a permutation-equivariant expert-set network; the training driver behind
+``wide-train`` / ``python -m agents`` / ``train.py`` (see :mod:`agents.run`); algorithm and network names
+in :mod:`agents.registry`."""
 
-ALGOS = ("ppo", "a2c", "maskable_ppo")
+from agents.registry import ALGORITHMS, NETWORKS, TRAINABLE_ALGORITHMS
 
-__all__ = ["ALGOS"]
+__all__ = ["ALGORITHMS", "NETWORKS", "TRAINABLE_ALGORITHMS"]

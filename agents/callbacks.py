@@ -97,7 +97,8 @@ class CheckpointEvalCallback(BaseCallback):
     ``latest.json`` (best reward, last eval / save steps) so a resumed run continues the bookkeeping."""
 
     def __init__(self, run_dir: Path, evaluate: Callable[[Any], dict], *, eval_freq: int, save_freq: int,
-                 vecnorm=None, state: dict | None = None, keep_checkpoints: int = 3, verbose: int = 1):
+                 vecnorm=None, state: dict | None = None, keep_checkpoints: int = 3, verbose: int = 1,
+                 budget: int | None = None):
         super().__init__(verbose)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -113,6 +114,7 @@ class CheckpointEvalCallback(BaseCallback):
         self.last_eval = int(st.get("last_eval", -1))
         self.last_save = int(st.get("last_save", 0))
         self.wall_offset = float(st.get("wall_s", 0.0))
+        self.budget = budget
         self.t0 = time.time()
 
     # ---- hooks ------------------------------------------------------------------------------------
@@ -145,6 +147,9 @@ class CheckpointEvalCallback(BaseCallback):
             for k, v in rec.items():
                 if k != "timesteps":
                     self.logger.record(f"eval/{k}", v)
+            # written now, at the evaluated step (as SB3's EvalCallback does): SB3 dumps only at the end of
+            # a rollout, so the evaluation after the last update would otherwise never be written
+            self.logger.dump(n)
         except AttributeError:  # model without a logger (e.g. a finished run re-opened by --resume)
             pass
         if rec["reward_per_step"] > self.best_reward:
@@ -197,6 +202,8 @@ class CheckpointEvalCallback(BaseCallback):
         latest = {"model": path.name, "vecnormalize": vn.name if vn else None, "num_timesteps": n,
                   "time": time.time(), **self.state()}
         atomic_write_text(self.ckpt_dir / "latest.json", json.dumps(latest, indent=1))
+        if self.budget is not None:  # status.json follows the checkpoints (a crash leaves the last one)
+            write_status(self.run_dir, "running", n, self.budget, checkpoint=path.name)
         self._prune()
         if self.verbose > 1:
             print(f"[checkpoint] {path}")
@@ -218,22 +225,27 @@ def read_eval_log(path: Path) -> list[dict]:
                 for r in csv.DictReader(fh)]
 
 
-def latest_checkpoint(run_dir: Path) -> dict | None:
-    """The checkpoint ``latest.json`` points to, if its files exist (else the newest complete zip)."""
+def write_status(run_dir: Path, state: str, n: int, budget: int, **extra) -> None:
+    """``status.json``: state ("running", "trained", "done"), timesteps done and the total budget."""
+    atomic_write_text(Path(run_dir) / "status.json", json.dumps(
+        {"state": state, "num_timesteps": int(n), "n_timesteps": int(budget), "time": time.time(), **extra}))
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[dict]:
+    """Every checkpoint on disk, newest first: ``model_path``, ``num_timesteps``, ``vecnormalize_path`` (and,
+    for the one ``latest.json`` points to, its bookkeeping: best reward, last evaluation, wall time)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
-    meta_path = ckpt_dir / "latest.json"
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if (ckpt_dir / meta["model"]).exists():
-                meta["model_path"] = str(ckpt_dir / meta["model"])
-                meta["vecnormalize_path"] = str(ckpt_dir / meta["vecnormalize"]) if meta.get("vecnormalize") else None
-                return meta
-        except (ValueError, KeyError):
-            pass
-    ckpts = sorted(ckpt_dir.glob("model_*_steps.zip"), key=lambda p: int(p.stem.split("_")[1]))
-    if not ckpts:
-        return None
-    n = int(ckpts[-1].stem.split("_")[1])
-    vn = ckpt_dir / f"vecnormalize_{n}_steps.pkl"
-    return {"model_path": str(ckpts[-1]), "num_timesteps": n, "vecnormalize_path": str(vn) if vn.exists() else None}
+    latest = {}
+    try:
+        latest = json.loads((ckpt_dir / "latest.json").read_text())
+    except (OSError, ValueError):
+        pass
+    out = []
+    for path in sorted(ckpt_dir.glob("model_*_steps.zip"), key=lambda p: int(p.stem.split("_")[1]), reverse=True):
+        n = int(path.stem.split("_")[1])
+        vn = ckpt_dir / f"vecnormalize_{n}_steps.pkl"
+        rec = dict(latest) if latest.get("model") == path.name else {}
+        rec.update(model_path=str(path), num_timesteps=n, vecnormalize_path=str(vn) if vn.exists() else None)
+        out.append(rec)
+    return out
+

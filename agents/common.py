@@ -1,19 +1,22 @@
-"""Shared pieces of the training entry point: algorithms, hyperparameters, env ids, env kwargs, VecEnvs."""
+"""Shared pieces of the training entry point: hyperparameters, env ids, env kwargs, policies, VecEnvs."""
 
 from __future__ import annotations
 
 import ast
 import copy
-import importlib
 import os
 from pathlib import Path
 from typing import Callable
 
 import gymnasium as gym
 
+from agents.registry import TRAINABLE_ALGORITHMS, algorithm
+from wide_env.config import deep_merge
+
 HYPERPARAMS_DIR = Path(__file__).resolve().parent / "hyperparams"
-ALGO_NAMES = ("ppo", "a2c", "maskable_ppo")
 DEFAULT_ENV = "wide_env/WideMoE-v0"
+#: VecEnv kinds of --vec-env; "native" = wide_env's batched core (make_native_vec_env)
+VEC_ENV_KINDS = ("native", "dummy", "subproc")
 
 # hyperparameter keys that are not constructor arguments of the algorithm
 _RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize", "eval_freq", "eval_episodes", "save_freq",
@@ -25,20 +28,10 @@ class UsageError(ValueError):
 
 
 def algo_class(name: str):
-    name = name.lower()
-    if name == "ppo":
-        from stable_baselines3 import PPO
-
-        return PPO
-    if name == "a2c":
-        from stable_baselines3 import A2C
-
-        return A2C
-    if name == "maskable_ppo":
-        from sb3_contrib import MaskablePPO
-
-        return MaskablePPO
-    raise UsageError(f"unknown algorithm {name!r}; choose one of {list(ALGO_NAMES)}")
+    """The SB3 / sb3-contrib class of a trainable algorithm (see :data:`agents.registry.ALGORITHMS`)."""
+    if str(name).lower() not in TRAINABLE_ALGORITHMS:
+        raise UsageError(f"unknown algorithm {name!r}; choose one of {list(TRAINABLE_ALGORITHMS)}")
+    return algorithm(name).load_class()
 
 
 # ---- command-line values --------------------------------------------------------------------------
@@ -111,24 +104,13 @@ def load_hyperparams(algo: str, env_id: str, conf_file: str | None = None) -> tu
         data = {"default": data}  # a flat file: the hyperparameters themselves
     base = copy.deepcopy(data.get("default") or {})
     if env_id in data:
-        base = _merge(base, data[env_id] or {})
+        base = deep_merge(base, copy.deepcopy(data[env_id] or {}))
         source = f"{path}:{env_id}"
     elif "default" in data:
         source = f"{path}:default"
     else:
         raise UsageError(f"{path} has no entry for {env_id!r} and no 'default' entry; keys: {sorted(data)}")
     return base, source
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def merge_dicts(a: dict, b: dict) -> dict:
-    return _merge(a, b)
 
 
 def _schedule(value):
@@ -150,23 +132,28 @@ def split_hyperparams(hp: dict) -> tuple[dict, dict]:
     return run, algo_kwargs
 
 
+def policy_sizes(problem) -> dict:
+    """The sizes the networks need to read a WIDE observation (flat or Dict; prefill adds prompt_tokens)."""
+    sizes = dict(n_experts=int(problem.n_experts), top_k=int(problem.top_k), n_nodes=int(problem.n_nodes))
+    if hasattr(problem, "prompt_tokens"):
+        sizes["prompt_tokens"] = int(problem.prompt_tokens)
+    return sizes
+
+
 def resolve_policy(policy: str, algo: str, observation_space, problem, policy_kwargs: dict | None):
     """Policy name in the YAML -> (SB3 policy class or name, policy_kwargs).
 
-    ``expert_set``: the permutation-equivariant network; ``mlp``: SB3's MLP over the scaled observation;
-    any other string is passed to SB3 unchanged (``MultiInputPolicy``, ``MlpPolicy``)."""
-    from gymnasium import spaces
-
+    ``expert_set``: the permutation-equivariant network; ``mlp``: SB3's MLP over the scaled observation
+    (both in :data:`agents.registry.NETWORKS`); any other string is passed to SB3 unchanged
+    (``MultiInputPolicy``, ``MlpPolicy``)."""
     from agents.networks import ExpertSetPolicy, MaskableExpertSetPolicy, WideFlatExtractor
 
     kwargs = copy.deepcopy(policy_kwargs or {})
-    flat = not isinstance(observation_space, spaces.Dict)
-    sizes = {}
-    if flat and problem is not None:
-        sizes = dict(n_experts=problem.n_experts, top_k=problem.top_k, n_nodes=problem.n_nodes)
+    sizes = policy_sizes(problem) if problem is not None else {}
+    flat = not isinstance(observation_space, gym.spaces.Dict)
     if policy == "expert_set":
         kwargs.update(sizes)
-        return (MaskableExpertSetPolicy if algo == "maskable_ppo" else ExpertSetPolicy), kwargs
+        return (MaskableExpertSetPolicy if algorithm(algo).maskable else ExpertSetPolicy), kwargs
     if policy == "mlp":
         fe = dict(kwargs.pop("features_extractor_kwargs", {}) or {})
         fe.update(sizes)
@@ -193,37 +180,35 @@ def make_env_fn(env_id: str, env_kwargs: dict, seed: int, rank: int) -> Callable
     return _init
 
 
-def native_vec_factory():
-    """helper B's ``make_native_vec_env(env_id, n_envs, seed, env_kwargs)``, or None while it is absent."""
-    for module in ("wide_env.envs.sb3_vec", "wide_env.envs.vector", "wide_env.vector"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        fn = getattr(mod, "make_native_vec_env", None)
-        if fn is not None:
-            return fn
-    return None
+def has_native_core(env_id: str) -> bool:
+    """True when ``env_id`` has wide_env's batched core (a vector entry point, so make_native_vec_env works)."""
+    import wide_env  # noqa: F401  (registers)
+
+    return gym.spec(env_id).vector_entry_point is not None
 
 
-def make_vec_env(env_id: str, env_kwargs: dict, n_envs: int, seed: int, kind: str = "dummy",
+def make_vec_env(env_id: str, env_kwargs: dict, n_envs: int, seed: int, kind: str = "native",
                  monitor_path: str | None = None):
-    """A VecEnv of ``n_envs`` copies wrapped in VecMonitor (episode returns for SB3's logger)."""
+    """A VecEnv of ``n_envs`` episodes wrapped in VecMonitor (episode returns for SB3's logger).
+
+    ``native``: wide_env's batched core (one generator seeded with ``seed`` drives every sub-env);
+    ``dummy`` / ``subproc``: ``n_envs`` copies of ``gym.make(env_id, **env_kwargs)``, sub-env i seeded
+    with ``seed + i``."""
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
 
     if kind == "native":
-        factory = native_vec_factory()
-        if factory is None:
-            raise UsageError("--vec-env native needs wide_env's native VecEnv factory make_native_vec_env "
-                             "(wide_env/envs/sb3_vec.py), which is not available in this checkout; "
+        if not has_native_core(env_id):
+            raise UsageError(f"--vec-env native: {env_id} has no batched core (no vector entry point); "
                              "use --vec-env dummy or subproc")
-        venv = factory(env_id, n_envs, seed, env_kwargs)
+        from wide_env.envs.sb3_vec import make_native_vec_env
+
+        venv = make_native_vec_env(env_id, n_envs, seed, env_kwargs)
     elif kind == "subproc":
         venv = SubprocVecEnv([make_env_fn(env_id, env_kwargs, seed, i) for i in range(n_envs)])
     elif kind == "dummy":
         venv = DummyVecEnv([make_env_fn(env_id, env_kwargs, seed, i) for i in range(n_envs)])
     else:
-        raise UsageError(f"--vec-env must be dummy, subproc or native, got {kind!r}")
+        raise UsageError(f"--vec-env must be one of {list(VEC_ENV_KINDS)}, got {kind!r}")
     venv.seed(seed)
     if monitor_path:
         os.makedirs(os.path.dirname(monitor_path), exist_ok=True)

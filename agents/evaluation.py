@@ -8,47 +8,10 @@ numbers and the baselines' come from the same episodes and the same metric defin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 REFERENCE_POLICIES = ("siftmoe", "topk")
-
-
-class AgentPolicy:
-    """A trained SB3 / sb3-contrib model as a callable policy on raw env observations.
-
-    Deterministic by default. MaskablePPO gets the deadline mask of ``env.action_masks()``, rebuilt from
-    the observation (``deadline_probability > 0`` while deadline enforcement is on). ``vecnorm``: optional
-    VecNormalize whose (frozen) statistics normalise observations first."""
-
-    def __init__(self, model, problem, *, maskable: bool = False, vecnorm=None, deterministic: bool = True,
-                 name: str = "agent"):
-        self.model, self.problem, self.maskable = model, problem, maskable
-        self.vecnorm, self.deterministic, self.name = vecnorm, deterministic, name
-
-    def reset(self, seed: int | None = None) -> None:
-        return None
-
-    def masks(self, obs) -> np.ndarray:
-        if isinstance(obs, dict):
-            p = np.asarray(obs["deadline_probability"])
-        else:
-            p = np.asarray(obs)[..., self.problem.obs_slices["deadline_probability"]]
-        may = p > 0 if self.problem.enforce_deadline else np.ones(p.shape, dtype=bool)
-        return np.stack([np.ones_like(may), may], axis=-1).reshape(*may.shape[:-1], -1)
-
-    def __call__(self, obs):
-        single = (obs["gate_probs"] if isinstance(obs, dict) else np.asarray(obs)).ndim == 1
-        model_obs = obs
-        if self.vecnorm is not None:
-            model_obs = self.vecnorm.normalize_obs(obs)
-        kwargs: dict[str, Any] = {"deterministic": self.deterministic}
-        if self.maskable:
-            kwargs["action_masks"] = self.masks(obs)
-        action, _ = self.model.predict(model_obs, **kwargs)
-        action = np.asarray(action, dtype=np.int8)
-        return action.reshape(-1) if single else action.reshape(-1, self.problem.n_experts)
 
 
 def evaluate(env_id: str, env_kwargs: dict, policies, *, episodes: int, seed: int,

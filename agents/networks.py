@@ -1,23 +1,27 @@
-"""Policy networks for the WIDE decoding environments.
+"""Policy networks for the WIDE environments (decoding and prefill).
 
-Two families, both acting on the env's ``Dict`` observation (or its flat ``Box`` twin, split with the
-layout of :mod:`wide_env.sim.observation`):
+Both families read the observation through :func:`agents.layout.layout_spec`, i.e. through the layout
+functions and per-key metadata of :mod:`wide_env.sim.observation` (axes and scale of every key), never
+through key names, so a key added there reaches them unchanged. Every key is scaled to O(1) by its kind:
+fractions as they are; ratios (energy / Top-K energy, latency / deadline, deviation / budget: 1 is the
+threshold) as ``[log10(x + 1e-3) / 2, min(x, 3), x <= 1]``; gains in dB as ``(x + 80) / 20`` clipped to
+[-5, 5] (link gains at 10-150 m lie around -40 to -90 dB) [choice].
 
-* :class:`WideFlatExtractor` - the *plain MLP* baseline: every key scaled to O(1) (log energies, clipped
-  latency ratios and deviations, channel gains in tens of dB) and concatenated; SB3's MLP on top.
-* :class:`ExpertSetPolicy` / :class:`MaskableExpertSetPolicy` - a *permutation-equivariant* actor-critic.
-  Experts are exchangeable: each expert j is a token built by one shared MLP from its own features
-  (gate prob, Top-K flag and weight, energy cost, latency ratio, deadline feasibility), its column of the
-  deviation table pooled over the K Top-K slots (each (slot k, expert j) pair is encoded by a shared MLP
-  from ``w_k D(S_k, j)``, the slot's skip cost ``w_k D(S_k, skip)``, whether j is S_k itself, and the
-  budget; mean and max over k) and the broadcast globals (budget remaining, position). A few
-  equivariant mixing blocks over the expert tokens (DeepSets, the default: each token is updated from
-  itself and the mean and max over all tokens; or self-attention without positional encoding,
-  ``mixer="attention"``) let
-  experts see each other (who can stand in for whom); a shared linear head gives one Bernoulli logit per
-  expert, and the critic reads the mean and max over experts. No parameter depends on E or K, so weights
-  trained on one profile load into a policy for another (:func:`transfer_policy_weights`, e.g. E=8, K=2
-  -> E=32, K=4).
+* :class:`WideFlatExtractor` - the *plain MLP* baseline: every scaled key concatenated; SB3's MLP on top.
+* :class:`ExpertSetPolicy` / :class:`MaskableExpertSetPolicy` - a *permutation-equivariant* actor-critic
+  over the action's entries: one set element per expert (decoding, ``MultiBinary(E)``) or per (token,
+  expert) pair (prefill, ``MultiBinary(T*E)``). Keys are routed by their axes: a key over (a subset of)
+  the element axes is an element feature (broadcast over the missing axes; extra axes such as the load
+  axis become feature width); a (slot, choice) table such as the deviation table is encoded per (slot k,
+  expert j) pair by a shared MLP from its entry, the slot's skip entry, whether the entry beats skip and
+  whether it is zero (the slot's own expert), plus the globals, then pooled (mean, max) over slots; a
+  per-node key is pooled (mean, max) over nodes into the globals; any other key is global. One shared MLP
+  builds each element's token; equivariant mixing blocks (DeepSets: each token updated from itself and
+  the mean and max over every element axis, i.e. over experts, and for prefill also over tokens; or
+  self-attention without positional encoding, ``mixer="attention"``) let elements see each other; a
+  shared linear head gives one Bernoulli logit per element and the critic reads the mean and max over
+  elements. For decoding no parameter depends on E, K or N, so weights trained on one profile load into
+  a policy for another (:func:`transfer_policy_weights`, e.g. E=8, K=2 -> E=32, K=4).
 
 Every transform is a fixed function of the observation (no running statistics), so a saved model needs
 no VecNormalize file to act.
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch as th
 from gymnasium import spaces
 from torch import nn
@@ -35,103 +38,156 @@ from torch import nn
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-OBS_KEYS = ("gate_probs", "topk_mask", "topk_weight", "channel_gain_db", "energy_cost", "latency_ratio",
-            "deadline_probability", "deviation_table", "budget_remaining", "position")
+from agents.layout import KeySpec, LayoutSpec, layout_spec
+
+#: features per entry of each scale kind
+SCALE_WIDTH = {"fraction": 1, "ratio": 3, "decibel": 1}
+_ROUTED_ELSEWHERE = ("node", "slot", "choice")
 
 
 # ---- observation handling ------------------------------------------------------------------------
-def layout_sizes(observation_space: spaces.Space, n_experts: int | None = None, top_k: int | None = None,
-                 n_nodes: int | None = None) -> tuple[int, int, int]:
-    """(E, K, N) from a Dict observation space, or from the explicit sizes for a flat Box."""
-    if isinstance(observation_space, spaces.Dict):
-        E = observation_space["gate_probs"].shape[0]
-        N = observation_space["channel_gain_db"].shape[0]
-        K = observation_space["deviation_table"].shape[0] // (E + 1)
-        return E, K, N
-    if None in (n_experts, top_k, n_nodes):
-        raise ValueError("a flat (Box) WIDE observation needs n_experts, top_k and n_nodes in policy_kwargs "
-                         "(train.py fills them from env.unwrapped.problem)")
-    return int(n_experts), int(top_k), int(n_nodes)
+def scale(x: th.Tensor, kind: str) -> th.Tensor:
+    """(..., ) raw entries -> (..., SCALE_WIDTH[kind]) features of order one."""
+    if kind == "fraction":
+        return x.unsqueeze(-1)
+    if kind == "decibel":
+        return ((x + 80.0) / 20.0).clamp(-5.0, 5.0).unsqueeze(-1)
+    if kind == "ratio":
+        return th.stack([th.log10(x.clamp(min=0.0) + 1e-3) / 2.0, x.clamp(max=3.0), (x <= 1.0).float()], dim=-1)
+    raise ValueError(f"unknown observation scale kind {kind!r}; expected one of {sorted(SCALE_WIDTH)}")
 
 
-def split_obs(obs, E: int, K: int, N: int) -> dict[str, th.Tensor]:
-    """Dict of (B, size) tensors from a Dict batch or a flat (B, D) batch."""
+def split_obs(obs, spec: LayoutSpec) -> dict[str, th.Tensor]:
+    """Dict of (B, *entry shape) tensors from a Dict batch or a flat (B, D) batch."""
     if isinstance(obs, dict):
-        return obs
-    sizes = (E, E, E, N, E, E, E, K * (E + 1), 1, 2)
-    out, offset = {}, 0
-    for key, size in zip(OBS_KEYS, sizes):
-        out[key] = obs[:, offset:offset + size]
-        offset += size
-    return out
+        return {k.name: obs[k.name].reshape(-1, *k.shape) for k in spec.keys}
+    return {k.name: obs[:, k.flat].reshape(-1, *k.shape) for k in spec.keys}
 
 
-def _log_energy(x: th.Tensor) -> th.Tensor:
-    return th.log10(x.clamp(min=0.0) + 1e-3) / 2.0  # [-1.5, 2]
+def scaled_features(obs, spec: LayoutSpec) -> th.Tensor:
+    """The plain MLP's input: every key scaled to O(1), concatenated in layout order (B, D')."""
+    o = split_obs(obs, spec)
+    return th.cat([scale(o[k.name], k.scale).flatten(1) for k in spec.keys], dim=-1)
 
 
-def scaled_features(o: dict[str, th.Tensor], E: int, K: int) -> th.Tensor:
-    """The plain MLP's input: every observation key scaled to O(1), concatenated (B, D')."""
-    energy = o["energy_cost"]
-    lat = o["latency_ratio"]
-    table = o["deviation_table"]
-    parts = [
-        o["gate_probs"], o["topk_mask"], o["topk_weight"],
-        ((o["channel_gain_db"] + 80.0) / 20.0).clamp(-5.0, 5.0),
-        _log_energy(energy), energy.clamp(max=3.0),
-        lat.clamp(max=3.0), (lat <= 1.0).float(), o["deadline_probability"],
-        th.log1p(table), table.clamp(max=3.0),
-        th.log1p(o["budget_remaining"]), o["position"],
-    ]
-    return th.cat(parts, dim=-1)
-
-
-def scaled_dim(E: int, K: int, N: int) -> int:
-    return 3 * E + N + 5 * E + 2 * K * (E + 1) + 1 + 2
+def scaled_dim(spec: LayoutSpec) -> int:
+    return sum(k.size * SCALE_WIDTH[k.scale] for k in spec.keys)
 
 
 class WideFlatExtractor(BaseFeaturesExtractor):
     """Scale every key to O(1) and concatenate (for the plain MLP policy)."""
 
     def __init__(self, observation_space: spaces.Space, n_experts: int | None = None, top_k: int | None = None,
-                 n_nodes: int | None = None):
-        E, K, N = layout_sizes(observation_space, n_experts, top_k, n_nodes)
-        super().__init__(observation_space, scaled_dim(E, K, N))
-        self.E, self.K, self.N = E, K, N
+                 n_nodes: int | None = None, prompt_tokens: int | None = None):
+        spec = layout_spec(observation_space, n_experts, top_k, n_nodes, prompt_tokens)
+        super().__init__(observation_space, scaled_dim(spec))
+        self.spec = spec
 
     def forward(self, obs) -> th.Tensor:
-        return scaled_features(split_obs(obs, self.E, self.K, self.N), self.E, self.K)
+        return scaled_features(obs, self.spec)
 
 
 # ---- permutation-equivariant expert-set network ----------------------------------------------------
-N_OWN = 9  # per-expert own features
-N_PAIR = 7  # per (slot, expert) pair features
-N_GLOBAL = 3  # budget remaining, layer position, token position
+class _Routing:
+    """Which keys are element features, (slot, choice) tables, per-node or global, and their widths."""
+
+    def __init__(self, spec: LayoutSpec):
+        self.spec = spec
+        elem = spec.element_axes
+        if "expert" not in elem:
+            raise ValueError(f"the expert-set network needs an 'expert' action axis, got {elem}")
+        self.element, self.pair, self.node, self.glob = [], [], [], []
+        self.n_element = self.n_pair = self.n_global = 0
+        slots = set()
+        for k in spec.keys:
+            w = SCALE_WIDTH[k.scale]
+            if k.axes[-2:] == ("slot", "choice"):
+                prefix = k.axes[:-2]
+                if not set(prefix) <= set(elem) or "expert" in prefix or _ordered(prefix + ("expert",), elem) is None:
+                    raise ValueError(f"observation key {k.name!r}: a (slot, choice) table must run over element "
+                                     f"axes {elem} before it, got axes {k.axes}")
+                self.pair.append(k)
+                self.n_pair += 2 * w + 2
+                slots.add(k.shape[-2])
+            elif "node" in k.axes:
+                if any(a != "feature" for a in k.axes if a != "node"):
+                    raise ValueError(f"observation key {k.name!r}: a per-node key may only add 'feature' axes, got {k.axes}")
+                self.node.append(k)
+                self.n_global += 2 * (k.size // k.shape[k.axes.index("node")]) * w
+            elif any(a in elem for a in k.axes):
+                if any(a in _ROUTED_ELSEWHERE for a in k.axes) or _ordered(tuple(a for a in k.axes if a in elem), elem) is None:
+                    raise ValueError(f"observation key {k.name!r}: axes {k.axes} do not fit the element axes {elem}")
+                self.element.append(k)
+                n_elem_entries = 1
+                for a, n in zip(k.axes, k.shape):
+                    if a in elem:
+                        n_elem_entries *= n
+                self.n_element += (k.size // n_elem_entries) * w
+            else:
+                if any(a in _ROUTED_ELSEWHERE for a in k.axes):
+                    raise ValueError(f"observation key {k.name!r}: axes {k.axes} cannot be routed")
+                self.glob.append(k)
+                self.n_global += k.size * w
+        if len(slots) > 1:
+            raise ValueError(f"(slot, choice) tables with different slot counts {sorted(slots)}")
+
+    def inputs(self, obs) -> tuple[th.Tensor, th.Tensor | None, th.Tensor]:
+        """(element features (B, *elem, F_e), pair features (B, *elem, K, F_p) or None, globals (B, F_g))."""
+        spec = self.spec
+        o = split_obs(obs, spec)
+        B = next(iter(o.values())).shape[0]
+        elem, shape = spec.element_axes, spec.element_shape
+        glob = [scale(o[k.name], k.scale).reshape(B, -1) for k in self.glob]
+        for k in self.node:
+            x = scale(o[k.name], k.scale).movedim(1 + k.axes.index("node"), 1).reshape(B, k.shape[k.axes.index("node")], -1)
+            glob += [x.mean(dim=1), x.max(dim=1).values]
+        g = th.cat(glob, dim=-1) if glob else o[spec.keys[0].name].new_zeros(B, 0)
+        own = [_to_elements(scale(o[k.name], k.scale), k.axes, elem, shape, B) for k in self.element]
+        own_t = th.cat(own, dim=-1) if own else g.new_zeros(B, *shape, 0)
+        pairs = [self._pair_features(o[k.name], k, elem, shape, B) for k in self.pair]
+        return own_t, (th.cat(pairs, dim=-1) if pairs else None), g
+
+    @staticmethod
+    def _pair_features(raw: th.Tensor, k: KeySpec, elem, shape, B) -> th.Tensor:
+        E = raw.shape[-1] - 1
+        entry, skip = raw[..., :E], raw[..., E:].expand(*raw.shape[:-1], E)
+        feats = th.cat([scale(entry, k.scale), scale(skip, k.scale), (entry < skip).float().unsqueeze(-1),
+                        (entry == 0).float().unsqueeze(-1)], dim=-1)  # (B, *prefix, K, E, f)
+        feats = feats.movedim(-3, -2)  # (B, *prefix, E, K, f): the choice axis is the element expert axis
+        axes = k.axes[:-2] + ("expert",)
+        order = _ordered(axes, elem)
+        K = feats.shape[-2]
+        x = feats.reshape(B, *[shape[elem.index(a)] for a in axes], K * feats.shape[-1])
+        x = x.permute(0, *[1 + axes.index(a) for a in order], x.dim() - 1)
+        for i, a in enumerate(elem):
+            if a not in axes:
+                x = x.unsqueeze(1 + i)
+        x = x.expand(B, *shape, x.shape[-1])
+        return x.reshape(B, *shape, K, feats.shape[-1])
 
 
-def expert_set_inputs(o: dict[str, th.Tensor], E: int, K: int) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-    """(own (B, E, N_OWN), pair (B, K, E, N_PAIR), globals (B, N_GLOBAL)); no parameter depends on E or K."""
-    energy, lat = o["energy_cost"], o["latency_ratio"]
-    feasible = (lat <= 1.0).float()
-    own = th.stack([o["gate_probs"], o["topk_mask"], o["topk_weight"], _log_energy(energy), energy.clamp(max=3.0),
-                    lat.clamp(max=3.0), feasible, o["deadline_probability"], o["gate_probs"] * E / 8.0], dim=-1)
-    B = energy.shape[0]
-    table = o["deviation_table"].reshape(B, K, E + 1)
-    dev, skip = table[..., :E], table[..., E:]  # (B, K, E), (B, K, 1)
-    # slot k's own expert S_k: the Top-K expert with zero deviation in row k (D(i, i) = 0)
-    masked = dev + (1.0 - o["topk_mask"]).unsqueeze(1) * 1e6
-    self_idx = masked.argmin(dim=-1, keepdim=True)  # (B, K, 1)
-    is_self = th.zeros_like(dev).scatter_(-1, self_idx, 1.0)
-    budget = o["budget_remaining"].unsqueeze(-1)  # (B, 1, 1)
-    skip_b = skip.expand_as(dev)
-    pair = th.stack([th.log1p(dev), dev.clamp(max=3.0), th.log1p(skip_b), is_self,
-                     (dev < skip_b).float(), (dev <= budget).float(), (skip_b <= budget).float()], dim=-1)
-    glob = th.cat([th.log1p(o["budget_remaining"]), o["position"]], dim=-1)
-    return own, pair, glob
+def _ordered(axes: tuple[str, ...], elem: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``axes`` sorted in element order, or None when one is not an element axis."""
+    if not all(a in elem for a in axes):
+        return None
+    return tuple(sorted(axes, key=elem.index))
+
+
+def _to_elements(x: th.Tensor, axes: tuple[str, ...], elem: tuple[str, ...], shape: tuple[int, ...], B: int) -> th.Tensor:
+    """(B, *key shape, w) -> (B, *element shape, F): element axes first in element order, the key's other
+    axes folded into the features, missing element axes broadcast."""
+    present = tuple(a for a in elem if a in axes)
+    other = [i for i, a in enumerate(axes) if a not in elem]
+    x = x.permute(0, *[1 + axes.index(a) for a in present], *[1 + i for i in other], x.dim() - 1)
+    x = x.reshape(B, *[shape[elem.index(a)] for a in present], -1)
+    for i, a in enumerate(elem):
+        if a not in present:
+            x = x.unsqueeze(1 + i)
+    return x.expand(B, *shape, x.shape[-1])
 
 
 class _Block(nn.Module):
-    """Pre-norm self-attention + feed-forward over the expert axis (permutation equivariant)."""
+    """Pre-norm self-attention + feed-forward over all elements (permutation equivariant)."""
 
     def __init__(self, hidden: int, n_heads: int):
         super().__init__()
@@ -141,52 +197,73 @@ class _Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, hidden))
 
     def forward(self, x: th.Tensor) -> th.Tensor:
+        shape = x.shape
+        x = x.reshape(shape[0], -1, shape[-1])
         h = self.norm1(x)
         x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.ff(self.norm2(x))
+        return (x + self.ff(self.norm2(x))).reshape(shape)
 
 
 class _DeepSetsBlock(nn.Module):
-    """x_j <- x_j + MLP([x_j, mean_k x_k, max_k x_k]) (permutation equivariant, cheaper than attention)."""
+    """x_j <- x_j + MLP([x_j, mean and max along every element axis]) (permutation equivariant per axis:
+    over experts; for prefill also over tokens)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, n_axes: int = 1):
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.ff = nn.Sequential(nn.Linear(3 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, hidden))
+        self.ff = nn.Sequential(nn.Linear((1 + 2 * n_axes) * hidden, 2 * hidden), nn.ReLU(),
+                                nn.Linear(2 * hidden, hidden))
 
-    def forward(self, x: th.Tensor) -> th.Tensor:
+    def forward(self, x: th.Tensor) -> th.Tensor:  # (B, *elements, H)
         h = self.norm(x)
-        ctx = th.cat([h.mean(dim=1, keepdim=True), h.max(dim=1, keepdim=True).values], dim=-1).expand(-1, h.shape[1], -1)
-        return x + self.ff(th.cat([h, ctx], dim=-1))
+        parts = [h]
+        for dim in range(1, h.dim() - 1):
+            parts += [h.mean(dim=dim, keepdim=True).expand_as(h), h.max(dim=dim, keepdim=True).values.expand_as(h)]
+        return x + self.ff(th.cat(parts, dim=-1))
 
 
 class ExpertSetExtractor(BaseFeaturesExtractor):
-    """Observation -> per-expert embeddings, flattened to (B, E * hidden)."""
+    """Observation -> one embedding per action entry (expert, or (token, expert)), flattened to
+    (B, n_elements * hidden) in the action's order."""
 
     def __init__(self, observation_space: spaces.Space, hidden: int = 64, pair_hidden: int = 32, n_blocks: int = 2,
                  n_heads: int = 4, mixer: str = "deepsets", n_experts: int | None = None, top_k: int | None = None,
-                 n_nodes: int | None = None):
-        E, K, N = layout_sizes(observation_space, n_experts, top_k, n_nodes)
-        super().__init__(observation_space, E * hidden)
-        self.E, self.K, self.N, self.hidden = E, K, N, hidden
-        self.pair_net = nn.Sequential(nn.Linear(N_PAIR + N_GLOBAL, pair_hidden), nn.ReLU(),
-                                      nn.Linear(pair_hidden, pair_hidden), nn.ReLU())
-        self.token_net = nn.Sequential(nn.Linear(N_OWN + 2 * pair_hidden + N_GLOBAL, hidden), nn.ReLU(),
+                 n_nodes: int | None = None, prompt_tokens: int | None = None):
+        spec = layout_spec(observation_space, n_experts, top_k, n_nodes, prompt_tokens)
+        super().__init__(observation_space, spec.n_elements * hidden)
+        self.spec, self.hidden = spec, hidden
+        self.routing = _Routing(spec)
+        r = self.routing
+        self.pair_net = None
+        pooled = 0
+        if r.pair:
+            self.pair_net = nn.Sequential(nn.Linear(r.n_pair + r.n_global, pair_hidden), nn.ReLU(),
+                                          nn.Linear(pair_hidden, pair_hidden), nn.ReLU())
+            pooled = 2 * pair_hidden
+        self.token_net = nn.Sequential(nn.Linear(r.n_element + pooled + r.n_global, hidden), nn.ReLU(),
                                        nn.Linear(hidden, hidden))
         if mixer not in ("deepsets", "attention"):
             raise ValueError(f"mixer must be 'deepsets' or 'attention', got {mixer!r}")
-        make = (lambda: _Block(hidden, n_heads)) if mixer == "attention" else (lambda: _DeepSetsBlock(hidden))
+        n_axes = len(spec.element_axes)
+        make = (lambda: _Block(hidden, n_heads)) if mixer == "attention" else (lambda: _DeepSetsBlock(hidden, n_axes))
         self.blocks = nn.ModuleList([make() for _ in range(n_blocks)])
         self.norm = nn.LayerNorm(hidden)
 
+    def element_inputs(self, obs) -> tuple[th.Tensor, th.Tensor | None, th.Tensor]:
+        """(element features (B, *elements, F_e), (slot, choice) pair features (B, *elements, K, F_p) or
+        None, global features (B, F_g)): what the network is built from."""
+        return self.routing.inputs(obs)
+
     def tokens(self, obs) -> th.Tensor:
-        o = split_obs(obs, self.E, self.K, self.N)
-        own, pair, glob = expert_set_inputs(o, self.E, self.K)
-        B, K, E, _ = pair.shape
-        g_pair = glob[:, None, None, :].expand(B, K, E, N_GLOBAL)
-        p = self.pair_net(th.cat([pair, g_pair], dim=-1))  # (B, K, E, P)
-        pooled = th.cat([p.mean(dim=1), p.max(dim=1).values], dim=-1)  # (B, E, 2P)
-        x = self.token_net(th.cat([own, pooled, glob[:, None, :].expand(B, E, N_GLOBAL)], dim=-1))
+        """(B, *elements, hidden) embeddings."""
+        own, pair, glob = self.element_inputs(obs)
+        B, shape = glob.shape[0], self.spec.element_shape
+        g = glob.reshape(B, *([1] * len(shape)), -1).expand(B, *shape, glob.shape[-1])
+        parts = [own]
+        if pair is not None:  # encode each (element, slot) pair, then pool over slots
+            p = self.pair_net(th.cat([pair, g.unsqueeze(-2).expand(*pair.shape[:-1], glob.shape[-1])], dim=-1))
+            parts.append(th.cat([p.mean(dim=-2), p.max(dim=-2).values], dim=-1))
+        x = self.token_net(th.cat(parts + [g], dim=-1))
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -196,12 +273,12 @@ class ExpertSetExtractor(BaseFeaturesExtractor):
 
 
 class _SetHeads(nn.Module):
-    """SB3 'mlp_extractor': actor latent = per-expert embeddings; critic latent = mean and max over experts."""
+    """SB3 'mlp_extractor': actor latent = per-element embeddings; critic latent = mean and max over elements."""
 
-    def __init__(self, hidden: int, n_experts: int):
+    def __init__(self, hidden: int, n_elements: int):
         super().__init__()
         self.hidden = hidden
-        self.latent_dim_pi = n_experts * hidden
+        self.latent_dim_pi = n_elements * hidden
         self.latent_dim_vf = 2 * hidden
 
     def forward_actor(self, features: th.Tensor) -> th.Tensor:
@@ -215,9 +292,9 @@ class _SetHeads(nn.Module):
         return self.forward_actor(features), self.forward_critic(features)
 
 
-class PerExpertHead(nn.Module):
-    """(B, E * hidden) -> (B, E * n_out) logits with one shared linear map. n_out = 1: Bernoulli logit per
-    expert (SB3); n_out = 2: [logit of 0, logit of 1] per expert (sb3-contrib's maskable MultiBinary)."""
+class PerElementHead(nn.Module):
+    """(B, n * hidden) -> (B, n * n_out) logits with one shared linear map. n_out = 1: Bernoulli logit per
+    action entry (SB3); n_out = 2: [logit of 0, logit of 1] per entry (sb3-contrib's maskable MultiBinary)."""
 
     def __init__(self, hidden: int, n_out: int = 1):
         super().__init__()
@@ -229,24 +306,28 @@ class PerExpertHead(nn.Module):
 
 
 class _ExpertSetMixin:
-    """Replaces SB3's E-sized heads by E-independent ones (shared per-expert logit head, pooled critic)."""
+    """Replaces SB3's action-sized heads by size-independent ones (shared per-element logit head, pooled critic)."""
 
     _head_outputs = 1
 
     def __init__(self, observation_space, action_space, lr_schedule, *, hidden: int = 64, pair_hidden: int = 32,
-                 n_blocks: int = 2, n_heads: int = 4, mixer: str = "deepsets", n_experts: int | None = None, top_k: int | None = None,
-                 n_nodes: int | None = None, **kwargs: Any):
-        if not isinstance(action_space, spaces.MultiBinary):
-            raise ValueError(f"the expert-set policy needs a MultiBinary(E) action space, got {action_space}")
+                 n_blocks: int = 2, n_heads: int = 4, mixer: str = "deepsets", n_experts: int | None = None,
+                 top_k: int | None = None, n_nodes: int | None = None, prompt_tokens: int | None = None,
+                 **kwargs: Any):
+        if not isinstance(action_space, spaces.MultiBinary) or not isinstance(action_space.n, int):
+            raise ValueError(f"the expert-set policy needs a MultiBinary(n) action space, got {action_space}")
         self._set_hidden = hidden
-        kwargs.setdefault("features_extractor_class", ExpertSetExtractor)
-        kwargs["features_extractor_kwargs"] = dict(hidden=hidden, pair_hidden=pair_hidden, n_blocks=n_blocks,
-                                                   n_heads=n_heads, mixer=mixer, n_experts=n_experts, top_k=top_k,
-                                                   n_nodes=n_nodes, **kwargs.get("features_extractor_kwargs") or {})
         self._set_kwargs = dict(hidden=hidden, pair_hidden=pair_hidden, n_blocks=n_blocks, n_heads=n_heads,
-                                mixer=mixer, n_experts=n_experts, top_k=top_k, n_nodes=n_nodes)
+                                mixer=mixer, n_experts=n_experts, top_k=top_k, n_nodes=n_nodes,
+                                prompt_tokens=prompt_tokens)
+        kwargs.setdefault("features_extractor_class", ExpertSetExtractor)
+        kwargs["features_extractor_kwargs"] = dict(self._set_kwargs, **kwargs.get("features_extractor_kwargs") or {})
         kwargs.pop("net_arch", None)
         super().__init__(observation_space, action_space, lr_schedule, net_arch=[], **kwargs)
+        n_elements = self.features_extractor.spec.n_elements
+        if n_elements != action_space.n:
+            raise ValueError(f"the observation layout has {n_elements} action entries but the action space is "
+                             f"{action_space}")
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -257,13 +338,12 @@ class _ExpertSetMixin:
         return data
 
     def _build_mlp_extractor(self) -> None:
-        E = self.action_space.n if isinstance(self.action_space.n, int) else int(np.prod(self.action_space.n))
-        self.mlp_extractor = _SetHeads(self._set_hidden, E)
+        self.mlp_extractor = _SetHeads(self._set_hidden, self.action_space.n)
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
         H = self._set_hidden
-        self.action_net = PerExpertHead(H, self._head_outputs)
+        self.action_net = PerElementHead(H, self._head_outputs)
         self.value_net = nn.Sequential(nn.Linear(2 * H, H), nn.ReLU(), nn.Linear(H, 1))
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
@@ -297,4 +377,4 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = ["WideFlatExtractor", "ExpertSetExtractor", "ExpertSetPolicy", "MaskableExpertSetPolicy",
-           "PerExpertHead", "transfer_policy_weights", "scaled_features", "expert_set_inputs", "count_parameters"]
+           "PerElementHead", "transfer_policy_weights", "scaled_features", "scale", "split_obs", "count_parameters"]

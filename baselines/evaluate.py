@@ -1,20 +1,31 @@
-"""Evaluate expert-selection policies on a WIDE decoding environment, on identical episodes.
+r"""Evaluate expert-selection policies on a WIDE environment, on identical episodes.
 
     python -m baselines.evaluate --env wide_env/WideMoE-v0 --policies topk,siftmoe --episodes 20 --seed 0 \
         --out runs/eval [--env-kwargs "{'config': {'n_tokens': 8}}"] [--budget-scales 0.25,0.5,1,2,4] \
-        [--policy-kwargs "{'wdmoe': {'threshold': 0.3}}"] [--no-progress]
+        [--policy-kwargs "{'wdmoe': {'threshold': 0.3}}"] [--vec-env auto|native|single] [--no-progress]
 
-Policies: the names of :data:`baselines.policies.POLICY_NAMES` and saved SB3 models ``ppo:PATH``,
-``a2c:PATH``, ``maskable_ppo:PATH``, ``recurrent_ppo:PATH`` (loaded lazily, on CPU).
+(also installed as ``wide-evaluate``). Policies: the names of :data:`baselines.policies.POLICY_NAMES`
+and saved SB3 models ``ALGO:PATH`` with ALGO in :data:`agents.registry.ALGORITHMS` (``ppo``, ``a2c``,
+``maskable_ppo``, ``recurrent_ppo``; loaded lazily, on CPU).
 
-Every policy sees the same episodes: episode ``i`` is ``env.reset(seed=seed + i)``, and the
-environment's randomness (channels, gating) does not depend on the actions, so the channel and token
-realisations are identical across policies and budget scales.  A budget scale ``s`` multiplies the
-env's own ``budget.scale`` (config key ``budget.scale``); it is applied through the env config.
+Every policy sees the same episodes, and the environment's randomness (channels, gating) does not depend
+on the actions, so the channel and token realisations are identical across policies and budget scales:
+
+* ``--vec-env native`` (the default, ``auto``, for ids with wide_env's batched core): the episodes of a
+  policy run as one batch on the native vector env (``gym.make_vec(id, num_envs=episodes,
+  vectorization_mode="vector_entry_point")``), reset with ``seed``. One generator drives the whole
+  batch, so episode ``i`` is row ``i`` of the batch seeded with ``seed``: not the episode of
+  ``gym.make(id).reset(seed=seed + i)``, but the same for every policy.
+* ``--vec-env single`` (``auto`` for ids without a batched core, or the live backend): one env, episode
+  ``i`` is ``env.reset(seed=seed + i)``.
+
+A budget scale ``s`` multiplies the env's own ``budget.scale`` (config key ``budget.scale``); it is
+applied through the env config, over the registered preset.
 
 Outputs: a table on stdout, ``OUT/results.csv`` (one row per policy and budget scale),
-``OUT/episodes.csv`` (one row per episode) and ``OUT/tradeoff.png`` (accuracy, when the env's info
-reports ``accuracy_*`` keys, and deviation vs energy per token, one curve per policy across the scales).
+``OUT/episodes.csv`` (one row per episode: ``episode`` i, ``seed`` = seed + i in single mode, the
+batch's seed in native mode) and ``OUT/tradeoff.png`` (accuracy, when the env's info reports
+``accuracy_*`` keys, and deviation vs energy per token, one curve per policy across the scales).
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import argparse
 import ast
 import csv
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +44,7 @@ import numpy as np
 from baselines.policies import Policy, make_policy
 from wide_env.config import deep_merge
 
-__all__ = ["evaluate_policies", "summarize", "write_csv", "plot_tradeoff", "format_table", "main"]
+__all__ = ["evaluate_policies", "summarize", "write_csv", "plot_tradeoff", "format_table", "main", "VEC_ENV_MODES"]
 
 # Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; beyond that the normal 1.96 is used
 # (error < 2%).
@@ -112,12 +124,26 @@ def _is_factory(obj) -> bool:
     return getattr(obj, "is_policy_factory", False)
 
 
+#: per-step info values summed into an episode record
+_SUMMED = ("energy_j", "topk_energy_j", "deviation", "budget_violated", "deadline_misses", "n_executed")
+#: how an evaluation runs its episodes (see the module docstring)
+VEC_ENV_MODES = ("auto", "native", "single")
+
+
+def _new_record() -> dict:
+    return {**{key: 0.0 for key in _SUMMED}, "reward": 0.0, "decision_s": 0.0, "steps": 0}
+
+
+def _prompt_tokens(problem) -> int | None:
+    """Tokens per episode of a prefill problem (every step covers the whole prompt); None for decoding."""
+    return problem.prompt_tokens * problem.n_prompts if hasattr(problem, "prompt_tokens") else None
+
+
 def _run_episode(env, policy, seed: int, max_steps: int | None):
     obs, _ = env.reset(seed=seed)
     if hasattr(policy, "reset"):
         policy.reset(seed=seed)
-    rec = {"energy_j": 0.0, "topk_energy_j": 0.0, "deviation": 0.0, "budget_violated": 0.0, "deadline_misses": 0.0,
-           "n_executed": 0.0, "reward": 0.0, "decision_s": 0.0, "steps": 0}
+    rec = _new_record()
     acc: dict[str, list[float]] = {}
     tokens = set()
     done = False
@@ -127,7 +153,7 @@ def _run_episode(env, policy, seed: int, max_steps: int | None):
         rec["decision_s"] += time.perf_counter() - t0
         obs, reward, term, trunc, info = env.step(action)
         rec["reward"] += float(reward)
-        for key in ("energy_j", "topk_energy_j", "deviation", "budget_violated", "deadline_misses", "n_executed"):
+        for key in _SUMMED:
             rec[key] += float(info[key])
         if info.get("token_complete", 1):  # accuracy is a per-token outcome: count each token once
             for key, value in info.items():
@@ -136,38 +162,115 @@ def _run_episode(env, policy, seed: int, max_steps: int | None):
         tokens.add(info.get("token", 0))
         rec["steps"] += 1
         done = term or trunc or (max_steps is not None and rec["steps"] >= max_steps)
-    problem = env.unwrapped.problem
     # decoding: one token per L steps (info["token"]); prefilling: every step covers the whole prompt
-    rec["tokens"] = problem.prompt_tokens * problem.n_prompts if hasattr(problem, "prompt_tokens") else len(tokens)
+    rec["tokens"] = _prompt_tokens(env.unwrapped.problem) or len(tokens)
     for key, values in acc.items():
         rec[key] = float(np.mean(values))
     return rec
 
 
+def _run_batch(venv, policy, seed: int, max_steps: int | None) -> list[dict]:
+    """One episode per sub-env of a native vector env reset with ``seed``; the policy acts on the batch.
+    Returns one record per sub-env (the same fields as :func:`_run_episode`)."""
+    B = venv.num_envs
+    obs, _ = venv.reset(seed=seed)
+    if hasattr(policy, "reset"):
+        policy.reset(seed=seed)
+    sums = {key: np.zeros(B) for key in (*_SUMMED, "reward", "decision_s")}
+    steps, tokens = np.zeros(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
+    last_token = np.full(B, -1)
+    acc_sum: dict[str, np.ndarray] = {}
+    acc_n = np.zeros(B)
+    active = np.ones(B, dtype=bool)
+    while active.any():
+        t0 = time.perf_counter()
+        action = policy(obs)
+        sums["decision_s"] += np.where(active, (time.perf_counter() - t0) / B, 0.0)
+        obs, reward, term, trunc, info = venv.step(action)
+        sums["reward"] += np.where(active, reward, 0.0)
+        for key in _SUMMED:
+            sums[key] += np.where(active, info[key], 0.0)
+        complete = active & (np.asarray(info["token_complete"]) > 0 if "token_complete" in info else active)
+        for key in info:
+            if key.startswith("accuracy_"):
+                acc_sum.setdefault(key, np.zeros(B))[:] += np.where(complete, info[key], 0.0)
+        acc_n += complete
+        token = np.asarray(info.get("token", np.zeros(B)))
+        tokens += active & (token != last_token)
+        last_token = np.where(active, token, last_token)
+        steps += active
+        active &= ~(np.asarray(term) | np.asarray(trunc))
+        if max_steps is not None:
+            active &= steps < max_steps
+    prompt = _prompt_tokens(venv.unwrapped.problem)
+    recs = []
+    for i in range(B):
+        rec = {key: float(v[i]) for key, v in sums.items()}
+        rec["steps"], rec["tokens"] = int(steps[i]), prompt or int(tokens[i])
+        for key, v in acc_sum.items():
+            rec[key] = float(v[i] / acc_n[i]) if acc_n[i] else float("nan")
+        recs.append(rec)
+    return recs
+
+
+def resolve_vec_env(env_id: str, kwargs: dict, mode: str) -> str:
+    """"native" or "single" for ``mode`` ("auto": native when the id has a batched core and the config's
+    backend is the table one)."""
+    import gymnasium as gym
+
+    from wide_env.config import WideConfig
+
+    if mode not in VEC_ENV_MODES:
+        raise ValueError(f"vec_env must be one of {list(VEC_ENV_MODES)}, got {mode!r}")
+    if mode == "single":
+        return mode
+    spec = gym.spec(env_id)
+    batched = spec.vector_entry_point is not None
+    if batched:
+        config = WideConfig.from_dict(kwargs.get("config"), preset=kwargs.get("preset", spec.kwargs.get("preset")))
+        batched = config.gating.backend == "table"
+    if mode == "native" and not batched:
+        raise ValueError(f"vec_env='native': {env_id} with this config has no batched core (no vector entry point, "
+                         "or the live backend); use 'single' or 'auto'")
+    return "native" if batched else "single"
+
+
+def _make_eval_env(env_id: str, kwargs: dict, mode: str, episodes: int):
+    import gymnasium as gym
+
+    if mode == "native":
+        return gym.make_vec(env_id, num_envs=episodes, vectorization_mode="vector_entry_point", **kwargs)
+    return gym.make(env_id, **kwargs)
+
+
 def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, seed: int = 0,
                       env_kwargs: dict | None = None, budget_scales: Iterable[float] | None = None,
                       policy_kwargs: dict | None = None, progress: bool | None = None,
-                      max_steps: int | None = None, episode_rows: list | None = None) -> list[dict]:
-    """Run every policy on the same ``episodes`` seeds (``seed + i``) for each budget scale.
+                      max_steps: int | None = None, episode_rows: list | None = None,
+                      vec_env: str = "auto") -> list[dict]:
+    """Run every policy on the same episodes for each budget scale.
 
     policies: names (``"siftmoe"``, ``"ppo:runs/model.zip"``) or ``(label, policy)`` pairs where policy is
         a callable ``obs -> action`` (optionally with ``reset(seed)``) or a factory ``env -> policy``
-        marked with ``factory.is_policy_factory = True``.
+        marked with ``factory.is_policy_factory = True``. In native mode they act on batched observations
+        (every policy of the project does).
     budget_scales: multipliers of the env's budget (None: the env as configured, reported as scale 1).
     policy_kwargs: ``{name: {kwarg: value}}`` for named policies.
     progress: tqdm bar (None: only when stderr is a terminal).
-    max_steps: optional cap on steps per episode (default: run to truncation).
+    max_steps: optional cap on steps per episode, >= 1 (default: run to truncation).
     episode_rows: if a list is given, one dict per episode is appended to it.
+    vec_env: "native" (the episodes of a policy as one batch on the native vector env reset with ``seed``),
+        "single" (episode i = ``gym.make(...).reset(seed=seed + i)``) or "auto" (native where available).
 
     Returns one summary dict per (budget scale, policy); see :func:`summarize` for the fields.
     """
-    import gymnasium as gym
-
     policies = list(policies)
     if not policies:
         raise ValueError("no policies given; pass e.g. ['topk', 'siftmoe']")
-    if episodes < 1:
-        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps must be an integer >= 1 (or None: run every episode to its end), got {max_steps!r}")
     scales = [None] if budget_scales is None else [float(s) for s in budget_scales]
     total = len(scales) * len(policies) * episodes
     bar = None
@@ -182,29 +285,40 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
     try:
         for scale in scales:
             kwargs = _env_kwargs_for_scale(env_id, env_kwargs, scale)
-            env = gym.make(env_id, **kwargs)
+            mode = resolve_vec_env(env_id, kwargs, vec_env)
+            env = _make_eval_env(env_id, kwargs, mode, episodes)
             # "topk_ideal": Top-K with deadline enforcement off, on the same seeds (the channel and gating
             # draws do not depend on enforcement, so it sees the same realisations)
             ideal = None
             if any(isinstance(p, str) and p.strip().lower() == IDEAL_TOPK for p in policies):
-                ideal = gym.make(env_id, **{**kwargs, "config": deep_merge(kwargs["config"], {"deadline": {"enforce": False}})})
+                ideal_kwargs = {**kwargs, "config": deep_merge(kwargs["config"], {"deadline": {"enforce": False}})}
+                ideal = _make_eval_env(env_id, ideal_kwargs, mode, episodes)
             try:
                 problem = env.unwrapped.problem
+                scale_label = 1.0 if scale is None else scale
                 for label, pol in _build_policies(policies, env, policy_kwargs, cache):
-                    recs = []
                     run_env = ideal if label.strip().lower() == IDEAL_TOPK else env
-                    for i in range(episodes):
-                        rec = _run_episode(run_env, pol, seed + i, max_steps)
-                        rec.update(policy=label, budget_scale=1.0 if scale is None else scale, episode=i,
-                                   seed=seed + i)
-                        recs.append(rec)
+                    if mode == "native":
+                        recs = _run_batch(run_env, pol, seed, max_steps)
+                        for i, rec in enumerate(recs):
+                            rec.update(policy=label, budget_scale=scale_label, episode=i, seed=seed, vec_env=mode)
                         if bar is not None:
-                            bar.set_postfix_str(f"{label} x{1.0 if scale is None else scale:g}")
-                            bar.update(1)
+                            bar.update(episodes)
+                    else:
+                        recs = []
+                        for i in range(episodes):
+                            rec = _run_episode(run_env, pol, seed + i, max_steps)
+                            rec.update(policy=label, budget_scale=scale_label, episode=i, seed=seed + i, vec_env=mode)
+                            recs.append(rec)
+                            if bar is not None:
+                                bar.update(1)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{label} x{scale_label:g}")
                     if episode_rows is not None:
                         episode_rows.extend(recs)
-                    rows.append(summarize(recs, env_id=env_id, policy=label,
-                                          budget_scale=1.0 if scale is None else scale, problem=problem))
+                    row = summarize(recs, env_id=env_id, policy=label, budget_scale=scale_label, problem=problem)
+                    row["vec_env"] = mode
+                    rows.append(row)
             finally:
                 env.close()
                 if ideal is not None:
@@ -319,20 +433,26 @@ def _literal(text: str, what: str):
     return value
 
 
-def main(argv=None) -> list[dict]:
+def _positive_int(text: str) -> int:
     try:
-        import torch
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-    ap = argparse.ArgumentParser(prog="python -m baselines.evaluate", description=__doc__,
+
+def build_parser() -> argparse.ArgumentParser:
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = "wide-evaluate" if script == "wide-evaluate" else "python -m baselines.evaluate"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--env", default="wide_env/WideMoE-v0", help="registered environment id")
     ap.add_argument("--policies", default="topk,siftmoe",
                     help="comma-separated names (topk,topk_ideal,siftmoe,wdmoe,des,adapmoe,greedy,random) or algo:PATH; "
                          "topk = practical Top-K (late experts lost), topk_ideal = deadline enforcement off")
-    ap.add_argument("--episodes", type=int, default=20)
+    ap.add_argument("--episodes", type=_positive_int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output directory (created)")
     ap.add_argument("--env-kwargs", default=None, help="Python dict literal passed to gym.make")
@@ -340,8 +460,23 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--budget-scales", default="0.25,0.5,1,2,4",
                     help="comma-separated multipliers of the budget swept for the trade-off curves "
                          "(default 0.25,0.5,1,2,4; '1' for the env as configured only)")
-    ap.add_argument("--max-steps", type=int, default=None, help="cap on steps per episode")
+    ap.add_argument("--max-steps", type=_positive_int, default=None,
+                    help="cap on steps per episode, >= 1 (default: every episode to its end)")
+    ap.add_argument("--vec-env", default="auto", choices=VEC_ENV_MODES,
+                    help="native: each policy's episodes as one batch on the native vector env (seeded once); "
+                         "single: one env, episode i seeded seed + i; auto: native where the id has it")
     ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    return ap
+
+
+def main(argv=None) -> list[dict]:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     env_kwargs = _literal(args.env_kwargs, "env-kwargs") if args.env_kwargs else None
@@ -353,14 +488,20 @@ def main(argv=None) -> list[dict]:
         except ValueError:
             raise SystemExit(f"--budget-scales: expected comma-separated numbers, got {args.budget_scales!r}")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    episodes: list[dict] = []
+    try:
+        rows = evaluate_policies(args.env, policies, episodes=args.episodes, seed=args.seed, env_kwargs=env_kwargs,
+                                 budget_scales=scales, policy_kwargs=policy_kwargs,
+                                 progress=False if args.no_progress else None, max_steps=args.max_steps,
+                                 episode_rows=episodes, vec_env=args.vec_env)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:  # bad input: the message says what to fix
+        ap.exit(2, f"{ap.prog}: error: {exc}\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    episodes: list[dict] = []
-    rows = evaluate_policies(args.env, policies, episodes=args.episodes, seed=args.seed, env_kwargs=env_kwargs,
-                             budget_scales=scales, policy_kwargs=policy_kwargs,
-                             progress=False if args.no_progress else None, max_steps=args.max_steps,
-                             episode_rows=episodes)
-    print(f"{args.env}: {args.episodes} episodes per policy, seeds {args.seed}..{args.seed + args.episodes - 1}")
+    mode = rows[0]["vec_env"]
+    seeds = (f"seeds {args.seed}..{args.seed + args.episodes - 1}" if mode == "single"
+             else f"one batch of {args.episodes} on the native vector env, seed {args.seed}")
+    print(f"{args.env}: {args.episodes} episodes per policy, {seeds}")
     print(format_table(rows))
     write_csv(rows, out / "results.csv")
     write_csv(episodes, out / "episodes.csv")
@@ -369,5 +510,11 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console script ``wide-evaluate`` (exit status 0; errors exit 2 with the message)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -10,6 +10,8 @@ Derived quantities (all from the observation):
 
 * ``feasible`` = ``deadline_probability > 0`` (the expert may meet the deadline, as far as the device
   knows: helpers' queueing delays are uncertain) while ``problem.enforce_deadline`` is on, else every expert.
+  (The simulator tests ``latency <= T_max (1 + 1e-9)`` in float64; the observation is float32, so an
+  expert within float32 rounding above the deadline could be misjudged - vanishingly rare.)
 * ``energy`` = ``energy_cost`` (energy relative to the Top-K energy of this state; clipped by the env at
   1e4, which only matters for experts that are hopeless anyway).
 * ``deviation_table`` reshaped to (K, E + 1) and ``budget_remaining``, both in budget units.
@@ -31,63 +33,28 @@ Names (``POLICY_NAMES``) and keyword arguments:
 * ``greedy`` - ``k`` (default K) least-energy feasible experts; ``pool="all"`` (default) or ``"topk"``.
 * ``random`` - ``p_keep`` (default 0.5) per Top-K expert, ``seed`` (default None); ``policy.reset(seed)``
   reseeds (the evaluator does this per episode).
-* ``ppo:PATH``, ``a2c:PATH``, ``maskable_ppo:PATH``, ``recurrent_ppo:PATH`` - a saved
-  Stable-Baselines3 / sb3-contrib model, loaded lazily on CPU; ``deterministic`` (default True).
-  MaskablePPO gets the same deadline mask as ``env.action_masks()``, rebuilt from the observation.
+* ``ALGO:PATH`` with ALGO in :data:`agents.registry.ALGORITHMS` (``ppo``, ``a2c``, ``maskable_ppo``,
+  ``recurrent_ppo``) - a saved Stable-Baselines3 / sb3-contrib model (:class:`agents.sb3_policy.SB3Policy`,
+  loaded lazily on CPU); ``deterministic`` (default True). MaskablePPO gets :func:`action_masks`, the
+  deadline mask of ``env.action_masks()`` rebuilt from the observation.
+
+The observation is parsed by key name from the env's layout (``problem.obs_slices``, built by
+:mod:`wide_env.sim.observation`), so keys added there are parsed too.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from baselines.observation import action_masks, feasible_actions, parse_observation, problem_of
 from baselines.related import (adapmoe_policy, des_policy, greedy_policy, random_policy, topk_policy,
                                wdmoe_policy)
 from baselines.prefill_policies import is_prefill, make_prefill_policy
 from baselines.siftmoe import solve_decode
 
-__all__ = ["POLICY_NAMES", "SB3_ALGOS", "Policy", "make_policy", "parse_observation", "problem_of"]
-
-POLICY_NAMES = ("topk", "siftmoe", "wdmoe", "des", "adapmoe", "greedy", "random")
-SB3_ALGOS = ("ppo", "a2c", "maskable_ppo", "recurrent_ppo")
-REQUIRED_KEYS = ("gate_probs", "topk_mask", "topk_weight", "energy_cost", "latency_ratio", "deadline_probability",
-                 "deviation_table", "budget_remaining", "position")
-
-
-def problem_of(env) -> Any:
-    """``env.unwrapped.problem`` with a clear error when the env is not a WIDE decoding env."""
-    problem = getattr(getattr(env, "unwrapped", env), "problem", None)
-    if problem is None:
-        raise TypeError(f"{env!r} has no 'unwrapped.problem'; pass a WIDE environment "
-                        "(e.g. gym.make('wide_env/WideMoE-v0'))")
-    return problem
-
-
-def parse_observation(obs, problem) -> tuple[dict[str, np.ndarray], bool]:
-    """Observation (dict or flat, single or batched) -> (dict of float64 arrays with a batch axis, single)."""
-    if isinstance(obs, dict):
-        missing = [k for k in REQUIRED_KEYS if k not in obs]
-        if missing:
-            raise KeyError(f"observation lacks keys {missing}; policies need the WIDE decoding observation "
-                           f"keys {list(REQUIRED_KEYS)}")
-        arrays = {k: np.asarray(obs[k], dtype=np.float64) for k in REQUIRED_KEYS}
-        single = arrays["gate_probs"].ndim == 1
-    else:
-        flat = np.asarray(obs, dtype=np.float64)
-        slices = problem.obs_slices
-        total = max(sl.stop for sl in slices.values())
-        if flat.ndim not in (1, 2) or flat.shape[-1] != total:
-            raise ValueError(f"flat observation has shape {flat.shape}; expected ({total},) or (B, {total}) "
-                             "as laid out by problem.obs_slices")
-        single = flat.ndim == 1
-        arrays = {k: flat[..., slices[k]] for k in REQUIRED_KEYS}
-    if single:
-        arrays = {k: v[None] for k, v in arrays.items()}
-    E, K = problem.n_experts, problem.top_k
-    if arrays["gate_probs"].shape[-1] != E or arrays["deviation_table"].shape[-1] != K * (E + 1):
-        raise ValueError(f"observation sizes do not match the problem (E={E}, K={K}): gate_probs "
-                         f"{arrays['gate_probs'].shape}, deviation_table {arrays['deviation_table'].shape}")
-    return arrays, single
+__all__ = ["POLICIES", "POLICY_NAMES", "Policy", "make_policy", "parse_observation", "problem_of", "feasible_actions",
+           "action_masks"]
 
 
 class Policy:
@@ -110,9 +77,7 @@ class Policy:
 
     # helpers --------------------------------------------------------------------------------------
     def feasible(self, a):
-        if self.problem.enforce_deadline:
-            return a["deadline_probability"] > 0.0
-        return np.ones(a["latency_ratio"].shape, dtype=bool)
+        return feasible_actions(a, self.problem)
 
     def select(self, a: dict) -> np.ndarray:
         """(B, E) bool mask from the parsed observation; every concrete policy overrides this."""
@@ -236,78 +201,12 @@ class Random(Policy):
         return random_policy(self.rng, a["topk_mask"] > 0.5, p_keep=self.p_keep)
 
 
-class SB3Policy(Policy):
-    """A saved Stable-Baselines3 / sb3-contrib model acting on the env's observations."""
-
-    def __init__(self, problem, algo: str, path: str, *, deterministic: bool = True):
-        super().__init__(problem)
-        self.name = f"{algo}:{path}"
-        self.algo, self.path, self.deterministic = algo, path, bool(deterministic)
-        self._model = None
-        self._state = None
-
-    def _load(self):
-        import os
-
-        import torch
-
-        torch.set_num_threads(1)
-        if not os.path.exists(self.path) and not os.path.exists(self.path + ".zip"):
-            raise FileNotFoundError(f"{self.algo} model file {self.path!r} does not exist; pass the .zip written "
-                                    "by model.save(...)")
-        if self.algo in ("ppo", "a2c"):
-            import stable_baselines3 as sb3
-
-            cls = {"ppo": sb3.PPO, "a2c": sb3.A2C}[self.algo]
-        else:
-            import sb3_contrib
-
-            cls = {"maskable_ppo": sb3_contrib.MaskablePPO, "recurrent_ppo": sb3_contrib.RecurrentPPO}[self.algo]
-        self._model = cls.load(self.path, device="cpu")
-        return self._model
-
-    @property
-    def model(self):
-        return self._model if self._model is not None else self._load()
-
-    def reset(self, seed=None):
-        self._state = None
-        self._episode_start = True
-
-    def _adapt(self, obs):
-        """Convert between the flat and the Dict layout when the model was trained on the other one."""
-        from gymnasium import spaces
-
-        space = self.model.observation_space
-        slices = self.problem.obs_slices
-        if isinstance(space, spaces.Box) and isinstance(obs, dict):
-            return np.concatenate([np.asarray(obs[k], dtype=np.float32) for k in slices], axis=-1)
-        if isinstance(space, spaces.Dict) and not isinstance(obs, dict):
-            flat = np.asarray(obs, dtype=np.float32)
-            return {k: flat[..., sl] for k, sl in slices.items()}
-        return obs
-
-    def __call__(self, obs):
-        arrays, single = parse_observation(obs, self.problem)
-        model_obs = self._adapt(obs)
-        kwargs = {"deterministic": self.deterministic}
-        if self.algo == "maskable_ppo":
-            may = self.feasible(arrays)
-            masks = np.stack([np.ones_like(may), may], axis=-1).reshape(may.shape[0], -1)
-            kwargs["action_masks"] = masks[0] if single else masks
-        if self.algo == "recurrent_ppo":
-            start = np.array([getattr(self, "_episode_start", True)] * (1 if single else arrays["gate_probs"].shape[0]))
-            action, self._state = self.model.predict(model_obs, state=self._state, episode_start=start, **kwargs)
-            self._episode_start = False
-        else:
-            action, _ = self.model.predict(model_obs, **kwargs)
-        return np.asarray(action, dtype=np.int8).reshape((-1,) if single else (-1, self.problem.n_experts))
-
-
-_CLASSES: dict[str, Callable[..., Policy]] = {
+#: the analytic policies by name (the registry; ``algo:PATH`` loads a saved agent instead)
+POLICIES: dict[str, Callable[..., Policy]] = {
     "topk": TopK, "siftmoe": SiftMoE, "wdmoe": WDMoE, "des": DES, "adapmoe": AdapMoE, "greedy": Greedy,
     "random": Random,
 }
+POLICY_NAMES = tuple(POLICIES)
 
 
 def make_policy(name: str, env, **kwargs) -> Policy:
@@ -315,19 +214,25 @@ def make_policy(name: str, env, **kwargs) -> Policy:
     problem = problem_of(env)
     if not isinstance(name, str):
         raise TypeError(f"policy name must be a string, got {name!r}")
-    if ":" in name:
+    if ":" in name:  # a saved agent: agents.sb3_policy (imports torch and SB3 only when it loads the model)
+        from agents.registry import algorithm
+        from agents.sb3_policy import SB3Policy
+
         algo, path = name.split(":", 1)
-        algo = algo.strip().lower()
-        if algo not in SB3_ALGOS:
-            raise ValueError(f"unknown model type {algo!r} in {name!r}; use one of {list(SB3_ALGOS)} as 'algo:path'")
-        return SB3Policy(problem, algo, path, **kwargs)
+        try:
+            algorithm(algo)
+        except ValueError as exc:
+            raise ValueError(f"{exc} as 'algo:path' in {name!r}") from None
+        return SB3Policy.from_path(path.strip(), problem, algo=algo.strip().lower(), **kwargs)
     key = name.strip().lower()
-    if key not in _CLASSES:
+    if key not in POLICIES:
+        from agents.registry import ALGORITHMS
+
         raise ValueError(f"unknown policy {name!r}; choose one of {list(POLICY_NAMES)} or 'algo:path.zip' "
-                         f"with algo in {list(SB3_ALGOS)}")
+                         f"with algo in {list(ALGORITHMS)}")
     try:
         if is_prefill(problem):
-            return make_prefill_policy(key, problem, _CLASSES[key], **kwargs)
-        return _CLASSES[key](problem, **kwargs)
+            return make_prefill_policy(key, problem, POLICIES[key], **kwargs)
+        return POLICIES[key](problem, **kwargs)
     except TypeError as exc:
         raise TypeError(f"bad keyword arguments for policy {key!r}: {exc}") from None

@@ -15,33 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from baselines.observation import parse_observation
 from baselines.prefill import solve_prefill
-
-_PREFILL_KEYS = ("gate_probs", "topk_mask", "topk_weight", "load_energy_cost", "load_latency_ratio",
-                 "load_deadline_probability", "deviation_table", "budget_remaining", "position")
-
+from wide_env.sim.observation import observation_layout, observation_slices
 
 def is_prefill(problem) -> bool:
     return hasattr(problem, "prompt_tokens")
-
-
-def parse_prefill_observation(obs, problem) -> tuple[dict[str, np.ndarray], bool]:
-    """Prefill observation (dict or flat, single or batched) -> dict of float64 arrays (B, ...), single."""
-    if isinstance(obs, dict):
-        missing = [k for k in _PREFILL_KEYS if k not in obs]
-        if missing:
-            raise KeyError(f"observation lacks keys {missing}; prefill policies need {list(_PREFILL_KEYS)}")
-        arrays = {k: np.asarray(obs[k], dtype=np.float64) for k in _PREFILL_KEYS}
-    else:
-        flat = np.asarray(obs, dtype=np.float64)
-        total = max(sl.stop for sl in problem.obs_slices.values())
-        if flat.ndim not in (1, 2) or flat.shape[-1] != total:
-            raise ValueError(f"flat observation has shape {flat.shape}; expected ({total},) or (B, {total})")
-        arrays = {k: flat[..., problem.obs_slices[k]] for k in _PREFILL_KEYS}
-    single = arrays["gate_probs"].ndim == 1
-    if single:
-        arrays = {k: v[None] for k, v in arrays.items()}
-    return arrays, single
 
 
 class PrefillPolicy:
@@ -55,7 +34,7 @@ class PrefillPolicy:
             self.inner.reset(seed)
 
     def __call__(self, obs):
-        a, single = parse_prefill_observation(obs, self.problem)
+        a, single = parse_observation(obs, self.problem)
         masks = self._siftmoe(a) if self.inner is None else self._per_token(a)
         action = masks.reshape(masks.shape[0], -1).astype(np.int8)
         return action[0] if single else action
@@ -67,6 +46,7 @@ class PrefillPolicy:
         one_token = lambda key: a[key].reshape(B, E, T)[:, :, 0]  # noqa: E731  (load of one token)
         rows = {
             "gate_probs": a["gate_probs"].reshape(B * T, E),
+            "channel_gain_db": np.repeat(a["channel_gain_db"], T, axis=0),
             "topk_mask": a["topk_mask"].reshape(B * T, E),
             "topk_weight": a["topk_weight"].reshape(B * T, E),
             "energy_cost": np.repeat(one_token("load_energy_cost"), T, axis=0),
@@ -85,7 +65,7 @@ class PrefillPolicy:
         for b in range(B):  # the combinatorial search runs per prompt
             f = np.zeros((E, T + 1))
             f[:, 1:] = a["load_energy_cost"][b].reshape(E, T)
-            if self.problem.enforce_deadline:  # loads that may meet the deadline, as far as the device knows
+            if self.problem.enforce_deadline:
                 f[:, 1:] = np.where(a["load_deadline_probability"][b].reshape(E, T) > 0, f[:, 1:], np.inf)
             f = np.maximum.accumulate(f, axis=1)
             budget = a["budget_remaining"][b] * (1.0 - 1e-6)  # absorb float32 rounding of the observation
@@ -110,4 +90,5 @@ class _DecodeLike:
         self.n_layers, self.n_experts, self.top_k = problem.n_layers, problem.n_experts, problem.top_k
         self.n_nodes, self.n_tokens = problem.n_nodes, problem.prompt_tokens
         self.deadline_s, self.enforce_deadline = problem.deadline_s, problem.enforce_deadline
-        self.budget_mode, self.flatten, self.obs_slices = "layer", False, {}
+        self.budget_mode, self.flatten = "layer", False
+        self.obs_slices = observation_slices(observation_layout(self.n_experts, self.top_k, self.n_nodes))

@@ -12,7 +12,8 @@ import wide_env  # noqa: F401
 th.set_num_threads(1)
 
 from agents.common import resolve_policy  # noqa: E402
-from agents.evaluation import AgentPolicy  # noqa: E402
+from baselines.observation import action_masks  # noqa: E402
+from agents.sb3_policy import SB3Policy  # noqa: E402
 from agents.networks import ExpertSetPolicy, transfer_policy_weights  # noqa: E402
 
 SMALL = {"config": {"n_tokens": 2}}
@@ -52,8 +53,8 @@ def test_save_load_round_trip_gives_identical_actions(tmp_path, algo, policy, fl
     model.save(path)
     loaded = type(model).load(path, device="cpu")
     problem = env.unwrapped.problem
-    a = AgentPolicy(model, problem, maskable=algo == "maskable_ppo")
-    b = AgentPolicy(loaded, problem, maskable=algo == "maskable_ppo")
+    a = SB3Policy(model, problem)
+    b = SB3Policy(loaded, problem)
     obs_list = _observations(env)
     for obs in obs_list:
         np.testing.assert_array_equal(a(obs), b(obs))
@@ -116,12 +117,12 @@ def test_maskable_agent_never_executes_masked_experts():
     env = gym.make("wide_env/WideMoE-v0", config={"n_tokens": 8, "deadline": {"deadline_s": 0.0029},
                                                          "compute": {"queue_delay_mean_s": 0.003}})
     model = _model("maskable_ppo", "expert_set", env)
-    policy = AgentPolicy(model, env.unwrapped.problem, maskable=True, deterministic=False)
+    policy = SB3Policy(model, env.unwrapped.problem, deterministic=False)
     obs, _ = env.reset(seed=1)
     seen_masked = 0
     for _ in range(32):
         mask = env.unwrapped.action_masks()
-        np.testing.assert_array_equal(policy.masks(obs), mask)
+        np.testing.assert_array_equal(action_masks(obs, env.unwrapped.problem), mask)
         action = policy(obs)
         assert not np.any(action[~mask[1::2]])
         seen_masked += int((~mask[1::2]).sum())

@@ -71,7 +71,7 @@ def test_policy_errors_name_the_problem():
     env = gym.make("wide_env/WideMoE-v0")
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
         make_policy("nope", env)
-    with pytest.raises(ValueError, match="unknown model type 'xyz'"):
+    with pytest.raises(ValueError, match="unknown algorithm 'xyz'"):
         make_policy("xyz:model.zip", env)
     with pytest.raises(TypeError, match="policy 'siftmoe'"):
         make_policy("siftmoe", env, bogus=1)

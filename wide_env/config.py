@@ -3,7 +3,9 @@
 Every section is a frozen dataclass; :meth:`WideConfig.from_dict` builds the whole tree from plain,
 JSON-able dicts (so ``gym.make(id, config={...})`` and YAML files work), starting from a named
 profile (:mod:`wide_env.profiles`) and overriding only the keys given. Every invalid value raises
-:class:`ConfigError` (a ``ValueError``) naming the field and how to fix it.
+:class:`ConfigError` (a ``ValueError``) naming the field and how to fix it. Every numeric field declares
+its physical range and the reason for it (:func:`_range`), checked at construction; the ranges bound the
+sizes too, so an absurd value is an error naming the limit, not a NaN, an inf or a MemoryError later.
 
 Every field, its unit, default and provenance ([paper], [std], [choice], as tagged below) is documented in
 docs/model.md (section "Configuration reference", docs/model.md#config-reference).
@@ -25,16 +27,50 @@ def _fail(path: str, value: Any, fix: str) -> None:
     raise ConfigError(f"config field '{path}' = {value!r} is invalid: {fix}")
 
 
-def _check_number(path: str, value: Any, *, low: float | None = None, high: float | None = None,
-                  low_open: bool = False, integer: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
-        _fail(path, value, "expected " + ("an integer" if integer else "a number"))
+@dataclass(frozen=True)
+class Range:
+    """The physical (or practical) range of a numeric config field, and why it is that range."""
+
+    low: float
+    high: float
+    reason: str
+    integer: bool = False
+
+    def describe(self) -> str:
+        return f"[{self.low:g}, {self.high:g}]"
+
+
+def _range(default: Any, low: float, high: float, reason: str, *, integer: bool = False, items: bool = False):
+    """A dataclass field with its range in the metadata (``items``: the range of each entry of a sequence)."""
+    return field(default=default, metadata={"items_range" if items else "range": Range(low, high, reason, integer)})
+
+
+def _check_number(path: str, value: Any, rng: Range) -> None:
+    kind = "an integer" if rng.integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(path, value, f"expected {kind} in {rng.describe()}")
     if not math.isfinite(value):
-        _fail(path, value, "expected a finite number")
-    if low is not None and (value <= low if low_open else value < low):
-        _fail(path, value, f"must be {'>' if low_open else '>='} {low}")
-    if high is not None and value > high:
-        _fail(path, value, f"must be <= {high}")
+        _fail(path, value, f"expected a finite number in {rng.describe()}")
+    if rng.integer and not float(value).is_integer():
+        _fail(path, value, f"expected an integer in {rng.describe()}")
+    if not rng.low <= value <= rng.high:
+        _fail(path, value, f"must be in {rng.describe()}: {rng.reason}")
+
+
+def _check_ranges(section: Any, path: str) -> None:
+    """Check every field of ``section`` that declares a range (None passes where the default is None)."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        name = f"{path}.{f.name}" if path else f.name
+        if value is None and f.default is None:
+            continue
+        if "range" in f.metadata:
+            _check_number(name, value, f.metadata["range"])
+        elif "items_range" in f.metadata:
+            if not isinstance(value, (list, tuple)):
+                _fail(name, value, f"expected a list of numbers in {f.metadata['items_range'].describe()}")
+            for i, item in enumerate(value):
+                _check_number(f"{name}[{i}]", item, f.metadata["items_range"])
 
 
 def _check_choice(path: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -42,26 +78,47 @@ def _check_choice(path: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(path, value, f"choose one of {list(choices)}")
 
 
+def _check_flag(path: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(path, value, "expected true or false")
+
+
+# Reasons shared by several fields.
+_SECONDS = "per-layer times beyond a minute are not edge inference [choice]"
+_POWER_W = "an 8-GPU server draws about 10 kW [std]"
+_MODEL_UNITS = "hidden-state norms of real models are O(1)-O(1e3) in the model's own units [choice]"
+_DISTANCE = ("the path gain A d^-alpha holds in the far field, beyond its 1 m reference distance, and an edge "
+             "cell is smaller than 10 km [std]")
+_SPEED = "0-100 m/s spans standing users to high-speed trains [std]"
+_WEIGHT = "the energy term is about -1 per step; larger weights drown it beyond float32 precision [choice]"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The MoE model whose experts are distributed. With a trace gating source these come from the trace."""
+    """The MoE model whose experts are distributed. With a trace gating source these come from the trace
+    (values given here must agree with it)."""
 
-    n_layers: int = 4
-    n_experts: int = 8
-    top_k: int = 2
-    d_model: int = 64
+    n_layers: int = _range(4, 1, 128, "MoE language models have at most about 100 MoE layers (Qwen3-235B: 94); "
+                           "more only costs memory and time [choice]", integer=True)
+    n_experts: int = _range(8, 1, 512, "the largest routers have 384-512 experts per layer (Kimi K2, Qwen3-Next); "
+                            "the env's tables grow as E^2 [choice]", integer=True)
+    top_k: int = _range(2, 1, 32, "routers pick 1-10 experts per token; deviation tables grow as K (E + 1) [choice]",
+                        integer=True)
+    d_model: int = _range(64, 1, 65536, "hidden sizes of released LLMs are at most 16384; it sets the payload "
+                          "d_model x bits_per_element of one expert call [choice]", integer=True)
     #: "softmax_topk_renorm" (Mixtral: Top-K weights renormalised) or "softmax_topk_raw" (Switch).
     routing: str = "softmax_topk_renorm"
 
     def validate(self, path: str = "model") -> None:
-        _check_number(f"{path}.n_layers", self.n_layers, low=1, integer=True)
-        _check_number(f"{path}.n_experts", self.n_experts, low=1, integer=True)
-        _check_number(f"{path}.top_k", self.top_k, low=1, integer=True)
-        _check_number(f"{path}.d_model", self.d_model, low=1, integer=True)
+        _check_ranges(self, path)
         if self.top_k > self.n_experts:
             _fail(f"{path}.top_k", self.top_k, f"top_k (K) must be <= n_experts (E = {self.n_experts})")
         _check_choice(f"{path}.routing", self.routing,
                       ("softmax_topk_renorm", "softmax_topk_raw", "sigmoid_topk_renorm"))
+
+
+#: model fields a gating trace determines (docs/trace-schema.md)
+TRACE_MODEL_FIELDS = ("n_layers", "n_experts", "top_k", "d_model", "routing")
 
 
 @dataclass(frozen=True)
@@ -79,17 +136,19 @@ class GatingConfig:
     #: directory of the live backend's checkpoint (moe_lm.safetensors + moe_lm.json); None = shipped.
     checkpoint_dir: str | None = None
     #: synthetic: typical norm of one expert's output, i.e. D(i, skip) [choice; sets the deviation scale].
-    output_norm: float = 1.0
+    output_norm: float = _range(1.0, 1e-6, 1e6, _MODEL_UNITS)
     #: synthetic: per-layer deviation budget eps_l in the same units as output_norm [paper value per profile].
-    synthetic_budget: float = 0.5
+    synthetic_budget: float = _range(0.5, 1e-6, 1e6, _MODEL_UNITS)
     #: synthetic: seed of the fixed model tables (router weights, mismatch), independent of episode seeds.
-    model_seed: int = 0
+    model_seed: int = _range(0, 0, 2**63 - 1, "numpy seeds are non-negative 64-bit integers", integer=True)
     #: synthetic: router logit scale in the first and last layer (peaky early, flatter late) [choice].
-    logit_scale_first: float = 2.0
-    logit_scale_last: float = 0.8
+    logit_scale_first: float = _range(2.0, 0.0, 100.0, "router logits scaled beyond 100 give one-hot gates already "
+                                      "[choice]")
+    logit_scale_last: float = _range(0.8, 0.0, 100.0, "router logits scaled beyond 100 give one-hot gates already "
+                                     "[choice]")
     #: synthetic: cosine similarity shared by experts' outputs in the first and last layer [choice].
-    expert_similarity_first: float = 0.2
-    expert_similarity_last: float = 0.7
+    expert_similarity_first: float = _range(0.2, -1.0, 1.0, "a cosine similarity")
+    expert_similarity_last: float = _range(0.7, -1.0, 1.0, "a cosine similarity")
 
     def validate(self, path: str = "gating") -> None:
         _check_choice(f"{path}.source", self.source, ("synthetic", "trace"))
@@ -100,13 +159,11 @@ class GatingConfig:
             _fail(f"{path}.checkpoint_dir", self.checkpoint_dir, "expected a directory path string or None")
         if self.trace_path is not None and not isinstance(self.trace_path, str):
             _fail(f"{path}.trace_path", self.trace_path, "expected a file path string or None")
-        _check_number(f"{path}.output_norm", self.output_norm, low=0, low_open=True)
-        _check_number(f"{path}.synthetic_budget", self.synthetic_budget, low=0, low_open=True)
-        _check_number(f"{path}.model_seed", self.model_seed, low=0, integer=True)
-        _check_number(f"{path}.logit_scale_first", self.logit_scale_first, low=0)
-        _check_number(f"{path}.logit_scale_last", self.logit_scale_last, low=0)
-        _check_number(f"{path}.expert_similarity_first", self.expert_similarity_first, low=-1, high=1)
-        _check_number(f"{path}.expert_similarity_last", self.expert_similarity_last, low=-1, high=1)
+        if self.trace_path is not None and self.source != "trace":
+            _fail(f"{path}.trace_path", self.trace_path,
+                  f"a trace is only read with gating.source = 'trace', but gating.source = {self.source!r}; "
+                  "set gating.source to 'trace' or drop gating.trace_path")
+        _check_ranges(self, path)
 
 
 @dataclass(frozen=True)
@@ -117,14 +174,15 @@ class PlacementConfig:
     #: Or an explicit host map: a list of L lists of E node indices (0 = the user device, 1..N helpers).
     hosts: Any = "one_to_one"
     #: number of helpers N; None = E for one_to_one, max(host map) otherwise.
-    n_helpers: int | None = None
+    n_helpers: int | None = _range(None, 1, 1024, "helpers within radio range of one device; the observation "
+                                   "has one entry per helper [choice]", integer=True)
     #: helper distances uniform in area over an annulus [r_min, r_max] per episode [choice; paper: GPS traces].
-    r_min_m: float = 10.0
-    r_max_m: float = 150.0
+    r_min_m: float = _range(10.0, 1.0, 1.0e4, _DISTANCE)
+    r_max_m: float = _range(150.0, 1.0, 1.0e4, _DISTANCE)
     #: pedestrian random-waypoint mobility of helpers, advanced by the token interval [choice].
     mobility: bool = False
-    speed_min_mps: float = 0.5
-    speed_max_mps: float = 1.5
+    speed_min_mps: float = _range(0.5, 0.0, 100.0, _SPEED)
+    speed_max_mps: float = _range(1.5, 0.0, 100.0, _SPEED)
 
     def validate(self, model: ModelConfig, path: str = "placement") -> None:
         if isinstance(self.hosts, str):
@@ -141,18 +199,15 @@ class PlacementConfig:
                 for v in r:
                     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                         _fail(f"{path}.hosts", self.hosts, "node indices must be integers >= 0 (0 = user device)")
+        _check_ranges(self, path)
         if self.n_helpers is not None:
-            _check_number(f"{path}.n_helpers", self.n_helpers, low=1, integer=True)
             if not isinstance(self.hosts, str) and max(max(r) for r in self.hosts) > self.n_helpers:
                 _fail(f"{path}.n_helpers", self.n_helpers, "the host map uses a helper index above n_helpers")
-        _check_number(f"{path}.r_min_m", self.r_min_m, low=0, low_open=True)
-        _check_number(f"{path}.r_max_m", self.r_max_m, low=0, low_open=True)
+        elif not isinstance(self.hosts, str) and max(max(r) for r in self.hosts) > 1024:
+            _fail(f"{path}.hosts", self.hosts, "node indices must be <= 1024 (the range of placement.n_helpers)")
         if self.r_max_m < self.r_min_m:
             _fail(f"{path}.r_max_m", self.r_max_m, f"must be >= r_min_m ({self.r_min_m})")
-        if not isinstance(self.mobility, bool):
-            _fail(f"{path}.mobility", self.mobility, "expected true or false")
-        _check_number(f"{path}.speed_min_mps", self.speed_min_mps, low=0)
-        _check_number(f"{path}.speed_max_mps", self.speed_max_mps, low=0)
+        _check_flag(f"{path}.mobility", self.mobility)
         if self.speed_max_mps < self.speed_min_mps:
             _fail(f"{path}.speed_max_mps", self.speed_max_mps, "must be >= speed_min_mps")
 
@@ -177,53 +232,44 @@ class ChannelConfig:
     #: large-scale path loss by name (wide_env.sim.pathloss.PATH_LOSS_MODELS): "power_law" [paper] or
     #: "3gpp_umi" [std: TR 38.901 UMi street canyon]; None = the one radio.link_budget implies
     path_loss: str | None = None
-    path_loss_exponent: float = 4.0  # alpha [paper]
-    reference_gain_db: float = 0.0  # A = 1 (0 dB) [paper]; set e.g. -30 for a 1 m reference loss [choice]
-    nakagami_m: float = 2.0  # [paper]; m = 1 is Rayleigh
+    path_loss_exponent: float = _range(4.0, 1.5, 8.0, "measured path-loss exponents run from 1.6 (indoor line of "
+                                       "sight) to about 6 (obstructed, in buildings) [std]")  # alpha [paper]
+    #: A = 1 (0 dB) [paper]; set e.g. -30 for a 1 m reference loss [choice]
+    reference_gain_db: float = _range(0.0, -100.0, 30.0, "the path gain at 1 m: free space gives -12 dB at 100 MHz "
+                                      "and -68 dB at 60 GHz, antenna gains add at most a few tens of dB [std]")
+    nakagami_m: float = _range(2.0, 0.5, 64.0, "Nakagami fading is defined for m >= 0.5 (m = 1 is Rayleigh); "
+                               "beyond m = 64 there is practically no fading [std]")  # [paper]
     #: AR(1) correlation of the complex fading components between successive tokens; 0 = i.i.d. per token
     #: (fast fading, default [choice]), 1 = static over the episode (slow fading). Ignored if doppler_hz is set.
-    correlation: float = 0.0
+    correlation: float = _range(0.0, 0.0, 1.0, "a correlation coefficient between 0 (i.i.d.) and 1 (static)")
     #: if set, correlation = J0(2 pi f_D dt) (Jakes) with dt = token_interval_s [std].
-    doppler_hz: float | None = None
+    doppler_hz: float | None = _range(None, 0.0, 1.0e4, "500 km/h at 6 GHz is a 2.8 kHz Doppler shift [std]")
     #: time between tokens (s), used by Jakes' correlation and mobility [choice].
-    token_interval_s: float = 0.05
+    token_interval_s: float = _range(0.05, 1e-4, 60.0, "time between generated tokens, 0.1 ms to a minute [choice]")
     #: advance the fading at every layer too, not only per token [choice; default per token].
     fading_per_layer: bool = False
-    noise_psd_dbm_hz: float = -174.0  # N0 [paper]
+    noise_psd_dbm_hz: float = _range(-174.0, -200.0, -120.0, "thermal noise kT is -174 dBm/Hz at 290 K (-200 is "
+                                     "0.7 K); receiver noise figures add at most a few tens of dB [std]")  # N0 [paper]
     #: 3gpp_umi: carrier frequency (GHz) [choice: 3.5 GHz, NR band n78], antenna heights (m) [std: UMi BS
     #: 10 m, UE 1.5 m], and log-normal shadow fading per link and episode (sigma 4 / 7.82 dB LOS / NLOS) [std]
-    carrier_ghz: float = 3.5
-    helper_height_m: float = 10.0
-    user_height_m: float = 1.5
+    carrier_ghz: float = _range(3.5, 0.5, 100.0, "TR 38.901's channel models cover 0.5-100 GHz [std]")
+    helper_height_m: float = _range(10.0, 1.5, 150.0, "from a device at hand height to a rooftop [std]")
+    user_height_m: float = _range(1.5, 1.5, 22.5, "TR 38.901 UMi's user heights run 1.5-22.5 m [std]")
     shadowing: bool = True
 
     def validate(self, path: str = "channel") -> None:
         from wide_env.sim.channel import FADING_MODELS
         from wide_env.sim.pathloss import PATH_LOSS_MODELS
 
+        _check_ranges(self, path)
         _check_choice(f"{path}.fading", self.fading, tuple(FADING_MODELS))
         if self.path_loss is not None:
             _check_choice(f"{path}.path_loss", self.path_loss, tuple(PATH_LOSS_MODELS))
-        _check_number(f"{path}.carrier_ghz", self.carrier_ghz, low=0.5, high=100.0)  # TR 38.901 covers 0.5-100 GHz
-        _check_number(f"{path}.helper_height_m", self.helper_height_m, low=1.5, high=150.0)
-        _check_number(f"{path}.user_height_m", self.user_height_m, low=1.5, high=22.5)  # TR 38.901 UMi range
         if self.helper_height_m <= self.user_height_m:
             _fail(f"{path}.helper_height_m", self.helper_height_m,
                   f"the 3gpp_umi model needs the helpers above the user (user_height_m = {self.user_height_m})")
-        if not isinstance(self.shadowing, bool):
-            _fail(f"{path}.shadowing", self.shadowing, "expected true or false")
-        _check_number(f"{path}.path_loss_exponent", self.path_loss_exponent, low=0, low_open=True)
-        _check_number(f"{path}.reference_gain_db", self.reference_gain_db)
-        _check_number(f"{path}.nakagami_m", self.nakagami_m, low=0, low_open=True)
-        if self.nakagami_m < 0.5:
-            _fail(f"{path}.nakagami_m", self.nakagami_m, "Nakagami fading needs m >= 0.5 (m = 1 is Rayleigh)")
-        _check_number(f"{path}.correlation", self.correlation, low=0, high=1)
-        if self.doppler_hz is not None:
-            _check_number(f"{path}.doppler_hz", self.doppler_hz, low=0)
-        _check_number(f"{path}.token_interval_s", self.token_interval_s, low=0, low_open=True)
-        if not isinstance(self.fading_per_layer, bool):
-            _fail(f"{path}.fading_per_layer", self.fading_per_layer, "expected true or false")
-        _check_number(f"{path}.noise_psd_dbm_hz", self.noise_psd_dbm_hz)
+        _check_flag(f"{path}.shadowing", self.shadowing)
+        _check_flag(f"{path}.fading_per_layer", self.fading_per_layer)
         if not float(2 * self.nakagami_m).is_integer() and self.effective_correlation() not in (0.0, 1.0):
             _fail(f"{path}.nakagami_m", self.nakagami_m,
                   "correlated fading is built from 2m Gaussian components: use a multiple of 0.5, "
@@ -245,49 +291,45 @@ class RadioConfig:
     #: output power); "3gpp": a realistic link budget (3GPP UMi path loss, device noise figure, amplifier
     #: efficiency and circuit power, least output power). Fields below left at None follow the link budget.
     link_budget: str = "paper"
-    bandwidth_hz: float = 1.0e6  # B per link [paper, per profile]
+    bandwidth_hz: float = _range(1.0e6, 1.0e3, 1.0e9, "per-link bandwidths run from kHz (narrowband IoT) to "
+                                 "hundreds of MHz (5G NR FR2: 400 MHz) [std]")  # B per link [paper, per profile]
     #: "inversion": least-energy power over the whole window (default) [std]; "fixed": p_max, t = D / r.
     uplink_model: str = "inversion"
-    user_max_power_dbm: float = 23.0  # p_max [choice]
-    helper_power_dbm: float = 38.0  # P_h [paper]
-    bits_per_element: int = 16  # BF16 hidden state [paper]
-    #: width of the hidden state sent over the air; None = the model's d_model. Lets a paper profile keep the
-    #: paper model's payload with gating recorded from a smaller model [choice, labelled per profile].
-    payload_d_model: int | None = None
+    user_max_power_dbm: float = _range(23.0, -30.0, 40.0, "user devices transmit from -20 dBm (Bluetooth LE) to "
+                                       "23-30 dBm (handsets, Wi-Fi) [std]")  # p_max [choice]
+    helper_power_dbm: float = _range(38.0, -30.0, 60.0, "access points transmit 20-30 dBm, macro base stations "
+                                     "46-49 dBm [std]")  # P_h [paper]
+    bits_per_element: int = _range(16, 1, 64, "hidden-state elements take 1 (binary) to 64 (float64) bits [std]",
+                                   integer=True)  # BF16 hidden state [paper]
     #: energy counted by the objective: "uplink" (user radio, default), "comm" (+ downlink), "system" (+ compute).
     energy_scope: str = "uplink"
     #: split the uplink window into S slots with i.i.d. fading each [paper's fast-fading case]; 1 = one window.
-    uplink_slots: int = 1
+    uplink_slots: int = _range(1, 1, 64, "the causal bit allocation is solved per slot; 64 slots resolve the "
+                               "fading within a window [choice]", integer=True)
     #: bits per slot when uplink_slots > 1: "dp" (causal dynamic programming [paper]) or "uniform".
     bit_allocation: str = "dp"
+    #: width of the hidden state sent over the air; None = the model's d_model. Lets a paper profile keep the
+    #: paper model's payload with gating recorded from a smaller model [choice, labelled per profile].
+    payload_d_model: int | None = _range(None, 1, 65536, "hidden sizes of released LLMs are at most 16384 [choice]",
+                                         integer=True)
     #: receivers' noise figure, dB; None = 0 (paper) / 9 dB (3gpp: device-class receiver [std])
-    noise_figure_db: float | None = None
+    noise_figure_db: float | None = _range(None, 0.0, 30.0, "receiver noise figures run 1-15 dB [std]")
     #: the device amplifier's efficiency; None = 1 (paper: radiated energy) / 0.35 (3gpp [choice: 30-40% typical])
-    pa_efficiency: float | None = None
+    pa_efficiency: float | None = _range(None, 0.01, 1.0, "an amplifier's efficiency is a fraction [std]")
     #: power the device's transmit chain draws while sending, W; None = 0 (paper) / 0.1 (3gpp [choice])
-    circuit_power_w: float | None = None
+    circuit_power_w: float | None = _range(None, 0.0, 10.0, "a device's transmit chain draws tens to hundreds of "
+                                           "mW [std]")
     #: the device's least output power, dBm; None = none (paper) / -40 dBm (3gpp [std: TS 38.101-1 6.3.1])
-    user_min_power_dbm: float | None = None
+    user_min_power_dbm: float | None = _range(None, -100.0, 40.0, "UE minimum output powers are about -40 dBm [std]")
 
     def validate(self, path: str = "radio") -> None:
+        _check_ranges(self, path)
         _check_choice(f"{path}.link_budget", self.link_budget, ("paper", "3gpp"))
-        _check_number(f"{path}.bandwidth_hz", self.bandwidth_hz, low=0, low_open=True)
-        if self.noise_figure_db is not None:
-            _check_number(f"{path}.noise_figure_db", self.noise_figure_db, low=0, high=30)
-        if self.pa_efficiency is not None:
-            _check_number(f"{path}.pa_efficiency", self.pa_efficiency, low=0.01, high=1)
-        if self.circuit_power_w is not None:
-            _check_number(f"{path}.circuit_power_w", self.circuit_power_w, low=0, high=10)
-        if self.user_min_power_dbm is not None:
-            _check_number(f"{path}.user_min_power_dbm", self.user_min_power_dbm, low=-100, high=self.user_max_power_dbm)
+        if self.user_min_power_dbm is not None and self.user_min_power_dbm > self.user_max_power_dbm:
+            _fail(f"{path}.user_min_power_dbm", self.user_min_power_dbm,
+                  f"must be <= radio.user_max_power_dbm ({self.user_max_power_dbm})")
         _check_choice(f"{path}.uplink_model", self.uplink_model, ("inversion", "fixed"))
-        _check_number(f"{path}.user_max_power_dbm", self.user_max_power_dbm)
-        _check_number(f"{path}.helper_power_dbm", self.helper_power_dbm)
-        _check_number(f"{path}.bits_per_element", self.bits_per_element, low=1, integer=True)
-        if self.payload_d_model is not None:
-            _check_number(f"{path}.payload_d_model", self.payload_d_model, low=1, high=1_000_000, integer=True)
         _check_choice(f"{path}.energy_scope", self.energy_scope, ("uplink", "comm", "system"))
-        _check_number(f"{path}.uplink_slots", self.uplink_slots, low=1, high=64, integer=True)
         _check_choice(f"{path}.bit_allocation", self.bit_allocation, ("dp", "uniform"))
         if self.uplink_slots > 1 and self.uplink_model != "inversion":
             _fail(f"{path}.uplink_slots", self.uplink_slots, "slotted uplinks need uplink_model 'inversion'")
@@ -297,33 +339,31 @@ class RadioConfig:
 class ComputeConfig:
     """Expert loading and computation on helpers and on the device [choice, per profile]."""
 
-    load_time_s: float = 0.002  # load the expert's weights (overlaps the uplink [paper])
-    compute_time_s: float = 0.0005  # run the expert for one token
+    load_time_s: float = _range(0.002, 0.0, 60.0, _SECONDS)  # load the expert's weights (overlaps the uplink [paper])
+    compute_time_s: float = _range(0.0005, 0.0, 60.0, _SECONDS)  # run the expert for one token
     #: mean of a helper's queueing delay per token (helpers shared with other users) [choice]: drawn with the
     #: token's plan but hidden from the policy, which sees only P(meeting the deadline) (uncertain queues).
-    queue_delay_mean_s: float = 0.0
+    queue_delay_mean_s: float = _range(0.0, 0.0, 60.0, _SECONDS)
     #: backlog persistence rho in [0, 1): q_t = rho q_(t-1) + (1 - rho) e_t, e_t ~ Exp(mean); 0 = i.i.d. [choice]
-    queue_persistence: float = 0.0
-    helper_compute_power_w: float = 300.0  # counted in the "system" scope [choice]
-    local_compute_power_w: float = 30.0  # P_gpu of the user device for local experts [choice]
+    queue_persistence: float = _range(0.0, 0.0, 0.99, "a correlation below 1: rho = 1 would freeze the backlog "
+                                      "[choice]")
+    helper_compute_power_w: float = _range(300.0, 0.0, 1.0e4, _POWER_W)  # counted in the "system" scope [choice]
+    local_compute_power_w: float = _range(30.0, 0.0, 1.0e4, _POWER_W)  # P_gpu of the user device [choice]
 
     def validate(self, path: str = "compute") -> None:
-        for name in ("load_time_s", "compute_time_s", "queue_delay_mean_s",
-                     "helper_compute_power_w", "local_compute_power_w"):
-            _check_number(f"{path}.{name}", getattr(self, name), low=0)
-        _check_number(f"{path}.queue_persistence", self.queue_persistence, low=0, high=0.99)
+        _check_ranges(self, path)
 
 
 @dataclass(frozen=True)
 class DeadlineConfig:
-    deadline_s: float = 0.01  # T_max per layer [paper, per profile]
+    deadline_s: float = _range(0.01, 1e-6, 60.0, "a per-layer deadline between a microsecond and a minute "
+                               "[choice]")  # T_max per layer [paper, per profile]
     #: False = "ideal" operation: late experts still count (ideal Top-K); True = late experts are lost.
     enforce: bool = True
 
     def validate(self, path: str = "deadline") -> None:
-        _check_number(f"{path}.deadline_s", self.deadline_s, low=0, low_open=True)
-        if not isinstance(self.enforce, bool):
-            _fail(f"{path}.enforce", self.enforce, "expected true or false")
+        _check_ranges(self, path)
+        _check_flag(f"{path}.enforce", self.enforce)
 
 
 @dataclass(frozen=True)
@@ -333,23 +373,23 @@ class BudgetConfig:
 
     mode: str = "layer"  # "layer" [paper], "token" or "episode"
     #: per-layer eps_l in the model's hidden-state units; None = the gating source's own budget.
-    layer_budget: float | None = None
+    layer_budget: float | None = _range(None, 1e-12, 1e12, "eps_l in the model's hidden-state units; it is the "
+                                        "unit of the observation's deviations, so it must be > 0 [choice]")
     #: multiplies every budget (sweeps of the accuracy-energy trade-off).
-    scale: float = 1.0
+    scale: float = _range(1.0, 1e-6, 1e6, "it multiplies the budget, which is the unit of the observation's "
+                          "deviations: 0 leaves no unit, and sweeps span a few decades [choice]")
     #: token/episode modes: layer sensitivities kappa_l (L numbers); None = all 1. Token budget =
     #: scale * sum_l kappa_l eps_l; episode budget = n_tokens * token budget.
-    layer_weights: tuple | None = None
+    layer_weights: tuple | None = _range(None, 1e-6, 1e6, "layer sensitivities kappa_l weigh deviations (1 is "
+                                         "neutral); > 0 since deviations are reported as weighted / kappa_l [choice]",
+                                         items=True)
 
     def validate(self, model: ModelConfig, path: str = "budget") -> None:
         _check_choice(f"{path}.mode", self.mode, ("layer", "token", "episode"))
-        if self.layer_budget is not None:
-            _check_number(f"{path}.layer_budget", self.layer_budget, low=0, low_open=True)
-        _check_number(f"{path}.scale", self.scale, low=0)
+        _check_ranges(self, path)
         if self.layer_weights is not None:
             if len(self.layer_weights) != model.n_layers:
                 _fail(f"{path}.layer_weights", self.layer_weights, f"expected {model.n_layers} numbers (one per layer)")
-            for i, w in enumerate(self.layer_weights):
-                _check_number(f"{path}.layer_weights[{i}]", w, low=0)
 
 
 @dataclass(frozen=True)
@@ -359,15 +399,14 @@ class RewardConfig:
     loss increase (nats) at its last layer (needs a gating source with effect tables, or the live backend)."""
 
     objective: str = "deviation"
-    deviation_weight: float = 2.0  # [choice]
-    deadline_weight: float = 0.5  # [choice]
-    accuracy_weight: float = 10.0  # per nat of loss increase [choice: a skipped expert costs ~0.05 nat]
+    deviation_weight: float = _range(2.0, 0.0, 1e6, _WEIGHT)  # [choice]
+    deadline_weight: float = _range(0.5, 0.0, 1e6, _WEIGHT)  # [choice]
+    #: per nat of loss increase [choice: a skipped expert costs about 0.05 nat]
+    accuracy_weight: float = _range(10.0, 0.0, 1e6, _WEIGHT)
 
     def validate(self, path: str = "reward") -> None:
+        _check_ranges(self, path)
         _check_choice(f"{path}.objective", self.objective, ("deviation", "accuracy"))
-        _check_number(f"{path}.deviation_weight", self.deviation_weight, low=0)
-        _check_number(f"{path}.deadline_weight", self.deadline_weight, low=0)
-        _check_number(f"{path}.accuracy_weight", self.accuracy_weight, low=0, high=1e6)
 
 
 _SECTIONS = {
@@ -382,7 +421,9 @@ class WideConfig:
     """A complete WIDE scenario. Build it with :meth:`from_dict` (profile + overrides)."""
 
     profile: str = "tiny"
-    n_tokens: int = 16  # tokens per episode; an episode has n_tokens * L steps
+    #: tokens per episode; an episode has n_tokens * L steps
+    n_tokens: int = _range(16, 1, 131072, "a decoding session longer than a 128k-token context window is not "
+                           "one episode [choice]", integer=True)
     flatten_observation: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     gating: GatingConfig = field(default_factory=GatingConfig)
@@ -402,15 +443,16 @@ class WideConfig:
 
         if self.profile not in PROFILES:
             _fail("profile", self.profile, f"unknown profile; choose one of {sorted(PROFILES)}")
-        _check_number("n_tokens", self.n_tokens, low=1, integer=True)
-        if not isinstance(self.flatten_observation, bool):
-            _fail("flatten_observation", self.flatten_observation, "expected true or false")
+        _check_ranges(self, "")
+        _check_flag("flatten_observation", self.flatten_observation)
         for name, cls in _SECTIONS.items():
             section = getattr(self, name)
             if not isinstance(section, cls):
                 _fail(name, section, f"expected a {cls.__name__} or a dict of its fields")
         self.model.validate()
         self.gating.validate()
+        if self.gating.source == "trace":
+            self._check_model_against_trace()
         self.placement.validate(self.model)
         self.channel.validate()
         self.radio.validate()
@@ -421,6 +463,19 @@ class WideConfig:
         self.deadline.validate()
         self.budget.validate(self.model)
         self.reward.validate()
+
+    def _check_model_against_trace(self) -> None:
+        """With a trace source the model's sizes are the trace's: a value that disagrees is an error."""
+        from wide_env.gating import trace_model_fields
+
+        path, recorded = trace_model_fields(self.gating.trace_path)
+        for name in TRACE_MODEL_FIELDS:
+            value = getattr(self.model, name)
+            if value != recorded[name]:
+                _fail(f"model.{name}", value,
+                      f"it disagrees with the gating trace {path} (gating.trace_path), which has {name} = "
+                      f"{recorded[name]!r}: with gating.source = 'trace' the model comes from the trace; drop "
+                      f"'model.{name}', or use gating.source = 'synthetic' for other sizes")
 
     # ---- construction from plain data -------------------------------------------------------------
     @classmethod
@@ -442,6 +497,7 @@ class WideConfig:
             _fail("profile", profile, f"unknown profile; choose one of {sorted(PROFILES)}")
         full = deep_merge(PROFILES[profile], merged)
         full["profile"] = profile
+        _model_from_trace(full, merged)
         kwargs: dict[str, Any] = {}
         top_fields = {f.name for f in fields(cls)}
         for key, value in full.items():
@@ -465,6 +521,21 @@ class WideConfig:
         return WideConfig.from_dict(deep_merge(self.to_dict(), changes))
 
 
+def _model_from_trace(full: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """With a trace source, the model fields the user did not give come from the trace (not the profile)."""
+    gating, model = full.get("gating"), full.get("model", {})
+    if not (isinstance(gating, Mapping) and gating.get("source") == "trace" and isinstance(model, Mapping)):
+        return
+    trace_path = gating.get("trace_path")
+    if trace_path is not None and not isinstance(trace_path, str):
+        return  # GatingConfig.validate names the field
+    from wide_env.gating import trace_model_fields
+
+    explicit = given.get("model", {}) if isinstance(given.get("model"), Mapping) else {}
+    _, recorded = trace_model_fields(trace_path)
+    full["model"] = {**model, **{k: v for k, v in recorded.items() if k not in explicit}}
+
+
 def _section_from(name: str, cls: type, value: Any):
     if isinstance(value, cls):
         return value
@@ -475,10 +546,11 @@ def _section_from(name: str, cls: type, value: Any):
         if key not in valid:
             raise ConfigError(f"unknown config field '{name}.{key}'; valid fields of '{name}': {sorted(valid)}")
     value = dict(value)
-    if name == "budget" and value.get("layer_weights") is not None:
+    if name == "budget" and isinstance(value.get("layer_weights"), list):
         value["layer_weights"] = tuple(value["layer_weights"])
-    if name == "placement" and not isinstance(value.get("hosts", "one_to_one"), str):
-        value["hosts"] = tuple(tuple(r) for r in value["hosts"])
+    hosts = value.get("hosts") if name == "placement" else None
+    if isinstance(hosts, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in hosts):
+        value["hosts"] = tuple(tuple(r) for r in hosts)
     return cls(**value)
 
 

@@ -9,7 +9,8 @@ from wide_env.gating.synthetic import SyntheticGating
 from wide_env.gating.trace import TraceError, TraceGating, load_trace, save_trace, validate_trace
 
 __all__ = ["GatingSource", "TokenGates", "SyntheticGating", "TraceGating", "TraceError", "load_trace",
-           "save_trace", "validate_trace", "topk_from_probs", "make_gating_source", "default_trace_path"]
+           "save_trace", "validate_trace", "topk_from_probs", "make_gating_source", "default_trace_path",
+           "trace_model_fields"]
 
 _TRACE_CACHE: dict[tuple, TraceGating] = {}
 
@@ -24,7 +25,19 @@ def make_gating_source(config) -> GatingSource:
     (read-only after loading), so many envs share one copy."""
     if config.gating.source == "synthetic":
         return SyntheticGating(config.model, config.gating)
-    path = config.gating.trace_path or default_trace_path()
+    return _cached_trace(config.gating.trace_path)
+
+
+def trace_model_fields(trace_path: str | None) -> tuple[str, dict]:
+    """(path, the model fields a trace determines: n_layers, n_experts, top_k, d_model, routing) of the trace
+    at ``trace_path`` (None: the shipped one); loads it through the same cache as the envs."""
+    trace = _cached_trace(trace_path)
+    return trace.path, {"n_layers": trace.n_layers, "n_experts": trace.n_experts, "top_k": trace.top_k,
+                        "d_model": trace.d_model, "routing": trace.routing}
+
+
+def _cached_trace(trace_path: str | None) -> TraceGating:
+    path = trace_path or default_trace_path()
     try:
         stat = os.stat(path)
         key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)

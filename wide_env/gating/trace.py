@@ -65,6 +65,7 @@ def validate_trace(arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -
         raise _err(source, "topk_idx", f"indices must be in [0, {E})")
     if K > 1 and (np.diff(np.sort(idx, axis=-1), axis=-1) == 0).any():
         raise _err(source, "topk_idx", "indices must be distinct within a (token, layer)")
+    _check_topk_matches_probs(p32, idx.astype(np.int64), str(data["routing"]) if "routing" in data else "", source)
 
     weight = data["topk_weight"]
     if weight.shape != (T, L, K) or not np.issubdtype(weight.dtype, np.floating):
@@ -117,15 +118,56 @@ def validate_trace(arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -
     return data
 
 
+#: tolerance of the Top-K checks: probabilities stored in lower precision than the router computed them
+TOPK_TOLERANCE = 1e-4
+
+
+def _check_topk_matches_probs(probs: np.ndarray, idx: np.ndarray, routing: str, source: str) -> None:
+    """``topk_idx`` lists experts in descending ``gate_probs`` order and, for softmax routers, is their Top-K.
+
+    Sigmoid routers (``sigmoid_topk_renorm``, e.g. DeepSeek-V3) select with a load-balancing bias that is
+    not part of the scores, so only their order is checked."""
+    top = np.take_along_axis(probs, idx, axis=-1)  # (T, L, K)
+    rises = np.diff(top, axis=-1) > TOPK_TOLERANCE
+    if rises.any():
+        t, layer, k = (int(i) for i in np.argwhere(rises)[0])
+        raise _err(source, "topk_idx", f"must list the Top-K experts in descending gate_probs order; token {t}, layer "
+                   f"{layer}: slot {k} has probability {top[t, layer, k]:.6g} < slot {k + 1}'s {top[t, layer, k + 1]:.6g}")
+    if routing.startswith("sigmoid"):
+        return
+    others = probs.copy()
+    np.put_along_axis(others, idx, -np.inf, axis=-1)
+    beaten = others.max(axis=-1) > top.min(axis=-1) + TOPK_TOLERANCE
+    if beaten.any():
+        t, layer = (int(i) for i in np.argwhere(beaten)[0])
+        outside = int(others[t, layer].argmax())
+        raise _err(source, "topk_idx", f"must be the Top-K of gate_probs for softmax routing; token {t}, layer {layer}: "
+                   f"expert {outside} (probability {probs[t, layer, outside]:.6g}) is not among {idx[t, layer].tolist()} "
+                   f"(lowest {top[t, layer].min():.6g})")
+
+
 def load_trace(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Load and validate a trace; raises :class:`TraceError` for missing, corrupt or wrong-schema files."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise TraceError(f"trace {path}: file not found")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            npy = fh.read(6) == b"\x93NUMPY"
+        what = "a single NumPy array (.npy) under a .npz name" if npy else "not a .npz (zip) archive"
+        raise TraceError(f"trace {path}: {what}; a trace is an .npz archive of named arrays (docs/trace-schema.md): "
+                         "write it with wide_env.gating.save_trace or numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+    except ValueError as exc:
+        if "pickle" not in str(exc):
+            raise TraceError(f"trace {path}: not a readable .npz archive ({type(exc).__name__}: {exc}); "
+                             "re-export it or check the download") from None
+        # never suggest allow_pickle=True: loading pickles from a data file runs arbitrary code
+        raise TraceError(f"trace {path}: holds Python objects (object arrays), which wide-env never loads; store "
+                         "plain numeric, bool and string arrays (docs/trace-schema.md)") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise TraceError(f"trace {path}: not a readable .npz archive ({type(exc).__name__}: {exc}); "
                          "re-export it or check the download") from None
     return validate_trace(arrays, source=path)

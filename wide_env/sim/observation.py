@@ -58,3 +58,59 @@ def observation_slices(layout) -> "OrderedDict[str, slice]":
         out[key] = slice(offset, offset + size)
         offset += size
     return out
+
+
+# ---- per-key metadata for consumers that route keys generically (agents' networks, analytic policies) ----
+#: The axes a key's flat entries run over, row-major: "expert" (E), "node" (N helpers), "slot" (K Top-K
+#: slots), "choice" (the E experts, then skip: E + 1), "token" (T prompt tokens), "load" (T: the number of
+#: tokens an expert serves), "feature" (the key's own width; a key without expert/token/node axes is global).
+#: A new observation key needs an entry here and in OBSERVATION_SCALES.
+OBSERVATION_AXES = {
+    "gate_probs": ("expert",), "topk_mask": ("expert",), "topk_weight": ("expert",), "channel_gain_db": ("node",),
+    "energy_cost": ("expert",), "latency_ratio": ("expert",), "deadline_probability": ("expert",),
+    "deviation_table": ("slot", "choice"),
+    "budget_remaining": ("feature",), "position": ("feature",),
+}
+PREFILL_OBSERVATION_AXES = {
+    "gate_probs": ("token", "expert"), "topk_mask": ("token", "expert"), "topk_weight": ("token", "expert"),
+    "channel_gain_db": ("node",), "load_energy_cost": ("expert", "load"), "load_latency_ratio": ("expert", "load"),
+    "load_deadline_probability": ("expert", "load"),
+    "deviation_table": ("token", "slot", "choice"), "budget_remaining": ("token",), "position": ("feature",),
+}
+#: The axes of the action (MultiBinary over their product, row-major: prefill is token-major).
+ACTION_AXES = ("expert",)
+PREFILL_ACTION_AXES = ("token", "expert")
+#: How a key's values scale: "fraction" (already in [0, 1]), "ratio" (>= 0, relative to a unit at which 1
+#: is the threshold: the Top-K energy, the deadline, the budget), "decibel" (a gain in dB).
+OBSERVATION_SCALES = {
+    "gate_probs": "fraction", "topk_mask": "fraction", "topk_weight": "fraction", "channel_gain_db": "decibel",
+    "energy_cost": "ratio", "latency_ratio": "ratio", "deviation_table": "ratio", "budget_remaining": "ratio",
+    "position": "fraction", "load_energy_cost": "ratio", "load_latency_ratio": "ratio",
+    "deadline_probability": "fraction", "load_deadline_probability": "fraction",
+}
+
+
+def axis_lengths(n_experts: int, top_k: int, n_nodes: int, prompt_tokens: int = 1) -> dict[str, int]:
+    """The length of every named axis of OBSERVATION_AXES / PREFILL_OBSERVATION_AXES."""
+    T = prompt_tokens
+    return {"expert": n_experts, "node": n_nodes, "slot": top_k, "choice": n_experts + 1, "token": T, "load": T}
+
+
+def key_shapes(layout, axes: dict, lengths: dict[str, int]) -> "OrderedDict[str, tuple[int, ...]]":
+    """key -> the shape of its entries along its axes ("feature" takes the rest of the key's size)."""
+    out = OrderedDict()
+    for key, (size, _, _) in layout.items():
+        if key not in axes or key not in OBSERVATION_SCALES:
+            raise KeyError(f"observation key {key!r} has no axes or scale: declare them in OBSERVATION_AXES (or "
+                           f"PREFILL_OBSERVATION_AXES) and OBSERVATION_SCALES of wide_env/sim/observation.py")
+        known = 1
+        for axis in axes[key]:
+            known *= lengths.get(axis, 1)
+        shape = tuple(size // known if axis == "feature" else lengths[axis] for axis in axes[key])
+        count = 1
+        for n in shape:
+            count *= n
+        if count != size:
+            raise ValueError(f"observation key {key!r}: axes {axes[key]} with lengths {shape} do not give its size {size}")
+        out[key] = shape
+    return out

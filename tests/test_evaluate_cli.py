@@ -1,0 +1,142 @@
+"""baselines.evaluate as a new user meets it (issues 10 and 11): episodes of a policy as one batch on the
+native vector env by default (identical for every policy), presets through every path, --max-steps 0,
+truncated model files, the --help example, and a base install without torch or SB3."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import wide_env  # noqa: F401
+from baselines.evaluate import build_parser, evaluate_policies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _evaluate_cli(args, cwd, extra_env=None, timeout=180):
+    env = {**os.environ, "PYTHONPATH": ROOT, **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "baselines.evaluate", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _episodes(policies, mode, env_id="wide_env/WideMoE-v0", config=None, scales=None, episodes=4):
+    recs: list = []
+    rows = evaluate_policies(env_id, policies, episodes=episodes, seed=7, progress=False, vec_env=mode,
+                             env_kwargs={"config": {"n_tokens": 2, **(config or {})}}, budget_scales=scales,
+                             episode_rows=recs)
+    return rows, recs
+
+
+def test_native_batch_is_the_default_and_every_policy_sees_the_same_episodes():
+    rows, recs = _episodes(["topk", "siftmoe", "random"], "auto")
+    assert {r["vec_env"] for r in rows} == {"native"} and len(recs) == 3 * 4
+    # the Top-K energy of an episode depends only on its channel and token draws, never on the actions
+    per_policy = {p: [r["topk_energy_j"] for r in recs if r["policy"] == p] for p in ("topk", "siftmoe", "random")}
+    assert per_policy["topk"] == per_policy["siftmoe"] == per_policy["random"]
+    assert len(set(per_policy["topk"])) == 4  # four different episodes
+    assert [r["episode"] for r in recs if r["policy"] == "topk"] == [0, 1, 2, 3]
+    assert {r["seed"] for r in recs} == {7}  # the batch's seed
+    _, again = _episodes(["topk", "siftmoe", "random"], "native")
+    assert [r["energy_j"] for r in again] == [r["energy_j"] for r in recs]  # deterministic
+    # documented: batch row i is not the episode of gym.make(...).reset(seed=7 + i)
+    _, single = _episodes(["topk"], "single")
+    assert [r["seed"] for r in single] == [7, 8, 9, 10]
+    assert [r["topk_energy_j"] for r in single] != per_policy["topk"]
+
+
+def test_batch_and_single_modes_report_the_same_metrics():
+    for mode in ("native", "single"):
+        rows, recs = _episodes(["topk", "siftmoe"], mode)
+        by = {r["policy"]: r for r in rows}
+        assert by["topk"]["energy_rel_topk"] == pytest.approx(1.0)
+        assert by["siftmoe"]["energy_rel_topk"] < 1.0 and by["siftmoe"]["violation_rate"] == 0.0
+        assert all(r["steps"] == 2 * 4 and r["tokens"] == 2 for r in recs)
+        assert 0.0 <= by["topk"]["accuracy_correct"] <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["native", "single"])
+def test_a_preset_keeps_its_settings_in_every_evaluation_path(mode):
+    """Stragglers (2 ms helper queueing) with a user config, topk_ideal and budget scales included, gives
+    exactly what the default id with that queueing written out gives, and not what the default id gives."""
+    policies, scales = ["topk", "topk_ideal", "siftmoe"], [0.5, 2.0]
+    # 2 ms queues against a 10 ms deadline miss a few % of calls: enough episodes that some do
+    preset, _ = _episodes(policies, mode, "wide_env/WideMoE-Stragglers-v0", scales=scales, episodes=16)
+    explicit, _ = _episodes(policies, mode, config={"compute": {"queue_delay_mean_s": 0.002}}, scales=scales,
+                            episodes=16)
+    plain, _ = _episodes(policies, mode, scales=scales, episodes=16)
+    for a, b, c in zip(preset, explicit, plain):
+        assert (a["policy"], a["budget_scale"]) == (b["policy"], b["budget_scale"])
+        assert a["energy_per_token_j"] == b["energy_per_token_j"] and a["deviation"] == b["deviation"]
+    assert any(a["deadline_misses_per_token"] != c["deadline_misses_per_token"] for a, c in zip(preset, plain))
+
+
+def test_max_steps_zero_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
+        evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=1, max_steps=0, progress=False)
+    proc = _evaluate_cli(["--max-steps", "0", "--out", str(tmp_path / "o")], tmp_path, timeout=60)
+    assert proc.returncode == 2 and "--max-steps: must be >= 1, got 0" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_truncated_model_file_is_named(tmp_path):
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    env = gym.make("wide_env/WideMoE-v0", config={"n_tokens": 2})
+    path = tmp_path / "model.zip"
+    PPO("MultiInputPolicy", env, n_steps=8, batch_size=8, device="cpu").save(path)
+    path.write_bytes(path.read_bytes()[:2000])
+    proc = _evaluate_cli(["--policies", f"ppo:{path}", "--episodes", "1", "--budget-scales", "1", "--out",
+                          str(tmp_path / "o"), "--env-kwargs", "{'config': {'n_tokens': 2}}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"cannot load the ppo model '{path}'" in proc.stderr and "truncated" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_example_keeps_its_line_breaks():
+    text = build_parser().format_help()
+    assert "--seed 0 \\\n        --out runs/eval" in text
+
+
+def test_base_install_without_torch_or_sb3_writes_every_output(tmp_path):
+    """torch, stable_baselines3 and sb3_contrib made unimportable: the analytic evaluation still finishes and
+    draws tradeoff.png (matplotlib is a base dependency)."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('torch', 'stable_baselines3', 'sb3_contrib'):\n    sys.modules[name] = None\n")
+    proc = _evaluate_cli(["--episodes", "2", "--budget-scales", "1,2", "--out", str(tmp_path / "o"), "--env-kwargs",
+                          "{'config': {'n_tokens': 2}}"], tmp_path,
+                         extra_env={"PYTHONPATH": os.pathsep.join([str(block), ROOT])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("results.csv", "episodes.csv", "tradeoff.png"):
+        assert (tmp_path / "o" / name).stat().st_size > 0
+    with open(tmp_path / "o" / "episodes.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2 * 2 * 2  # per-episode rows: 2 policies x 2 scales x 2
+
+
+def test_batched_observations_through_a_saved_maskable_agent():
+    """The SB3 wrapper acts on a whole batch: its masks come from the batch's observations."""
+    import gymnasium as gym
+    from sb3_contrib import MaskablePPO
+
+    from agents.common import resolve_policy
+    from agents.sb3_policy import SB3Policy
+
+    config = {"n_tokens": 2, "compute": {"queue_delay_mean_s": 0.01}}
+    env = gym.make("wide_env/WideMoE-v0", config=config)
+    pol, kw = resolve_policy("expert_set", "maskable_ppo", env.observation_space, env.unwrapped.problem, {})
+    model = MaskablePPO(pol, env, n_steps=16, batch_size=16, device="cpu", policy_kwargs=kw)
+    venv = gym.make_vec("wide_env/WideMoE-v0", num_envs=6, vectorization_mode="vector_entry_point", config=config)
+    obs, _ = venv.reset(seed=0)
+    policy = SB3Policy(model, env.unwrapped.problem, deterministic=False)
+    for _ in range(4):
+        masks = venv.unwrapped.action_masks()
+        action = policy(obs)
+        assert action.shape == (6, 8) and not np.any(action[~masks[:, 1::2]])
+        obs, *_ = venv.step(action)
