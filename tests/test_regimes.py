@@ -96,3 +96,23 @@ def test_deadline_probability_is_calibrated(persistence):
         checked += 1
     assert checked >= (3 if persistence else 1)
     assert abs(met.mean() - p_seen.mean()) < 4 * np.sqrt(p_seen.mean() * (1 - p_seen.mean()) / met.size) + 0.005
+
+
+def test_accuracy_objective_rewards_the_tokens_loss_increase():
+    """reward.objective = 'accuracy': no budget penalty; at a token's last layer the reward adds
+    -accuracy_weight x the token's loss increase (the effect tables' estimate); the total is the sum."""
+    env = WideMoEEnv({"reward": {"objective": "accuracy", "accuracy_weight": 3.0}, "n_tokens": 4})
+    obs, _ = env.reset(seed=0)
+    seen_penalty = False
+    for _ in range(16):
+        obs, reward, _, _, info = env.step(np.zeros(8, dtype=np.int8))  # skip everything: over budget
+        assert info["budget_violated"] == 1 and info["reward_deviation"] == 0.0
+        if info["token_complete"]:
+            assert info["reward_accuracy"] == pytest.approx(-3.0 * info["delta_loss"])
+            seen_penalty |= info["reward_accuracy"] < 0
+        else:
+            assert info["reward_accuracy"] == 0.0
+        assert reward == pytest.approx(info["reward_energy"] + info["reward_deadline"] + info["reward_accuracy"])
+    assert seen_penalty
+    with pytest.raises(ConfigError, match="reward.objective"):
+        WideMoEEnv({"reward": {"objective": "accuracy"}, "gating": {"source": "synthetic"}})

@@ -22,6 +22,7 @@ INFO_KEYS = (
     "energy_j", "topk_energy_j", "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation",
     "weighted_deviation", "deviation_budget", "budget_violated", "latency_s", "deadline_misses", "n_executed",
     "n_lost", "n_kept", "n_replaced", "n_skipped", "reward_energy", "reward_deviation", "reward_deadline",
+    "reward_accuracy",
 )
 
 #: extra info keys when the gating source has effect tables (the shipped real model's trace)
@@ -227,6 +228,10 @@ class WideMoEEnv(gym.Env):
         truncated = bool(truncated[0])
         if self._live is not None:
             self._live.execute(position, executed[0], outcome.server[0], info)
+            if self.config.reward.objective == "accuracy" and info["token_complete"]:  # the measured loss change
+                info["reward_accuracy"] = -self.config.reward.accuracy_weight * info["delta_loss"]
+                values[0] = (info["reward_energy"] + info["reward_deviation"] + info["reward_deadline"]
+                             + info["reward_accuracy"])
             if not truncated:
                 self._live.next_layer(self.sim, state)
                 self.sim.observe(state, None, batch.obs)

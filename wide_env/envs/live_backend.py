@@ -49,13 +49,16 @@ class LiveBackend:
         sim.override_gates(state, 0, gate.probs, gate.topk_idx, gate.topk_weight)
 
     def execute(self, position: int, executed, server, info: dict) -> None:
-        """Apply the layer with the env's serving decision (trace ``position`` of the token); at the token's
-        last layer, report its outcome."""
+        """Apply the layer with the env's serving decision (trace ``position`` of the token) and report the
+        layer output's real deviation (``measured_deviation``, next to the estimate ``deviation``); at the
+        token's last layer, report its measured outcome: accuracy and the loss change (``delta_loss``)."""
         self._pending = self.model.execute(np.asarray(executed, dtype=bool), served=np.asarray(server))
+        info["measured_deviation"] = float(self.model.last_deviation)
         if self._pending is None:
             result = self.model.finish(int(self.source.target_id[position]))
             info["accuracy_correct"] = int(result.correct)
             info["accuracy_same"] = int(result.same_as_full)
+            info["delta_loss"] = float(result.nll - result.full_nll)
             info["live_nll"] = float(result.nll)
             info["live_deviation"] = float(result.deviation.sum())
 

@@ -56,6 +56,7 @@ class TokenResult:
     deviation: np.ndarray  # (L,) measured ||sum_i w_i E_i(h) - sum_i w_i E_phi(i)(h)||
     gates: list = field(default_factory=list)  # LayerGate per layer
     nll: Optional[float] = None  # -log p(target)
+    full_nll: Optional[float] = None  # -log p(target) under the unperturbed model (with track_full)
 
 
 def serve_map(D_l: np.ndarray, topk_idx: np.ndarray, executed: np.ndarray) -> np.ndarray:
@@ -207,6 +208,7 @@ class LiveMoE:
         c["served"][l] = phi
         c["bound"][l] = float((g.topk_weight * self.D[l, g.topk_idx, phi]).sum())
         c["dev"][l] = float((full - moe).norm())
+        self.last_deviation = c["dev"][l]  # the layer output's real deviation from the full Top-K model's
         c["x"] = c["r"] + moe.reshape(1, 1, -1)
         c["layer"] = l + 1
         if l + 1 < self.L:
@@ -222,10 +224,13 @@ class LiveMoE:
         pred = int(logits.argmax())
         same = None if c["ref"] is None else bool(pred == int(c["ref"].argmax()))
         nll = None if target is None else float(-F.log_softmax(logits.double(), -1)[int(target)])
+        full_nll = None
+        if target is not None and c["ref"] is not None:
+            full_nll = float(-F.log_softmax(c["ref"].double(), -1)[int(target)])
         self.pos += 1
         self._cur = None
         return TokenResult(logits.numpy().copy(), pred, None if target is None else pred == int(target), same,
-                           c["served"], c["bound"], c["dev"], c["gates"], nll)
+                           c["served"], c["bound"], c["dev"], c["gates"], nll, full_nll)
 
     # ------------------------------------------------------------------ one call per token
     def step(self, token_id: int, executed: Union[None, np.ndarray, Callable[[int, LayerGate], np.ndarray]] = None,

@@ -23,9 +23,9 @@ from numba import njit
 EVALUATE, STEP, OBSERVE = 0, 1, 2
 
 #: float outcome fields (``Outcome.values`` columns), in this order
-FLOAT_FIELDS = ("reward", "reward_energy", "reward_deviation", "reward_deadline", "energy_j", "topk_energy_j",
-                "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation", "weighted_deviation",
-                "deviation_budget", "latency_s", "delta_loss")
+FLOAT_FIELDS = ("reward", "reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy", "energy_j",
+                "topk_energy_j", "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation",
+                "weighted_deviation", "deviation_budget", "latency_s", "delta_loss")
 #: integer outcome fields (``Outcome.counts`` columns), in this order; the K slots' servers follow them
 INT_FIELDS = ("budget_violated", "deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped",
               "layer", "token", "accuracy_correct", "accuracy_same", "accuracy_full", "token_complete")
@@ -42,10 +42,12 @@ BUDGET_USED, DELTA_LOSS = range(2)
 DONE, PERTURBED_SAME, PERTURBED_CORRECT = range(3)
 # integer constants, then where the observation's keys start in the flat observation: the gating and step
 # keys of OBSERVATION_KEYS, then the planned per-expert keys (wide_env.sim.decode.plan.EXPERT_KEYS)
-I_LAYERS, I_TOKENS, I_SPAN, I_ENFORCE, I_SCOPE, I_ACCURACY = range(6)
+I_LAYERS, I_TOKENS, I_SPAN, I_ENFORCE, I_SCOPE, I_ACCURACY, I_OBJECTIVE = range(7)
+#: ``consts[0][I_OBJECTIVE]``: the deviation budget's penalty (the proxy), or the real loss increase
+OBJECTIVE_DEVIATION, OBJECTIVE_ACCURACY = range(2)
 #: ``consts[0][I_SPAN]``: what a budget spans; a token or an episode spend one budget over their layer-steps
 SPAN_LAYER, SPAN_TOKEN, SPAN_EPISODE = range(3)
-I_AT = 6
+I_AT = 7
 #: the observation keys the kernel writes besides the planned per-expert ones
 OBSERVATION_KEYS = ("gate_probs", "topk_mask", "topk_weight", "deviation_table", "channel_gain_db",
                     "budget_remaining", "position")
@@ -53,8 +55,9 @@ I_PROBS_AT, I_MASK_AT, I_WEIGHT_AT, I_DEVIATION_AT, I_GAIN_AT, I_BUDGET_AT, I_PO
     range(I_AT, I_AT + len(OBSERVATION_KEYS))
 I_EXPERT_AT = I_AT + len(OBSERVATION_KEYS)  # one start per planned per-expert key
 # float constants: scalars, then eps_l (L values), kappa_l (L values), the observation's budget unit (L values)
-F_SPAN_BUDGET, F_DEVIATION_WEIGHT, F_DEADLINE_WEIGHT, F_LAYER_DEN, F_TOKEN_DEN, F_MAX_DEVIATION = range(6)
-F_LAYER_BUDGET = 6
+F_SPAN_BUDGET, F_DEVIATION_WEIGHT, F_DEADLINE_WEIGHT, F_ACCURACY_WEIGHT, F_LAYER_DEN, F_TOKEN_DEN, F_MAX_DEVIATION = \
+    range(7)
+F_LAYER_BUDGET = 7
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -77,6 +80,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     ints, floats = consts
     n_layers, n_tokens, span = ints[I_LAYERS], ints[I_TOKENS], ints[I_SPAN]
     enforce, scope, has_accuracy = ints[I_ENFORCE] != 0, ints[I_SCOPE], ints[I_ACCURACY] != 0
+    on_accuracy = ints[I_OBJECTIVE] == OBJECTIVE_ACCURACY
     span_budget, max_deviation = floats[F_SPAN_BUDGET], floats[F_MAX_DEVIATION]
     B, E = executed.shape
     C, K = costs.shape[0], topk_idx.shape[3]
@@ -142,6 +146,8 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             excess = max(weighted - available, 0.0)
             violated = excess > 1e-9 * unit
             reward_deviation = -floats[F_DEVIATION_WEIGHT] * (1.0 + excess / unit) if violated else 0.0
+            if on_accuracy:  # the proxy's budget is reported, not rewarded
+                reward_deviation = 0.0
             reward_energy = -energy / topk[c, l, b, REFERENCE]
             reward_deadline = -floats[F_DEADLINE_WEIGHT] * misses if enforce else 0.0
             # the token's real accuracy with this layer folded in (effect tables of single perturbations,
@@ -158,20 +164,23 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                     same = same and (code & 2) != 0
                     dloss += effect_dloss[c, l, b, at]
                 full = full_correct[c, 0, b]
-            values[b, 0] = reward_energy + reward_deviation + reward_deadline
+            # the accuracy objective: the token's real loss increase, when its last layer completes it
+            reward_accuracy = -floats[F_ACCURACY_WEIGHT] * dloss if on_accuracy and l == n_layers - 1 else 0.0
+            values[b, 0] = reward_energy + reward_deviation + reward_deadline + reward_accuracy
             values[b, 1] = reward_energy
             values[b, 2] = reward_deviation
             values[b, 3] = reward_deadline
-            values[b, 4] = energy
-            values[b, 5] = topk[c, l, b, TOPK_ENERGY]
-            values[b, 6] = up
-            values[b, 7] = comm
-            values[b, 8] = system
-            values[b, 9] = weighted / floats[F_LAYER_BUDGET + n_layers + l]
-            values[b, 10] = weighted
-            values[b, 11] = budget
-            values[b, 12] = longest
-            values[b, 13] = dloss
+            values[b, 4] = reward_accuracy
+            values[b, 5] = energy
+            values[b, 6] = topk[c, l, b, TOPK_ENERGY]
+            values[b, 7] = up
+            values[b, 8] = comm
+            values[b, 9] = system
+            values[b, 10] = weighted / floats[F_LAYER_BUDGET + n_layers + l]
+            values[b, 11] = weighted
+            values[b, 12] = budget
+            values[b, 13] = longest
+            values[b, 14] = dloss
             counts[b, 0] = violated
             counts[b, 1] = misses
             counts[b, 2] = n_executed

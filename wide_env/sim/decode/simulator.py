@@ -13,7 +13,7 @@ import weakref
 
 import numpy as np
 
-from wide_env.config import WideConfig
+from wide_env.config import ConfigError, WideConfig
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import draw_helpers
 from wide_env.sim.decode import kernel
@@ -59,12 +59,17 @@ class DecodeSimulator:
                                  f"writes {list(written)}: plan a new per-expert key in wide_env/sim/decode/plan.py "
                                  "(EXPERT_KEYS), others in kernel.py")
         span = {"layer": kernel.SPAN_LAYER, "token": kernel.SPAN_TOKEN, "episode": kernel.SPAN_EPISODE}[self.budget_mode]
+        if config.reward.objective == "accuracy" and not self.has_accuracy:
+            raise ConfigError("config field 'reward.objective' = 'accuracy' needs real accuracy: a gating trace with "
+                              "effect tables (the shipped one: gating.source = 'trace'); this source has none")
+        objective = {"deviation": kernel.OBJECTIVE_DEVIATION, "accuracy": kernel.OBJECTIVE_ACCURACY}
         ints = [self.n_layers, self.n_tokens, span, self.enforce_deadline, scn.scope_index,
-                self.has_accuracy]
+                self.has_accuracy, objective[config.reward.objective]]
         ints += [sl[key].start for key in kernel.OBSERVATION_KEYS + EXPERT_KEYS]
         assert len(ints) == kernel.I_EXPERT_AT + len(EXPERT_KEYS)
         rw = config.reward
         floats = [0.0 if np.isnan(self.span_budget) else self.span_budget, rw.deviation_weight, rw.deadline_weight,
+                  rw.accuracy_weight,
                   max(self.n_layers - 1, 1), max(self.n_tokens - 1, 1), MAX_DEVIATION]
         assert len(floats) == kernel.F_LAYER_BUDGET
         self._consts = (np.array(ints, dtype=np.int64),
