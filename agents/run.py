@@ -67,11 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="short demonstration budget (the YAML's demo_timesteps); implied with no arguments")
     p.add_argument("--no-compare", action="store_true", help="skip the final comparison table")
     p.add_argument("-v", "--verbose", type=int, default=1, help="0: quiet, 1: evaluations, 2: + SB3 logs")
+    p.add_argument("--optimize", action="store_true",
+                   help="hyperparameter search with Optuna (flags: python -m agents.optimize --help)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--optimize" in argv:  # Optuna search: its own flags plus these (agents/optimize.py)
+        from agents.optimize import main as optimize_main
+
+        return optimize_main([a for a in argv if a != "--optimize"])
     args = build_parser().parse_args(argv)
     if not argv:
         args.demo = True
@@ -178,7 +184,7 @@ def _command_line(argv: list[str]) -> str:
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def train(args: argparse.Namespace, argv: list[str]) -> Path:
+def train(args: argparse.Namespace, argv: list[str], on_evaluation=None) -> Path:
     import torch
 
     torch.set_num_threads(max(int(args.num_threads), 1))
@@ -199,10 +205,13 @@ def train(args: argparse.Namespace, argv: list[str]) -> Path:
         _write_yaml(run_dir / "config.yml", cfg)
         _write_yaml(run_dir / "hyperparams.yml", cfg["hyperparams"])
     return _train(cfg, run_dir, resumed=resumed, progress=args.progress, verbose=args.verbose,
-                  compare=not args.no_compare)
+                  compare=not args.no_compare, on_evaluation=on_evaluation)
 
 
-def _train(cfg: dict, run_dir: Path, *, resumed: bool, progress: bool, verbose: int, compare: bool) -> Path:
+def _train(cfg: dict, run_dir: Path, *, resumed: bool, progress: bool, verbose: int, compare: bool,
+           on_evaluation=None) -> Path:
+    """on_evaluation: listener of every evaluation row (sweeps); a truthy return stops the run early
+    (status "stopped"; ``--resume`` continues it to the full budget)."""
     import gymnasium as gym
     from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import VecNormalize
@@ -282,7 +291,7 @@ def _train(cfg: dict, run_dir: Path, *, resumed: bool, progress: bool, verbose: 
         write_csv(reference, ref_path)
 
     ckpt_cb = CheckpointEvalCallback(run_dir, eval_agent, eval_freq=cfg["eval_freq"], save_freq=cfg["save_freq"],
-                                     vecnorm=vecnorm, state=state, verbose=verbose)
+                                     vecnorm=vecnorm, state=state, verbose=verbose, on_evaluation=on_evaluation)
     callbacks = [WideMetricsCallback(problem.n_layers), ckpt_cb]
     _write_status(run_dir, "running", model.num_timesteps, budget)
     remaining = budget - int(model.num_timesteps)
@@ -291,6 +300,10 @@ def _train(cfg: dict, run_dir: Path, *, resumed: bool, progress: bool, verbose: 
         model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=ckpt is None,
                     progress_bar=progress, tb_log_name="tb")
     train_s = time.time() - t0
+    if ckpt_cb.stop_requested:  # a sweep pruned this run: keep its checkpoints, skip the final comparison
+        venv.close()
+        _write_status(run_dir, "stopped", model.num_timesteps, budget, train_s=train_s)
+        return run_dir
     ckpt_cb.model = model
     if ckpt_cb.last_eval < model.num_timesteps and cfg["eval_freq"] >= 0:
         ckpt_cb.run_eval()

@@ -32,7 +32,7 @@ import numpy as np
 from baselines.policies import Policy, make_policy
 from wide_env.config import deep_merge
 
-__all__ = ["evaluate_policies", "summarize", "write_csv", "plot_tradeoff", "format_table", "main"]
+__all__ = ["evaluate_policies", "summarize", "write_csv", "write_outputs", "plot_tradeoff", "format_table", "main"]
 
 # Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; beyond that the normal 1.96 is used
 # (error < 2%).
@@ -341,6 +341,11 @@ def main(argv=None) -> list[dict]:
                          "(default 0.25,0.5,1,2,4; '1' for the env as configured only)")
     ap.add_argument("--max-steps", type=int, default=None, help="cap on steps per episode")
     ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    ap.add_argument("--ray", action="store_true",
+                    help="spread policies x budget scales x envs x episode chunks over a Ray cluster (pip install "
+                         "'.[ray]'); --env may then list several ids (outputs in OUT/ENV_ID per env)")
+    ap.add_argument("--address", default=None, help="with --ray: the cluster ('auto' joins 'ray start'; default local)")
+    ap.add_argument("--chunk-episodes", type=int, default=5, help="with --ray: episodes per Ray task")
     args = ap.parse_args(argv)
 
     env_kwargs = _literal(args.env_kwargs, "env-kwargs") if args.env_kwargs else None
@@ -352,20 +357,29 @@ def main(argv=None) -> list[dict]:
         except ValueError:
             raise SystemExit(f"--budget-scales: expected comma-separated numbers, got {args.budget_scales!r}")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.ray:  # the same outputs, computed on a Ray cluster (baselines/sweep.py)
+        from baselines.sweep import main_ray
+
+        return main_ray(args, policies=policies, env_kwargs=env_kwargs, policy_kwargs=policy_kwargs, scales=scales)
     episodes: list[dict] = []
     rows = evaluate_policies(args.env, policies, episodes=args.episodes, seed=args.seed, env_kwargs=env_kwargs,
                              budget_scales=scales, policy_kwargs=policy_kwargs,
                              progress=False if args.no_progress else None, max_steps=args.max_steps,
                              episode_rows=episodes)
-    print(f"{args.env}: {args.episodes} episodes per policy, seeds {args.seed}..{args.seed + args.episodes - 1}")
+    write_outputs(args.env, rows, episodes, Path(args.out), n_episodes=args.episodes, seed=args.seed)
+    return rows
+
+
+def write_outputs(env_id: str, rows: list[dict], episodes: list[dict], out: Path, *, n_episodes: int,
+                  seed: int) -> None:
+    """Print the table and write ``results.csv``, ``episodes.csv`` and ``tradeoff.png`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{env_id}: {n_episodes} episodes per policy, seeds {seed}..{seed + n_episodes - 1}")
     print(format_table(rows))
     write_csv(rows, out / "results.csv")
     write_csv(episodes, out / "episodes.csv")
     plot_tradeoff(rows, out / "tradeoff.png")
     print(f"wrote {out / 'results.csv'}, {out / 'episodes.csv'}, {out / 'tradeoff.png'}")
-    return rows
 
 
 if __name__ == "__main__":
