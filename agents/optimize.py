@@ -69,6 +69,7 @@ def optimize(args: argparse.Namespace, train_argv: list[str]) -> int:
         import optuna
     except ImportError:
         raise UsageError("Optuna is not installed: pip install -e '.[optuna]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.n_trials < 1 or args.n_jobs < 1 or args.top < 1:
         raise UsageError("--n-trials, --n-jobs and --top must be >= 1")
     base = parse_train_args(train_argv)
@@ -112,7 +113,9 @@ def optimize(args: argparse.Namespace, train_argv: list[str]) -> int:
     return 0 if counts["complete"] else 1
 
 
-def open_study(settings: dict):
+def open_study(settings: dict, worker: int = 0):
+    """The study (created on first use); ``worker`` offsets the sampler seed so that parallel workers
+    do not draw the same samples."""
     import optuna
 
     storage = settings["storage"]
@@ -121,13 +124,14 @@ def open_study(settings: dict):
         from optuna.storages.journal import JournalFileBackend
 
         storage = JournalStorage(JournalFileBackend(storage))
+    seed = None if settings["search_seed"] is None else settings["search_seed"] + worker
     if settings["sampler"] == "grid":
         space = load_space(settings["space_name"], settings["space_file"])
-        sampler = optuna.samplers.GridSampler(optuna_grid(space), seed=settings["search_seed"])
+        sampler = optuna.samplers.GridSampler(optuna_grid(space), seed=seed)
     elif settings["sampler"] == "random":
-        sampler = optuna.samplers.RandomSampler(seed=settings["search_seed"])
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=settings["search_seed"])
+        sampler = optuna.samplers.TPESampler(seed=seed)
     # no pruning before the second evaluation: the first one scores the untrained policy
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if settings["pruner"] == "median"
               else optuna.pruners.NopPruner())
@@ -140,7 +144,7 @@ def run_worker(settings: dict, n_trials: int, index: int) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(settings)
+    study = open_study(settings, worker=index)
     study.optimize(functools.partial(objective, settings=settings), n_trials=n_trials)
 
 

@@ -53,11 +53,12 @@ def _multidiscrete(space: spaces.Space) -> spaces.MultiDiscrete:
     return spaces.MultiDiscrete(np.full(int(np.prod(space.shape)), 2, dtype=np.int64))
 
 
-class MultiDiscreteActions(gym.ActionWrapper):
+class MultiDiscreteActions(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
     """``MultiBinary(n)`` presented as ``MultiDiscrete([2] * n)``: the same 0/1 vector, another space."""
 
     def __init__(self, env: gym.Env):
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.ActionWrapper.__init__(self, env)
         self._binary = env.action_space
         self.action_space = _multidiscrete(env.action_space)
 
