@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sweep(args: argparse.Namespace, train_argv: list[str]) -> int:
-    from ray import tune
+    try:
+        from ray import tune
+    except ImportError:
+        raise UsageError("Ray Tune is not installed: pip install -e '.[train,ray]' (ray[tune] and optuna)") from None
 
     from baselines.sweep import connect_ray
 

@@ -25,7 +25,7 @@ def connect_ray(address: str | None = None) -> None:
     try:
         import ray
     except ImportError:
-        raise SystemExit("Ray is not installed: pip install -e '.[ray]' (ray[tune] and optuna)") from None
+        raise SystemExit("--ray needs Ray: pip install -e '.[ray]' (ray[tune] and optuna)") from None
     if ray.is_initialized():
         return
     if address:
@@ -69,8 +69,6 @@ def evaluate_on_ray(env_ids: Iterable[str], policies: Iterable[str], *, episodes
     """:func:`baselines.evaluate.evaluate_policies` for several envs at once, spread over Ray tasks.
 
     Returns ``{env_id: (summary rows, episode rows)}`` in the order a local run produces them."""
-    import ray
-
     from baselines.evaluate import summarize
 
     env_ids, policies = list(env_ids), list(policies)
@@ -85,6 +83,8 @@ def evaluate_on_ray(env_ids: Iterable[str], policies: Iterable[str], *, episodes
         if s is not None and not (s > 0 and math.isfinite(s)):
             raise ValueError(f"budget scale must be a positive number, got {s!r}")
     connect_ray(address)
+    import ray
+
     task = ray.remote(num_cpus=1)(_evaluate_chunk)
     jobs: list[tuple[tuple, Any]] = []
     for env_id in env_ids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import zipfile
 from pathlib import Path
@@ -107,3 +108,13 @@ def test_pruned_trial_stops_then_resumes_to_full_budget(tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
     assert [r["timesteps"] for r in reports][-1] == 512
     assert len((run_dir / "command.txt").read_text().splitlines()) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is installed")
+def test_without_ray_the_commands_say_what_to_install(tmp_path):
+    from agents.tune import main as tune_main
+    from baselines.evaluate import main as evaluate_main
+
+    assert tune_main(["-n", "64"]) == 2
+    with pytest.raises(SystemExit, match=r"pip install -e '\.\[ray\]'"):
+        evaluate_main(["--ray", "--out", str(tmp_path)])

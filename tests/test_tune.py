@@ -157,3 +157,19 @@ def test_ray_evaluation_equals_local(cluster, tmp_path):
     stragglers = list(csv.DictReader(open(tmp_path / "ray" / "wide_env-WideMoE-Stragglers-v0" / "results.csv")))
     assert [(r["policy"], float(r["budget_scale"])) for r in stragglers] == [
         ("topk", 0.5), ("siftmoe", 0.5), ("topk", 2.0), ("siftmoe", 2.0)]
+
+
+def test_usage_errors_before_ray_starts(tmp_path, capsys):
+    from agents.tune import main
+
+    storage = ["--storage-path", str(tmp_path)]
+    assert main([*storage, "--run-name", "x"]) == 2
+    assert "set by the sweep" in capsys.readouterr().err
+    assert main([*storage, "--name", "none", "--restore"]) == 2
+    assert "nothing to restore" in capsys.readouterr().err
+    assert main([*storage, "--space", "nope"]) == 2
+    assert "no search space 'nope'" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "sweep.json").write_text("{}")
+    assert main([*storage, "--name", "taken", "-n", "128"]) == 2
+    assert "--restore --name taken" in capsys.readouterr().err
