@@ -26,7 +26,7 @@ from pathlib import Path
 
 from agents.common import UsageError, env_slug
 from agents.search_space import load_space, optuna_grid
-from agents.trials import best_trials_table, parse_train_args, run_dir_of, run_trial, write_table
+from agents.trials import best_trials_table, parse_train_args, run_budget, run_dir_of, run_trial, write_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +166,7 @@ def objective(trial, *, settings: dict) -> float:
         if metric not in metrics:
             raise UsageError(f"--metric {metric!r} is not an evaluation column; reported: {sorted(metrics)}")
         if budget is None:
-            budget = _budget(metrics["run_dir"])
+            budget = run_budget(metrics["run_dir"])
         step = int(metrics["timesteps"])
         last["value"] = float(metrics[metric])
         trial.report(last["value"], step)
@@ -181,12 +181,6 @@ def objective(trial, *, settings: dict) -> float:
     if last["value"] is None:
         raise RuntimeError("the run reported no evaluation (is --eval-freq negative?)")
     return last["value"]
-
-
-def _budget(run_dir: str) -> int:
-    import yaml
-
-    return int(yaml.safe_load((Path(run_dir) / "config.yml").read_text())["n_timesteps"])
 
 
 if __name__ == "__main__":

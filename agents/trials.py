@@ -164,7 +164,7 @@ def best_trials_table(trials: list[dict], *, metric: str, mode: str, top: int = 
         seeds = ""
         if cfg:
             seeds = f", {cfg['eval_episodes']} episodes, seeds {cfg['eval_seed']}..{cfg['eval_seed'] + cfg['eval_episodes'] - 1}"
-        lines += [f"{env} {env_kwargs or ''}{seeds}", head, "-" * len(head)]
+        lines += [f"{env}{' ' + repr(env_kwargs) if env_kwargs else ''}{seeds}", head, "-" * len(head)]
         reference = []
         for t in members[:top]:
             comparison = read_csv(Path(t["run_dir"]) / "comparison.csv")
@@ -211,6 +211,11 @@ def _line(row: dict, metric: str) -> str:
     return (f"{row['trial'][:28]:<28} {row['state'][:10]:<10} {v} {e:>22} {row['energy_rel_topk']:>8.3f} "
             f"{row['energy_pct_of_siftmoe']:>9.1f} {100 * row['violation_rate']:>7.2f} "
             f"{row['accuracy_correct']:>8.4f}  {row['params']}")
+
+
+def run_budget(run_dir) -> int:
+    """The run's total budget in timesteps (its resolved ``config.yml``)."""
+    return int(_run_config(run_dir)["n_timesteps"])
 
 
 def _run_config(run_dir) -> dict:

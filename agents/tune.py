@@ -29,7 +29,8 @@ from pathlib import Path
 
 from agents.common import UsageError, env_slug
 from agents.search_space import Param, load_space, tune_param_space
-from agents.trials import best_trials_table, parse_train_args, read_csv, run_dir_of, run_trial, write_table
+from agents.trials import (best_trials_table, metrics_of, parse_train_args, read_csv, run_budget, run_dir_of, run_trial,
+                           write_table)
 
 SEARCHES = ("grid", "optuna")
 SWEEP_FILE = "sweep.json"  # the sweep's own settings, read back by --restore
@@ -208,19 +209,22 @@ def tune_trial(config: dict, *, train_argv: list[str], runs_root: str) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     node_id = ray.get_runtime_context().get_node_id()
-    reported = []
+    final: list[dict] = []
 
     def report(metrics: dict) -> None:
-        tune.report({**metrics, "node_id": node_id})
-        reported.append(metrics["timesteps"])
+        # The evaluation at the full budget is reported after the run has finished: schedulers stop a
+        # trial that reaches max_t at once, which would kill the run before its final comparison.
+        if metrics["timesteps"] >= run_budget(metrics["run_dir"]):
+            final.append(metrics)
+        else:
+            tune.report({**metrics, "node_id": node_id})
 
     run_dir = run_trial(train_argv, config, Path(runs_root), trial_id, report)
-    if not reported:  # restored after the run had finished: its last evaluation is the trial's result
-        from agents.trials import metrics_of
-
+    if not final:  # restored after the run had finished: its last evaluation is the trial's result
         log = read_csv(run_dir / "eval" / "eval_log.csv")
-        if log:
-            tune.report({**metrics_of(log[-1], run_dir), "node_id": node_id})
+        final = [metrics_of(log[-1], run_dir)] if log else []
+    if final:
+        tune.report({**final[-1], "node_id": node_id})
 
 
 def _run_state(run_dir: Path) -> str:

@@ -92,6 +92,30 @@ def test_two_node_sweep(cluster, tmp_path):
     assert {r["trial"] for r in best} >= {"siftmoe", "topk"} and sum(r["state"] == "done" for r in best) == 2
 
 
+def test_optuna_search_with_asha(cluster, tmp_path):
+    """--search optuna: Optuna's sampler inside Tune (ray's OptunaSearch), ASHA on the timesteps axis."""
+    space = tmp_path / "space.yml"
+    space.write_text("ppo:\n  learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true}\n  n_epochs: {values: [1, 2]}\n")
+    cmd = tune_cmd(cluster, tmp_path / "sweeps", "tpe", "--search", "optuna", "--num-samples", "2",
+                   "--search-seed", "0", "--space-file", str(space), "-n", "256", *SMALL)
+    res = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    exp = tmp_path / "sweeps" / "tpe"
+    settings = json.loads((exp / "sweep.json").read_text())
+    assert settings["search"] == "optuna" and settings["scheduler"] == "asha" and settings["grace_period"] == 128
+    configs = [json.loads((p.parent / "params.json").read_text()) for p in exp.glob("*/result.json")]
+    assert len(configs) == 2 and configs[0] != configs[1]
+    for c in configs:
+        assert 1e-4 <= c["learning_rate"] <= 1e-3 and c["n_epochs"] in (1, 2)
+    # a trial that reaches the full budget finishes its run (ASHA stops trials at max_t at once)
+    finished = [rows[-1]["run_dir"] for rows in tune_results(exp).values() if rows[-1]["timesteps"] == 256]
+    assert finished
+    for run in map(Path, finished):
+        assert (run / "comparison.csv").exists()
+        assert json.loads((run / "status.json").read_text())["state"] == "done"
+    assert "siftmoe" in (exp / "best_trials.txt").read_text()
+
+
 def test_interrupted_sweep_restores_to_full_budget(cluster, tmp_path):
     budget = 2048  # 16 rollouts of 2 envs x 64 steps
     space = tmp_path / "space.yml"
