@@ -94,12 +94,16 @@ class CheckpointEvalCallback(BaseCallback):
     """Periodic evaluation (best model by reward) and crash-safe checkpoints, after policy updates.
 
     evaluate: ``model -> summary row`` (baselines.evaluate's fields). state: dict persisted in
-    ``latest.json`` (best reward, last eval / save steps) so a resumed run continues the bookkeeping."""
+    ``latest.json`` (best reward, last eval / save steps) so a resumed run continues the bookkeeping.
+    on_evaluation: optional listener called with every eval_log row (sweeps report it to Ray Tune or
+    Optuna); a truthy return stops training after this evaluation (``stop_requested``)."""
 
     def __init__(self, run_dir: Path, evaluate: Callable[[Any], dict], *, eval_freq: int, save_freq: int,
                  vecnorm=None, state: dict | None = None, keep_checkpoints: int = 3, verbose: int = 1,
-                 budget: int | None = None):
+                 budget: int | None = None, on_evaluation: Callable[[dict], Any] | None = None):
         super().__init__(verbose)
+        self.on_evaluation = on_evaluation
+        self.stop_requested = False
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.eval_dir = self.run_dir / "eval"
@@ -130,7 +134,7 @@ class CheckpointEvalCallback(BaseCallback):
             self.save_checkpoint()
 
     def _on_step(self) -> bool:
-        return True
+        return not self.stop_requested
 
     # ---- evaluation -------------------------------------------------------------------------------
     def wall(self) -> float:
@@ -164,6 +168,8 @@ class CheckpointEvalCallback(BaseCallback):
                   f"viol={100 * rec.get('violation_rate', float('nan')):.2f}% "
                   f"miss/tok={rec.get('deadline_misses_per_token', float('nan')):.3f} ({rec['wall_s']:.0f}s)",
                   flush=True)
+        if self.on_evaluation is not None and self.on_evaluation(dict(rec)):
+            self.stop_requested = True
         return rec
 
     def append_eval(self, rec: dict) -> None:

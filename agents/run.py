@@ -84,6 +84,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="short demonstration budget (the YAML's demo_timesteps); implied with no arguments")
     p.add_argument("--no-compare", action="store_true", help="skip the final comparison table")
     p.add_argument("-v", "--verbose", type=int, default=1, help="0: quiet, 1: evaluations, 2: + SB3 logs")
+    p.add_argument("--optimize", action="store_true",
+                   help="hyperparameter search with Optuna (flags: python -m agents.optimize --help)")
     return p
 
 
@@ -100,6 +102,10 @@ def _prog_name() -> str:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``wide-train``, ``python -m agents`` and ``python train.py``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--optimize" in argv:  # Optuna search: its own flags plus these (agents/optimize.py)
+        from agents.optimize import main as optimize_main
+
+        return optimize_main([a for a in argv if a != "--optimize"])
     prog = prog or _prog_name()
     args = build_parser(prog).parse_args(argv)
     if not argv:
@@ -292,7 +298,9 @@ def _resume_config(args: argparse.Namespace, run_dir: Path) -> dict:
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def train(args: argparse.Namespace, argv: list[str], prog: str = "python train.py") -> Path:
+def train(args: argparse.Namespace, argv: list[str], prog: str = "python train.py", on_evaluation=None) -> Path:
+    """Start or resume a run. on_evaluation: listener of every evaluation row (sweeps); a truthy return stops
+    the run early (status "stopped"; ``--resume`` continues it to the full budget)."""
     import wide_env  # noqa: F401  (registers the ids)
 
     resumed = args.resume is not None
@@ -316,7 +324,7 @@ def train(args: argparse.Namespace, argv: list[str], prog: str = "python train.p
 
             atomic_write_text(run_dir / "env_config.json", json.dumps(env["config"], indent=1))
     return _train(cfg, run_dir, env, resumed=resumed, progress=args.progress, verbose=args.verbose,
-                  compare=not args.no_compare)
+                  compare=not args.no_compare, on_evaluation=on_evaluation)
 
 
 def _load_newest_checkpoint(cls, run_dir: Path, venv, tb):
@@ -338,7 +346,7 @@ def _load_newest_checkpoint(cls, run_dir: Path, venv, tb):
 
 
 def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool, verbose: int,
-           compare: bool) -> Path:
+           compare: bool, on_evaluation=None) -> Path:
     import torch
     from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import VecNormalize
@@ -409,7 +417,8 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
         write_csv(reference, ref_path)
 
     ckpt_cb = CheckpointEvalCallback(run_dir, eval_agent, eval_freq=cfg["eval_freq"], save_freq=cfg["save_freq"],
-                                     vecnorm=vecnorm, state=state, verbose=verbose, budget=budget)
+                                     vecnorm=vecnorm, state=state, verbose=verbose, budget=budget,
+                                     on_evaluation=on_evaluation)
     callbacks = [WideMetricsCallback(problem.n_layers), ckpt_cb]
     write_status(run_dir, "running", model.num_timesteps, budget)
     remaining = budget - int(model.num_timesteps)
@@ -418,6 +427,10 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
         model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=ckpt is None,
                     progress_bar=progress, tb_log_name="tb")
     train_s = time.time() - t0
+    if ckpt_cb.stop_requested:  # a sweep pruned this run: keep its checkpoints, skip the final comparison
+        venv.close()
+        write_status(run_dir, "stopped", model.num_timesteps, budget, train_s=train_s)
+        return run_dir
     ckpt_cb.model = model
     if ckpt_cb.last_eval < model.num_timesteps and cfg["eval_freq"] >= 0:
         ckpt_cb.run_eval()

@@ -13,18 +13,17 @@ on the actions, so the channel and token realisations are identical across polic
 
 * ``--vec-env native`` (the default, ``auto``, for ids with wide_env's batched core): the episodes of a
   policy run as one batch on the native vector env (``gym.make_vec(id, num_envs=episodes,
-  vectorization_mode="vector_entry_point")``), reset with ``seed``. One generator drives the whole
-  batch, so episode ``i`` is row ``i`` of the batch seeded with ``seed``: not the episode of
-  ``gym.make(id).reset(seed=seed + i)``, but the same for every policy.
+  vectorization_mode="vector_entry_point")``), reset with the seeds ``[seed, ..., seed + episodes - 1]``:
+  sub-env ``i`` replays ``gym.make(id).reset(seed=seed + i)`` exactly.
 * ``--vec-env single`` (``auto`` for ids without a batched core, or the live backend): one env, episode
-  ``i`` is ``env.reset(seed=seed + i)``.
+  ``i`` is ``env.reset(seed=seed + i)``. Both modes see the same episodes (a policy with its own randomness,
+  ``random``, draws differently: once per batch, or once per episode).
 
 A budget scale ``s`` multiplies the env's own ``budget.scale`` (config key ``budget.scale``); it is
 applied through the env config, over the registered preset.
 
 Outputs: a table on stdout, ``OUT/results.csv`` (one row per policy and budget scale),
-``OUT/episodes.csv`` (one row per episode: ``episode`` i, ``seed`` = seed + i in single mode, the
-batch's seed in native mode) and ``OUT/tradeoff.png`` (accuracy, when the env's info reports
+``OUT/episodes.csv`` (one row per episode: ``episode`` i, ``seed`` = seed + i) and ``OUT/tradeoff.png`` (accuracy, when the env's info reports
 ``accuracy_*`` keys, and deviation vs energy per token, one curve per policy across the scales).
 """
 from __future__ import annotations
@@ -44,7 +43,8 @@ import numpy as np
 from baselines.policies import Policy, make_policy
 from wide_env.config import deep_merge
 
-__all__ = ["evaluate_policies", "summarize", "write_csv", "plot_tradeoff", "format_table", "main", "VEC_ENV_MODES"]
+__all__ = ["evaluate_policies", "summarize", "write_csv", "write_outputs", "plot_tradeoff", "format_table", "main",
+           "VEC_ENV_MODES"]
 
 # Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; beyond that the normal 1.96 is used
 # (error < 2%).
@@ -170,10 +170,11 @@ def _run_episode(env, policy, seed: int, max_steps: int | None):
 
 
 def _run_batch(venv, policy, seed: int, max_steps: int | None) -> list[dict]:
-    """One episode per sub-env of a native vector env reset with ``seed``; the policy acts on the batch.
-    Returns one record per sub-env (the same fields as :func:`_run_episode`)."""
+    """One episode per sub-env of a native vector env, sub-env i seeded ``seed + i`` (it replays the single
+    env's episode of that seed); the policy acts on the batch. Returns one record per sub-env (the same
+    fields as :func:`_run_episode`)."""
     B = venv.num_envs
-    obs, _ = venv.reset(seed=seed)
+    obs, _ = venv.reset(seed=[seed + i for i in range(B)])
     if hasattr(policy, "reset"):
         policy.reset(seed=seed)
     sums = {key: np.zeros(B) for key in (*_SUMMED, "reward", "decision_s")}
@@ -259,7 +260,8 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
     progress: tqdm bar (None: only when stderr is a terminal).
     max_steps: optional cap on steps per episode, >= 1 (default: run to truncation).
     episode_rows: if a list is given, one dict per episode is appended to it.
-    vec_env: "native" (the episodes of a policy as one batch on the native vector env reset with ``seed``),
+    vec_env: "native" (the episodes of a policy as one batch on the native vector env, sub-env i seeded
+        ``seed + i``),
         "single" (episode i = ``gym.make(...).reset(seed=seed + i)``) or "auto" (native where available).
 
     Returns one summary dict per (budget scale, policy); see :func:`summarize` for the fields.
@@ -301,7 +303,7 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
                     if mode == "native":
                         recs = _run_batch(run_env, pol, seed, max_steps)
                         for i, rec in enumerate(recs):
-                            rec.update(policy=label, budget_scale=scale_label, episode=i, seed=seed, vec_env=mode)
+                            rec.update(policy=label, budget_scale=scale_label, episode=i, seed=seed + i, vec_env=mode)
                         if bar is not None:
                             bar.update(episodes)
                     else:
@@ -463,9 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-steps", type=_positive_int, default=None,
                     help="cap on steps per episode, >= 1 (default: every episode to its end)")
     ap.add_argument("--vec-env", default="auto", choices=VEC_ENV_MODES,
-                    help="native: each policy's episodes as one batch on the native vector env (seeded once); "
-                         "single: one env, episode i seeded seed + i; auto: native where the id has it")
+                    help="native: each policy's episodes as one batch on the native vector env; single: one env; "
+                         "either way episode i is seeded seed + i; auto: native where the id has it")
     ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    ap.add_argument("--ray", action="store_true",
+                    help="spread policies x budget scales x envs x episode chunks over a Ray cluster (pip install "
+                         "'.[ray]'); --env may then list several ids (outputs in OUT/ENV_ID per env)")
+    ap.add_argument("--address", default=None, help="with --ray: the cluster ('auto' joins 'ray start'; default local)")
+    ap.add_argument("--chunk-episodes", type=_positive_int, default=5, help="with --ray: episodes per Ray task")
     return ap
 
 
@@ -488,6 +495,10 @@ def main(argv=None) -> list[dict]:
         except ValueError:
             raise SystemExit(f"--budget-scales: expected comma-separated numbers, got {args.budget_scales!r}")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.ray:  # the same outputs, computed on a Ray cluster (baselines/sweep.py)
+        from baselines.sweep import main_ray
+
+        return main_ray(args, policies=policies, env_kwargs=env_kwargs, policy_kwargs=policy_kwargs, scales=scales)
     episodes: list[dict] = []
     try:
         rows = evaluate_policies(args.env, policies, episodes=args.episodes, seed=args.seed, env_kwargs=env_kwargs,
@@ -496,18 +507,20 @@ def main(argv=None) -> list[dict]:
                                  episode_rows=episodes, vec_env=args.vec_env)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:  # bad input: the message says what to fix
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
-    out = Path(args.out)
+    write_outputs(args.env, rows, episodes, Path(args.out), n_episodes=args.episodes, seed=args.seed)
+    return rows
+
+
+def write_outputs(env_id: str, rows: list[dict], episodes: list[dict], out: Path, *, n_episodes: int,
+                  seed: int) -> None:
+    """Print the table and write ``results.csv``, ``episodes.csv`` and ``tradeoff.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    mode = rows[0]["vec_env"]
-    seeds = (f"seeds {args.seed}..{args.seed + args.episodes - 1}" if mode == "single"
-             else f"one batch of {args.episodes} on the native vector env, seed {args.seed}")
-    print(f"{args.env}: {args.episodes} episodes per policy, {seeds}")
+    print(f"{env_id}: {n_episodes} episodes per policy, seeds {seed}..{seed + n_episodes - 1}")
     print(format_table(rows))
     write_csv(rows, out / "results.csv")
     write_csv(episodes, out / "episodes.csv")
     plot_tradeoff(rows, out / "tradeoff.png")
     print(f"wrote {out / 'results.csv'}, {out / 'episodes.csv'}, {out / 'tradeoff.png'}")
-    return rows
 
 
 def cli() -> int:
