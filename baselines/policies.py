@@ -323,8 +323,14 @@ def make_policy(name: str, env, **kwargs) -> Policy:
             raise ValueError(f"unknown model type {algo!r} in {name!r}; use one of {list(SB3_ALGOS)} as 'algo:path'")
         return SB3Policy(problem, algo, path, **kwargs)
     key = name.strip().lower()
+    # --- issue 13 registration hook: the hindsight oracle and the span policies are built from the env ---
+    from baselines.spanning import SPAN_POLICY_NAMES, make_span_policy
+
+    if key in SPAN_POLICY_NAMES:
+        return make_span_policy(key, env, **kwargs)
+    # --- end of the issue 13 hook ---
     if key not in _CLASSES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {list(POLICY_NAMES)} or 'algo:path.zip' "
+        raise ValueError(f"unknown policy {name!r}; choose one of {list(POLICY_NAMES) + list(SPAN_POLICY_NAMES)} or 'algo:path.zip' "
                          f"with algo in {list(SB3_ALGOS)}")
     try:
         if is_prefill(problem):
