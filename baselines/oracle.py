@@ -11,8 +11,8 @@ in ``"episode"``; its T decisions t in the env's step order, budget B, ``used`` 
 A_t is any subset of the E experts; a late expert (deadlines enforced) spends its energy and serves nothing.
 
 Exact method.  Each decision's Pareto front of (Delta, energy) over executed sets (:mod:`baselines.pareto`:
-sets of at most K usable, non-dominated experts suffice, every such set enumerated) is merged along the span by a forward label DP:
-a label (S, energy) per surviving partial plan; a transition is kept iff the env's violation test passes;
+sets of at most K usable, non-dominated experts suffice, every such set enumerated) is merged along the span
+by a forward label DP: a label (S, energy) per surviving partial plan; a transition is kept iff the env's violation test passes;
 labels dominated in both S and energy are dropped (valid in floating point: the running sum and the test are
 monotone in S), as are labels that cannot finish: S plus the least deviation still to come exceeds B by more
 than the tolerances could ever allow. The deviations are summed exactly as the env sums them (slots in order,
@@ -260,8 +260,8 @@ class Oracle(Policy):
                 continue
             token, layer = int(state.token[b]), int(state.layer[b])
             if (seen_token[b], seen_layer[b]) != (token, layer):
-                raise RuntimeError(f"observation {b} is at token {seen_token[b]}, layer {seen_layer[b]} but the env is at "
-                                   f"token {token}, layer {layer}: the oracle answers the env's current observation")
+                raise RuntimeError(f"observation {b} is at token {seen_token[b]}, layer {seen_layer[b]} but the env is "
+                                   f"at token {token}, layer {layer}: the oracle answers the env's current observation")
             out[b] = self._planned(sim, state, b, token, layer)
         return out
 

@@ -65,7 +65,7 @@ def candidate_experts(energy: np.ndarray, usable: np.ndarray, table: np.ndarray)
     return useful & ~dominated
 
 
-def _set_points(energy: np.ndarray, table: np.ndarray, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _set_points(energy: np.ndarray, table: np.ndarray, experts: np.ndarray) -> tuple[np.ndarray, ...]:
     """(Delta (d, M), energy (d, M), members (d, M, K)) of every set of at most K of each decision's candidates
     ``experts`` (d, C) (expert indices in ascending order; C the same for all rows)."""
     d_rows, E = energy.shape

@@ -330,7 +330,7 @@ def make_policy(name: str, env, **kwargs) -> Policy:
         return make_span_policy(key, env, **kwargs)
     # --- end of the issue 13 hook ---
     if key not in _CLASSES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {list(POLICY_NAMES) + list(SPAN_POLICY_NAMES)} or 'algo:path.zip' "
+        raise ValueError(f"unknown policy {name!r}; choose one of {list(POLICY_NAMES)} or 'algo:path.zip' "
                          f"with algo in {list(SB3_ALGOS)}")
     try:
         if is_prefill(problem):

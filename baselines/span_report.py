@@ -82,7 +82,8 @@ def format_report(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['policy'][:26]:<26} {r['energy_over_oracle']:>8.3f} "
                      f"{r['episode_ratio']:>10.3f} ± {r['episode_ratio_ci95']:<6.3f} {r['gap_closed']:>10.2f} "
-                     f"{100 * r['violation_rate']:>7.2f} {r['accuracy_correct']:>9.4f} ± {r['accuracy_correct_ci95']:<5.3f} "
+                     f"{100 * r['violation_rate']:>7.2f} "
+                     f"{r['accuracy_correct']:>9.4f} ± {r['accuracy_correct_ci95']:<5.3f} "
                      f"{r['decision_time_us']:>11.0f}")
     return "\n".join(lines)
 

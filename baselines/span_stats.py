@@ -76,6 +76,8 @@ class SpanStatistics:
     deviation: np.ndarray  # (P, T, L, K, E+1) as observed (over the budget unit)
     energy: np.ndarray  # (P, T, L, E) estimated energy / energy_scale
     usable: np.ndarray  # (P, T, L, E) bool, latency_ratio <= 1 (while deadlines are enforced)
+    #: (P, T, L, E) the observed ``deadline_probability`` under uncertain queues; shape (0,) without that key
+    deadline_probability: np.ndarray
     log_energy_coef: np.ndarray  # (E, 1 + N): ln E_e ~ coef[e, 0] + coef[e, 1:] @ channel_gain_db
     energy_scale: float  # J, the median Top-K energy of the samples
     episodes: int
@@ -96,6 +98,8 @@ class SpanStatistics:
         L, T, E, K = sim.n_layers, sim.n_tokens, sim.n_experts, sim.top_k
         keep = np.zeros(E, dtype=np.int8)
         obs_keys = ("deviation_table", "energy_cost", "latency_ratio", "channel_gain_db")
+        if "deadline_probability" in problem.obs_slices:
+            obs_keys += ("deadline_probability",)
         rec = {k: [] for k in obs_keys}
         joules, topk = [], []
         for i in range(episodes):
@@ -118,6 +122,8 @@ class SpanStatistics:
         usable = np.stack(rec["latency_ratio"]).reshape(shape + (E,)) <= 1.0
         if not problem.enforce_deadline:
             usable[:] = True
+        probability = (np.stack(rec["deadline_probability"]).reshape(shape + (E,)) if "deadline_probability" in rec
+                       else np.zeros(0))
         joules = np.stack(joules)  # (P, T, L, E)
         coef = _fit_log_energy(gain.reshape(-1, gain.shape[-1]), joules.reshape(-1, E))
         scale = float(np.median(np.stack(topk)))
@@ -126,12 +132,20 @@ class SpanStatistics:
         stats = cls(key=config_key(config), budget_mode=sim.budget_mode, n_layers=L, n_tokens=T, n_experts=E,
                     top_k=K, costs_shared=not sim.scenario.cost_per_layer,
                     deviation_weight=float(config.reward.deviation_weight), deviation=deviation,
-                    energy=np.zeros(shape + (E,)), usable=usable, log_energy_coef=coef, energy_scale=scale,
+                    energy=np.zeros(shape + (E,)), usable=usable,
+                    deadline_probability=probability, log_energy_coef=coef, energy_scale=scale,
                     episodes=int(episodes), seed=int(seed))
         # the samples' energies as a policy estimates them (the same estimate it makes when acting)
         energy = stats.energy_of(cost.reshape(-1, E), gain.reshape(-1, gain.shape[-1])).reshape(shape + (E,))
         object.__setattr__(stats, "energy", energy)
         return stats
+
+    def usable_under(self, delta: float) -> np.ndarray:
+        """(P, T, L, E): the usable experts when those with a deadline probability below 1 - delta cannot serve
+        (the span policies' chance constraint; all observed ``usable`` ones without uncertain queues)."""
+        if self.deadline_probability.size == 0:
+            return self.usable
+        return self.usable & (self.deadline_probability >= 1.0 - delta)
 
     # ---- the energy model ------------------------------------------------------------------------
     def energy_of(self, energy_cost: np.ndarray, channel_gain_db: np.ndarray) -> np.ndarray:
@@ -146,7 +160,7 @@ class SpanStatistics:
         return cost * (np.exp(_finite_median(log_ref)) / self.energy_scale)[:, None]
 
     # ---- persistence -----------------------------------------------------------------------------
-    _ARRAYS = ("deviation", "energy", "usable", "log_energy_coef")
+    _ARRAYS = ("deviation", "energy", "usable", "deadline_probability", "log_energy_coef")
     _SCALARS = ("key", "budget_mode", "n_layers", "n_tokens", "n_experts", "top_k", "costs_shared",
                 "deviation_weight", "energy_scale", "episodes", "seed")
 
@@ -171,13 +185,15 @@ class SpanStatistics:
                 for k in cls._SCALARS:
                     kw[k] = f[k].item()
         except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: not a valid span-statistics file ({exc}); delete it to collect it again") from None
+            raise ValueError(f"{path}: not a valid span-statistics file ({exc}); delete it to collect it "
+                             "again") from None
         stats = cls(**kw)
         if expect_key is not None and stats.key != expect_key:
             raise ValueError(f"{path} holds statistics of another config (key {stats.key}, expected {expect_key}); "
                              "delete it or pass the matching config")
         P, T, L = stats.usable.shape[:3]
-        if stats.deviation.shape != (P, T, L, stats.top_k, stats.n_experts + 1) or stats.energy.shape != stats.usable.shape:
+        if (stats.deviation.shape != (P, T, L, stats.top_k, stats.n_experts + 1)
+                or stats.energy.shape != stats.usable.shape):
             raise ValueError(f"{path}: inconsistent array shapes; delete it to collect it again")
         return stats
 

@@ -13,16 +13,16 @@ of the span's remaining budget the current decision may use:
 * ``siftmoe_sdp`` (:class:`StochasticDPSiftMoE`): a stochastic dynamic program over the decisions left,
   V_h(b) = E[min over the decision's front of (energy + V_{h+1}(b - deviation))], on a grid of remaining
   budget fractions b, with the decision statistics of the sample episodes; the current decision is exact,
-  the future is its expectation. Within a token, when every layer sees the same channel (the default), the
-  future layers are evaluated with this token's own expert energies and deadlines (only their gating is
-  unknown) and the program is solved again at each decision. Energies are in a common absolute unit
+  the future is its expectation. Within a token budget, when every layer sees the same channel (the default),
+  the token's later layers are evaluated with this token's own expert energies and deadlines (only their
+  gating is unknown), solved once per token. Energies are in a common absolute unit
   (:meth:`~baselines.span_stats.SpanStatistics.energy_of`), not the per-state ``energy_cost``.
-* ``siftmoe_dpp`` (:class:`DriftPlusPenaltySiftMoE`): Lyapunov drift-plus-penalty with a virtual queue of
-  budget overspend: with h of the span's H decisions taken and a fraction S of its budget spent, the queue
-  is Q = max(Q0 + H (S - h / H), 0) (overspend against an even pace, in per-decision allowances, plus a
-  place-holder backlog Q0) and each decision minimises V energy + Q H deviation over its front. Q0 / V =
-  ``price0`` is the least static price at which the sample decisions spend at most the budget on average, 1 / V =
-  ``gain`` is tuned offline on the sample episodes (least energy without a violation).
+* ``siftmoe_dpp`` (:class:`DriftPlusPenaltySiftMoE`): Lyapunov drift-plus-penalty. With h of the span's H
+  decisions taken and a fraction S of its budget spent, the virtual queue of overspend against an even pace is
+  Q = max(Q0 + S - h / H, 0) (Q0 a place-holder backlog) and each decision minimises V energy + Q deviation
+  over its front, i.e. energy + price x deviation with price = Q / V = max(price0 + gain (S - h / H), 0).
+  ``price0`` = Q0 / V is the least static price at which the sample decisions spend at most the budget on
+  average; ``gain`` = 1 / V is tuned offline on the sample episodes (least energy without a violation).
 * ``siftmoe_cc`` (:class:`ChanceSiftMoE`): ``siftmoe_span`` under uncertain queues: experts whose
   ``deadline_probability`` (the probability of meeting the deadline given what the device knows) is below
   ``1 - delta`` count as unable to serve (a chance constraint per expert); with no such key in the
@@ -41,8 +41,8 @@ from baselines.pareto import decision_fronts
 from baselines.policies import Policy, SiftMoE, parse_observation
 from baselines.span_stats import STATS_SEED, SpanStatistics, extra_observation, span_statistics
 
-__all__ = ["SPAN_POLICY_NAMES", "make_span_policy", "SpanPolicy", "SpanSiftMoE", "ChanceSiftMoE", "StochasticDPSiftMoE", "DriftPlusPenaltySiftMoE",
-           "span_position", "bellman_step"]
+__all__ = ["SPAN_POLICY_NAMES", "make_span_policy", "SpanPolicy", "SpanSiftMoE", "ChanceSiftMoE",
+           "StochasticDPSiftMoE", "DriftPlusPenaltySiftMoE", "span_position", "bellman_step", "interpolate"]
 
 DEFAULT_DELTA = 0.05  # [choice] tolerated probability of missing a deadline per executed expert
 
@@ -213,7 +213,7 @@ class StochasticDPSiftMoE(SpanPolicy):
     def _pool(self, layer: int):
         s = self.stats
         take = lambda x: x[:, :, layer].reshape((-1,) + x.shape[3:])[self._sample]  # noqa: E731
-        return take(s.deviation), take(s.energy), take(s.usable)
+        return take(s.deviation), take(s.energy), take(s.usable_under(self.delta))
 
     def _pool_fronts(self, layer: int):
         dev, energy, usable = self._pool(layer)
@@ -296,7 +296,8 @@ class DriftPlusPenaltySiftMoE(SpanPolicy):
         self.H = L if problem.budget_mode == "token" else n * L
         # sample fronts in episode order (P, T, L)
         P, T = stats.deviation.shape[:2]
-        f = decision_fronts(stats.energy.reshape(-1, problem.n_experts), stats.usable.reshape(-1, problem.n_experts),
+        f = decision_fronts(stats.energy.reshape(-1, problem.n_experts),
+                            stats.usable_under(self.delta).reshape(-1, problem.n_experts),
                             stats.deviation.reshape((-1,) + stats.deviation.shape[3:]))
         self._samples = (f.deviation.reshape(P, T * L, -1), f.energy.reshape(P, T * L, -1))
         self.price0 = self._static_price() if price0 is None else float(price0)

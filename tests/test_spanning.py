@@ -140,6 +140,11 @@ def test_chance_constraint_on_deadline_probability():
     stats = span_statistics(env.unwrapped.config, episodes=4)
     sdp = StochasticDPSiftMoE(problem, stats=stats)
     assert sdp(_hand_made(problem, risky)).tolist()[:2] == [1, 0]
+    # ... and plan with the sample decisions' deadline probabilities, when the observation has them
+    assert stats.deadline_probability.size == 0 and stats.usable_under(0.05) is stats.usable
+    probability = np.where(np.arange(problem.n_experts) == 1, 0.9, 1.0) * np.ones(stats.usable.shape)
+    uncertain = dataclasses.replace(stats, deadline_probability=probability)
+    assert not uncertain.usable_under(0.05)[..., 1].any() and (uncertain.usable_under(0.2) == stats.usable).all()
 
 
 def test_energy_model_recovers_the_joules():
@@ -218,7 +223,8 @@ def test_drift_plus_penalty_static_price_spends_the_budget(episode_stats):
     spans = dev.shape[0] * dev.shape[1] / policy.H
 
     def spent(price):  # each sample decision minimises energy + price x deviation
-        pick = np.argmin(np.where(np.isfinite(dev), energy + price * np.where(np.isfinite(dev), dev, 0), np.inf), axis=2)
+        finite = np.isfinite(dev)
+        pick = np.argmin(np.where(finite, energy + price * np.where(finite, dev, 0), np.inf), axis=2)
         return np.take_along_axis(dev, pick[..., None], axis=2).sum() / spans
 
     assert spent(policy.price0) <= 1.0 < spent(policy.price0 * (1 - 1e-6))  # the least price within budget
@@ -234,7 +240,8 @@ def test_planning_beats_the_even_split_within_tokens(token_stats):
     env, policies = _policies("token", token_stats)
     oracle = make_policy("oracle", env)
     totals = {}
-    for name, policy in [("oracle", oracle)] + [(k, policies[k]) for k in ("siftmoe_span", "siftmoe_sdp", "siftmoe_dpp")]:
+    compared = [("oracle", oracle)] + [(k, policies[k]) for k in ("siftmoe_span", "siftmoe_sdp", "siftmoe_dpp")]
+    for name, policy in compared:
         total = 0.0
         for seed in range(4):
             obs, _ = env.reset(seed=seed)
@@ -257,3 +264,16 @@ def test_span_policy_errors():
         StochasticDPSiftMoE(env.unwrapped.problem, stats={})
     with pytest.raises(ValueError, match="decoding"):
         make_policy("siftmoe_sdp", gym.make("wide_env/WideMoEPrefill-v0"))
+
+
+def test_span_report_compares_with_the_oracle_on_the_same_seeds():
+    from baselines.span_report import format_report, span_report
+
+    rows = span_report("token", episodes=2, env_kwargs={"config": {"n_tokens": 3}})
+    assert [r["policy"] for r in rows][:2] == ["oracle", "siftmoe even"]
+    assert rows[0]["energy_over_oracle"] == 1.0 and rows[0]["gap_closed"] == 1.0 and rows[1]["gap_closed"] == 0.0
+    assert all(r["energy_over_oracle"] >= 1 - 1e-12 and r["violation_rate"] == 0 for r in rows)
+    assert all(0 <= r["accuracy_correct"] <= 1 for r in rows)
+    assert "siftmoe_sdp" in format_report(rows)
+    with pytest.raises(ValueError, match="mode"):
+        span_report("layer")
