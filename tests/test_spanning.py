@@ -277,3 +277,27 @@ def test_span_report_compares_with_the_oracle_on_the_same_seeds():
     assert "siftmoe_sdp" in format_report(rows)
     with pytest.raises(ValueError, match="mode"):
         span_report("layer")
+
+
+@pytest.mark.parametrize("mode", ["token", "episode"])
+def test_batched_observations_act_like_single_envs(mode, token_stats, episode_stats):
+    """On the native vector env (one row per sub-env, per-row caches) the policies act as on single envs."""
+    stats = token_stats if mode == "token" else episode_stats
+    config = {"budget": {"mode": mode}, **SMALL}
+    venv = gym.make_vec("wide_env/WideMoE-v0", num_envs=3, vectorization_mode="vector_entry_point", config=config)
+    env = gym.make("wide_env/WideMoE-v0", config=config)
+    for name in ("siftmoe_sdp", "siftmoe_dpp"):
+        batched, single = make_policy(name, venv, stats=stats), make_policy(name, env, stats=stats)
+        obs, _ = venv.reset(seed=[1, 2, 3])
+        total = np.zeros(3)
+        for _ in range(4 * 4):
+            obs, _, _, _, info = venv.step(batched(obs))
+            total += info["energy_j"]
+        for b, seed in enumerate([1, 2, 3]):
+            o, _ = env.reset(seed=seed)
+            single.reset(seed)
+            energy, done = 0.0, False
+            while not done:
+                o, _, _, done, info = env.step(single(o))
+                energy += info["energy_j"]
+            assert total[b] == pytest.approx(energy, rel=1e-12)
