@@ -206,7 +206,9 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "topk": TopK, "siftmoe": SiftMoE, "wdmoe": WDMoE, "des": DES, "adapmoe": AdapMoE, "greedy": Greedy,
     "random": Random,
 }
-POLICY_NAMES = tuple(POLICIES)
+#: policies built from the env (hindsight, or statistics of sample episodes): baselines.oracle, baselines.spanning
+SPAN_POLICY_NAMES = ("oracle", "siftmoe_span", "siftmoe_cc", "siftmoe_sdp", "siftmoe_dpp")
+POLICY_NAMES = tuple(POLICIES) + SPAN_POLICY_NAMES
 
 
 def make_policy(name: str, env, **kwargs) -> Policy:
@@ -225,6 +227,10 @@ def make_policy(name: str, env, **kwargs) -> Policy:
             raise ValueError(f"{exc} as 'algo:path' in {name!r}") from None
         return SB3Policy.from_path(path.strip(), problem, algo=algo.strip().lower(), **kwargs)
     key = name.strip().lower()
+    if key in SPAN_POLICY_NAMES:  # the oracle and the time-spanning policies are built from the env itself
+        from baselines.spanning import make_span_policy
+
+        return make_span_policy(key, env, **kwargs)
     if key not in POLICIES:
         from agents.registry import ALGORITHMS
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["all_masks", "brute_force_decode", "brute_force_decode_batch", "assignment_decode", "brute_force_des", "brute_force_best"]
+__all__ = ["all_masks", "brute_force_decode", "brute_force_decode_batch", "assignment_decode", "brute_force_des",
+           "brute_force_best", "brute_force_span"]
 
 
 def all_masks(E: int) -> np.ndarray:
@@ -142,3 +143,37 @@ def brute_force_decode_batch(energy, feasible, deviation_table, budget, rtol=1e-
     ok_fallback = allowed & (dv <= (dmin + rtol * np.maximum(1.0, np.abs(dmin)))[:, None])
     ok = np.where(met[:, None], ok, ok_fallback)
     return np.where(ok, en, np.inf).min(axis=1), met
+
+
+def brute_force_span(energy, usable, deviation_table, budget, used=0.0, violation_rtol=1e-9):
+    """Enumerate every combination of executed masks (all 2^E per decision, (2^E)^T in all) of a span of T
+    decisions in step order: energy (T, E), usable (T, E) bool (an unusable executed expert spends its energy
+    and serves nothing), deviation_table (T, K, E+1), the span's budget and what it spent before.
+
+    The env's rules, literally: a decision's deviation is the sum over slots (in order) of the least of skip
+    and its executed usable experts; the running total starts at ``used``; decision t is violated iff
+    max(Delta_t - max(budget - S_{t-1}, 0), 0) > violation_rtol * budget. Returns (budget_met, least energy
+    over the plans without a violation - or, if there is none, over the plans of least total deviation -,
+    the least total deviation among those plans)."""
+    energy = np.asarray(energy, dtype=np.float64)
+    usable = np.asarray(usable, dtype=bool)
+    dev = np.asarray(deviation_table, dtype=np.float64)
+    T, E = energy.shape
+    masks = all_masks(E)
+    M = masks.shape[0]
+    step_dev = np.stack([_masks_deviation(masks & usable[t], dev[t]) for t in range(T)])  # (T, M)
+    step_energy = np.stack([_masks_energy(masks, energy[t]) for t in range(T)])
+    combos = np.stack(np.meshgrid(*([np.arange(M)] * T), indexing="ij"), axis=-1).reshape(-1, T)
+    spent = np.full(combos.shape[0], float(used))
+    total = np.zeros(combos.shape[0])
+    violated = np.zeros(combos.shape[0], dtype=bool)
+    for t in range(T):
+        d = step_dev[t, combos[:, t]]
+        violated |= np.maximum(d - np.maximum(budget - spent, 0.0), 0.0) > violation_rtol * budget
+        spent = spent + d
+        total = total + step_energy[t, combos[:, t]]
+    met = bool((~violated).any())
+    ok = ~violated if met else spent <= spent.min()
+    least = total[ok].min()
+    best = ok & (total <= least * (1 + 1e-12))
+    return met, least, spent[best].min()

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import wide_env
-from baselines import POLICY_NAMES, make_policy, solve_decode_full
+from baselines import make_policy, solve_decode_full
+from baselines.policies import POLICIES
 from baselines.evaluate import evaluate_policies
 from baselines.policies import parse_observation
 
@@ -22,9 +23,11 @@ def _kwargs(name):
 
 @pytest.mark.parametrize("env_id", sorted(wide_env.ENVIRONMENTS))
 def test_every_policy_returns_valid_actions(env_id):
+    """Every observation-only policy on every registered env (the oracle and the time-spanning policies,
+    built from the env for span budgets, have their own tests: test_oracle.py, test_spanning.py)."""
     env = gym.make(env_id)
     n_actions = env.action_space.n  # E for decoding, T*E for prefilling
-    for name in POLICY_NAMES:
+    for name in POLICIES:
         policy = make_policy(name, env, **_kwargs(name))
         obs, _ = env.reset(seed=1)
         for _ in range(6):
@@ -54,7 +57,7 @@ def test_flat_observations_and_batched_observations():
         flat, *_ = flat_env.step(a)
     batch = {k: np.stack([o[k] for o in observations]) for k in observations[0]}
     flat_batch = np.stack(flats)
-    for name in POLICY_NAMES:
+    for name in POLICIES:
         if name == "random":
             continue
         pol = make_policy(name, env)
@@ -207,7 +210,7 @@ def test_evaluate_cli_end_to_end(tmp_path):
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 7 * 3
-    assert {r["policy"] for r in rows} == set(POLICY_NAMES)
+    assert {r["policy"] for r in rows} == set(POLICIES)
     assert {float(r["budget_scale"]) for r in rows} == {0.5, 1.0, 2.0}
     for r in rows:
         assert int(r["episodes"]) == 2 and int(r["steps"]) == 2 * 3 * 4
