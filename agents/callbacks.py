@@ -223,6 +223,28 @@ class CheckpointEvalCallback(BaseCallback):
             (self.ckpt_dir / f"vecnormalize_{n}_steps.pkl").unlink(missing_ok=True)
 
 
+class CpuTimeLimit(BaseCallback):
+    """Stops training once this process has used ``limit_s`` seconds of CPU time (``time.process_time``: the
+    training's own computing, not the wall clock of a shared machine) since training started."""
+
+    def __init__(self, limit_s: float, verbose: int = 0):
+        super().__init__(verbose)
+        if not limit_s > 0:
+            raise ValueError(f"the CPU-time limit must be positive, got {limit_s!r} s")
+        self.limit_s = float(limit_s)
+        self.start = None
+        self.reached = False
+
+    def _on_training_start(self) -> None:
+        self.start = time.process_time()
+
+    def _on_step(self) -> bool:
+        if time.process_time() - self.start > self.limit_s:
+            self.reached = True
+            return False
+        return True
+
+
 def read_eval_log(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []

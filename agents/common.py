@@ -20,7 +20,7 @@ VEC_ENV_KINDS = ("native", "dummy", "subproc")
 
 # hyperparameter keys that are not constructor arguments of the algorithm
 _RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize", "eval_freq", "eval_episodes", "save_freq",
-             "vec_env", "env_kwargs")
+             "vec_env", "env_kwargs", "reward_shaping")
 
 
 class UsageError(ValueError):

@@ -25,6 +25,13 @@ threshold) as ``[log10(x + 1e-3) / 2, min(x, 3), x <= 1]``; gains in dB as ``(x 
 
 Every transform is a fixed function of the observation (no running statistics), so a saved model needs
 no VecNormalize file to act.
+
+Routing prior (``topk_prior`` = c > 0, default 0 = none): a fixed offset of +c on the logit of every Top-K
+entry and -c on the others (read from the observation key ``PRIOR_KEY``), added after the learned head. A fresh
+policy then routes like Top-K (execute probability ``sigmoid(c)`` for the Top-K experts, ``sigmoid(-c)`` for the
+rest) and learns where to depart from it. Why: from an unbiased start every expert is executed half the time, and
+the energy of hopeless non-Top-K experts (up to 1e4 times the Top-K energy) dominates the reward's variance; under
+the real-accuracy objective, whose signal is a few nats, PPO then collapses to executing nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from agents.layout import KeySpec, LayoutSpec, layout_spec
 
 #: features per entry of each scale kind
 SCALE_WIDTH = {"fraction": 1, "ratio": 3, "decibel": 1}
+#: observation key of the routing prior (``topk_prior``): 1 for the entries the router would execute
+PRIOR_KEY = "topk_mask"
 _ROUTED_ELSEWHERE = ("node", "slot", "choice")
 
 
@@ -228,9 +237,11 @@ class ExpertSetExtractor(BaseFeaturesExtractor):
 
     def __init__(self, observation_space: spaces.Space, hidden: int = 64, pair_hidden: int = 32, n_blocks: int = 2,
                  n_heads: int = 4, mixer: str = "deepsets", n_experts: int | None = None, top_k: int | None = None,
-                 n_nodes: int | None = None, prompt_tokens: int | None = None):
+                 n_nodes: int | None = None, prompt_tokens: int | None = None, topk_prior: float = 0.0):
         spec = layout_spec(observation_space, n_experts, top_k, n_nodes, prompt_tokens)
-        super().__init__(observation_space, spec.n_elements * hidden)
+        self.topk_prior = _check_prior(topk_prior, spec)
+        # with a prior, the features end with one prior logit per element (read by PerElementHead)
+        super().__init__(observation_space, spec.n_elements * (hidden + (1 if self.topk_prior else 0)))
         self.spec, self.hidden = spec, hidden
         self.routing = _Routing(spec)
         r = self.routing
@@ -269,23 +280,41 @@ class ExpertSetExtractor(BaseFeaturesExtractor):
         return self.norm(x)
 
     def forward(self, obs) -> th.Tensor:
-        return self.tokens(obs).flatten(1)
+        x = self.tokens(obs).flatten(1)
+        if not self.topk_prior:
+            return x
+        o = split_obs(obs, self.spec)
+        prior = self.topk_prior * (2.0 * (o[PRIOR_KEY] > 0.5).float() - 1.0)
+        return th.cat([x, prior.reshape(x.shape[0], -1)], dim=-1)
+
+
+def _check_prior(value, spec: LayoutSpec) -> float:
+    c = float(value)
+    if not (c >= 0 and c == c and c != float("inf")):
+        raise ValueError(f"topk_prior must be a finite logit offset >= 0 (0: no prior), got {value!r}")
+    if c:
+        key = next((k for k in spec.keys if k.name == PRIOR_KEY), None)
+        if key is None or tuple(k for k in key.shape) != spec.element_shape:
+            raise ValueError(f"topk_prior needs the observation key {PRIOR_KEY!r} with one entry per action entry "
+                             f"{spec.element_shape}; this layout has {[k.name for k in spec.keys]}")
+    return c
 
 
 class _SetHeads(nn.Module):
-    """SB3 'mlp_extractor': actor latent = per-element embeddings; critic latent = mean and max over elements."""
+    """SB3 'mlp_extractor': actor latent = per-element embeddings (and the prior logits, last); critic latent =
+    mean and max over elements."""
 
-    def __init__(self, hidden: int, n_elements: int):
+    def __init__(self, hidden: int, n_elements: int, prior: bool = False):
         super().__init__()
-        self.hidden = hidden
-        self.latent_dim_pi = n_elements * hidden
+        self.hidden, self.n_elements = hidden, n_elements
+        self.latent_dim_pi = n_elements * hidden + (n_elements if prior else 0)
         self.latent_dim_vf = 2 * hidden
 
     def forward_actor(self, features: th.Tensor) -> th.Tensor:
         return features
 
     def forward_critic(self, features: th.Tensor) -> th.Tensor:
-        x = features.reshape(features.shape[0], -1, self.hidden)
+        x = features[:, :self.n_elements * self.hidden].reshape(features.shape[0], -1, self.hidden)
         return th.cat([x.mean(dim=1), x.max(dim=1).values], dim=-1)
 
     def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
@@ -294,15 +323,25 @@ class _SetHeads(nn.Module):
 
 class PerElementHead(nn.Module):
     """(B, n * hidden) -> (B, n * n_out) logits with one shared linear map. n_out = 1: Bernoulli logit per
-    action entry (SB3); n_out = 2: [logit of 0, logit of 1] per entry (sb3-contrib's maskable MultiBinary)."""
+    action entry (SB3); n_out = 2: [logit of 0, logit of 1] per entry (sb3-contrib's maskable MultiBinary).
+    With ``n_prior`` = n the latent ends with n fixed prior logits, added to each entry's logit of 1."""
 
-    def __init__(self, hidden: int, n_out: int = 1):
+    def __init__(self, hidden: int, n_out: int = 1, n_prior: int = 0):
         super().__init__()
-        self.hidden = hidden
+        self.hidden, self.n_prior = hidden, n_prior
         self.linear = nn.Linear(hidden, n_out)
 
     def forward(self, latent: th.Tensor) -> th.Tensor:
-        return self.linear(latent.reshape(latent.shape[0], -1, self.hidden)).flatten(1)
+        B = latent.shape[0]
+        if not self.n_prior:
+            return self.linear(latent.reshape(B, -1, self.hidden)).flatten(1)
+        logits = self.linear(latent[:, :-self.n_prior].reshape(B, -1, self.hidden))
+        prior = latent[:, -self.n_prior:]
+        if logits.shape[-1] == 1:
+            logits = logits + prior.unsqueeze(-1)
+        else:  # [logit of 0, logit of 1]: the same log-odds shift
+            logits = logits + th.stack([-0.5 * prior, 0.5 * prior], dim=-1)
+        return logits.flatten(1)
 
 
 class _ExpertSetMixin:
@@ -313,13 +352,15 @@ class _ExpertSetMixin:
     def __init__(self, observation_space, action_space, lr_schedule, *, hidden: int = 64, pair_hidden: int = 32,
                  n_blocks: int = 2, n_heads: int = 4, mixer: str = "deepsets", n_experts: int | None = None,
                  top_k: int | None = None, n_nodes: int | None = None, prompt_tokens: int | None = None,
-                 **kwargs: Any):
+                 topk_prior: float = 0.0, **kwargs: Any):
         if not isinstance(action_space, spaces.MultiBinary) or not isinstance(action_space.n, int):
             raise ValueError(f"the expert-set policy needs a MultiBinary(n) action space, got {action_space}")
         self._set_hidden = hidden
         self._set_kwargs = dict(hidden=hidden, pair_hidden=pair_hidden, n_blocks=n_blocks, n_heads=n_heads,
                                 mixer=mixer, n_experts=n_experts, top_k=top_k, n_nodes=n_nodes,
                                 prompt_tokens=prompt_tokens)
+        if topk_prior:  # only then a constructor parameter: models saved before it load unchanged
+            self._set_kwargs["topk_prior"] = float(topk_prior)
         kwargs.setdefault("features_extractor_class", ExpertSetExtractor)
         kwargs["features_extractor_kwargs"] = dict(self._set_kwargs, **kwargs.get("features_extractor_kwargs") or {})
         kwargs.pop("net_arch", None)
@@ -328,6 +369,10 @@ class _ExpertSetMixin:
         if n_elements != action_space.n:
             raise ValueError(f"the observation layout has {n_elements} action entries but the action space is "
                              f"{action_space}")
+
+    @property
+    def _has_prior(self) -> bool:
+        return bool(self._set_kwargs.get("topk_prior"))
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -338,12 +383,12 @@ class _ExpertSetMixin:
         return data
 
     def _build_mlp_extractor(self) -> None:
-        self.mlp_extractor = _SetHeads(self._set_hidden, self.action_space.n)
+        self.mlp_extractor = _SetHeads(self._set_hidden, self.action_space.n, prior=self._has_prior)
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
         H = self._set_hidden
-        self.action_net = PerElementHead(H, self._head_outputs)
+        self.action_net = PerElementHead(H, self._head_outputs, self.action_space.n if self._has_prior else 0)
         self.value_net = nn.Sequential(nn.Linear(2 * H, H), nn.ReLU(), nn.Linear(H, 1))
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))

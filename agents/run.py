@@ -34,7 +34,8 @@ DEFAULTS = {"algo": "ppo", "env": DEFAULT_ENV, "seed": 0, "eval_freq": 20_000, "
 EVAL_SEED = 10_000  # evaluation episodes use seeds EVAL_SEED + i, disjoint from training seeds
 MAX_SEED = 2**31 - 1  # numpy's legacy seeding (SB3's set_random_seed) takes [0, 2**32); resumes add offsets
 #: options --resume applies (everything else is the run's own setting, read from its config.yml)
-RESUME_OVERRIDES = ("-n/--n-timesteps", "--no-compare", "-v/--verbose", "--progress", "--num-threads")
+RESUME_OVERRIDES = ("-n/--n-timesteps", "--no-compare", "-v/--verbose", "--progress", "--num-threads",
+                    "--max-cpu-minutes")
 #: saved settings a --resume may not change: (argparse dest, config.yml key, option)
 RESUME_FIXED = (("algo", "algo", "--algo"), ("env", "env", "--env"), ("env_kwargs", "env_kwargs", "--env-kwargs"),
                 ("seed", "seed", "--seed"), ("n_envs", "n_envs", "--n-envs"), ("vec_env", "vec_env", "--vec-env"),
@@ -77,6 +78,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="TensorBoard folder (default RUN_DIR/tb; 'none' disables)")
     p.add_argument("--progress", action="store_true", help="show a progress bar (tqdm + rich)")
     p.add_argument("--num-threads", type=int, default=1, help="torch threads (1 is fastest on small CPUs)")
+    p.add_argument("--max-cpu-minutes", type=float, default=None,
+                   help="stop training once it has used this much CPU time (time.process_time, not wall time); "
+                        "the model reached then is saved as the final model")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest loadable checkpoint with its saved settings; it "
                         f"accepts only {', '.join(RESUME_OVERRIDES)}")
@@ -198,6 +202,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "eval_seed": _check_seed("--eval-seed", EVAL_SEED if args.eval_seed is None else args.eval_seed),
         "save_freq": int(pick("save_freq", args.save_freq)), "num_threads": int(args.num_threads),
         "tensorboard_log": args.tensorboard_log, "demo": bool(args.demo), "hyperparams_source": source,
+        "max_cpu_minutes": _cpu_minutes(args.max_cpu_minutes),
     }
     if cfg["n_timesteps"] < 1 or cfg["n_envs"] < 1 or cfg["eval_episodes"] < 1:
         raise UsageError("--n-timesteps, --n-envs and --eval-episodes must be >= 1")
@@ -294,7 +299,17 @@ def _resume_config(args: argparse.Namespace, run_dir: Path) -> dict:
         cfg["n_timesteps"] = budget
         cfg["hyperparams"]["n_timesteps"] = budget
     cfg["num_threads"] = int(args.num_threads)
+    if args.max_cpu_minutes is not None:
+        cfg["max_cpu_minutes"] = _cpu_minutes(args.max_cpu_minutes)
     return cfg
+
+
+def _cpu_minutes(value) -> float | None:
+    if value is None:
+        return None
+    if not (value > 0 and value == value and value != float("inf")):
+        raise UsageError(f"--max-cpu-minutes must be a positive number of minutes, got {value!r}")
+    return float(value)
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -351,9 +366,11 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     from stable_baselines3.common.utils import set_random_seed
     from stable_baselines3.common.vec_env import VecNormalize
 
-    from agents.callbacks import CheckpointEvalCallback, WideMetricsCallback, read_eval_log, write_status
+    from agents.callbacks import (CheckpointEvalCallback, CpuTimeLimit, WideMetricsCallback, read_eval_log,
+                                  write_status)
     from agents.evaluation import evaluate, write_csv
     from agents.sb3_policy import SB3Policy
+    from agents.shaping import wrap_reward_shaping
 
     torch.set_num_threads(max(int(cfg["num_threads"]), 1))
 
@@ -369,6 +386,8 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     set_random_seed(seed)
     venv = make_vec_env(env_id, env_kwargs, cfg["n_envs"], seed, cfg["vec_env"],
                         monitor_path=str(run_dir / "monitor" / f"train_{attempt}"))
+    # the training signal only (the monitor above and every evaluation see the env's own reward)
+    venv = wrap_reward_shaping(venv, run_hp.get("reward_shaping"))
 
     tb = cfg.get("tensorboard_log")
     if tb is None:
@@ -420,13 +439,20 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
                                      vecnorm=vecnorm, state=state, verbose=verbose, budget=budget,
                                      on_evaluation=on_evaluation)
     callbacks = [WideMetricsCallback(problem.n_layers), ckpt_cb]
+    cpu_limit = CpuTimeLimit(60.0 * cfg["max_cpu_minutes"]) if cfg.get("max_cpu_minutes") else None
+    if cpu_limit is not None:
+        callbacks.append(cpu_limit)
     write_status(run_dir, "running", model.num_timesteps, budget)
     remaining = budget - int(model.num_timesteps)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     if remaining > 0:
         model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=ckpt is None,
                     progress_bar=progress, tb_log_name="tb")
     train_s = time.time() - t0
+    train_cpu_s = time.process_time() - cpu0
+    if cpu_limit is not None and cpu_limit.reached:
+        print(f"note: stopped at the CPU-time limit of {cfg['max_cpu_minutes']:g} min after {model.num_timesteps} "
+              f"of {budget} timesteps")
     if ckpt_cb.stop_requested:  # a sweep pruned this run: keep its checkpoints, skip the final comparison
         venv.close()
         write_status(run_dir, "stopped", model.num_timesteps, budget, train_s=train_s)
@@ -441,14 +467,14 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     atomic_save_model(model, run_dir / "final_model.zip")
     if vecnorm is not None:
         atomic_save_vecnormalize(vecnorm, run_dir / "vecnormalize.pkl")
-    write_status(run_dir, "trained", model.num_timesteps, budget, train_s=train_s)
+    write_status(run_dir, "trained", model.num_timesteps, budget, train_s=train_s, train_cpu_s=train_cpu_s)
     print(f"trained {model.num_timesteps} timesteps in {train_s:.0f} s ({run_dir / 'final_model.zip'})")
 
     eval_rows = read_eval_log(run_dir / "eval" / "eval_log.csv")
     if compare:
         _compare(cfg, run_dir, model, problem, vecnorm, reference, eval_rows)
     venv.close()
-    write_status(run_dir, "done", model.num_timesteps, budget, train_s=train_s)
+    write_status(run_dir, "done", model.num_timesteps, budget, train_s=train_s, train_cpu_s=train_cpu_s)
     return run_dir
 
 
