@@ -16,6 +16,16 @@ ENVIRONMENTS = {
                                        {"preset": {"compute": {"queue_delay_mean_s": 0.002}}}),
     "wide_env/WideMoEPrefill-v0": ("wide_env.envs.prefill:WideMoEPrefillEnv", {"prompt_tokens": 8, "n_prompts": 1}),
     "wide_env/WideMoE-Synthetic-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"gating": {"source": "synthetic"}}}),
+    # the regimes of baselines.benchmark (docs/model.md, "Profiles and registered presets")
+    "wide_env/WideMoE-TokenBudget-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"budget": {"mode": "token"}}}),
+    "wide_env/WideMoE-EpisodeBudget-v0": ("wide_env.envs.decode:WideMoEEnv",
+                                          {"preset": {"budget": {"mode": "episode"}, "channel": {"doppler_hz": 2.0}}}),
+    "wide_env/WideMoE-AccuracyObjective-v0": ("wide_env.envs.decode:WideMoEEnv",
+                                              {"preset": {"reward": {"objective": "accuracy"},
+                                                          "budget": {"mode": "token"}}}),
+    "wide_env/WideMoE-RealisticQueues-v0": ("wide_env.envs.decode:WideMoEEnv",
+                                            {"preset": {"radio": {"link_budget": "3gpp"},
+                                                        "compute": {"queue_delay_mean_s": 0.002}}}),
 }
 # single-env entry point -> its batched vector env (gym.make_vec(..., vectorization_mode="vector_entry_point")).
 VECTOR_ENTRY_POINTS = {"wide_env.envs.decode:WideMoEEnv": "wide_env.envs.vector:WideMoEVectorEnv",
