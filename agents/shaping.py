@@ -12,6 +12,10 @@ previous layer (0 before its first layer), and removes the env's own ``reward_ac
 
     r'_t = r_t - reward_accuracy_t - W (delta_loss_t - delta_loss_(t-1))
 
+``correct_weight: C`` adds ``C x (correct_t - correct_(t-1))``, the change of the running estimate of whether
+the token's prediction is still right (``info["accuracy_correct"]``; before the first layer it is the full model's,
+``accuracy_full``): over a token, C x (final correctness - the full model's), the metric the benchmark judges.
+
 Over a token the increments telescope to ``-W x delta_loss`` (the final value), so with the env's own weight the
 shaped return of every token equals the env's (a redistribution within the token); with the deviation objective
 it adds the real-accuracy term the benchmark judges agents on. Because the effect tables' loss change is a sum of
@@ -28,22 +32,30 @@ from stable_baselines3.common.vec_env import VecEnvWrapper
 __all__ = ["AccuracyShaping", "SHAPING_KEYS", "wrap_reward_shaping"]
 
 #: keys of the YAML's ``reward_shaping`` mapping
-SHAPING_KEYS = ("accuracy_weight",)
+SHAPING_KEYS = ("accuracy_weight", "correct_weight")
+
+
+def _weight(name: str, value) -> float:
+    w = float(value)
+    if not (np.isfinite(w) and w >= 0):
+        raise ValueError(f"reward_shaping.{name} must be a finite number >= 0, got {value!r}")
+    return w
 
 
 class AccuracyShaping(VecEnvWrapper):
-    """``r'_t = r_t - reward_accuracy_t - weight (delta_loss_t - delta_loss_(t-1))`` (module docstring)."""
+    """``r'_t = r_t - reward_accuracy_t - W (delta_loss_t - delta_loss_(t-1)) + C (correct_t - correct_(t-1))``
+    (module docstring)."""
 
-    def __init__(self, venv, accuracy_weight: float):
+    def __init__(self, venv, accuracy_weight: float = 0.0, correct_weight: float = 0.0):
         super().__init__(venv)
-        w = float(accuracy_weight)
-        if not (np.isfinite(w) and w >= 0):
-            raise ValueError(f"reward_shaping.accuracy_weight must be a finite number >= 0 (1/nat), got {accuracy_weight!r}")
-        self.accuracy_weight = w
-        self._running = np.zeros(self.num_envs)
+        self.accuracy_weight = _weight("accuracy_weight", accuracy_weight)
+        self.correct_weight = _weight("correct_weight", correct_weight)
+        self._loss = np.zeros(self.num_envs)
+        self._correct = np.zeros(self.num_envs)
 
     def reset(self):
-        self._running[:] = 0.0
+        self._loss[:] = 0.0
+        self._correct[:] = 0.0
         return self.venv.reset()
 
     def step_wait(self):
@@ -51,13 +63,16 @@ class AccuracyShaping(VecEnvWrapper):
         reward = np.asarray(reward, dtype=np.float32).copy()
         for i, info in enumerate(infos):
             if "delta_loss" not in info:
-                raise ValueError("reward_shaping.accuracy_weight needs the env's real accuracy (info['delta_loss']): "
-                                 "a gating trace with effect tables, e.g. the shipped one; remove reward_shaping "
-                                 "for sources without it")
-            current = float(info["delta_loss"])
-            before = 0.0 if int(info.get("layer", 0)) == 0 else self._running[i]
-            reward[i] += -float(info.get("reward_accuracy", 0.0)) - self.accuracy_weight * (current - before)
-            self._running[i] = 0.0 if done[i] else current
+                raise ValueError("reward_shaping needs the env's real accuracy (info['delta_loss'], "
+                                 "info['accuracy_correct']): a gating trace with effect tables, e.g. the shipped one; "
+                                 "remove reward_shaping for sources without it")
+            loss, correct = float(info["delta_loss"]), float(info["accuracy_correct"])
+            first = int(info.get("layer", 0)) == 0  # a new token: nothing perturbed before this layer
+            loss_before = 0.0 if first else self._loss[i]
+            correct_before = float(info["accuracy_full"]) if first else self._correct[i]
+            reward[i] += (-float(info.get("reward_accuracy", 0.0)) - self.accuracy_weight * (loss - loss_before)
+                          + self.correct_weight * (correct - correct_before))
+            self._loss[i], self._correct[i] = (0.0, 0.0) if done[i] else (loss, correct)
         return obs, reward, done, infos
 
 
@@ -70,6 +85,4 @@ def wrap_reward_shaping(venv, shaping: dict | None):
     unknown = sorted(set(shaping) - set(SHAPING_KEYS))
     if unknown:
         raise ValueError(f"reward_shaping: unknown keys {unknown}; known: {list(SHAPING_KEYS)}")
-    if "accuracy_weight" in shaping:
-        venv = AccuracyShaping(venv, shaping["accuracy_weight"])
-    return venv
+    return AccuracyShaping(venv, **shaping)

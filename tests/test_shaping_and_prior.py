@@ -16,10 +16,10 @@ from wide_env.envs.sb3_vec import make_native_vec_env
 N_ENVS, N_TOKENS, LAYERS = 3, 3, 4
 
 
-def _rollout(objective: str, weight: float, steps: int = 2 * N_TOKENS * LAYERS, seed: int = 0):
+def _rollout(objective: str, weight: float, steps: int = 2 * N_TOKENS * LAYERS, seed: int = 0, correct: float = 0.0):
     """A random policy on the shaped and on the plain native VecEnv with the same seed: per-step rewards, infos."""
     kwargs = {"config": {"n_tokens": N_TOKENS, "reward": {"objective": objective}}}
-    shaped = AccuracyShaping(make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, seed, kwargs), weight)
+    shaped = AccuracyShaping(make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, seed, kwargs), weight, correct)
     plain = make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, seed, kwargs)
     shaped.reset(), plain.reset()
     rng = np.random.default_rng(3)
@@ -53,6 +53,18 @@ def test_shaping_adds_the_real_loss_increase_to_the_deviation_objective():
         final_loss = np.array([i["delta_loss"] for i in token[-1][2]])
         added = sum(s - p for s, p, _ in token)
         np.testing.assert_allclose(added, -4.0 * final_loss, rtol=1e-5, atol=1e-4)
+
+
+def test_correctness_shaping_pays_the_change_of_the_tokens_correctness():
+    steps = _rollout("deviation", 0.0, correct=3.0, steps=4 * N_TOKENS * LAYERS)
+    changed = 0
+    for start in range(0, len(steps), LAYERS):
+        token = steps[start:start + LAYERS]
+        last = token[-1][2]
+        expected = 3.0 * np.array([i["accuracy_correct"] - i["accuracy_full"] for i in last])
+        np.testing.assert_allclose(sum(s - p for s, p, _ in token), expected, atol=1e-5)
+        changed += int(np.any(expected != 0))
+    assert changed > 0  # the random policy did break (or fix) some tokens
 
 
 def test_shaping_settings_are_checked():
