@@ -144,6 +144,17 @@ def realised_uniform(bits, window_s, path_gain, fading, bandwidth_hz: float, noi
     return _run_slots(None, bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz, max_power_w)
 
 
+def _check_links(bits: np.ndarray, window: np.ndarray, gain: np.ndarray) -> None:
+    """Payloads, windows and path gains of links a slotted uplink can serve."""
+    if (bits < 0).any() or not np.isfinite(bits).all():
+        raise ValueError("bits must be finite and >= 0")
+    if not (window > 0).all():
+        raise ValueError("uplink window tau must be > 0 s for every link (an expert whose downlink and compute "
+                         "already exceed the deadline cannot use slots)")
+    if not (gain > 0).all():
+        raise ValueError("path gain G must be > 0 for every link")
+
+
 def _run_slots(dp, bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz, max_power_w) -> SlotOutcome:
     """The causal allocation ``dp`` (a :class:`SlotDP`, or None for the uniform split) run slot by slot on the
     realised gains ``fading`` (lead + (S,)), capped at ``max_power_w`` per slot, with carry-over and overtime
@@ -153,13 +164,7 @@ def _run_slots(dp, bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_
     window = np.asarray(window_s, dtype=np.float64)
     gain = np.asarray(path_gain, dtype=np.float64)
     lead = np.broadcast_shapes(bits.shape, window.shape, gain.shape, fading.shape[:-1])
-    if (bits < 0).any() or not np.isfinite(bits).all():
-        raise ValueError("bits must be finite and >= 0")
-    if not (window > 0).all():
-        raise ValueError("uplink window tau must be > 0 s for every link (an expert whose downlink and compute "
-                         "already exceed the deadline cannot use slots)")
-    if not (gain > 0).all():
-        raise ValueError("path gain G must be > 0 for every link")
+    _check_links(bits, window, gain)
     if not (fading > 0).all():
         raise ValueError("slot fading gains must be > 0")
     if not max_power_w > 0:
@@ -274,13 +279,7 @@ class SlotDP:
         gain = np.asarray(path_gain, dtype=np.float64)
         lead = np.broadcast_shapes(bits.shape, window.shape, gain.shape)
         bits, window, gain = (np.broadcast_to(a, lead) for a in (bits, window, gain))
-        if (bits < 0).any() or not np.isfinite(bits).all():
-            raise ValueError("bits must be finite and >= 0")
-        if not (window > 0).all():
-            raise ValueError("uplink window tau must be > 0 s for every link (an expert whose downlink and compute "
-                             "already exceed the deadline cannot use slots)")
-        if not (gain > 0).all():
-            raise ValueError("path gain G must be > 0 for every link")
+        _check_links(bits, window, gain)
         slot = window / self.S
         a = slot * noise_psd_w_hz * bandwidth_hz / gain  # J per unit (2^x - 1)/h
         X = bits / (bandwidth_hz * slot)
