@@ -7,7 +7,7 @@ Problem (one row ``b`` of the batch; ``K`` Top-K slots, ``E`` experts)::
                 Delta(A) = sum_k min(dev[k, E], min_{j in A} dev[k, j]) <= budget
 
 ``dev = deviation_table[b]`` has shape (K, E + 1): ``dev[k, j]`` is slot ``k``'s contribution to the
-deviation bound when expert ``j`` serves it (the slot's own expert has 0), ``dev[k, E]`` when the slot is
+deviation estimate when expert ``j`` serves it (the slot's own expert has 0), ``dev[k, E]`` when the slot is
 skipped; the slot weight ``w_k`` is already folded in.
 
 Exactness argument.  With ``energy >= 0`` an optimal ``A`` needs only experts that serve some slot, so

@@ -126,6 +126,16 @@ class SpanPolicy(_SpanObservation, Policy):
             raise ValueError(f"margin must be in [0, 1), got {margin}")
         self.delta, self.margin = check_delta(delta), float(margin)
 
+    def _use_statistics(self, stats: SpanStatistics, verb: str) -> None:
+        """Check the offline statistics against the env and set the span length H (decisions per span)."""
+        problem = self.problem
+        _check_stats(stats, problem)
+        if problem.budget_mode == "layer":
+            raise ValueError(f"{self.name} {verb} a budget spanning several decisions; with budget.mode = 'layer' "
+                             "use siftmoe (exact per layer)")
+        self.stats = stats
+        self.H = problem.n_layers if problem.budget_mode == "token" else problem.n_tokens * problem.n_layers
+
     def fronts(self, a, energy):
         """The exact fronts of the observed decisions with energies ``energy`` (B, E)."""
         E, K = self.problem.n_experts, self.problem.top_k
@@ -183,13 +193,8 @@ class StochasticDPSiftMoE(SpanPolicy):
                  violation_cost: float | None = None, condition: bool | None = None, delta: float = DEFAULT_DELTA,
                  margin: float = 1e-6, seed: int = 0):
         super().__init__(problem, delta=delta, margin=margin)
-        _check_stats(stats, problem)
-        if problem.budget_mode == "layer":
-            raise ValueError("siftmoe_sdp plans a budget spanning several decisions; with budget.mode = 'layer' "
-                             "use siftmoe (exact per layer)")
-        self.stats = stats
+        self._use_statistics(stats, "plans")
         L, n = problem.n_layers, problem.n_tokens
-        self.H = L if problem.budget_mode == "token" else n * L
         G = int(grid_points) if grid_points is not None else max(65, 4 * self.H + 1)  # [choice] finer gave nothing
         if G < 3:
             raise ValueError(f"grid_points must be >= 3, got {grid_points}")
@@ -287,13 +292,8 @@ class DriftPlusPenaltySiftMoE(SpanPolicy):
     def __init__(self, problem, *, stats: SpanStatistics, price0: float | None = None, gain: float | None = None,
                  delta: float = DEFAULT_DELTA, margin: float = 1e-6):
         super().__init__(problem, delta=delta, margin=margin)
-        _check_stats(stats, problem)
-        if problem.budget_mode == "layer":
-            raise ValueError("siftmoe_dpp paces a budget spanning several decisions; with budget.mode = 'layer' "
-                             "use siftmoe (exact per layer)")
-        self.stats = stats
+        self._use_statistics(stats, "paces")
         L, n = problem.n_layers, problem.n_tokens
-        self.H = L if problem.budget_mode == "token" else n * L
         # sample fronts in episode order (P, T, L)
         P, T = stats.deviation.shape[:2]
         f = decision_fronts(stats.energy.reshape(-1, problem.n_experts),

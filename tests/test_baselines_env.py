@@ -249,3 +249,39 @@ def test_practical_topk_loses_accuracy_under_a_tight_deadline():
     assert practical["accuracy_correct"] < ideal["accuracy_correct"] - 0.01
     assert sift["energy_per_token_j"] < practical["energy_per_token_j"]
     assert 0.0 < sift["deadline_misses_per_token"] < practical["deadline_misses_per_token"]
+
+
+def test_realistic_preset_practical_topk_misses_deadlines():
+    """WideMoE-Realistic-v0 (3GPP link budget, 7B-class payload, uncertain queues): some Top-K experts are out
+    of reach before the decision and others arrive late, so practical Top-K misses deadlines and loses real
+    accuracy against ideal Top-K; SiftMoE at a small budget keeps practical Top-K's accuracy (experts out of
+    reach are lost to every policy) at a fraction of its energy."""
+    import gymnasium as gym
+
+    from baselines.evaluate import evaluate_policies
+
+    env = gym.make("wide_env/WideMoE-Realistic-v0")
+    ratios, probabilities = [], []
+    for seed in range(20):
+        obs, _ = env.reset(seed=seed)
+        done = False
+        while not done:
+            top = obs["topk_mask"] > 0
+            ratios += obs["latency_ratio"][top].tolist()
+            probabilities += obs["deadline_probability"][top].tolist()
+            obs, _, terminated, truncated, _ = env.step(obs["topk_mask"].astype(np.int8))
+            done = terminated or truncated
+    ratios, probabilities = np.array(ratios), np.array(probabilities)
+    assert 0.03 < np.mean(ratios > 1.0) < 0.3  # out of reach before deciding: p_max binds at the cell edge
+    assert np.all(probabilities[ratios > 1.0] == 0.0)
+    assert np.mean((probabilities > 0.0) & (probabilities < 0.95)) > 0.05  # and queues make others uncertain
+
+    rows = evaluate_policies("wide_env/WideMoE-Realistic-v0", ["topk", "topk_ideal", "siftmoe"], episodes=100,
+                             seed=1000, budget_scales=[0.05], progress=False)
+    by = {r["policy"]: r for r in rows}
+    practical, ideal, sift = by["topk"], by["topk_ideal"], by["siftmoe"]
+    assert practical["deadline_misses_per_token"] > 1.0 and ideal["accuracy_same"] == 1.0
+    assert practical["accuracy_correct"] < ideal["accuracy_correct"] - 0.03  # 1,600 tokens: about 4.6 points
+    assert abs(sift["accuracy_correct"] - practical["accuracy_correct"]) < 0.01
+    assert sift["energy_per_token_j"] < 0.25 * practical["energy_per_token_j"]
+    assert sift["deadline_misses_per_token"] < 0.25 * practical["deadline_misses_per_token"]

@@ -1,4 +1,4 @@
-"""Tiny byte-level MoE LM: training pipeline, shipped artifacts, trace export, live backend, deviation bound."""
+"""Tiny byte-level MoE LM: training pipeline, shipped artifacts, trace export, live backend, deviation estimate."""
 
 from __future__ import annotations
 
@@ -164,8 +164,8 @@ def test_live_dloss_matches_table(trained):
         assert (r.served[1] == E).all()
         live.truncate(t)
         live.step(tok)
-        # both slots skipped is two perturbations: compare with the table for slot 0 and 1 only via bound
-        assert r.bound[1] == pytest.approx(float((tr["topk_weight"][t, 1] * tr["mismatch"][1, tr["topk_idx"][t, 1], E]).sum()), rel=1e-5)
+        # both slots skipped is two perturbations: compare with the table for slot 0 and 1 only via the estimate
+        assert r.estimate[1] == pytest.approx(float((tr["topk_weight"][t, 1] * tr["mismatch"][1, tr["topk_idx"][t, 1], E]).sum()), rel=1e-5)
         # single-slot perturbation: nll difference vs effect_dloss
         live.truncate(t)
         g = live.begin(tok)

@@ -1,4 +1,4 @@
-"""Physics sanity: fading statistics, rate/energy formulas, monotonicity, the deviation bound."""
+"""Physics sanity: fading statistics, rate/energy formulas, monotonicity, the deviation estimate."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 from wide_env.sim.channel import NakagamiFading, draw_distances
 from wide_env.sim.pathloss import path_gain
 from wide_env.sim.physics import LinkParameters, inversion_energy, node_costs, shannon_rate
-from wide_env.sim.deviation import deviation_bound, serve_slots, slot_deviation_table
+from wide_env.sim.deviation import deviation_estimate, serve_slots, slot_deviation_table
 from wide_env.sim.units import bessel_j0, dbm_to_watt
 
 
@@ -118,7 +118,7 @@ def test_distances_are_uniform_in_area_inside_annulus():
     assert np.mean(d <= 80.0) == pytest.approx((80**2 - 100) / (150**2 - 100), abs=0.005)
 
 
-def test_deviation_bound_matches_hand_computation():
+def test_deviation_estimate_matches_hand_computation():
     # one layer, E = 3 experts, K = 2; D[i, j], last column = skip
     mismatch = np.array([[[0.0, 2.0, 5.0, 3.0],
                           [1.5, 0.0, 4.0, 2.5],
@@ -135,7 +135,7 @@ def test_deviation_bound_matches_hand_computation():
     }
     for mask, expected in cases.items():
         executed = np.array([mask], dtype=bool)
-        assert deviation_bound(table, executed)[0] == pytest.approx(expected)
+        assert deviation_estimate(table, executed)[0] == pytest.approx(expected)
     _, server = serve_slots(table, np.array([[1, 0, 0]], dtype=bool))
     assert server.tolist() == [[0, 0]]
     _, server = serve_slots(table, np.array([[0, 0, 1]], dtype=bool))

@@ -14,6 +14,12 @@ ENVIRONMENTS = {
     "wide_env/WideMoE-GptOss-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"profile": "gpt-oss-20b"}}),
     "wide_env/WideMoE-Stragglers-v0": ("wide_env.envs.decode:WideMoEEnv",
                                        {"preset": {"compute": {"queue_delay_mean_s": 0.002}}}),
+    # 3GPP UMi link budget, a deployed model's payload over 10 MHz links, a 6 ms layer deadline and persistent,
+    # uncertain helper queues on the shipped model: practical Top-K misses deadlines (docs/model.md#presets)
+    "wide_env/WideMoE-Realistic-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {
+        "radio": {"link_budget": "3gpp", "payload_d_model": 4096, "bandwidth_hz": 1.0e7},
+        "compute": {"queue_delay_mean_s": 0.0015, "queue_persistence": 0.7},
+        "deadline": {"deadline_s": 0.006}}}),
     "wide_env/WideMoEPrefill-v0": ("wide_env.envs.prefill:WideMoEPrefillEnv", {"prompt_tokens": 8, "n_prompts": 1}),
     "wide_env/WideMoE-Synthetic-v0": ("wide_env.envs.decode:WideMoEEnv", {"preset": {"gating": {"source": "synthetic"}}}),
     # the regimes of baselines.benchmark (docs/model.md, "Profiles and registered presets")

@@ -92,7 +92,8 @@ class WideMoEEnv(gym.Env):
     router proposes its Top-K experts; the agent decides which experts are actually executed. Each
     executed remote expert costs one uplink/downlink round trip (radio energy, latency); a Top-K expert
     that is not executed is served by the best executed stand-in or skipped, which perturbs the layer
-    output by the deviation bound of the SiftMoE paper (arXiv 2603.23888). One step = one MoE layer of
+    output by an estimated deviation (the SiftMoE paper's triangle-inequality rule on calibration-mean
+    mismatch tables, arXiv 2603.23888: an estimate, not a per-token bound). One step = one MoE layer of
     one token; channels fade per token (fast fading) and gating follows the token.
 
     ## Action Space
@@ -144,7 +145,7 @@ class WideMoEEnv(gym.Env):
     ## Info
 
     Every step: `energy_j`, `topk_energy_j`, `energy_uplink_j`, `energy_comm_j`, `energy_system_j`,
-    `deviation` (Delta_l, model units), `weighted_deviation` (kappa_l Delta_l), `deviation_budget`,
+    `deviation` (the estimate Delta_l, model units), `weighted_deviation` (kappa_l Delta_l), `deviation_budget`,
     `budget_violated`, `latency_s`, `deadline_misses`, `n_executed`, `n_lost`, `n_kept`, `n_replaced`,
     `n_skipped`, `reward_energy`, `reward_deviation`, `reward_deadline`, `layer`, `token` (Python numbers).
     With a gating trace that has effect tables (the default, shipped model) also: `accuracy_correct` (the

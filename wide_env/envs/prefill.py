@@ -81,7 +81,7 @@ class WideMoEPrefillEnv(gym.Env):
     (u_n D bits, u_n = distinct tokens sent to helper n) within the layer deadline T_max, so the
     uplink energy tau (N0 B / g)(2^(u_n D / (B tau)) - 1) is convex in the helper's load [paper]. A Top-K
     pair that is not executed is served by the token's best executed stand-in or skipped; each token's
-    deviation bound Delta_t (SiftMoE, arXiv 2603.23888) must stay within its budget. One step = one layer.
+    deviation estimate Delta_t (SiftMoE, arXiv 2603.23888) must stay within its budget. One step = one layer.
 
     ## Action Space
 
@@ -131,7 +131,7 @@ class WideMoEPrefillEnv(gym.Env):
     ## Info
 
     `energy_j`, `topk_energy_j`, `energy_uplink_j`, `energy_comm_j`, `energy_system_j` (all three scopes),
-    `deviation` (max over tokens of Delta_t, model units: the binding per-token constraint),
+    `deviation` (max over tokens of the estimate Delta_t, model units: the binding per-token constraint),
     `deviation_mean` (mean over tokens), `weighted_deviation` (max of kappa_l Delta_t), `deviation_budget`
     (the smallest budget of any token), `budget_violated` (number of tokens over budget), `latency_s`
     (slowest helper used), `deadline_misses` (late helpers), `n_executed`, `n_lost` ((token, expert) pairs),

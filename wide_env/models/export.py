@@ -2,7 +2,7 @@
 
 * mismatch tables ``D_l(i, j)`` / ``D_l(i, skip)`` measured on *calibration* tokens (held-out calibration
   document, disjoint from the trace tokens): "routed to i" = i is one of the token's Top-K experts;
-* ``layer_budget``: eps_l = median over calibration tokens of ``w_2 * D_l(i_2, skip)`` (the table bound of
+* ``layer_budget``: eps_l = median over calibration tokens of ``w_2 * D_l(i_2, skip)`` (the table estimate of
   skipping the token's 2nd expert; with K = 1: half the median of ``w_1 * D_l(i_1, skip)``);
 * per-token effect tables, exact: for every trace token, layer l, Top-K slot k and action a (serve the slot
   by expert a, or skip it when a = E), the model is re-run from layer l of that token with only that
@@ -72,7 +72,7 @@ def mismatch_tables(model: MoELM, windows: np.ndarray, batch: int = 16) -> dict:
         n_all += x.numel()
     D = np.where(cnt[..., None] > 0, sums / np.maximum(cnt[..., None], 1), all_sums / n_all)
     D[:, np.arange(E), np.arange(E)] = 0.0
-    # budget from the *table* bound of skipping the 2nd expert at each calibration token
+    # budget from the *table* estimate of skipping the 2nd expert at each calibration token
     budget = np.zeros(L)
     for l in range(L):
         w = np.concatenate(w2skip[l])  # w_2 * ||E_{i2}(x)|| per token (measured, not table)

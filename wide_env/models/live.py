@@ -52,7 +52,7 @@ class TokenResult:
     correct: Optional[bool]  # pred == target (None when no target given)
     same_as_full: Optional[bool]  # pred equals the unperturbed model's (None unless track_full)
     served: np.ndarray  # (L, K) phi per slot: expert index, or E = skipped
-    bound: np.ndarray  # (L,) deviation bound sum_i w_i D_l(i, phi(i))
+    estimate: np.ndarray  # (L,) deviation estimate sum_i w_i D_l(i, phi(i)) (calibration-mean tables)
     deviation: np.ndarray  # (L,) measured ||sum_i w_i E_i(h) - sum_i w_i E_phi(i)(h)||
     gates: list = field(default_factory=list)  # LayerGate per layer
     nll: Optional[float] = None  # -log p(target)
@@ -172,7 +172,7 @@ class LiveMoE:
         """Start a token: returns layer 0's gating. Then call execute() once per layer."""
         ref = self._ref_logits(token_id) if self.track_full else None
         self._cur = dict(token=int(token_id), layer=0, x=self._embed(token_id), gates=[], ref=ref,
-                         served=np.zeros((self.L, self.K), np.int64), bound=np.zeros(self.L), dev=np.zeros(self.L))
+                         served=np.zeros((self.L, self.K), np.int64), estimate=np.zeros(self.L), dev=np.zeros(self.L))
         return self._route()
 
     @torch.no_grad()
@@ -206,7 +206,7 @@ class LiveMoE:
         C.index_add_(0, torch.from_numpy(phi), w)
         moe = C[: self.E] @ eo
         c["served"][l] = phi
-        c["bound"][l] = float((g.topk_weight * self.D[l, g.topk_idx, phi]).sum())
+        c["estimate"][l] = float((g.topk_weight * self.D[l, g.topk_idx, phi]).sum())
         c["dev"][l] = float((full - moe).norm())
         self.last_deviation = c["dev"][l]  # the layer output's real deviation from the full Top-K model's
         c["x"] = c["r"] + moe.reshape(1, 1, -1)
@@ -230,7 +230,7 @@ class LiveMoE:
         self.pos += 1
         self._cur = None
         return TokenResult(logits.numpy().copy(), pred, None if target is None else pred == int(target), same,
-                           c["served"], c["bound"], c["dev"], c["gates"], nll, full_nll)
+                           c["served"], c["estimate"], c["dev"], c["gates"], nll, full_nll)
 
     # ------------------------------------------------------------------ one call per token
     def step(self, token_id: int, executed: Union[None, np.ndarray, Callable[[int, LayerGate], np.ndarray]] = None,

@@ -1,1 +1,1 @@
-"""The numpy simulation core (no gymnasium import): channel, costs, deviation bound, batched simulator."""
+"""The numpy simulation core (no gymnasium import): channel, costs, deviation estimate, batched simulator."""

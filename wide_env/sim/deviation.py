@@ -1,8 +1,9 @@
 """The deviation estimate (docs/model.md#deviation-estimate): who serves each Top-K slot, and the layer's deviation.
 
 For an executed set A, Top-K slot i (expert S_i, weight w_i) is served by phi(i): S_i itself if executed,
-else the executed j minimising D_l(S_i, j), or skip if D_l(S_i, skip) is smaller. The bound is
-Delta_l = sum_i w_i * D_l(S_i, phi(i)) [paper, reconstructed by the triangle inequality].
+else the executed j minimising D_l(S_i, j), or skip if D_l(S_i, skip) is smaller. The estimate is
+Delta_l = sum_i w_i * D_l(S_i, phi(i)) [paper, reconstructed by the triangle inequality]: with the
+calibration-mean tables D it estimates the layer's output deviation, it does not bound it per token.
 Functions take any leading axes (a batch, or none for one episode).
 """
 
@@ -55,6 +56,6 @@ def budget_overrun(weighted_deviation, available, unit):
     return violated, violated * (1.0 + excess / unit)
 
 
-def deviation_bound(table: np.ndarray, executed: np.ndarray) -> np.ndarray:
+def deviation_estimate(table: np.ndarray, executed: np.ndarray) -> np.ndarray:
     """Delta for executed sets given weighted slot tables (see :func:`serve_slots`)."""
     return serve_slots(table, executed)[0]

@@ -46,8 +46,15 @@ deadline (whatever is left for the last slot costs ``E[1/h]`` times a positive n
 energies, the surrogate and the DP therefore raise :class:`ValueError` for ``m <= 1``; realised
 energies of the uniform split work for any m.
 
-**Power limit.** Channel inversion here has no power cap (docs/model.md#slots); the
-realised outcome reports each slot's transmit power so a caller can flag slots above ``p_max``.
+**Power limit and lateness** (docs/model.md#slots). The device never sends above ``p_max``: in slot ``s`` it
+sends the bits its allocation intends, at most ``x_cap = log2(1 + p_max G h_s / (N0 B))`` of spectral load
+(what ``p_max`` carries in that slot); what it could not send is carried over, and the allocation of the
+later slots starts from what is really left (the DP decides from the remaining load, the uniform split
+spreads it evenly over the slots left). Whatever is still left after the last slot is sent at ``p_max`` on
+the last slot's gain after the window closes: the call is late (``overtime_s > 0``) and its energy is spent.
+Lateness and energy therefore come from the same slot gains. :func:`completion_probability` gives what the
+device can know before the call: the probability that the whole payload fits in the window, given the first
+slot's gain, over fixed sample paths of the later slots.
 """
 
 from __future__ import annotations
@@ -112,34 +119,95 @@ def _check_slots(n_slots) -> int:
 # ---- realised outcomes -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SlotOutcome:
-    """Realised allocation over S slots for links of shape ``lead``."""
+    """Realised allocation over S slots for links of shape ``lead`` (radiated energies)."""
 
-    bits: np.ndarray  # lead + (S,), bits sent per slot (>= 0, summing to D)
+    bits: np.ndarray  # lead + (S,), bits sent in each slot of the window (>= 0)
     slot_energy: np.ndarray  # lead + (S,), J
-    slot_power: np.ndarray  # lead + (S,), W (channel inversion, no cap)
-    energy: np.ndarray  # lead, J (sum over slots)
+    slot_power: np.ndarray  # lead + (S,), W (<= max_power_w)
+    energy: np.ndarray  # lead, J: the slots plus the overtime at p_max
     used_uniform: np.ndarray  # lead, bool: the DP fell back to the uniform split (always True for 'uniform')
+    leftover_bits: np.ndarray  # lead: bits the window could not carry at p_max (sent in overtime)
+    overtime_s: np.ndarray  # lead, s: transmission after the window (0 when the payload fit)
+    transmit_time_s: np.ndarray  # lead, s: time the device transmits (slots with bits, plus the overtime)
+
+    @property
+    def completed(self) -> np.ndarray:
+        """lead bool: the payload fit in the window."""
+        return self.leftover_bits <= 0.0
 
 
-def realised_uniform(bits, window_s, path_gain, fading, bandwidth_hz: float, noise_psd_w_hz: float) -> SlotOutcome:
-    """D/S bits per slot; ``fading`` lead + (S,) are the slots' small-scale gains. Any fading law."""
+def realised_uniform(bits, window_s, path_gain, fading, bandwidth_hz: float, noise_psd_w_hz: float,
+                     max_power_w: float = np.inf) -> SlotOutcome:
+    """D/S bits per slot (what is left spread evenly over the slots left once ``p_max`` binds); ``fading``
+    lead + (S,) are the slots' small-scale gains. Any fading law."""
     fading = np.asarray(fading, dtype=np.float64)
+    return _run_slots(None, bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz, max_power_w)
+
+
+def _check_links(bits: np.ndarray, window: np.ndarray, gain: np.ndarray) -> None:
+    """Payloads, windows and path gains of links a slotted uplink can serve."""
+    if (bits < 0).any() or not np.isfinite(bits).all():
+        raise ValueError("bits must be finite and >= 0")
+    if not (window > 0).all():
+        raise ValueError("uplink window tau must be > 0 s for every link (an expert whose downlink and compute "
+                         "already exceed the deadline cannot use slots)")
+    if not (gain > 0).all():
+        raise ValueError("path gain G must be > 0 for every link")
+
+
+def _run_slots(dp, bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz, max_power_w) -> SlotOutcome:
+    """The causal allocation ``dp`` (a :class:`SlotDP`, or None for the uniform split) run slot by slot on the
+    realised gains ``fading`` (lead + (S,)), capped at ``max_power_w`` per slot, with carry-over and overtime
+    (module docstring)."""
     S = fading.shape[-1]
     bits = np.asarray(bits, dtype=np.float64)
-    lead = np.broadcast_shapes(bits.shape, np.shape(window_s), np.shape(path_gain), fading.shape[:-1])
-    slot_bits = np.broadcast_to((bits / S)[..., None], lead + (S,)).copy()
-    return _outcome(slot_bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz,
-                    np.ones(lead, dtype=bool))
-
-
-def _outcome(slot_bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz, used_uniform) -> SlotOutcome:
-    S = slot_bits.shape[-1]
-    window = np.asarray(window_s, dtype=np.float64)[..., None] / S
-    gain = np.asarray(path_gain, dtype=np.float64)[..., None] * fading
-    power = np.where(slot_bits > 0, inversion_power(slot_bits, window, gain, bandwidth_hz, noise_psd_w_hz), 0.0)
-    energy = np.where(slot_bits > 0, inversion_energy(slot_bits, window, gain, bandwidth_hz, noise_psd_w_hz), 0.0)
-    return SlotOutcome(bits=slot_bits, slot_energy=energy, slot_power=power, energy=energy.sum(axis=-1),
-                       used_uniform=used_uniform)
+    window = np.asarray(window_s, dtype=np.float64)
+    gain = np.asarray(path_gain, dtype=np.float64)
+    lead = np.broadcast_shapes(bits.shape, window.shape, gain.shape, fading.shape[:-1])
+    _check_links(bits, window, gain)
+    if not (fading > 0).all():
+        raise ValueError("slot fading gains must be > 0")
+    if not max_power_w > 0:
+        raise ValueError(f"max_power_w = {max_power_w!r} must be > 0 W (config field 'radio.user_max_power_dbm')")
+    bf, wf, gf = (np.broadcast_to(x, lead).reshape(-1) for x in (bits, window, gain))
+    h = np.broadcast_to(fading, lead + (S,)).reshape(-1, S)
+    slot = wf / S
+    X = bf / (bandwidth_hz * slot)  # spectral load of the payload in one slot (bit/s/Hz)
+    snr = gf[:, None] * h / (noise_psd_w_hz * bandwidth_hz)  # per unit power
+    with np.errstate(over="ignore"):
+        cap = np.log2(1.0 + max_power_w * snr) if np.isfinite(max_power_w) else np.full(h.shape, np.inf)
+    uniform = np.ones(X.shape, dtype=bool) if dp is None else ~dp.use_dp(X)
+    loads = np.zeros(h.shape)
+    left = X.copy()
+    k = dp._scale(np.where(uniform, 1.0, X)) if dp is not None else None
+    for s in range(S):
+        if s == S - 1:
+            intend = left
+        else:
+            intend = left / (S - s)
+            if dp is not None and not uniform.all():
+                rows = np.flatnonzero(~uniform & (left > 0))
+                intend[rows] = dp.intended_load(left[rows], k[rows], h[rows, s], s)
+        sent = np.minimum(intend, cap[:, s])
+        loads[:, s] = sent
+        left = np.maximum(left - sent, 0.0)
+    per_bit = bandwidth_hz * slot  # bits per unit spectral load in one slot
+    slot_bits = loads * per_bit[:, None]
+    leftover = left * per_bit
+    leftover = np.where(leftover > 1e-9 * np.maximum(bf, 1.0), leftover, 0.0)  # rounding of the carry-over
+    window_slot = slot[:, None]
+    link_gain = gf[:, None] * h
+    power = np.where(slot_bits > 0, inversion_power(slot_bits, window_slot, link_gain, bandwidth_hz, noise_psd_w_hz), 0.0)
+    power = np.minimum(power, max_power_w)  # the capped slots sit exactly at p_max (up to rounding)
+    energy = power * window_slot * (slot_bits > 0)
+    last_rate = bandwidth_hz * cap[:, -1]
+    overtime = np.where(leftover > 0, leftover / np.where(leftover > 0, last_rate, 1.0), 0.0)
+    over_energy = np.where(leftover > 0, max_power_w * overtime, 0.0) if np.isfinite(max_power_w) else 0.0
+    transmit = (slot_bits > 0).sum(axis=1) * slot + overtime
+    shape = lambda x: x.reshape(lead + x.shape[1:])  # noqa: E731
+    return SlotOutcome(bits=shape(slot_bits), slot_energy=shape(energy), slot_power=shape(power),
+                       energy=shape(energy.sum(axis=1) + over_energy), used_uniform=shape(uniform),
+                       leftover_bits=shape(leftover), overtime_s=shape(overtime), transmit_time_s=shape(transmit))
 
 
 # ---- dynamic programming ---------------------------------------------------------------------------
@@ -211,13 +279,7 @@ class SlotDP:
         gain = np.asarray(path_gain, dtype=np.float64)
         lead = np.broadcast_shapes(bits.shape, window.shape, gain.shape)
         bits, window, gain = (np.broadcast_to(a, lead) for a in (bits, window, gain))
-        if (bits < 0).any() or not np.isfinite(bits).all():
-            raise ValueError("bits must be finite and >= 0")
-        if not (window > 0).all():
-            raise ValueError("uplink window tau must be > 0 s for every link (an expert whose downlink and compute "
-                             "already exceed the deadline cannot use slots)")
-        if not (gain > 0).all():
-            raise ValueError("path gain G must be > 0 for every link")
+        _check_links(bits, window, gain)
         slot = window / self.S
         a = slot * noise_psd_w_hz * bandwidth_hz / gain  # J per unit (2^x - 1)/h
         X = bits / (bandwidth_hz * slot)
@@ -273,59 +335,32 @@ class SlotDP:
             out[use] = np.minimum(a.reshape(-1)[use] * acc[inverse.reshape(-1)], out[use])
         return out.reshape(lead)
 
-    def allocate(self, bits, window_s, path_gain, fading, bandwidth_hz: float, noise_psd_w_hz: float) -> SlotOutcome:
+    def intended_load(self, left: np.ndarray, k: np.ndarray, h: np.ndarray, s: int) -> np.ndarray:
+        """Spectral load the DP sends in slot ``s`` (0-based, s < S - 1) with ``left`` (n,) still to send,
+        table indices ``k`` (n,) and the slot's gain ``h`` (n,): argmin over grid loads r_j <= left kept for
+        later of f(left - r_j) / h + v_{s+1}(r_j). Without a power cap ``left`` stays on the grid after the
+        first slot, so this is the Bellman decision of the tables exactly."""
+        out = np.empty(left.shape[0])
+        for kk in np.unique(k):
+            sub = np.flatnonzero(k == kk)
+            step = 2.0 ** kk / (self.G - 1)
+            r = np.arange(self.G) * step
+            rest = left[sub, None] - r[None, :]
+            ok = rest >= -1e-9 * step
+            cost = np.where(ok, _f(np.maximum(rest, 0.0)) / h[sub, None] + self._table(int(kk))[s + 1][None, :],
+                            np.inf)
+            keep = r[np.argmin(cost, axis=1)]
+            out[sub] = np.maximum(left[sub] - keep, 0.0)
+        return out
+
+    def allocate(self, bits, window_s, path_gain, fading, bandwidth_hz: float, noise_psd_w_hz: float,
+                 max_power_w: float = np.inf) -> SlotOutcome:
         """Run the causal DP on realised slot gains ``fading`` (lead + (S,)): slot s's decision uses only
-        h_1..h_s. Returns the allocation (bits per slot, summing to D, >= 0) and realised energies."""
+        h_1..h_s and what is really left; no slot above ``max_power_w`` (module docstring)."""
         fading = np.asarray(fading, dtype=np.float64)
         if fading.shape[-1:] != (self.S,):
             raise ValueError(f"fading must have a last axis of S = {self.S} slot gains, got shape {fading.shape}")
-        if not (fading > 0).all():
-            raise ValueError("slot fading gains must be > 0")
-        lead, a, X = self._normalise(bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz)
-        lead = np.broadcast_shapes(lead, fading.shape[:-1])
-        a, X = np.broadcast_to(a, lead), np.broadcast_to(X, lead)
-        window = np.broadcast_to(np.asarray(window_s, dtype=np.float64), lead)
-        gain = np.broadcast_to(np.asarray(path_gain, dtype=np.float64), lead)
-        bits = np.broadcast_to(np.asarray(bits, dtype=np.float64), lead)
-        h = np.broadcast_to(fading, lead + (self.S,)).reshape(-1, self.S)
-        Xf, bf = X.reshape(-1), bits.reshape(-1)
-        n = Xf.shape[0]
-        loads = np.zeros((n, self.S))
-        uniform = ~self.use_dp(Xf)
-        loads[uniform] = (Xf[uniform] / self.S)[:, None]
-        rows = np.flatnonzero(~uniform)
-        if rows.size:
-            Xr = Xf[rows]
-            k = self._scale(Xr)
-            send, cont = self._first_slot_costs(Xr, k)
-            hr = h[rows]
-            idx = np.argmin(send / hr[:, :1] + cont, axis=1)  # remaining grid index after slot 1
-            step = 2.0 ** k / (self.G - 1)
-            loads[rows, 0] = np.maximum(Xr - idx * step, 0.0)
-            for kk in np.unique(k):
-                sub = np.flatnonzero(k == kk)
-                table = self._table(int(kk))
-                r = np.arange(self.G) * (2.0 ** kk / (self.G - 1))
-                fr = _f(r)
-                cur = idx[sub]
-                for s in range(1, self.S - 1):
-                    # send cur - j steps now, keep j <= cur
-                    j = np.arange(self.G)[None, :]
-                    diff = cur[:, None] - j
-                    cost = np.where(diff >= 0, fr[np.clip(diff, 0, None)] / hr[sub, s:s + 1] + table[s + 1][None, :],
-                                    np.inf)
-                    nxt = np.argmin(cost, axis=1)
-                    loads[rows[sub], s] = (cur - nxt) * step[sub]
-                    cur = nxt
-                loads[rows[sub], self.S - 1] = cur * step[sub]
-        # loads (spectral) -> bits; renormalise so bits sum to D exactly (removes rounding of the grid)
-        slot_bits = loads * (bf / np.where(Xf > 0, Xf, 1.0))[:, None]
-        total = slot_bits.sum(axis=1)
-        scale = np.where(total > 0, bf / np.where(total > 0, total, 1.0), 0.0)
-        slot_bits = slot_bits * scale[:, None]
-        out = _outcome(slot_bits.reshape(lead + (self.S,)), window, gain, h.reshape(lead + (self.S,)),
-                       bandwidth_hz, noise_psd_w_hz, uniform.reshape(lead))
-        return out
+        return _run_slots(self, bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz, max_power_w)
 
 
 def slot_dp(law, n_slots: int, quad_nodes: int = DEFAULT_QUAD_NODES,
@@ -348,18 +383,18 @@ def expected_energy_dp(bits, window_s, path_gain, bandwidth_hz: float, noise_psd
 
 
 def allocate_bits(policy: str, bits, window_s, path_gain, fading, bandwidth_hz: float, noise_psd_w_hz: float,
-                  law=None, *, quad_nodes: int = DEFAULT_QUAD_NODES,
+                  law=None, *, max_power_w: float = np.inf, quad_nodes: int = DEFAULT_QUAD_NODES,
                   grid_points: int = DEFAULT_GRID_POINTS) -> SlotOutcome:
     """Realised allocation with ``policy`` 'uniform' or 'dp' (the fading ``law`` needed for 'dp');
-    S = fading.shape[-1]."""
+    S = fading.shape[-1]; no slot above ``max_power_w`` (what does not fit is sent late)."""
     if policy == "uniform":
-        return realised_uniform(bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz)
+        return realised_uniform(bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz, max_power_w)
     if policy == "dp":
         if law is None:
             raise ValueError("bit allocation 'dp' needs the fading law of the slot gains (a model or Nakagami m)")
         S = np.shape(fading)[-1]
         return slot_dp(law, int(S), int(quad_nodes), int(grid_points)).allocate(
-            bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz)
+            bits, window_s, path_gain, fading, bandwidth_hz, noise_psd_w_hz, max_power_w)
     raise ValueError(f"unknown bit allocation {policy!r}; choose 'uniform' or 'dp' (config field 'radio.bit_allocation')")
 
 
@@ -371,6 +406,45 @@ def expected_energy(policy: str, bits, window_s, path_gain, bandwidth_hz: float,
     if policy == "dp":
         return expected_energy_dp(bits, window_s, path_gain, bandwidth_hz, noise_psd_w_hz, law, n_slots, **kwargs)
     raise ValueError(f"unknown bit allocation {policy!r}; choose 'uniform' or 'dp' (config field 'radio.bit_allocation')")
+
+
+#: sample paths of the later slots behind :func:`completion_probability` [choice: a 1/64 resolution]
+COMPLETION_SAMPLES = 64
+
+
+@lru_cache(maxsize=32)
+def _later_slot_paths(key: tuple, law, n_slots: int, samples: int) -> np.ndarray:
+    """(samples, S - 1) fixed gains of slots 2..S: common random numbers from their own seed, so the
+    probability is a deterministic function of the state (the env's generator is not touched)."""
+    paths = law.draw(np.random.default_rng(20_240_611), (samples, n_slots - 1))
+    paths.setflags(write=False)
+    return paths
+
+
+def completion_probability(policy: str, bits, window_s, path_gain, first_gain, bandwidth_hz: float,
+                           noise_psd_w_hz: float, law, n_slots: int, max_power_w: float, *,
+                           samples: int = COMPLETION_SAMPLES) -> np.ndarray:
+    """P(the payload fits in the window at no more than ``max_power_w`` per slot) per link (lead shape), given
+    the first slot's small-scale gain ``first_gain`` (what the device measures when it decides), over
+    ``samples`` fixed paths of the later slots; the realised allocation ``policy`` itself is run on each path.
+    Links with no window (``window_s <= 0``) get 0."""
+    S = _check_slots(n_slots)
+    law = fading_law(law)
+    bits, window = np.asarray(bits, dtype=np.float64), np.asarray(window_s, dtype=np.float64)
+    gain, first = np.asarray(path_gain, dtype=np.float64), np.asarray(first_gain, dtype=np.float64)
+    lead = np.broadcast_shapes(bits.shape, window.shape, gain.shape, first.shape)
+    bits, window, gain, first = (np.broadcast_to(x, lead).reshape(-1) for x in (bits, window, gain, first))
+    out = np.zeros(bits.shape[0])
+    ok = window > 0
+    if ok.any():
+        later = _later_slot_paths(law.law_key(), law, S, int(samples))  # (M, S - 1)
+        M = later.shape[0]
+        fading = np.concatenate([np.broadcast_to(first[ok][:, None, None], (int(ok.sum()), M, 1)),
+                                 np.broadcast_to(later[None], (int(ok.sum()), M, S - 1))], axis=-1)
+        run = allocate_bits(policy, bits[ok][:, None], window[ok][:, None], gain[ok][:, None], fading,
+                            bandwidth_hz, noise_psd_w_hz, law, max_power_w=max_power_w)
+        out[ok] = run.completed.mean(axis=1)
+    return out.reshape(lead)
 
 
 def draw_slot_fading(rng: np.random.Generator, shape: tuple[int, ...], law, n_slots: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from wide_env.sim import slots
 from wide_env.sim.channel import move_random_waypoint
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_ENERGY_COST, MAX_LATENCY_RATIO
-from wide_env.sim.physics import by_expert, call_latency, node_cost_table, node_costs, topk_reference
+from wide_env.sim.physics import by_expert, call_latency, node_cost_table, node_costs, shannon_rate, topk_reference
 from wide_env.sim.scenario import Scenario
 from wide_env.sim.units import linear_to_db
 
@@ -182,25 +182,19 @@ def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, know
     C, Lf, n, N = channel_gain.shape
     L, E = scn.n_layers, scn.n_experts
     idle = node_costs(channel_gain, link)  # an idle helper: the latency the device can count on
-    realised = dataclasses.replace(idle, latency=call_latency(idle.uplink_time, idle.downlink_time, link,
-                                                              queue_delays))
-    uplink, observed = None, None
-    if radio.uplink_slots > 1:
-        # Fast fading within the uplink [paper]: the policy sees the expected-inverse-gain surrogate (E[1/h]
-        # for 1/h over the path gain); the energy spent follows the slot gains as revealed, with bits
-        # allocated per slot by DP or uniformly. The window is the inversion window.
-        window = link.deadline_s - link.compute_time_s - idle.downlink_time
-        surrogate = slots.surrogate_energy(link.bits, window, path_gains, link.bandwidth_hz, link.noise_psd_w_hz,
-                                           scn.fading)
-        slot_gains = slots.draw_slot_fading(rng, path_gains.shape, scn.fading, radio.uplink_slots)
-        uplink = slots.allocate_bits(radio.bit_allocation, link.bits, window, path_gains, slot_gains,
-                                     link.bandwidth_hz, link.noise_psd_w_hz, scn.fading).energy
-        observed = _experts(scn, node_cost_table(idle, link, surrogate, _local(scn)))[..., :3, :]
-    expert_costs = _experts(scn, node_cost_table(realised, link, uplink, _local(scn)))  # (C, Lc, n, 4, E)
     deadline = link.deadline_s * (1.0 + 1e-9)
-    # what the device knows of each call: its latency at an idle helper, and P(meeting the deadline)
     room = deadline - link.compute_time_s - idle.downlink_time  # for max(t_ul, q + t_load)
-    meet = (idle.uplink_time <= room) * scn.queue.below_probability(room - link.load_time_s, known_delays)
+    uplink, observed, uplink_time = None, None, idle.uplink_time
+    uplink_fits = idle.uplink_time <= room
+    if radio.uplink_slots > 1:
+        uplink, uplink_time, uplink_fits, surrogate = _slotted_uplink(scn, rng, channel_gain, path_gains,
+                                                                      idle.downlink_time)
+        observed = _experts(scn, node_cost_table(idle, link, surrogate, _local(scn)))[..., :3, :]
+    realised = dataclasses.replace(idle, uplink_time=uplink_time,
+                                   latency=call_latency(uplink_time, idle.downlink_time, link, queue_delays))
+    expert_costs = _experts(scn, node_cost_table(realised, link, uplink, _local(scn)))  # (C, Lc, n, 4, E)
+    # what the device knows of each call: its latency at an idle helper, and P(meeting the deadline)
+    meet = uplink_fits * scn.queue.below_probability(room - link.load_time_s, known_delays)
     knowable = _experts(scn, _with_device(scn, np.stack([idle.latency, meet], axis=-2), link))  # (C, Lc, n, 2, E)
     topk_idx = gating.topk_idx.reshape(C, L, n, -1)
     energy = expert_costs[..., scn.scope_index, :]  # (C, Lc, n, E); Lc broadcasts over L
@@ -220,6 +214,42 @@ def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, know
         obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32), obs_expert=obs_expert,
         deadline_probability=knowable[..., 1, :], channel_gain_db=gain_db, helper_positions=positions,
         effect_code=None, effect_dloss=None, full_correct=None)
+
+
+def _slotted_uplink(scn: Scenario, rng, channel_gain, path_gains, downlink_time):
+    """Fast fading within the uplink [paper] (docs/model.md#slots): the window tau = T_max - t_comp - t_dl is
+    split into S slots; slot 1 sees the token's channel (what the device measures and observes), slots 2..S
+    fresh gains of the fading law. Bits are allocated per slot by DP or uniformly, never above p_max; what
+    does not fit is sent after the window (late). Returns the drawn uplink energy (radiated / eta + P_c while
+    transmitting), the uplink time, P(the payload fits in the window) and the selection surrogate (the
+    expected-inverse-gain energy over the path gain, what SiftMoE selects with)."""
+    link, radio = scn.link, scn.config.radio
+    window = link.deadline_s - link.compute_time_s - downlink_time
+    # at most the energy of sending at p_max (on the surrogate's gain): a link the window cannot carry
+    mean_gain = path_gains / scn.fading.expected_inverse_gain()
+    at_p_max = link.user_max_power_w * link.bits / shannon_rate(link.user_max_power_w, mean_gain, link.bandwidth_hz,
+                                                                 link.noise_psd_w_hz)
+    with np.errstate(over="ignore"):
+        surrogate = slots.surrogate_energy(link.bits, np.maximum(window, 1e-12), path_gains, link.bandwidth_hz,
+                                           link.noise_psd_w_hz, scn.fading)
+    surrogate = np.minimum(surrogate, at_p_max)
+    first = channel_gain / path_gains
+    later = slots.draw_slot_fading(rng, path_gains.shape, scn.fading, radio.uplink_slots - 1)
+    gains = np.concatenate([first[..., None], later], axis=-1)
+    usable = window > 0
+    safe_window = np.where(usable, window, 1.0)
+    run = slots.allocate_bits(radio.bit_allocation, link.bits, safe_window, path_gains, gains, link.bandwidth_hz,
+                              link.noise_psd_w_hz, scn.fading, max_power_w=link.user_max_power_w)
+    # no window at all (downlink and compute already exceed T_max): the whole payload at p_max, late
+    closed = link.bits / shannon_rate(link.user_max_power_w, channel_gain, link.bandwidth_hz, link.noise_psd_w_hz)
+    radiated = np.where(usable, run.energy, link.user_max_power_w * closed)
+    transmit = np.where(usable, run.transmit_time_s, closed)
+    uplink_energy = radiated / link.pa_efficiency + link.circuit_power_w * transmit
+    uplink_time = np.where(usable, window + run.overtime_s, closed)
+    fits = slots.completion_probability(radio.bit_allocation, link.bits, window, path_gains, first,
+                                        link.bandwidth_hz, link.noise_psd_w_hz, scn.fading, radio.uplink_slots,
+                                        link.user_max_power_w)
+    return uplink_energy, uplink_time, fits, surrogate
 
 
 def _with_device(scn: Scenario, helper_values: np.ndarray, link) -> np.ndarray:

@@ -103,6 +103,10 @@ class PrefillSimulator:
         if scn.budget_mode == "episode":
             raise ConfigError("config field 'budget.mode' = 'episode' is a decoding budget (over an episode's "
                               "generated tokens); prefill budgets are per layer or per prompt token ('layer', 'token')")
+        if config.radio.uplink_slots > 1:
+            raise ConfigError(f"config field 'radio.uplink_slots' = {config.radio.uplink_slots} is a decoding setting "
+                              "(fast fading within one expert call's uplink); prefilling sends aggregated loads in "
+                              "one window: use radio.uplink_slots = 1")
         self.budget_mode, self.layer_budget, self.span_budget = scn.budget_mode, scn.layer_budget, scn.span_budget
         self.layer_weight = scn.layer_weight
         self.one_to_one = bool((scn.hosts > 0).all() and all(len(set(r)) == len(r) for r in scn.hosts.tolist()))
