@@ -66,13 +66,13 @@ def test_the_regime_presets_are_registered_with_their_settings():
     expected = {"wide_env/WideMoE-TokenBudget-v0": ("token", "deviation"),
                 "wide_env/WideMoE-EpisodeBudget-v0": ("episode", "deviation"),
                 "wide_env/WideMoE-AccuracyObjective-v0": ("token", "accuracy"),
-                "wide_env/WideMoE-RealisticQueues-v0": ("layer", "deviation")}
+                "wide_env/WideMoE-Realistic-v0": ("layer", "deviation")}
     assert {r.env_id for r in REGIMES.values()} == set(expected)
     for env_id, (mode, objective) in expected.items():
         config = gym.make(env_id).unwrapped.config
         assert (config.budget.mode, config.reward.objective) == (mode, objective)
     assert gym.make("wide_env/WideMoE-EpisodeBudget-v0").unwrapped.config.channel.doppler_hz == 2.0
-    queues = gym.make("wide_env/WideMoE-RealisticQueues-v0").unwrapped.config
+    queues = gym.make("wide_env/WideMoE-Realistic-v0").unwrapped.config
     assert queues.compute.queue_delay_mean_s > 0 and queues.radio.link_budget == "3gpp"
 
 

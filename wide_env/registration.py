@@ -29,9 +29,6 @@ ENVIRONMENTS = {
     "wide_env/WideMoE-AccuracyObjective-v0": ("wide_env.envs.decode:WideMoEEnv",
                                               {"preset": {"reward": {"objective": "accuracy"},
                                                           "budget": {"mode": "token"}}}),
-    "wide_env/WideMoE-RealisticQueues-v0": ("wide_env.envs.decode:WideMoEEnv",
-                                            {"preset": {"radio": {"link_budget": "3gpp"},
-                                                        "compute": {"queue_delay_mean_s": 0.002}}}),
 }
 # single-env entry point -> its batched vector env (gym.make_vec(..., vectorization_mode="vector_entry_point")).
 VECTOR_ENTRY_POINTS = {"wide_env.envs.decode:WideMoEEnv": "wide_env.envs.vector:WideMoEVectorEnv",
