@@ -26,6 +26,12 @@ threshold) as ``[log10(x + 1e-3) / 2, min(x, 3), x <= 1]``; gains in dB as ``(x 
 Every transform is a fixed function of the observation (no running statistics), so a saved model needs
 no VecNormalize file to act.
 
+Helpers as experts (``nodes_are_experts=True``, default False): with the one-to-one placement (helper e hosts
+expert e, the paper's and the default ``placement.hosts``) a per-node key such as ``channel_gain_db`` describes
+the experts one by one, so it is routed as an element feature (expert e reads node e) instead of being pooled
+over nodes: each expert then sees its own link gain, from which its energy in joules follows (``energy_cost`` is
+relative to the state's Top-K energy). Only for layouts with as many nodes as experts.
+
 Routing prior (``topk_prior`` = c > 0, default 0 = none): a fixed offset of +c on the logit of every Top-K
 entry and -c on the others (read from the observation key ``PRIOR_KEY``), added after the learned head. A fresh
 policy then routes like Top-K (execute probability ``sigmoid(c)`` for the Top-K experts, ``sigmoid(-c)`` for the
@@ -100,7 +106,9 @@ class WideFlatExtractor(BaseFeaturesExtractor):
 class _Routing:
     """Which keys are element features, (slot, choice) tables, per-node or global, and their widths."""
 
-    def __init__(self, spec: LayoutSpec):
+    def __init__(self, spec: LayoutSpec, nodes_are_experts: bool = False):
+        if nodes_are_experts:
+            spec = _nodes_as_experts(spec)
         self.spec = spec
         elem = spec.element_axes
         if "expert" not in elem:
@@ -175,6 +183,20 @@ class _Routing:
         return x.reshape(B, *shape, K, feats.shape[-1])
 
 
+def _nodes_as_experts(spec: LayoutSpec) -> LayoutSpec:
+    """The layout with every per-node key's node axis read as the expert axis (one-to-one placement)."""
+    E = spec.lengths["expert"]
+    keys = []
+    for k in spec.keys:
+        if k.axes == ("node",):
+            if k.shape != (E,):
+                raise ValueError(f"nodes_are_experts: key {k.name!r} has {k.shape[0]} nodes for {E} experts; it "
+                                 "needs the one-to-one placement (helper e hosts expert e)")
+            k = KeySpec(k.name, ("expert",), k.shape, k.scale, k.flat)
+        keys.append(k)
+    return LayoutSpec(tuple(keys), spec.element_axes, spec.lengths)
+
+
 def _ordered(axes: tuple[str, ...], elem: tuple[str, ...]) -> tuple[str, ...] | None:
     """``axes`` sorted in element order, or None when one is not an element axis."""
     if not all(a in elem for a in axes):
@@ -237,13 +259,14 @@ class ExpertSetExtractor(BaseFeaturesExtractor):
 
     def __init__(self, observation_space: spaces.Space, hidden: int = 64, pair_hidden: int = 32, n_blocks: int = 2,
                  n_heads: int = 4, mixer: str = "deepsets", n_experts: int | None = None, top_k: int | None = None,
-                 n_nodes: int | None = None, prompt_tokens: int | None = None, topk_prior: float = 0.0):
+                 n_nodes: int | None = None, prompt_tokens: int | None = None, topk_prior: float = 0.0,
+                 nodes_are_experts: bool = False):
         spec = layout_spec(observation_space, n_experts, top_k, n_nodes, prompt_tokens)
         self.topk_prior = _check_prior(topk_prior, spec)
         # with a prior, the features end with one prior logit per element (read by PerElementHead)
         super().__init__(observation_space, spec.n_elements * (hidden + (1 if self.topk_prior else 0)))
         self.spec, self.hidden = spec, hidden
-        self.routing = _Routing(spec)
+        self.routing = _Routing(spec, bool(nodes_are_experts))
         r = self.routing
         self.pair_net = None
         pooled = 0
@@ -352,15 +375,18 @@ class _ExpertSetMixin:
     def __init__(self, observation_space, action_space, lr_schedule, *, hidden: int = 64, pair_hidden: int = 32,
                  n_blocks: int = 2, n_heads: int = 4, mixer: str = "deepsets", n_experts: int | None = None,
                  top_k: int | None = None, n_nodes: int | None = None, prompt_tokens: int | None = None,
-                 topk_prior: float = 0.0, **kwargs: Any):
+                 topk_prior: float = 0.0, nodes_are_experts: bool = False, **kwargs: Any):
         if not isinstance(action_space, spaces.MultiBinary) or not isinstance(action_space.n, int):
             raise ValueError(f"the expert-set policy needs a MultiBinary(n) action space, got {action_space}")
         self._set_hidden = hidden
         self._set_kwargs = dict(hidden=hidden, pair_hidden=pair_hidden, n_blocks=n_blocks, n_heads=n_heads,
                                 mixer=mixer, n_experts=n_experts, top_k=top_k, n_nodes=n_nodes,
                                 prompt_tokens=prompt_tokens)
-        if topk_prior:  # only then a constructor parameter: models saved before it load unchanged
+        # only when set are they constructor parameters: models saved before them load unchanged
+        if topk_prior:
             self._set_kwargs["topk_prior"] = float(topk_prior)
+        if nodes_are_experts:
+            self._set_kwargs["nodes_are_experts"] = True
         kwargs.setdefault("features_extractor_class", ExpertSetExtractor)
         kwargs["features_extractor_kwargs"] = dict(self._set_kwargs, **kwargs.get("features_extractor_kwargs") or {})
         kwargs.pop("net_arch", None)

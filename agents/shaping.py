@@ -6,7 +6,7 @@ far); it is final at ``token_complete``. With ``reward.objective = "accuracy"`` 
 ``-accuracy_weight x delta_loss`` once, at the token's last layer (``info["reward_accuracy"]``), so the layers
 before it get their consequence only through discounting.
 
-:class:`AccuracyShaping` (a VecEnv wrapper, YAML key ``reward_shaping: {accuracy_weight: W}``) pays each step
+:class:`RewardShaping` (a VecEnv wrapper, YAML key ``reward_shaping: {accuracy_weight: W}``) pays each step
 ``-W x (delta_loss_t - delta_loss_(t-1))`` instead, the increment of the running estimate since the token's
 previous layer (0 before its first layer), and removes the env's own ``reward_accuracy``:
 
@@ -15,6 +15,12 @@ previous layer (0 before its first layer), and removes the env's own ``reward_ac
 ``correct_weight: C`` adds ``C x (correct_t - correct_(t-1))``, the change of the running estimate of whether
 the token's prediction is still right (``info["accuracy_correct"]``; before the first layer it is the full model's,
 ``accuracy_full``): over a token, C x (final correctness - the full model's), the metric the benchmark judges.
+
+``energy: absolute`` (default ``relative``, the env's) pays the energy in joules over one fixed scale instead of
+relative to each state's Top-K energy: ``-energy_j / E_scale`` replaces ``reward_energy``, with E_scale the
+median Top-K energy of the config's sample episodes (:mod:`baselines.span_stats`, the same scale the span
+baselines plan in). The env's relative energy values saving 10% of a cheap token as much as 10% of an expensive
+one; the benchmark measures joules, and a policy that skips where energy is dear saves more of them.
 
 Over a token the increments telescope to ``-W x delta_loss`` (the final value), so with the env's own weight the
 shaped return of every token equals the env's (a redistribution within the token); with the deviation objective
@@ -29,10 +35,13 @@ from __future__ import annotations
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
-__all__ = ["AccuracyShaping", "SHAPING_KEYS", "wrap_reward_shaping"]
+__all__ = ["RewardShaping", "SHAPING_KEYS", "ENERGY_UNITS", "wrap_reward_shaping", "energy_scale"]
 
 #: keys of the YAML's ``reward_shaping`` mapping
-SHAPING_KEYS = ("accuracy_weight", "correct_weight")
+SHAPING_KEYS = ("accuracy_weight", "correct_weight", "energy")
+ENERGY_UNITS = ("relative", "absolute")
+#: sample episodes behind the absolute energy scale
+SCALE_EPISODES = 8
 
 
 def _weight(name: str, value) -> float:
@@ -42,14 +51,24 @@ def _weight(name: str, value) -> float:
     return w
 
 
-class AccuracyShaping(VecEnvWrapper):
-    """``r'_t = r_t - reward_accuracy_t - W (delta_loss_t - delta_loss_(t-1)) + C (correct_t - correct_(t-1))``
-    (module docstring)."""
+def energy_scale(config) -> float:
+    """J: the median Top-K energy of the config's sample episodes (:func:`baselines.span_stats.span_statistics`)."""
+    from baselines.span_stats import STATS_SEED, span_statistics
 
-    def __init__(self, venv, accuracy_weight: float = 0.0, correct_weight: float = 0.0):
+    return float(span_statistics(config, SCALE_EPISODES, STATS_SEED).energy_scale)
+
+
+class RewardShaping(VecEnvWrapper):
+    """``r'_t = r_t - reward_accuracy_t - W (delta_loss_t - delta_loss_(t-1)) + C (correct_t - correct_(t-1))``,
+    with ``energy="absolute"`` also ``reward_energy`` replaced by ``-energy_j / E_scale`` (module docstring)."""
+
+    def __init__(self, venv, accuracy_weight: float = 0.0, correct_weight: float = 0.0, energy: str = "relative"):
         super().__init__(venv)
         self.accuracy_weight = _weight("accuracy_weight", accuracy_weight)
         self.correct_weight = _weight("correct_weight", correct_weight)
+        if energy not in ENERGY_UNITS:
+            raise ValueError(f"reward_shaping.energy must be one of {list(ENERGY_UNITS)}, got {energy!r}")
+        self.energy_scale = energy_scale(venv.get_attr("config")[0]) if energy == "absolute" else None
         self._loss = np.zeros(self.num_envs)
         self._correct = np.zeros(self.num_envs)
 
@@ -72,6 +91,8 @@ class AccuracyShaping(VecEnvWrapper):
             correct_before = float(info["accuracy_full"]) if first else self._correct[i]
             reward[i] += (-float(info.get("reward_accuracy", 0.0)) - self.accuracy_weight * (loss - loss_before)
                           + self.correct_weight * (correct - correct_before))
+            if self.energy_scale is not None:
+                reward[i] += float(info["reward_energy"]) - float(info["energy_j"]) / self.energy_scale
             self._loss[i], self._correct[i] = (0.0, 0.0) if done[i] else (loss, correct)
         return obs, reward, done, infos
 
@@ -85,4 +106,4 @@ def wrap_reward_shaping(venv, shaping: dict | None):
     unknown = sorted(set(shaping) - set(SHAPING_KEYS))
     if unknown:
         raise ValueError(f"reward_shaping: unknown keys {unknown}; known: {list(SHAPING_KEYS)}")
-    return AccuracyShaping(venv, **shaping)
+    return RewardShaping(venv, **shaping)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import wide_env  # noqa: F401
-from agents.shaping import AccuracyShaping, wrap_reward_shaping
+from agents.shaping import RewardShaping, wrap_reward_shaping
 from wide_env.envs.sb3_vec import make_native_vec_env
 
 N_ENVS, N_TOKENS, LAYERS = 3, 3, 4
@@ -19,7 +19,7 @@ N_ENVS, N_TOKENS, LAYERS = 3, 3, 4
 def _rollout(objective: str, weight: float, steps: int = 2 * N_TOKENS * LAYERS, seed: int = 0, correct: float = 0.0):
     """A random policy on the shaped and on the plain native VecEnv with the same seed: per-step rewards, infos."""
     kwargs = {"config": {"n_tokens": N_TOKENS, "reward": {"objective": objective}}}
-    shaped = AccuracyShaping(make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, seed, kwargs), weight, correct)
+    shaped = RewardShaping(make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, seed, kwargs), weight, correct)
     plain = make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, seed, kwargs)
     shaped.reset(), plain.reset()
     rng = np.random.default_rng(3)
@@ -74,7 +74,7 @@ def test_shaping_settings_are_checked():
         wrap_reward_shaping(venv, {"accuracy_wieght": 1.0})
     with pytest.raises(ValueError, match=">= 0"):
         wrap_reward_shaping(venv, {"accuracy_weight": -1.0})
-    synthetic = AccuracyShaping(make_native_vec_env("wide_env/WideMoE-Synthetic-v0", 1, 0, {}), 1.0)
+    synthetic = RewardShaping(make_native_vec_env("wide_env/WideMoE-Synthetic-v0", 1, 0, {}), 1.0)
     synthetic.reset()
     with pytest.raises(ValueError, match="delta_loss"):
         synthetic.step(np.zeros((1, 8), dtype=np.int8))
@@ -132,3 +132,47 @@ def test_cpu_time_limit_stops_training_and_keeps_the_model(tmp_path, monkeypatch
     assert (run / "final_model.zip").exists()
     assert main(["--max-cpu-minutes", "-1", "-f", "runs"], prog="python train.py") == 2
     assert "--max-cpu-minutes must be a positive number" in capsys.readouterr().err
+
+
+def test_absolute_energy_shaping_pays_joules_over_one_fixed_scale():
+    from agents.shaping import energy_scale
+
+    kwargs = {"config": {"n_tokens": N_TOKENS}}
+    shaped = RewardShaping(make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, 0, kwargs), energy="absolute")
+    plain = make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, 0, kwargs)
+    scale = energy_scale(plain.get_attr("config")[0])
+    assert shaped.energy_scale == scale > 0
+    shaped.reset(), plain.reset()
+    for _ in range(2 * LAYERS):
+        action = np.ones((N_ENVS, 8), dtype=np.int8)
+        _, r_shaped, _, infos = shaped.step(action)
+        _, r_plain, _, _ = plain.step(action)
+        expected = r_plain + np.array([i["reward_energy"] - i["energy_j"] / scale for i in infos])
+        np.testing.assert_allclose(r_shaped, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="relative"):
+        RewardShaping(plain, energy="joules")
+
+
+def test_nodes_are_experts_gives_each_expert_its_own_link_gain(tmp_path):
+    from stable_baselines3 import PPO
+
+    from agents.common import resolve_policy
+    from agents.networks import _Routing
+
+    env = gym.make("wide_env/WideMoE-v0", config={"n_tokens": 2})
+    policy, kwargs = resolve_policy("expert_set", "ppo", env.observation_space, env.unwrapped.problem,
+                                    {"hidden": 8, "pair_hidden": 4, "n_blocks": 1, "nodes_are_experts": True})
+    model = PPO(policy, env, policy_kwargs=kwargs, n_steps=16, batch_size=16, device="cpu", seed=0)
+    routing = model.policy.features_extractor.routing
+    assert "channel_gain_db" in [k.name for k in routing.element] and not routing.node
+    assert "channel_gain_db" in [k.name for k in _Routing(model.policy.features_extractor.spec).node]  # default
+    model.save(tmp_path / "m.zip")
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(PPO.load(tmp_path / "m.zip", device="cpu").predict(obs, deterministic=True)[0],
+                                  model.predict(obs, deterministic=True)[0])
+    # a layout with another number of nodes than experts has no such reading
+    from agents.layout import layout_spec
+
+    six_nodes = layout_spec(gym.spaces.Box(-1e3, 1e4, (sum((8, 8, 8, 6, 8, 8, 8, 18, 1, 2)),)), 8, 2, 6)
+    with pytest.raises(ValueError, match="one-to-one"):
+        _Routing(six_nodes, nodes_are_experts=True)
