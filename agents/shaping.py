@@ -22,6 +22,10 @@ median Top-K energy of the config's sample episodes (:mod:`baselines.span_stats`
 baselines plan in). The env's relative energy values saving 10% of a cheap token as much as 10% of an expensive
 one; the benchmark measures joules, and a policy that skips where energy is dear saves more of them.
 
+``violation_weight: V`` adds ``-V`` on every step that violates its deviation budget (``info["budget_violated"]``),
+on top of the env's own penalty: the benchmark compares agents with baselines that never violate, so an agent
+that trades a few violations for energy must be pushed harder than the env's default weight does.
+
 Over a token the increments telescope to ``-W x delta_loss`` (the final value), so with the env's own weight the
 shaped return of every token equals the env's (a redistribution within the token); with the deviation objective
 it adds the real-accuracy term the benchmark judges agents on. Because the effect tables' loss change is a sum of
@@ -38,7 +42,7 @@ from stable_baselines3.common.vec_env import VecEnvWrapper
 __all__ = ["RewardShaping", "SHAPING_KEYS", "ENERGY_UNITS", "wrap_reward_shaping", "energy_scale"]
 
 #: keys of the YAML's ``reward_shaping`` mapping
-SHAPING_KEYS = ("accuracy_weight", "correct_weight", "energy")
+SHAPING_KEYS = ("accuracy_weight", "correct_weight", "energy", "violation_weight")
 ENERGY_UNITS = ("relative", "absolute")
 #: sample episodes behind the absolute energy scale
 SCALE_EPISODES = 8
@@ -59,11 +63,14 @@ def energy_scale(config) -> float:
 
 
 class RewardShaping(VecEnvWrapper):
-    """``r'_t = r_t - reward_accuracy_t - W (delta_loss_t - delta_loss_(t-1)) + C (correct_t - correct_(t-1))``,
-    with ``energy="absolute"`` also ``reward_energy`` replaced by ``-energy_j / E_scale`` (module docstring)."""
+    """``r'_t = r_t - reward_accuracy_t - W (delta_loss_t - delta_loss_(t-1)) + C (correct_t - correct_(t-1))
+    - V [violated]``, with ``energy="absolute"`` also ``reward_energy`` replaced by ``-energy_j / E_scale`` (module
+    docstring)."""
 
-    def __init__(self, venv, accuracy_weight: float = 0.0, correct_weight: float = 0.0, energy: str = "relative"):
+    def __init__(self, venv, accuracy_weight: float = 0.0, correct_weight: float = 0.0, energy: str = "relative",
+                 violation_weight: float = 0.0):
         super().__init__(venv)
+        self.violation_weight = _weight("violation_weight", violation_weight)
         self.accuracy_weight = _weight("accuracy_weight", accuracy_weight)
         self.correct_weight = _weight("correct_weight", correct_weight)
         if energy not in ENERGY_UNITS:
@@ -91,6 +98,7 @@ class RewardShaping(VecEnvWrapper):
             correct_before = float(info["accuracy_full"]) if first else self._correct[i]
             reward[i] += (-float(info.get("reward_accuracy", 0.0)) - self.accuracy_weight * (loss - loss_before)
                           + self.correct_weight * (correct - correct_before))
+            reward[i] -= self.violation_weight * float(info["budget_violated"])
             if self.energy_scale is not None:
                 reward[i] += float(info["reward_energy"]) - float(info["energy_j"]) / self.energy_scale
             self._loss[i], self._correct[i] = (0.0, 0.0) if done[i] else (loss, correct)

@@ -39,8 +39,9 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,7 +50,7 @@ from baselines.equal_accuracy import (accuracy_energy_front, energy_at_accuracy,
 from baselines.evaluate import ci95, evaluate_policies, write_csv
 from baselines.oracle import gap_closed
 
-__all__ = ["Regime", "REGIMES", "SCALES", "QUICK", "TABLE_COLUMNS", "run_benchmark", "regime_rows", "format_table",
+__all__ = ["Baseline", "Regime", "REGIMES", "SCALES", "QUICK", "TABLE_COLUMNS", "run_benchmark", "regime_rows", "format_table",
            "main"]
 
 #: budget scales swept for the baselines' accuracy-energy curves (x16: nearly every expert skipped, so the
@@ -62,33 +63,54 @@ TRAIN_SEED = 0
 WIN_RATIO = 0.9
 
 
+class Baseline(NamedTuple):
+    """A causal analytic baseline of a regime: ``make_policy(policy, env, **kwargs)``, run on the regime's env with
+    ``config`` merged over its preset (None: as registered; e.g. another budget mode for the accuracy objective,
+    whose agent has no budget). The env's channels and tokens do not depend on the budget mode, so every baseline
+    sees the same episodes."""
+
+    label: str
+    policy: str
+    kwargs: dict = {}
+    config: dict | None = None
+
+
 @dataclass(frozen=True)
 class Regime:
     name: str
     env_id: str
     what: str
-    #: causal analytic baselines swept over the budget scales: (label, policy name, keyword arguments)
-    baselines: tuple
+    #: causal analytic baselines swept over the budget scales
+    baselines: tuple[Baseline, ...]
     #: the regime's objective has a deviation budget (False for the accuracy objective: violations are reported,
     #: not compared)
     budget_binding: bool = True
 
 
-_TOKEN_SPAN = (("siftmoe even", "siftmoe", {}), ("siftmoe greedy", "siftmoe", {"allocation": "greedy"}),
-               ("siftmoe_sdp", "siftmoe_sdp", {}), ("siftmoe_dpp", "siftmoe_dpp", {}))
+_LAYER, _TOKEN, _EPISODE = ({"budget": {"mode": m}} for m in ("layer", "token", "episode"))
+_TOKEN_SPAN = (Baseline("siftmoe even", "siftmoe"), Baseline("siftmoe greedy", "siftmoe", {"allocation": "greedy"}),
+               Baseline("siftmoe_sdp", "siftmoe_sdp"), Baseline("siftmoe_dpp", "siftmoe_dpp"))
+_EPISODE_SPAN = (Baseline("siftmoe_span even", "siftmoe_span"), Baseline("siftmoe (per-token even)", "siftmoe"),
+                 Baseline("siftmoe_span greedy", "siftmoe_span", {"allocation": "greedy"}),
+                 Baseline("siftmoe_sdp", "siftmoe_sdp"), Baseline("siftmoe_dpp", "siftmoe_dpp"))
 REGIMES = {
     "token": Regime("token", "wide_env/WideMoE-TokenBudget-v0", "token budget (one deviation budget per token)",
                     _TOKEN_SPAN),
     "episode": Regime("episode", "wide_env/WideMoE-EpisodeBudget-v0",
-                      "episode budget with time-correlated fading",
-                      (("siftmoe_span even", "siftmoe_span", {}), ("siftmoe (per-token even)", "siftmoe", {}),
-                       ("siftmoe_span greedy", "siftmoe_span", {"allocation": "greedy"}),
-                       ("siftmoe_sdp", "siftmoe_sdp", {}), ("siftmoe_dpp", "siftmoe_dpp", {}))),
+                      "episode budget with time-correlated fading", _EPISODE_SPAN),
+    # the chance constraint at several tolerated miss probabilities: the risk-aware baselines an agent must beat
     "queues": Regime("queues", "wide_env/WideMoE-Realistic-v0",
                      "uncertain persistent helper queues on the 3GPP link (per-layer budget)",
-                     (("siftmoe", "siftmoe", {}), ("siftmoe_cc", "siftmoe_cc", {}))),
+                     (Baseline("siftmoe", "siftmoe"), Baseline("siftmoe_cc", "siftmoe_cc"),
+                      Baseline("siftmoe_cc delta=0.2", "siftmoe_cc", {"delta": 0.2}),
+                      Baseline("siftmoe_cc delta=0.5", "siftmoe_cc", {"delta": 0.5}))),
+    # the agent has no budget: every budget mode's baselines compete (same episodes)
     "accuracy": Regime("accuracy", "wide_env/WideMoE-AccuracyObjective-v0",
-                       "real-accuracy objective (token budget for the baselines)", _TOKEN_SPAN,
+                       "real-accuracy objective (baselines with layer, token and episode budgets)",
+                       (Baseline("siftmoe (layer budget)", "siftmoe", {}, _LAYER),
+                        *(b._replace(label=f"{b.label} (token budget)", config=_TOKEN) for b in _TOKEN_SPAN),
+                        *(b._replace(label=f"{b.label} (episode budget)", config=_EPISODE) for b in _EPISODE_SPAN
+                          if b.policy != "siftmoe")),
                        budget_binding=False),
 }
 
@@ -146,6 +168,10 @@ def train_agent(regime: Regime, out: Path, *, timesteps: int | None, cpu_minutes
 
 
 # ---- evaluation -------------------------------------------------------------------------------------
+def _labels(regime: Regime) -> list[str]:
+    return [b.label for b in regime.baselines]
+
+
 def _agent_factory(model: str):
     return _factory(f"ppo:{model}", {})
 
@@ -155,9 +181,10 @@ def _sweep(regime: Regime, model: str, *, episodes: int, seed: int, scales, sett
     """Per-episode records: every baseline at every scale and PPO at scale 1 (and, with ``fixed``, Top-K
     practical and ideal and the oracle at scale 1)."""
     rows: list[dict] = []
-    policies = [(label, _factory(name, _span_kwargs(name, kw, settings))) for label, name, kw in regime.baselines]
-    evaluate_policies(regime.env_id, policies, episodes=episodes, seed=seed, budget_scales=scales,
-                      progress=False, episode_rows=rows)
+    for b in regime.baselines:
+        evaluate_policies(regime.env_id, [(b.label, _factory(b.policy, _span_kwargs(b.policy, b.kwargs, settings)))],
+                          episodes=episodes, seed=seed, budget_scales=scales, progress=False, episode_rows=rows,
+                          env_kwargs={"config": b.config} if b.config else None)
     points = [("ppo", _agent_factory(model))]
     if fixed:
         points = ["topk", "topk_ideal", *points, ("oracle", _factory("oracle", {}))]
@@ -184,12 +211,12 @@ def choose_best(regime: Regime, rows: list[dict]) -> tuple[str, dict]:
     _, agent_acc = _agent_arrays(rows)
     target = float(agent_acc.mean())
     scores = {}
-    for label, _, _ in regime.baselines:
+    for label in _labels(regime):
         point, *_ = _baseline_point(rows, label, target)
         scores[label] = point.energy if point.status == "interpolated" else float("inf")
     if all(not np.isfinite(v) for v in scores.values()):
         at_one = {label: float(episode_matrix(rows, label, "energy_per_token", [1.0])[0].mean())
-                  for label, _, _ in regime.baselines}
+                  for label in _labels(regime)}
         return min(at_one, key=at_one.get), scores
     return min(scores, key=scores.get), scores
 
@@ -273,7 +300,7 @@ def regime_rows(regime: Regime, rows: list[dict], best: str, comparisons: dict, 
 
 def _plot(regime: Regime, rows: list[dict], best: str, path: Path) -> None:
     curves = {}
-    for label, _, _ in regime.baselines:
+    for label in _labels(regime):
         energy, scales = episode_matrix(rows, label, "energy_per_token")
         accuracy, _ = episode_matrix(rows, label, "accuracy_correct")
         curves[label + (" (best)" if label == best else "")] = (energy.mean(axis=1), accuracy.mean(axis=1), scales)
@@ -298,8 +325,7 @@ def run_regime(regime: Regime, out: Path, settings: dict) -> dict:
     print(f"   best causal analytic baseline on the selection seeds: {best}", flush=True)
     test = _sweep(regime, training["model"], episodes=settings["test_episodes"], seed=TEST_SEED,
                   scales=settings["scales"], settings=settings, fixed=True)
-    comparisons = {label: equal_accuracy(regime, test, label, n_boot=settings["n_boot"])
-                   for label, _, _ in regime.baselines}
+    comparisons = {label: equal_accuracy(regime, test, label, n_boot=settings["n_boot"]) for label in _labels(regime)}
     for label in comparisons:
         comparisons[label]["selection_energy_at_acc"] = scores[label]
         comparisons[label]["chosen"] = label == best

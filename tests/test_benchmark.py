@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import wide_env  # noqa: F401
-from baselines.benchmark import QUICK, REGIMES, ROLES, TABLE_COLUMNS, Regime, equal_accuracy, main, regime_rows
+from baselines.benchmark import (QUICK, REGIMES, ROLES, TABLE_COLUMNS, Baseline, Regime, equal_accuracy, main,
+                                 regime_rows)
 
 
 def _read(path):
@@ -62,6 +63,16 @@ def test_quick_run_gap_closed_and_equal_accuracy_columns_are_consistent(quick_ru
         assert float(by_role["ppo"]["eq_acc_ratio"]) == pytest.approx(float(chosen[0]["eq_acc_ratio"]), nan_ok=True)
 
 
+def test_every_policy_of_a_regime_sees_the_same_episodes(quick_run):
+    # baselines run under other budget modes (accuracy objective) or scales: the channels and tokens stay the same,
+    # so each seed's Top-K energy is the same in every record
+    for name in REGIMES:
+        by_seed = {}
+        for e in _read(quick_run / f"episodes_{name}.csv"):
+            by_seed.setdefault(e["seed"], set()).add(round(float(e["topk_energy_j"]), 15))
+        assert len(by_seed) == QUICK["test_episodes"] and all(len(v) == 1 for v in by_seed.values()), name
+
+
 def test_the_regime_presets_are_registered_with_their_settings():
     expected = {"wide_env/WideMoE-TokenBudget-v0": ("token", "deviation"),
                 "wide_env/WideMoE-EpisodeBudget-v0": ("episode", "deviation"),
@@ -83,7 +94,7 @@ def _episodes(policy, scale, energies, accuracies, violated=0, misses=0):
 
 
 def test_rows_and_win_rule_on_hand_made_episodes():
-    regime = Regime("hand", "wide_env/WideMoE-TokenBudget-v0", "hand-made", (("base", "siftmoe", {}),))
+    regime = Regime("hand", "wide_env/WideMoE-TokenBudget-v0", "hand-made", (Baseline("base", "siftmoe"),))
     rows = (_episodes("topk", 1.0, [1.0, 1.0], [0.5, 0.5]) + _episodes("topk_ideal", 1.0, [1.0, 1.0], [0.5, 0.5])
             + _episodes("oracle", 1.0, [0.4, 0.4], [0.3, 0.3])
             # the baseline's curve: scale 1 -> (0.40, 0.6 J), scale 2 -> (0.30, 0.5 J)

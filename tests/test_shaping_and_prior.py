@@ -67,6 +67,22 @@ def test_correctness_shaping_pays_the_change_of_the_tokens_correctness():
     assert changed > 0  # the random policy did break (or fix) some tokens
 
 
+def test_violation_shaping_adds_its_penalty_on_violated_steps():
+    kwargs = {"config": {"n_tokens": N_TOKENS}}
+    shaped = RewardShaping(make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, 0, kwargs), violation_weight=5.0)
+    plain = make_native_vec_env("wide_env/WideMoE-v0", N_ENVS, 0, kwargs)
+    shaped.reset(), plain.reset()
+    violated = 0
+    for _ in range(2 * LAYERS):
+        action = np.zeros((N_ENVS, 8), dtype=np.int8)  # skip everything: violates
+        _, r_shaped, _, infos = shaped.step(action)
+        _, r_plain, _, _ = plain.step(action)
+        flags = np.array([i["budget_violated"] for i in infos], dtype=float)
+        np.testing.assert_allclose(r_shaped, r_plain - 5.0 * flags, rtol=1e-6)
+        violated += flags.sum()
+    assert violated > 0
+
+
 def test_shaping_settings_are_checked():
     venv = make_native_vec_env("wide_env/WideMoE-v0", 1, 0, {})
     assert wrap_reward_shaping(venv, None) is venv
