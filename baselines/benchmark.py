@@ -11,8 +11,9 @@ Per regime (:data:`REGIMES`: a registered preset each, whose PPO hyperparameters
    seed 0), stopped at ``--cpu-minutes`` of CPU time (``time.process_time``) if it has not finished by then;
    the agent is the run's final model. ``--quick``: a few thousand timesteps instead (a smoke run).
 2. **Select** the best causal analytic baseline on the selection seeds (``SELECTION_SEED + i``): every baseline of
-   the regime is swept over the budget scales (:data:`SCALES`) and the one that needs the least energy at the
-   agent's accuracy there (:mod:`baselines.equal_accuracy`: its convex accuracy-energy front) is chosen.
+   the regime is swept over the budget scales (:data:`SCALES`; its curve also holds practical Top-K, the
+   budget-free end) and the one that needs the least energy at the agent's accuracy there
+   (:mod:`baselines.equal_accuracy`: its convex accuracy-energy front) is chosen.
 3. **Test** on held-out seeds (``TEST_SEED + i``, never used for training, model choice or baseline choice):
    practical Top-K, ideal Top-K (deadlines not enforced), every baseline over every scale, PPO and the oracle
    (the exact hindsight optimum of the regime's budget at scale 1: a lower bound of the energy on the proxy,
@@ -198,11 +199,30 @@ def _agent_arrays(rows: list[dict], policy: str = "ppo") -> tuple[np.ndarray, np
     return energy[0], accuracy[0]
 
 
-def _baseline_point(rows: list[dict], label: str, target: float):
+#: the budget-free end of every baseline's curve: practical Top-K, listed as budget scale 0 (a budget-driven policy
+#: with no deviation allowed executes Top-K; without it an agent that merely matches Top-K would lie above curves
+#: that stop short of Top-K's accuracy and "win" outright)
+TOPK_SCALE = 0.0
+
+
+def baseline_curve(rows: list[dict], label: str) -> dict:
+    """A baseline's per-episode energy per token and accuracy, (S + 1, n), over its budget scales and practical
+    Top-K (scale :data:`TOPK_SCALE`, first), with each setting's violation rate and misses per token."""
     energy, scales = episode_matrix(rows, label, "energy_per_token")
     accuracy, _ = episode_matrix(rows, label, "accuracy_correct")
-    point = energy_at_accuracy(accuracy_energy_front(energy.mean(axis=1), accuracy.mean(axis=1)), target)
-    return point, energy, accuracy, scales
+    topk_energy, _ = episode_matrix(rows, "topk", "energy_per_token", [1.0])
+    topk_accuracy, _ = episode_matrix(rows, "topk", "accuracy_correct", [1.0])
+    summaries = [_summary(rows, "topk")] + [_summary(rows, label, s) for s in scales]
+    return {"energy": np.vstack([topk_energy, energy]), "accuracy": np.vstack([topk_accuracy, accuracy]),
+            "scales": [TOPK_SCALE] + list(scales),
+            "violation_rate": np.array([x["violation_rate"] for x in summaries]),
+            "misses": np.array([x["deadline_misses_per_token"] for x in summaries])}
+
+
+def _baseline_point(rows: list[dict], label: str, target: float):
+    curve = baseline_curve(rows, label)
+    front = accuracy_energy_front(curve["energy"].mean(axis=1), curve["accuracy"].mean(axis=1))
+    return energy_at_accuracy(front, target), curve
 
 
 def choose_best(regime: Regime, rows: list[dict]) -> tuple[str, dict]:
@@ -237,26 +257,14 @@ def _summary(rows: list[dict], policy: str, scale: float = 1.0) -> dict:
                                                / sum(r["tokens"] for r in recs))}
 
 
-def _rates(rows: list[dict], label: str, scales) -> tuple[np.ndarray, np.ndarray]:
-    """Per budget scale: violation rate (per decision) and deadline misses per token of a baseline."""
-    viol, miss = [], []
-    for s in scales:
-        summary = _summary(rows, label, s)
-        viol.append(summary["violation_rate"])
-        miss.append(summary["deadline_misses_per_token"])
-    return np.asarray(viol), np.asarray(miss)
-
-
 def equal_accuracy(regime: Regime, rows: list[dict], label: str, *, n_boot: int) -> dict:
     """PPO against one baseline's sweep on the test episodes (baselines.equal_accuracy), with the baseline's
     violations and misses at the equal-accuracy point."""
     agent_energy, agent_acc = _agent_arrays(rows)
-    energy, scales = episode_matrix(rows, label, "energy_per_token")
-    accuracy, _ = episode_matrix(rows, label, "accuracy_correct")
-    res = paired_energy_ratio(agent_energy, agent_acc, energy, accuracy, n_boot=n_boot, seed=0)
-    viol, miss = _rates(rows, label, scales)
-    front = accuracy_energy_front(energy.mean(axis=1), accuracy.mean(axis=1))
-    point = energy_at_accuracy(front, agent_acc.mean())
+    point, curve = _baseline_point(rows, label, float(agent_acc.mean()))
+    res = paired_energy_ratio(agent_energy, agent_acc, curve["energy"], curve["accuracy"], n_boot=n_boot, seed=0)
+    viol, miss, scales = curve["violation_rate"], curve["misses"], curve["scales"]
+    front = accuracy_energy_front(curve["energy"].mean(axis=1), curve["accuracy"].mean(axis=1))
     agent = _summary(rows, "ppo")
     base_viol, base_miss = mix_at_accuracy(point, viol), mix_at_accuracy(point, miss)
     tol = 1e-12
@@ -271,7 +279,8 @@ def equal_accuracy(regime: Regime, rows: list[dict], label: str, *, n_boot: int)
             "eq_acc_ci_high": res["ci_high"], "eq_acc_status": res["status"],
             "baseline_energy_at_acc": res["baseline_energy"], "agent_energy": res["agent_energy"],
             "agent_accuracy": res["agent_accuracy"], "out_of_range": res["out_of_range"],
-            "mix": " + ".join(f"{w:.2f} x scale {scales[i]:g}" for i, w in sorted(res["weights"].items())),
+            "mix": " + ".join(f"{w:.2f} x " + ("Top-K" if scales[i] == TOPK_SCALE else f"scale {scales[i]:g}")
+                              for i, w in sorted(res["weights"].items())),
             "baseline_violation_rate_at_acc": base_viol, "baseline_misses_at_acc": base_miss,
             "agent_violation_rate": agent["violation_rate"], "agent_misses": agent["deadline_misses_per_token"],
             "no_more_violations_or_misses": bool(fair),
@@ -304,6 +313,7 @@ def _plot(regime: Regime, rows: list[dict], best: str, path: Path) -> None:
         energy, scales = episode_matrix(rows, label, "energy_per_token")
         accuracy, _ = episode_matrix(rows, label, "accuracy_correct")
         curves[label + (" (best)" if label == best else "")] = (energy.mean(axis=1), accuracy.mean(axis=1), scales)
+    # (the fronts drawn are the baselines' own; the comparison also lets each mix with Top-K, drawn as a point)
     points = {}
     for policy, label in (("ppo", "PPO"), ("topk", "Top-K (practical)"), ("topk_ideal", "Top-K (ideal)"),
                           ("oracle", "oracle (scale 1)")):
