@@ -179,16 +179,16 @@ def _agent_factory(model: str):
 
 def _sweep(regime: Regime, model: str, *, episodes: int, seed: int, scales, settings: dict,
            fixed: bool) -> list[dict]:
-    """Per-episode records: every baseline at every scale and PPO at scale 1 (and, with ``fixed``, Top-K
-    practical and ideal and the oracle at scale 1)."""
+    """Per-episode records: every baseline at every scale, practical Top-K (the budget-free end of every curve)
+    and PPO at scale 1 (and, with ``fixed``, ideal Top-K and the oracle at scale 1)."""
     rows: list[dict] = []
     for b in regime.baselines:
         evaluate_policies(regime.env_id, [(b.label, _factory(b.policy, _span_kwargs(b.policy, b.kwargs, settings)))],
                           episodes=episodes, seed=seed, budget_scales=scales, progress=False, episode_rows=rows,
                           env_kwargs={"config": b.config} if b.config else None)
-    points = [("ppo", _agent_factory(model))]
+    points = ["topk", ("ppo", _agent_factory(model))]
     if fixed:
-        points = ["topk", "topk_ideal", *points, ("oracle", _factory("oracle", {}))]
+        points = ["topk", "topk_ideal", points[1], ("oracle", _factory("oracle", {}))]
     evaluate_policies(regime.env_id, points, episodes=episodes, seed=seed, progress=False, episode_rows=rows)
     return rows
 
