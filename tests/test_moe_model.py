@@ -93,8 +93,8 @@ def test_shipped_artifacts_valid():
     assert (model.cfg.n_layer, model.cfg.n_expert, model.cfg.top_k, model.cfg.d_model) == (L, E, tr["topk_idx"].shape[2], int(tr["d_model"]))
     m = json.loads(str(tr["meta"]))
     assert m["provenance"]["steps"] == meta["provenance"]["steps"]
-    total = sum(f.stat().st_size for f in DATA_DIR.iterdir() if f.is_file())
-    assert total < 8 * 2**20
+    total = sum(f.stat().st_size for f in DATA_DIR.iterdir() if f.is_file())  # the tiny model's files
+    assert total < 10 * 2**20  # all package data: tests/test_profile_models.py
     # full_correct of the shipped trace = the shipped checkpoint's prediction on the first window
     w = int(np.flatnonzero(tr["doc_start"])[1])
     x = torch.from_numpy(tr["token_id"][:w].astype(np.int64))[None]
