@@ -352,6 +352,7 @@ def summarize(recs: list[dict], *, env_id: str, policy: str, budget_scale: float
         "steps": int(sum(r["steps"] for r in recs)),
         "n_layers": problem.n_layers, "n_experts": problem.n_experts, "top_k": problem.top_k,
         "budget_mode": problem.budget_mode, "enforce_deadline": problem.enforce_deadline,
+        "accuracy_source": getattr(problem, "accuracy_source", "none"),
     }
     for key in sorted({k for r in recs for k in r if k.startswith("accuracy_")}):
         vals = [r[key] for r in recs if key in r]
@@ -515,8 +516,12 @@ def write_outputs(env_id: str, rows: list[dict], episodes: list[dict], out: Path
                   seed: int) -> None:
     """Print the table and write ``results.csv``, ``episodes.csv`` and ``tradeoff.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    from wide_env.envs.decode import ACCURACY_SOURCES
+
     print(f"{env_id}: {n_episodes} episodes per policy, seeds {seed}..{seed + n_episodes - 1}")
     print(format_table(rows))
+    for source in sorted({r.get("accuracy_source", "none") for r in rows}):
+        print(f"accuracy: {ACCURACY_SOURCES.get(source, source)}")
     write_csv(rows, out / "results.csv")
     write_csv(episodes, out / "episodes.csv")
     plot_tradeoff(rows, out / "tradeoff.png")

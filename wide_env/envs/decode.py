@@ -48,6 +48,15 @@ class DecodeProblem:
     budget_mode: str
     flatten: bool
     obs_slices: dict
+    #: where the real-accuracy figures come from: "live" (the model run with the executed experts), "rule" (the
+    #: trace's accuracy rule, wide_env.gating.effects) or "none" (a source without accuracy)
+    accuracy_source: str = "none"
+
+
+#: what each accuracy source means, for tables and plots
+ACCURACY_SOURCES = {"live": "measured on the live model",
+                    "rule": "the logit-effect rule of the trace (agrees with the live model, docs/real-model.md)",
+                    "none": "not available for this gating source"}
 
 
 def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
@@ -55,7 +64,8 @@ def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
     return DecodeProblem(
         n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes, n_tokens=sim.n_tokens,
         deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode, flatten=flatten,
-        obs_slices=dict(sim.obs_slices))
+        obs_slices=dict(sim.obs_slices),
+        accuracy_source=("live" if sim.config.gating.backend == "live" else "rule") if sim.has_accuracy else "none")
 
 
 def observation_space_for(layout, flatten: bool) -> spaces.Space:
