@@ -352,7 +352,7 @@ def summarize(recs: list[dict], *, env_id: str, policy: str, budget_scale: float
         "steps": int(sum(r["steps"] for r in recs)),
         "n_layers": problem.n_layers, "n_experts": problem.n_experts, "top_k": problem.top_k,
         "budget_mode": problem.budget_mode, "enforce_deadline": problem.enforce_deadline,
-        "accuracy_source": getattr(problem, "accuracy_source", "none"),
+        "source_of_accuracy": getattr(problem, "accuracy_source", "none"),
     }
     for key in sorted({k for r in recs for k in r if k.startswith("accuracy_")}):
         vals = [r[key] for r in recs if key in r]
@@ -520,7 +520,7 @@ def write_outputs(env_id: str, rows: list[dict], episodes: list[dict], out: Path
 
     print(f"{env_id}: {n_episodes} episodes per policy, seeds {seed}..{seed + n_episodes - 1}")
     print(format_table(rows))
-    for source in sorted({r.get("accuracy_source", "none") for r in rows}):
+    for source in sorted({r.get("source_of_accuracy", "none") for r in rows}):
         print(f"accuracy: {ACCURACY_SOURCES.get(source, source)}")
     write_csv(rows, out / "results.csv")
     write_csv(episodes, out / "episodes.csv")
