@@ -26,7 +26,7 @@ def exported(tmp_path_factory):
     model = MoELM(MoEConfig(n_layer=3, d_model=32, n_head=2, n_expert=6, top_k=2, d_ff=32, block_size=32)).eval()
     dense, logit = tmp / "dense.npz", tmp / "logit.npz"
     export_trace(model, corpus, dense, n_trace_tokens=256, n_calib_tokens=256, effects="dense")
-    export_trace(model, corpus, logit, n_trace_tokens=256, n_calib_tokens=256, effects="logit")
+    export_trace(model, corpus, logit, n_trace_tokens=256, n_calib_tokens=256, effects="logit", frozen=True)
     return {"model": model, "dense": load_trace(dense), "logit": load_trace(logit), "corpus": corpus}
 
 
@@ -68,6 +68,7 @@ def test_shipped_tiny_trace_single_perturbations_exact():
 def test_logit_only_export_has_the_dense_exports_logit_tables(exported):
     """Re-running only the combine rule's servers gives the same rows as selecting them from every server."""
     d, g = exported["dense"], exported["logit"]
+    assert "logit_effect_frozen" in g and "logit_effect_frozen" not in d
     for key in ("logit_effect_servers", "logit_effect_classes", "logit_effect_base"):
         assert np.array_equal(d[key], g[key]), key
     np.testing.assert_allclose(d["logit_effect_delta"].astype(np.float32), g["logit_effect_delta"].astype(np.float32),
@@ -98,7 +99,7 @@ def test_servers_are_exactly_the_combine_rules_choices(exported):
 
 
 def test_fold_is_a_sum_and_decide_without_perturbation_is_the_full_model(exported):
-    tr = exported["dense"]
+    tr = exported["logit"]
     lk = EffectLookup.from_trace(tr)
     T, L, K = tr["topk_idx"].shape
     E = tr["gate_probs"].shape[2]
@@ -120,7 +121,58 @@ def test_fold_is_a_sum_and_decide_without_perturbation_is_the_full_model(exporte
     np.testing.assert_allclose(forward, backward, atol=1e-12)
     rows = np.concatenate([lk.rows(pos, l, servers[l]) for l in range(L)], 1)
     np.testing.assert_allclose(forward, lk.values[rows].sum(1), atol=1e-12)
-    assert forward.shape[1] <= 8
+    table = lk.row_table()  # the dense (T, L, K, E+1) form gives the same rows
+    for l in range(L):
+        assert (table[pos[:, None], l, np.arange(K)[None, :], servers[l]] == lk.rows(pos, l, servers[l])).all()
+    assert forward.shape[1] == 8  # [delta (4), frozen (3), count]
+    np.testing.assert_array_equal(forward[:, -1], (np.stack(servers, 1) != tr["topk_idx"]).sum((1, 2)))
+
+
+def test_frozen_rows_are_re_runs_with_the_later_routing_held(exported):
+    """logit_effect_frozen: the single perturbation re-run with every later layer keeping the full model's
+    Top-K and weights (recomputed here through the model's combine override)."""
+    from wide_env.models.moe_lm import combine_matrix
+
+    tr, model = exported["logit"], exported["model"]
+    lk = EffectLookup.from_trace(tr)
+    T, L, K = tr["topk_idx"].shape
+    E = tr["gate_probs"].shape[2]
+    B = model.cfg.block_size
+    n = tr["logit_effect_base"].shape[1]
+    rng = np.random.default_rng(2)
+    for _ in range(12):
+        t, l, k = int(rng.integers(T)), int(rng.integers(L)), int(rng.integers(K))
+        w = t - t % B
+        x = torch.from_numpy(tr["token_id"][w : t + 1].astype(np.int64))[None]
+        rec: dict = {}
+        with torch.no_grad():
+            full = model(x, record=rec)[0][0, -1].double()
+        routing = [(la["idx"][-1], la["w"][-1]) for la in rec["layers"]]
+
+        def combine(layer, probs, idx, weight):
+            C = combine_matrix(idx, weight, E).clone()
+            if layer >= l:  # the perturbed layer and, held, every later one
+                own, w_ = routing[layer]
+                phi = own.clone()
+                if layer == l:
+                    phi[k] = E  # skip slot k
+                c = torch.zeros(E + 1, dtype=w_.dtype).index_add_(0, phi, w_)
+                C[-1] = c[:E].to(C.dtype)
+            return C
+
+        with torch.no_grad():
+            pert = model(x, combine=combine)[0][0, -1].double()
+        cls = tr["logit_effect_classes"][t].astype(np.int64)
+        rest = np.delete(np.arange(pert.numel()), cls)
+
+        def scores(z):
+            z = z.numpy()
+            return np.concatenate([z[cls], [z[rest].max()]])
+
+        servers = tr["topk_idx"][t : t + 1, l].astype(np.int64)
+        servers[0, k] = E
+        row = lk.values[lk.rows([t], l, servers)[0, k]]
+        np.testing.assert_allclose(row[n + 1 : 2 * n + 1], scores(pert) - scores(full), atol=2e-2, rtol=1e-2)
 
 
 def test_strict_rejects_servers_the_combine_rule_never_chooses(exported):
@@ -145,12 +197,22 @@ def test_strict_rejects_servers_the_combine_rule_never_chooses(exported):
 
 def test_context_term():
     base = np.array([[0.0, -0.5, -2.0], [-0.3, 0.0, -1.0]])  # token 0: full model correct; token 1: wrong
-    acc = np.zeros((2, 4))
+    acc = np.zeros((2, 5))  # [target, competitor, rest, loss, count]
     assert [list(x) for x in decide(base, acc, context=np.zeros(2))[:2]] == [[True, False], [True, True]]
     correct, same, _ = decide(base, acc, context=np.array([3.0, 3.0]), weight=0.2)  # 0.6 logits off the prediction
     assert list(correct) == [False, True] and list(same) == [False, False]
-    acc[:, -1] = [0.5, -0.2]
-    np.testing.assert_allclose(context_after(np.array([1.0, 1.0]), acc, decay=0.8), [1.3, 0.8])
+    np.testing.assert_allclose(context_after(np.array([1.0, 1.0]), np.array([0.5, -0.2]), decay=0.8), [1.3, 0.8])
+
+
+def test_several_perturbations_use_the_frozen_routing_sums():
+    base = np.array([[0.0, -1.0, -3.0]])
+    one = np.array([[-2.0, 0.0, 0.0, 0.3, -0.5, 0.0, 0.0, 1.0]])  # alone, the re-routed change flips it
+    assert not decide(base, one)[0][0]  # one perturbation: the exact (re-routed) change
+    two = np.array([[-2.0, 0.0, 0.0, 0.3, -0.5, 0.0, 0.0, 2.0]])
+    correct, same, dloss = decide(base, two)
+    assert correct[0] and same[0] and dloss[0] == pytest.approx(0.3)  # two: the frozen-routing sums
+    with pytest.raises(ValueError, match="accumulators"):
+        decide(base, np.zeros((1, 6)))
 
 
 # ---------------------------------------------------------------------------------------------- schema

@@ -202,7 +202,10 @@ class WideMoEEnv(gym.Env):
         if self.config.gating.backend == "live":
             from wide_env.envs.live_backend import LiveBackend
 
-            self._live = LiveBackend(sim.source, self.config.gating.checkpoint_dir)
+            from wide_env.profiles import profile_checkpoint
+
+            self._live = LiveBackend(sim.source, self.config.gating.checkpoint_dir
+                                     or profile_checkpoint(self.config.profile))
         self._last: dict | None = None
 
     @property
@@ -276,6 +279,14 @@ class WideMoEEnv(gym.Env):
             return flat
         # views into this step's fresh array: nothing is shared with earlier or later observations
         return {key: flat[sl] for key, sl in self._slice_items}
+
+    @property
+    def trace_start(self) -> int:
+        """The trace position of the episode's token 0 (token t is position ``trace_start + t``; a synthetic
+        source numbers its tokens the same way)."""
+        if self._batch.state is None:
+            raise RuntimeError("call reset() first")
+        return int(self._batch.state.start[0])
 
     def current_view(self):
         """The simulator's view of the current layer (unbatched): for analytic policies and tests."""

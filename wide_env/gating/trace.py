@@ -20,12 +20,15 @@ ROUTINGS = ("softmax_topk_renorm", "softmax_topk_raw", "sigmoid_topk_renorm")
 EFFECT_KEYS = ("effect_correct", "effect_same", "effect_dloss", "effect_kl")
 #: the accuracy rule's tables (wide_env.gating.effects); all or none
 LOGIT_EFFECT_KEYS = ("logit_effect_servers", "logit_effect_classes", "logit_effect_base", "logit_effect_delta")
+#: optional: the same rows with the later layers' routing frozen (the rule's sums for several perturbations)
+LOGIT_EFFECT_FROZEN = "logit_effect_frozen"
 #: per-layer budgets at which SiftMoE loses the listed accuracy (points); both or none
 CALIBRATION_KEYS = ("calibrated_accuracy_cost", "calibrated_layer_budget")
 #: longest accumulator of the logit-effect rule (target, competitors, rest, loss)
 MAX_LOGIT_EFFECT_DIM = 8
 REQUIRED_KEYS = ("schema_version", "gate_probs", "topk_idx", "topk_weight", "mismatch", "layer_budget", "d_model", "routing")
-OPTIONAL_KEYS = ("token_id", "target_id", "doc_start", "full_correct", "meta") + EFFECT_KEYS + LOGIT_EFFECT_KEYS + CALIBRATION_KEYS
+OPTIONAL_KEYS = (("token_id", "target_id", "doc_start", "full_correct", "meta") + EFFECT_KEYS + LOGIT_EFFECT_KEYS
+                 + (LOGIT_EFFECT_FROZEN,) + CALIBRATION_KEYS)
 
 
 class TraceError(ValueError):
@@ -158,6 +161,8 @@ def _validate_logit_effects(data: dict, source: str, T: int, L: int, E: int, K: 
     """The logit-effect tables (schema: docs/trace-schema.md; rule: wide_env/gating/effects.py)."""
     present = [k for k in LOGIT_EFFECT_KEYS if k in data]
     if not present:
+        if LOGIT_EFFECT_FROZEN in data:
+            raise _err(source, LOGIT_EFFECT_FROZEN, f"needs the logit-effect tables {list(LOGIT_EFFECT_KEYS)}")
         return
     if len(present) != len(LOGIT_EFFECT_KEYS):
         missing = [k for k in LOGIT_EFFECT_KEYS if k not in data]
@@ -218,6 +223,12 @@ def _validate_logit_effects(data: dict, source: str, T: int, L: int, E: int, K: 
                    f"slot and listed server of every position), got {delta.dtype} {delta.shape}")
     if not np.isfinite(delta.astype(np.float32)).all():
         raise _err(source, "logit_effect_delta", "must be finite")
+    if LOGIT_EFFECT_FROZEN in data:
+        frozen = data[LOGIT_EFFECT_FROZEN]
+        if frozen.shape != (n_rows, n_cls + 1) or not np.issubdtype(frozen.dtype, np.floating) \
+                or not np.isfinite(frozen.astype(np.float32)).all():
+            raise _err(source, LOGIT_EFFECT_FROZEN, f"must be finite floats of shape ({n_rows}, {n_cls + 1}) (the rows of "
+                       f"logit_effect_delta without the loss column), got {frozen.dtype} {frozen.shape}")
 
 
 def _validate_calibration(data: dict, source: str, L: int) -> None:

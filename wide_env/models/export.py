@@ -90,12 +90,15 @@ def _budget_from_table(D: np.ndarray, idx: np.ndarray, w: np.ndarray) -> np.ndar
 
 
 @torch.no_grad()
-def continue_from(model: MoELM, layer: int, xq: torch.Tensor, pos: torch.Tensor, cache: list) -> torch.Tensor:
+def continue_from(model: MoELM, layer: int, xq: torch.Tensor, pos: torch.Tensor, cache: list,
+                  routing: list | None = None) -> torch.Tensor:
     """Run query tokens from the residual stream *after* MoE layer ``layer`` to the logits.
 
     xq: (W, Q, d) residual streams of Q query tokens in each of W windows; pos: (Q,) their positions;
     cache[m] = (K, V) of the unperturbed model at layer m, each (W, H, T, hd). Each query attends to the
-    cached keys of positions < pos and to its own (recomputed) key. Later layers use normal Top-K routing.
+    cached keys of positions < pos and to its own (recomputed) key. Later layers route normally, or, with
+    ``routing[m] = (idx, w)`` ((W, T, K) each: the full model's Top-K and weights), keep the full model's
+    routing of the query's position (the experts still see the perturbed hidden state).
     """
     cfg = model.cfg
     x = xq
@@ -116,7 +119,10 @@ def continue_from(model: MoELM, layer: int, xq: torch.Tensor, pos: torch.Tensor,
         h = blk.ln2(r)
         W, Q, d = h.shape
         hf = h.reshape(W * Q, d)
-        _, tidx, tw = blk.moe_route(hf)
+        if routing is None:
+            _, tidx, tw = blk.moe_route(hf)
+        else:
+            tidx, tw = (a[:, pos].reshape(W * Q, -1) for a in routing[m])
         x = r + blk.experts.sparse(hf, tidx, tw.to(hf.dtype)).reshape(W, Q, d)
     return model.head_logits(x)
 
@@ -197,7 +203,7 @@ def _winner_slot(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perturbation_rows(model: MoELM, windows: np.ndarray, servers: np.ndarray, n_competitors: int = N_COMPETITORS,
-                      kl: bool = False) -> dict:
+                      frozen: bool = False) -> dict:
     """Re-run the model once per single perturbation of every token of the windows (W, block+1).
 
     A perturbation is (token t, layer l, slot k, server s): slot k of layer l is served by expert s or
@@ -208,8 +214,9 @@ def perturbation_rows(model: MoELM, windows: np.ndarray, servers: np.ndarray, n_
     "rest" (the best of all other classes).
 
     Returns float64 ``delta`` (R, M+3) (change of each candidate's logit, of the rest max, of the loss),
-    ``winner`` (R,) (the candidate slot the perturbed model predicts), ``kl`` (R,) KL(full || perturbed)
-    when asked, per-row ``position``, ``layer``, ``slot``, ``server``, and per-token ``classes`` (T, M+1),
+    ``winner`` (R,) (the candidate slot the perturbed model predicts), when asked ``frozen`` (R, M+2) (the
+    candidates' and rest's logit changes when the later layers keep the full model's routing; the rule sums
+    these for tokens with several perturbations), per-row ``position``, ``layer``, ``slot``, ``server``, and per-token ``classes`` (T, M+1),
     ``base`` (T, M+2) (the full model's candidate logits and rest max minus its top logit), ``topk_idx``.
     """
     cfg = model.cfg
@@ -217,7 +224,8 @@ def perturbation_rows(model: MoELM, windows: np.ndarray, servers: np.ndarray, n_
     M = n_competitors
     servers = np.asarray(servers, np.int64)
     n_srv = (servers >= 0).sum(-1)  # (L, E)
-    out = {k: [] for k in ("delta", "winner", "kl", "position", "layer", "slot", "server", "classes", "base", "topk_idx")}
+    out = {k: [] for k in ("delta", "winner", "frozen", "position", "layer", "slot", "server", "classes", "base",
+                           "topk_idx")}
     for w in range(len(windows)):
         wb = torch.from_numpy(windows[w : w + 1])
         x, y = wb[:, :-1], wb[0, 1:]
@@ -233,6 +241,7 @@ def perturbation_rows(model: MoELM, windows: np.ndarray, servers: np.ndarray, n_
         cache = [(la["k"], la["v"]) for la in lays]
         idx = torch.stack([la["idx"][:T] for la in lays], 1)  # (T, L, K)
         wts = torch.stack([la["w"][:T] for la in lays], 1)
+        full_routing = [(la["idx"][None], la["w"][None]) for la in lays]  # (1, T, K) per layer
         out["classes"].append(classes.numpy())
         out["base"].append((full - z.amax(-1, keepdim=True)).numpy())
         out["topk_idx"].append(idx.numpy())
@@ -255,8 +264,9 @@ def perturbation_rows(model: MoELM, windows: np.ndarray, servers: np.ndarray, n_
             d = torch.cat([_candidate_scores(lg, classes[t_]) - full[t_], dloss[:, None]], -1)
             row = dict(delta=d.numpy(), winner=_winner_slot(lg, classes[t_]).numpy(), position=w * T + t_np,
                        layer=np.full(t_np.size, l), slot=k_np, server=s_np)
-            if kl:
-                row["kl"] = (logp_full[t_].exp() * (logp_full[t_] - logp)).sum(-1).clamp_min(0).numpy()
+            if frozen:
+                lg_frozen = continue_from(model, l, xq[None], t_, cache, routing=full_routing)[0].double()
+                row["frozen"] = (_candidate_scores(lg_frozen, classes[t_]) - full[t_]).numpy()
             parts.append(row)
         order = np.lexsort((np.concatenate([p["layer"] for p in parts]), np.concatenate([p["position"] for p in parts])))
         for key in parts[0]:  # (l, t, k, s) -> (t, l, k, s): a stable sort by (t, l)
@@ -265,26 +275,24 @@ def perturbation_rows(model: MoELM, windows: np.ndarray, servers: np.ndarray, n_
 
 
 def dense_effect_tables(rows: dict, full_correct: np.ndarray, n_expert: int) -> dict:
-    """effect_correct / effect_same / effect_dloss / effect_kl (T, L, K, E+1) from rows of every server
-    (``all_servers``, ``kl=True``); the own-expert action is exactly "unchanged" (schema)."""
+    """effect_correct / effect_same / effect_dloss (T, L, K, E+1) from rows of every server (``all_servers``);
+    the own-expert action is exactly "unchanged" (schema). (The schema's optional effect_kl is not written:
+    nothing reads it, and it would cost 2 MB in the tiny trace.)"""
     T, L, K = rows["topk_idx"].shape
     A = n_expert + 1
     full_slot = np.where(full_correct, 0, 1)
     correct = np.repeat(np.asarray(full_correct, bool)[:, None, None, None], L * K * A).reshape(T, L, K, A)
     same = np.ones((T, L, K, A), bool)
     dloss = np.zeros((T, L, K, A))  # float64, rounded once to float16 (as the logit-effect tables are)
-    kl = np.zeros((T, L, K, A))
     at = (rows["position"], rows["layer"], rows["slot"], rows["server"])
     correct[at] = rows["winner"] == 0
     same[at] = rows["winner"] == full_slot[rows["position"]]
     dloss[at] = rows["delta"][:, -1]
-    kl[at] = rows["kl"]
-    return {"effect_correct": correct, "effect_same": same, "effect_dloss": dloss.astype(np.float16),
-            "effect_kl": kl.astype(np.float16)}
+    return {"effect_correct": correct, "effect_same": same, "effect_dloss": dloss.astype(np.float16)}
 
 
 def logit_effect_tables(rows: dict, servers: np.ndarray, margin: float = DECISION_MARGIN) -> dict:
-    """The trace's logit_effect_{servers, classes, base, delta} from rows computed for ``servers`` or for
+    """The trace's logit_effect_{servers, classes, base, delta, frozen} from rows computed for ``servers`` or for
     a superset of them (e.g. every server, for the dense tables too): rows of other servers are dropped.
 
     Entries are rounded to float16; then, for every row (one perturbation) whose rounded entries would not
@@ -311,8 +319,14 @@ def logit_effect_tables(rows: dict, servers: np.ndarray, margin: float = DECISIO
     if not np.isfinite(delta).all():
         raise RuntimeError("a logit-effect entry overflows float16")
     nudged = _enforce_margin(base[rows["position"][keep]], delta[:, :n], rows["winner"][keep], margin)
-    return {"logit_effect_servers": servers, "logit_effect_classes": rows["classes"].astype(np.int16),
-            "logit_effect_base": base, "logit_effect_delta": delta,
+    out = {"logit_effect_servers": servers, "logit_effect_classes": rows["classes"].astype(np.int16),
+           "logit_effect_base": base, "logit_effect_delta": delta}
+    if "frozen" in rows:
+        frozen = rows["frozen"][keep].astype(np.float16)
+        if not np.isfinite(frozen).all():
+            raise RuntimeError("a frozen-routing logit-effect entry overflows float16")
+        out["logit_effect_frozen"] = frozen
+    return {**out,
             "info": {"rows": int(keep.sum()), "rows_nudged": int(nudged),
                      "max_abs_change": float(np.abs(delta.astype(np.float64) - exact).max()) if len(exact) else 0.0}}
 
@@ -387,12 +401,14 @@ EFFECTS = ("dense", "logit", "none")
 
 def export_trace(model: MoELM, corpus_dir: str | Path, out_path: str | Path, provenance: dict | None = None,
                  n_trace_tokens: int = 16384, n_calib_tokens: int = 16384, effects: str = "dense",
-                 model_name: str = "wide_env byte-level MoE LM (wide_env/models/moe_lm.py)") -> dict:
+                 frozen: bool = False, model_name: str = "wide_env byte-level MoE LM (wide_env/models/moe_lm.py)") -> dict:
     """Compute and write the trace; returns {'summary', 'calib', 'meta'}.
 
     ``effects``: "dense" = the dense effect tables (every server of every slot, ``effect_*``) and the
     logit-effect tables (``logit_effect_*``, the servers the combine rule can choose); "logit" = the
-    logit-effect tables only (re-runs only those servers: far cheaper for many experts); "none"."""
+    logit-effect tables only (re-runs only those servers: far cheaper for many experts); "none".
+    ``frozen`` adds ``logit_effect_frozen`` (the rule's sums for several perturbations; the deep models need
+    them, docs/real-model.md)."""
     from wide_env.gating.trace import save_trace
 
     if effects not in EFFECTS:
@@ -412,7 +428,7 @@ def export_trace(model: MoELM, corpus_dir: str | Path, out_path: str | Path, pro
     tables: dict = {}
     if effects != "none":
         dense = effects == "dense"
-        rows = perturbation_rows(model, tr_w, all_servers(L, E) if dense else eligible, kl=dense)
+        rows = perturbation_rows(model, tr_w, all_servers(L, E) if dense else eligible, frozen=frozen)
         if not (rows["topk_idx"] == tr["topk_idx"]).all():
             raise RuntimeError("the per-window re-run routed differently from the batched trace forward")
         summary = effect_summary(rows, tr["full_correct"], cal["mismatch"])
@@ -462,10 +478,11 @@ def export_trace(model: MoELM, corpus_dir: str | Path, out_path: str | Path, pro
     return {"summary": summary, "calib": cal, "meta": meta}
 
 
-def refresh_effects(model: MoELM, trace_path: str | Path, out_path: str | Path, effects: str = "dense") -> dict:
+def refresh_effects(model: MoELM, trace_path: str | Path, out_path: str | Path, effects: str = "dense",
+                    frozen: bool = False) -> dict:
     """Recompute a trace's effect tables from its own text and keep everything else (gating arrays, mismatch,
     budgets) byte for byte; raises if the model does not route the trace's tokens as recorded."""
-    from wide_env.gating.trace import EFFECT_KEYS, LOGIT_EFFECT_KEYS, load_trace, save_trace, trace_meta
+    from wide_env.gating.trace import EFFECT_KEYS, LOGIT_EFFECT_FROZEN, LOGIT_EFFECT_KEYS, load_trace, save_trace, trace_meta
 
     if effects not in ("dense", "logit"):
         raise ValueError(f"effects = {effects!r}: choose 'dense' or 'logit'")
@@ -482,11 +499,11 @@ def refresh_effects(model: MoELM, trace_path: str | Path, out_path: str | Path, 
     L, E = model.cfg.n_layer, model.cfg.n_expert
     eligible = eligible_servers(tr["mismatch"])
     dense = effects == "dense"
-    rows = perturbation_rows(model, windows, all_servers(L, E) if dense else eligible, kl=dense)
+    rows = perturbation_rows(model, windows, all_servers(L, E) if dense else eligible, frozen=frozen)
     if not np.array_equal(rows["topk_idx"], tr["topk_idx"]):
         raise RuntimeError(f"{trace_path}: the model routes the trace's tokens differently from the recorded topk_idx")
     full = tr["full_correct"]
-    arrays = {k: v for k, v in tr.items() if k not in EFFECT_KEYS + LOGIT_EFFECT_KEYS}
+    arrays = {k: v for k, v in tr.items() if k not in EFFECT_KEYS + LOGIT_EFFECT_KEYS + (LOGIT_EFFECT_FROZEN,)}
     summary = effect_summary(rows, full, tr["mismatch"])
     if dense:
         arrays.update(dense_effect_tables(rows, full, E))
@@ -495,7 +512,7 @@ def refresh_effects(model: MoELM, trace_path: str | Path, out_path: str | Path, 
     arrays.update(logit)
     meta = trace_meta(tr)
     meta["effect_summary"] = summary
-    meta["effects_refreshed"] = {"effects": effects, "seconds": round(time.time() - t0, 1)}
+    meta["effects_refreshed"] = {"effects": effects, "frozen": frozen, "seconds": round(time.time() - t0, 1)}
     arrays["meta"] = np.array(json.dumps(meta))
     save_trace(out_path, **arrays)
     return summary
@@ -514,19 +531,20 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--effects", choices=EFFECTS, default="dense",
                     help="dense: effect_* and logit_effect_* tables; logit: logit_effect_* only (many experts); none")
+    ap.add_argument("--frozen", action="store_true", help="also logit_effect_frozen (frozen-routing sums; deep models)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from .corpus import fetch_shakespeare
 
     model, meta = load_checkpoint(args.ckpt)
     if args.refresh:
-        summary = refresh_effects(model, args.refresh, args.out, args.effects)
+        summary = refresh_effects(model, args.refresh, args.out, args.effects, args.frozen)
         print(json.dumps(summary.get("logit_effect_tables")))
         return 0
     corpus = args.corpus or str(fetch_shakespeare())
     t0 = time.time()
     info = export_trace(model, corpus, args.out, provenance=meta.get("provenance"), n_trace_tokens=args.trace_tokens,
-                        n_calib_tokens=args.calib_tokens, effects=args.effects)
+                        n_calib_tokens=args.calib_tokens, effects=args.effects, frozen=args.frozen)
     print(f"export {time.time() - t0:.1f}s", json.dumps(info["summary"], indent=1))
     return 0
 
