@@ -158,19 +158,22 @@ class WideMoEEnv(gym.Env):
     `deviation` (the estimate Delta_l, model units), `weighted_deviation` (kappa_l Delta_l), `deviation_budget`,
     `budget_violated`, `latency_s`, `deadline_misses`, `n_executed`, `n_lost`, `n_kept`, `n_replaced`,
     `n_skipped`, `reward_energy`, `reward_deviation`, `reward_deadline`, `layer`, `token` (Python numbers).
-    With a gating trace that has effect tables (the default, shipped model) also: `accuracy_correct` (the
-    token's next-byte prediction stays correct under the executed experts), `accuracy_same` (it equals the
-    full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (summed single-perturbation
-    loss change, nats) and `token_complete` (1 at a token's last layer, where the values are final; before
-    that they are the running estimate). From the tables the outcome is exact for one perturbation per token
-    and ignores interactions beyond that; with `config={"gating": {"backend": "live"}}` the shipped
-    checkpoint runs inside the env (torch) and `accuracy_*` at `token_complete` are measured for real.
+    With a gating trace that has logit-effect tables (every shipped model) also: `accuracy_correct` (the
+    token's next-byte prediction is correct under the executed experts), `accuracy_same` (it equals the
+    full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (the token's loss change,
+    nats), `reward_accuracy` and `token_complete` (1 at a token's last layer, where the values are final;
+    before that they are the running estimate), by the accuracy rule of `wide_env.gating.effects`
+    (docs/model.md#effect-tables: exact for one perturbation, additive logits for several, a context term
+    across tokens); with `config={"gating": {"backend": "live"}}` the shipped checkpoint runs inside the env
+    (torch), `accuracy_*` at `token_complete` are measured for real and `measured_deviation` is the real
+    layer-output deviation next to the estimate.
 
     ## Arguments
 
     `gym.make("wide_env/WideMoE-v0", config={...}, render_mode=None)`; `config` is a nested dict (or
     `WideConfig`) over a profile: `profile` ("tiny" default: the shipped real trace; "switch-base-8",
-    "mixtral-8x7b", "gpt-oss-20b": the paper's sizes with the synthetic router), `n_tokens`, `flatten_observation`, and sections `model`, `gating`, `placement`,
+    "mixtral-8x7b", "gpt-oss-20b": the paper's payload, bandwidth and deadline with shipped models of the
+    paper models' routing; `gating.source = "synthetic"` for the paper's sizes), `n_tokens`, `flatten_observation`, and sections `model`, `gating`, `placement`,
     `channel`, `radio`, `compute`, `deadline`, `budget`, `reward` (every field: docs/model.md#config-reference).
     Provenance: L, E, K, d_model, B, T_max, eps per profile, alpha = 4, A = 1, m = 2, N0 = -174 dBm/Hz,
     P_h = 38 dBm, 16-bit payloads and one-to-one placement come from the SiftMoE paper; the annulus,
@@ -180,7 +183,8 @@ class WideMoEEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: initial version (accuracy rule, uncertain queues, slotted p_max, episode budgets and the accuracy
+      objective were added within v0 before any release).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
