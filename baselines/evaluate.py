@@ -236,6 +236,39 @@ def resolve_vec_env(env_id: str, kwargs: dict, mode: str) -> str:
     return "native" if batched else "single"
 
 
+ACCURACY_MODES = ("auto", "rule", "live")
+
+
+def accuracy_env_kwargs(env_id: str, kwargs: dict, accuracy: str) -> dict:
+    """``kwargs`` with ``gating.backend = "live"`` where the accuracy figures must come from the live model:
+    always for "live"; for "auto" when the source's accuracy rule is not validated against the live model
+    (a profile outside :data:`wide_env.profiles.ACCURACY_RULE_VALIDATED`, or another trace) and torch is
+    installed (without torch the rule is used, and the rows say so)."""
+    import importlib.util
+
+    import gymnasium as gym
+
+    from wide_env.config import WideConfig
+    from wide_env.profiles import ACCURACY_RULE_VALIDATED
+
+    if accuracy not in ACCURACY_MODES:
+        raise ValueError(f"accuracy must be one of {list(ACCURACY_MODES)}, got {accuracy!r}")
+    if accuracy == "rule":
+        return kwargs
+    spec = gym.spec(env_id)
+    if "WideMoEEnv" not in str(spec.entry_point):  # the live backend serves the decoding env
+        if accuracy == "live":
+            raise ValueError(f"accuracy='live': {env_id} has no live backend (decoding envs only)")
+        return kwargs
+    config = WideConfig.from_dict(kwargs.get("config"), preset=kwargs.get("preset", spec.kwargs.get("preset")))
+    if config.gating.source != "trace" or config.gating.backend == "live":
+        return kwargs
+    validated = config.profile in ACCURACY_RULE_VALIDATED and config.gating.trace_path is None
+    if accuracy == "auto" and (validated or importlib.util.find_spec("torch") is None):
+        return kwargs
+    return {**kwargs, "config": deep_merge(kwargs.get("config") or {}, {"gating": {"backend": "live"}})}
+
+
 def _make_eval_env(env_id: str, kwargs: dict, mode: str, episodes: int):
     import gymnasium as gym
 
@@ -248,7 +281,7 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
                       env_kwargs: dict | None = None, budget_scales: Iterable[float] | None = None,
                       policy_kwargs: dict | None = None, progress: bool | None = None,
                       max_steps: int | None = None, episode_rows: list | None = None,
-                      vec_env: str = "auto") -> list[dict]:
+                      vec_env: str = "auto", accuracy: str = "auto") -> list[dict]:
     """Run every policy on the same episodes for each budget scale.
 
     policies: names (``"siftmoe"``, ``"ppo:runs/model.zip"``) or ``(label, policy)`` pairs where policy is
@@ -263,6 +296,9 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
     vec_env: "native" (the episodes of a policy as one batch on the native vector env, sub-env i seeded
         ``seed + i``),
         "single" (episode i = ``gym.make(...).reset(seed=seed + i)``) or "auto" (native where available).
+    accuracy: where the real-accuracy figures come from (:func:`accuracy_env_kwargs`): "rule" (the trace's
+        accuracy rule), "live" (the live model, single env) or "auto" (the rule where it is validated against
+        the live model, else the live model when torch is installed). Rows say which (``source_of_accuracy``).
 
     Returns one summary dict per (budget scale, policy); see :func:`summarize` for the fields.
     """
@@ -286,7 +322,7 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
     rows, cache = [], {}
     try:
         for scale in scales:
-            kwargs = _env_kwargs_for_scale(env_id, env_kwargs, scale)
+            kwargs = accuracy_env_kwargs(env_id, _env_kwargs_for_scale(env_id, env_kwargs, scale), accuracy)
             mode = resolve_vec_env(env_id, kwargs, vec_env)
             env = _make_eval_env(env_id, kwargs, mode, episodes)
             # "topk_ideal": Top-K with deadline enforcement off, on the same seeds (the channel and gating
@@ -352,6 +388,7 @@ def summarize(recs: list[dict], *, env_id: str, policy: str, budget_scale: float
         "steps": int(sum(r["steps"] for r in recs)),
         "n_layers": problem.n_layers, "n_experts": problem.n_experts, "top_k": problem.top_k,
         "budget_mode": problem.budget_mode, "enforce_deadline": problem.enforce_deadline,
+        "source_of_accuracy": getattr(problem, "accuracy_source", "none"),
     }
     for key in sorted({k for r in recs for k in r if k.startswith("accuracy_")}):
         vals = [r[key] for r in recs if key in r]
@@ -467,6 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vec-env", default="auto", choices=VEC_ENV_MODES,
                     help="native: each policy's episodes as one batch on the native vector env; single: one env; "
                          "either way episode i is seeded seed + i; auto: native where the id has it")
+    ap.add_argument("--accuracy", default="auto", choices=ACCURACY_MODES,
+                    help="where real accuracy comes from: rule (the trace's accuracy rule), live (the live model, "
+                         "single env) or auto (the rule where it agrees with the live model within 0.5 points, "
+                         "else the live model when torch is installed); the table says which")
     ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     ap.add_argument("--ray", action="store_true",
                     help="spread policies x budget scales x envs x episode chunks over a Ray cluster (pip install "
@@ -504,7 +545,7 @@ def main(argv=None) -> list[dict]:
         rows = evaluate_policies(args.env, policies, episodes=args.episodes, seed=args.seed, env_kwargs=env_kwargs,
                                  budget_scales=scales, policy_kwargs=policy_kwargs,
                                  progress=False if args.no_progress else None, max_steps=args.max_steps,
-                                 episode_rows=episodes, vec_env=args.vec_env)
+                                 episode_rows=episodes, vec_env=args.vec_env, accuracy=args.accuracy)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:  # bad input: the message says what to fix
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
     write_outputs(args.env, rows, episodes, Path(args.out), n_episodes=args.episodes, seed=args.seed)
@@ -515,8 +556,12 @@ def write_outputs(env_id: str, rows: list[dict], episodes: list[dict], out: Path
                   seed: int) -> None:
     """Print the table and write ``results.csv``, ``episodes.csv`` and ``tradeoff.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    from wide_env.envs.decode import ACCURACY_SOURCES
+
     print(f"{env_id}: {n_episodes} episodes per policy, seeds {seed}..{seed + n_episodes - 1}")
     print(format_table(rows))
+    for source in sorted({r.get("source_of_accuracy", "none") for r in rows}):
+        print(f"accuracy: {ACCURACY_SOURCES.get(source, source)}")
     write_csv(rows, out / "results.csv")
     write_csv(episodes, out / "episodes.csv")
     plot_tradeoff(rows, out / "tradeoff.png")

@@ -40,7 +40,7 @@ def _evaluate_chunk(env_id: str, policy: str, scale: float | None, seed: int, fi
     records, the env's problem description for :func:`summarize`)."""
     import gymnasium as gym
 
-    from baselines.evaluate import _env_kwargs_for_scale, evaluate_policies
+    from baselines.evaluate import _env_kwargs_for_scale, accuracy_env_kwargs, evaluate_policies
 
     try:
         import torch
@@ -54,7 +54,7 @@ def _evaluate_chunk(env_id: str, policy: str, scale: float | None, seed: int, fi
                       progress=False, max_steps=max_steps, episode_rows=recs)
     for rec in recs:
         rec["episode"] += first
-    env = gym.make(env_id, **_env_kwargs_for_scale(env_id, env_kwargs, scale))
+    env = gym.make(env_id, **accuracy_env_kwargs(env_id, _env_kwargs_for_scale(env_id, env_kwargs, scale), "auto"))
     try:
         problem = env.unwrapped.problem
     finally:

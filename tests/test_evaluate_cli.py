@@ -141,3 +141,22 @@ def test_batched_observations_through_a_saved_maskable_agent():
         action = policy(obs)
         assert action.shape == (6, 8) and not np.any(action[~masks[:, 1::2]])
         obs, *_ = venv.step(action)
+
+
+def test_accuracy_comes_from_the_live_model_where_the_rule_is_not_validated():
+    """auto: the tiny model's rule (validated within 0.5 points of the live model) on the batched core; the
+    deep Mixtral-shaped model's figures from the live model (single env); 'rule' forces the rule; rows and
+    the printed table say which."""
+    pytest.importorskip("torch")
+    from baselines.evaluate import evaluate_policies
+
+    small = {"config": {"n_tokens": 2}}
+    tiny = evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=2, env_kwargs=small, progress=False)
+    assert tiny[0]["source_of_accuracy"] == "rule" and tiny[0]["vec_env"] == "native"
+    live = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False)
+    assert live[0]["source_of_accuracy"] == "live" and live[0]["vec_env"] == "single"
+    rule = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False,
+                             accuracy="rule")
+    assert rule[0]["source_of_accuracy"] == "rule" and rule[0]["vec_env"] == "native"
+    with pytest.raises(ValueError, match="accuracy must be one of"):
+        evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=1, accuracy="guess")

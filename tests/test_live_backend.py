@@ -55,3 +55,16 @@ def test_live_backend_rejects_synthetic_source():
 
     with pytest.raises(ConfigError, match="gating.backend"):
         WideMoEEnv({"gating": {"source": "synthetic", "backend": "live"}})
+
+
+def test_measured_deviation_sits_next_to_the_estimate(envs):
+    """With the live backend every step reports the layer output's real deviation from the full Top-K
+    model's (measured_deviation): zero when the Top-K set runs, positive when a slot is skipped."""
+    live, _ = envs
+    obs, _ = live.reset(seed=4)
+    obs, _, _, _, info = live.step(obs["topk_mask"].astype(np.int8))
+    assert info["measured_deviation"] == pytest.approx(0.0, abs=1e-5) and info["deviation"] == 0.0
+    action = obs["topk_mask"].astype(np.int8)
+    action[np.flatnonzero(action)[-1]] = 0  # skip the 2nd Top-K expert
+    _, _, _, _, info = live.step(action)
+    assert info["measured_deviation"] > 0.0 and info["deviation"] > 0.0

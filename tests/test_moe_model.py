@@ -80,7 +80,7 @@ def test_exported_trace_consistent(trained):
     p = np.take_along_axis(tr["gate_probs"].astype(np.float32), tr["topk_idx"].astype(np.int64), -1)
     assert np.allclose(tr["topk_weight"], p / p.sum(-1, keepdims=True), atol=5e-3)
     # skipping a slot must change something somewhere
-    assert (tr["effect_kl"][..., E].astype(np.float32) > 0).mean() > 0.5
+    assert (tr["effect_dloss"][..., E].astype(np.float32) != 0).mean() > 0.5
     meta = json.loads(str(tr["meta"]))
     assert set(meta["calibration"]["docs"]).isdisjoint(meta["trace"]["docs"])
 
@@ -88,13 +88,13 @@ def test_exported_trace_consistent(trained):
 def test_shipped_artifacts_valid():
     tr = load_trace(DEFAULT_TRACE)  # validates the schema
     T, L, E = tr["gate_probs"].shape
-    assert T >= 16384 and "effect_correct" in tr and "effect_dloss" in tr and "effect_kl" in tr
+    assert T >= 16384 and "effect_correct" in tr and "effect_dloss" in tr and "logit_effect_delta" in tr
     model, meta = load_checkpoint(DATA_DIR)
     assert (model.cfg.n_layer, model.cfg.n_expert, model.cfg.top_k, model.cfg.d_model) == (L, E, tr["topk_idx"].shape[2], int(tr["d_model"]))
     m = json.loads(str(tr["meta"]))
     assert m["provenance"]["steps"] == meta["provenance"]["steps"]
-    total = sum(f.stat().st_size for f in DATA_DIR.iterdir() if f.is_file())
-    assert total < 8 * 2**20
+    total = sum(f.stat().st_size for f in DATA_DIR.iterdir() if f.is_file())  # the tiny model's files
+    assert total < 10 * 2**20  # all package data: tests/test_profile_models.py
     # full_correct of the shipped trace = the shipped checkpoint's prediction on the first window
     w = int(np.flatnonzero(tr["doc_start"])[1])
     x = torch.from_numpy(tr["token_id"][:w].astype(np.int64))[None]
@@ -165,7 +165,8 @@ def test_live_dloss_matches_table(trained):
         live.truncate(t)
         live.step(tok)
         # both slots skipped is two perturbations: compare with the table for slot 0 and 1 only via the estimate
-        assert r.estimate[1] == pytest.approx(float((tr["topk_weight"][t, 1] * tr["mismatch"][1, tr["topk_idx"][t, 1], E]).sum()), rel=1e-5)
+        # (the trace stores the combine weights in float16: relative rounding up to 2^-11)
+        assert r.estimate[1] == pytest.approx(float((tr["topk_weight"][t, 1] * tr["mismatch"][1, tr["topk_idx"][t, 1], E]).sum()), rel=1e-3)
         # single-slot perturbation: nll difference vs effect_dloss
         live.truncate(t)
         g = live.begin(tok)

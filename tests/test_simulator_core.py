@@ -85,38 +85,37 @@ def test_mobility_moves_helpers_within_annulus():
     assert (r >= 10.0 - 1e-9).all() and (r <= 150.0 + 1e-9).all()
 
 
-def test_accuracy_bookkeeping_follows_the_effect_tables():
-    """The kernel's accuracy of each token, step by step, against the rule computed here from the trace's
-    effect tables: prediction kept iff every perturbation so far kept it (then correct iff the full model
-    is), else correct iff every perturbation kept it correct; loss changes add up. Servers come from the
-    step's outcome; a slot served by its own Top-K expert is no perturbation."""
-    cfg = WideConfig.from_dict({"n_tokens": 4})
+def test_accuracy_bookkeeping_follows_the_accuracy_rule():
+    """The kernel's accuracy of each token, step by step, against the numpy reference of the accuracy rule
+    (wide_env.gating.effects: fold each layer's table rows into the token's accumulator, decide, carry the
+    context term to the next token), with the servers of each step's outcome."""
+    from wide_env.gating.effects import CONTEXT_DECAY, CONTEXT_WEIGHT, context_after
+
+    cfg = WideConfig.from_dict({"n_tokens": 6})
     sim = DecodeSimulator(cfg, make_gating_source(cfg))
-    src = sim.source
-    assert sim.has_accuracy
+    lookup = sim.source.logit_effects
+    assert sim.has_accuracy and CONTEXT_DECAY > 0 and CONTEXT_WEIGHT > 0
     rng = np.random.default_rng(3)
-    state = sim.reset(rng, 8)
-    same, correct, dloss = np.ones(8, bool), np.ones(8, bool), np.zeros(8)
-    checked = 0
-    for _ in range(4 * sim.n_layers):
+    B = 16
+    state = sim.reset(rng, B)
+    acc, context = lookup.empty(B), np.zeros(B)
+    seen = {"several": 0, "wrong": 0}
+    for _ in range(6 * sim.n_layers):
         position, layer = state.start + state.token, state.layer.copy()
-        topk = src.topk_idx[position, layer]  # (8, K)
-        out = sim.step(rng, state, rng.random((8, sim.n_experts)) < 0.4)
-        for b in range(8):
-            for k, j in enumerate(out.server[b]):
-                if j != topk[b, k]:
-                    same[b] &= bool(src.effects["effect_same"][position[b], layer[b], k, j])
-                    correct[b] &= bool(src.effects["effect_correct"][position[b], layer[b], k, j])
-                    dloss[b] += float(src.effects["effect_dloss"][position[b], layer[b], k, j])
-            full = bool(src.full_correct[position[b]])
-            assert out["accuracy_same"][b] == same[b] and out["accuracy_full"][b] == full
-            assert out["accuracy_correct"][b] == (full if same[b] else correct[b])
-            assert out["delta_loss"][b] == pytest.approx(dloss[b], rel=1e-12, abs=1e-12)
-            assert out["token_complete"][b] == (layer[b] == sim.n_layers - 1)
-            checked += int(not same[b])
-        done = layer == sim.n_layers - 1  # a new token starts afresh
-        same[done], correct[done], dloss[done] = True, True, 0.0
-    assert checked > 0  # some tokens were perturbed
+        out = sim.step(rng, state, rng.random((B, sim.n_experts)) < 0.5)
+        acc = lookup.fold(acc, position, layer, out.server, strict=True)
+        correct, same, dloss = lookup.decide(position, acc, context)
+        np.testing.assert_array_equal(out["accuracy_correct"], correct)
+        np.testing.assert_array_equal(out["accuracy_same"], same)
+        np.testing.assert_allclose(out["delta_loss"], dloss, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(out["accuracy_full"], lookup.base[position, 0] >= lookup.base[position].max(1))
+        np.testing.assert_array_equal(out["token_complete"], layer == sim.n_layers - 1)
+        seen["several"] += int((acc[:, -1] > 1.5).sum())
+        seen["wrong"] += int((~correct & out["accuracy_full"].astype(bool)).sum())
+        done = layer == sim.n_layers - 1  # a new token starts afresh, carrying the context term
+        context[done] = context_after(context[done], dloss[done])
+        acc[done] = 0.0
+    assert seen["several"] > 0 and seen["wrong"] > 0  # several perturbations per token, and lost predictions
 
 
 def test_a_failed_vector_env_constructor_raises_only_its_own_error():

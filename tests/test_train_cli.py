@@ -22,7 +22,7 @@ SWITCH = ["--env", "wide_env/WideMoE-Switch-v0", "--env-kwargs", "{'config': {'n
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """One tiny PPO run on a preset with a user config (Switch: L = 12, K = 1; n_tokens 2), default policy,
+    """One tiny PPO run on a preset with a user config (Switch: L = 6 decoder layers, K = 1; n_tokens 2), default policy,
     checkpoints at 128 and 256, TensorBoard on; shared by several tests."""
     tmp = tmp_path_factory.mktemp("run")
     args = [*SWITCH, "-n", "256", "--eval-freq", "128", "--save-freq", "128", "-f", "runs", "--run-name", "r",
@@ -48,7 +48,7 @@ def test_a_preset_with_a_user_config_trains_and_evaluates_on_the_preset(finished
     assert env_config["profile"] == "switch-base-8" and env_config["n_tokens"] == 2
     rows = read_rows(run_dir / "comparison.csv")  # the probe env, the training VecEnv and the evaluations agree
     assert {r["policy"] for r in rows} >= {"ppo (final)", "siftmoe", "topk"}
-    assert {int(r["n_layers"]) for r in rows} == {12} and {int(r["top_k"]) for r in rows} == {1}
+    assert {int(r["n_layers"]) for r in rows} == {6} and {int(r["top_k"]) for r in rows} == {1}
 
 
 def test_native_core_is_the_default_and_hyperparams_record_what_was_used(finished_run):

@@ -475,7 +475,7 @@ def test_sb3_adapter_attributes_seed_and_errors():
     from wide_env.envs.sb3_vec import WideMoESB3VecEnv, make_native_vec_env
 
     venv = make_native_vec_env("wide_env/WideMoE-Switch-v0", n_envs=2, info_keys=())
-    assert venv.get_attr("problem")[0].n_layers == 12 and venv.get_attr("render_mode") == [None, None]
+    assert venv.get_attr("problem")[0].n_layers == 6 and venv.get_attr("render_mode") == [None, None]  # Switch decodes 6 MoE layers
     assert venv.has_attr("action_masks") and not venv.has_attr("no_such_attribute")
     with pytest.raises(AttributeError, match="share one batched core"):
         venv.set_attr("problem", None)

@@ -127,13 +127,13 @@ class GatingConfig:
 
     #: "synthetic" (any L, E, K) or "trace" (a recorded .npz, see docs/trace-schema.md).
     source: str = "synthetic"
-    #: path of the trace (.npz) when source == "trace"; None = the trace shipped with the package.
+    #: path of the trace (.npz) when source == "trace"; None = the profile's shipped trace (wide_env/data/...).
     trace_path: str | None = None
     #: "table": accuracy from the trace's effect tables (numpy only); "live": run the shipped checkpoint
     #: (torch) token by token with the executed experts, so later layers' gates and the next-token outcome
     #: are real (needs the trace the checkpoint exported; single env only).
     backend: str = "table"
-    #: directory of the live backend's checkpoint (moe_lm.safetensors + moe_lm.json); None = shipped.
+    #: directory of the live backend's checkpoint (moe_lm.safetensors + moe_lm.json); None = the profile's shipped model.
     checkpoint_dir: str | None = None
     #: synthetic: typical norm of one expert's output, i.e. D(i, skip) [choice; sets the deviation scale].
     output_norm: float = _range(1.0, 1e-6, 1e6, _MODEL_UNITS)
@@ -468,7 +468,9 @@ class WideConfig:
         """With a trace source the model's sizes are the trace's: a value that disagrees is an error."""
         from wide_env.gating import trace_model_fields
 
-        path, recorded = trace_model_fields(self.gating.trace_path)
+        from wide_env.profiles import profile_trace
+
+        path, recorded = trace_model_fields(self.gating.trace_path or profile_trace(self.profile))
         for name in TRACE_MODEL_FIELDS:
             value = getattr(self.model, name)
             if value != recorded[name]:
@@ -530,6 +532,10 @@ def _model_from_trace(full: dict[str, Any], given: Mapping[str, Any]) -> None:
     if trace_path is not None and not isinstance(trace_path, str):
         return  # GatingConfig.validate names the field
     from wide_env.gating import trace_model_fields
+    from wide_env.profiles import PROFILES, profile_trace
+
+    if trace_path is None and full.get("profile") in PROFILES:
+        trace_path = profile_trace(full["profile"])
 
     explicit = given.get("model", {}) if isinstance(given.get("model"), Mapping) else {}
     _, recorded = trace_model_fields(trace_path)

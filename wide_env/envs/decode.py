@@ -48,6 +48,15 @@ class DecodeProblem:
     budget_mode: str
     flatten: bool
     obs_slices: dict
+    #: where the real-accuracy figures come from: "live" (the model run with the executed experts), "rule" (the
+    #: trace's accuracy rule, wide_env.gating.effects) or "none" (a source without accuracy)
+    accuracy_source: str = "none"
+
+
+#: what each accuracy source means, for tables and plots
+ACCURACY_SOURCES = {"live": "measured on the live model",
+                    "rule": "the logit-effect rule of the trace (agrees with the live model, docs/real-model.md)",
+                    "none": "not available for this gating source"}
 
 
 def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
@@ -55,7 +64,8 @@ def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
     return DecodeProblem(
         n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes, n_tokens=sim.n_tokens,
         deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode, flatten=flatten,
-        obs_slices=dict(sim.obs_slices))
+        obs_slices=dict(sim.obs_slices),
+        accuracy_source=("live" if sim.config.gating.backend == "live" else "rule") if sim.has_accuracy else "none")
 
 
 def observation_space_for(layout, flatten: bool) -> spaces.Space:
@@ -148,19 +158,22 @@ class WideMoEEnv(gym.Env):
     `deviation` (the estimate Delta_l, model units), `weighted_deviation` (kappa_l Delta_l), `deviation_budget`,
     `budget_violated`, `latency_s`, `deadline_misses`, `n_executed`, `n_lost`, `n_kept`, `n_replaced`,
     `n_skipped`, `reward_energy`, `reward_deviation`, `reward_deadline`, `layer`, `token` (Python numbers).
-    With a gating trace that has effect tables (the default, shipped model) also: `accuracy_correct` (the
-    token's next-byte prediction stays correct under the executed experts), `accuracy_same` (it equals the
-    full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (summed single-perturbation
-    loss change, nats) and `token_complete` (1 at a token's last layer, where the values are final; before
-    that they are the running estimate). From the tables the outcome is exact for one perturbation per token
-    and ignores interactions beyond that; with `config={"gating": {"backend": "live"}}` the shipped
-    checkpoint runs inside the env (torch) and `accuracy_*` at `token_complete` are measured for real.
+    With a gating trace that has logit-effect tables (every shipped model) also: `accuracy_correct` (the
+    token's next-byte prediction is correct under the executed experts), `accuracy_same` (it equals the
+    full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (the token's loss change,
+    nats), `reward_accuracy` and `token_complete` (1 at a token's last layer, where the values are final;
+    before that they are the running estimate), by the accuracy rule of `wide_env.gating.effects`
+    (docs/model.md#effect-tables: exact for one perturbation, additive logits for several, a context term
+    across tokens); with `config={"gating": {"backend": "live"}}` the shipped checkpoint runs inside the env
+    (torch), `accuracy_*` at `token_complete` are measured for real and `measured_deviation` is the real
+    layer-output deviation next to the estimate.
 
     ## Arguments
 
     `gym.make("wide_env/WideMoE-v0", config={...}, render_mode=None)`; `config` is a nested dict (or
     `WideConfig`) over a profile: `profile` ("tiny" default: the shipped real trace; "switch-base-8",
-    "mixtral-8x7b", "gpt-oss-20b": the paper's sizes with the synthetic router), `n_tokens`, `flatten_observation`, and sections `model`, `gating`, `placement`,
+    "mixtral-8x7b", "gpt-oss-20b": the paper's payload, bandwidth and deadline with shipped models of the
+    paper models' routing; `gating.source = "synthetic"` for the paper's sizes), `n_tokens`, `flatten_observation`, and sections `model`, `gating`, `placement`,
     `channel`, `radio`, `compute`, `deadline`, `budget`, `reward` (every field: docs/model.md#config-reference).
     Provenance: L, E, K, d_model, B, T_max, eps per profile, alpha = 4, A = 1, m = 2, N0 = -174 dBm/Hz,
     P_h = 38 dBm, 16-bit payloads and one-to-one placement come from the SiftMoE paper; the annulus,
@@ -170,7 +183,8 @@ class WideMoEEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: initial version (accuracy rule, uncertain queues, slotted p_max, episode budgets and the accuracy
+      objective were added within v0 before any release).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -192,7 +206,10 @@ class WideMoEEnv(gym.Env):
         if self.config.gating.backend == "live":
             from wide_env.envs.live_backend import LiveBackend
 
-            self._live = LiveBackend(sim.source, self.config.gating.checkpoint_dir)
+            from wide_env.profiles import profile_checkpoint
+
+            self._live = LiveBackend(sim.source, self.config.gating.checkpoint_dir
+                                     or profile_checkpoint(self.config.profile))
         self._last: dict | None = None
 
     @property
@@ -266,6 +283,14 @@ class WideMoEEnv(gym.Env):
             return flat
         # views into this step's fresh array: nothing is shared with earlier or later observations
         return {key: flat[sl] for key, sl in self._slice_items}
+
+    @property
+    def trace_start(self) -> int:
+        """The trace position of the episode's token 0 (token t is position ``trace_start + t``; a synthetic
+        source numbers its tokens the same way)."""
+        if self._batch.state is None:
+            raise RuntimeError("call reset() first")
+        return int(self._batch.state.start[0])
 
     def current_view(self):
         """The simulator's view of the current layer (unbatched): for analytic policies and tests."""

@@ -20,12 +20,19 @@ def default_trace_path() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "moe_trace.npz")
 
 
+def profile_trace(profile: str) -> str:
+    """The profile's shipped trace (:func:`wide_env.profiles.profile_trace`)."""
+    from wide_env.profiles import profile_trace as trace_of
+
+    return trace_of(profile)
+
+
 def make_gating_source(config) -> GatingSource:
     """The source a :class:`~wide_env.config.WideConfig` asks for. Traces are cached per file version
     (read-only after loading), so many envs share one copy."""
     if config.gating.source == "synthetic":
         return SyntheticGating(config.model, config.gating)
-    return _cached_trace(config.gating.trace_path)
+    return _cached_trace(config.gating.trace_path or profile_trace(config.profile))
 
 
 def trace_model_fields(trace_path: str | None) -> tuple[str, dict]:

@@ -34,6 +34,8 @@ class GatingSource(ABC):
     routing: str
     mismatch: np.ndarray  # (L, E, E+1) float64
     layer_budget: np.ndarray  # (L,) float64, eps_l in the model's units
+    #: real accuracy: the accuracy rule's tables (:class:`wide_env.gating.effects.EffectLookup`), or None
+    logit_effects = None
     has_effects: bool = False
     #: True when gating depends only on the position (a recorded trace), never on the generator: then
     #: :meth:`all_gates` returns every position's gating and simulators may precompute per-position tables.

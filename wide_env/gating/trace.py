@@ -18,8 +18,17 @@ from wide_env.gating.base import GatingSource, TokenGates
 SCHEMA_VERSION = 1
 ROUTINGS = ("softmax_topk_renorm", "softmax_topk_raw", "sigmoid_topk_renorm")
 EFFECT_KEYS = ("effect_correct", "effect_same", "effect_dloss", "effect_kl")
+#: the accuracy rule's tables (wide_env.gating.effects); all or none
+LOGIT_EFFECT_KEYS = ("logit_effect_servers", "logit_effect_classes", "logit_effect_base", "logit_effect_delta")
+#: optional: the same rows with the later layers' routing frozen (the rule's sums for several perturbations)
+LOGIT_EFFECT_FROZEN = "logit_effect_frozen"
+#: per-layer budgets at which SiftMoE loses the listed accuracy (points); both or none
+CALIBRATION_KEYS = ("calibrated_accuracy_cost", "calibrated_layer_budget")
+#: longest accumulator of the logit-effect rule (target, competitors, rest, loss)
+MAX_LOGIT_EFFECT_DIM = 8
 REQUIRED_KEYS = ("schema_version", "gate_probs", "topk_idx", "topk_weight", "mismatch", "layer_budget", "d_model", "routing")
-OPTIONAL_KEYS = ("token_id", "target_id", "doc_start", "full_correct", "meta") + EFFECT_KEYS
+OPTIONAL_KEYS = (("token_id", "target_id", "doc_start", "full_correct", "meta") + EFFECT_KEYS + LOGIT_EFFECT_KEYS
+                 + (LOGIT_EFFECT_FROZEN,) + CALIBRATION_KEYS)
 
 
 class TraceError(ValueError):
@@ -108,6 +117,8 @@ def validate_trace(arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -
             raise _err(source, key, f"must be bool, got {arr.dtype}")
         if key in ("effect_dloss", "effect_kl") and (not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr.astype(np.float32)).all()):
             raise _err(source, key, "must be finite floats")
+    _validate_logit_effects(data, source, T, L, E, K)
+    _validate_calibration(data, source, L)
     if "meta" in data:
         if data["meta"].shape != () or data["meta"].dtype.kind != "U":
             raise _err(source, "meta", "must be a 0-d string array holding JSON")
@@ -144,6 +155,96 @@ def _check_topk_matches_probs(probs: np.ndarray, idx: np.ndarray, routing: str, 
         raise _err(source, "topk_idx", f"must be the Top-K of gate_probs for softmax routing; token {t}, layer {layer}: "
                    f"expert {outside} (probability {probs[t, layer, outside]:.6g}) is not among {idx[t, layer].tolist()} "
                    f"(lowest {top[t, layer].min():.6g})")
+
+
+def _validate_logit_effects(data: dict, source: str, T: int, L: int, E: int, K: int) -> None:
+    """The logit-effect tables (schema: docs/trace-schema.md; rule: wide_env/gating/effects.py)."""
+    present = [k for k in LOGIT_EFFECT_KEYS if k in data]
+    if not present:
+        if LOGIT_EFFECT_FROZEN in data:
+            raise _err(source, LOGIT_EFFECT_FROZEN, f"needs the logit-effect tables {list(LOGIT_EFFECT_KEYS)}")
+        return
+    if len(present) != len(LOGIT_EFFECT_KEYS):
+        missing = [k for k in LOGIT_EFFECT_KEYS if k not in data]
+        raise _err(source, missing[0], f"is required when any of {list(LOGIT_EFFECT_KEYS)} is present")
+    servers = data["logit_effect_servers"]
+    if servers.ndim != 3 or servers.shape[:2] != (L, E) or not np.issubdtype(servers.dtype, np.integer) \
+            or not 1 <= servers.shape[2] <= E:
+        raise _err(source, "logit_effect_servers", f"must be an integer array (L, E, S) = ({L}, {E}, S) with 1 <= S <= {E}, "
+                   f"got {servers.dtype} {servers.shape}")
+    srv = servers.astype(np.int64)
+    if (srv < -1).any() or (srv > E).any():
+        raise _err(source, "logit_effect_servers", f"entries must be expert indices, {E} (skip) or -1 (padding)")
+    valid = srv >= 0
+    if (np.diff(valid.astype(np.int8), axis=-1) > 0).any():
+        raise _err(source, "logit_effect_servers", "padding (-1) must come after the servers of a (layer, expert) row")
+    if (srv[..., 0] != E).any():
+        raise _err(source, "logit_effect_servers", f"every (layer, expert) row must start with the skip server {E}")
+    listed = np.zeros((L, E, E + 1), bool)
+    li, ii, si = np.nonzero(valid)
+    if np.bincount(((li * E + ii) * (E + 1) + srv[li, ii, si]), minlength=L * E * (E + 1)).max(initial=0) > 1:
+        raise _err(source, "logit_effect_servers", "servers must be distinct within a (layer, expert) row")
+    listed[li, ii, srv[li, ii, si]] = True
+    if listed[:, np.arange(E), np.arange(E)].any():
+        raise _err(source, "logit_effect_servers", "a row must not list its own expert (it changes nothing)")
+    D = data["mismatch"].astype(np.float64)
+    choosable = D[:, :, :E] <= D[:, :, E:]
+    choosable[:, np.arange(E), np.arange(E)] = False
+    if (choosable & ~listed[:, :, :E]).any():
+        l, i, j = np.argwhere(choosable & ~listed[:, :, :E])[0]
+        raise _err(source, "logit_effect_servers", f"misses server {j} of layer {l}, expert {i}: the combine rule can "
+                   f"choose it (D[{l}, {i}, {j}] <= D[{l}, {i}, skip]); re-export the tables with this trace's mismatch")
+    classes = data["logit_effect_classes"]
+    if classes.ndim != 2 or classes.shape[0] != T or not np.issubdtype(classes.dtype, np.integer) \
+            or not 1 <= classes.shape[1] <= MAX_LOGIT_EFFECT_DIM - 2:
+        raise _err(source, "logit_effect_classes", f"must be an integer array (T, M + 1) = ({T}, M + 1) with "
+                   f"M + 3 <= {MAX_LOGIT_EFFECT_DIM}, got {classes.dtype} {classes.shape}")
+    n_cls = classes.shape[1]
+    if (classes < 0).any() or (n_cls > 1 and (np.diff(np.sort(classes, axis=-1), axis=-1) == 0).any()):
+        raise _err(source, "logit_effect_classes", "class ids must be >= 0 and distinct within a position")
+    if "target_id" in data and (classes[:, 0] != data["target_id"]).any():
+        raise _err(source, "logit_effect_classes", "column 0 must be the target (target_id)")
+    base = data["logit_effect_base"]
+    if base.shape != (T, n_cls + 1) or not np.issubdtype(base.dtype, np.floating):
+        raise _err(source, "logit_effect_base", f"must be a float array of shape ({T}, {n_cls + 1}), got {base.dtype} {base.shape}")
+    b64 = base.astype(np.float64)
+    zero = b64 == 0
+    if not np.isfinite(b64).all() or (b64 > 0).any() or (zero.sum(axis=1) != 1).any() or zero[:, 2:].any():
+        raise _err(source, "logit_effect_base", "must be finite and < 0 except one 0 per row (the full model's top logit), "
+                   "in column 0 (the target) or 1 (the best competitor)")
+    if "full_correct" in data and ((b64[:, 0] == 0) != data["full_correct"]).any():
+        raise _err(source, "logit_effect_base", "the target leads (0 in column 0) exactly where full_correct is True")
+    from wide_env.gating.effects import row_counts
+
+    n_rows = int(row_counts(srv, data["topk_idx"]).sum())
+    delta = data["logit_effect_delta"]
+    if delta.shape != (n_rows, n_cls + 2) or not np.issubdtype(delta.dtype, np.floating):
+        raise _err(source, "logit_effect_delta", f"must be a float array of shape ({n_rows}, {n_cls + 2}) (one row per "
+                   f"slot and listed server of every position), got {delta.dtype} {delta.shape}")
+    if not np.isfinite(delta.astype(np.float32)).all():
+        raise _err(source, "logit_effect_delta", "must be finite")
+    if LOGIT_EFFECT_FROZEN in data:
+        frozen = data[LOGIT_EFFECT_FROZEN]
+        if frozen.shape != (n_rows, n_cls + 1) or not np.issubdtype(frozen.dtype, np.floating) \
+                or not np.isfinite(frozen.astype(np.float32)).all():
+            raise _err(source, LOGIT_EFFECT_FROZEN, f"must be finite floats of shape ({n_rows}, {n_cls + 1}) (the rows of "
+                       f"logit_effect_delta without the loss column), got {frozen.dtype} {frozen.shape}")
+
+
+def _validate_calibration(data: dict, source: str, L: int) -> None:
+    present = [k for k in CALIBRATION_KEYS if k in data]
+    if not present:
+        return
+    if len(present) != len(CALIBRATION_KEYS):
+        missing = [k for k in CALIBRATION_KEYS if k not in data]
+        raise _err(source, missing[0], f"is required when any of {list(CALIBRATION_KEYS)} is present")
+    cost = data["calibrated_accuracy_cost"]
+    if cost.ndim != 1 or cost.size < 1 or not np.issubdtype(cost.dtype, np.floating) or not np.isfinite(cost).all() \
+            or (cost <= 0).any() or (np.diff(cost) <= 0).any():
+        raise _err(source, "calibrated_accuracy_cost", "must be increasing accuracy costs in points > 0, shape (n,)")
+    eps = data["calibrated_layer_budget"]
+    if eps.shape != (cost.size, L) or not np.issubdtype(eps.dtype, np.floating) or not np.isfinite(eps).all() or (eps <= 0).any():
+        raise _err(source, "calibrated_layer_budget", f"must be finite floats > 0 of shape ({cost.size}, {L})")
 
 
 def load_trace(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -210,8 +311,12 @@ class TraceGating(GatingSource):
         self.token_id = data.get("token_id")
         self.target_id = data.get("target_id")
         self.full_correct = data.get("full_correct")
-        self.effects = {k: data[k] for k in EFFECT_KEYS if k in data}
-        self.has_effects = "effect_correct" in self.effects
+        self.effects = {k: data[k] for k in EFFECT_KEYS if k in data}  # dense single-perturbation tables (analysis)
+        if all(k in data for k in LOGIT_EFFECT_KEYS):  # the accuracy rule's tables
+            from wide_env.gating.effects import EffectLookup
+
+            self.logit_effects = EffectLookup.from_trace(data)
+        self.has_effects = self.logit_effects is not None
         self.meta = trace_meta(data)
         self._valid_starts: dict[int, np.ndarray] = {}
 

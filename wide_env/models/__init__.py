@@ -1,1 +1,2 @@
-"""Real MoE models for wide-env: tiny byte-level MoE LM (train/export/live) and the HF trace recorder."""
+"""Real MoE models for wide-env: the byte-level MoE LMs (train, export, live backend, budget calibration,
+rule-vs-live agreement) and the Hugging Face trace recorder."""

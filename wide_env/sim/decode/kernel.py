@@ -5,9 +5,12 @@ For each episode (row) ``b`` taking part, :func:`run_rows` does, at its current 
 * **evaluate**: energies in the three scopes, executed count, deadline misses and latency of the executed
   mask; each Top-K slot's server (its own expert if executed and on time, else the executed on-time expert of
   least weighted mismatch, or skip when that is smaller; ties to the lowest index); the deviation estimate;
-  the budget terms (sim.deviation.budget_overrun's rule); the three reward terms; the token's accuracy so far;
-* **step** (evaluate, then commit): fold the layer into the token's accuracy, advance the layer / token /
-  episode, flag episodes whose planned chunk is used up (``replan``), and write the next observation;
+  the budget terms (sim.deviation.budget_overrun's rule); the reward terms; the token's accuracy so far (the
+  accuracy rule of :mod:`wide_env.gating.effects`: fold the layer's table rows into the token's accumulator,
+  then decide);
+* **step** (evaluate, then commit): keep the token's accumulator (and, at its last layer, carry the context
+  term to the next token), advance the layer / token / episode, flag episodes whose planned chunk is used up
+  (``replan``), and write the next observation;
 * **observe**: write the observation of the current position.
 
 Everything else (planning channels and costs, resets) is numpy (:mod:`wide_env.sim.decode.plan`). Numba
@@ -36,10 +39,11 @@ NI = len(INT_FIELDS)
 UPLINK, COMM, SYSTEM, LATENCY = range(4)
 # plan Top-K energies (C, L, B, 2): columns of
 TOPK_ENERGY, REFERENCE = range(2)
-# state counters (B, 4) int64, amounts (B, 2) float64, flags (B, 3) bool: columns of
+# state counters (B, 4) int64, amounts (B, 2 + MAX_ACC_DIM) float64, flags (B, 1) bool: columns of
 TOKEN, LAYER, CHUNK_START, START = range(4)
-BUDGET_USED, DELTA_LOSS = range(2)
-DONE, PERTURBED_SAME, PERTURBED_CORRECT = range(3)
+BUDGET_USED, CONTEXT, ACC = range(3)  # ACC: the token's accuracy accumulator starts here
+MAX_ACC_DIM = 8  # wide_env.gating.effects.MAX_ACC_DIM
+DONE = 0
 # integer constants, then where the observation's keys start in the flat observation: the gating and step
 # keys of OBSERVATION_KEYS, then the planned per-expert keys (wide_env.sim.decode.plan.EXPERT_KEYS)
 I_LAYERS, I_TOKENS, I_SPAN, I_ENFORCE, I_SCOPE, I_ACCURACY, I_OBJECTIVE = range(7)
@@ -55,9 +59,9 @@ I_PROBS_AT, I_MASK_AT, I_WEIGHT_AT, I_DEVIATION_AT, I_GAIN_AT, I_BUDGET_AT, I_PO
     range(I_AT, I_AT + len(OBSERVATION_KEYS))
 I_EXPERT_AT = I_AT + len(OBSERVATION_KEYS)  # one start per planned per-expert key
 # float constants: scalars, then eps_l (L values), kappa_l (L values), the observation's budget unit (L values)
-F_SPAN_BUDGET, F_DEVIATION_WEIGHT, F_DEADLINE_WEIGHT, F_ACCURACY_WEIGHT, F_LAYER_DEN, F_TOKEN_DEN, F_MAX_DEVIATION = \
-    range(7)
-F_LAYER_BUDGET = 7
+(F_SPAN_BUDGET, F_DEVIATION_WEIGHT, F_DEADLINE_WEIGHT, F_ACCURACY_WEIGHT, F_LAYER_DEN, F_TOKEN_DEN, F_MAX_DEVIATION,
+ F_CONTEXT_DECAY, F_CONTEXT_WEIGHT) = range(9)
+F_LAYER_BUDGET = 9
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -68,14 +72,15 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     executed (B, E) bool; plan (step-major, see wide_env.sim.decode.plan) = (costs (C, Lc, B, 4, E),
     meets_deadline (C, Lc, B, E), topk (C, L, B, 2), topk_idx (C, L, B, K), deviation_table (C, L, B, K, E+1),
     probs (C, L, B, E) float32, topk_weight (C, L, B, K), obs_gain (C, Lf, B, N) float32, obs_expert
-    (C, L, B, P, E) float32 (the planned per-expert keys), effect_code (C, L, B, K (E+1)) uint8, effect_dloss
-    (C, L, B, K (E+1)) float32, full_correct (C, 1, B) bool); state = (counters (B, 4), amounts (B, 2),
-    flags (B, 3)); consts = (int64 constants, float64 constants). Outputs: values (B, FLOAT_FIELDS),
+    (C, L, B, P, E) float32 (the planned per-expert keys), effect_rows (C, L, B, K (E+1)) int32 (the accuracy
+    table's row of every slot and server), effect_base (C, 1, B, n) float64, full_correct (C, 1, B) bool,
+    effect_values (R + 1, D) float64 (the rows)); state = (counters (B, 4), amounts (B, 2 + MAX_ACC_DIM),
+    flags (B, 1)); consts = (int64 constants, float64 constants). Outputs: values (B, FLOAT_FIELDS),
     counts (B, INT_FIELDS + K servers), obs (B, D) float32, replan (B,) bool.
 
     One function (no nested compiled calls): numba compiles it once, in about a second."""
     costs, meets, topk, topk_idx, deviation_table, probs, topk_weight = plan[:7]
-    gain, obs_expert, effect_code, effect_dloss, full_correct = plan[7:]
+    gain, obs_expert, effect_rows, effect_base, full_correct, effect_values = plan[7:]
     counters, amounts, flags = state
     ints, floats = consts
     n_layers, n_tokens, span = ints[I_LAYERS], ints[I_TOKENS], ints[I_SPAN]
@@ -85,6 +90,10 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     B, E = executed.shape
     C, K = costs.shape[0], topk_idx.shape[3]
     per_layer_costs, per_layer_fading = costs.shape[1] > 1, gain.shape[1] > 1
+    n_acc, n_cand = effect_values.shape[1], effect_base.shape[3]
+    # several perturbations of a token add their frozen-routing rows when the table has them (effects.decide)
+    has_frozen = n_acc == 2 * n_cand + 2
+    acc = np.zeros(MAX_ACC_DIM)
     flagged = 0
     for b in range(B):
         if not rows[b]:
@@ -150,19 +159,33 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                 reward_deviation = 0.0
             reward_energy = -energy / topk[c, l, b, REFERENCE]
             reward_deadline = -floats[F_DEADLINE_WEIGHT] * misses if enforce else 0.0
-            # the token's real accuracy with this layer folded in (effect tables of single perturbations,
-            # neutral where a slot is served by its own expert): prediction unchanged iff every perturbation
-            # so far left it unchanged (then correct iff the full model is), else correct iff every
-            # perturbation left it correct; loss changes add up
-            same, correct, dloss = flags[b, PERTURBED_SAME], flags[b, PERTURBED_CORRECT], amounts[b, DELTA_LOSS]
-            full = True
+            # the token's real accuracy with this layer folded in (wide_env.gating.effects): add each slot's
+            # table row (zero where the slot is served by its own expert) to the token's accumulator, then
+            # decide between the target, the competitors and the rest
+            same = correct = full = True
+            dloss = 0.0
             if has_accuracy:
+                for d in range(n_acc):
+                    acc[d] = amounts[b, ACC + d]
                 for k in range(K):
-                    at = k * (E + 1) + counts[b, NI + k]
-                    code = effect_code[c, l, b, at]
-                    correct = correct and (code & 1) != 0
-                    same = same and (code & 2) != 0
-                    dloss += effect_dloss[c, l, b, at]
+                    row = effect_rows[c, l, b, k * (E + 1) + counts[b, NI + k]]
+                    for d in range(n_acc):
+                        acc[d] += effect_values[row, d]
+                off = n_cand + 1 if has_frozen and acc[n_acc - 1] > 1.5 else 0
+                full_winner = 0
+                for i in range(1, n_cand):
+                    if effect_base[c, 0, b, i] > effect_base[c, 0, b, full_winner]:
+                        full_winner = i
+                winner = 0
+                best = -np.inf
+                for i in range(n_cand):
+                    score = effect_base[c, 0, b, i] + acc[off + i]
+                    if i == full_winner:  # the context term: earlier tokens' losses weaken the full prediction
+                        score -= floats[F_CONTEXT_WEIGHT] * amounts[b, CONTEXT]
+                    if score > best:
+                        best = score
+                        winner = i
+                correct, same, dloss = winner == 0, winner == full_winner, acc[n_cand]
                 full = full_correct[c, 0, b]
             # the accuracy objective: the token's real loss increase, when its last layer completes it
             reward_accuracy = -floats[F_ACCURACY_WEIGHT] * dloss if on_accuracy and l == n_layers - 1 else 0.0
@@ -190,16 +213,15 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             counts[b, 6] = skipped
             counts[b, 7] = l
             counts[b, 8] = token
-            counts[b, 9] = full if same else correct
+            counts[b, 9] = correct
             counts[b, 10] = same
             counts[b, 11] = full
             counts[b, 12] = l == n_layers - 1
             if mode == EVALUATE:
                 continue
             # ---- commit: accuracy bookkeeping, then advance to the next layer / token / episode end
-            flags[b, PERTURBED_SAME] = same
-            flags[b, PERTURBED_CORRECT] = correct
-            amounts[b, DELTA_LOSS] = dloss
+            for d in range(n_acc):
+                amounts[b, ACC + d] = acc[d]
             if span != SPAN_LAYER:
                 amounts[b, BUDGET_USED] += weighted
             if l + 1 < n_layers:
@@ -211,9 +233,10 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                 counters[b, TOKEN] = token + 1
                 if span == SPAN_TOKEN:
                     amounts[b, BUDGET_USED] = 0.0
-                amounts[b, DELTA_LOSS] = 0.0
-                flags[b, PERTURBED_SAME] = True
-                flags[b, PERTURBED_CORRECT] = True
+                if has_accuracy:  # the context term carried to the next token; a fresh accumulator
+                    amounts[b, CONTEXT] = floats[F_CONTEXT_DECAY] * amounts[b, CONTEXT] + max(dloss, 0.0)
+                    for d in range(n_acc):
+                        amounts[b, ACC + d] = 0.0
                 if token + 1 - counters[b, CHUNK_START] >= C:
                     replan[b] = True
                     flagged += 1

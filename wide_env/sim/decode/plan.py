@@ -53,11 +53,11 @@ class TokenPlan:
     deadline_probability: np.ndarray  # (C, Lc, n, E) P(meeting the deadline | what the device knows)
     channel_gain_db: np.ndarray  # (C, Lf, n, N)
     helper_positions: np.ndarray  # (C, 1, n, N, 2) m, where the helpers are at each token
-    # real accuracy, the effect tables' rows of the planned tokens (sources without tables: width 0): per
-    # (slot, server) a code (bit 0: stays correct, bit 1: keeps the full model's prediction; 3 where a slot is
-    # served by its own expert) and the loss change (nats); whether the full model predicts each token
-    effect_code: np.ndarray  # (C, L, n, K (E+1)) uint8
-    effect_dloss: np.ndarray  # (C, L, n, K (E+1)) float32
+    # real accuracy (wide_env.gating.effects; sources without its tables: width 0): the accuracy table's row of
+    # every (slot, server) of the planned tokens (the zero row where a slot is served by its own expert), the
+    # tokens' base values (the full model's candidate logits) and whether the full model predicts each token
+    effect_rows: np.ndarray  # (C, L, n, K (E+1)) int32
+    effect_base: np.ndarray  # (C, 1, n, M + 2) float64
     full_correct: np.ndarray  # (C, 1, n) bool
 
     @property
@@ -99,7 +99,7 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
     """Channels, gating and costs of tokens chunk_start .. chunk_start+chunk-1 for episodes ``rows`` of
     ``state`` (None = all); advances their fading (and mobility) state. ``fresh``: the stored channel is
     already token 0's (just reset), so the first epoch does not fade. ``effects``: the source's accuracy
-    lookups (code (T, L, K (E+1)), dloss, full_correct (T,)), or arrays with no rows."""
+    lookups (rows (T, L, K (E+1)), base (T, M + 2), full_correct (T,), ...), or arrays with no rows."""
     sel = slice(None) if rows is None else rows
     cfg = scn.config
     pl, ch = cfg.placement, cfg.channel
@@ -144,16 +144,16 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
     plan = _plan_costs(scn, rng, gains.reshape(shape), path_gains.reshape(shape), delays.reshape(shape),
                        known.reshape(shape), gating, where)
     check_finite(scn, plan)
-    code, dloss, full = effects
-    if code.shape[0]:
+    table_rows, base, full = effects[:3]
+    if table_rows.shape[0]:
         L = scn.n_layers
         rows = (positions[:, None, :] * L + np.arange(L)[:, None]).reshape(-1)  # (c, l, b) order
-        plan.effect_code = np.take(code.reshape(-1, code.shape[-1]), rows, axis=0).reshape(chunk, L, n, -1)
-        plan.effect_dloss = np.take(dloss.reshape(-1, dloss.shape[-1]), rows, axis=0).reshape(chunk, L, n, -1)
+        plan.effect_rows = np.take(table_rows.reshape(-1, table_rows.shape[-1]), rows, axis=0).reshape(chunk, L, n, -1)
+        plan.effect_base = np.take(base, positions, axis=0)[:, None]
         plan.full_correct = np.take(full, positions)[:, None, :]
     else:
-        plan.effect_code = np.zeros((chunk, scn.n_layers, n, 0), dtype=np.uint8)
-        plan.effect_dloss = np.zeros((chunk, scn.n_layers, n, 0), dtype=np.float32)
+        plan.effect_rows = np.zeros((chunk, scn.n_layers, n, 0), dtype=np.int32)
+        plan.effect_base = np.zeros((chunk, 1, n, 0))
         plan.full_correct = np.ones((chunk, 1, n), dtype=bool)
     return plan
 
@@ -213,7 +213,7 @@ def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, know
         deviation_table=gating.deviation_table.reshape(C, L, n, -1, E + 1),
         obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32), obs_expert=obs_expert,
         deadline_probability=knowable[..., 1, :], channel_gain_db=gain_db, helper_positions=positions,
-        effect_code=None, effect_dloss=None, full_correct=None)
+        effect_rows=None, effect_base=None, full_correct=None)
 
 
 def _slotted_uplink(scn: Scenario, rng, channel_gain, path_gains, downlink_time):

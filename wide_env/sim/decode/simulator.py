@@ -14,6 +14,7 @@ import weakref
 import numpy as np
 
 from wide_env.config import ConfigError, WideConfig
+from wide_env.gating import effects
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import draw_helpers
 from wide_env.sim.decode import kernel
@@ -51,7 +52,7 @@ class DecodeSimulator:
         self.layout = observation_layout(self.n_experts, self.top_k, self.n_nodes)
         self.obs_slices = observation_slices(self.layout)
         self.obs_size = sum(size for size, _, _ in self.layout.values())
-        self.has_accuracy = bool(getattr(source, "has_effects", False))
+        self.has_accuracy = getattr(source, "logit_effects", None) is not None
         sl = self.obs_slices
         written = kernel.OBSERVATION_KEYS + EXPERT_KEYS
         if sorted(sl) != sorted(written):  # the step kernel writes every key of the layout
@@ -61,7 +62,8 @@ class DecodeSimulator:
         span = {"layer": kernel.SPAN_LAYER, "token": kernel.SPAN_TOKEN, "episode": kernel.SPAN_EPISODE}[self.budget_mode]
         if config.reward.objective == "accuracy" and not self.has_accuracy:
             raise ConfigError("config field 'reward.objective' = 'accuracy' needs real accuracy: a gating trace with "
-                              "effect tables (the shipped one: gating.source = 'trace'); this source has none")
+                              "logit-effect tables (the shipped ones: gating.source = 'trace'); this source has none "
+                              "(re-export a trace with python -m wide_env.models.export)")
         objective = {"deviation": kernel.OBJECTIVE_DEVIATION, "accuracy": kernel.OBJECTIVE_ACCURACY}
         ints = [self.n_layers, self.n_tokens, span, self.enforce_deadline, scn.scope_index,
                 self.has_accuracy, objective[config.reward.objective]]
@@ -70,7 +72,8 @@ class DecodeSimulator:
         rw = config.reward
         floats = [0.0 if np.isnan(self.span_budget) else self.span_budget, rw.deviation_weight, rw.deadline_weight,
                   rw.accuracy_weight,
-                  max(self.n_layers - 1, 1), max(self.n_tokens - 1, 1), MAX_DEVIATION]
+                  max(self.n_layers - 1, 1), max(self.n_tokens - 1, 1), MAX_DEVIATION,
+                  effects.CONTEXT_DECAY, effects.CONTEXT_WEIGHT]
         assert len(floats) == kernel.F_LAYER_BUDGET
         self._consts = (np.array(ints, dtype=np.int64),
                         np.array(floats + list(self.layer_budget) + list(self.layer_weight) + list(scn.budget_unit),
@@ -191,33 +194,25 @@ class DecodeSimulator:
         if args is None:
             p = state.plan
             plan = (p.costs, p.meets_deadline, p.topk, p.topk_idx, p.deviation_table, p.probs, p.topk_weight, p.obs_gain,
-                    p.obs_expert, p.effect_code, p.effect_dloss, p.full_correct)
+                    p.obs_expert, p.effect_rows, p.effect_base, p.full_correct, self._accuracy[3])
             args = state.kernel_args = (plan, (state.counters, state.amounts, state.flags), self._consts)
         return args
 
     def _accuracy_tables(self) -> tuple:
-        """(code (T, L, K (E+1)) uint8, dloss (same) float32, full_correct (T,) bool), the plans gather their
-        tokens' rows: the code's bit 0 = stays correct, bit 1 = keeps the full model's prediction; neutral
-        (3, 0) wherever the slot is served by its own Top-K expert. Built once per source; no rows without
-        effect tables."""
-        src = self.source
-        if not self.has_accuracy:
+        """(rows (T, L, K (E+1)) int32, base (T, M + 2) float64, full_correct (T,) bool, values (R + 1, D) float64):
+        the accuracy rule's tables (wide_env.gating.effects) in the form the plans gather and the kernel folds,
+        built once per source; no rows without them."""
+        lookup = getattr(self.source, "logit_effects", None)
+        if lookup is None:
             L, KE = self.n_layers, self.top_k * (self.n_experts + 1)
-            return (np.zeros((0, L, KE), np.uint8), np.zeros((0, L, KE), np.float32), np.zeros(0, bool))
-        tables = _EFFECT_LOOKUPS.get(src)
+            return (np.zeros((0, L, KE), np.int32), np.zeros((0, 0)), np.zeros(0, bool), np.zeros((1, 0)))
+        tables = _EFFECT_LOOKUPS.get(self.source)
         if tables is None:
-            effects = src.effects
-            T, L, K, E1 = effects["effect_correct"].shape
-            code = effects["effect_correct"].astype(np.uint8)
-            if "effect_same" in effects:  # without it, only "no perturbation at all" keeps the prediction
-                code |= effects["effect_same"].astype(np.uint8) << 1
-            dloss = effects["effect_dloss"].astype(np.float32) if "effect_dloss" in effects else np.zeros(code.shape)
-            own = (*np.indices((T, L, K)), src.topk_idx)  # the slot's own expert: no perturbation
-            code[own] = 3
-            dloss[own] = 0.0
-            full = src.full_correct if src.full_correct is not None else np.ones(T, dtype=bool)
-            tables = _EFFECT_LOOKUPS[src] = (code.reshape(T, L, K * E1), dloss.astype(np.float32).reshape(T, L, K * E1),
-                                             full.astype(bool))
+            T, L, K = lookup.topk_idx.shape
+            full = lookup.base[:, 0] >= lookup.base.max(axis=1)  # the target leads the full model's logits
+            tables = _EFFECT_LOOKUPS[self.source] = (
+                lookup.row_table().reshape(T, L, K * (self.n_experts + 1)), np.ascontiguousarray(lookup.base),
+                full, np.ascontiguousarray(lookup.values))
         return tables
 
     # ---- what the env front ends report -------------------------------------------------------------

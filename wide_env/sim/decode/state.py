@@ -31,8 +31,8 @@ class DecodeState:
     fading: np.ndarray  # (B, N, S) fading model state
     queue_last: np.ndarray  # (B, N) s, each helper's queueing delay at the last planned epoch
     counters: np.ndarray  # (B, 4) int64: token, layer, chunk_start (token of the plan's first), start (trace position)
-    amounts: np.ndarray  # (B, 2) float64: budget_used (this token, token mode), delta_loss (this token, nats)
-    flags: np.ndarray  # (B, 3) bool: done, perturbed_same, perturbed_correct (this token, effect tables)
+    amounts: np.ndarray  # (B, 2 + MAX_ACC_DIM) float64: budget_used (this token / episode), context, the accumulator
+    flags: np.ndarray  # (B, 1) bool: done
     plan: TokenPlan | None = None
     #: the step kernel's arguments for this state; None after the plan's arrays were replaced
     kernel_args: tuple | None = None
@@ -42,10 +42,8 @@ class DecodeState:
     chunk_start = _column("counters", k.CHUNK_START, "(B,) token index of the plan's first token")
     start = _column("counters", k.START, "(B,) trace position of token 0")
     budget_used = _column("amounts", k.BUDGET_USED, "(B,) weighted deviation spent this token (token mode)")
-    delta_loss = _column("amounts", k.DELTA_LOSS, "(B,) summed single-perturbation loss changes of this token")
+    context = _column("amounts", k.CONTEXT, "(B,) the accuracy rule's context term (earlier tokens' losses, decaying)")
     done = _column("flags", k.DONE, "(B,) episode over (truncated)")
-    perturbed_same = _column("flags", k.PERTURBED_SAME, "(B,) every perturbation kept the full model's prediction")
-    perturbed_correct = _column("flags", k.PERTURBED_CORRECT, "(B,) every perturbation kept the prediction correct")
 
     @classmethod
     def new(cls, positions, waypoints, speeds, path_state, path_gain, fading, queue_last, start) -> "DecodeState":
@@ -53,11 +51,10 @@ class DecodeState:
         B = start.shape[0]
         counters = np.zeros((B, 4), dtype=np.int64)
         counters[:, k.START] = start
-        flags = np.zeros((B, 3), dtype=bool)
-        flags[:, k.PERTURBED_SAME] = flags[:, k.PERTURBED_CORRECT] = True
+        flags = np.zeros((B, 1), dtype=bool)
         return cls(positions=positions, waypoints=waypoints, speeds=speeds, path_state=path_state, path_gain=path_gain,
                    fading=fading, queue_last=queue_last,
-                   counters=counters, amounts=np.zeros((B, 2)), flags=flags)
+                   counters=counters, amounts=np.zeros((B, k.ACC + k.MAX_ACC_DIM)), flags=flags)
 
     @property
     def batch_size(self) -> int:
