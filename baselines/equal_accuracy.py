@@ -11,10 +11,12 @@ the knob is swept. What the baseline needs to reach an agent's accuracy ``a`` is
   interpolation between the two envelope vertices around ``a`` [choice: the strongest baseline that its own
   settings can realise; no extrapolation].
 * **Out of range.** ``a`` above the baseline's most accurate point: the baseline cannot reach it (status
-  ``"above"``, energy infinite: the agent wins outright). ``a`` below its least-energy point: the sweep did not
-  go far enough (status ``"below"``, energy NaN: no claim); widen the budget scales.
+  ``"above"``, E* infinite). ``a`` below its least-energy point: the sweep did not go far enough (status
+  ``"below"``, energy NaN: no claim); widen the budget scales.
 * **Ratio.** ``energy_ratio = E_agent / E*(a_agent)`` with means over the same episodes (< 1: the agent needs
-  less energy than the baseline at the agent's own accuracy).
+  less energy than the baseline at the agent's own accuracy). Above the range the ratio is bounded instead:
+  ``E_agent / E(most accurate point)``, since the baseline needs at least that energy and still falls short (an
+  upper bound of the ratio, conservative for the agent).
 * **Paired confidence interval.** A percentile bootstrap over episodes: each replicate draws episode indices
   with replacement and uses the *same* draws for the agent and for every budget setting of the baseline (the
   episodes are paired: same seeds, same channels and tokens), recomputes the means, the envelope and the ratio.
@@ -22,7 +24,7 @@ the knob is swept. What the baseline needs to reach an agent's accuracy ``a`` is
   1/16 with 16 tokens), so per-episode curves are step functions, often non-monotone, and the ratio of their
   interpolations is dominated by the coarse grid; the bootstrap keeps the ratio of means that the table
   reports and propagates the uncertainty of both the agent's point and the baseline's curve. Replicates whose
-  target falls above the baseline's range count as ratio 0, those below as undefined (their share is
+  target falls above the baseline's range use the bound above, those below are undefined (their share is
   reported, ``out_of_range``).
 
 All inputs are plain arrays, so the functions are checked on hand-made curves in the tests; the benchmark
@@ -111,9 +113,11 @@ def mix_at_accuracy(point: FrontPoint, values) -> float:
 
 
 def _ratio(agent_energy: float, agent_accuracy: float, base_energy, base_accuracy) -> tuple[float, FrontPoint]:
-    point = energy_at_accuracy(accuracy_energy_front(base_energy, base_accuracy), agent_accuracy)
-    if point.status == "above":
-        return 0.0, point
+    front = accuracy_energy_front(base_energy, base_accuracy)
+    point = energy_at_accuracy(front, agent_accuracy)
+    if point.status == "above":  # bounded by the most accurate point's energy (module docstring)
+        top = float(front.energy[-1])
+        return (agent_energy / top if top > 0 else float("nan")), point
     if point.status == "below" or point.energy <= 0:
         return float("nan"), point
     return agent_energy / point.energy, point
