@@ -242,14 +242,14 @@ ACCURACY_MODES = ("auto", "rule", "live")
 def accuracy_env_kwargs(env_id: str, kwargs: dict, accuracy: str) -> dict:
     """``kwargs`` with ``gating.backend = "live"`` where the accuracy figures must come from the live model:
     always for "live"; for "auto" when the source's accuracy rule is not validated against the live model
-    (a profile outside :data:`wide_env.profiles.ACCURACY_RULE_VALIDATED`, or another trace) and torch is
+    (:func:`wide_env.profiles.accuracy_rule_validated`) and torch is
     installed (without torch the rule is used, and the rows say so)."""
     import importlib.util
 
     import gymnasium as gym
 
     from wide_env.config import WideConfig
-    from wide_env.profiles import ACCURACY_RULE_VALIDATED
+    from wide_env.profiles import accuracy_rule_validated
 
     if accuracy not in ACCURACY_MODES:
         raise ValueError(f"accuracy must be one of {list(ACCURACY_MODES)}, got {accuracy!r}")
@@ -263,7 +263,7 @@ def accuracy_env_kwargs(env_id: str, kwargs: dict, accuracy: str) -> dict:
     config = WideConfig.from_dict(kwargs.get("config"), preset=kwargs.get("preset", spec.kwargs.get("preset")))
     if config.gating.source != "trace" or config.gating.backend == "live":
         return kwargs
-    validated = config.profile in ACCURACY_RULE_VALIDATED and config.gating.trace_path is None
+    validated = accuracy_rule_validated(config)
     if accuracy == "auto" and (validated or importlib.util.find_spec("torch") is None):
         return kwargs
     return {**kwargs, "config": deep_merge(kwargs.get("config") or {}, {"gating": {"backend": "live"}})}

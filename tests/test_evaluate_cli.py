@@ -155,8 +155,24 @@ def test_accuracy_comes_from_the_live_model_where_the_rule_is_not_validated():
     assert tiny[0]["source_of_accuracy"] == "rule" and tiny[0]["vec_env"] == "native"
     live = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False)
     assert live[0]["source_of_accuracy"] == "live" and live[0]["vec_env"] == "single"
-    rule = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False,
-                             accuracy="rule")
-    assert rule[0]["source_of_accuracy"] == "rule" and rule[0]["vec_env"] == "native"
+    with pytest.warns(UserWarning, match="NOT validated.*gating.backend = 'live'"):
+        rule = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small,
+                                 progress=False, accuracy="rule")
+    assert rule[0]["source_of_accuracy"] == "rule_unvalidated" and rule[0]["vec_env"] == "native"
     with pytest.raises(ValueError, match="accuracy must be one of"):
         evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=1, accuracy="guess")
+
+
+def test_envs_say_where_their_accuracy_comes_from():
+    """The problem names the accuracy source; a rule not validated against the live model warns and says so."""
+    import gymnasium as gym
+
+    assert gym.make("wide_env/WideMoE-v0").unwrapped.problem.accuracy_source == "rule"
+    for make in (lambda: gym.make("wide_env/WideMoE-Switch-v0"),
+                 lambda: gym.make_vec("wide_env/WideMoE-GptOss-v0", num_envs=2,
+                                      vectorization_mode="vector_entry_point")):
+        with pytest.warns(UserWarning, match="accuracy in info comes from .* NOT validated"):
+            env = make()
+        assert env.unwrapped.problem.accuracy_source == "rule_unvalidated"
+    synthetic = gym.make("wide_env/WideMoE-Mixtral-v0", config={"gating": {"source": "synthetic"}})
+    assert synthetic.unwrapped.problem.accuracy_source == "none"

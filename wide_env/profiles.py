@@ -59,6 +59,12 @@ def profile_checkpoint(profile: str) -> str:
 ACCURACY_RULE_VALIDATED = frozenset({"tiny"})
 
 
+def accuracy_rule_validated(config) -> bool:
+    """Whether a config's accuracy rule is validated against the live model: a shipped trace of a profile in
+    :data:`ACCURACY_RULE_VALIDATED` (a user's trace never is)."""
+    return config.profile in ACCURACY_RULE_VALIDATED and config.gating.trace_path is None
+
+
 def _paper_gating(name: str, output_norm: float, synthetic_budget: float) -> dict[str, Any]:
     # the trace and checkpoint are the profile's shipped model (profile_trace / profile_checkpoint)
     return {"source": "trace",
