@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
+import warnings
 import sys
 
 import numpy as np
@@ -143,7 +144,13 @@ def test_batched_observations_through_a_saved_maskable_agent():
         obs, *_ = venv.step(action)
 
 
-def test_accuracy_comes_from_the_live_model_where_the_rule_is_not_validated():
+@pytest.fixture
+def fresh_accuracy_warnings(monkeypatch):
+    """The unvalidated-rule warning comes once per profile and process: start from none given."""
+    monkeypatch.setattr("wide_env.envs.decode._WARNED_UNVALIDATED", set())
+
+
+def test_accuracy_comes_from_the_live_model_where_the_rule_is_not_validated(fresh_accuracy_warnings):
     """auto: the tiny model's rule (validated within 0.5 points of the live model) on the batched core; the
     deep Mixtral-shaped model's figures from the live model (single env); 'rule' forces the rule; rows and
     the printed table say which."""
@@ -163,8 +170,9 @@ def test_accuracy_comes_from_the_live_model_where_the_rule_is_not_validated():
         evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=1, accuracy="guess")
 
 
-def test_envs_say_where_their_accuracy_comes_from():
-    """The problem names the accuracy source; a rule not validated against the live model warns and says so."""
+def test_envs_say_where_their_accuracy_comes_from(fresh_accuracy_warnings):
+    """The problem names the accuracy source; a rule not validated against the live model warns (once per
+    profile) and says so."""
     import gymnasium as gym
 
     assert gym.make("wide_env/WideMoE-v0").unwrapped.problem.accuracy_source == "rule"
@@ -174,5 +182,8 @@ def test_envs_say_where_their_accuracy_comes_from():
         with pytest.warns(UserWarning, match="accuracy in info comes from .* NOT validated"):
             env = make()
         assert env.unwrapped.problem.accuracy_source == "rule_unvalidated"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gym.make("wide_env/WideMoE-Switch-v0").unwrapped.problem.accuracy_source == "rule_unvalidated"
     synthetic = gym.make("wide_env/WideMoE-Mixtral-v0", config={"gating": {"source": "synthetic"}})
     assert synthetic.unwrapped.problem.accuracy_source == "none"

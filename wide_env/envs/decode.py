@@ -66,15 +66,21 @@ ACCURACY_SOURCES = {"live": "measured on the live model",
                     "none": "not available for this gating source"}
 
 
+_WARNED_UNVALIDATED: set[str] = set()
+
+
 def accuracy_source_of(config) -> str:
     """Where a decoding config's accuracy figures come from (a key of :data:`ACCURACY_SOURCES`), warning once
-    where they come from a rule not validated against the live model."""
+    per profile where they come from a rule not validated against the live model."""
     if config.gating.backend == "live":
         return "live"
     if accuracy_rule_validated(config):
         return "rule"
-    warnings.warn(f"profile {config.profile!r}: accuracy in info comes from {ACCURACY_SOURCES['rule_unvalidated']}",
-                  UserWarning, stacklevel=2)
+    if config.profile not in _WARNED_UNVALIDATED:  # once per profile and process: envs are made by the hundred
+        _WARNED_UNVALIDATED.add(config.profile)
+        warnings.warn(f"profile {config.profile!r}: accuracy in info comes from "
+                      f"{ACCURACY_SOURCES['rule_unvalidated']}",
+                      UserWarning, stacklevel=2)
     return "rule_unvalidated"
 
 
