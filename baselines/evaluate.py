@@ -236,37 +236,26 @@ def resolve_vec_env(env_id: str, kwargs: dict, mode: str) -> str:
     return "native" if batched else "single"
 
 
-ACCURACY_MODES = ("auto", "rule", "live")
+ACCURACY_MODES = ("auto", "rule", "model", "live")
 
 
 def accuracy_env_kwargs(env_id: str, kwargs: dict, accuracy: str) -> dict:
-    """``kwargs`` with ``gating.backend = "live"`` where the accuracy figures must come from the live model:
-    always for "live"; for "auto" when the source's accuracy rule is not validated against the live model
-    (:func:`wide_env.profiles.accuracy_rule_validated`) and torch is
-    installed (without torch the rule is used, and the rows say so)."""
-    import importlib.util
-
+    """``kwargs`` with the decoding env's accuracy source set: "auto" keeps the env's (its
+    ``gating.accuracy``, by default the trace's rule where it is validated against the live model and the
+    model elsewhere when torch is installed), "rule" and "model" set ``gating.accuracy``, "live" runs the live
+    backend (``gating.backend = "live"``: the live router's gating in the observations; single env)."""
     import gymnasium as gym
-
-    from wide_env.config import WideConfig
-    from wide_env.profiles import accuracy_rule_validated
 
     if accuracy not in ACCURACY_MODES:
         raise ValueError(f"accuracy must be one of {list(ACCURACY_MODES)}, got {accuracy!r}")
-    if accuracy == "rule":
+    if accuracy == "auto":
         return kwargs
-    spec = gym.spec(env_id)
-    if "WideMoEEnv" not in str(spec.entry_point):  # the live backend serves the decoding env
-        if accuracy == "live":
-            raise ValueError(f"accuracy='live': {env_id} has no live backend (decoding envs only)")
+    if "WideMoEEnv" not in str(gym.spec(env_id).entry_point):  # accuracy is the decoding env's
+        if accuracy in ("live", "model"):
+            raise ValueError(f"accuracy={accuracy!r}: {env_id} reports no real accuracy (decoding envs only)")
         return kwargs
-    config = WideConfig.from_dict(kwargs.get("config"), preset=kwargs.get("preset", spec.kwargs.get("preset")))
-    if config.gating.source != "trace" or config.gating.backend == "live":
-        return kwargs
-    validated = accuracy_rule_validated(config)
-    if accuracy == "auto" and (validated or importlib.util.find_spec("torch") is None):
-        return kwargs
-    return {**kwargs, "config": deep_merge(kwargs.get("config") or {}, {"gating": {"backend": "live"}})}
+    gating = {"backend": "live"} if accuracy == "live" else {"accuracy": accuracy}
+    return {**kwargs, "config": deep_merge(kwargs.get("config") or {}, {"gating": gating})}
 
 
 def _make_eval_env(env_id: str, kwargs: dict, mode: str, episodes: int):
@@ -297,8 +286,9 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
         ``seed + i``),
         "single" (episode i = ``gym.make(...).reset(seed=seed + i)``) or "auto" (native where available).
     accuracy: where the real-accuracy figures come from (:func:`accuracy_env_kwargs`): "rule" (the trace's
-        accuracy rule), "live" (the live model, single env) or "auto" (the rule where it is validated against
-        the live model, else the live model when torch is installed). Rows say which (``source_of_accuracy``).
+        accuracy rule), "model" (the checkpoint decodes each token with the executed experts), "live" (the live
+        backend, single env) or "auto" (the env's default: the rule where it is validated against the live
+        model, else the model when torch is installed). Rows say which (``source_of_accuracy``).
 
     Returns one summary dict per (budget scale, policy); see :func:`summarize` for the fields.
     """
@@ -505,9 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="native: each policy's episodes as one batch on the native vector env; single: one env; "
                          "either way episode i is seeded seed + i; auto: native where the id has it")
     ap.add_argument("--accuracy", default="auto", choices=ACCURACY_MODES,
-                    help="where real accuracy comes from: rule (the trace's accuracy rule), live (the live model, "
-                         "single env) or auto (the rule where it agrees with the live model within 0.5 points, "
-                         "else the live model when torch is installed); the table says which")
+                    help="where real accuracy comes from: rule (the trace's accuracy rule), model (the checkpoint "
+                         "decodes each token with the executed experts), live (the live backend: live gating in the "
+                         "observations, single env) or auto (the env's default: the rule where it agrees with the "
+                         "live model within 0.5 points, else the model when torch is installed); the table says which")
     ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     ap.add_argument("--ray", action="store_true",
                     help="spread policies x budget scales x envs x episode chunks over a Ray cluster (pip install "

@@ -147,43 +147,57 @@ def test_batched_observations_through_a_saved_maskable_agent():
 @pytest.fixture
 def fresh_accuracy_warnings(monkeypatch):
     """The unvalidated-rule warning comes once per profile and process: start from none given."""
-    monkeypatch.setattr("wide_env.envs.decode._WARNED_UNVALIDATED", set())
+    monkeypatch.setattr("wide_env.envs.model_accuracy._WARNED_UNVALIDATED", set())
 
 
-def test_accuracy_comes_from_the_live_model_where_the_rule_is_not_validated(fresh_accuracy_warnings):
-    """auto: the tiny model's rule (validated within 0.5 points of the live model) on the batched core; the
-    deep Mixtral-shaped model's figures from the live model (single env); 'rule' forces the rule; rows and
-    the printed table say which."""
+def test_accuracy_comes_from_the_model_where_the_rule_is_not_validated(fresh_accuracy_warnings):
+    """auto: the tiny model's rule (validated within 0.5 points of the live model) and the deep Mixtral-shaped
+    model's figures measured on the model, both on the batched core; 'live' runs the live backend (single
+    env); 'rule' forces the rule; rows and the printed table say which."""
     pytest.importorskip("torch")
     from baselines.evaluate import evaluate_policies
 
     small = {"config": {"n_tokens": 2}}
     tiny = evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=2, env_kwargs=small, progress=False)
     assert tiny[0]["source_of_accuracy"] == "rule" and tiny[0]["vec_env"] == "native"
-    live = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False)
+    model = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False)
+    assert model[0]["source_of_accuracy"] == "model" and model[0]["vec_env"] == "native"
+    live = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False,
+                             accuracy="live")
     assert live[0]["source_of_accuracy"] == "live" and live[0]["vec_env"] == "single"
-    with pytest.warns(UserWarning, match="NOT validated.*gating.backend = 'live'"):
+    # Top-K executes the live Top-K: the model's own accuracy, whichever way it is measured
+    assert model[0]["accuracy_correct"] == live[0]["accuracy_correct"] == model[0]["accuracy_full"]
+    with pytest.warns(UserWarning, match="NOT validated.*gating.accuracy = 'model'"):
         rule = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small,
                                  progress=False, accuracy="rule")
     assert rule[0]["source_of_accuracy"] == "rule_unvalidated" and rule[0]["vec_env"] == "native"
     with pytest.raises(ValueError, match="accuracy must be one of"):
         evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=1, accuracy="guess")
+    with pytest.raises(ValueError, match="reports no real accuracy"):
+        evaluate_policies("wide_env/WideMoEPrefill-v0", ["topk"], episodes=1, accuracy="model")
 
 
 def test_envs_say_where_their_accuracy_comes_from(fresh_accuracy_warnings):
-    """The problem names the accuracy source; a rule not validated against the live model warns (once per
-    profile) and says so."""
+    """The problem names the accuracy source: the validated rule (tiny), the model (the deep profiles, torch
+    installed), or a rule not validated against the live model, which warns (once per profile) and says so."""
     import gymnasium as gym
 
     assert gym.make("wide_env/WideMoE-v0").unwrapped.problem.accuracy_source == "rule"
-    for make in (lambda: gym.make("wide_env/WideMoE-Switch-v0"),
-                 lambda: gym.make_vec("wide_env/WideMoE-GptOss-v0", num_envs=2,
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gym.make("wide_env/WideMoE-Switch-v0").unwrapped.problem.accuracy_source == "model"
+        vec = gym.make_vec("wide_env/WideMoE-GptOss-v0", num_envs=2, vectorization_mode="vector_entry_point")
+        assert vec.unwrapped.problem.accuracy_source == "model"
+    rule = {"gating": {"accuracy": "rule"}}
+    for make in (lambda: gym.make("wide_env/WideMoE-Switch-v0", config=rule),
+                 lambda: gym.make_vec("wide_env/WideMoE-GptOss-v0", num_envs=2, config=rule,
                                       vectorization_mode="vector_entry_point")):
         with pytest.warns(UserWarning, match="accuracy in info comes from .* NOT validated"):
             env = make()
         assert env.unwrapped.problem.accuracy_source == "rule_unvalidated"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert gym.make("wide_env/WideMoE-Switch-v0").unwrapped.problem.accuracy_source == "rule_unvalidated"
+        assert gym.make("wide_env/WideMoE-Switch-v0", config=rule).unwrapped.problem.accuracy_source == \
+            "rule_unvalidated"
     synthetic = gym.make("wide_env/WideMoE-Mixtral-v0", config={"gating": {"source": "synthetic"}})
     assert synthetic.unwrapped.problem.accuracy_source == "none"

@@ -133,7 +133,14 @@ class GatingConfig:
     #: (torch) token by token with the executed experts, so later layers' gates and the next-token outcome
     #: are real (needs the trace the checkpoint exported; single env only).
     backend: str = "table"
-    #: directory of the live backend's checkpoint (moe_lm.safetensors + moe_lm.json); None = the profile's shipped model.
+    #: where info's real-accuracy figures come from (docs/model.md#accuracy-sources): "rule" (the trace's
+    #: logit-effect rule, numpy), "model" (the checkpoint decodes every token with the experts that executed in
+    #: time: what the live model gives for them; torch; the observations keep the trace's gating) or "auto"
+    #: (the rule where it is validated against the live model, profile tiny's shipped trace; elsewhere the
+    #: model when torch is installed). The live backend measures accuracy itself.
+    accuracy: str = "auto"
+    #: directory of the checkpoint the live backend and the model accuracy run (moe_lm.safetensors +
+    #: moe_lm.json); None = the profile's shipped model.
     checkpoint_dir: str | None = None
     #: synthetic: typical norm of one expert's output, i.e. D(i, skip) [choice; sets the deviation scale].
     output_norm: float = _range(1.0, 1e-6, 1e6, _MODEL_UNITS)
@@ -153,6 +160,10 @@ class GatingConfig:
     def validate(self, path: str = "gating") -> None:
         _check_choice(f"{path}.source", self.source, ("synthetic", "trace"))
         _check_choice(f"{path}.backend", self.backend, ("table", "live"))
+        _check_choice(f"{path}.accuracy", self.accuracy, ("auto", "rule", "model"))
+        if self.accuracy == "model" and self.source != "trace":
+            _fail(f"{path}.accuracy", self.accuracy, "the model decodes a trace's text: set gating.source = 'trace' "
+                  "(or gating.accuracy = 'auto')")
         if self.backend == "live" and self.source != "trace":
             _fail(f"{path}.backend", self.backend, "the live backend replays a trace's text: set gating.source = 'trace'")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):

@@ -9,6 +9,8 @@ import numbers
 
 import numpy as np
 
+from wide_env.envs.model_accuracy import model_accuracy_for
+
 
 class EpisodeBatch:
     """The simulator, the state of ``num_envs`` episodes, their latest observation, per-row step counts
@@ -33,11 +35,15 @@ class EpisodeBatch:
         self.obs: np.ndarray | None = None  # (B, D) float32, the current observations (fresh after each call)
         self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
         self.pending = np.zeros(self.num_envs, dtype=bool)  # episode over at the previous step (autoreset)
+        #: the decoding accuracy measured on the model (gating.accuracy), or None (the simulator's own figures)
+        self.accuracy = model_accuracy_for(sim, self.num_envs)
 
     # ---- resets ----------------------------------------------------------------------------------
     def reset_all(self, rng: np.random.Generator) -> None:
         self.state = self.sim.reset(rng, self.num_envs)
         self.obs = self.sim.observe(self.state)
+        if self.accuracy is not None:
+            self.accuracy.start(self.state)
         self.elapsed[:] = 0
         self.pending[:] = False
 
@@ -46,6 +52,8 @@ class EpisodeBatch:
         if rows.size == self.num_envs:
             return self.reset_all(rng)
         self.sim.reset_rows(rng, self.state, rows)
+        if self.accuracy is not None:
+            self.accuracy.start(self.state, rows)
         mask = np.zeros(self.num_envs, dtype=bool)
         mask[rows] = True
         self.obs = self.sim.observe(self.state, mask, self.obs.copy())
@@ -57,7 +65,13 @@ class EpisodeBatch:
         """Step every row not yet finished (finished rows report zeros); returns (outcome, truncated (B,)).
         The observations after the step are in ``self.obs`` (a fresh array)."""
         self.obs = obs = np.empty_like(self.obs)
-        outcome = self.sim.step(rng, self.state, executed, obs)
+        state, measured = self.state, self.accuracy
+        if measured is not None:  # what the step is about to serve, for the model's decoding
+            stepped, layer, position = ~state.done, state.layer.copy(), state.start + state.token
+            effective = np.asarray(executed, dtype=bool) & self.sim.on_time(state)
+        outcome = self.sim.step(rng, state, executed, obs)
+        if measured is not None:
+            measured.record(outcome, stepped, position, layer, effective)
         truncated = self.state.done.copy()
         if self.max_episode_steps is not None:
             self.elapsed += 1

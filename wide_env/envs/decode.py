@@ -6,7 +6,6 @@ The env is a batch of one of the decoding simulator (:mod:`wide_env.sim.decode`)
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +15,8 @@ from gymnasium import spaces
 
 from wide_env.config import WideConfig
 from wide_env.envs.batch import EpisodeBatch
+from wide_env.envs.model_accuracy import ACCURACY_SOURCES, accuracy_source_of  # noqa: F401 (re-exported)
 from wide_env.gating import make_gating_source
-from wide_env.profiles import accuracy_rule_validated
 from wide_env.sim.decode import DecodeSimulator
 
 INFO_KEYS = (
@@ -50,38 +49,11 @@ class DecodeProblem:
     budget_mode: str
     flatten: bool
     obs_slices: dict
-    #: where the real-accuracy figures come from: "live" (the model run with the executed experts), "rule" (the
-    #: trace's accuracy rule, wide_env.gating.effects, validated against the live model), "rule_unvalidated"
-    #: (the same rule where it is not validated) or "none" (a source without accuracy)
+    #: where the real-accuracy figures come from (wide_env.envs.model_accuracy.ACCURACY_SOURCES): "live" (the live
+    #: backend), "model" (the checkpoint decodes each token with the executed experts), "rule" (the trace's
+    #: accuracy rule, wide_env.gating.effects, validated against the live model), "rule_unvalidated" (the same
+    #: rule where it is not validated) or "none" (a source without accuracy)
     accuracy_source: str = "none"
-
-
-#: what each accuracy source means, for tables and plots
-ACCURACY_SOURCES = {"live": "measured on the live model",
-                    "rule": "the logit-effect rule of the trace (agrees with the live model, docs/real-model.md)",
-                    "rule_unvalidated": "the logit-effect rule of the trace, NOT validated for this profile or trace "
-                                        "(the deep paper-profile models: off by 1 to 20 points, optimistic beyond "
-                                        "their default budget; "
-                                        "docs/real-model.md); config gating.backend = 'live' measures it",
-                    "none": "not available for this gating source"}
-
-
-_WARNED_UNVALIDATED: set[str] = set()
-
-
-def accuracy_source_of(config) -> str:
-    """Where a decoding config's accuracy figures come from (a key of :data:`ACCURACY_SOURCES`), warning once
-    per profile where they come from a rule not validated against the live model."""
-    if config.gating.backend == "live":
-        return "live"
-    if accuracy_rule_validated(config):
-        return "rule"
-    if config.profile not in _WARNED_UNVALIDATED:  # once per profile and process: envs are made by the hundred
-        _WARNED_UNVALIDATED.add(config.profile)
-        warnings.warn(f"profile {config.profile!r}: accuracy in info comes from "
-                      f"{ACCURACY_SOURCES['rule_unvalidated']}",
-                      UserWarning, stacklevel=2)
-    return "rule_unvalidated"
 
 
 def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
@@ -90,7 +62,7 @@ def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
         n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes, n_tokens=sim.n_tokens,
         deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode, flatten=flatten,
         obs_slices=dict(sim.obs_slices),
-        accuracy_source=accuracy_source_of(sim.config) if sim.has_accuracy else "none")
+        accuracy_source=accuracy_source_of(sim.config, sim.source) if sim.has_accuracy else "none")
 
 
 def observation_space_for(layout, flatten: bool) -> spaces.Space:
@@ -230,7 +202,6 @@ class WideMoEEnv(gym.Env):
         self._live = None
         if self.config.gating.backend == "live":
             from wide_env.envs.live_backend import LiveBackend
-
             from wide_env.profiles import profile_checkpoint
 
             self._live = LiveBackend(sim.source, self.config.gating.checkpoint_dir

@@ -30,17 +30,7 @@ import time
 import numpy as np
 
 from wide_env.gating.effects import LOGIT_EFFECT_FROZEN, EffectLookup, context_after
-
-
-def serve_batch(D: np.ndarray, topk_idx: np.ndarray, executed: np.ndarray) -> np.ndarray:
-    """The combine rule for N (token, layer) rows: D (N, E, E+1) each row's layer table, topk_idx (N, K),
-    executed (N, E) bool. Returns (N, K) servers (E = skip): the executed expert with the least D, or skip
-    when that is smaller; ties go to the lowest index (an expert as good as skipping serves)."""
-    N, K = topk_idx.shape
-    E = executed.shape[1]
-    rows = np.take_along_axis(D, topk_idx[:, :, None].astype(np.int64), axis=1)  # (N, K, E+1)
-    allowed = np.concatenate([executed, np.ones((N, 1), bool)], 1)[:, None, :]
-    return np.where(allowed, rows, np.inf).argmin(-1)
+from wide_env.models.decoder import serve_batch
 
 
 def collect_live(env_id: str, config: dict, policy: str, episodes: int, seed: int) -> dict:

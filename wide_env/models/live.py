@@ -1,9 +1,7 @@
-"""Live backend: run the tiny MoE LM token by token (KV cache) with a caller-chosen set of executed experts.
+"""Live backend: run a shipped MoE LM token by token (KV cache) with a caller-chosen set of executed experts.
 
-Combine rule (docs/model.md#deviation-estimate): at layer l with executed set A (a bool mask over the E
-experts), each Top-K slot i is served by phi(i) = i if i is executed, else by the executed j minimising
-D_l(i, j), or skipped when D_l(i, skip) is smaller (or nothing is executed); a skipped slot's weighted
-output is dropped. The layer output is sum_i w_i E_{phi(i)}(h).
+The decoding step and the combine rule are :mod:`wide_env.models.decoder`'s (one stream, plus an unperturbed
+reference stream with ``track_full``).
 
 Two ways to drive it:
 
@@ -27,14 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .decoder import ContextFull, Gates, StreamDecoder, serve_batch
 from .moe_lm import MoELM, combine_matrix, load_checkpoint
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRACE = DATA_DIR / "moe_trace.npz"
-
-
-class ContextFull(RuntimeError):
-    """The context reached the model's block_size; call reset() (the trace uses windows of block_size)."""
 
 
 @dataclass
@@ -60,35 +55,25 @@ class TokenResult:
 
 
 def serve_map(D_l: np.ndarray, topk_idx: np.ndarray, executed: np.ndarray) -> np.ndarray:
-    """phi for one layer: (K,) expert index serving each Top-K slot, or E for 'skip'."""
-    E = D_l.shape[0]
-    ex = np.flatnonzero(np.asarray(executed, bool))
-    phi = np.empty(len(topk_idx), np.int64)
-    for k, i in enumerate(np.asarray(topk_idx)):
-        if executed[i]:
-            phi[k] = i
-            continue
-        if ex.size:
-            j = ex[np.argmin(D_l[i, ex])]  # ties -> lowest index
-            phi[k] = j if D_l[i, j] <= D_l[i, E] else E
-        else:
-            phi[k] = E
-    return phi
+    """phi for one layer: (K,) expert index serving each Top-K slot, or E for 'skip' (:func:`serve_batch`)."""
+    return serve_batch(D_l, np.asarray(topk_idx)[None], np.asarray(executed, bool)[None])[0]
+
+
+def _gate(g: Gates, row: int = 0) -> LayerGate:
+    return LayerGate(g.layer, g.probs[row], g.topk_idx[row], g.topk_weight[row])
 
 
 class LiveMoE:
-    """Token-by-token execution of :class:`MoELM` under per-layer expert masks."""
+    """Token-by-token execution of :class:`MoELM` under per-layer expert masks: stream 0 of a
+    :class:`~wide_env.models.decoder.StreamDecoder` (stream 1 = the unperturbed model, with ``track_full``)."""
+
+    PERTURBED, REFERENCE = 0, 1
 
     def __init__(self, model: MoELM, mismatch: np.ndarray, track_full: bool = False):
-        self.model = model.eval()
-        cfg = model.cfg
-        self.cfg = cfg
-        self.L, self.E, self.K = cfg.n_layer, cfg.n_expert, cfg.top_k
-        D = np.asarray(mismatch, np.float64)
-        if D.shape != (self.L, self.E, self.E + 1):
-            raise ValueError(f"mismatch must have shape {(self.L, self.E, self.E + 1)}, got {D.shape}")
-        self.D = D
         self.track_full = track_full
+        self.decoder = StreamDecoder(model, mismatch, 2 if track_full else 1)
+        self.model, self.cfg, self.D = self.decoder.model, self.decoder.cfg, self.decoder.D
+        self.L, self.E, self.K = self.decoder.L, self.decoder.E, self.decoder.K
         self.reset()
 
     @classmethod
@@ -105,78 +90,38 @@ class LiveMoE:
         #: deviation bound sum_i w_i D_l(i, phi(i)) and measured ||layer output - full layer output|| of the
         #: layer execute() applied last (model units; NaN before the first execute)
         self.last_estimate = self.last_deviation = float("nan")
-        self._cache = [[None, None] for _ in range(self.L)]
-        self._ref_cache = [[None, None] for _ in range(self.L)]
-        self.pos = 0
+        self.decoder.reset()
         self._cur = None
+
+    @property
+    def pos(self) -> int:
+        """Tokens in the context."""
+        return int(self.decoder.length[self.PERTURBED])
 
     def truncate(self, pos: int) -> None:
         """Forget every token from position ``pos`` on (both streams): e.g. try several perturbations of the
         same token from the same prefix."""
         if not 0 <= pos <= self.pos:
             raise ValueError(f"cannot truncate to {pos}: context holds {self.pos} tokens")
-        for cache in (self._cache, self._ref_cache):
-            for kv in cache:
-                if kv[0] is not None:
-                    kv[0], kv[1] = kv[0][:, :, :pos], kv[1][:, :, :pos]
-        self.pos = pos
+        for row in range(self.decoder.n_streams):
+            self.decoder.truncate(row, pos)
         self._cur = None
 
     @property
     def block_size(self) -> int:
         return self.cfg.block_size
 
-    # ------------------------------------------------------------------ internals
-    def _attend(self, l: int, x: torch.Tensor, cache) -> torch.Tensor:
-        blk = self.model.blocks[l]
-        q, k, v = blk.qkv_heads(x)  # (1, H, 1, hd)
-        Kc, Vc = cache[l]
-        K_ = k if Kc is None else torch.cat([Kc, k], 2)
-        V_ = v if Vc is None else torch.cat([Vc, v], 2)
-        cache[l] = [K_, V_]
-        scale = q.shape[-1] ** -0.5
-        a = torch.softmax(torch.einsum("bhqd,bhtd->bhqt", q, K_) * scale, -1)
-        return x + blk.attn_out(torch.einsum("bhqt,bhtd->bhqd", a, V_))
-
-    def _embed(self, token_id: int) -> torch.Tensor:
-        if not 0 <= int(token_id) < self.cfg.vocab_size:
-            raise ValueError(f"token id {token_id} outside [0, {self.cfg.vocab_size})")
-        if self.pos >= self.cfg.block_size:
-            raise ContextFull(f"context is full ({self.cfg.block_size} tokens); call reset()")
-        t = torch.tensor([[int(token_id)]])
-        return self.model.tok(t) + self.model.pos(torch.tensor([self.pos]))
-
-    @torch.no_grad()
-    def _ref_logits(self, token_id: int) -> torch.Tensor:
-        x = self._embed(token_id)
-        for l, blk in enumerate(self.model.blocks):
-            r = self._attend(l, x, self._ref_cache)
-            h = blk.ln2(r).reshape(1, -1)
-            _, idx, w = blk.moe_route(h)
-            x = r + blk.experts.sparse(h, idx, w.to(h.dtype)).reshape(1, 1, -1)
-        return self.model.head_logits(x)[0, 0]
-
-    @torch.no_grad()
-    def _route(self) -> LayerGate:
-        c = self._cur
-        l = c["layer"]
-        blk = self.model.blocks[l]
-        r = self._attend(l, c["x"], self._cache)
-        h = blk.ln2(r).reshape(1, -1)
-        probs, idx, w = blk.moe_route(h)
-        c.update(r=r, h=h)
-        g = LayerGate(l, probs[0].numpy(), idx[0].numpy(), w[0].numpy())
-        c["gates"].append(g)
-        return g
-
     # ------------------------------------------------------------------ layer-by-layer API
     @torch.no_grad()
     def begin(self, token_id: int) -> LayerGate:
         """Start a token: returns layer 0's gating. Then call execute() once per layer."""
-        ref = self._ref_logits(token_id) if self.track_full else None
-        self._cur = dict(token=int(token_id), layer=0, x=self._embed(token_id), gates=[], ref=ref,
-                         served=np.zeros((self.L, self.K), np.int64), estimate=np.zeros(self.L), dev=np.zeros(self.L))
-        return self._route()
+        if self.pos >= self.cfg.block_size:
+            raise ContextFull(f"context is full ({self.cfg.block_size} tokens); call reset()")
+        ref = self.decoder.decode([self.REFERENCE], [token_id])[0] if self.track_full else None
+        g = _gate(self.decoder.begin([self.PERTURBED], [token_id]))
+        self._cur = dict(layer=0, gates=[g], ref=ref, served=np.zeros((self.L, self.K), np.int64),
+                         estimate=np.zeros(self.L), dev=np.zeros(self.L))
+        return g
 
     @torch.no_grad()
     def execute(self, executed: Optional[np.ndarray] = None, served: Optional[np.ndarray] = None) -> Optional[LayerGate]:
@@ -186,52 +131,41 @@ class LiveMoE:
         c = self._cur
         if c is None or c["layer"] >= self.L:
             raise RuntimeError("execute() called without a pending layer; call begin(token) first")
-        l = c["layer"]
-        blk = self.model.blocks[l]
-        g = c["gates"][-1]
-        if executed is None:
-            ex = np.zeros(self.E, bool)
-            ex[g.topk_idx] = True
-        else:
-            ex = np.asarray(executed, bool).reshape(-1)
-            if ex.shape != (self.E,):
+        if executed is not None:
+            executed = np.asarray(executed, bool).reshape(-1)
+            if executed.shape != (self.E,):
                 raise ValueError(f"executed mask must have shape ({self.E},), got {np.shape(executed)}")
-        if served is None:
-            phi = serve_map(self.D[l], g.topk_idx, ex)
-        else:
+            executed = executed[None]
+        if served is not None:
             phi = np.asarray(served, np.int64).reshape(-1)
             if phi.shape != (self.K,) or (phi < 0).any() or (phi > self.E).any():
                 raise ValueError(f"served must be {self.K} ints in [0, {self.E}], got {served!r}")
-        eo = blk.experts(c["h"])[0]  # (E, d)
-        w = torch.from_numpy(g.topk_weight.astype(np.float32))
-        full = (w[:, None] * eo[torch.from_numpy(g.topk_idx)]).sum(0)
-        C = torch.zeros(self.E + 1)
-        C.index_add_(0, torch.from_numpy(phi), w)
-        moe = C[: self.E] @ eo
-        c["served"][l] = phi
-        c["estimate"][l] = float((g.topk_weight * self.D[l, g.topk_idx, phi]).sum())
-        c["dev"][l] = float((full - moe).norm())
+            served = phi[None]
+        l = c["layer"]
+        nxt = self.decoder.execute(executed, served)
+        c["served"][l] = self.decoder.last_served[0]
+        c["estimate"][l], c["dev"][l] = self.decoder.last_estimate[0], self.decoder.last_deviation[0]
         self.last_estimate, self.last_deviation = c["estimate"][l], c["dev"][l]  # the estimate and the real
         # deviation of the layer output from the full Top-K model's
-        c["x"] = c["r"] + moe.reshape(1, 1, -1)
         c["layer"] = l + 1
-        if l + 1 < self.L:
-            return self._route()
-        return None
+        if nxt is None:
+            return None
+        g = _gate(nxt)
+        c["gates"].append(g)
+        return g
 
     @torch.no_grad()
     def finish(self, target: Optional[int] = None) -> TokenResult:
         c = self._cur
         if c is None or c["layer"] != self.L:
             raise RuntimeError("finish() called before every layer was executed")
-        logits = self.model.head_logits(c["x"])[0, 0]
+        logits = self.decoder.finish()[0]
         pred = int(logits.argmax())
         same = None if c["ref"] is None else bool(pred == int(c["ref"].argmax()))
         nll = None if target is None else float(-F.log_softmax(logits.double(), -1)[int(target)])
         full_nll = None
         if target is not None and c["ref"] is not None:
             full_nll = float(-F.log_softmax(c["ref"].double(), -1)[int(target)])
-        self.pos += 1
         self._cur = None
         return TokenResult(logits.numpy().copy(), pred, None if target is None else pred == int(target), same,
                            c["served"], c["estimate"], c["dev"], c["gates"], nll, full_nll)
@@ -265,21 +199,14 @@ class LiveMoE:
             return None
         head = ids[:-1]
         if head:
-            for t in head:
-                if not 0 <= t < self.cfg.vocab_size:
-                    raise ValueError(f"token id {t} outside [0, {self.cfg.vocab_size})")
             if self.pos + len(head) >= self.cfg.block_size:
                 raise ContextFull(f"context is full ({self.cfg.block_size} tokens); call reset()")
             if self.pos:  # continue an existing context token by token (the batched pass starts at position 0)
                 for t in head:
                     self.step(t)
             else:
-                rec: dict = {}
-                self.model(torch.tensor([head]), record=rec)
-                for l, lay in enumerate(rec["layers"]):
-                    self._cache[l] = [lay["k"], lay["v"]]
-                    self._ref_cache[l] = [lay["k"], lay["v"]]
-                self.pos = len(head)
+                rows = list(range(self.decoder.n_streams))
+                self.decoder.prefill(rows, [head] * len(rows))
         return self.step(ids[-1])
 
 
@@ -307,8 +234,7 @@ def replay_executed(model: MoELM, mismatch: np.ndarray, token_ids, targets, star
         C = combine_matrix(tidx, tw, E)
         idx = tidx[start : start + n].numpy()
         routed[:, l] = idx
-        for j in range(n):
-            served[j, l] = serve_map(D[l], idx[j], executed[j, l])
+        served[:, l] = serve_batch(D[l], idx, executed[:, l])
         weights = torch.zeros(n, E + 1, dtype=tw.dtype)
         weights.scatter_add_(1, torch.from_numpy(served[:, l]), tw[start : start + n])
         C[start : start + n] = weights[:, :E].to(C.dtype)

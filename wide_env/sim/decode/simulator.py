@@ -253,6 +253,16 @@ class DecodeSimulator:
         lc = state.layer if self.scenario.cost_per_layer else 0
         return p.deadline_probability[state.token - state.chunk_start, lc, b] > 0
 
+    def on_time(self, state: DecodeState) -> np.ndarray:
+        """(B, E) bool: experts whose output arrives by the deadline at each episode's current layer, with the
+        realised delays (what the step serves with; all while deadlines are not enforced). Not for policies:
+        they see :meth:`may_execute`."""
+        if not self.enforce_deadline:
+            return np.ones((state.batch_size, self.n_experts), dtype=bool)
+        p, b = state.plan, np.arange(state.batch_size)
+        lc = state.layer if self.scenario.cost_per_layer else 0
+        return p.meets_deadline[state.token - state.chunk_start, lc, b]
+
     def override_gates(self, state: DecodeState, index: int, probs, topk_idx, topk_weight) -> None:
         """Replace episode ``index``'s gating at its current (token, layer) by gates computed elsewhere (the
         live backend: real router outputs after the executed experts changed the hidden state); observe it

@@ -1,0 +1,72 @@
+"""The full Top-K model's run over a trace's text, window by window, computed once per window and kept.
+
+A trace's text comes in windows of at most ``block_size`` tokens (``doc_start`` marks each window's first
+token). An episode that starts at trace position s decodes with the context ``window .. s - 1`` run by the
+full model; that context's keys and values are a slice of the full model's run of the window, and so are
+the full model's next-token prediction and loss at every position (the reference ``accuracy_same`` and
+``delta_loss`` compare with). :class:`TraceContext` runs each window once, when first needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .moe_lm import MoELM
+
+
+class TraceContext:
+    """Per-window full-model keys/values, predictions and losses of one trace text under one model."""
+
+    def __init__(self, model: MoELM, token_id: np.ndarray, target_id: np.ndarray, doc_start: np.ndarray | None):
+        self.model = model.eval()
+        self.token_id = np.asarray(token_id, np.int64)
+        self.target_id = np.asarray(target_id, np.int64)
+        n = len(self.token_id)
+        starts = np.flatnonzero(doc_start) if doc_start is not None else np.array([0])
+        if starts.size == 0 or starts[0] != 0:
+            starts = np.r_[0, starts]
+        self.window_starts = starts
+        ends = np.r_[starts[1:], n]
+        longest = int((ends - starts).max())
+        if longest > model.cfg.block_size:
+            raise ValueError(f"the trace has a window of {longest} tokens; the model's context holds "
+                             f"{model.cfg.block_size} (re-export the trace with windows of block_size)")
+        self._ends = ends
+        self._windows: dict[int, tuple] = {}
+
+    def window(self, position: int) -> int:
+        """The first trace position of the window holding ``position``."""
+        return int(self.window_starts[np.searchsorted(self.window_starts, position, side="right") - 1])
+
+    @torch.no_grad()
+    def _run(self, w: int) -> tuple:
+        got = self._windows.get(w)
+        if got is None:
+            i = int(np.searchsorted(self.window_starts, w))
+            ids = torch.from_numpy(self.token_id[w:self._ends[i]])[None]
+            rec: dict = {}
+            logits = self.model(ids, record=rec)[0][0].double()
+            keys = torch.stack([lay["k"][0] for lay in rec["layers"]])  # (L, H, n, hd)
+            values = torch.stack([lay["v"][0] for lay in rec["layers"]])
+            tgt = torch.from_numpy(self.target_id[w:self._ends[i]])
+            nll = -F.log_softmax(logits, -1)[torch.arange(len(tgt)), tgt]
+            got = self._windows[w] = (keys, values, logits.argmax(-1).numpy(), nll.numpy())
+        return got
+
+    def prefix(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (L, H, n, hd) of the full model's context ``window .. position - 1``."""
+        w = self.window(position)
+        keys, values, _, _ = self._run(w)
+        return keys[:, :, : position - w], values[:, :, : position - w]
+
+    def reference(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The full model's prediction (int64) and loss -log p(target) (nats) at each trace position."""
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        pred, nll = np.empty(positions.size, np.int64), np.empty(positions.size)
+        for i, p in enumerate(positions):
+            w = self.window(int(p))
+            _, _, wp, wn = self._run(w)
+            pred[i], nll[i] = wp[p - w], wn[p - w]
+        return pred, nll
