@@ -159,10 +159,12 @@ class WideMoEEnv(gym.Env):
     token's next-byte prediction is correct under the executed experts), `accuracy_same` (it equals the
     full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (the token's loss change,
     nats), `reward_accuracy` and `token_complete` (1 at a token's last layer, where the values are final;
-    before that they are the running estimate), by the accuracy rule of `wide_env.gating.effects`
-    (docs/model.md#effect-tables: exact for one perturbation, additive logits for several, a context term
-    across tokens); with `config={"gating": {"backend": "live"}}` the shipped checkpoint runs inside the env
-    (torch), `accuracy_*` at `token_complete` are measured for real and `measured_deviation` is the real
+    before that they are the rule's running estimate). Where the final values come from is
+    `env.unwrapped.problem.accuracy_source` (`gating.accuracy`, docs/model.md#accuracy-sources): "rule" (the
+    accuracy rule of `wide_env.gating.effects`, validated against the live model on profile tiny) or "model"
+    (the default on the other shipped models: the checkpoint decodes each token with the experts that
+    executed, torch; docs/model.md#model-accuracy). With `config={"gating": {"backend": "live"}}` the shipped
+    checkpoint also supplies the observed gating (live router outputs), and `measured_deviation` is the real
     layer-output deviation next to the estimate.
 
     ## Arguments
@@ -180,8 +182,8 @@ class WideMoEEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version (accuracy rule, uncertain queues, slotted p_max, episode budgets and the accuracy
-      objective were added within v0 before any release).
+    * v0: initial version (accuracy rule, model accuracy, uncertain queues, slotted p_max, episode budgets and
+      the accuracy objective were added within v0 before any release).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}

@@ -1,0 +1,84 @@
+"""Cost of measuring accuracy on the model: the native vector env of the deep presets with
+``gating.accuracy = "model"`` (the default there) against the same env with the accuracy rule.
+
+    python bench/bench_model_accuracy.py [--envs Switch Mixtral GptOss] [--batches 1 16 256] [--episodes 2]
+                                         [--repeats 3]
+
+Per env id and batch size, both envs run the same step calls (``--episodes`` episodes, so resets and the
+context loading at each reset are included) with the same presampled random actions; repeats of the two are
+interleaved so both see the same machine load. Reported: vector steps/s (best of ``--repeats``) and the ratio
+rule / model (how many times slower the measured accuracy is; median of per-repeat ratios).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import wide_env  # noqa: E402,F401  (registers the ids)
+
+
+class Runner:
+    def __init__(self, env_id: str, accuracy: str, batch: int, calls: int, seed: int):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the rule is not validated on these presets: that is the point
+            self.env = gym.make_vec(env_id, num_envs=batch, vectorization_mode="vector_entry_point",
+                                    config={"gating": {"accuracy": accuracy}})
+        assert self.env.unwrapped.problem.accuracy_source in (accuracy, "rule_unvalidated")
+        self.env.action_space.seed(seed)
+        self.actions = [self.env.action_space.sample() for _ in range(calls)]
+        self.seed, self.runs = seed, 0
+
+    def run(self) -> float:
+        self.env.reset(seed=self.seed + self.runs)
+        self.runs += 1
+        step = self.env.step
+        t0 = time.perf_counter()
+        for action in self.actions:
+            step(action)
+        return len(self.actions) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", nargs="+", default=["Switch", "Mixtral", "GptOss"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256])
+    parser.add_argument("--episodes", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    print(f"# vector step rate with accuracy from the rule vs measured on the model, best of {args.repeats}; "
+          f"torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}, "
+          f"{platform.machine()}")
+    print("| env | B | step calls | rule: calls/s | model: calls/s | rule / model (median of repeats) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in args.envs:
+        env_id = f"wide_env/WideMoE-{name}-v0"
+        problem = gym.make(env_id).unwrapped.problem
+        calls = args.episodes * problem.n_tokens * problem.n_layers
+        for b in args.batches:
+            runners = {a: Runner(env_id, a, b, calls, args.seed) for a in ("rule", "model")}
+            runs = {a: [] for a in runners}
+            for _ in range(args.repeats):
+                for a, r in runners.items():
+                    runs[a].append(r.run())
+            ratio = float(np.median(np.array(runs["rule"]) / np.array(runs["model"])))
+            print(f"| {name} | {b} | {calls} | {max(runs['rule']):,.0f} | {max(runs['model']):,.0f} | {ratio:.2f} |",
+                  flush=True)
+            for r in runners.values():
+                r.env.close()
+
+
+if __name__ == "__main__":
+    main()
