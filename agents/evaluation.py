@@ -24,9 +24,10 @@ def evaluate(env_id: str, env_kwargs: dict, policies, *, episodes: int, seed: in
 
 
 def format_table(rows: list[dict]) -> str:
-    from baselines.evaluate import format_table as base_format
+    """The evaluation table, then where its accuracy columns come from."""
+    from baselines.evaluate import accuracy_lines, format_table as base_format
 
-    return base_format(rows)
+    return "\n".join([base_format(rows), *accuracy_lines(rows)])
 
 
 def add_relative_columns(rows: list[dict]) -> list[dict]:

@@ -543,16 +543,21 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def accuracy_lines(rows: list[dict]) -> list[str]:
+    """One line per accuracy source of the rows: where the table's accuracy columns come from."""
+    from wide_env.envs.model_accuracy import ACCURACY_SOURCES
+
+    return [f"accuracy: {ACCURACY_SOURCES.get(source, source)}"
+            for source in sorted({r.get("source_of_accuracy", "none") for r in rows}) if source != "none"]
+
+
 def write_outputs(env_id: str, rows: list[dict], episodes: list[dict], out: Path, *, n_episodes: int,
                   seed: int) -> None:
     """Print the table and write ``results.csv``, ``episodes.csv`` and ``tradeoff.png`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    from wide_env.envs.decode import ACCURACY_SOURCES
-
     print(f"{env_id}: {n_episodes} episodes per policy, seeds {seed}..{seed + n_episodes - 1}")
     print(format_table(rows))
-    for source in sorted({r.get("source_of_accuracy", "none") for r in rows}):
-        print(f"accuracy: {ACCURACY_SOURCES.get(source, source)}")
+    print("\n".join(accuracy_lines(rows)))
     write_csv(rows, out / "results.csv")
     write_csv(episodes, out / "episodes.csv")
     plot_tradeoff(rows, out / "tradeoff.png")

@@ -177,3 +177,20 @@ def test_decoder_streams_are_independent_and_equal_live_moe():
             nxt[r] += 1
     with pytest.raises(ValueError, match="executed must have shape"):
         dec.decode([0], [1], np.ones((1, L, E + 1), bool))
+
+
+def test_agreement_tool_scores_the_model_on_the_live_runs_selections():
+    """python -m wide_env.models.agreement: the model column (the table env replaying the live run's episodes
+    and actions) agrees with the live model on every token; the rules are scored on the same tokens."""
+    from wide_env.gating import make_gating_source
+    from wide_env.gating.trace import load_trace
+    from wide_env.models.agreement import collect_live, model_outcomes, summarize
+
+    env_id, cfg = "wide_env/WideMoE-Switch-v0", {"budget": {"scale": 4.0}}
+    run = collect_live(env_id, cfg, "siftmoe", 4, 1000)
+    trace = load_trace(make_gating_source(gym.make(env_id).unwrapped.config).path)
+    res = summarize(trace, run, model_outcomes(env_id, cfg, run, 1000))
+    assert res["tokens"] == 32
+    assert res["model"]["diff_pts"] == 0.0 and res["model"]["agree_pct"] == 100.0
+    assert res["live_acc_pts"] < res["full_acc_pts"]  # SiftMoE at 4x its budget does cost accuracy
+    assert {"logit", "logit+context"} <= set(res)

@@ -14,7 +14,9 @@ trace's Top-K slots for the same executed experts:
 * ``logit+context``: the same with the context term (``effects.CONTEXT_DECAY`` / ``CONTEXT_WEIGHT``);
 * ``rerouted``: the per-token sum of the re-routed single changes (the rule without frozen-routing tables);
 * ``single``: the dense tables' rule (prediction unchanged iff every single perturbation left it unchanged,
-  else correct iff every one left it correct), when the trace has ``effect_*`` tables.
+  else correct iff every one left it correct), when the trace has ``effect_*`` tables;
+* ``model``: the table env's model accuracy (``gating.accuracy = "model"``), replaying the same episodes and
+  actions (its observations show the trace's gating, but the actions are the live run's).
 
 Reported per policy and scale: tokens, live accuracy, each rule's accuracy, the mean paired difference rule -
 live with its 95% CI (points), and the share of tokens on which rule and live agree.
@@ -46,7 +48,7 @@ def collect_live(env_id: str, config: dict, policy: str, episodes: int, seed: in
     u = env.unwrapped
     pol = make_policy(policy, env)
     L = u.sim.n_layers
-    steps = {k: [] for k in ("episode", "position", "layer", "executed")}
+    steps = {k: [] for k in ("episode", "position", "layer", "executed", "action")}
     toks = {k: [] for k in ("episode", "position", "correct", "same", "nll")}
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
@@ -59,7 +61,7 @@ def collect_live(env_id: str, config: dict, policy: str, episodes: int, seed: in
             obs, _, term, trunc, info = env.step(action.astype(np.int8))
             position = u.trace_start + info["token"]  # trace position of the token (the env's episode start + token)
             for key, value in (("episode", ep), ("position", position), ("layer", info["layer"]),
-                               ("executed", action & np.asarray(meets, bool))):
+                               ("executed", action & np.asarray(meets, bool)), ("action", action)):
                 steps[key].append(value)
             if info["layer"] == L - 1:
                 for key, value in (("episode", ep), ("position", position), ("correct", info["accuracy_correct"]),
@@ -106,16 +108,41 @@ def rule_outcomes(trace: dict, run: dict) -> dict:
     return out
 
 
+def model_outcomes(env_id: str, config: dict, run: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(correct, same) per token of a :func:`collect_live` run, measured by the table env's model accuracy
+    (``gating.accuracy = "model"``): the same episodes (seeds) and the same actions, replayed."""
+    import gymnasium as gym
+
+    cfg = dict(config)
+    cfg["gating"] = {**cfg.get("gating", {}), "backend": "table", "accuracy": "model"}
+    env = gym.make(env_id, config=cfg)
+    st = run["steps"]
+    correct, same = [], []
+    for ep in np.unique(st["episode"]):
+        env.reset(seed=seed + int(ep))
+        for action in st["action"][st["episode"] == ep]:
+            _, _, _, _, info = env.step(action.astype(np.int8))
+            if info["token_complete"]:
+                correct.append(info["accuracy_correct"])
+                same.append(info["accuracy_same"])
+    env.close()
+    return np.asarray(correct, bool), np.asarray(same, bool)
+
+
 def _ci95(x: np.ndarray) -> float:
     return float(1.96 * x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
-def summarize(trace: dict, run: dict) -> dict:
+def summarize(trace: dict, run: dict, model: tuple | None = None) -> dict:
+    """Per rule (and ``model``: :func:`model_outcomes`, when given): accuracy, paired difference from the live
+    model with its 95% CI, and the share of tokens on which they agree."""
     tk = run["tokens"]
     live = tk["correct"].astype(bool)
     res = {"tokens": int(len(live)), "live_acc_pts": 100 * float(live.mean()),
            "full_acc_pts": 100 * float(trace["full_correct"][tk["position"]].mean())}
     rules = rule_outcomes(trace, run)
+    if model is not None:
+        rules["model"] = model
     res["perturbations_per_token"] = float(rules.pop("perturbations").mean())
     for name, (correct, _) in rules.items():
         diff = correct.astype(np.float64) - live
@@ -153,11 +180,11 @@ def main(argv=None) -> int:
             env = gym.make(args.env, config=cfg)
             trace = load_trace(make_gating_source(env.unwrapped.config).path)
             env.close()
-            res = summarize(trace, run)
+            res = summarize(trace, run, model_outcomes(args.env, cfg, run, args.seed))
             res["seconds"] = round(time.time() - t0, 1)
             results[f"{policy}@{scale:g}"] = res
             line = f"{policy:8s} scale {scale:<4g} tokens {res['tokens']:5d} live {res['live_acc_pts']:6.2f}"
-            for name in ("logit", "logit+context", "rerouted", "single"):
+            for name in ("model", "logit", "logit+context", "rerouted", "single"):
                 if name in res:
                     r = res[name]
                     line += f" | {name} {r['diff_pts']:+.2f}+-{r['ci95_pts']:.2f} (agree {r['agree_pct']:.1f}%)"

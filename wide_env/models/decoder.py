@@ -177,9 +177,9 @@ class StreamDecoder:
         self._values[l, at, :, pos] = v[:, :, 0]
         T = int(pos.max()) + 1
         keys, values = self._keys[l, sel, :, :T], self._values[l, sel, :, :T]
-        scores = torch.einsum("rhqd,rhtd->rhqt", q, keys) * q.shape[-1] ** -0.5
+        scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (R, H, 1, T)
         scores = scores.masked_fill(torch.arange(T)[None, None, None, :] > pos[:, None, None, None], float("-inf"))
-        r = x + blk.attn_out(torch.einsum("rhqt,rhtd->rhqd", torch.softmax(scores, -1), values))
+        r = x + blk.attn_out(torch.softmax(scores, -1) @ values)
         h = blk.ln2(r).reshape(R, -1)
         probs, idx, w = blk.moe_route(h)
         c.update(r=r, h=h, idx=idx, w=w)
@@ -209,11 +209,10 @@ class StreamDecoder:
                 if ex.shape != (R, self.E):
                     raise ValueError(f"executed must have shape ({R}, {self.E}), got {ex.shape}")
             phi = serve_batch(self.D[l], topk, ex)
-        blk = self.model.blocks[l]
-        eo = blk.experts(c["h"])  # (R, E, d)
-        full = torch.einsum("rk,rkd->rd", w, eo[torch.arange(R)[:, None], idx])
+        eo = self.model.blocks[l].experts(c["h"])  # (R, E, d)
+        full = (w[:, None, :] @ eo[torch.arange(R)[:, None], idx])[:, 0]
         C = torch.zeros(R, self.E + 1).scatter_add_(1, torch.from_numpy(phi), w)
-        moe = torch.einsum("re,red->rd", C[:, : self.E], eo)
+        moe = (C[:, None, : self.E] @ eo)[:, 0]
         self.last_served = phi
         self.last_estimate = (w.numpy().astype(np.float64) * self.D[l][topk, phi]).sum(1)
         self.last_deviation = (full - moe).norm(dim=1).numpy().astype(np.float64)
