@@ -138,6 +138,13 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"gating\.checkpoint_dir"):
         gym.make("wide_env/WideMoE-v0", config={"gating": {"trace_path": str(profile_trace("mixtral-8x7b")),
                                                            "accuracy": "model"}})
+    with pytest.raises(ValueError, match=r"gating\.checkpoint_dir.*expected a checkpoint directory.*gating\.accuracy = 'rule'"):
+        gym.make("wide_env/WideMoE-Mixtral-v0", config={"gating": {"checkpoint_dir": str(tmp_path / "missing")}})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "moe_lm.json").write_text("{")
+    (tmp_path / "bad" / "moe_lm.safetensors").write_bytes(b"xx")
+    with pytest.raises(ValueError, match=r"gating\.checkpoint_dir.*not valid JSON"):
+        gym.make("wide_env/WideMoE-Mixtral-v0", config={"gating": {"checkpoint_dir": str(tmp_path / "bad")}})
     with pytest.raises(ValueError, match=r"checkpoint.*\(L, E, K\).*use the checkpoint the trace was exported from"):
         gym.make("wide_env/WideMoE-Mixtral-v0", config={"gating": {"checkpoint_dir": profile_checkpoint("tiny")}})
 

@@ -95,13 +95,18 @@ assert set(_REWARD_TERMS) <= set(FLOAT_FIELDS)
 
 
 def _model_and_context(source, checkpoint_dir: str):
-    from wide_env.models.moe_lm import load_checkpoint
+    from wide_env.models.moe_lm import CheckpointError, load_checkpoint
     from wide_env.models.trace_context import TraceContext
 
     per_source = _CONTEXTS.setdefault(source, {})
     got = per_source.get(checkpoint_dir)
     if got is None:
-        model, _ = load_checkpoint(checkpoint_dir)
+        try:
+            model, _ = load_checkpoint(checkpoint_dir)
+        except CheckpointError as exc:
+            raise CheckpointError(f"config 'gating.checkpoint_dir' (the model that measures accuracy): {exc}; point "
+                                  "it at a directory with moe_lm.safetensors and moe_lm.json, drop it for the "
+                                  "profile's shipped model, or set gating.accuracy = 'rule'") from None
         cfg = model.cfg
         if (cfg.n_layer, cfg.n_expert, cfg.top_k) != (source.n_layers, source.n_experts, source.top_k):
             raise ValueError(f"config 'gating.checkpoint_dir': the checkpoint {checkpoint_dir} has (L, E, K) = "
