@@ -15,7 +15,7 @@ on the actions, so the channel and token realisations are identical across polic
   policy run as one batch on the native vector env (``gym.make_vec(id, num_envs=episodes,
   vectorization_mode="vector_entry_point")``), reset with the seeds ``[seed, ..., seed + episodes - 1]``:
   sub-env ``i`` replays ``gym.make(id).reset(seed=seed + i)`` exactly.
-* ``--vec-env single`` (``auto`` for ids without a batched core, or the live backend): one env, episode
+* ``--vec-env single`` (``auto`` for ids without a batched core): one env, episode
   ``i`` is ``env.reset(seed=seed + i)``. Both modes see the same episodes (a policy with its own randomness,
   ``random``, draws differently: once per batch, or once per episode).
 
@@ -215,24 +215,17 @@ def _run_batch(venv, policy, seed: int, max_steps: int | None) -> list[dict]:
 
 
 def resolve_vec_env(env_id: str, kwargs: dict, mode: str) -> str:
-    """"native" or "single" for ``mode`` ("auto": native when the id has a batched core and the config's
-    backend is the table one)."""
+    """"native" or "single" for ``mode`` ("auto": native when the id has a batched core)."""
     import gymnasium as gym
-
-    from wide_env.config import WideConfig
 
     if mode not in VEC_ENV_MODES:
         raise ValueError(f"vec_env must be one of {list(VEC_ENV_MODES)}, got {mode!r}")
     if mode == "single":
         return mode
-    spec = gym.spec(env_id)
-    batched = spec.vector_entry_point is not None
-    if batched:
-        config = WideConfig.from_dict(kwargs.get("config"), preset=kwargs.get("preset", spec.kwargs.get("preset")))
-        batched = config.gating.backend == "table"
+    batched = gym.spec(env_id).vector_entry_point is not None
     if mode == "native" and not batched:
-        raise ValueError(f"vec_env='native': {env_id} with this config has no batched core (no vector entry point, "
-                         "or the live backend); use 'single' or 'auto'")
+        raise ValueError(f"vec_env='native': {env_id} has no batched core (no vector entry point); use 'single' or "
+                         "'auto'")
     return "native" if batched else "single"
 
 
@@ -243,7 +236,7 @@ def accuracy_env_kwargs(env_id: str, kwargs: dict, accuracy: str) -> dict:
     """``kwargs`` with the decoding env's accuracy source set: "auto" keeps the env's (its
     ``gating.accuracy``, by default the trace's rule where it is validated against the live model and the
     model elsewhere when torch is installed), "rule" and "model" set ``gating.accuracy``, "live" runs the live
-    backend (``gating.backend = "live"``: the live router's gating in the observations; single env)."""
+    backend (``gating.backend = "live"``: the live router's gating in the observations)."""
     import gymnasium as gym
 
     if accuracy not in ACCURACY_MODES:
@@ -287,7 +280,7 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
         "single" (episode i = ``gym.make(...).reset(seed=seed + i)``) or "auto" (native where available).
     accuracy: where the real-accuracy figures come from (:func:`accuracy_env_kwargs`): "rule" (the trace's
         accuracy rule), "model" (the checkpoint decodes each token with the executed experts), "live" (the live
-        backend, single env) or "auto" (the env's default: the rule where it is validated against the live
+        backend) or "auto" (the env's default: the rule where it is validated against the live
         model, else the model when torch is installed). Rows say which (``source_of_accuracy``).
 
     Returns one summary dict per (budget scale, policy); see :func:`summarize` for the fields.
@@ -497,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--accuracy", default="auto", choices=ACCURACY_MODES,
                     help="where real accuracy comes from: rule (the trace's accuracy rule), model (the checkpoint "
                          "decodes each token with the executed experts), live (the live backend: live gating in the "
-                         "observations, single env) or auto (the env's default: the rule where it agrees with the "
+                         "observations) or auto (the env's default: the rule where it agrees with the "
                          "live model within 0.5 points, else the model when torch is installed); the table says which")
     ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     ap.add_argument("--ray", action="store_true",
@@ -545,7 +538,7 @@ def main(argv=None) -> list[dict]:
 
 def accuracy_lines(rows: list[dict]) -> list[str]:
     """One line per accuracy source of the rows: where the table's accuracy columns come from."""
-    from wide_env.envs.model_accuracy import ACCURACY_SOURCES
+    from wide_env.envs.model_backend import ACCURACY_SOURCES
 
     return [f"accuracy: {ACCURACY_SOURCES.get(source, source)}"
             for source in sorted({r.get("source_of_accuracy", "none") for r in rows}) if source != "none"]

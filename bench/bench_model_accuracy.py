@@ -1,14 +1,15 @@
-"""Cost of measuring accuracy on the model: the native vector env of the deep presets with
-``gating.accuracy = "model"`` (the default there) against the same env with the accuracy rule.
+"""Cost of the checkpoint inside the env: the native vector env of the deep presets with
+``gating.accuracy = "model"`` (the default there) and with the live backend (``gating.backend = "live"``)
+against the same env with the accuracy rule.
 
     python bench/bench_model_accuracy.py [--envs Switch Mixtral GptOss] [--batches 1 16 256] [--episodes 2]
                                          [--repeats 3]
 
-Per env id and batch size, both envs run the same step calls (``--episodes`` episodes, so resets and the
+Per env id and batch size, the three envs run the same step calls (``--episodes`` episodes, so resets and the
 context loading at each reset are included) with the same presampled random actions, after one untimed
-warm-up run; repeats of the two are interleaved so both see the same machine load. Reported: vector steps/s
-(best of ``--repeats``) and the ratio rule / model (how many times slower the measured accuracy is; median of
-per-repeat ratios); and the one-time cost per process of the full model's run of every trace window (the
+warm-up run; repeats are interleaved so all see the same machine load. Reported: vector steps/s (best of
+``--repeats``) and the ratios rule / model and rule / live (how many times slower; medians of per-repeat
+ratios); and the one-time cost per process of the full model's run of every trace window (the
 contexts episodes start from, computed when first needed).
 """
 from __future__ import annotations
@@ -28,13 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wide_env  # noqa: E402,F401  (registers the ids)
 
 
+SETTINGS = {"rule": {"accuracy": "rule"}, "model": {"accuracy": "model"}, "live": {"backend": "live"}}
+
+
 class Runner:
-    def __init__(self, env_id: str, accuracy: str, batch: int, calls: int, seed: int):
+    def __init__(self, env_id: str, setting: str, batch: int, calls: int, seed: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the rule is not validated on these presets: that is the point
             self.env = gym.make_vec(env_id, num_envs=batch, vectorization_mode="vector_entry_point",
-                                    config={"gating": {"accuracy": accuracy}})
-        assert self.env.unwrapped.problem.accuracy_source in (accuracy, "rule_unvalidated")
+                                    config={"gating": SETTINGS[setting]})
+        assert self.env.unwrapped.problem.accuracy_source in (setting, "rule_unvalidated")
         self.env.action_space.seed(seed)
         self.actions = [self.env.action_space.sample() for _ in range(calls)]
         self.seed, self.runs = seed, 0
@@ -64,13 +68,13 @@ def main() -> None:
     print(f"# vector step rate with accuracy from the rule vs measured on the model, best of {args.repeats}; "
           f"torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}, "
           f"{platform.machine()}")
-    print("| env | B | step calls | rule: calls/s | model: calls/s | rule / model (median of repeats) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| env | B | step calls | rule: calls/s | model: calls/s | live: calls/s | rule / model | rule / live |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     cold = {}
     for name in args.envs:
         env_id = f"wide_env/WideMoE-{name}-v0"
         env = gym.make(env_id)
-        context = env.unwrapped._batch.accuracy.context
+        context = env.unwrapped._batch.model.context
         t0 = time.process_time()
         for w in context.window_starts:
             context.prefix(int(w) + 1)
@@ -78,14 +82,14 @@ def main() -> None:
         problem = env.unwrapped.problem
         calls = args.episodes * problem.n_tokens * problem.n_layers
         for b in args.batches:
-            runners = {a: Runner(env_id, a, b, calls, args.seed) for a in ("rule", "model")}
+            runners = {a: Runner(env_id, a, b, calls, args.seed) for a in SETTINGS}
             runs = {a: [] for a in runners}
             for _ in range(args.repeats):
                 for a, r in runners.items():
                     runs[a].append(r.run())
-            ratio = float(np.median(np.array(runs["rule"]) / np.array(runs["model"])))
-            print(f"| {name} | {b} | {calls} | {max(runs['rule']):,.0f} | {max(runs['model']):,.0f} | {ratio:.2f} |",
-                  flush=True)
+            ratio = {a: float(np.median(np.array(runs["rule"]) / np.array(runs[a]))) for a in ("model", "live")}
+            print(f"| {name} | {b} | {calls} | {max(runs['rule']):,.0f} | {max(runs['model']):,.0f} | "
+                  f"{max(runs['live']):,.0f} | {ratio['model']:.2f} | {ratio['live']:.2f} |", flush=True)
             for r in runners.values():
                 r.env.close()
     print("\none-time cost per process: the full model's run of every trace window")

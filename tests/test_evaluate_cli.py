@@ -147,13 +147,13 @@ def test_batched_observations_through_a_saved_maskable_agent():
 @pytest.fixture
 def fresh_accuracy_warnings(monkeypatch):
     """The unvalidated-rule warning comes once per profile and process: start from none given."""
-    monkeypatch.setattr("wide_env.envs.model_accuracy._WARNED_UNVALIDATED", set())
+    monkeypatch.setattr("wide_env.envs.model_backend._WARNED_UNVALIDATED", set())
 
 
 def test_accuracy_comes_from_the_model_where_the_rule_is_not_validated(fresh_accuracy_warnings):
     """auto: the tiny model's rule (validated within 0.5 points of the live model) and the deep Mixtral-shaped
-    model's figures measured on the model, both on the batched core; 'live' runs the live backend (single
-    env); 'rule' forces the rule; rows and the printed table say which."""
+    model's figures measured on the model; 'live' runs the live backend; 'rule' forces the rule; all on the
+    batched core; rows and the printed table say which."""
     pytest.importorskip("torch")
     from baselines.evaluate import evaluate_policies
 
@@ -164,7 +164,7 @@ def test_accuracy_comes_from_the_model_where_the_rule_is_not_validated(fresh_acc
     assert model[0]["source_of_accuracy"] == "model" and model[0]["vec_env"] == "native"
     live = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False,
                              accuracy="live")
-    assert live[0]["source_of_accuracy"] == "live" and live[0]["vec_env"] == "single"
+    assert live[0]["source_of_accuracy"] == "live" and live[0]["vec_env"] == "native"
     # Top-K executes the live Top-K: the model's own accuracy, whichever way it is measured
     assert model[0]["accuracy_correct"] == live[0]["accuracy_correct"] == model[0]["accuracy_full"]
     with pytest.warns(UserWarning, match="NOT validated.*gating.accuracy = 'model'"):

@@ -201,3 +201,59 @@ def test_agreement_tool_scores_the_model_on_the_live_runs_selections():
     assert res["model"]["diff_pts"] == 0.0 and res["model"]["agree_pct"] == 100.0
     assert res["live_acc_pts"] < res["full_acc_pts"]  # SiftMoE at 4x its budget does cost accuracy
     assert {"logit", "logit+context"} <= set(res)
+
+
+@pytest.mark.parametrize("env_id", ["wide_env/WideMoE-v0", "wide_env/WideMoE-Mixtral-v0"])
+def test_live_gating_vector_rows_are_single_live_envs(env_id):
+    """gating.backend = 'live' in the native vector env: each row's observations (the live router's gating),
+    rewards and measured figures equal a single live env's with the same seed and actions: through a whole
+    episode, then after a partial reset that leaves the rows at different layers."""
+    cfg = {"gating": {"backend": "live"}, "n_tokens": 2}
+    B, seeds = 3, [21, 22, 23]
+    vec = gym.make_vec(env_id, num_envs=B, vectorization_mode="vector_entry_point", config=cfg)
+    assert vec.unwrapped.problem.accuracy_source == "live"
+    singles = [gym.make(env_id, config=cfg) for _ in range(B)]
+    rng = np.random.default_rng(4)
+    E = singles[0].action_space.n
+    L = singles[0].unwrapped.sim.n_layers
+    completed = 0
+
+    def compare(vobs, obs, b):
+        for key in obs:
+            np.testing.assert_allclose(vobs[key][b], obs[key], atol=1e-5, err_msg=key)
+
+    def step_all():
+        nonlocal completed
+        actions = (rng.random((B, E)) < 0.6).astype(np.int8)
+        vobs, vrew, _, _, vinfo = vec.step(actions)
+        for b, env in enumerate(singles):
+            obs, reward, _, _, info = env.step(actions[b])
+            compare(vobs, obs, b)
+            assert vrew[b] == pytest.approx(reward, rel=1e-5, abs=1e-7)
+            assert vinfo["measured_deviation"][b] == pytest.approx(info["measured_deviation"], abs=1e-4)
+            if info["token_complete"]:
+                completed += 1
+                assert (vinfo["accuracy_correct"][b], vinfo["accuracy_same"][b]) == \
+                    (info["accuracy_correct"], info["accuracy_same"])
+                for key in ("delta_loss", "live_nll", "live_deviation"):
+                    assert vinfo[key][b] == pytest.approx(info[key], abs=1e-4), key
+            else:
+                assert np.isnan(info["live_nll"]) and np.isnan(vinfo["live_nll"][b])
+
+    vobs, _ = vec.reset(seed=seeds)
+    for b, env in enumerate(singles):
+        compare(vobs, env.reset(seed=seeds[b])[0], b)
+    for _ in range(2 * L):  # one whole episode
+        step_all()
+    vec.reset(seed=[s + 100 for s in seeds])
+    for b, env in enumerate(singles):
+        env.reset(seed=seeds[b] + 100)
+    for _ in range(3):
+        step_all()
+    rows = np.array([True, False, True])  # rows 0 and 2 restart (their generators go on); row 1 is at layer 3
+    vobs, _ = vec.reset(options={"reset_mask": rows})
+    for b in np.flatnonzero(rows):
+        compare(vobs, singles[b].reset()[0], b)
+    for _ in range(L):
+        step_all()
+    assert completed >= 2 * B + 1

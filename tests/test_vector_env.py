@@ -388,8 +388,6 @@ def test_bad_arguments_raise():
         env.reset(seed=1.5)
     with pytest.raises(ValueError, match="reset_mask"):
         env.reset(seed=0, options={"reset_mask": np.array([1, 0])})
-    with pytest.raises(ValueError, match="gating.backend"):
-        WideMoEVectorEnv(2, config={"gating": {"backend": "live"}})
 
 
 @pytest.mark.parametrize("config", [{"deadline": {"enforce": False}}, {"profile": "mixtral-8x7b", "n_tokens": 2,

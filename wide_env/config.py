@@ -129,9 +129,9 @@ class GatingConfig:
     source: str = "synthetic"
     #: path of the trace (.npz) when source == "trace"; None = the profile's shipped trace (wide_env/data/...).
     trace_path: str | None = None
-    #: "table": accuracy from the trace's effect tables (numpy only); "live": run the shipped checkpoint
+    #: "table": the trace's gating (accuracy per gating.accuracy); "live": run the shipped checkpoint
     #: (torch) token by token with the executed experts, so later layers' gates and the next-token outcome
-    #: are real (needs the trace the checkpoint exported; single env only).
+    #: are real (needs the trace the checkpoint exported; single and vector envs).
     backend: str = "table"
     #: where info's real-accuracy figures come from (docs/model.md#accuracy-sources): "rule" (the trace's
     #: logit-effect rule, numpy), "model" (the checkpoint decodes every token with the experts that executed in

@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from wide_env.envs.model_accuracy import model_accuracy_for
+from wide_env.envs.model_backend import model_backend_for
 
 
 class EpisodeBatch:
@@ -26,8 +26,14 @@ class EpisodeBatch:
         self.sim = sim
         self.num_envs = int(num_envs)
         self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
-        #: step info keys: the outcome's float fields after "reward", then its int fields
+        #: the checkpoint's part in decoding (wide_env.envs.model_backend): live gating, or the accuracy measured
+        #: on the model; None where the simulator's own figures are all
+        self.model = model_backend_for(sim, self.num_envs)
+        #: step info keys: the outcome's float fields after "reward" (then the model's, with live gating), then
+        #: its int fields
         self.float_keys, self.int_keys = sim.info_keys()
+        if self.model is not None:
+            self.float_keys += self.model.extra_keys
         self.info_keys = self.float_keys + self.int_keys
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
@@ -35,15 +41,13 @@ class EpisodeBatch:
         self.obs: np.ndarray | None = None  # (B, D) float32, the current observations (fresh after each call)
         self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
         self.pending = np.zeros(self.num_envs, dtype=bool)  # episode over at the previous step (autoreset)
-        #: the decoding accuracy measured on the model (gating.accuracy), or None (the simulator's own figures)
-        self.accuracy = model_accuracy_for(sim, self.num_envs)
 
     # ---- resets ----------------------------------------------------------------------------------
     def reset_all(self, rng: np.random.Generator) -> None:
         self.state = self.sim.reset(rng, self.num_envs)
+        if self.model is not None:  # before observing: live gating replaces the trace's
+            self.model.start(self.state)
         self.obs = self.sim.observe(self.state)
-        if self.accuracy is not None:
-            self.accuracy.start(self.state)
         self.elapsed[:] = 0
         self.pending[:] = False
 
@@ -52,8 +56,8 @@ class EpisodeBatch:
         if rows.size == self.num_envs:
             return self.reset_all(rng)
         self.sim.reset_rows(rng, self.state, rows)
-        if self.accuracy is not None:
-            self.accuracy.start(self.state, rows)
+        if self.model is not None:
+            self.model.start(self.state, rows)
         mask = np.zeros(self.num_envs, dtype=bool)
         mask[rows] = True
         self.obs = self.sim.observe(self.state, mask, self.obs.copy())
@@ -65,13 +69,14 @@ class EpisodeBatch:
         """Step every row not yet finished (finished rows report zeros); returns (outcome, truncated (B,)).
         The observations after the step are in ``self.obs`` (a fresh array)."""
         self.obs = obs = np.empty_like(self.obs)
-        state, measured = self.state, self.accuracy
-        if measured is not None:  # what the step is about to serve, for the model's decoding
-            stepped, layer, position = ~state.done, state.layer.copy(), state.start + state.token
-            effective = np.asarray(executed, dtype=bool) & self.sim.on_time(state)
+        state, model = self.state, self.model
+        before = None if model is None else model.before_step(state, executed)
         outcome = self.sim.step(rng, state, executed, obs)
-        if measured is not None:
-            measured.record(outcome, stepped, position, layer, effective)
+        if model is not None:
+            extra = model.after_step(state, outcome, before, obs)
+            if extra is not None:  # the model's info columns right after the simulator's reported ones
+                n = 1 + len(self.float_keys) - extra.shape[1]
+                outcome.values = np.concatenate([outcome.values[:, :n], extra], axis=1)
         truncated = self.state.done.copy()
         if self.max_episode_steps is not None:
             self.elapsed += 1

@@ -15,7 +15,7 @@ from gymnasium import spaces
 
 from wide_env.config import WideConfig
 from wide_env.envs.batch import EpisodeBatch
-from wide_env.envs.model_accuracy import ACCURACY_SOURCES, accuracy_source_of  # noqa: F401 (re-exported)
+from wide_env.envs.model_backend import ACCURACY_SOURCES, accuracy_source_of  # noqa: F401 (re-exported)
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 
@@ -49,7 +49,7 @@ class DecodeProblem:
     budget_mode: str
     flatten: bool
     obs_slices: dict
-    #: where the real-accuracy figures come from (wide_env.envs.model_accuracy.ACCURACY_SOURCES): "live" (the live
+    #: where the real-accuracy figures come from (wide_env.envs.model_backend.ACCURACY_SOURCES): "live" (the live
     #: backend), "model" (the checkpoint decodes each token with the executed experts), "rule" (the trace's
     #: accuracy rule, wide_env.gating.effects, validated against the live model), "rule_unvalidated" (the same
     #: rule where it is not validated) or "none" (a source without accuracy)
@@ -201,13 +201,6 @@ class WideMoEEnv(gym.Env):
         self.action_space = spaces.MultiBinary(sim.n_experts)
         self._batch = EpisodeBatch(sim, 1)
         self._slice_items = tuple(sim.obs_slices.items())
-        self._live = None
-        if self.config.gating.backend == "live":
-            from wide_env.envs.live_backend import LiveBackend
-            from wide_env.profiles import profile_checkpoint
-
-            self._live = LiveBackend(sim.source, self.config.gating.checkpoint_dir
-                                     or profile_checkpoint(self.config.profile))
         self._last: dict | None = None
 
     @property
@@ -220,9 +213,6 @@ class WideMoEEnv(gym.Env):
         batch = self._batch
         batch.reset_all(self.np_random)
         self._last = None
-        if self._live is not None:
-            self._live.start_episode(self.sim, batch.state)
-            self.sim.observe(batch.state, None, batch.obs)
         info = {key: value[0].item() for key, value in batch.reset_info().items()}
         return self._observation(), info
 
@@ -236,21 +226,11 @@ class WideMoEEnv(gym.Env):
         executed = validate_action(action, self.sim.n_experts)
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
-        position = int(state.start[0] + state.token[0]) if self._live is not None else 0
         outcome, truncated = batch.step(self.np_random, executed)
         values = outcome.values[0].tolist()
         info = dict(zip(batch.float_keys, values[1:]))
         info.update(zip(batch.int_keys, outcome.counts[0].tolist()))
         truncated = bool(truncated[0])
-        if self._live is not None:
-            self._live.execute(position, executed[0], outcome.server[0], info)
-            if self.config.reward.objective == "accuracy" and info["token_complete"]:  # the measured loss change
-                info["reward_accuracy"] = -self.config.reward.accuracy_weight * info["delta_loss"]
-                values[0] = (info["reward_energy"] + info["reward_deviation"] + info["reward_deadline"]
-                             + info["reward_accuracy"])
-            if not truncated:
-                self._live.next_layer(self.sim, state)
-                self.sim.observe(state, None, batch.obs)
         if self._last is not None:
             self._last["info"] = info
         return self._observation(), values[0], False, truncated, info

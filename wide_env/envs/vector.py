@@ -325,10 +325,6 @@ class WideMoEVectorEnv(BatchedVectorEnv):
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, max_episode_steps: int | None = None,
                  preset: dict | None = None):
         config = WideConfig.from_dict(config, preset=preset)
-        if config.gating.backend != "table":
-            raise ValueError(f"config field 'gating.backend' is {config.gating.backend!r}: the live backend runs the "
-                             f"model per episode and is single-env only; use 'table' (effect tables) here, or "
-                             f"gym.make_vec(..., vectorization_mode='sync') for live sub-envs")
         sim = DecodeSimulator(config, make_gating_source(config))
         E = sim.n_experts
         self._setup(sim, num_envs, build_problem(sim, config.flatten_observation), spaces.MultiBinary(E),

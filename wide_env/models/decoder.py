@@ -2,15 +2,19 @@
 
 One implementation of a decoding step with the combine rule, for every caller: the live backend
 (:class:`wide_env.models.live.LiveMoE`: one perturbed stream and, optionally, an unperturbed reference stream)
-and the envs' model accuracy (:mod:`wide_env.envs.model_accuracy`: one stream per episode of a batch).
+and the envs' model accuracy and live gating (:mod:`wide_env.envs.model_backend`: one stream per episode of a batch).
 
 Each stream has its own key/value cache (``2 * L * block_size * d_model`` float32 numbers: 1 MB for the
-Mixtral-profile model, 0.26 MB for tiny) and its own length. A token of some streams (``rows``) runs as
+Mixtral-profile model, 0.26 MB for tiny), its own length and its own token in progress. A token of some
+streams (``rows``) runs as
 
     gates = begin(rows, token_ids)             # layer 0's router on the token's hidden state
-    gates = execute(executed)                  # per layer: the combine rule on the executed experts
+    gates = execute(rows, executed)            # per layer: the combine rule on the executed experts
     ...                                        # (None after the last layer)
-    logits = finish()                          # next-token logits; the streams are one token longer
+    logits = finish(rows)                      # next-token logits; the streams are one token longer
+
+Streams advance independently: the rows of one ``execute`` call must be at the same layer, other streams
+may be anywhere in their own tokens.
 
 Combine rule (docs/model.md#deviation-estimate): at layer l with executed set A, each Top-K slot i is served
 by i if i is executed, else by the executed j minimising D_l(i, j), or skipped when D_l(i, skip) is smaller
@@ -74,31 +78,38 @@ class StreamDecoder:
         if int(n_streams) < 1:
             raise ValueError(f"n_streams must be >= 1, got {n_streams}")
         self.D = D
-        self.n_streams = int(n_streams)
-        hd = cfg.d_model // cfg.n_head
-        shape = (self.L, self.n_streams, cfg.n_head, cfg.block_size, hd)
+        n = self.n_streams = int(n_streams)
+        d = cfg.d_model
+        shape = (self.L, n, cfg.n_head, cfg.block_size, d // cfg.n_head)
         self._keys, self._values = torch.zeros(shape), torch.zeros(shape)
         #: tokens held by each stream's cache
-        self.length = np.zeros(self.n_streams, np.int64)
-        #: the layer execute() applied last, per stream of the token: the deviation estimate
-        #: sum_k w_k D_l(i_k, phi(i_k)) and the measured ||layer output - full Top-K layer output|| (model units),
+        self.length = np.zeros(n, np.int64)
+        #: each stream's layer of its token in progress (L: every layer applied, finish() next; -1: none)
+        self.layer = np.full(n, -1, np.int64)
+        # each stream's token in progress: residual stream x, the current layer's attention output r, MoE
+        # input h and routing (Top-K indices and combine weights), and the token's position
+        self._x, self._r, self._h = torch.zeros(n, 1, d), torch.zeros(n, 1, d), torch.zeros(n, d)
+        self._idx, self._w = torch.zeros(n, self.K, dtype=torch.long), torch.zeros(n, self.K)
+        self._pos = torch.zeros(n, dtype=torch.long)
+        #: the layer execute() applied last, per row of that call: the deviation estimate
+        #: sum_k w_k D_l(i_k, phi(i_k)), the measured ||layer output - full Top-K layer output|| (model units),
         #: and the servers phi (R, K)
         self.last_estimate = self.last_deviation = np.zeros(0)
         self.last_served = np.zeros((0, self.K), np.int64)
-        self._cur: Optional[dict] = None
 
     # ------------------------------------------------------------------ streams
     def reset(self, rows=None) -> None:
         """Empty the caches of ``rows`` (None = every stream) and drop a token in progress."""
-        self.length[slice(None) if rows is None else np.asarray(rows, np.int64)] = 0
-        self._cur = None
+        sel = slice(None) if rows is None else np.asarray(rows, np.int64)
+        self.length[sel] = 0
+        self.layer[sel] = -1
 
     def truncate(self, row: int, pos: int) -> None:
         """Forget stream ``row``'s tokens from position ``pos`` on."""
         if not 0 <= pos <= self.length[row]:
             raise ValueError(f"cannot truncate to {pos}: context holds {self.length[row]} tokens")
         self.length[row] = pos
-        self._cur = None
+        self.layer[row] = -1
 
     @torch.no_grad()
     def prefill(self, rows, token_lists) -> None:
@@ -117,7 +128,7 @@ class StreamDecoder:
             if t.size and (t.min() < 0 or t.max() >= self.cfg.vocab_size):
                 raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
         keep = lens > 0
-        self._cur = None
+        self.layer[rows] = -1
         if not keep.any():
             return
         rows, lens, lists = rows[keep], lens[keep], [t for t, k in zip(lists, keep) if k]
@@ -143,9 +154,16 @@ class StreamDecoder:
         self._keys[:, row, :, :n] = keys
         self._values[:, row, :, :n] = values
         self.length[row] = n
-        self._cur = None
+        self.layer[row] = -1
 
     # ------------------------------------------------------------------ one token, layer by layer
+    @staticmethod
+    def _select(rows: np.ndarray):
+        """Consecutive streams (a batch in lockstep) as a slice (views, not gathered copies), else a tensor."""
+        if rows.size and (np.diff(rows) == 1).all():
+            return slice(int(rows[0]), int(rows[-1]) + 1)
+        return torch.from_numpy(rows)
+
     @torch.no_grad()
     def begin(self, rows, token_ids) -> Gates:
         """Start a token on streams ``rows``: returns layer 0's gates. Then call execute() once per layer."""
@@ -158,21 +176,19 @@ class StreamDecoder:
         pos = self.length[rows]
         if (pos >= self.cfg.block_size).any():
             raise ContextFull(f"context is full ({self.cfg.block_size} tokens); reset the stream")
+        sel = self._select(rows)
         pos_t = torch.from_numpy(pos.copy())
-        x = self.model.tok(torch.from_numpy(ids)[:, None]) + self.model.pos(pos_t)[:, None, :]
-        # consecutive streams (a batch stepping in lockstep) read their caches as views, not gathered copies
-        sel = slice(int(rows[0]), int(rows[-1]) + 1) if rows.size and (np.diff(rows) == 1).all() else torch.from_numpy(rows)
-        self._cur = dict(rows=rows, sel=sel, pos=pos_t, x=x, layer=0)
-        return self._route()
+        self._pos[sel] = pos_t
+        self._x[sel] = self.model.tok(torch.from_numpy(ids)[:, None]) + self.model.pos(pos_t)[:, None, :]
+        self.layer[rows] = 0
+        return self._route(rows, sel, 0)
 
-    def _route(self) -> Gates:
-        c = self._cur
-        l, sel, pos = c["layer"], c["sel"], c["pos"]
+    def _route(self, rows: np.ndarray, sel, l: int) -> Gates:
+        """Attention and router of layer ``l`` for streams ``rows`` (their residual stream in ``_x``)."""
         blk = self.model.blocks[l]
-        x = c["x"]
+        x, pos = self._x[sel], self._pos[sel]
         q, k, v = blk.qkv_heads(x)  # (R, H, 1, hd)
-        R = len(c["rows"])
-        at = torch.from_numpy(c["rows"]) if isinstance(sel, torch.Tensor) else torch.arange(sel.start, sel.stop)
+        at = torch.from_numpy(rows)
         self._keys[l, at, :, pos] = k[:, :, 0]
         self._values[l, at, :, pos] = v[:, :, 0]
         T = int(pos.max()) + 1
@@ -180,25 +196,30 @@ class StreamDecoder:
         scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (R, H, 1, T)
         scores = scores.masked_fill(torch.arange(T)[None, None, None, :] > pos[:, None, None, None], float("-inf"))
         r = x + blk.attn_out(torch.softmax(scores, -1) @ values)
-        h = blk.ln2(r).reshape(R, -1)
+        h = blk.ln2(r).reshape(len(rows), -1)
         probs, idx, w = blk.moe_route(h)
-        c.update(r=r, h=h, idx=idx, w=w)
+        self._r[sel], self._h[sel], self._idx[sel], self._w[sel] = r, h, idx, w
         return Gates(l, probs.numpy(), idx.numpy(), w.numpy())
 
     @torch.no_grad()
-    def execute(self, executed: Optional[np.ndarray] = None, served: Optional[np.ndarray] = None) -> Optional[Gates]:
-        """Apply the current layer to the token's streams: ``executed`` (R, E) bool (None = exactly each
-        stream's Top-K) under the combine rule, or ``served`` (R, K) an explicit server per slot (expert index,
-        E = skip). Returns the next layer's gates, or None after the last layer (then call finish())."""
-        c = self._cur
-        if c is None or c["layer"] >= self.L:
-            raise RuntimeError("execute() called without a pending layer; call begin() first")
-        l, R = c["layer"], len(c["rows"])
-        idx, w = c["idx"], c["w"]
+    def execute(self, rows, executed: Optional[np.ndarray] = None, served: Optional[np.ndarray] = None) -> Optional[Gates]:
+        """Apply the current layer (the same for every row) to streams ``rows``: ``executed`` (R, E) bool (None =
+        exactly each stream's Top-K) under the combine rule, or ``served`` (R, K) an explicit server per slot
+        (expert index, E = skip). Returns the next layer's gates, or None after the last layer (then call
+        finish())."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        R = rows.size
+        layers = np.unique(self.layer[rows])
+        if R == 0 or layers.size != 1 or not 0 <= layers[0] < self.L:
+            raise RuntimeError(f"execute() needs streams with a pending layer, all at the same one; streams {rows.tolist()} "
+                               f"are at layers {self.layer[rows].tolist()} (call begin() first)")
+        l = int(layers[0])
+        sel = self._select(rows)
+        idx, w = self._idx[sel], self._w[sel]
         topk = idx.numpy()
         if served is not None:
-            phi = np.asarray(served, np.int64).reshape(R, -1) if np.size(served) == R * self.K else None
-            if phi is None or (phi < 0).any() or (phi > self.E).any():
+            phi = np.asarray(served, np.int64)
+            if phi.shape != (R, self.K) or (phi < 0).any() or (phi > self.E).any():
                 raise ValueError(f"served must be ({R}, {self.K}) ints in [0, {self.E}], got {served!r}")
         else:
             if executed is None:
@@ -209,26 +230,27 @@ class StreamDecoder:
                 if ex.shape != (R, self.E):
                     raise ValueError(f"executed must have shape ({R}, {self.E}), got {ex.shape}")
             phi = serve_batch(self.D[l], topk, ex)
-        eo = self.model.blocks[l].experts(c["h"])  # (R, E, d)
+        eo = self.model.blocks[l].experts(self._h[sel])  # (R, E, d)
         full = (w[:, None, :] @ eo[torch.arange(R)[:, None], idx])[:, 0]
         C = torch.zeros(R, self.E + 1).scatter_add_(1, torch.from_numpy(phi), w)
         moe = (C[:, None, : self.E] @ eo)[:, 0]
         self.last_served = phi
         self.last_estimate = (w.numpy().astype(np.float64) * self.D[l][topk, phi]).sum(1)
         self.last_deviation = (full - moe).norm(dim=1).numpy().astype(np.float64)
-        c["x"] = c["r"] + moe[:, None, :]
-        c["layer"] = l + 1
-        return self._route() if l + 1 < self.L else None
+        self._x[sel] = self._r[sel] + moe[:, None, :]
+        self.layer[rows] = l + 1
+        return self._route(rows, sel, l + 1) if l + 1 < self.L else None
 
     @torch.no_grad()
-    def finish(self) -> torch.Tensor:
-        """(R, V) next-token logits of the token's streams, which are one token longer."""
-        c = self._cur
-        if c is None or c["layer"] != self.L:
-            raise RuntimeError("finish() called before every layer was executed")
-        logits = self.model.head_logits(c["x"])[:, 0]
-        self.length[c["rows"]] += 1
-        self._cur = None
+    def finish(self, rows) -> torch.Tensor:
+        """(R, V) next-token logits of streams ``rows`` (every layer applied); they are one token longer."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if (self.layer[rows] != self.L).any():
+            raise RuntimeError(f"finish() called before every layer was executed (streams at layers "
+                               f"{self.layer[rows].tolist()}, L = {self.L})")
+        logits = self.model.head_logits(self._x[self._select(rows)])[:, 0]
+        self.length[rows] += 1
+        self.layer[rows] = -1
         return logits
 
     def decode(self, rows, token_ids, executed: Optional[np.ndarray] = None) -> torch.Tensor:
@@ -241,5 +263,5 @@ class StreamDecoder:
                 raise ValueError(f"executed must have shape ({len(rows)}, {self.L}, {self.E}), got {executed.shape}")
         gates = self.begin(rows, token_ids)
         while gates is not None:
-            gates = self.execute(None if executed is None else executed[:, gates.layer])
-        return self.finish()
+            gates = self.execute(rows, None if executed is None else executed[:, gates.layer])
+        return self.finish(rows)

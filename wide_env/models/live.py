@@ -142,7 +142,7 @@ class LiveMoE:
                 raise ValueError(f"served must be {self.K} ints in [0, {self.E}], got {served!r}")
             served = phi[None]
         l = c["layer"]
-        nxt = self.decoder.execute(executed, served)
+        nxt = self.decoder.execute([self.PERTURBED], executed, served)
         c["served"][l] = self.decoder.last_served[0]
         c["estimate"][l], c["dev"][l] = self.decoder.last_estimate[0], self.decoder.last_deviation[0]
         self.last_estimate, self.last_deviation = c["estimate"][l], c["dev"][l]  # the estimate and the real
@@ -159,7 +159,7 @@ class LiveMoE:
         c = self._cur
         if c is None or c["layer"] != self.L:
             raise RuntimeError("finish() called before every layer was executed")
-        logits = self.decoder.finish()[0]
+        logits = self.decoder.finish([self.PERTURBED])[0]
         pred = int(logits.argmax())
         same = None if c["ref"] is None else bool(pred == int(c["ref"].argmax()))
         nll = None if target is None else float(-F.log_softmax(logits.double(), -1)[int(target)])

@@ -263,22 +263,24 @@ class DecodeSimulator:
         lc = state.layer if self.scenario.cost_per_layer else 0
         return p.meets_deadline[state.token - state.chunk_start, lc, b]
 
-    def override_gates(self, state: DecodeState, index: int, probs, topk_idx, topk_weight) -> None:
-        """Replace episode ``index``'s gating at its current (token, layer) by gates computed elsewhere (the
-        live backend: real router outputs after the executed experts changed the hidden state); observe it
-        again with :meth:`observe`."""
+    def override_gates(self, state: DecodeState, rows, probs, topk_idx, topk_weight) -> None:
+        """Replace episodes ``rows``' gating at their current (token, layer) by gates computed elsewhere (the
+        model's live router outputs after the executed experts changed the hidden state): probs (R, E),
+        topk_idx / topk_weight (R, K); the deviation tables and Top-K energies follow. Observe them again with
+        :meth:`observe`."""
         plan, scn = state.plan, self.scenario
-        layer, c = int(state.layer[index]), int(state.token[index] - state.chunk_start[index])
-        row = build_gating_rows(scn.weighted_mismatch, np.array([layer]), np.asarray(probs).reshape(1, -1),
-                                np.asarray(topk_idx, dtype=np.int64).reshape(1, -1),
-                                np.asarray(topk_weight, dtype=np.float64).reshape(1, -1))
-        at = (c, layer, index)
-        plan.probs[at], plan.topk_idx[at], plan.topk_weight[at] = row.probs[0], row.topk_idx[0], row.topk_weight[0]
-        plan.deviation_table[at] = row.deviation_table[0]
-        lc = layer if scn.cost_per_layer else 0
-        energy = plan.energy_scopes[c, lc, index, scn.scope_index]
-        topk_energy, reference = topk_reference(energy, row.topk_idx[0])
-        plan.topk[at] = topk_energy, reference
-        observed = None if plan.observed_energy_scopes is None else plan.observed_energy_scopes[c, lc, index]
-        cost = observed_energy_cost(energy, observed, scn.scope_index, row.topk_idx[0], reference)
-        plan.obs_expert[at][EXPERT_KEYS.index("energy_cost")] = np.minimum(cost, MAX_ENERGY_COST)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        layer, c = state.layer[rows], state.token[rows] - state.chunk_start[rows]
+        got = build_gating_rows(scn.weighted_mismatch, layer, np.asarray(probs).reshape(rows.size, -1),
+                                np.asarray(topk_idx, dtype=np.int64).reshape(rows.size, -1),
+                                np.asarray(topk_weight, dtype=np.float64).reshape(rows.size, -1))
+        at = (c, layer, rows)
+        plan.probs[at], plan.topk_idx[at], plan.topk_weight[at] = got.probs, got.topk_idx, got.topk_weight
+        plan.deviation_table[at] = got.deviation_table
+        lc = layer if scn.cost_per_layer else np.zeros_like(layer)
+        energy = plan.energy_scopes[c, lc, rows, scn.scope_index]
+        topk_energy, reference = topk_reference(energy, got.topk_idx)
+        plan.topk[at] = np.stack([topk_energy, reference], axis=-1)
+        observed = None if plan.observed_energy_scopes is None else plan.observed_energy_scopes[c, lc, rows]
+        cost = observed_energy_cost(energy, observed, scn.scope_index, got.topk_idx, reference)
+        plan.obs_expert[c, layer, rows, EXPERT_KEYS.index("energy_cost")] = np.minimum(cost, MAX_ENERGY_COST)

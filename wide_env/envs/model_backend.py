@@ -1,0 +1,265 @@
+"""The checkpoint inside the decoding envs, for every batch size: B KV-cached streams of
+:class:`wide_env.models.decoder.StreamDecoder`, one per episode (row), driven by
+:class:`wide_env.envs.batch.EpisodeBatch` (so the single env, the native vector env and the SB3 VecEnv run the
+same code). Two uses:
+
+* :class:`ModelAccuracy` (``gating.accuracy = "model"``, the default where the trace's accuracy rule is not
+  validated): the observations keep the trace's gating; at every step the row's executed experts that met
+  the deadline (all executed ones when deadlines are not enforced) are recorded for the step's layer, and
+  when a token's last layer completes it, the checkpoint decodes the token through its L layers with those
+  experts (every layer routed live, the combine rule on the live Top-K).
+* :class:`LiveGating` (``gating.backend = "live"``): the checkpoint runs layer by layer with the steps: each
+  layer's live router output replaces the trace's gating in the plan (observation, deviation table, Top-K
+  energies), the layer is applied with the servers the step chose, and ``measured_deviation`` (the real
+  layer-output deviation, next to the estimate) is reported every step, ``live_nll`` and ``live_deviation``
+  (the token's loss and summed measured deviation) at each token's last layer (NaN at other steps).
+
+Either way a stream holds the episode's text: the full model's keys and values of the trace window before the
+episode's first token (:class:`wide_env.models.trace_context.TraceContext`), then every token as the episode
+decoded it (perturbed keys and values reach the episode's later tokens); and at each token's last layer the
+step's accuracy fields become the measured ones:
+
+* ``accuracy_correct``: the model's next-byte prediction is the target;
+* ``accuracy_same``: it equals the full Top-K model's prediction (same context);
+* ``accuracy_full``: the full model's prediction is the target;
+* ``delta_loss``: -log p(target) minus the full model's (nats); with ``reward.objective = "accuracy"`` the
+  reward's accuracy term is -accuracy_weight x this.
+
+For the same executed experts both report the same accuracy. Rows of a batch that are at the same layer run
+in one batched pass.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+import weakref
+
+import numpy as np
+
+from wide_env.profiles import accuracy_rule_validated, profile_checkpoint
+from wide_env.sim.decode.kernel import FLOAT_FIELDS
+
+#: what each accuracy source means, for tables and plots
+ACCURACY_SOURCES = {"live": "measured on the live model (gating.backend = 'live')",
+                    "model": "measured on the model: the checkpoint decodes each token with the executed experts "
+                             "(exactly what the live model gives for them)",
+                    "rule": "the logit-effect rule of the trace (agrees with the live model, docs/real-model.md)",
+                    "rule_unvalidated": "the logit-effect rule of the trace, NOT validated for this profile or trace "
+                                        "(the deep paper-profile models: off by 1 to 20 points, optimistic beyond "
+                                        "their default budget; docs/real-model.md); gating.accuracy = 'model' "
+                                        "measures it (needs torch and the trace's checkpoint)",
+                    "none": "not available for this gating source"}
+
+_WARNED_UNVALIDATED: set[str] = set()
+
+
+def checkpoint_dir_of(config) -> str | None:
+    """The checkpoint the model accuracy and the live backend run: ``gating.checkpoint_dir``, else the
+    profile's shipped model for the profile's shipped trace; None for a user's trace without a checkpoint."""
+    if config.gating.checkpoint_dir is not None:
+        return config.gating.checkpoint_dir
+    return profile_checkpoint(config.profile) if config.gating.trace_path is None else None
+
+
+def accuracy_source_of(config, source=None) -> str:
+    """Where a decoding config's accuracy figures come from (a key of :data:`ACCURACY_SOURCES`; ``source`` the
+    gating source, for "auto": the model needs its text), warning once per profile where they come from a
+    rule not validated against the live model."""
+    g = config.gating
+    if g.backend == "live":
+        return "live"
+    if g.accuracy == "model":
+        return "model"
+    validated = accuracy_rule_validated(config)
+    if g.accuracy == "auto" and not validated and importlib.util.find_spec("torch") is not None \
+            and checkpoint_dir_of(config) is not None \
+            and getattr(source, "token_id", None) is not None and getattr(source, "target_id", None) is not None:
+        return "model"
+    if validated:
+        return "rule"
+    if config.profile not in _WARNED_UNVALIDATED:  # once per profile and process: envs are made by the hundred
+        _WARNED_UNVALIDATED.add(config.profile)
+        warnings.warn(f"profile {config.profile!r}: accuracy in info comes from "
+                      f"{ACCURACY_SOURCES['rule_unvalidated']}", UserWarning, stacklevel=3)
+    return "rule_unvalidated"
+
+
+# A loaded checkpoint and its trace context per (checkpoint directory, gating source), shared by the envs of a
+# process (read-only: each env's decoder holds its own caches).
+_CONTEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_REWARD_TERMS = ("reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy")
+assert set(_REWARD_TERMS) <= set(FLOAT_FIELDS)
+
+
+def model_backend_for(sim, num_envs: int) -> "ModelAccuracy | LiveGating | None":
+    """The checkpoint's part in a batch of ``sim``'s episodes (live gating, or model accuracy), or None."""
+    if getattr(sim, "source", None) is None or not hasattr(sim, "has_accuracy"):
+        return None  # the prefill simulator
+    live = sim.config.gating.backend == "live"
+    if not live and (not sim.has_accuracy or accuracy_source_of(sim.config, sim.source) != "model"):
+        return None
+    checkpoint = checkpoint_dir_of(sim.config)
+    if checkpoint is None:
+        if live:  # a user's trace: the profile's shipped model, checked against the trace's L, E, K below
+            checkpoint = profile_checkpoint(sim.config.profile)
+        else:
+            raise ValueError("config 'gating.accuracy' = 'model' with a user's trace (gating.trace_path) needs "
+                             "gating.checkpoint_dir: the checkpoint the trace was exported from")
+    return (LiveGating if live else ModelAccuracy)(sim, checkpoint, num_envs)
+
+
+def _model_and_context(source, checkpoint_dir: str):
+    from wide_env.models.moe_lm import CheckpointError, load_checkpoint
+    from wide_env.models.trace_context import TraceContext
+
+    per_source = _CONTEXTS.setdefault(source, {})
+    got = per_source.get(checkpoint_dir)
+    if got is None:
+        try:
+            model, _ = load_checkpoint(checkpoint_dir)
+        except CheckpointError as exc:
+            raise CheckpointError(f"config 'gating.checkpoint_dir' (the model that measures accuracy): {exc}; point "
+                                  "it at a directory with moe_lm.safetensors and moe_lm.json, drop it for the "
+                                  "profile's shipped model, or set gating.accuracy = 'rule'") from None
+        cfg = model.cfg
+        if (cfg.n_layer, cfg.n_expert, cfg.top_k) != (source.n_layers, source.n_experts, source.top_k):
+            raise ValueError(f"config 'gating.checkpoint_dir': the checkpoint {checkpoint_dir} has (L, E, K) = "
+                             f"({cfg.n_layer}, {cfg.n_expert}, {cfg.top_k}) but the trace has ({source.n_layers}, "
+                             f"{source.n_experts}, {source.top_k}); use the checkpoint the trace was exported from")
+        got = per_source[checkpoint_dir] = (model, TraceContext(model, source.token_id, source.target_id,
+                                                                source.doc_start))
+    return got
+
+
+class _ModelStreams:
+    """One decoding stream per episode of a batch, started from the episode's trace context."""
+
+    #: step info keys this part adds (float columns after the simulator's)
+    extra_keys: tuple[str, ...] = ()
+    _needs = "config 'gating.accuracy' = 'model'"
+
+    def __init__(self, sim, checkpoint_dir: str, num_envs: int):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(f"{self._needs} needs torch: pip install torch (or the default gating.backend = "
+                              "'table' with gating.accuracy = 'rule')") from None
+        from wide_env.models.decoder import StreamDecoder
+
+        torch.set_num_threads(1)
+        source = sim.source
+        if getattr(source, "token_id", None) is None or getattr(source, "target_id", None) is None:
+            raise ValueError(f"{self._needs} needs a trace with 'token_id' and 'target_id' (exported by python -m "
+                             "wide_env.models.export); use the trace's accuracy rule instead")
+        model, self.context = _model_and_context(source, str(checkpoint_dir))
+        self.sim = sim
+        self.decoder = StreamDecoder(model, source.mismatch, num_envs)
+        self.token_id, self.target_id = self.context.token_id, self.context.target_id
+        self.n_layers = sim.n_layers
+        self.weight = sim.config.reward.accuracy_weight if sim.config.reward.objective == "accuracy" else None
+
+    def start(self, state, rows: np.ndarray | None = None) -> None:
+        """New episodes in ``rows`` (index array; None = all): load each one's context."""
+        rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
+        for row in rows:
+            keys, values = self.context.prefix(int(state.start[row]))
+            self.decoder.set_prefix(int(row), keys, values)
+
+    def before_step(self, state, executed: np.ndarray) -> tuple:
+        """What the step is about to do: the rows that step, their layer and trace position."""
+        return ~state.done, state.layer.copy(), state.start + state.token
+
+    def _report(self, outcome, rows: np.ndarray, positions: np.ndarray, logits) -> np.ndarray:
+        """Rows whose token completed: the step's accuracy fields (and the accuracy reward) from the model's
+        next-token ``logits`` (R, V); returns the tokens' losses -log p(target) (nats)."""
+        import torch
+
+        logits = logits.double()
+        target = self.target_id[positions]
+        pred = logits.argmax(-1).numpy()
+        nll = -torch.log_softmax(logits, -1)[torch.arange(rows.size), torch.from_numpy(target)].numpy()
+        full_pred, full_nll = self.context.reference(positions)
+        delta = nll - full_nll
+        outcome.column("accuracy_correct")[rows] = pred == target
+        outcome.column("accuracy_same")[rows] = pred == full_pred
+        outcome.column("accuracy_full")[rows] = full_pred == target
+        outcome.column("delta_loss")[rows] = delta
+        if self.weight is not None:
+            outcome.column("reward_accuracy")[rows] = -self.weight * delta
+            outcome.column("reward")[rows] = sum(outcome.column(k)[rows] for k in _REWARD_TERMS)
+        return nll
+
+
+class ModelAccuracy(_ModelStreams):
+    """The measured accuracy of a batch's episodes; the observations keep the trace's gating."""
+
+    def __init__(self, sim, checkpoint_dir: str, num_envs: int):
+        super().__init__(sim, checkpoint_dir, num_envs)
+        self.masks = np.zeros((num_envs, sim.n_layers, sim.n_experts), dtype=bool)
+
+    def before_step(self, state, executed: np.ndarray) -> tuple:
+        # the experts the step serves with: executed and in time (the realised delays)
+        return super().before_step(state, executed) + (np.asarray(executed, dtype=bool) & self.sim.on_time(state),)
+
+    def after_step(self, state, outcome, before: tuple, obs: np.ndarray) -> np.ndarray | None:
+        """Keep the stepped rows' effective masks at their layer; rows whose token completed decode it."""
+        stepped, layer, position, effective = before
+        rows = np.flatnonzero(stepped)
+        self.masks[rows, layer[rows]] = effective[rows]
+        rows = rows[layer[rows] == self.n_layers - 1]
+        if rows.size:
+            pos = position[rows]
+            self._report(outcome, rows, pos, self.decoder.decode(rows, self.token_id[pos], self.masks[rows]))
+        return None
+
+
+class LiveGating(_ModelStreams):
+    """The checkpoint runs with the steps: live gating in the plan (and so in the observations), the layers
+    applied with the servers the steps chose, measured accuracy and deviation."""
+
+    extra_keys = ("measured_deviation", "live_nll", "live_deviation")
+    _needs = "config 'gating.backend' = 'live'"
+
+    def __init__(self, sim, checkpoint_dir: str, num_envs: int):
+        super().__init__(sim, checkpoint_dir, num_envs)
+        self.token_deviation = np.zeros(num_envs)
+
+    def start(self, state, rows: np.ndarray | None = None) -> None:
+        """Load the episodes' contexts and route their first token's layer 0 live (observe them afterwards)."""
+        super().start(state, rows)
+        rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
+        self._begin(state, rows)
+
+    def _begin(self, state, rows: np.ndarray) -> None:
+        gates = self.decoder.begin(rows, self.token_id[state.start[rows] + state.token[rows]])
+        self.token_deviation[rows] = 0.0
+        self.sim.override_gates(state, rows, gates.probs, gates.topk_idx, gates.topk_weight)
+
+    def after_step(self, state, outcome, before: tuple, obs: np.ndarray) -> np.ndarray:
+        """Apply each stepped row's layer with the servers the step chose, report what was measured, and route
+        the rows' next layer (or next token) live into the plan; re-observe them into ``obs``. Returns the
+        extra info columns (B, 3)."""
+        stepped, layer, position = before
+        extra = np.full((state.batch_size, len(self.extra_keys)), np.nan)
+        extra[:, 0] = 0.0
+        routed = np.zeros(state.batch_size, dtype=bool)
+        servers = outcome.server
+        for l in np.unique(layer[stepped]):
+            rows = np.flatnonzero(stepped & (layer == l))
+            gates = self.decoder.execute(rows, served=servers[rows])
+            extra[rows, 0] = self.decoder.last_deviation
+            self.token_deviation[rows] += self.decoder.last_deviation
+            if gates is not None:
+                self.sim.override_gates(state, rows, gates.probs, gates.topk_idx, gates.topk_weight)
+                routed[rows] = True
+                continue
+            extra[rows, 1] = self._report(outcome, rows, position[rows], self.decoder.finish(rows))
+            extra[rows, 2] = self.token_deviation[rows]
+            going = rows[~state.done[rows]]  # the episode's next token
+            if going.size:
+                self._begin(state, going)
+                routed[going] = True
+        if routed.any():
+            self.sim.observe(state, routed, obs)
+        return extra
