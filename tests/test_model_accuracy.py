@@ -238,7 +238,7 @@ def test_live_gating_vector_rows_are_single_live_envs(env_id):
                 for key in ("delta_loss", "live_nll", "live_deviation"):
                     assert vinfo[key][b] == pytest.approx(info[key], abs=1e-4), key
             else:
-                assert np.isnan(info["live_nll"]) and np.isnan(vinfo["live_nll"][b])
+                assert info["live_nll"] == vinfo["live_nll"][b] == 0.0
 
     vobs, _ = vec.reset(seed=seeds)
     for b, env in enumerate(singles):
@@ -257,3 +257,40 @@ def test_live_gating_vector_rows_are_single_live_envs(env_id):
     for _ in range(L):
         step_all()
     assert completed >= 2 * B + 1
+
+
+def test_checkers_sb3_vec_env_and_clones_with_the_model_inside():
+    """The live env and the model-accuracy env pass Gymnasium's and SB3's checkers; SB3's native VecEnv runs the
+    live backend; a pickled / deep-copied env continues exactly like the original (streams and caches too)."""
+    import copy
+    import pickle
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    from wide_env.envs.sb3_vec import make_native_vec_env
+
+    live = {"config": {"gating": {"backend": "live"}, "n_tokens": 2}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kwargs in (live, {"config": {"n_tokens": 2}}):
+            check_env(gym.make("wide_env/WideMoE-Switch-v0", **kwargs).unwrapped, skip_render_check=True)
+        sb3_check_env(gym.make("wide_env/WideMoE-Switch-v0", **live).unwrapped, warn=True)
+    venv = make_native_vec_env("wide_env/WideMoE-Switch-v0", n_envs=2, seed=3, env_kwargs=live)
+    venv.reset()
+    E = venv.action_space.n
+    for _ in range(2 * 6):
+        _, _, _, infos = venv.step(np.ones((2, E), dtype=np.int8))
+    assert all(info["accuracy_same"] == 1 for info in infos)  # every expert runs: the full model's prediction
+    env = gym.make("wide_env/WideMoE-Mixtral-v0", **live)
+    env.reset(seed=5)
+    rng = np.random.default_rng(0)
+    for _ in range(36):  # into the second of two 32-layer tokens
+        env.step((rng.random(8) < 0.5).astype(np.int8))
+    actions = (rng.random((28, 8)) < 0.5).astype(np.int8)  # to the episode's end
+    runs = []
+    for clone in (env, pickle.loads(pickle.dumps(env)), copy.deepcopy(env)):
+        runs.append([clone.step(a)[4]["measured_deviation"] for a in actions])
+    np.testing.assert_allclose(runs[1], runs[0], atol=1e-6)
+    np.testing.assert_allclose(runs[2], runs[0], atol=1e-6)

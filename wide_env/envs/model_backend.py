@@ -12,7 +12,7 @@ same code). Two uses:
   layer's live router output replaces the trace's gating in the plan (observation, deviation table, Top-K
   energies), the layer is applied with the servers the step chose, and ``measured_deviation`` (the real
   layer-output deviation, next to the estimate) is reported every step, ``live_nll`` and ``live_deviation``
-  (the token's loss and summed measured deviation) at each token's last layer (NaN at other steps).
+  (the token's loss and summed measured deviation) at each token's last layer (0 at other steps).
 
 Either way a stream holds the episode's text: the full model's keys and values of the trace window before the
 episode's first token (:class:`wide_env.models.trace_context.TraceContext`), then every token as the episode
@@ -241,8 +241,8 @@ class LiveGating(_ModelStreams):
         the rows' next layer (or next token) live into the plan; re-observe them into ``obs``. Returns the
         extra info columns (B, 3)."""
         stepped, layer, position = before
-        extra = np.full((state.batch_size, len(self.extra_keys)), np.nan)
-        extra[:, 0] = 0.0
+        extra = np.zeros((state.batch_size, len(self.extra_keys)))  # 0 where nothing was measured (checkers
+        # compare infos for equality: no NaN)
         routed = np.zeros(state.batch_size, dtype=bool)
         servers = outcome.server
         for l in np.unique(layer[stepped]):
