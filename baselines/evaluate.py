@@ -233,20 +233,32 @@ ACCURACY_MODES = ("auto", "rule", "model", "live")
 
 
 def accuracy_env_kwargs(env_id: str, kwargs: dict, accuracy: str) -> dict:
-    """``kwargs`` with the decoding env's accuracy source set: "auto" keeps the env's (its
-    ``gating.accuracy``, by default the trace's rule where it is validated against the live model and the
-    model elsewhere when torch is installed), "rule" and "model" set ``gating.accuracy``, "live" runs the live
-    backend (``gating.backend = "live"``: the live router's gating in the observations)."""
+    """``kwargs`` with the decoding env's accuracy source set: "rule" and "model" set ``gating.accuracy``,
+    "live" runs the live backend (``gating.backend = "live"``: the live router's gating in the observations),
+    "auto" measures on the model wherever it can (a trace with its checkpoint, torch installed, the config's
+    ``gating.accuracy`` left at "auto"): tables judge policies, so they are exact even where the env's own fast
+    default is the validated rule; else the env's own source."""
+    import importlib.util
+
     import gymnasium as gym
+
+    from wide_env.config import WideConfig
+    from wide_env.envs.model_backend import checkpoint_dir_of
 
     if accuracy not in ACCURACY_MODES:
         raise ValueError(f"accuracy must be one of {list(ACCURACY_MODES)}, got {accuracy!r}")
-    if accuracy == "auto":
-        return kwargs
-    if "WideMoEEnv" not in str(gym.spec(env_id).entry_point):  # accuracy is the decoding env's
+    spec = gym.spec(env_id)
+    if "WideMoEEnv" not in str(spec.entry_point):  # accuracy is the decoding env's
         if accuracy in ("live", "model"):
             raise ValueError(f"accuracy={accuracy!r}: {env_id} reports no real accuracy (decoding envs only)")
         return kwargs
+    if accuracy == "auto":
+        config = WideConfig.from_dict(kwargs.get("config"), preset=kwargs.get("preset", spec.kwargs.get("preset")))
+        g = config.gating
+        if (g.source != "trace" or g.backend != "table" or g.accuracy != "auto" or checkpoint_dir_of(config) is None
+                or importlib.util.find_spec("torch") is None):
+            return kwargs
+        accuracy = "model"
     gating = {"backend": "live"} if accuracy == "live" else {"accuracy": accuracy}
     return {**kwargs, "config": deep_merge(kwargs.get("config") or {}, {"gating": gating})}
 
@@ -280,8 +292,8 @@ def evaluate_policies(env_id: str, policies: Iterable, *, episodes: int = 20, se
         "single" (episode i = ``gym.make(...).reset(seed=seed + i)``) or "auto" (native where available).
     accuracy: where the real-accuracy figures come from (:func:`accuracy_env_kwargs`): "rule" (the trace's
         accuracy rule), "model" (the checkpoint decodes each token with the executed experts), "live" (the live
-        backend) or "auto" (the env's default: the rule where it is validated against the live
-        model, else the model when torch is installed). Rows say which (``source_of_accuracy``).
+        backend) or "auto" (measured on the model wherever a checkpoint and torch are there, else the env's
+        own source). Rows say which (``source_of_accuracy``).
 
     Returns one summary dict per (budget scale, policy); see :func:`summarize` for the fields.
     """
@@ -490,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--accuracy", default="auto", choices=ACCURACY_MODES,
                     help="where real accuracy comes from: rule (the trace's accuracy rule), model (the checkpoint "
                          "decodes each token with the executed experts), live (the live backend: live gating in the "
-                         "observations) or auto (the env's default: the rule where it agrees with the "
-                         "live model within 0.5 points, else the model when torch is installed); the table says which")
+                         "observations) or auto (the model wherever a checkpoint and torch are there, else the env's "
+                         "own source); the table says which")
     ap.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     ap.add_argument("--ray", action="store_true",
                     help="spread policies x budget scales x envs x episode chunks over a Ray cluster (pip install "

@@ -150,16 +150,19 @@ def fresh_accuracy_warnings(monkeypatch):
     monkeypatch.setattr("wide_env.envs.model_backend._WARNED_UNVALIDATED", set())
 
 
-def test_accuracy_comes_from_the_model_where_the_rule_is_not_validated(fresh_accuracy_warnings):
-    """auto: the tiny model's rule (validated within 0.5 points of the live model) and the deep Mixtral-shaped
-    model's figures measured on the model; 'live' runs the live backend; 'rule' forces the rule; all on the
-    batched core; rows and the printed table say which."""
+def test_evaluation_measures_accuracy_on_the_model(fresh_accuracy_warnings):
+    """auto: measured on the model wherever it can (tables judge policies), unless the config chose a source;
+    'live' runs the live backend; 'rule' forces the rule; all on the batched core; rows and the printed table
+    say which."""
     pytest.importorskip("torch")
     from baselines.evaluate import evaluate_policies
 
     small = {"config": {"n_tokens": 2}}
     tiny = evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=2, env_kwargs=small, progress=False)
-    assert tiny[0]["source_of_accuracy"] == "rule" and tiny[0]["vec_env"] == "native"
+    assert tiny[0]["source_of_accuracy"] == "model" and tiny[0]["vec_env"] == "native"  # tables are exact
+    fast = evaluate_policies("wide_env/WideMoE-v0", ["topk"], episodes=2, progress=False, accuracy="auto",
+                             env_kwargs={"config": {"n_tokens": 2, "gating": {"accuracy": "rule"}}})
+    assert fast[0]["source_of_accuracy"] == "rule"  # a config's own choice stays
     model = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False)
     assert model[0]["source_of_accuracy"] == "model" and model[0]["vec_env"] == "native"
     live = evaluate_policies("wide_env/WideMoE-Mixtral-v0", ["topk"], episodes=2, env_kwargs=small, progress=False,
@@ -183,8 +186,16 @@ def test_envs_say_where_their_accuracy_comes_from(fresh_accuracy_warnings):
     import gymnasium as gym
 
     assert gym.make("wide_env/WideMoE-v0").unwrapped.problem.accuracy_source == "rule"
+    assert gym.make("wide_env/WideMoE-v0", config={"budget": {"scale": 4.0}, "n_tokens": 4}
+                    ).unwrapped.problem.accuracy_source == "rule"  # the scenario the rule was validated in
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        for env_id in ("wide_env/WideMoE-Realistic-v0", "wide_env/WideMoE-Stragglers-v0",
+                       "wide_env/WideMoE-TokenBudget-v0", "wide_env/WideMoE-EpisodeBudget-v0",
+                       "wide_env/WideMoE-AccuracyObjective-v0"):  # tiny, but lost experts or spanning budgets
+            assert gym.make(env_id).unwrapped.problem.accuracy_source == "model", env_id
+        for config in ({"budget": {"scale": 8.0}}, {"radio": {"bandwidth_hz": 2e5}}):
+            assert gym.make("wide_env/WideMoE-v0", config=config).unwrapped.problem.accuracy_source == "model"
         assert gym.make("wide_env/WideMoE-Switch-v0").unwrapped.problem.accuracy_source == "model"
         vec = gym.make_vec("wide_env/WideMoE-GptOss-v0", num_envs=2, vectorization_mode="vector_entry_point")
         assert vec.unwrapped.problem.accuracy_source == "model"

@@ -45,10 +45,11 @@ ACCURACY_SOURCES = {"live": "measured on the live model (gating.backend = 'live'
                     "model": "measured on the model: the checkpoint decodes each token with the executed experts "
                              "(exactly what the live model gives for them)",
                     "rule": "the logit-effect rule of the trace (agrees with the live model, docs/real-model.md)",
-                    "rule_unvalidated": "the logit-effect rule of the trace, NOT validated for this profile or trace "
-                                        "(the deep paper-profile models: off by 1 to 20 points, optimistic beyond "
-                                        "their default budget; docs/real-model.md); gating.accuracy = 'model' "
-                                        "measures it (needs torch and the trace's checkpoint)",
+                    "rule_unvalidated": "the logit-effect rule of the trace, NOT validated for this profile, trace "
+                                        "or scenario (measured: +1 to +4 points on tiny's scenarios with lost "
+                                        "experts or token / episode budgets, up to +20 on the deep paper-profile "
+                                        "models; docs/real-model.md); gating.accuracy = 'model' measures it (needs "
+                                        "torch and the trace's checkpoint)",
                     "none": "not available for this gating source"}
 
 _WARNED_UNVALIDATED: set[str] = set()
@@ -80,7 +81,7 @@ def accuracy_source_of(config, source=None) -> str:
         return "rule"
     if config.profile not in _WARNED_UNVALIDATED:  # once per profile and process: envs are made by the hundred
         _WARNED_UNVALIDATED.add(config.profile)
-        warnings.warn(f"profile {config.profile!r}: accuracy in info comes from "
+        warnings.warn(f"profile {config.profile!r} (in this scenario): accuracy in info comes from "
                       f"{ACCURACY_SOURCES['rule_unvalidated']}", UserWarning, stacklevel=3)
     return "rule_unvalidated"
 
