@@ -55,9 +55,12 @@ def test_quick_run_gap_closed_and_equal_accuracy_columns_are_consistent(quick_ru
     for name in REGIMES:
         by_role = {r["role"]: r for r in rows if r["regime"] == name}
         e = {role: float(r["energy_per_token_j"]) for role, r in by_role.items()}
+        gap = e["best_analytic"] - e["oracle"]
         for role, r in by_role.items():
-            expected = (e["best_analytic"] - e[role]) / (e["best_analytic"] - e["oracle"])
-            assert float(r["gap_closed"]) == pytest.approx(expected)
+            # no gap to close when the oracle solves the best baseline's problem exactly (per-layer SiftMoE is
+            # optimal under per-layer budgets): NaN
+            expected = (e["best_analytic"] - e[role]) / gap if gap != 0 else float("nan")
+            assert float(r["gap_closed"]) == pytest.approx(expected, nan_ok=True)
         chosen = [c for c in comparisons if c["regime"] == name and c["chosen"] == "True"]
         assert len(chosen) == 1 and chosen[0]["baseline"] == by_role["best_analytic"]["policy"]
         assert float(by_role["ppo"]["eq_acc_ratio"]) == pytest.approx(float(chosen[0]["eq_acc_ratio"]), nan_ok=True)
