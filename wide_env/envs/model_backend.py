@@ -142,13 +142,12 @@ class _ModelStreams:
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         try:
-            import torch
+            import torch  # noqa: F401  (the envs leave torch's thread count and RNG to the caller)
         except ImportError:
             raise ImportError(f"{self._needs} needs torch: pip install torch (or the default gating.backend = "
                               "'table' with gating.accuracy = 'rule')") from None
         from wide_env.models.decoder import StreamDecoder
 
-        torch.set_num_threads(1)
         source = sim.source
         if getattr(source, "token_id", None) is None or getattr(source, "target_id", None) is None:
             raise ValueError(f"{self._needs} needs a trace with 'token_id' and 'target_id' (exported by python -m "

@@ -255,7 +255,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
         sd = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{wpath}: corrupt or truncated safetensors file ({e})") from e
-    model = MoELM(cfg)
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's torch RNG alone
+        model = MoELM(cfg)
     ref = model.state_dict()
     missing = sorted(set(ref) - set(sd))
     extra = sorted(set(sd) - set(ref))
