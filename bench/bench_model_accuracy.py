@@ -27,31 +27,26 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wide_env  # noqa: E402,F401  (registers the ids)
+from bench_vector import Runner  # noqa: E402  (bench/ is the script's directory)
 
 
 SETTINGS = {"rule": {"accuracy": "rule"}, "model": {"accuracy": "model"}, "live": {"backend": "live"}}
 
 
-class Runner:
-    def __init__(self, env_id: str, setting: str, batch: int, calls: int, seed: int):
+def make_runner(env_id: str, setting: str, batch: int, calls: int, seed: int) -> Runner:
+    """bench_vector's runner on the native vector env with one accuracy setting, after one untimed warm-up run
+    (numba, torch and the trace windows' full-model runs, once per process: reported below)."""
+    def make(b):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the rule is not validated on these presets: that is the point
-            self.env = gym.make_vec(env_id, num_envs=batch, vectorization_mode="vector_entry_point",
-                                    config={"gating": SETTINGS[setting]})
-        assert self.env.unwrapped.problem.accuracy_source in (setting, "rule_unvalidated")
-        self.env.action_space.seed(seed)
-        self.actions = [self.env.action_space.sample() for _ in range(calls)]
-        self.seed, self.runs = seed, 0
-        self.run()  # warm-up: numba, torch and the trace windows' full-model runs (once per process, below)
+            env = gym.make_vec(env_id, num_envs=b, vectorization_mode="vector_entry_point",
+                               config={"gating": SETTINGS[setting]})
+        assert env.unwrapped.problem.accuracy_source in (setting, "rule_unvalidated")
+        return env
 
-    def run(self) -> float:
-        self.env.reset(seed=self.seed + self.runs)
-        self.runs += 1
-        step = self.env.step
-        t0 = time.perf_counter()
-        for action in self.actions:
-            step(action)
-        return len(self.actions) / (time.perf_counter() - t0)
+    runner = Runner(make, batch, calls, seed)
+    runner.run()
+    return runner
 
 
 def main() -> None:
@@ -82,7 +77,7 @@ def main() -> None:
         problem = env.unwrapped.problem
         calls = args.episodes * problem.n_tokens * problem.n_layers
         for b in args.batches:
-            runners = {a: Runner(env_id, a, b, calls, args.seed) for a in SETTINGS}
+            runners = {a: make_runner(env_id, a, b, calls, args.seed) for a in SETTINGS}
             runs = {a: [] for a in runners}
             for _ in range(args.repeats):
                 for a, r in runners.items():
