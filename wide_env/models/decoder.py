@@ -65,6 +65,16 @@ def serve_batch(D: np.ndarray, topk_idx: np.ndarray, executed: np.ndarray) -> np
     return np.where(allowed, rows, np.inf).argmin(-1)
 
 
+@torch.no_grad()
+def full_model_run(model: MoELM, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The full Top-K model on token runs ``idx`` (B, T): (logits (B, T, V), keys and values (L, B, H, T, hd)),
+    the context a decoding stream starts from."""
+    rec: dict = {}
+    logits = model(idx, record=rec)[0]
+    return (logits, torch.stack([lay["k"] for lay in rec["layers"]]),
+            torch.stack([lay["v"] for lay in rec["layers"]]))
+
+
 class StreamDecoder:
     """``n_streams`` KV-cached decoding streams of ``model`` (eval mode, CPU) with the combine rule of the
     mismatch tables ``mismatch`` (L, E, E+1)."""
@@ -137,21 +147,19 @@ class StreamDecoder:
         idx = torch.zeros((len(rows), T), dtype=torch.long)
         for i, t in enumerate(lists):
             idx[i, : len(t)] = torch.from_numpy(t)
-        rec: dict = {}
-        self.model(idx, record=rec)
+        _, keys, values = full_model_run(self.model, idx)
         rows_t = torch.from_numpy(rows)
-        for l, lay in enumerate(rec["layers"]):
-            self._keys[l, rows_t, :, :T] = lay["k"]
-            self._values[l, rows_t, :, :T] = lay["v"]
+        self._keys[:, rows_t, :, :T] = keys
+        self._values[:, rows_t, :, :T] = values
         self.length[rows] = lens
 
     def set_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Load stream ``row``'s cache with precomputed keys and values (L, H, n, hd) of its first n tokens
         (:class:`wide_env.models.trace_context.TraceContext`: the full model's run of a trace window)."""
         n = keys.shape[2]
-        if keys.shape != values.shape or keys.shape[:2] != self._keys.shape[::2][:2] or n > self.cfg.block_size:
-            raise ValueError(f"prefix keys/values must be (L, H, n <= {self.cfg.block_size}, hd) = "
-                             f"{tuple(self._keys.shape[i] for i in (0, 2))} + (n, hd); got {tuple(keys.shape)}")
+        if keys.shape != values.shape or tuple(keys.shape[:2]) != (self.L, self.cfg.n_head) or n > self.cfg.block_size:
+            raise ValueError(f"prefix keys/values must be (L, H, n, hd) with (L, H) = ({self.L}, {self.cfg.n_head}) "
+                             f"and n <= {self.cfg.block_size}; got {tuple(keys.shape)}")
         self._keys[:, row, :, :n] = keys
         self._values[:, row, :, :n] = values
         self.length[row] = n

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .decoder import full_model_run
 from .moe_lm import MoELM
 
 
@@ -34,39 +35,39 @@ class TraceContext:
             raise ValueError(f"the trace has a window of {longest} tokens; the model's context holds "
                              f"{model.cfg.block_size} (re-export the trace with windows of block_size)")
         self._ends = ends
-        self._windows: dict[int, tuple] = {}
+        self._windows: dict[int, tuple] = {}  # window start -> (keys, values) (L, H, n, hd)
+        # the full model's prediction and loss at every position, filled window by window
+        self._pred, self._nll = np.zeros(n, np.int64), np.zeros(n)
+        self._done = np.zeros(len(starts), bool)
 
     def window(self, position: int) -> int:
         """The first trace position of the window holding ``position``."""
         return int(self.window_starts[np.searchsorted(self.window_starts, position, side="right") - 1])
 
-    @torch.no_grad()
     def _run(self, w: int) -> tuple:
         got = self._windows.get(w)
         if got is None:
             i = int(np.searchsorted(self.window_starts, w))
-            ids = torch.from_numpy(self.token_id[w:self._ends[i]])[None]
-            rec: dict = {}
-            logits = self.model(ids, record=rec)[0][0].double()
-            keys = torch.stack([lay["k"][0] for lay in rec["layers"]])  # (L, H, n, hd)
-            values = torch.stack([lay["v"][0] for lay in rec["layers"]])
-            tgt = torch.from_numpy(self.target_id[w:self._ends[i]])
-            nll = -F.log_softmax(logits, -1)[torch.arange(len(tgt)), tgt]
-            got = self._windows[w] = (keys, values, logits.argmax(-1).numpy(), nll.numpy())
+            end = self._ends[i]
+            logits, keys, values = full_model_run(self.model, torch.from_numpy(self.token_id[w:end])[None])
+            logits = logits[0].double()
+            tgt = torch.from_numpy(self.target_id[w:end])
+            self._pred[w:end] = logits.argmax(-1).numpy()
+            self._nll[w:end] = (-F.log_softmax(logits, -1)[torch.arange(len(tgt)), tgt]).numpy()
+            self._done[i] = True
+            got = self._windows[w] = (keys[:, 0], values[:, 0])
         return got
 
     def prefix(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (L, H, n, hd) of the full model's context ``window .. position - 1``."""
         w = self.window(position)
-        keys, values, _, _ = self._run(w)
+        keys, values = self._run(w)
         return keys[:, :, : position - w], values[:, :, : position - w]
 
     def reference(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The full model's prediction (int64) and loss -log p(target) (nats) at each trace position."""
         positions = np.asarray(positions, np.int64).reshape(-1)
-        pred, nll = np.empty(positions.size, np.int64), np.empty(positions.size)
-        for i, p in enumerate(positions):
-            w = self.window(int(p))
-            _, _, wp, wn = self._run(w)
-            pred[i], nll[i] = wp[p - w], wn[p - w]
-        return pred, nll
+        windows = np.searchsorted(self.window_starts, positions, side="right") - 1
+        for i in np.unique(windows[~self._done[windows]]):
+            self._run(int(self.window_starts[i]))
+        return self._pred[positions], self._nll[positions]
