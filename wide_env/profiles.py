@@ -1,7 +1,7 @@
 """Named scenario profiles: nested dicts of config overrides (JSON-able), merged under user overrides.
 
 ``tiny`` (the default) replays the trace of the small byte-level MoE the project trains (4 layers,
-8 experts, top-2, d_model 64; ``wide_env/models``), so gates, mismatch tables, budgets and accuracy
+8 experts, top-2, d_model 64; ``wide_env/modeltools``), so gates, mismatch tables, budgets and accuracy
 effects are real; with ``gating.source = "synthetic"`` it uses the synthetic router at the same sizes; its
 radio and timing numbers are our choices. Like the paper profiles it has no helper queueing by default
 (every feasible expert meets the deadline); the registered ``WideMoE-Stragglers-v0`` preset adds 2 ms mean
@@ -55,7 +55,7 @@ def profile_checkpoint(profile: str) -> str:
 
 
 #: profiles whose shipped trace's accuracy rule (wide_env.gating.effects) agrees with the live model within 0.5
-#: points in the scenario it was measured in (wide_env.models.agreement, docs/real-model.md): tiny's default
+#: points in the scenario it was measured in (baselines.model_checks.agreement, docs/real-model.md): tiny's default
 #: scenario with per-layer budgets, SiftMoE at 1x / 2x / 4x -0.03 / -0.06 / -0.22 points. Elsewhere it is not
 #: (measured: lost experts on Realistic +1.3 to +2.3 points, episode budgets +4, the deep paper-profile models up
 #: to +20 at 4x), so there the accuracy figures are measured on the model.

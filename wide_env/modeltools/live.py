@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder import ContextFull, Gates, StreamDecoder, serve_batch
-from .moe_lm import MoELM, combine_matrix, load_checkpoint
+from wide_env.models.decoder import ContextFull, Gates, StreamDecoder, serve_batch
+from wide_env.models.moe_lm import MoELM, combine_matrix, load_checkpoint
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRACE = DATA_DIR / "moe_trace.npz"
