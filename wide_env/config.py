@@ -222,17 +222,6 @@ class PlacementConfig:
         if self.speed_max_mps < self.speed_min_mps:
             _fail(f"{path}.speed_max_mps", self.speed_max_mps, "must be >= speed_min_mps")
 
-    def host_map(self, model: ModelConfig) -> list[list[int]]:
-        """The host map as L lists of E node indices."""
-        if isinstance(self.hosts, str):
-            return [[e + 1 for e in range(model.n_experts)] for _ in range(model.n_layers)]
-        return [list(map(int, r)) for r in self.hosts]
-
-    def helper_count(self, model: ModelConfig) -> int:
-        if self.n_helpers is not None:
-            return int(self.n_helpers)
-        return max(1, max(max(r) for r in self.host_map(model)))
-
 
 @dataclass(frozen=True)
 class ChannelConfig:
