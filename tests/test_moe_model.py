@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 from wide_env.gating.trace import TraceError, load_trace  # noqa: E402
 from wide_env.modeltools.corpus import DEFAULT_CACHE, synthetic_corpus  # noqa: E402
 from wide_env.modeltools.export import _windows, export_trace  # noqa: E402
-from wide_env.modeltools.live import DATA_DIR, DEFAULT_TRACE, LiveMoE, serve_map  # noqa: E402
+from wide_env.modeltools.live import DEFAULT_TRACE, LiveMoE, serve_map  # noqa: E402
+from wide_env.profiles import DATA_DIR  # noqa: E402
 from wide_env.models.moe_lm import CheckpointError, MoEConfig, load_checkpoint, save_checkpoint  # noqa: E402
 from wide_env.modeltools.train_moe import train  # noqa: E402
 

@@ -208,7 +208,7 @@ def write_calibration(trace_path: str, result: dict, default_cost: float | None)
 
 
 def main(argv=None) -> int:
-    from wide_env.profiles import PROFILES, profile_data_dir
+    from wide_env.profiles import PROFILES, profile_checkpoint, profile_trace
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", required=True, choices=sorted(PROFILES))
@@ -221,8 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="store the result in the trace")
     ap.add_argument("--refit", action="store_true", help="re-fit the budgets from the trace's stored grid and write")
     args = ap.parse_args(argv)
-    base = profile_data_dir(args.profile) if args.profile != "tiny" else profile_data_dir("")
-    trace = args.trace or str(base / "moe_trace.npz")
+    trace = args.trace or profile_trace(args.profile)
     if args.refit:
         from wide_env.gating.trace import load_trace, trace_meta
 
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: result[k] for k in ("costs", "scales_for_cost")}, indent=1))
         write_calibration(trace, result, args.default_cost)
         return 0
-    result = calibrate(args.profile, trace, args.ckpt or str(base), args.episodes, args.seed,
+    result = calibrate(args.profile, trace, args.ckpt or profile_checkpoint(args.profile), args.episodes, args.seed,
                        tuple(float(c) for c in args.costs.split(",")))
     print(json.dumps({k: result[k] for k in ("costs", "scales_for_cost", "layer_budgets")}, indent=1))
     if args.write:
