@@ -9,11 +9,11 @@ Every section is a frozen dataclass; :meth:`WideConfig.from_dict` builds the who
 JSON-able dicts (so ``gym.make(id, config={...})`` and YAML files work), starting from a named
 profile (:mod:`wide_env.profiles`) and overriding only the keys given. Every invalid value raises
 :class:`ConfigError` (a ``ValueError``) naming the field and how to fix it. Every numeric field declares
-its physical range and the reason for it (:func:`_range`), checked at construction; the ranges bound the
+its physical range and the reason for it (``checks._range``), checked at construction; the ranges bound the
 sizes too, so an absurd value is an error naming the limit, not a NaN, an inf or a MemoryError later.
 
-Every field, its unit, default and provenance ([paper], [std], [choice], as tagged below) is documented in
-docs/model.md (section "Configuration reference", docs/model.md#config-reference).
+Every field, its unit, default and provenance ([paper], [std], [choice], as tagged in ``sections.py``) is
+documented in docs/model.md (section "Configuration reference", docs/model.md#config-reference).
 """
 
 from wide_env.config.checks import ConfigError, Range
