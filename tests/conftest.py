@@ -5,7 +5,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-try:  # DEVELOPERS.md: one torch thread on CPU (2 threads is much slower on these machines)
+try:  # one torch thread on CPU: two threads run the tests much slower on these machines
     import torch
 
     torch.set_num_threads(1)

@@ -11,9 +11,9 @@ torch.set_num_threads(1)
 
 from wide_env.gating.effects import EffectLookup, context_after, decide  # noqa: E402
 from wide_env.gating.trace import TraceError, load_trace, validate_trace  # noqa: E402
-from wide_env.models.corpus import synthetic_corpus  # noqa: E402
-from wide_env.models.export import eligible_servers, export_trace  # noqa: E402
-from wide_env.models.live import DEFAULT_TRACE, LiveMoE, replay_executed  # noqa: E402
+from wide_env.modeltools.corpus import synthetic_corpus  # noqa: E402
+from wide_env.modeltools.export import eligible_servers, export_trace  # noqa: E402
+from wide_env.modeltools.live import DEFAULT_TRACE, LiveMoE, replay_executed  # noqa: E402
 from wide_env.models.moe_lm import MoEConfig, MoELM  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def test_servers_are_exactly_the_combine_rules_choices(exported):
             expect = {E} | {j for j in range(E) if j != i and D[l, i, j] <= D[l, i, E]}
             assert listed == expect
     # every server the combine rule picks for random executed sets is listed
-    from wide_env.models.live import serve_map
+    from wide_env.modeltools.live import serve_map
 
     lk = EffectLookup.from_trace(tr)
     rng = np.random.default_rng(0)

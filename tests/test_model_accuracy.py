@@ -51,8 +51,8 @@ def test_model_accuracy_is_the_live_models_for_the_same_selections(env_id, episo
 
 def test_model_accuracy_matches_an_independent_replay():
     """The env's figures equal the checkpoint's full-sequence forward pass with the same executed masks
-    (models.live.replay_executed: a different code path from the decoder's KV-cached steps)."""
-    from wide_env.models.live import replay_executed
+    (modeltools.live.replay_executed: a different code path from the decoder's KV-cached steps)."""
+    from wide_env.modeltools.live import replay_executed
     from wide_env.models.moe_lm import load_checkpoint
     from wide_env.profiles import profile_checkpoint
 
@@ -153,7 +153,7 @@ def test_decoder_streams_are_independent_and_equal_live_moe():
     """StreamDecoder: a batch of streams decodes each stream as if alone (one LiveMoE each), whatever the
     other rows hold; prefix loading equals prefilling."""
     from wide_env.models.decoder import StreamDecoder
-    from wide_env.models.live import LiveMoE
+    from wide_env.modeltools.live import LiveMoE
     from wide_env.models.moe_lm import load_checkpoint
     from wide_env.gating.trace import load_trace
     from wide_env.profiles import profile_checkpoint, profile_trace
@@ -187,11 +187,11 @@ def test_decoder_streams_are_independent_and_equal_live_moe():
 
 
 def test_agreement_tool_scores_the_model_on_the_live_runs_selections():
-    """python -m wide_env.models.agreement: the model column (the table env replaying the live run's episodes
+    """python -m baselines.model_checks.agreement: the model column (the table env replaying the live run's episodes
     and actions) agrees with the live model on every token; the rules are scored on the same tokens."""
     from wide_env.gating import make_gating_source
     from wide_env.gating.trace import load_trace
-    from wide_env.models.agreement import collect_live, model_outcomes, summarize
+    from baselines.model_checks.agreement import collect_live, model_outcomes, summarize
 
     env_id, cfg = "wide_env/WideMoE-Switch-v0", {"budget": {"scale": 4.0}}
     run = collect_live(env_id, cfg, "siftmoe", 4, 1000)

@@ -13,11 +13,12 @@ import torch
 torch.set_num_threads(1)
 
 from wide_env.gating.trace import TraceError, load_trace  # noqa: E402
-from wide_env.models.corpus import DEFAULT_CACHE, synthetic_corpus  # noqa: E402
-from wide_env.models.export import _windows, export_trace  # noqa: E402
-from wide_env.models.live import DATA_DIR, DEFAULT_TRACE, LiveMoE, serve_map  # noqa: E402
+from wide_env.modeltools.corpus import DEFAULT_CACHE, synthetic_corpus  # noqa: E402
+from wide_env.modeltools.export import _windows, export_trace  # noqa: E402
+from wide_env.modeltools.live import DEFAULT_TRACE, LiveMoE, serve_map  # noqa: E402
+from wide_env.profiles import DATA_DIR  # noqa: E402
 from wide_env.models.moe_lm import CheckpointError, MoEConfig, load_checkpoint, save_checkpoint  # noqa: E402
-from wide_env.models.train_moe import train  # noqa: E402
+from wide_env.modeltools.train_moe import train  # noqa: E402
 
 REAL = DEFAULT_CACHE / "texts"
 
@@ -200,7 +201,7 @@ def test_live_shipped_matches_tables():
 # ---------------------------------------------------------------------------------------------- bound
 def _calib_layer(trained, layer: int):
     """Calibration hidden states at one layer: expert outputs (N, E, d), Top-K idx and weights."""
-    from wide_env.models.corpus import load_docs, split_docs
+    from wide_env.modeltools.corpus import load_docs, split_docs
 
     model = trained["model"]
     docs = load_docs(trained["corpus"])
@@ -317,7 +318,7 @@ def test_live_rejects_bad_inputs(trained):
     live = LiveMoE(trained["model"], tr["mismatch"])
     with pytest.raises(ValueError, match="executed"):
         live.step(65, executed=np.ones((2, 2), bool))
-    from wide_env.models.live import ContextFull
+    from wide_env.modeltools.live import ContextFull
 
     live.reset()
     for _ in range(live.block_size):

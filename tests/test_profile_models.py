@@ -15,9 +15,9 @@ from wide_env import WideConfig  # noqa: E402
 from wide_env.gating.effects import EffectLookup  # noqa: E402
 from wide_env.gating import make_gating_source  # noqa: E402
 from wide_env.gating.trace import load_trace, trace_meta  # noqa: E402
-from wide_env.models.live import LiveMoE  # noqa: E402
+from wide_env.modeltools.live import LiveMoE  # noqa: E402
 from wide_env.models.moe_lm import load_checkpoint  # noqa: E402
-from wide_env.models.train_moe import RECIPES  # noqa: E402
+from wide_env.modeltools.train_moe import RECIPES  # noqa: E402
 from wide_env.profiles import DATA_DIR, PROFILES, profile_checkpoint, profile_data_dir, profile_trace  # noqa: E402
 
 PAPER = {"switch-base-8": (6, 8, 1, 768, "softmax_topk_raw"), "mixtral-8x7b": (32, 8, 2, 4096, "softmax_topk_renorm"),

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers")
 
 from wide_env.gating.trace import load_trace  # noqa: E402
-from wide_env.models.hf_recorder import expert_outputs, find_moe_layers, record_trace  # noqa: E402
+from wide_env.modeltools.hf_recorder import expert_outputs, find_moe_layers, record_trace  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256)
@@ -106,7 +106,7 @@ def test_recorded_topk_reproduces_moe_output(name, text_file):
 
 def test_recorder_mismatch_definition(text_file):
     """Recompute D_0(i, j) = mean over calibration tokens with i in Top-K of ||E_i(x) - E_j(x)|| by hand."""
-    from wide_env.models.hf_recorder import tokenize
+    from wide_env.modeltools.hf_recorder import tokenize
 
     model = _model("qwen3_moe")
     arr = record_trace(model, text_file, None, window=32, calib_fraction=0.5)

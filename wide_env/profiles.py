@@ -1,7 +1,14 @@
 """Named scenario profiles: nested dicts of config overrides (JSON-able), merged under user overrides.
 
+A profile is one folder of ``wide_env/data/`` (tiny's is the data directory itself) holding its shipped model
+(``moe_lm.safetensors``, ``moe_lm.json``), its gating trace (``moe_trace.npz``) and a ``manifest.json``: the
+profile's name, where its trace and checkpoint are (relative to the folder), its config overrides
+(``config``) and, where measured, the budgets up to which its trace's accuracy rule agrees with the live model
+(``accuracy_rule_validated``). A new profile is a new folder with its manifest; :func:`read_manifest` names
+what is required. This module imports nothing from wide_env: configs, gating sources and tools import it.
+
 ``tiny`` (the default) replays the trace of the small byte-level MoE the project trains (4 layers,
-8 experts, top-2, d_model 64; ``wide_env/models``), so gates, mismatch tables, budgets and accuracy
+8 experts, top-2, d_model 64; ``wide_env/modeltools``), so gates, mismatch tables, budgets and accuracy
 effects are real; with ``gating.source = "synthetic"`` it uses the synthetic router at the same sizes; its
 radio and timing numbers are our choices. Like the paper profiles it has no helper queueing by default
 (every feasible expert meets the deadline); the registered ``WideMoE-Stragglers-v0`` preset adds 2 ms mean
@@ -30,105 +37,132 @@ the input, and each generated token passes the 6 decoder MoE layers, so the prof
 
 from __future__ import annotations
 
-from dataclasses import replace
-
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+#: the package's data directory: the one definition (profiles, tools and tests resolve files from it)
 DATA_DIR = Path(__file__).resolve().parent / "data"
+#: each profile folder's manifest file
+MANIFEST_NAME = "manifest.json"
+#: the profile a config without one uses
+DEFAULT_PROFILE = "tiny"
+#: keys every manifest has
+MANIFEST_KEYS = ("profile", "trace", "checkpoint", "config")
+#: the checkpoint's files (wide_env.models.moe_lm.load_checkpoint)
+CHECKPOINT_FILES = ("moe_lm.safetensors", "moe_lm.json")
+
+
+class ManifestError(ValueError):
+    """A profile folder's manifest is missing, malformed or names files that are not there."""
+
+
+@dataclass(frozen=True)
+class ProfileData:
+    """A profile as its data folder's manifest declares it."""
+
+    name: str
+    folder: Path
+    trace: Path
+    checkpoint: Path
+    #: the profile's config overrides (a nested, JSON-able dict)
+    config: Mapping[str, Any]
+    #: the largest budget scale up to which the trace's accuracy rule is validated against the live model, or
+    #: None where it is not (manifest key ``accuracy_rule_validated.max_budget_scale``)
+    accuracy_rule_max_scale: float | None
+
+
+def read_manifest(folder: Path) -> ProfileData:
+    """The profile of a data folder, from its ``manifest.json``; raises :class:`ManifestError` naming the problem.
+    Required: ``profile`` (the folder's name, except tiny's at the data directory's root), ``trace`` (a file)
+    and ``checkpoint`` (a folder with :data:`CHECKPOINT_FILES`), both relative to the folder, and ``config`` (a
+    dict of config overrides)."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"{path}: cannot read the profile manifest ({err})") from None
+    missing = [k for k in MANIFEST_KEYS if k not in data] if isinstance(data, dict) else list(MANIFEST_KEYS)
+    if missing:
+        raise ManifestError(f"{path}: missing keys {missing} (required: {list(MANIFEST_KEYS)})")
+    name = data["profile"]
+    expected = DEFAULT_PROFILE if Path(folder) == DATA_DIR else Path(folder).name
+    if name != expected:
+        raise ManifestError(f"{path}: profile {name!r} does not match its folder (expected {expected!r})")
+    if not isinstance(data["config"], dict):
+        raise ManifestError(f"{path}: 'config' must be a dict of config overrides")
+    trace, checkpoint = Path(folder) / data["trace"], Path(folder) / data["checkpoint"]
+    if not trace.is_file():
+        raise ManifestError(f"{path}: trace {trace} is not a file")
+    absent = [f for f in CHECKPOINT_FILES if not (checkpoint / f).is_file()]
+    if absent:
+        raise ManifestError(f"{path}: checkpoint folder {checkpoint} lacks {absent}")
+    validated = data.get("accuracy_rule_validated")
+    scale = None if validated is None else float(validated["max_budget_scale"])
+    return ProfileData(name, Path(folder), trace, checkpoint, data["config"], scale)
+
+
+def _profile_folders() -> list[Path]:
+    """The data directory (tiny's folder) and every sub-folder with a manifest, in name order."""
+    return [DATA_DIR] + sorted(p.parent for p in DATA_DIR.glob(f"*/{MANIFEST_NAME}"))
+
+
+#: every shipped profile, by name, as its manifest declares it
+PROFILE_DATA: dict[str, ProfileData] = {d.name: d for d in map(read_manifest, _profile_folders())}
+#: profile name -> its config overrides
+PROFILES: dict[str, Mapping[str, Any]] = {name: d.config for name, d in PROFILE_DATA.items()}
+
+
+def _profile(name: str) -> ProfileData:
+    if name not in PROFILE_DATA:
+        raise KeyError(f"unknown profile {name!r}; choose one of {sorted(PROFILE_DATA)}")
+    return PROFILE_DATA[name]
 
 
 def profile_data_dir(name: str) -> Path:
-    """Directory of a profile's shipped model: ``moe_lm.safetensors``, ``moe_lm.json``, ``moe_trace.npz`` (the
-    tiny model's is the data directory itself)."""
-    return DATA_DIR if name in ("", "tiny") else DATA_DIR / name
+    """Directory of a profile's shipped model: its manifest, ``moe_lm.safetensors``, ``moe_lm.json``,
+    ``moe_trace.npz`` (tiny's is the data directory itself)."""
+    return _profile(name).folder
 
 
 def profile_trace(profile: str) -> str:
-    """The trace a profile reads when ``gating.trace_path`` is None: its shipped model's."""
-    return str(profile_data_dir(profile) / "moe_trace.npz")
+    """The trace a profile reads when ``gating.trace_path`` is None: the one its manifest names."""
+    return str(_profile(profile).trace)
 
 
 def profile_checkpoint(profile: str) -> str:
-    """The checkpoint the live backend runs when ``gating.checkpoint_dir`` is None: the profile's shipped model."""
-    return str(profile_data_dir(profile))
+    """The checkpoint the live backend runs when ``gating.checkpoint_dir`` is None: the one its manifest names."""
+    return str(_profile(profile).checkpoint)
 
 
 #: profiles whose shipped trace's accuracy rule (wide_env.gating.effects) agrees with the live model within 0.5
-#: points in the scenario it was measured in (wide_env.models.agreement, docs/real-model.md): tiny's default
+#: points in the scenario it was measured in (baselines.model_checks.agreement, docs/real-model.md), with the
+#: largest budget scale the validation covered (manifest key ``accuracy_rule_validated``): tiny's default
 #: scenario with per-layer budgets, SiftMoE at 1x / 2x / 4x -0.03 / -0.06 / -0.22 points. Elsewhere it is not
 #: (measured: lost experts on Realistic +1.3 to +2.3 points, episode budgets +4, the deep paper-profile models up
 #: to +20 at 4x), so there the accuracy figures are measured on the model.
-ACCURACY_RULE_VALIDATED = frozenset({"tiny"})
-#: the largest budget scale the validation covered
-ACCURACY_RULE_MAX_SCALE = 4.0
+ACCURACY_RULE_VALIDATED: dict[str, float] = {name: d.accuracy_rule_max_scale for name, d in PROFILE_DATA.items()
+                                             if d.accuracy_rule_max_scale is not None}
 
 
 def accuracy_rule_validated(config) -> bool:
     """Whether a config's accuracy rule is validated against the live model: the shipped trace of a profile in
     :data:`ACCURACY_RULE_VALIDATED`, in the profile's own scenario (model, placement, channel, radio, compute and
-    deadline as the profile sets them, so the same experts execute and arrive), per-layer budgets of scale
-    <= :data:`ACCURACY_RULE_MAX_SCALE` (tokens per episode, the observation layout, the reward and the budget
-    scale may differ). A user's trace or any other scenario is not validated."""
-    from wide_env.config import WideConfig
-
-    if config.profile not in ACCURACY_RULE_VALIDATED or config.gating.trace_path is not None:
+    deadline as the profile sets them, so the same experts execute and arrive), per-layer budgets of scale up to
+    the profile's validated scale (tokens per episode, the observation layout, the reward and the budget scale
+    may differ). A user's trace or any other scenario is not validated."""
+    max_scale = ACCURACY_RULE_VALIDATED.get(config.profile)
+    if max_scale is None or config.gating.trace_path is not None:
         return False
-    if config.budget.mode != "layer" or config.budget.scale > ACCURACY_RULE_MAX_SCALE:
+    if config.budget.mode != "layer" or config.budget.scale > max_scale:
         return False
     own = _VALIDATED_SCENARIOS.get(config.profile)
-    if own is None:
-        own = _VALIDATED_SCENARIOS[config.profile] = WideConfig.from_dict({"profile": config.profile})
+    if own is None:  # the profile's own scenario, built by the config's class (this module imports no config)
+        own = _VALIDATED_SCENARIOS[config.profile] = type(config).from_dict({"profile": config.profile})
     same = ("model", "placement", "channel", "radio", "compute", "deadline")
     return (all(getattr(config, k) == getattr(own, k) for k in same) and config.gating.source == own.gating.source
             and replace(config.budget, scale=own.budget.scale) == own.budget)
 
 
 _VALIDATED_SCENARIOS: dict[str, Any] = {}
-
-
-def _paper_gating(name: str, output_norm: float, synthetic_budget: float) -> dict[str, Any]:
-    # the trace and checkpoint are the profile's shipped model (profile_trace / profile_checkpoint)
-    return {"source": "trace",
-            "output_norm": output_norm, "synthetic_budget": synthetic_budget}
-
-
-_PROFILES: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "n_tokens": 16,
-        "model": {"n_layers": 4, "n_experts": 8, "top_k": 2, "d_model": 64, "routing": "softmax_topk_renorm"},
-        # the shipped trace of the project's own trained byte-level MoE (wide_env/data/moe_trace.npz)
-        "gating": {"source": "trace", "output_norm": 1.0, "synthetic_budget": 0.8},
-        "radio": {"bandwidth_hz": 1.0e5},
-        "compute": {"load_time_s": 0.002, "compute_time_s": 0.0005, "queue_delay_mean_s": 0.0},
-        "deadline": {"deadline_s": 0.01},
-    },
-    "switch-base-8": {
-        "n_tokens": 8,
-        # L = 6: the decoder MoE layers a generated token passes ([paper] 12 MoE layers = 6 encoder + 6 decoder)
-        "model": {"n_layers": 6, "n_experts": 8, "top_k": 1, "d_model": 768, "routing": "softmax_topk_raw"},
-        "gating": _paper_gating("switch-base-8", output_norm=400.0, synthetic_budget=200.0),
-        "radio": {"bandwidth_hz": 1.0e6, "payload_d_model": 768},
-        "compute": {"load_time_s": 0.0007, "compute_time_s": 0.00003, "queue_delay_mean_s": 0.0},
-        "deadline": {"deadline_s": 0.7},
-    },
-    "mixtral-8x7b": {
-        "n_tokens": 4,
-        "model": {"n_layers": 32, "n_experts": 8, "top_k": 2, "d_model": 4096, "routing": "softmax_topk_renorm"},
-        "gating": _paper_gating("mixtral-8x7b", output_norm=3.0, synthetic_budget=1.5),
-        "radio": {"bandwidth_hz": 2.0e6, "payload_d_model": 4096},
-        "compute": {"load_time_s": 0.027, "compute_time_s": 0.0012, "queue_delay_mean_s": 0.0},
-        "deadline": {"deadline_s": 0.074},
-    },
-    "gpt-oss-20b": {
-        "n_tokens": 4,
-        # GPT-OSS weights are a softmax over the Top-4 logits = the Top-4 probabilities renormalised
-        "model": {"n_layers": 24, "n_experts": 32, "top_k": 4, "d_model": 2880, "routing": "softmax_topk_renorm"},
-        "gating": _paper_gating("gpt-oss-20b", output_norm=60.0, synthetic_budget=30.0),
-        "radio": {"bandwidth_hz": 0.8e6, "payload_d_model": 2880},
-        "compute": {"load_time_s": 0.001, "compute_time_s": 0.00005, "queue_delay_mean_s": 0.0},
-        "deadline": {"deadline_s": 0.35},
-    },
-}
-
-PROFILES = _PROFILES

@@ -1,4 +1,8 @@
-"""Gating sources: where router probabilities, Top-K sets and mismatch tables come from."""
+"""Gating sources: where router probabilities, Top-K sets and mismatch tables come from.
+
+This package reads configs by duck typing and imports no config module: :mod:`wide_env.config` imports it (to
+read a trace's model fields), so the imports run one way (config -> gating -> profiles).
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,16 @@ import os
 from wide_env.gating.base import GatingSource, TokenGates, topk_from_probs
 from wide_env.gating.synthetic import SyntheticGating
 from wide_env.gating.trace import TraceError, TraceGating, load_trace, save_trace, validate_trace
+from wide_env.profiles import DEFAULT_PROFILE, profile_trace
 
 __all__ = ["GatingSource", "TokenGates", "SyntheticGating", "TraceGating", "TraceError", "load_trace",
-           "save_trace", "validate_trace", "topk_from_probs", "make_gating_source", "default_trace_path",
-           "trace_model_fields"]
+           "save_trace", "validate_trace", "topk_from_probs", "make_gating_source", "trace_model_fields",
+           "TRACE_MODEL_FIELDS"]
+
+#: model fields a gating trace determines (docs/trace-schema.md); a trace source's config takes them from it
+TRACE_MODEL_FIELDS = ("n_layers", "n_experts", "top_k", "d_model", "routing")
 
 _TRACE_CACHE: dict[tuple, TraceGating] = {}
-
-
-def default_trace_path() -> str:
-    """The trace shipped with the package (recorded from the project's own trained MoE model)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "moe_trace.npz")
-
-
-def profile_trace(profile: str) -> str:
-    """The profile's shipped trace (:func:`wide_env.profiles.profile_trace`)."""
-    from wide_env.profiles import profile_trace as trace_of
-
-    return trace_of(profile)
 
 
 def make_gating_source(config) -> GatingSource:
@@ -36,15 +32,13 @@ def make_gating_source(config) -> GatingSource:
 
 
 def trace_model_fields(trace_path: str | None) -> tuple[str, dict]:
-    """(path, the model fields a trace determines: n_layers, n_experts, top_k, d_model, routing) of the trace
-    at ``trace_path`` (None: the shipped one); loads it through the same cache as the envs."""
-    trace = _cached_trace(trace_path)
-    return trace.path, {"n_layers": trace.n_layers, "n_experts": trace.n_experts, "top_k": trace.top_k,
-                        "d_model": trace.d_model, "routing": trace.routing}
+    """(path, the model fields a trace determines: :data:`TRACE_MODEL_FIELDS`) of the trace at ``trace_path``
+    (None: the default profile's); loads it through the same cache as the envs."""
+    trace = _cached_trace(trace_path or profile_trace(DEFAULT_PROFILE))
+    return trace.path, {name: getattr(trace, name) for name in TRACE_MODEL_FIELDS}
 
 
-def _cached_trace(trace_path: str | None) -> TraceGating:
-    path = trace_path or default_trace_path()
+def _cached_trace(path: str) -> TraceGating:
     try:
         stat = os.stat(path)
         key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)

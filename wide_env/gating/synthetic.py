@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from wide_env.config import GatingConfig, ModelConfig
 from wide_env.gating.base import GatingSource, TokenGates, topk_from_probs
 
 _LATENT_DIM = 16
 
 
 class SyntheticGating(GatingSource):
+    """``model``: a :class:`~wide_env.config.ModelConfig`, ``gating``: a :class:`~wide_env.config.GatingConfig`
+    (read by attribute: the config imports the gating package, not the other way round)."""
+
     name = "synthetic"
 
-    def __init__(self, model: ModelConfig, gating: GatingConfig):
+    def __init__(self, model, gating):
         self.n_layers, self.n_experts, self.top_k = model.n_layers, model.n_experts, model.top_k
         self.d_model, self.routing = model.d_model, model.routing
         rng = np.random.default_rng(gating.model_seed)  # fixed "model": independent of episode seeds

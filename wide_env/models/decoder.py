@@ -2,7 +2,7 @@
 
 One implementation of a decoding step with the combine rule, for every caller: the envs' model accuracy and
 live gating (:mod:`wide_env.envs.model_backend`: one stream per episode of a batch), the standalone
-:class:`wide_env.models.live.LiveMoE` (one perturbed stream and, optionally, an unperturbed reference stream)
+:class:`wide_env.modeltools.live.LiveMoE` (one perturbed stream and, optionally, an unperturbed reference stream)
 and the calibration and agreement tools built on it.
 
 Each stream has its own key/value cache (``2 * L * block_size * d_model`` float32 numbers: 1 MB for the

@@ -66,7 +66,7 @@ from functools import lru_cache
 import numpy as np
 
 from wide_env.sim.channel import fading_law
-from wide_env.sim.channel import gamma_quadrature as _gamma_quadrature
+from wide_env.sim.channel import gamma_quadrature  # noqa: F401 (tests/test_slots.py checks it as slots.gamma_quadrature)
 from wide_env.sim.physics import inversion_energy, inversion_power
 
 DEFAULT_QUAD_NODES = 48
@@ -77,11 +77,6 @@ DEFAULT_GRID_POINTS = 257
 def expected_inverse_gain(fading) -> float:
     """E[1/h] of the slots' fading law (m / (m - 1) for Nakagami-m); raises ValueError where infinite."""
     return fading_law(fading).expected_inverse_gain()
-
-
-def gamma_quadrature(m: float, n_nodes: int = DEFAULT_QUAD_NODES) -> tuple[np.ndarray, np.ndarray]:
-    """Quadrature of the Gamma(m, 1/m) law (:func:`wide_env.sim.channel.gamma_quadrature`)."""
-    return _gamma_quadrature(float(m), int(n_nodes))
 
 
 def _f(x):

@@ -1,6 +1,6 @@
 """Measure the table accuracy rules against the live model on the same tokens and the same decisions.
 
-    python -m wide_env.models.agreement --env wide_env/WideMoE-v0 --policies siftmoe,topk,random \
+    python -m baselines.model_checks.agreement --env wide_env/WideMoE-v0 --policies siftmoe,topk,random \
         --scales 1,2,4 --episodes 200 [--config JSON] [--seed 1000] [--out FILE.json]
 
 Runs the env with the live backend (``gating.backend = "live"``: the checkpoint decodes every token with the

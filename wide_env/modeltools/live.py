@@ -25,11 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder import ContextFull, Gates, StreamDecoder, serve_batch
-from .moe_lm import MoELM, combine_matrix, load_checkpoint
+from wide_env.models.decoder import ContextFull, Gates, StreamDecoder, serve_batch
+from wide_env.models.moe_lm import MoELM, combine_matrix, load_checkpoint
+from wide_env.profiles import DEFAULT_PROFILE, profile_checkpoint, profile_trace
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-DEFAULT_TRACE = DATA_DIR / "moe_trace.npz"
+#: the default profile's shipped checkpoint and trace (its manifest, wide_env.profiles)
+DEFAULT_CHECKPOINT = Path(profile_checkpoint(DEFAULT_PROFILE))
+DEFAULT_TRACE = Path(profile_trace(DEFAULT_PROFILE))
 
 
 @dataclass
@@ -77,7 +79,7 @@ class LiveMoE:
         self.reset()
 
     @classmethod
-    def from_files(cls, ckpt: Union[str, Path] = DATA_DIR, trace: Union[str, Path] = DEFAULT_TRACE,
+    def from_files(cls, ckpt: Union[str, Path] = DEFAULT_CHECKPOINT, trace: Union[str, Path] = DEFAULT_TRACE,
                    track_full: bool = False) -> "LiveMoE":
         """Load the checkpoint and take the mismatch tables from a trace exported from it."""
         from wide_env.gating.trace import load_trace

@@ -1,86 +1,13 @@
-"""Frozen, validated configuration of a WIDE scenario.
-
-Every section is a frozen dataclass; :meth:`WideConfig.from_dict` builds the whole tree from plain,
-JSON-able dicts (so ``gym.make(id, config={...})`` and YAML files work), starting from a named
-profile (:mod:`wide_env.profiles`) and overriding only the keys given. Every invalid value raises
-:class:`ConfigError` (a ``ValueError``) naming the field and how to fix it. Every numeric field declares
-its physical range and the reason for it (:func:`_range`), checked at construction; the ranges bound the
-sizes too, so an absurd value is an error naming the limit, not a NaN, an inf or a MemoryError later.
-
-Every field, its unit, default and provenance ([paper], [std], [choice], as tagged below) is documented in
-docs/model.md (section "Configuration reference", docs/model.md#config-reference).
-"""
+"""The sections of a WIDE configuration, one frozen dataclass each, with their fields' ranges and checks
+(docs/model.md#config-reference)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field and the fix."""
-
-
-def _fail(path: str, value: Any, fix: str) -> None:
-    raise ConfigError(f"config field '{path}' = {value!r} is invalid: {fix}")
-
-
-@dataclass(frozen=True)
-class Range:
-    """The physical (or practical) range of a numeric config field, and why it is that range."""
-
-    low: float
-    high: float
-    reason: str
-    integer: bool = False
-
-    def describe(self) -> str:
-        return f"[{self.low:g}, {self.high:g}]"
-
-
-def _range(default: Any, low: float, high: float, reason: str, *, integer: bool = False, items: bool = False):
-    """A dataclass field with its range in the metadata (``items``: the range of each entry of a sequence)."""
-    return field(default=default, metadata={"items_range" if items else "range": Range(low, high, reason, integer)})
-
-
-def _check_number(path: str, value: Any, rng: Range) -> None:
-    kind = "an integer" if rng.integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(path, value, f"expected {kind} in {rng.describe()}")
-    if not math.isfinite(value):
-        _fail(path, value, f"expected a finite number in {rng.describe()}")
-    if rng.integer and not float(value).is_integer():
-        _fail(path, value, f"expected an integer in {rng.describe()}")
-    if not rng.low <= value <= rng.high:
-        _fail(path, value, f"must be in {rng.describe()}: {rng.reason}")
-
-
-def _check_ranges(section: Any, path: str) -> None:
-    """Check every field of ``section`` that declares a range (None passes where the default is None)."""
-    for f in fields(section):
-        value = getattr(section, f.name)
-        name = f"{path}.{f.name}" if path else f.name
-        if value is None and f.default is None:
-            continue
-        if "range" in f.metadata:
-            _check_number(name, value, f.metadata["range"])
-        elif "items_range" in f.metadata:
-            if not isinstance(value, (list, tuple)):
-                _fail(name, value, f"expected a list of numbers in {f.metadata['items_range'].describe()}")
-            for i, item in enumerate(value):
-                _check_number(f"{name}[{i}]", item, f.metadata["items_range"])
-
-
-def _check_choice(path: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(path, value, f"choose one of {list(choices)}")
-
-
-def _check_flag(path: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(path, value, "expected true or false")
+from wide_env.config.checks import _check_choice, _check_flag, _check_ranges, _fail, _range
 
 
 # Reasons shared by several fields.
@@ -115,10 +42,6 @@ class ModelConfig:
             _fail(f"{path}.top_k", self.top_k, f"top_k (K) must be <= n_experts (E = {self.n_experts})")
         _check_choice(f"{path}.routing", self.routing,
                       ("softmax_topk_renorm", "softmax_topk_raw", "sigmoid_topk_renorm"))
-
-
-#: model fields a gating trace determines (docs/trace-schema.md)
-TRACE_MODEL_FIELDS = ("n_layers", "n_experts", "top_k", "d_model", "routing")
 
 
 @dataclass(frozen=True)
@@ -221,17 +144,6 @@ class PlacementConfig:
         _check_flag(f"{path}.mobility", self.mobility)
         if self.speed_max_mps < self.speed_min_mps:
             _fail(f"{path}.speed_max_mps", self.speed_max_mps, "must be >= speed_min_mps")
-
-    def host_map(self, model: ModelConfig) -> list[list[int]]:
-        """The host map as L lists of E node indices."""
-        if isinstance(self.hosts, str):
-            return [[e + 1 for e in range(model.n_experts)] for _ in range(model.n_layers)]
-        return [list(map(int, r)) for r in self.hosts]
-
-    def helper_count(self, model: ModelConfig) -> int:
-        if self.n_helpers is not None:
-            return int(self.n_helpers)
-        return max(1, max(max(r) for r in self.host_map(model)))
 
 
 @dataclass(frozen=True)
@@ -425,161 +337,3 @@ _SECTIONS = {
     "radio": RadioConfig, "compute": ComputeConfig, "deadline": DeadlineConfig, "budget": BudgetConfig,
     "reward": RewardConfig,
 }
-
-
-@dataclass(frozen=True)
-class WideConfig:
-    """A complete WIDE scenario. Build it with :meth:`from_dict` (profile + overrides)."""
-
-    profile: str = "tiny"
-    #: tokens per episode; an episode has n_tokens * L steps
-    n_tokens: int = _range(16, 1, 131072, "a decoding session longer than a 128k-token context window is not "
-                           "one episode [choice]", integer=True)
-    flatten_observation: bool = False
-    model: ModelConfig = field(default_factory=ModelConfig)
-    gating: GatingConfig = field(default_factory=GatingConfig)
-    placement: PlacementConfig = field(default_factory=PlacementConfig)
-    channel: ChannelConfig = field(default_factory=ChannelConfig)
-    radio: RadioConfig = field(default_factory=RadioConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    deadline: DeadlineConfig = field(default_factory=DeadlineConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        from wide_env.profiles import PROFILES
-
-        if self.profile not in PROFILES:
-            _fail("profile", self.profile, f"unknown profile; choose one of {sorted(PROFILES)}")
-        _check_ranges(self, "")
-        _check_flag("flatten_observation", self.flatten_observation)
-        for name, cls in _SECTIONS.items():
-            section = getattr(self, name)
-            if not isinstance(section, cls):
-                _fail(name, section, f"expected a {cls.__name__} or a dict of its fields")
-        self.model.validate()
-        self.gating.validate()
-        if self.gating.source == "trace":
-            self._check_model_against_trace()
-        self.placement.validate(self.model)
-        self.channel.validate()
-        self.radio.validate()
-        if self.radio.uplink_slots > 1 and self.channel.fading == "nakagami" and self.channel.nakagami_m <= 1:
-            _fail("radio.uplink_slots", self.radio.uplink_slots,
-                  "slotted uplinks select experts by E[1/h] = m/(m-1), finite only for channel.nakagami_m > 1")
-        self.compute.validate()
-        self.deadline.validate()
-        self.budget.validate(self.model)
-        self.reward.validate()
-
-    def _check_model_against_trace(self) -> None:
-        """With a trace source the model's sizes are the trace's: a value that disagrees is an error."""
-        from wide_env.gating import trace_model_fields
-
-        from wide_env.profiles import profile_trace
-
-        path, recorded = trace_model_fields(self.gating.trace_path or profile_trace(self.profile))
-        for name in TRACE_MODEL_FIELDS:
-            value = getattr(self.model, name)
-            if value != recorded[name]:
-                _fail(f"model.{name}", value,
-                      f"it disagrees with the gating trace {path} (gating.trace_path), which has {name} = "
-                      f"{recorded[name]!r}: with gating.source = 'trace' the model comes from the trace; drop "
-                      f"'model.{name}', or use gating.source = 'synthetic' for other sizes")
-
-    # ---- construction from plain data -------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | "WideConfig" | None = None, *,
-                  preset: Mapping[str, Any] | None = None, **overrides: Any) -> "WideConfig":
-        """Profile defaults, then a registered env's ``preset`` (a nested dict), then ``data``, then keyword
-        ``overrides`` (all nested dicts, JSON-able): each level merges over the one before, key by key."""
-        from wide_env.profiles import PROFILES
-
-        if isinstance(data, WideConfig):
-            data = data.to_dict()
-        merged: dict[str, Any] = {}
-        for src in (preset or {}, data or {}, overrides):
-            if not isinstance(src, Mapping):
-                raise ConfigError(f"config must be a dict (or WideConfig), got {type(src).__name__}")
-            merged = deep_merge(merged, src)
-        profile = merged.get("profile", cls.profile)
-        if profile not in PROFILES:
-            _fail("profile", profile, f"unknown profile; choose one of {sorted(PROFILES)}")
-        full = deep_merge(PROFILES[profile], merged)
-        full["profile"] = profile
-        _model_from_trace(full, merged)
-        kwargs: dict[str, Any] = {}
-        top_fields = {f.name for f in fields(cls)}
-        for key, value in full.items():
-            if key not in top_fields:
-                raise ConfigError(f"unknown config field '{key}'; valid fields: {sorted(top_fields)}")
-            if key in _SECTIONS:
-                kwargs[key] = _section_from(key, _SECTIONS[key], value)
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict that :meth:`from_dict` turns back into an equal config."""
-        out = dataclasses.asdict(self)
-        if out["budget"]["layer_weights"] is not None:
-            out["budget"]["layer_weights"] = list(out["budget"]["layer_weights"])
-        return out
-
-    def replace(self, **changes: Any) -> "WideConfig":
-        """A copy with nested changes, e.g. ``cfg.replace(budget={"scale": 2.0})``."""
-        return WideConfig.from_dict(deep_merge(self.to_dict(), changes))
-
-
-def _model_from_trace(full: dict[str, Any], given: Mapping[str, Any]) -> None:
-    """With a trace source, the model fields the user did not give come from the trace (not the profile)."""
-    gating, model = full.get("gating"), full.get("model", {})
-    if not (isinstance(gating, Mapping) and gating.get("source") == "trace" and isinstance(model, Mapping)):
-        return
-    trace_path = gating.get("trace_path")
-    if trace_path is not None and not isinstance(trace_path, str):
-        return  # GatingConfig.validate names the field
-    from wide_env.gating import trace_model_fields
-    from wide_env.profiles import PROFILES, profile_trace
-
-    if trace_path is None and full.get("profile") in PROFILES:
-        trace_path = profile_trace(full["profile"])
-
-    explicit = given.get("model", {}) if isinstance(given.get("model"), Mapping) else {}
-    _, recorded = trace_model_fields(trace_path)
-    full["model"] = {**model, **{k: v for k, v in recorded.items() if k not in explicit}}
-
-
-def _section_from(name: str, cls: type, value: Any):
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        _fail(name, value, f"expected a dict with keys from {[f.name for f in fields(cls)]}")
-    valid = {f.name for f in fields(cls)}
-    for key in value:
-        if key not in valid:
-            raise ConfigError(f"unknown config field '{name}.{key}'; valid fields of '{name}': {sorted(valid)}")
-    value = dict(value)
-    if name == "budget" and isinstance(value.get("layer_weights"), list):
-        value["layer_weights"] = tuple(value["layer_weights"])
-    hosts = value.get("hosts") if name == "placement" else None
-    if isinstance(hosts, (list, tuple)) and all(isinstance(r, (list, tuple)) for r in hosts):
-        value["hosts"] = tuple(tuple(r) for r in hosts)
-    return cls(**value)
-
-
-def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """``update`` merged over ``base`` key by key (nested mappings merged, everything else replaced; a
-    dataclass section becomes its dict). The project's one deep merge: configs, presets, hyperparameters."""
-    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            out[key] = dataclasses.asdict(value)
-        else:
-            out[key] = value
-    return out

@@ -1,13 +1,13 @@
 """Calibrate deviation budgets to accuracy: the per-layer budget at which SiftMoE costs 0.5, 1 and 2 points.
 
-    python -m wide_env.models.calibrate --profile mixtral-8x7b [--trace PATH] [--ckpt DIR] [--episodes 600]
+    python -m baselines.model_checks.calibrate --profile mixtral-8x7b [--trace PATH] [--ckpt DIR] [--episodes 600]
         [--costs 0.5,1,2] [--default-cost 1] [--write]
-    python -m wide_env.models.calibrate --profile P --refit [--default-cost 1]   # re-fit the stored grid
+    python -m baselines.model_checks.calibrate --profile P --refit [--default-cost 1]   # re-fit the stored grid
 
 Method. The budget is ``eps_l = s * u_l`` with ``u_l`` the trace's median-skip budget (the export's
 ``layer_budget`` rule). For a grid of scales s, SiftMoE runs on the profile's env (same episodes, seeds
 ``seed..seed+episodes-1``, so the same tokens and channels at every scale), and the checkpoint re-decodes
-every episode with the experts SiftMoE executed (:func:`wide_env.models.live.replay_executed`: the live
+every episode with the experts SiftMoE executed (:func:`wide_env.modeltools.live.replay_executed`: the live
 backend's outcome, perturbed keys and values included). The cost at s is the full model's accuracy minus
 that accuracy on the same tokens; the budget for a cost c interpolates (log s) on the isotonic
 (non-decreasing) least-squares fit of the measured costs. ``--write`` stores ``calibrated_accuracy_cost``, ``calibrated_layer_budget`` and
@@ -79,7 +79,7 @@ def policy_selections(config: dict, episodes: int, seed: int, policy: str = "sif
 
 def live_accuracy(model, trace: dict, sel: dict) -> np.ndarray:
     """(episodes, n_tokens) bool: the checkpoint's prediction is correct under the selections."""
-    from wide_env.models.live import replay_executed
+    from wide_env.modeltools.live import replay_executed
 
     window_starts = np.flatnonzero(trace["doc_start"])
     out = np.zeros(sel["executed"].shape[:2], bool)
@@ -173,7 +173,7 @@ def calibrate(profile: str, trace_path: str, ckpt: str, episodes: int, seed: int
             "grid": rows, "topk": topk, "episodes": episodes, "seed": seed, "tokens_per_scale": rows[0]["tokens"],
             "payload_d_model": "radio.payload_d_model of the profile" if has_payload_field else (payload or int(trace["d_model"])),
             "method": "SiftMoE (baselines.make_policy('siftmoe')) on the profile's env with the table backend; accuracy of "
-                      "the checkpoint re-decoding each episode with the executed experts (models.live.replay_executed); "
+                      "the checkpoint re-decoding each episode with the executed experts (modeltools.live.replay_executed); "
                       "cost = full-model accuracy - that accuracy on the same tokens; budget = scale * median-skip "
                       "budget, scale interpolated in log on the isotonic fit of the costs"}
 
@@ -208,7 +208,7 @@ def write_calibration(trace_path: str, result: dict, default_cost: float | None)
 
 
 def main(argv=None) -> int:
-    from wide_env.profiles import PROFILES, profile_data_dir
+    from wide_env.profiles import PROFILES, profile_checkpoint, profile_trace
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", required=True, choices=sorted(PROFILES))
@@ -221,8 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="store the result in the trace")
     ap.add_argument("--refit", action="store_true", help="re-fit the budgets from the trace's stored grid and write")
     args = ap.parse_args(argv)
-    base = profile_data_dir(args.profile) if args.profile != "tiny" else profile_data_dir("")
-    trace = args.trace or str(base / "moe_trace.npz")
+    trace = args.trace or profile_trace(args.profile)
     if args.refit:
         from wide_env.gating.trace import load_trace, trace_meta
 
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: result[k] for k in ("costs", "scales_for_cost")}, indent=1))
         write_calibration(trace, result, args.default_cost)
         return 0
-    result = calibrate(args.profile, trace, args.ckpt or str(base), args.episodes, args.seed,
+    result = calibrate(args.profile, trace, args.ckpt or profile_checkpoint(args.profile), args.episodes, args.seed,
                        tuple(float(c) for c in args.costs.split(",")))
     print(json.dumps({k: result[k] for k in ("costs", "scales_for_cost", "layer_budgets")}, indent=1))
     if args.write:

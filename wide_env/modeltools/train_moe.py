@@ -1,6 +1,6 @@
 """Reproducible training of the byte-level MoE LMs, plus export of the gating trace.
 
-    python -m wide_env.models.train_moe --out DIR [--profile NAME] [--corpus DIR] [--steps N] [--seed S] [--no-export]
+    python -m wide_env.modeltools.train_moe --out DIR [--profile NAME] [--corpus DIR] [--steps N] [--seed S] [--no-export]
 
 ``--profile`` picks one of :data:`RECIPES`: ``tiny`` (the default env's model) or a model whose routing
 matches a paper profile (``switch-base-8``: 6 MoE layers, 8 experts, top-1; ``mixtral-8x7b``: 32, 8, top-2;
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .corpus import DEFAULT_CACHE, eval_windows, fetch_shakespeare, load_docs, ngram_accuracy, split_docs, to_array
-from .moe_lm import MoEConfig, MoELM, round_to_fp16, save_checkpoint
+from wide_env.modeltools.corpus import DEFAULT_CACHE, eval_windows, fetch_shakespeare, load_docs, ngram_accuracy, split_docs, to_array
+from wide_env.models.moe_lm import MoEConfig, MoELM, round_to_fp16, save_checkpoint
 
 DEFAULT_STEPS = 1200
 
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     save_checkpoint(model, out, prov)
     print(json.dumps({k: prov[k] for k in ("train_time_s", "eval", "baselines")}, indent=1))
     if not args.no_export:
-        from .export import export_trace
+        from wide_env.modeltools.export import export_trace
 
         t0 = time.time()
         info = export_trace(model, corpus, out / "moe_trace.npz", provenance=prov,

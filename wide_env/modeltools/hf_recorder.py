@@ -219,7 +219,7 @@ def record_trace(model, text: str | Path, out_path: str | Path | None = None, to
     ds = np.zeros(tr_w[:, :-1].shape, bool)
     ds[:, 0] = True
     info = {
-        "source": "wide_env.models.hf_recorder",
+        "source": "wide_env.modeltools.hf_recorder",
         "model_type": getattr(cfg, "model_type", type(model).__name__),
         "model_class": type(model).__name__,
         "moe_layers": [l.name for l in layers],

@@ -64,10 +64,6 @@ class Split:
     calib: list[str]
     trace: list[str]
 
-    @property
-    def heldout(self) -> list[str]:
-        return self.calib + self.trace
-
 
 def split_docs(docs: dict[str, bytes], frac_val: float = 0.1) -> Split:
     """Deterministic split of whole documents: n_val = max(2, round(frac*n)) held-out documents, evenly
