@@ -125,16 +125,18 @@ def _live_vs_table(live: LiveMoE, tr: dict, n_tokens: int, trials: int, seed: in
                 while g is not None:
                     g = live.execute(None, served=None if g.layer != l else np.where(np.arange(K) == k, a, g.topk_idx))
                 r = live.finish(tgt)
-            else:  # an executed-expert mask: Top-K minus one slot, plus a random other expert (combine rule)
+            else:  # an executed-expert mask at layer l: Top-K minus one slot, plus a random other expert (combine
+                # rule); every other layer executes its live Top-K (None), which a perturbation at l may re-route,
+                # as in the tables: a fixed mask of the trace's Top-K would skip a re-routed slot (a 2nd perturbation)
                 k = int(rng.integers(K))
-                ex = np.zeros((L, E), bool)
-                for ll in range(L):
-                    ex[ll, tr["topk_idx"][t, ll]] = True
-                ex[l, tr["topk_idx"][t, l, k]] = False
-                ex[l, int(rng.integers(E))] |= rng.random() < 0.7
-                r = live.step(tok, executed=ex, target=tgt)
+                ex = np.zeros(E, bool)
+                ex[tr["topk_idx"][t, l]] = True
+                ex[tr["topk_idx"][t, l, k]] = False
+                ex[int(rng.integers(E))] |= rng.random() < 0.7
+                r = live.step(tok, executed=lambda layer, gate: ex if layer == l else None, target=tgt)
                 a = int(r.served[l, k])
-                assert a == serve_map(live.D[l], tr["topk_idx"][t, l], ex[l])[k]
+                assert a == serve_map(live.D[l], tr["topk_idx"][t, l], ex)[k]
+            assert all((r.served[m] == r.gates[m].topk_idx).all() for m in range(L) if m != l), "not a single perturbation"
             checked += 1
             agree += (r.correct == tr["effect_correct"][t, l, k, a]) and (r.same_as_full == tr["effect_same"][t, l, k, a])
         live.truncate(t)
