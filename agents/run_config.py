@@ -26,7 +26,6 @@ RESUME_FIXED = (("algo", "algo", "--algo"), ("env", "env", "--env"), ("env_kwarg
                 ("tensorboard_log", "tensorboard_log", "-tb/--tensorboard-log"))
 
 
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -74,7 +73,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--optimize", action="store_true",
                    help="hyperparameter search with Optuna (flags: python -m agents.optimize --help)")
     return p
-
 
 
 def _plain(obj):

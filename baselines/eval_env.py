@@ -9,7 +9,7 @@ from wide_env.config import deep_merge
 __all__ = ["IDEAL_TOPK", "VEC_ENV_MODES", "ACCURACY_MODES", "env_kwargs_for_scale", "resolve_vec_env",
            "accuracy_env_kwargs", "make_eval_env"]
 
-#: how an evaluation runs its episodes (see the module docstring)
+#: how an evaluation runs its episodes (see :mod:`baselines.evaluate`)
 VEC_ENV_MODES = ("auto", "native", "single")
 
 #: policy name for ideal Top-K: Top-K routing with deadline enforcement off (late experts still count)

@@ -127,7 +127,8 @@ def main(argv=None) -> list[dict]:
                                  budget_scales=scales, policy_kwargs=policy_kwargs,
                                  progress=False if args.no_progress else None, max_steps=args.max_steps,
                                  episode_rows=episodes, vec_env=args.vec_env, accuracy=args.accuracy)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, AgentPluginUnavailable) as exc:  # the message says what to fix
+    except (ValueError, TypeError, KeyError, FileNotFoundError, AgentPluginUnavailable) as exc:
+        # bad input, or no agents plugin for 'algo:PATH': the message says what to fix
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
     write_outputs(args.env, rows, episodes, Path(args.out), n_episodes=args.episodes, seed=args.seed)
     return rows
