@@ -7,7 +7,7 @@ style), the same entry point as ``wide-train`` and ``python -m agents`` after ``
     python train.py --algo maskable_ppo --env-kwargs "{'config': {'n_tokens': 8}}" --vec-env subproc
     python train.py --resume runs/ppo/wide_env-WideMoE-v0_1   # continue after a crash / kill
 
-See ``python train.py --help`` and agents/run.py for the run folder layout.
+See ``python train.py --help`` and agents/training.py for the run folder layout.
 """
 import os
 import sys

@@ -1,7 +1,7 @@
 """Learned agents as ``policy(obs) -> action`` callables, evaluated with ``baselines.evaluate``'s code path.
 
 Periodic evaluations, the reference lines (SiftMoE, Top-K) and the final comparison table all call
-:func:`baselines.evaluate.evaluate_policies` on the same seeds (``eval_seed + i``), so the agent's
+:func:`baselines.rollout.evaluate_policies` on the same seeds (``eval_seed + i``), so the agent's
 numbers and the baselines' come from the same episodes and the same metric definitions.
 """
 
@@ -16,8 +16,8 @@ REFERENCE_POLICIES = ("siftmoe", "topk")
 
 def evaluate(env_id: str, env_kwargs: dict, policies, *, episodes: int, seed: int,
              episode_rows: list | None = None) -> list[dict]:
-    """``baselines.evaluate.evaluate_policies`` (the project's single evaluation code path)."""
-    from baselines.evaluate import evaluate_policies
+    """``baselines.rollout.evaluate_policies`` (the project's single evaluation code path)."""
+    from baselines.rollout import evaluate_policies
 
     return evaluate_policies(env_id, policies, episodes=episodes, seed=seed, env_kwargs=env_kwargs,
                              progress=False, episode_rows=episode_rows)
@@ -25,7 +25,7 @@ def evaluate(env_id: str, env_kwargs: dict, policies, *, episodes: int, seed: in
 
 def format_table(rows: list[dict]) -> str:
     """The evaluation table, then where its accuracy columns come from."""
-    from baselines.evaluate import accuracy_lines, format_table as base_format
+    from baselines.results import accuracy_lines, format_table as base_format
 
     return "\n".join([base_format(rows), *accuracy_lines(rows)])
 
@@ -41,7 +41,7 @@ def add_relative_columns(rows: list[dict]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path) -> None:
-    from baselines.evaluate import write_csv as base_write
+    from baselines.results import write_csv as base_write
 
     base_write(rows, path)
 

@@ -1,7 +1,7 @@
 """The registries of learned agents: RL algorithms and policy networks (names defined here only).
 
-Importing this module imports neither torch nor Stable-Baselines3 (``baselines`` reads it to load saved
-models and must stay importable without them).
+Importing this module imports neither torch nor Stable-Baselines3 (:mod:`agents.plugin`, through which
+``baselines`` loads saved models, reads it and must stay importable without them).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ REPORTED = ("timesteps", "reward_per_step", "energy_per_token_j", "energy_rel_to
 
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
     """train.py's own parser on the pass-through flags; sweep-owned flags are rejected with the reason."""
-    from agents.run import DEFAULTS, build_parser
+    from agents.run_config import DEFAULTS, build_parser
 
     owned = [a for a in argv if a.split("=", 1)[0] in SWEEP_OWNED_FLAGS]
     if owned:
@@ -94,7 +94,8 @@ def run_trial(base_argv: list[str], sample: Mapping[str, Any], runs_root: Path, 
               report: Callable[[dict], Any]) -> Path:
     """Train one trial (in this process) and pass every evaluation, as :func:`metrics_of` reports it, to
     ``report``; a truthy return of ``report`` stops the run early (pruning). Returns the run folder."""
-    from agents.run import build_parser, train
+    from agents.run_config import build_parser
+    from agents.training import train
 
     runs_root = Path(runs_root).resolve()
     run_dir = run_dir_of(base_argv, runs_root, name)

@@ -140,7 +140,7 @@ def sweep(args: argparse.Namespace, train_argv: list[str]) -> int:
 
 def new_sweep(args: argparse.Namespace, train_argv: list[str], storage: Path) -> dict:
     """Validate everything before Ray starts and return the sweep's settings (saved as sweep.json)."""
-    from agents.run import resolve_config
+    from agents.run_config import resolve_config
 
     if args.num_samples < 1 or args.cpus_per_trial <= 0 or args.top < 1:
         raise UsageError("--num-samples and --top must be >= 1 and --cpus-per-trial > 0")

@@ -38,7 +38,8 @@ from typing import NamedTuple
 import numpy as np
 
 from baselines.pareto import Fronts, decision_fronts
-from baselines.policies import Policy, problem_of
+from baselines.observation import problem_of
+from baselines.policy_base import Policy
 
 __all__ = ["VIOLATION_RTOL", "SpanSolution", "EpisodePlan", "solve_span", "step_violations", "plan_episode",
            "Oracle", "gap_closed"]

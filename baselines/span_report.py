@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from baselines.evaluate import ci95, evaluate_policies, write_csv
+from baselines.results import ci95, write_csv
+from baselines.rollout import evaluate_policies
 from baselines.oracle import gap_closed
 from baselines.policies import make_policy
 

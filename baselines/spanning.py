@@ -38,7 +38,9 @@ from __future__ import annotations
 import numpy as np
 
 from baselines.pareto import decision_fronts
-from baselines.policies import SPAN_POLICY_NAMES, Policy, SiftMoE, parse_observation
+from baselines.analytic import SiftMoE
+from baselines.observation import parse_observation, problem_of
+from baselines.policy_base import SPAN_POLICY_NAMES, Policy
 from baselines.span_stats import STATS_SEED, SpanStatistics, extra_observation, span_statistics
 
 __all__ = ["SPAN_POLICY_NAMES", "make_span_policy", "SpanPolicy", "SpanSiftMoE", "ChanceSiftMoE",
@@ -389,7 +391,6 @@ def make_span_policy(name: str, env, **kwargs) -> Policy:
     ``siftmoe_cc``, ``siftmoe_sdp`` or ``siftmoe_dpp`` for ``env``. The last two use the statistics of the
     env's config: keyword ``stats`` (a SpanStatistics), or else ``stats_episodes`` (default 32),
     ``stats_seed`` and ``cache_dir`` for :func:`~baselines.span_stats.span_statistics`."""
-    from baselines.policies import problem_of
     from baselines.prefill_policies import is_prefill
 
     if is_prefill(problem_of(env)):

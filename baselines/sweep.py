@@ -4,9 +4,9 @@
         --policies topk,siftmoe,wdmoe,ppo:/shared/runs/ppo/x/final_model.zip --episodes 100 --out /shared/eval
 
 Policies x budget scales x envs x chunks of episode seeds become one Ray task each (``--chunk-episodes``
-episodes, 1 CPU). A task runs :func:`baselines.evaluate.evaluate_policies` - the project's one evaluation
+episodes, 1 CPU). A task runs :func:`baselines.rollout.evaluate_policies` - the project's one evaluation
 code path - on its seeds ``seed + i`` and returns the episode records; the driver aggregates them with
-:func:`baselines.evaluate.summarize`, so ``results.csv``, ``episodes.csv`` and ``tradeoff.png`` are those
+:func:`baselines.results.summarize`, so ``results.csv``, ``episodes.csv`` and ``tradeoff.png`` are those
 of a local run (every column but the measured decision time is identical: episode ``i`` depends only on
 its seed). With several envs, each gets its folder ``OUT/ENV_ID`` (the env id with '/' as '-').
 Saved agents (``ppo:PATH``) must be at a path every node sees.
@@ -17,6 +17,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any, Iterable
+
+from baselines.eval_env import accuracy_env_kwargs, env_kwargs_for_scale
+from baselines.results import summarize, write_outputs
+from baselines.rollout import evaluate_policies
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -40,8 +44,6 @@ def _evaluate_chunk(env_id: str, policy: str, scale: float | None, seed: int, fi
     records, the env's problem description for :func:`summarize`)."""
     import gymnasium as gym
 
-    from baselines.evaluate import _env_kwargs_for_scale, accuracy_env_kwargs, evaluate_policies
-
     try:
         import torch
 
@@ -54,7 +56,7 @@ def _evaluate_chunk(env_id: str, policy: str, scale: float | None, seed: int, fi
                       progress=False, max_steps=max_steps, episode_rows=recs)
     for rec in recs:
         rec["episode"] += first
-    env = gym.make(env_id, **accuracy_env_kwargs(env_id, _env_kwargs_for_scale(env_id, env_kwargs, scale), "auto"))
+    env = gym.make(env_id, **accuracy_env_kwargs(env_id, env_kwargs_for_scale(env_id, env_kwargs, scale), "auto"))
     try:
         problem = env.unwrapped.problem
     finally:
@@ -66,11 +68,9 @@ def evaluate_on_ray(env_ids: Iterable[str], policies: Iterable[str], *, episodes
                     env_kwargs: dict | None = None, budget_scales: Iterable[float] | None = None,
                     policy_kwargs: dict | None = None, max_steps: int | None = None, chunk_episodes: int = 5,
                     address: str | None = None) -> dict[str, tuple[list[dict], list[dict]]]:
-    """:func:`baselines.evaluate.evaluate_policies` for several envs at once, spread over Ray tasks.
+    """:func:`baselines.rollout.evaluate_policies` for several envs at once, spread over Ray tasks.
 
     Returns ``{env_id: (summary rows, episode rows)}`` in the order a local run produces them."""
-    from baselines.evaluate import summarize
-
     env_ids, policies = list(env_ids), list(policies)
     if not policies or not env_ids:
         raise ValueError("give at least one env id and one policy")
@@ -113,8 +113,6 @@ def evaluate_on_ray(env_ids: Iterable[str], policies: Iterable[str], *, episodes
 def main_ray(args, *, policies: list[str], env_kwargs: dict | None, policy_kwargs: dict | None,
              scales: list[float] | None) -> list[dict]:
     """The ``--ray`` branch of ``python -m baselines.evaluate`` (its parsed arguments)."""
-    from baselines.evaluate import write_outputs
-
     env_ids = [e.strip() for e in args.env.split(",") if e.strip()]
     results = evaluate_on_ray(env_ids, policies, episodes=args.episodes, seed=args.seed, env_kwargs=env_kwargs,
                               budget_scales=scales, policy_kwargs=policy_kwargs, max_steps=args.max_steps,

@@ -12,7 +12,7 @@ import wide_env
 from baselines import make_policy, solve_decode_full
 from baselines.policies import POLICIES
 from baselines.evaluate import evaluate_policies
-from baselines.policies import parse_observation
+from baselines.observation import parse_observation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

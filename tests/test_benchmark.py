@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import wide_env  # noqa: F401
-from baselines.benchmark import (QUICK, REGIMES, ROLES, TABLE_COLUMNS, Baseline, Regime, equal_accuracy, main,
-                                 regime_rows)
+from baselines.benchmark import main
+from baselines.benchmark_regimes import QUICK, REGIMES, ROLES, TABLE_COLUMNS, Baseline, Regime
+from baselines.benchmark_scoring import equal_accuracy, regime_rows
 
 
 def _read(path):

@@ -150,7 +150,7 @@ def test_one_registry_per_kind_of_name():
     import agents.evaluation as evaluation
     import baselines.policies as policies
     from agents.registry import ALGORITHMS, TRAINABLE_ALGORITHMS
-    from agents.run import build_parser
+    from agents.run_config import build_parser
     from agents.sb3_policy import SB3Policy
 
     algo_action = next(a for a in build_parser()._actions if a.dest == "algo")

@@ -173,7 +173,7 @@ def test_nodes_are_experts_gives_each_expert_its_own_link_gain(tmp_path):
     from stable_baselines3 import PPO
 
     from agents.common import resolve_policy
-    from agents.networks import _Routing
+    from agents.features import KeyRouting as _Routing
 
     env = gym.make("wide_env/WideMoE-v0", config={"n_tokens": 2})
     policy, kwargs = resolve_policy("expert_set", "ppo", env.observation_space, env.unwrapped.problem,

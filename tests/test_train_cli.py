@@ -62,7 +62,7 @@ def test_native_core_is_the_default_and_hyperparams_record_what_was_used(finishe
 
 
 def test_demo_budget_is_recorded_in_hyperparams():
-    from agents.run import build_parser, resolve_config
+    from agents.run_config import build_parser, resolve_config
 
     cfg = resolve_config(build_parser().parse_args(["--demo"]))
     assert cfg["n_timesteps"] == cfg["hyperparams"]["n_timesteps"] == 51200
@@ -106,7 +106,7 @@ def test_resume_rejects_conflicting_options(finished_run, monkeypatch, capsys):
     assert status == 2
     for option in ("--seed 3", "--env 'wide_env/WideMoE-v0'", "--algo 'a2c'", "-n/--n-timesteps"):
         assert option in err, err
-    from agents.run import _resume_config, build_parser
+    from agents.run_config import build_parser, resume_config as _resume_config
 
     same = build_parser().parse_args(["--resume", str(run_dir), "--seed", "0", *SWITCH])  # the run's own values
     assert _resume_config(same, run_dir)["seed"] == 0

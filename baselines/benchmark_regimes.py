@@ -1,0 +1,84 @@
+"""The regimes of the benchmark (:mod:`baselines.benchmark`): each regime's env and causal analytic baselines, the
+seeds, budget scales and run sizes, and the table's columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+__all__ = ["Baseline", "Regime", "REGIMES", "SCALES", "QUICK", "FULL", "TABLE_COLUMNS", "ROLES", "TEST_SEED",
+           "SELECTION_SEED", "TRAIN_SEED", "WIN_RATIO"]
+
+#: budget scales swept for the baselines' accuracy-energy curves (x16: nearly every expert skipped, so the
+#: curves reach below any useful agent's accuracy; x0.125: Top-K accuracy) [choice]
+SCALES = (0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0)
+TEST_SEED = 20_000  # held-out episodes (train.py evaluates on 10_000 + i, span statistics use 10**6 + i)
+SELECTION_SEED = 30_000
+TRAIN_SEED = 0
+#: the energy saving at equal accuracy that counts as a win (issue 13: at least 10% less energy)
+WIN_RATIO = 0.9
+
+
+class Baseline(NamedTuple):
+    """A causal analytic baseline of a regime: ``make_policy(policy, env, **kwargs)``, run on the regime's env with
+    ``config`` merged over its preset (None: as registered; e.g. another budget mode for the accuracy objective,
+    whose agent has no budget). The env's channels and tokens do not depend on the budget mode, so every baseline
+    sees the same episodes."""
+
+    label: str
+    policy: str
+    kwargs: dict = {}
+    config: dict | None = None
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    env_id: str
+    what: str
+    #: causal analytic baselines swept over the budget scales
+    baselines: tuple[Baseline, ...]
+    #: the regime's objective has a deviation budget (False for the accuracy objective: violations are reported,
+    #: not compared)
+    budget_binding: bool = True
+
+
+_LAYER, _TOKEN, _EPISODE = ({"budget": {"mode": m}} for m in ("layer", "token", "episode"))
+_TOKEN_SPAN = (Baseline("siftmoe even", "siftmoe"), Baseline("siftmoe greedy", "siftmoe", {"allocation": "greedy"}),
+               Baseline("siftmoe_sdp", "siftmoe_sdp"), Baseline("siftmoe_dpp", "siftmoe_dpp"))
+_EPISODE_SPAN = (Baseline("siftmoe_span even", "siftmoe_span"), Baseline("siftmoe (per-token even)", "siftmoe"),
+                 Baseline("siftmoe_span greedy", "siftmoe_span", {"allocation": "greedy"}),
+                 Baseline("siftmoe_sdp", "siftmoe_sdp"), Baseline("siftmoe_dpp", "siftmoe_dpp"))
+REGIMES = {
+    "token": Regime("token", "wide_env/WideMoE-TokenBudget-v0", "token budget (one deviation budget per token)",
+                    _TOKEN_SPAN),
+    "episode": Regime("episode", "wide_env/WideMoE-EpisodeBudget-v0",
+                      "episode budget with time-correlated fading", _EPISODE_SPAN),
+    # the chance constraint at several tolerated miss probabilities: the risk-aware baselines an agent must beat
+    "queues": Regime("queues", "wide_env/WideMoE-Realistic-v0",
+                     "uncertain persistent helper queues on the 3GPP link (per-layer budget)",
+                     (Baseline("siftmoe", "siftmoe"), Baseline("siftmoe_cc", "siftmoe_cc"),
+                      Baseline("siftmoe_cc delta=0.2", "siftmoe_cc", {"delta": 0.2}),
+                      Baseline("siftmoe_cc delta=0.5", "siftmoe_cc", {"delta": 0.5}))),
+    # the agent has no budget: every budget mode's baselines compete (same episodes)
+    "accuracy": Regime("accuracy", "wide_env/WideMoE-AccuracyObjective-v0",
+                       "real-accuracy objective (baselines with layer, token and episode budgets)",
+                       (Baseline("siftmoe (layer budget)", "siftmoe", {}, _LAYER),
+                        *(b._replace(label=f"{b.label} (token budget)", config=_TOKEN) for b in _TOKEN_SPAN),
+                        *(b._replace(label=f"{b.label} (episode budget)", config=_EPISODE) for b in _EPISODE_SPAN
+                          if b.policy != "siftmoe")),
+                       budget_binding=False),
+}
+
+#: --quick: a smoke run that exercises every step and writes every file, on tiny budgets
+QUICK = {"timesteps": 1024, "test_episodes": 4, "selection_episodes": 3, "scales": (0.5, 1.0, 4.0, 16.0),
+         "n_boot": 200, "stats_episodes": 4}
+FULL = {"test_episodes": 200, "selection_episodes": 50, "scales": SCALES, "n_boot": 2000, "stats_episodes": 32}
+
+#: columns of benchmark.csv, in order
+TABLE_COLUMNS = ("regime", "env", "role", "policy", "budget_scale", "episodes", "energy_per_token_j",
+                 "energy_per_token_ci95", "energy_rel_topk", "accuracy", "accuracy_ci95", "violation_rate",
+                 "deadline_misses_per_token", "gap_closed", "eq_acc_ratio", "eq_acc_ci_low", "eq_acc_ci_high",
+                 "eq_acc_status", "baseline_violation_rate_at_acc", "baseline_misses_at_acc", "wins",
+                 "train_timesteps", "train_cpu_s", "train_wall_s")
+ROLES = ("topk", "topk_ideal", "best_analytic", "ppo", "oracle")
