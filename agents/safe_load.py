@@ -13,8 +13,9 @@ crafted zip runs any code it likes there. Here every such field is replaced thro
   use), or taken from the training environment on ``--resume``, and checked against the environment;
 * schedules written as code cannot be read back: a ``--resume`` passes the run's own values (its config.yml), an
   evaluation load (predict only, nothing is trained) gets the constant the text names or 0;
-* last observations and episode buffers are dropped (training restarts them from a reset, as SB3 does for a
-  loaded model given an environment).
+* last observations are dropped (training starts from a reset, as SB3 does for a loaded model given an
+  environment), and so is the window of recent episode returns behind SB3's ``rollout/ep_rew_mean`` log (it
+  restarts empty after a resume; the run's own monitor files and eval log keep every episode).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ModelLoadError(ValueError):
 
 #: settings SB3 rebuilds itself when a loaded model trains again (SB3 resets the env when given one)
 _DROPPED = ("_last_obs", "_last_episode_starts", "_last_original_obs", "ep_info_buffer", "ep_success_buffer",
-            "_last_lstm_states", "action_noise")
+            "_last_lstm_states")
 #: settings that hold a schedule (a float, or a function of the remaining progress)
 _SCHEDULES = ("learning_rate", "lr_schedule", "clip_range", "clip_range_vf")
 _CLASS_TEXT = re.compile(r"^<class '([\w.]+)'>$")
@@ -46,8 +47,8 @@ def read_model_data(file: str, algo: str = "") -> dict:
             return json.loads(zf.read("data"))
     except (zipfile.BadZipFile, KeyError, OSError, EOFError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the {algo + ' ' if algo else ''}model {file!r}: the file is truncated or "
-                             "not a model saved by "
-                             f"model.save ({type(exc).__name__}: {exc}); re-save it or pick another checkpoint") from None
+                             f"not a model saved by model.save ({type(exc).__name__}: {exc}); re-save it or pick "
+                             "another checkpoint") from None
 
 
 # ---- known classes ------------------------------------------------------------------------------------------

@@ -164,7 +164,8 @@ def test_a_resumed_model_gets_the_runs_own_schedules():
 
     _, kwargs = split_hyperparams({"learning_rate": "lin_1e-3", "clip_range": 0.3, "n_steps": 64})
     schedules = run_schedules(PPO, kwargs)
-    assert schedules["learning_rate"](0.5) == pytest.approx(5e-4) and schedules["lr_schedule"](0.5) == pytest.approx(5e-4)
+    assert schedules["learning_rate"](0.5) == pytest.approx(5e-4)
+    assert schedules["lr_schedule"](0.5) == pytest.approx(5e-4)
     assert schedules["clip_range"] == 0.3 and schedules["clip_range_vf"] is None
     defaults = run_schedules(A2C, {})
     assert defaults["learning_rate"] == 7e-4 and "clip_range" not in defaults
