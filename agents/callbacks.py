@@ -118,8 +118,9 @@ class CheckpointEvalCallback(BaseCallback):
         self.last_eval = int(st.get("last_eval", -1))
         self.last_save = int(st.get("last_save", 0))
         self.wall_offset = float(st.get("wall_s", 0.0))
+        self.cpu_offset = float(st.get("cpu_s", 0.0))
         self.budget = budget
-        self.t0 = time.time()
+        self.t0, self.cpu0 = time.time(), time.process_time()
 
     # ---- hooks ------------------------------------------------------------------------------------
     def _on_training_start(self) -> None:
@@ -138,7 +139,12 @@ class CheckpointEvalCallback(BaseCallback):
 
     # ---- evaluation -------------------------------------------------------------------------------
     def wall(self) -> float:
+        """Wall seconds of training so far, every segment of a resumed run up to its checkpoint included."""
         return self.wall_offset + time.time() - self.t0
+
+    def cpu(self) -> float:
+        """CPU seconds (this process's ``time.process_time``) of training so far, every segment included."""
+        return self.cpu_offset + time.process_time() - self.cpu0
 
     def run_eval(self) -> dict:
         n = int(self.model.num_timesteps)
@@ -194,7 +200,7 @@ class CheckpointEvalCallback(BaseCallback):
     # ---- checkpoints ------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"best_reward": self.best_reward, "last_eval": self.last_eval, "last_save": self.last_save,
-                "wall_s": round(self.wall(), 2)}
+                "wall_s": round(self.wall(), 2), "cpu_s": round(self.cpu(), 2)}
 
     def save_checkpoint(self) -> Path:
         n = int(self.model.num_timesteps)
@@ -205,8 +211,17 @@ class CheckpointEvalCallback(BaseCallback):
             vn = self.ckpt_dir / f"vecnormalize_{n}_steps.pkl"
             atomic_save_vecnormalize(self.vecnorm, vn)
         self.last_save = n
+        state = self.state()
+        # the training time at every kept checkpoint, so a resume from an older one counts its segments too
+        kept = sorted([int(p.stem.split("_")[1]) for p in self.ckpt_dir.glob("model_*_steps.zip")])[-self.keep:]
+        try:
+            times = json.loads((self.ckpt_dir / "latest.json").read_text()).get("times", {})
+        except (OSError, ValueError, AttributeError):
+            times = {}
+        times = {k: v for k, v in times.items() if k.isdigit() and int(k) in kept}
+        times[str(n)] = {"wall_s": state["wall_s"], "cpu_s": state["cpu_s"]}
         latest = {"model": path.name, "vecnormalize": vn.name if vn else None, "num_timesteps": n,
-                  "time": time.time(), **self.state()}
+                  "time": time.time(), **state, "times": times}
         atomic_write_text(self.ckpt_dir / "latest.json", json.dumps(latest, indent=1))
         if self.budget is not None:  # status.json follows the checkpoints (a crash leaves the last one)
             write_status(self.run_dir, "running", n, self.budget, checkpoint=path.name)
@@ -273,6 +288,9 @@ def checkpoints_newest_first(run_dir: Path) -> list[dict]:
         n = int(path.stem.split("_")[1])
         vn = ckpt_dir / f"vecnormalize_{n}_steps.pkl"
         rec = dict(latest) if latest.get("model") == path.name else {}
+        times = latest.get("times") if isinstance(latest.get("times"), dict) else {}
+        if not rec and isinstance(times.get(str(n)), dict):  # an older checkpoint: its training time
+            rec.update({k: float(v) for k, v in times[str(n)].items() if k in ("wall_s", "cpu_s")})
         rec.update(model_path=str(path), num_timesteps=n, vecnormalize_path=str(vn) if vn.exists() else None)
         out.append(rec)
     return out

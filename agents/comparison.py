@@ -24,7 +24,7 @@ def write_comparison(cfg, run_dir, model, problem, vecnorm, reference, eval_rows
     policies = [(f"{algo} (final)", SB3Policy(model, problem, vecnorm=frozen(vecnorm)))]
     best_path = run_dir / "best_model.zip"
     if best_path.exists():
-        best = load_model(algo, str(best_path))
+        best = load_model(algo, str(best_path), problem)
         best_vn = vecnorm
         if vecnorm is not None and (run_dir / "best_vecnormalize.pkl").exists():
             from stable_baselines3.common.vec_env import VecNormalize

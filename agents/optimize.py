@@ -26,7 +26,8 @@ from pathlib import Path
 
 from agents.common import UsageError, env_slug
 from agents.search_space import load_space, optuna_grid
-from agents.trials import best_trials_table, parse_train_args, run_budget, run_dir_of, run_trial, write_table
+from agents.trials import (best_trials_table, check_metric, parse_train_args, run_budget, run_dir_of, run_trial,
+                           write_table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,19 +73,30 @@ def optimize(args: argparse.Namespace, train_argv: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.n_trials < 1 or args.n_jobs < 1 or args.top < 1:
         raise UsageError("--n-trials, --n-jobs and --top must be >= 1")
+    check_metric(args.metric)
+    check_storage(args.storage)
     base = parse_train_args(train_argv)
     space = load_space(args.space or base.algo, args.space_file)
     if args.sampler == "grid":
         optuna_grid(space)  # raises when no parameter has a grid
     study_name = args.study_name or f"{base.algo}_{env_slug(base.env)}"
     study_dir = (Path(args.log_folder) / "optuna" / study_name).resolve()
-    study_dir.mkdir(parents=True, exist_ok=True)
     storage = args.storage or str(study_dir / "study.journal")
+    if "://" not in storage:  # the journal file's folder
+        Path(storage).resolve().parent.mkdir(parents=True, exist_ok=True)
     settings = dict(storage=storage, study_name=study_name, sampler=args.sampler, pruner=args.pruner,
                     space_name=args.space or base.algo, space_file=args.space_file, metric=args.metric,
                     mode=args.mode, search_seed=args.search_seed, train_argv=train_argv,
                     runs_root=str(study_dir / "runs"))
-    study = open_study(settings)  # created here once, before the workers load it
+    try:
+        study = open_study(settings)  # created here once, before the workers load it
+    except (ImportError, OSError, ValueError) as exc:
+        raise UsageError(f"--storage {storage!r}: cannot open the study there ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001  (sqlalchemy's errors: a database that refuses the connection)
+        if type(exc).__module__.split(".")[0] != "sqlalchemy":
+            raise
+        raise UsageError(f"--storage {storage!r}: cannot open the study there ({type(exc).__name__}: {exc})") from None
+    study_dir.mkdir(parents=True, exist_ok=True)
     shares = [args.n_trials // args.n_jobs + (i < args.n_trials % args.n_jobs) for i in range(args.n_jobs)]
     if args.n_jobs == 1:
         run_worker(settings, shares[0], 0)
@@ -111,6 +123,20 @@ def optimize(args: argparse.Namespace, train_argv: list[str]) -> int:
     write_table(text, rows, study_dir)
     print(f"wrote {study_dir / 'best_trials.txt'} and best_trials.csv")
     return 0 if counts["complete"] else 1
+
+
+def check_storage(storage: str | None) -> None:
+    """A --storage that is an RDB URL must name a database Optuna can use; checked before anything is written."""
+    if storage is None or "://" not in storage:
+        return
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(storage).get_dialect()
+    except Exception as exc:  # noqa: BLE001  (ArgumentError, NoSuchModuleError, a missing driver's ImportError)
+        raise UsageError(f"--storage {storage!r} is not a database URL Optuna can use ({type(exc).__name__}: {exc}); "
+                         "pass a journal file path (e.g. runs/optuna/study.journal) or an RDB URL such as "
+                         "sqlite:///runs/optuna.db or postgresql://user@host/db") from None
 
 
 def open_study(settings: dict, worker: int = 0):

@@ -125,7 +125,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     algo = args.algo or DEFAULTS["algo"]
     env_id = check_env_id(args.env or DEFAULTS["env"])
     env_kwargs = parse_env_kwargs(args.env_kwargs)
+    check_run_name(getattr(args, "run_name", None))
     hp, source = load_hyperparams(algo, env_id, args.conf_file)
+    check_hyperparams(hp, source, algo, args.policy)
     run_hp, _ = split_hyperparams(hp)
     hp["policy_kwargs"] = select_policy_kwargs(hp, args.policy)
     if args.policy:
@@ -165,6 +167,68 @@ def resolve_config(args: argparse.Namespace) -> dict:
     used.update({k: cfg[k] for k in ("n_timesteps", "n_envs", "vec_env", "eval_freq", "eval_episodes", "save_freq")})
     cfg["hyperparams"] = _plain(used)
     return cfg
+
+
+#: constructor arguments train.py sets itself (from its flags), never from the YAML
+_SET_BY_TRAIN = {"self": None, "policy": "--policy or the YAML's policy", "env": "--env", "seed": "--seed",
+                 "device": "train.py (CPU)", "tensorboard_log": "-tb/--tensorboard-log", "verbose": "-v/--verbose",
+                 "_init_setup_model": "SB3", "kwargs": None}
+#: settings that must be whole numbers >= 1
+_POSITIVE_INTS = ("n_steps", "batch_size", "n_epochs", "n_envs", "n_timesteps", "demo_timesteps", "eval_episodes")
+
+
+def check_hyperparams(hp: dict, source: str, algo: str, policy: str | None) -> None:
+    """UsageError naming the key and ``source`` for a YAML key that is neither a run setting nor an argument of the
+    algorithm, a count that is not a whole number >= 1, or an unknown policy (--policy or the YAML's)."""
+    import inspect
+
+    from agents.common import _RUN_KEYS, algo_class
+
+    cls = algo_class(algo)
+    params = [k for k in inspect.signature(cls.__init__).parameters if k not in _SET_BY_TRAIN]
+    for key in hp:
+        if key in _SET_BY_TRAIN and _SET_BY_TRAIN[key] and key != "policy":
+            raise UsageError(f"{source}: {key!r} is set by {_SET_BY_TRAIN[key]}, not by the hyperparameter file; "
+                             "remove it")
+        if key not in _RUN_KEYS and key not in params and key not in ("demo_timesteps", "policy"):
+            raise UsageError(f"{source}: unknown hyperparameter {key!r}: it is neither a run setting "
+                             f"({', '.join(_RUN_KEYS)}, demo_timesteps) nor a {cls.__name__} argument "
+                             f"({', '.join(params)}); environment options such as render_mode go in --env-kwargs")
+    for key in _POSITIVE_INTS:
+        value = hp.get(key)
+        if key in hp and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{source}: {key} must be a whole number >= 1, got {value!r}")
+    valid = (*NETWORKS, *SB3_POLICY_NAMES)
+    for name, where in ((hp.get("policy"), f"{source}: policy"), (policy, "--policy")):
+        if name is not None and name not in valid:
+            raise UsageError(f"{where} {name!r} is not a policy; choose one of {', '.join(valid)}")
+
+
+def check_model_builds(cfg: dict) -> None:
+    """Build the run's model once on a 1- or 2-env DummyVecEnv (nothing is trained or written): a hyperparameter
+    or policy_kwargs value SB3 or the network rejects is a UsageError before the run folder exists."""
+    import warnings
+
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.common import algo_class, make_env_fn, resolve_policy
+
+    hp = dict(cfg["hyperparams"])
+    _, algo_kwargs = split_hyperparams(hp)
+    cls = algo_class(cfg["algo"])
+    venv = DummyVecEnv([make_env_fn(cfg["env"], cfg["env_kwargs"], 0, i) for i in range(min(cfg["n_envs"], 2))])
+    try:
+        problem = getattr(venv.envs[0].unwrapped, "problem", None)
+        policy, policy_kwargs = resolve_policy(hp.get("policy", "expert_set"), cfg["algo"], venv.observation_space,
+                                               problem, algo_kwargs.pop("policy_kwargs", None))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SB3's batch-size advice for the small probe env
+            cls(policy, venv, device="cpu", policy_kwargs=policy_kwargs, **algo_kwargs)
+    except (TypeError, ValueError, AssertionError, KeyError, AttributeError) as exc:
+        raise UsageError(f"the hyperparameters {cfg['hyperparams_source']} (policy {hp.get('policy', 'expert_set')!r})"
+                         f" do not build a {cls.__name__} model: {type(exc).__name__}: {exc}") from None
+    finally:
+        venv.close()
 
 
 def select_policy_kwargs(hp: dict, override: str | None) -> dict:
@@ -213,6 +277,12 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> dict:
             raise UsageError("-n/--n-timesteps must be >= 1")
         rollout = int(cfg["n_envs"]) * _rollout_steps(cfg["algo"], cfg["hyperparams"])
         budget = _whole_rollouts(int(args.n_timesteps), rollout)
+        done = _trained_timesteps(run_dir)
+        if done is not None and budget < done[0]:
+            raise UsageError(f"--resume {run_dir} -n {args.n_timesteps}: the run has already trained {done[0]} "
+                             f"timesteps (checkpoint {done[1]}); -n/--n-timesteps is the new total budget, not "
+                             f"additional steps: pass -n {done[0]} or more (e.g. -n {done[0] + budget} for {budget} "
+                             "more), or start a new run for a shorter budget")
         print(f"note: new total budget {budget} timesteps (was {cfg['n_timesteps']})")
         cfg["n_timesteps"] = budget
         cfg["hyperparams"]["n_timesteps"] = budget
@@ -220,6 +290,26 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> dict:
     if args.max_cpu_minutes is not None:
         cfg["max_cpu_minutes"] = _cpu_minutes(args.max_cpu_minutes)
     return cfg
+
+
+def _trained_timesteps(run_dir: Path) -> tuple[int, str] | None:
+    """(timesteps, file) of the newest checkpoint of RUN_DIR, or None when it has none."""
+    from agents.callbacks import checkpoints_newest_first
+
+    newest = checkpoints_newest_first(run_dir)[:1]
+    return (int(newest[0]["num_timesteps"]), Path(newest[0]["model_path"]).name) if newest else None
+
+
+def check_run_name(name: str | None) -> str | None:
+    """--run-name is one folder name inside LOG_FOLDER/ALGO: no separators, no '..', not absolute or empty."""
+    if name is None:
+        return None
+    bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+           or Path(name).is_absolute() or Path(name).name != name)
+    if bad:
+        raise UsageError(f"--run-name {name!r} must be a single folder name inside LOG_FOLDER/ALGO (no '/', '\\', "
+                         "'..', or absolute path); use --log-folder to choose where runs go")
+    return name
 
 
 def _cpu_minutes(value) -> float | None:

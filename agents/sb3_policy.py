@@ -13,16 +13,19 @@ from typing import Any
 import numpy as np
 
 from agents.registry import algorithm, algorithm_name_of
+from agents.safe_load import (ModelLoadError, check_environment, detect_algorithm, read_model_data,
+                               safe_custom_objects)
 from baselines.observation import action_masks, parse_observation
 
 
-class ModelLoadError(ValueError):
-    """A model file that does not exist or cannot be read; the message names the file."""
+def load_model(algo: str, path: str, problem=None, *, env=None, schedules: dict | None = None, **kwargs: Any):
+    """``ALGO.load(path)`` on CPU without unpickling anything from the zip (:mod:`agents.safe_load`).
 
-
-def load_model(algo: str, path: str, **kwargs: Any):
-    """``ALGO.load(path)`` on CPU; FileNotFoundError for a missing file, :class:`ModelLoadError` naming the
-    file for a truncated or foreign one."""
+    ``problem``: the env's static facts; a model trained for another expert count or observation layout is a
+    :class:`ModelLoadError` naming both. ``env``: the VecEnv a resumed model trains on (its spaces are used);
+    ``schedules``: the run's own learning-rate / clip-range settings (train.py --resume). FileNotFoundError for a
+    missing file, :class:`ModelLoadError` naming the file for a truncated, foreign or unsafe one, or one saved by
+    another algorithm (with the prefix to use)."""
     import torch
 
     torch.set_num_threads(1)  # project rule: one torch thread on CPU
@@ -30,9 +33,20 @@ def load_model(algo: str, path: str, **kwargs: Any):
     file = path if os.path.exists(path) else path + ".zip"
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{algo} model file {path!r} does not exist; pass the .zip written by model.save(...)")
+    data = read_model_data(file, algo)
+    saved_by = detect_algorithm(data)
+    if saved_by is not None and saved_by != str(algo).strip().lower():
+        raise ModelLoadError(f"{file!r} holds a {saved_by} model ({algorithm(saved_by).class_name}), not a "
+                             f"{algo} one; load it as {saved_by}:{path}")
+    objects = safe_custom_objects(data, algo, file, schedules=schedules,
+                                  observation_space=None if env is None else env.observation_space,
+                                  action_space=None if env is None else env.action_space)
+    if problem is not None:
+        check_environment(objects["observation_space"], objects["action_space"], problem, algo, file)
     try:
-        return cls.load(file, device="cpu", **kwargs)
-    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, AssertionError, RuntimeError, OSError) as exc:
+        return cls.load(file, env=env, device="cpu", custom_objects=objects, **kwargs)
+    except (zipfile.BadZipFile, EOFError, KeyError, ValueError, AssertionError, RuntimeError, OSError,
+            TypeError) as exc:
         raise ModelLoadError(f"cannot load the {algo} model {file!r}: the file is truncated or not a model saved by "
                              f"{cls.__name__}.save ({type(exc).__name__}: {exc}); re-save it or pick another "
                              "checkpoint") from None
@@ -71,7 +85,7 @@ class SB3Policy:
     @property
     def model(self):
         if self._model is None:
-            self._model = load_model(self._algo, self._path)
+            self._model = load_model(self._algo, self._path, self.problem)
         return self._model
 
     def reset(self, seed: int | None = None) -> None:

@@ -24,12 +24,13 @@ from typing import Any
 
 from agents.common import UsageError, algo_class, env_slug, make_vec_env, resolve_policy, split_hyperparams
 from agents.comparison import frozen, write_comparison
-from agents.run_config import probe_env, resolve_config, resume_config
+from agents.run_config import check_model_builds, check_run_name, probe_env, resolve_config, resume_config
 
 __all__ = ["train", "new_run_dir", "checkpoints_exist"]
 
 
 def new_run_dir(log_folder: str, algo: str, env_id: str, name: str | None) -> Path:
+    check_run_name(name)
     root = Path(log_folder) / algo
     root.mkdir(parents=True, exist_ok=True)
     if name:
@@ -79,6 +80,7 @@ def train(args: argparse.Namespace, argv: list[str], prog: str = "python train.p
     else:
         cfg = resolve_config(args)
         env = probe_env(cfg["env"], cfg["env_kwargs"])  # validated before the run folder exists
+        check_model_builds(cfg)  # so are the hyperparameters and the policy
         run_dir = new_run_dir(args.log_folder or "runs", cfg["algo"], cfg["env"], args.run_name)
         (run_dir / "command.txt").write_text(_command_line(prog, argv) + "\n")
         _write_yaml(run_dir / "config.yml", cfg)
@@ -91,14 +93,29 @@ def train(args: argparse.Namespace, argv: list[str], prog: str = "python train.p
                   compare=not args.no_compare, on_evaluation=on_evaluation)
 
 
-def _load_newest_checkpoint(cls, run_dir: Path, venv, tb):
+def run_schedules(cls, algo_kwargs: dict) -> dict:
+    """The schedule settings of a run (learning rate, clip ranges) from its own hyperparameters, else the
+    algorithm's defaults: what a resumed model gets instead of the pickled schedules in its zip."""
+    import inspect
+
+    from stable_baselines3.common.utils import FloatSchedule
+
+    params = inspect.signature(cls.__init__).parameters
+    out = {k: algo_kwargs.get(k, params[k].default) for k in ("learning_rate", "clip_range", "clip_range_vf")
+           if k in algo_kwargs or k in params}
+    out["lr_schedule"] = FloatSchedule(out["learning_rate"])
+    return out
+
+
+def _load_newest_checkpoint(algo: str, run_dir: Path, venv, tb, schedules: dict):
     """(model, checkpoint record) of the newest checkpoint that loads, saying which ones did not; (None, None)
-    when there is none."""
+    when there is none. Nothing in the zips is unpickled (:func:`agents.sb3_policy.load_model`)."""
     from agents.callbacks import checkpoints_newest_first
+    from agents.sb3_policy import load_model
 
     for i, ckpt in enumerate(checkpoints_newest_first(run_dir)):
         try:
-            model = cls.load(ckpt["model_path"], env=venv, device="cpu", tensorboard_log=tb)
+            model = load_model(algo, ckpt["model_path"], env=venv, schedules=schedules, tensorboard_log=tb)
         except Exception as exc:  # noqa: BLE001  (a truncated zip raises anything from zipfile to SB3's asserts)
             print(f"note: checkpoint {ckpt['model_path']} does not load ({type(exc).__name__}: {exc}); "
                   "trying the previous one")
@@ -150,7 +167,7 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     normalize = run_hp.get("normalize", False)
     model, ckpt, state = None, None, {}
     if resumed:
-        model, ckpt = _load_newest_checkpoint(cls, run_dir, venv, tb)
+        model, ckpt = _load_newest_checkpoint(algo, run_dir, venv, tb, run_schedules(cls, algo_kwargs))
     vecnorm = None
     if normalize:
         if ckpt and ckpt.get("vecnormalize_path"):
@@ -197,14 +214,17 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     if remaining > 0:
         model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=ckpt is None,
                     progress_bar=progress, tb_log_name="tb")
-    train_s = time.time() - t0
-    train_cpu_s = time.process_time() - cpu0
+    segment_s, segment_cpu_s = time.time() - t0, time.process_time() - cpu0
+    # every segment of a resumed run: the time recorded at the checkpoint it continued from, plus this one
+    train_s = ckpt_cb.wall_offset + segment_s
+    train_cpu_s = ckpt_cb.cpu_offset + segment_cpu_s
+    times = dict(train_s=round(train_s, 2), train_cpu_s=round(train_cpu_s, 2), segment_s=round(segment_s, 2))
     if cpu_limit is not None and cpu_limit.reached:
         print(f"note: stopped at the CPU-time limit of {cfg['max_cpu_minutes']:g} min after {model.num_timesteps} "
               f"of {budget} timesteps")
     if ckpt_cb.stop_requested:  # a sweep pruned this run: keep its checkpoints, skip the final comparison
         venv.close()
-        write_status(run_dir, "stopped", model.num_timesteps, budget, train_s=train_s)
+        write_status(run_dir, "stopped", model.num_timesteps, budget, **times)
         return run_dir
     ckpt_cb.model = model
     if ckpt_cb.last_eval < model.num_timesteps and cfg["eval_freq"] >= 0:
@@ -216,14 +236,16 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     atomic_save_model(model, run_dir / "final_model.zip")
     if vecnorm is not None:
         atomic_save_vecnormalize(vecnorm, run_dir / "vecnormalize.pkl")
-    write_status(run_dir, "trained", model.num_timesteps, budget, train_s=train_s, train_cpu_s=train_cpu_s)
-    print(f"trained {model.num_timesteps} timesteps in {train_s:.0f} s ({run_dir / 'final_model.zip'})")
+    write_status(run_dir, "trained", model.num_timesteps, budget, **times)
+    segments = f"; this segment {segment_s:.0f} s" if resumed else ""
+    print(f"trained {model.num_timesteps} timesteps in {train_s:.0f} s ({train_cpu_s:.0f} CPU-s{segments}) "
+          f"({run_dir / 'final_model.zip'})")
 
     eval_rows = read_eval_log(run_dir / "eval" / "eval_log.csv")
     if compare:
         write_comparison(cfg, run_dir, model, problem, vecnorm, reference, eval_rows)
     venv.close()
-    write_status(run_dir, "done", model.num_timesteps, budget, train_s=train_s, train_cpu_s=train_cpu_s)
+    write_status(run_dir, "done", model.num_timesteps, budget, **times)
     return run_dir
 
 
@@ -236,11 +258,12 @@ def _resume_state(run_dir: Path, ckpt: dict, n: int) -> dict:
     from agents.callbacks import read_eval_log
 
     rows = read_eval_log(run_dir / "eval" / "eval_log.csv")
-    state = {k: ckpt[k] for k in ("best_reward", "last_eval", "wall_s") if k in ckpt}
+    state = {k: ckpt[k] for k in ("best_reward", "last_eval", "wall_s", "cpu_s") if k in ckpt}
     if int(ckpt.get("num_timesteps", -1)) != n or "last_eval" not in ckpt:  # an older checkpoint than latest.json's
         done = [r for r in rows if int(r["timesteps"]) <= n]
         state = {"last_eval": int(done[-1]["timesteps"]) if done else -1,
-                 "wall_s": float(done[-1]["wall_s"]) if done else 0.0}
+                 "wall_s": float(ckpt.get("wall_s", done[-1]["wall_s"] if done else 0.0)),
+                 "cpu_s": float(ckpt.get("cpu_s", 0.0))}
         if rows:
             state["best_reward"] = max(float(r["reward_per_step"]) for r in rows)
     state["last_save"] = n

@@ -30,6 +30,26 @@ REPORTED = ("timesteps", "reward_per_step", "energy_per_token_j", "energy_rel_to
             "violation_rate", "violation_rate_above_siftmoe", "deadline_misses_per_token", "executed_per_step")
 
 
+def metric_names() -> tuple[str, ...]:
+    """The evaluation columns a sweep may optimise: :data:`REPORTED` and the env's real-accuracy figures."""
+    from wide_env.envs.decode import ACCURACY_KEYS
+
+    return REPORTED + tuple(k for k in ACCURACY_KEYS if k.startswith("accuracy_"))
+
+
+def check_metric(metric: str) -> str:
+    """UsageError naming --metric and the valid names, before any trial runs."""
+    names = metric_names()
+    if metric not in names:
+        import difflib
+
+        close = difflib.get_close_matches(metric, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UsageError(f"--metric {metric!r} is not a reported evaluation column.{hint} Choose one of: "
+                         f"{', '.join(names)} (accuracy_* only on envs that report accuracy)")
+    return metric
+
+
 def parse_train_args(argv: list[str]) -> argparse.Namespace:
     """train.py's own parser on the pass-through flags; sweep-owned flags are rejected with the reason."""
     from agents.run_config import DEFAULTS, build_parser

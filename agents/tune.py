@@ -29,8 +29,8 @@ from pathlib import Path
 
 from agents.common import UsageError, env_slug
 from agents.search_space import Param, load_space, tune_param_space
-from agents.trials import (best_trials_table, metrics_of, parse_train_args, read_csv, run_budget, run_dir_of, run_trial,
-                           write_table)
+from agents.trials import (best_trials_table, check_metric, metrics_of, parse_train_args, read_csv, run_budget,
+                           run_dir_of, run_trial, write_table)
 
 SEARCHES = ("grid", "optuna")
 SWEEP_FILE = "sweep.json"  # the sweep's own settings, read back by --restore
@@ -144,6 +144,7 @@ def new_sweep(args: argparse.Namespace, train_argv: list[str], storage: Path) ->
 
     if args.num_samples < 1 or args.cpus_per_trial <= 0 or args.top < 1:
         raise UsageError("--num-samples and --top must be >= 1 and --cpus-per-trial > 0")
+    check_metric(args.metric)
     base = parse_train_args(train_argv)
     space = load_space(args.space or base.algo, args.space_file)
     tune_param_space(space, args.search)  # raises when the space has nothing to search this way
