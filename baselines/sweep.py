@@ -15,6 +15,7 @@ Saved agents (``ppo:PATH``) must be at a path every node sees.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,7 +50,10 @@ def connect_ray(address: str | None = None, timeout_s: float = RAY_CONNECT_TIMEO
         return
     target = _cluster_address(address)
     if target is not None:
-        _probe_cluster(address if address not in (None, "auto") else target, target, timeout_s)
+        given = f"--address {address!r}" if address not in (None, "auto") else f"the cluster address {target!r}"
+        if address in (None, "auto") and os.environ.get("RAY_ADDRESS"):
+            given = f"RAY_ADDRESS {os.environ['RAY_ADDRESS']!r}"
+        _probe_cluster(given, target, timeout_s)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -58,8 +62,9 @@ def connect_ray(address: str | None = None, timeout_s: float = RAY_CONNECT_TIMEO
 
 def _cluster_address(address: str | None) -> str | None:
     """The host:port Ray would connect to for ``address`` (None: Ray starts a local instance)."""
-    if address and "://" in address:
-        return address.split("://", 1)[1].rstrip("/")
+    if address and "://" in address:  # ray://HOST[:PORT]: the Ray client server, port 10001 by default
+        target = address.split("://", 1)[1].rstrip("/")
+        return target if ":" in target.rsplit("]", 1)[-1] else f"{target}:10001"
     try:
         from ray._private.services import canonicalize_bootstrap_address
     except ImportError:  # a Ray without this helper: probe what was typed
@@ -72,7 +77,7 @@ def _cluster_address(address: str | None) -> str | None:
                               "--address for a local Ray") from None
 
 
-def _probe_cluster(shown: str, target: str, timeout_s: float) -> None:
+def _probe_cluster(given: str, target: str, timeout_s: float) -> None:
     """Connect to ``target`` (host:port) and check that a gRPC server answers, within ``timeout_s`` seconds."""
     import socket
     import time
@@ -82,7 +87,7 @@ def _probe_cluster(shown: str, target: str, timeout_s: float) -> None:
     try:
         port = int(port_text)
     except ValueError:
-        raise RayConnectError(f"--address {shown!r}: no port in {target!r}; give HOST:PORT (the address "
+        raise RayConnectError(f"{given}: no port in {target!r}; give HOST:PORT (the address "
                               "'ray start --head' prints)") from None
     fix = ("start the cluster ('ray start --head' prints its address) and pass that address, use --address auto for "
            "the cluster started on this machine, or drop --address for a local Ray")
@@ -96,14 +101,14 @@ def _probe_cluster(shown: str, target: str, timeout_s: float) -> None:
                 header = conn.recv(9)
             break
         except (ConnectionRefusedError, socket.gaierror) as exc:  # nothing listens, or no such host: final
-            raise RayConnectError(f"--address {shown!r}: no Ray cluster answers at {target} ({exc}); {fix}") from None
+            raise RayConnectError(f"{given}: no Ray cluster answers at {target} ({exc}); {fix}") from None
         except OSError as exc:  # a timeout or an unreachable network: retried until the deadline
             if deadline - time.monotonic() <= 1.0:
-                raise RayConnectError(f"--address {shown!r}: no Ray cluster answered at {target} within "
+                raise RayConnectError(f"{given}: no Ray cluster answered at {target} within "
                                       f"{timeout_s:g} s ({type(exc).__name__}: {exc}); {fix}") from None
             time.sleep(1.0)
     if len(header) < 9 or header[3] != 4:  # frame type 4: SETTINGS
-        raise RayConnectError(f"--address {shown!r}: something listens at {target} but it is not a Ray cluster (no "
+        raise RayConnectError(f"{given}: something listens at {target} but it is not a Ray cluster (no "
                               f"gRPC answer); {fix}")
 
 

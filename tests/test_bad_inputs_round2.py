@@ -135,7 +135,8 @@ def test_a_corrupt_compressed_trace_names_the_file(tmp_path):
     start = member.header_offset + 30 + name_len + extra_len  # the member's deflate stream
     data[start] = 0x07  # a final block of the reserved type 3: zlib.error, "invalid block type"
     path.write_bytes(bytes(data))
-    with pytest.raises(TraceError, match=r"t\.npz: not a readable \.npz archive \(error: Error -3 .*invalid block type"):
+    with pytest.raises(TraceError,
+                       match=r"t\.npz: not a readable \.npz archive \(error: Error -3 .*invalid block type"):
         load_trace(path)
 
 
@@ -247,8 +248,9 @@ def test_evaluate_ray_with_a_bad_address_exits_2_and_honours_sigterm(tmp_path):
     assert "Traceback" not in proc.stderr
     listener = _silent_listener()
     listener.settimeout(90)
-    child = subprocess.Popen([sys.executable, "-m", "baselines.evaluate", "--ray", "--address",
-                              f"127.0.0.1:{listener.getsockname()[1]}", "--episodes", "1", "--out", str(tmp_path / "p")],
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    child = subprocess.Popen([sys.executable, "-m", "baselines.evaluate", "--ray", "--address", address,
+                              "--episodes", "1", "--out", str(tmp_path / "p")],
                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -107,13 +107,12 @@ def _draw_config(rnd: random.Random) -> dict:
                 config[name] = rnd.choice(_JUNK)  # a section that is not a dict
                 continue
             section_fields = fields(cls)
-            config[name] = {g.name: _field_value(rnd, g) for g in rnd.sample(section_fields, min(len(section_fields), rnd.randrange(1, 4)))}
+            chosen = rnd.sample(section_fields, min(len(section_fields), rnd.randrange(1, 4)))
+            config[name] = {g.name: _field_value(rnd, g) for g in chosen}
             if rnd.random() < 0.1:
                 config[name]["not_a_field"] = 1
         elif name == "profile":
             config[name] = rnd.choice(("tiny", "nope", 3, None))
-        elif f.default is not MISSING and isinstance(f.default, bool):
-            config[name] = _field_value(rnd, f)
         else:
             config[name] = _field_value(rnd, f)
     if rnd.random() < 0.05:
