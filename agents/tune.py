@@ -88,7 +88,7 @@ def sweep(args: argparse.Namespace, train_argv: list[str]) -> int:
     except ImportError:
         raise UsageError("Ray Tune is not installed: pip install -e '.[train,ray]' (ray[tune] and optuna)") from None
 
-    from baselines.sweep import connect_ray
+    from baselines.sweep import RayConnectError, connect_ray
 
     storage = Path(args.storage_path).resolve()
     if args.restore:
@@ -103,7 +103,10 @@ def sweep(args: argparse.Namespace, train_argv: list[str]) -> int:
     else:
         settings = new_sweep(args, train_argv, storage)
         exp_dir = storage / settings["name"]
-    connect_ray(args.address)
+    try:
+        connect_ray(args.address)
+    except RayConnectError as exc:  # bounded: names the address instead of Ray's ten-minute retries
+        raise UsageError(str(exc)) from None
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, train_argv=settings["train_argv"], runs_root=settings["runs_root"]),
         {"cpu": float(settings["cpus_per_trial"])})

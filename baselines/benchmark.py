@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import shlex
 import sys
 import time
@@ -159,6 +161,9 @@ def run_regime(regime: Regime, out: Path, settings: dict) -> dict:
 def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int | None = None,
                   selection_episodes: int | None = None, cpu_minutes: float = 15.0, command: str = "") -> list[dict]:
     """Run the benchmark into ``out`` (see the module docstring); returns the table rows."""
+    if isinstance(cpu_minutes, bool) or not isinstance(cpu_minutes, numbers.Real) or not 0 < cpu_minutes < math.inf:
+        raise ValueError(f"cpu_minutes (--cpu-minutes) = {cpu_minutes!r}: the CPU-time cap of each training run must "
+                         "be a positive number of minutes, e.g. 15")
     import torch
 
     torch.set_num_threads(1)
@@ -197,6 +202,17 @@ def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int 
     return rows
 
 
+def _positive_minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes > 0, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of minutes > 0 (the CPU-time cap of each "
+                                         f"training run), got {text}")
+    return value
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m baselines.benchmark", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,7 +222,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--test-episodes", type=int, default=None, help="held-out episodes (default 200; quick 4)")
     ap.add_argument("--selection-episodes", type=int, default=None,
                     help="episodes that choose the best baseline (default 50; quick 3)")
-    ap.add_argument("--cpu-minutes", type=float, default=15.0, help="CPU-time cap of each training run")
+    ap.add_argument("--cpu-minutes", type=_positive_minutes, default=15.0,
+                    help="CPU-time cap of each training run, minutes > 0 (default 15)")
     args = ap.parse_args(argv)
     for name, value in (("--test-episodes", args.test_episodes), ("--selection-episodes", args.selection_episodes)):
         if value is not None and value < 2:

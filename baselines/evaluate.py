@@ -38,7 +38,7 @@ from baselines.agent_plugin import AgentPluginUnavailable
 from baselines.eval_env import ACCURACY_MODES, VEC_ENV_MODES
 from baselines.results import write_outputs
 from baselines.rollout import evaluate_policies
-from baselines.sweep import main_ray
+from baselines.sweep import RayConnectError, main_ray
 
 __all__ = ["evaluate_policies", "build_parser", "main", "cli"]
 
@@ -64,6 +64,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (episode i is reset with seed + i, and seeds are "
+                                         f"non-negative), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     prog = "wide-evaluate" if script == "wide-evaluate" else "python -m baselines.evaluate"
@@ -74,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated names (topk,topk_ideal,siftmoe,wdmoe,des,adapmoe,greedy,random) or algo:PATH; "
                          "topk = practical Top-K (late experts lost), topk_ideal = deadline enforcement off")
     ap.add_argument("--episodes", type=_positive_int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_seed, default=0, help="episode i is reset with seed + i (>= 0; default 0)")
     ap.add_argument("--out", required=True, help="output directory (created)")
     ap.add_argument("--env-kwargs", default=None, help="Python dict literal passed to gym.make")
     ap.add_argument("--policy-kwargs", default=None, help="Python dict literal {policy: {kwarg: value}}")
@@ -120,7 +131,10 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--budget-scales: expected comma-separated numbers, got {args.budget_scales!r}")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if args.ray:  # the same outputs, computed on a Ray cluster (baselines/sweep.py)
-        return main_ray(args, policies=policies, env_kwargs=env_kwargs, policy_kwargs=policy_kwargs, scales=scales)
+        try:
+            return main_ray(args, policies=policies, env_kwargs=env_kwargs, policy_kwargs=policy_kwargs, scales=scales)
+        except RayConnectError as exc:  # names the address and the fix
+            ap.exit(2, f"{ap.prog}: error: {exc}\n")
     episodes: list[dict] = []
     try:
         rows = evaluate_policies(args.env, policies, episodes=args.episodes, seed=args.seed, env_kwargs=env_kwargs,

@@ -15,6 +15,7 @@ Saved agents (``ppo:PATH``) must be at a path every node sees.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -23,19 +24,92 @@ from baselines.results import summarize, write_outputs
 from baselines.rollout import evaluate_policies
 
 
-def connect_ray(address: str | None = None) -> None:
+#: how long :func:`connect_ray` waits for a cluster address to answer before it gives up (seconds)
+RAY_CONNECT_TIMEOUT_S = 30.0
+#: HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, its client server) answers
+#: with a SETTINGS frame of its own
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+class RayConnectError(ConnectionError):
+    """No Ray cluster answers at the address given (``--address``)."""
+
+
+def connect_ray(address: str | None = None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
     """Join the cluster at ``address`` ('auto': the one ``ray start`` runs here; None: a local Ray, or the
-    cluster in RAY_ADDRESS). No dashboard: nothing listens beyond what the cluster itself needs."""
+    cluster in RAY_ADDRESS). No dashboard: nothing listens beyond what the cluster itself needs.
+
+    A cluster address is first probed from Python (a TCP connection and a gRPC handshake, at most ``timeout_s``
+    seconds in all): Ray's own connect retries for over ten minutes inside native code, deaf to SIGTERM. An
+    address where no Ray cluster answers raises :class:`RayConnectError` naming it."""
     try:
         import ray
     except ImportError:
         raise SystemExit("--ray needs Ray: pip install -e '.[ray]' (ray[tune] and optuna)") from None
     if ray.is_initialized():
         return
+    target = _cluster_address(address)
+    if target is not None:
+        given = f"--address {address!r}" if address not in (None, "auto") else f"the cluster address {target!r}"
+        if address in (None, "auto") and os.environ.get("RAY_ADDRESS"):
+            given = f"RAY_ADDRESS {os.environ['RAY_ADDRESS']!r}"
+        _probe_cluster(given, target, timeout_s)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def _cluster_address(address: str | None) -> str | None:
+    """The host:port Ray would connect to for ``address`` (None: Ray starts a local instance)."""
+    if address and "://" in address:  # ray://HOST[:PORT]: the Ray client server, port 10001 by default
+        target = address.split("://", 1)[1].rstrip("/")
+        return target if ":" in target.rsplit("]", 1)[-1] else f"{target}:10001"
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # a Ray without this helper: probe what was typed
+        return address if address not in (None, "auto", "local") else None
+    try:
+        return canonicalize_bootstrap_address(address)
+    except ValueError as exc:
+        raise RayConnectError(f"--address {address!r}: not a Ray cluster address ({exc}); give HOST:PORT (the address "
+                              "'ray start --head' prints), 'auto' for the cluster started on this machine, or no "
+                              "--address for a local Ray") from None
+
+
+def _probe_cluster(given: str, target: str, timeout_s: float) -> None:
+    """Connect to ``target`` (host:port) and check that a gRPC server answers, within ``timeout_s`` seconds."""
+    import socket
+    import time
+
+    host, _, port_text = target.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise RayConnectError(f"{given}: no port in {target!r}; give HOST:PORT (the address "
+                              "'ray start --head' prints)") from None
+    fix = ("start the cluster ('ray start --head' prints its address) and pass that address, use --address auto for "
+           "the cluster started on this machine, or drop --address for a local Ray")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(5.0, left))) as conn:
+                conn.settimeout(max(0.1, min(10.0, deadline - time.monotonic())))
+                conn.sendall(_H2_PREFACE)
+                header = conn.recv(9)
+            break
+        except (ConnectionRefusedError, socket.gaierror) as exc:  # nothing listens, or no such host: final
+            raise RayConnectError(f"{given}: no Ray cluster answers at {target} ({exc}); {fix}") from None
+        except OSError as exc:  # a timeout or an unreachable network: retried until the deadline
+            if deadline - time.monotonic() <= 1.0:
+                raise RayConnectError(f"{given}: no Ray cluster answered at {target} within "
+                                      f"{timeout_s:g} s ({type(exc).__name__}: {exc}); {fix}") from None
+            time.sleep(1.0)
+    if len(header) < 9 or header[3] != 4:  # frame type 4: SETTINGS
+        raise RayConnectError(f"{given}: something listens at {target} but it is not a Ray cluster (no "
+                              f"gRPC answer); {fix}")
 
 
 def _evaluate_chunk(env_id: str, policy: str, scale: float | None, seed: int, first: int, n: int,

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field and the fix."""
@@ -34,8 +36,22 @@ def _range(default: Any, low: float, high: float, reason: str, *, integer: bool 
     return field(default=default, metadata={"items_range" if items else "range": Range(low, high, reason, integer)})
 
 
-def _check_number(path: str, value: Any, rng: Range) -> None:
+def _plain_number(value: Any) -> Any:
+    """A numpy scalar (``np.int64(8)``, ``np.float32(2)``) as the Python int or float it stands for (a sweep's
+    ``for n in np.arange(...)`` gives them); bools and everything else unchanged."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, np.generic):
+        return value
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _check_number(path: str, value: Any, rng: Range) -> Any:
+    """Check ``value`` against ``rng``; returns it as a plain Python number (numpy scalars are numbers too)."""
     kind = "an integer" if rng.integer else "a number"
+    value = _plain_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(path, value, f"expected {kind} in {rng.describe()}")
     if not math.isfinite(value):
@@ -44,6 +60,7 @@ def _check_number(path: str, value: Any, rng: Range) -> None:
         _fail(path, value, f"expected an integer in {rng.describe()}")
     if not rng.low <= value <= rng.high:
         _fail(path, value, f"must be in {rng.describe()}: {rng.reason}")
+    return value
 
 
 def _check_ranges(section: Any, path: str) -> None:
@@ -54,12 +71,16 @@ def _check_ranges(section: Any, path: str) -> None:
         if value is None and f.default is None:
             continue
         if "range" in f.metadata:
-            _check_number(name, value, f.metadata["range"])
+            plain = _check_number(name, value, f.metadata["range"])
         elif "items_range" in f.metadata:
             if not isinstance(value, (list, tuple)):
                 _fail(name, value, f"expected a list of numbers in {f.metadata['items_range'].describe()}")
-            for i, item in enumerate(value):
-                _check_number(f"{name}[{i}]", item, f.metadata["items_range"])
+            plain = type(value)(_check_number(f"{name}[{i}]", item, f.metadata["items_range"])
+                                for i, item in enumerate(value))
+        else:
+            continue
+        if plain is not value:  # store numpy scalars as the Python numbers they are (to_dict stays JSON-able)
+            object.__setattr__(section, f.name, plain)
 
 
 def _check_choice(path: str, value: Any, choices: tuple[str, ...]) -> None:

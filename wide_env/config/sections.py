@@ -7,7 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from wide_env.config.checks import _check_choice, _check_flag, _check_ranges, _fail, _range
+from wide_env.gating.base import LAYER_BUDGET_RANGE, LAYER_BUDGET_REASON
 
 
 # Reasons shared by several fields.
@@ -131,8 +134,10 @@ class PlacementConfig:
                       f"expected {model.n_layers} lists (layers) of {model.n_experts} node indices (experts)")
             for r in rows:
                 for v in r:
-                    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0:
                         _fail(f"{path}.hosts", self.hosts, "node indices must be integers >= 0 (0 = user device)")
+            if any(isinstance(v, np.integer) for r in rows for v in r):  # numpy ints are integers: store them plain
+                object.__setattr__(self, "hosts", tuple(tuple(int(v) for v in r) for r in rows))
         _check_ranges(self, path)
         if self.n_helpers is not None:
             if not isinstance(self.hosts, str) and max(max(r) for r in self.hosts) > self.n_helpers:
@@ -296,8 +301,7 @@ class BudgetConfig:
 
     mode: str = "layer"  # "layer" [paper], "token" or "episode"
     #: per-layer eps_l in the model's hidden-state units; None = the gating source's own budget.
-    layer_budget: float | None = _range(None, 1e-12, 1e12, "eps_l in the model's hidden-state units; it is the "
-                                        "unit of the observation's deviations, so it must be > 0 [choice]")
+    layer_budget: float | None = _range(None, *LAYER_BUDGET_RANGE, LAYER_BUDGET_REASON)
     #: multiplies every budget (sweeps of the accuracy-energy trade-off).
     scale: float = _range(1.0, 1e-6, 1e6, "it multiplies the budget, which is the unit of the observation's "
                           "deviations: 0 leaves no unit, and sweeps span a few decades [choice]")

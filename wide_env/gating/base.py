@@ -13,6 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: the range of a per-layer deviation budget eps_l (model hidden-state units): it is the unit of the observation's
+#: deviations, so it must be > 0, and beyond these bounds deviations in that unit leave float32's range. The
+#: config field ``budget.layer_budget`` and a trace's ``layer_budget`` are checked against it (one constant).
+LAYER_BUDGET_RANGE = (1e-12, 1e12)
+LAYER_BUDGET_REASON = ("eps_l in the model's hidden-state units; it is the unit of the observation's deviations, "
+                       "so it must be > 0 [choice]")
+#: combine weights are fractions in [0, 1]; a trace may store them in float16, whose rounding near 1 is 2^-11
+TOPK_WEIGHT_SLACK = 2.0 ** -10
+
 
 @dataclass
 class TokenGates:

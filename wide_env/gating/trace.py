@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
 
-from wide_env.gating.base import GatingSource, TokenGates
+from wide_env.gating.base import LAYER_BUDGET_RANGE, TOPK_WEIGHT_SLACK, GatingSource, TokenGates
 
 SCHEMA_VERSION = 1
 ROUTINGS = ("softmax_topk_renorm", "softmax_topk_raw", "sigmoid_topk_renorm")
@@ -79,8 +80,15 @@ def validate_trace(arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -
     weight = data["topk_weight"]
     if weight.shape != (T, L, K) or not np.issubdtype(weight.dtype, np.floating):
         raise _err(source, "topk_weight", f"must be a float array of shape ({T}, {L}, {K}), got {weight.dtype} {weight.shape}")
-    if not np.isfinite(weight.astype(np.float32)).all() or (weight < 0).any():
-        raise _err(source, "topk_weight", "must be finite and >= 0")
+    w64 = weight.astype(np.float64)
+    if not np.isfinite(w64).all():
+        raise _err(source, "topk_weight", "must be finite")
+    outside = (w64 < 0) | (w64 > 1 + TOPK_WEIGHT_SLACK)
+    if outside.any():
+        t, layer, k = (int(i) for i in np.argwhere(outside)[0])
+        raise _err(source, "topk_weight", f"must be combine weights in [0, 1] (float16 slack {TOPK_WEIGHT_SLACK:.3g}); "
+                   f"token {t}, layer {layer}, slot {k} has {w64[t, layer, k]:.6g}: store the router's Top-K weights "
+                   "(renormalised or raw probabilities), not logits or scaled values")
 
     mismatch = data["mismatch"]
     if mismatch.shape != (L, E, E + 1) or not np.issubdtype(mismatch.dtype, np.floating):
@@ -93,6 +101,13 @@ def validate_trace(arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -
     budget = data["layer_budget"]
     if budget.shape != (L,) or not np.issubdtype(budget.dtype, np.floating) or not np.isfinite(budget).all() or (budget <= 0).any():
         raise _err(source, "layer_budget", f"must be {L} finite floats > 0")
+    low, high = LAYER_BUDGET_RANGE
+    b64 = budget.astype(np.float64)
+    if (b64 < low).any() or (b64 > high).any():
+        layer = int(np.flatnonzero((b64 < low) | (b64 > high))[0])
+        raise _err(source, "layer_budget", f"must be in [{low:g}, {high:g}] (the range of the config field "
+                   f"budget.layer_budget); layer {layer} has {b64[layer]:.6g}: re-export the trace with budgets in the "
+                   "units of its mismatch table")
     d_model = data["d_model"]
     if d_model.shape != () or not np.issubdtype(d_model.dtype, np.integer) or int(d_model) < 1:
         raise _err(source, "d_model", "must be a positive integer scalar")
@@ -103,6 +118,10 @@ def validate_trace(arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -
     for key in ("token_id", "target_id"):
         if key in data and (data[key].shape != (T,) or not np.issubdtype(data[key].dtype, np.integer)):
             raise _err(source, key, f"must be an integer array of shape ({T},)")
+        if key in data and (data[key] < 0).any():
+            at = int(np.flatnonzero(data[key] < 0)[0])
+            raise _err(source, key, f"must hold token ids >= 0 (the model's vocabulary indices); position {at} has "
+                       f"{int(data[key][at])}")
     for key in ("doc_start", "full_correct"):
         if key in data and (data[key].shape != (T,) or data[key].dtype != np.bool_):
             raise _err(source, key, f"must be a bool array of shape ({T},)")
@@ -268,7 +287,7 @@ def load_trace(path: str | os.PathLike) -> dict[str, np.ndarray]:
         # never suggest allow_pickle=True: loading pickles from a data file runs arbitrary code
         raise TraceError(f"trace {path}: holds Python objects (object arrays), which wide-env never loads; store "
                          "plain numeric, bool and string arrays (docs/trace-schema.md)") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:  # zlib.error: a corrupt compressed member
         raise TraceError(f"trace {path}: not a readable .npz archive ({type(exc).__name__}: {exc}); "
                          "re-export it or check the download") from None
     return validate_trace(arrays, source=path)

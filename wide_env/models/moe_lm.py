@@ -13,6 +13,7 @@ returns a dense ``(N, E)`` combine matrix, so that any assignment of Top-K slots
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -213,6 +214,8 @@ CONFIG_NAME = "moe_lm.json"
 
 
 def save_checkpoint(model: MoELM, out_dir: str | Path, provenance: Optional[dict] = None) -> tuple[Path, Path]:
+    """Write ``moe_lm.safetensors`` (fp16) and ``moe_lm.json`` (config, provenance and the weights file's SHA-256,
+    which :func:`load_checkpoint` verifies)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -220,8 +223,49 @@ def save_checkpoint(model: MoELM, out_dir: str | Path, provenance: Optional[dict
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     wpath, cpath = out / WEIGHTS_NAME, out / CONFIG_NAME
     save_file(sd, str(wpath), metadata={"format": "pt", "dtype": "float16"})
-    cpath.write_text(json.dumps({"config": model.cfg.to_dict(), "provenance": provenance or {}}, indent=1))
+    meta = {"config": model.cfg.to_dict(), "provenance": provenance or {}, HASH_KEY: weights_sha256(wpath)}
+    cpath.write_text(json.dumps(meta, indent=1))
     return wpath, cpath
+
+
+#: the checkpoint json's entry holding the hex SHA-256 of the safetensors file (required: every shipped
+#: checkpoint has it; a json without it is refused, see :func:`add_weights_hash`)
+HASH_KEY = "weights_sha256"
+
+
+def weights_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def add_weights_hash(path: str | Path) -> str:
+    """Record the current SHA-256 of a checkpoint's weights in its json (for a checkpoint written before the json
+    held one, or weights you changed on purpose and trust). Returns the hash."""
+    wpath, cpath = _resolve(path)
+    meta = json.loads(cpath.read_text())
+    meta[HASH_KEY] = weights_sha256(wpath)
+    cpath.write_text(json.dumps(meta, indent=1))
+    return meta[HASH_KEY]
+
+
+def _verify_weights_hash(wpath: Path, cpath: Path, meta: dict) -> None:
+    expected = meta.get(HASH_KEY)
+    fix = (f"if you trust these weights, record their hash with python -c \"from wide_env.models.moe_lm import "
+           f"add_weights_hash; add_weights_hash('{cpath.parent}')\"")
+    if expected is None:
+        raise CheckpointError(f"{cpath}: has no '{HASH_KEY}' entry, so {wpath.name} cannot be checked for corruption "
+                              f"(checkpoints are saved with it by save_checkpoint); re-save the checkpoint, or {fix}")
+    if not isinstance(expected, str) or len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise CheckpointError(f"{cpath}: '{HASH_KEY}' = {expected!r} is not a hex SHA-256 (64 lowercase hex digits); "
+                              f"re-save the checkpoint, or {fix}")
+    actual = weights_sha256(wpath)
+    if actual != expected:
+        raise CheckpointError(f"{wpath}: corrupt or changed after saving: its SHA-256 is {actual}, but {cpath.name} "
+                              f"records {expected}; re-download or re-export the checkpoint, or {fix}")
 
 
 def _resolve(path: str | Path) -> tuple[Path, Path]:
@@ -236,7 +280,9 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MoELM, dict]:
-    """Load (model, meta) from a directory (or either file). Raises CheckpointError naming the file."""
+    """Load (model, meta) from a directory (or either file). Raises CheckpointError naming the file: for a missing,
+    corrupt or inconsistent file, and for weights whose SHA-256 differs from the json's ``weights_sha256`` (or a
+    json without one)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -251,6 +297,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
         raise CheckpointError(f"{cpath}: config is not valid JSON ({e})") from e
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{cpath}: config has no valid 'config' entry ({e})") from e
+    _verify_weights_hash(wpath, cpath, meta)
     try:
         sd = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -17,6 +17,23 @@ from .decoder import full_model_run
 from .moe_lm import MoELM
 
 
+def check_vocabulary(model: MoELM, **ids: np.ndarray) -> None:
+    """Every trace token id (``token_id=..., target_id=...``) indexes the model's vocabulary; else a
+    :class:`~wide_env.gating.TraceError` naming the trace field and the checkpoint's vocabulary size (not torch's
+    IndexError at the first reset)."""
+    from wide_env.gating.trace import TraceError
+
+    vocab = model.cfg.vocab_size
+    for field, values in ids.items():
+        bad = (values < 0) | (values >= vocab)
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise TraceError(f"trace field '{field}' has token id {int(values[at])} at position {at}, outside the "
+                             f"checkpoint's vocabulary [0, {vocab}) (vocab_size = {vocab}): the trace's text was not "
+                             "encoded for this model; use the checkpoint the trace was exported from "
+                             "(config field gating.checkpoint_dir) or re-export the trace with it")
+
+
 class TraceContext:
     """Per-window full-model keys/values, predictions and losses of one trace text under one model."""
 
@@ -24,6 +41,7 @@ class TraceContext:
         self.model = model.eval()
         self.token_id = np.asarray(token_id, np.int64)
         self.target_id = np.asarray(target_id, np.int64)
+        check_vocabulary(model, token_id=self.token_id, target_id=self.target_id)
         n = len(self.token_id)
         starts = np.flatnonzero(doc_start) if doc_start is not None else np.array([0])
         if starts.size == 0 or starts[0] != 0:
