@@ -39,12 +39,12 @@ import numpy as np
 
 from baselines.pareto import Fronts, decision_fronts
 from baselines.policies import Policy, problem_of
+from wide_env.sim.rules import VIOLATION_RTOL, budget_left, budget_left_of, violated_of, violation
 
 __all__ = ["VIOLATION_RTOL", "SpanSolution", "EpisodePlan", "solve_span", "step_violations", "plan_episode",
            "Oracle", "gap_closed"]
 
-#: the env's violation tolerance, relative to the span's budget (step kernel: excess > 1e-9 * unit)
-VIOLATION_RTOL = 1e-9
+# VIOLATION_RTOL: the env's violation tolerance, relative to the span's budget (wide_env.sim.rules)
 
 
 def step_violations(step_deviation, used: float, budget: float) -> np.ndarray:
@@ -53,8 +53,7 @@ def step_violations(step_deviation, used: float, budget: float) -> np.ndarray:
     out = np.zeros(len(step_deviation), dtype=bool)
     spent = float(used)
     for t, d in enumerate(np.asarray(step_deviation, dtype=np.float64).tolist()):
-        available = max(budget - spent, 0.0)
-        out[t] = max(d - available, 0.0) > VIOLATION_RTOL * budget
+        out[t] = violation(d, budget_left(budget, spent), budget)[0]
         spent = spent + d
     return out
 
@@ -75,7 +74,6 @@ def solve_span(fronts: Fronts, budget: float, used: float = 0.0) -> SpanSolution
     if T == 0:
         return SpanSolution(np.zeros(0, dtype=np.int64), 0.0, used, True)
     dev, eng = fronts.deviation, fronts.energy
-    tol = VIOLATION_RTOL * budget
     # A label that cannot finish is dropped: without a violation every later step adds at most what is left plus
     # the tolerance, so S_T <= max(S_t, budget) + (T - t) tol; the least deviation still to come must fit that
     # (the slack covers the tolerances and the rounding of sums taken in another order)
@@ -88,8 +86,8 @@ def solve_span(fronts: Fronts, budget: float, used: float = 0.0) -> SpanSolution
     for t in range(T):
         n = int(fronts.size[t])
         d, e = dev[t, :n], eng[t, :n]
-        available = np.maximum(budget - S, 0.0)  # (labels,)
-        ok = np.maximum(d[None, :] - available[:, None], 0.0) <= tol
+        available = budget_left_of(budget, S)  # (labels,)
+        ok = ~violated_of(d[None, :], available[:, None], budget)
         new_s = S[:, None] + d[None, :]
         ok &= new_s + to_come[t] <= np.maximum(new_s, budget) + slack
         p, c = np.nonzero(ok)  # parent-major, front order

@@ -10,6 +10,8 @@ import numbers
 import numpy as np
 
 from wide_env.envs.model_backend import model_backend_for
+from wide_env.sim.outcome import Outcome, OutcomeFields
+from wide_env.sim.rules import REWARD_TERMS, compose_reward
 
 
 class EpisodeBatch:
@@ -29,12 +31,18 @@ class EpisodeBatch:
         #: the checkpoint's part in decoding (wide_env.envs.model_backend): live gating, or the accuracy measured
         #: on the model; None where the simulator's own figures are all
         self.model = model_backend_for(sim, self.num_envs)
-        #: step info keys: the outcome's float fields after "reward" (then the model's, with live gating), then
-        #: its int fields
+        #: step info keys: the simulator's (then the model's extra columns, with live gating), float then int
         self.float_keys, self.int_keys = sim.info_keys()
+        #: the named columns of this batch's outcomes: the simulator's, then the model's extra float columns
+        self.fields = sim.outcome_fields
         if self.model is not None:
-            self.float_keys += self.model.extra_keys
+            sim.defer_reward()  # the reward is summed once the model wrote its terms (step)
+            extra = self.model.extra_keys
+            self.float_keys += extra
+            self.fields = OutcomeFields(self.fields.floats + extra, self.fields.ints)
         self.info_keys = self.float_keys + self.int_keys
+        self._float_cols = [self.fields.index[key][1] for key in self.float_keys]
+        self._int_cols = [self.fields.index[key][1] for key in self.int_keys]
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
         self.state = None
@@ -74,9 +82,10 @@ class EpisodeBatch:
         outcome = self.sim.step(rng, state, executed, obs)
         if model is not None:
             extra = model.after_step(state, outcome, before, obs)
-            if extra is not None:  # the model's info columns right after the simulator's reported ones
-                n = 1 + len(self.float_keys) - extra.shape[1]
-                outcome.values = np.concatenate([outcome.values[:, :n], extra], axis=1)
+            if extra is not None:  # the model's extra columns, named by self.fields
+                outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
+                                  self.fields, outcome.detail)
+            outcome.column("reward")[:] = compose_reward(*(outcome.column(term) for term in REWARD_TERMS))
         truncated = self.state.done.copy()
         if self.max_episode_steps is not None:
             self.elapsed += 1
@@ -95,16 +104,17 @@ class EpisodeBatch:
     # ---- info ------------------------------------------------------------------------------------
     def step_info(self, outcome) -> dict[str, np.ndarray]:
         """The single env's step info as (B,) arrays (int64 counters, float64 otherwise; fresh arrays)."""
-        floats = outcome.values[:, 1:1 + len(self.float_keys)].T.copy()
-        ints = outcome.counts[:, :len(self.int_keys)].T.copy()
+        floats = outcome.values[:, self._float_cols].T.copy()
+        ints = outcome.counts[:, self._int_cols].T.copy()
         info = dict(zip(self.float_keys, floats))
         info.update(zip(self.int_keys, ints))
         return info
 
     def step_info_one(self, outcome, row: int = 0) -> dict:
         """One row's step info as Python numbers (the single env's)."""
-        info = dict(zip(self.float_keys, outcome.values[row, 1:].tolist()))
-        info.update(zip(self.int_keys, outcome.counts[row].tolist()))
+        values, counts = outcome.values[row].tolist(), outcome.counts[row].tolist()
+        info = {key: values[i] for key, i in zip(self.float_keys, self._float_cols)}
+        info.update({key: counts[i] for key, i in zip(self.int_keys, self._int_cols)})
         return info
 
     def reset_info(self) -> dict[str, np.ndarray]:

@@ -19,20 +19,16 @@ from wide_env.envs.model_backend import ACCURACY_SOURCES, accuracy_source_of  # 
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 
-INFO_KEYS = (
-    "energy_j", "topk_energy_j", "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation",
-    "weighted_deviation", "deviation_budget", "budget_violated", "latency_s", "deadline_misses", "n_executed",
-    "n_lost", "n_kept", "n_replaced", "n_skipped", "reward_energy", "reward_deviation", "reward_deadline",
-    "reward_accuracy",
-)
-
 #: extra info keys when the gating source has effect tables (the shipped real model's trace)
-ACCURACY_KEYS = ("accuracy_correct", "accuracy_same", "accuracy_full", "delta_loss", "token_complete")
+ACCURACY_KEYS = DecodeSimulator.ACCURACY_KEYS
+
+#: the step info keys of every decoding source besides ``layer`` and ``token``: the step outcome's fields
+#: (wide_env.sim.decode.kernel.FLOAT_FIELDS / INT_FIELDS) but the reward and the accuracy keys
+INFO_KEYS = tuple(k for k in DecodeSimulator.outcome_fields.floats[1:] + DecodeSimulator.outcome_fields.ints
+                  if k not in ACCURACY_KEYS + ("layer", "token"))
 
 #: info keys holding counts or flags (Python ints in the single env's info, int64 in the vector env's)
-INT_INFO_KEYS = frozenset(("deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped",
-                           "budget_violated", "layer", "token", "accuracy_correct", "accuracy_same",
-                           "accuracy_full", "token_complete"))
+INT_INFO_KEYS = frozenset(DecodeSimulator.outcome_fields.ints)
 
 
 @dataclass(frozen=True)
@@ -227,13 +223,11 @@ class WideMoEEnv(gym.Env):
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
         outcome, truncated = batch.step(self.np_random, executed)
-        values = outcome.values[0].tolist()
-        info = dict(zip(batch.float_keys, values[1:]))
-        info.update(zip(batch.int_keys, outcome.counts[0].tolist()))
+        info = batch.step_info_one(outcome)
         truncated = bool(truncated[0])
         if self._last is not None:
             self._last["info"] = info
-        return self._observation(), values[0], False, truncated, info
+        return self._observation(), float(outcome.column("reward")[0]), False, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2E,) bool, pairs [may be 0, may be 1] per expert."""

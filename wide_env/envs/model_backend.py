@@ -38,7 +38,6 @@ import weakref
 import numpy as np
 
 from wide_env.profiles import accuracy_rule_validated, profile_checkpoint
-from wide_env.sim.decode.kernel import FLOAT_FIELDS
 
 #: what each accuracy source means, for tables and plots
 ACCURACY_SOURCES = {"live": "measured on the live model (gating.backend = 'live')",
@@ -89,8 +88,6 @@ def accuracy_source_of(config, source=None) -> str:
 # A loaded checkpoint and its trace context per (checkpoint directory, gating source), shared by the envs of a
 # process (read-only: each env's decoder holds its own caches).
 _CONTEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_REWARD_TERMS = ("reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy")
-assert set(_REWARD_TERMS) <= set(FLOAT_FIELDS)
 
 
 def model_backend_for(sim, num_envs: int) -> "ModelAccuracy | LiveGating | None":
@@ -185,9 +182,8 @@ class _ModelStreams:
         outcome.column("accuracy_same")[rows] = pred == full_pred
         outcome.column("accuracy_full")[rows] = full_pred == target
         outcome.column("delta_loss")[rows] = delta
-        if self.weight is not None:
+        if self.weight is not None:  # the batch sums the reward afterwards (wide_env.sim.rules.compose_reward)
             outcome.column("reward_accuracy")[rows] = -self.weight * delta
-            outcome.column("reward")[rows] = sum(outcome.column(k)[rows] for k in _REWARD_TERMS)
         return nll
 
 

@@ -187,7 +187,7 @@ class WideMoEPrefillEnv(gym.Env):
         outcome, truncated = batch.step(self.np_random, executed[None])
         info = batch.step_info_one(outcome)
         self._last = {"view": view, "executed": executed, "info": info}
-        return self._observation(), float(outcome.values[0, 0]), False, bool(truncated[0]), info
+        return self._observation(), float(outcome.column("reward")[0]), False, bool(truncated[0]), info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2*T*E,) bool, pairs [may be 0, may be 1] per (token, expert)."""

@@ -160,7 +160,7 @@ class WideMoESB3VecEnv(VecEnv):
         self._actions = None
         rng = self.np_random
         out, dones = core.step(rng, executed)
-        rewards = out.values[:, 0].astype(np.float32)
+        rewards = out.column("reward").astype(np.float32)
         if self.info_keys:
             columns = core.step_info(out)
             infos = _rows_to_dicts({k: columns[k] for k in self.info_keys}, self.num_envs)

@@ -166,7 +166,7 @@ class BatchedVectorEnv(VectorEnv):
                 info[key][rows] = 0
             keep = ~resets
             masks = {key: (self._all_true if key in core.reset_info_keys else keep) for key in core.info_keys}
-            reward = outcome.values[:, 0].copy()
+            reward = outcome.column("reward").copy()
             reward[rows] = 0.0
             truncated[rows] = False
             core.pending = truncated.copy()
@@ -178,7 +178,7 @@ class BatchedVectorEnv(VectorEnv):
         outcome, truncated = core.step(rng, executed)
         info = core.step_info(outcome)
         masks = None  # every sub-env reports every key
-        reward = outcome.values[:, 0].copy()
+        reward = outcome.column("reward").copy()
         if mode == AutoresetMode.SAME_STEP and truncated.any():
             rows = np.flatnonzero(truncated)
             final_flat = core.obs[rows]

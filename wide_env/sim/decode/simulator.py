@@ -21,7 +21,7 @@ from wide_env.sim.decode import kernel
 from wide_env.sim.decode.plan import (EXPERT_KEYS, assign_plan, chunk_size, concat_plans, observed_energy_cost,
                                       plan_tokens)
 from wide_env.sim.decode.hindsight import EpisodeTables, episode_tables
-from wide_env.sim.decode.state import DecodeState, empty_outcome
+from wide_env.sim.decode.state import FIELDS, DecodeState, empty_outcome
 from wide_env.sim.outcome import Outcome
 from wide_env.sim.decode.view import LayerView, make_view
 from wide_env.sim.gating_rows import build_gating_rows
@@ -40,6 +40,8 @@ class DecodeSimulator:
     RESET_INFO_KEYS = ("layer", "token", "topk_energy_j", "deviation_budget")
     #: outcome fields whose info keys only sources with effect tables report
     ACCURACY_KEYS = ("delta_loss", "accuracy_correct", "accuracy_same", "accuracy_full", "token_complete")
+    #: the named columns of a step's outcome (the kernel's FLOAT_FIELDS and INT_FIELDS)
+    outcome_fields = FIELDS
 
     def __init__(self, config: WideConfig, source: GatingSource):
         self.scenario = scn = Scenario.build(config, source)
@@ -66,7 +68,7 @@ class DecodeSimulator:
                               "(re-export a trace with python -m wide_env.models.export)")
         objective = {"deviation": kernel.OBJECTIVE_DEVIATION, "accuracy": kernel.OBJECTIVE_ACCURACY}
         ints = [self.n_layers, self.n_tokens, span, self.enforce_deadline, scn.scope_index,
-                self.has_accuracy, objective[config.reward.objective]]
+                self.has_accuracy, objective[config.reward.objective], 1]
         ints += [sl[key].start for key in kernel.OBSERVATION_KEYS + EXPERT_KEYS]
         assert len(ints) == kernel.I_EXPERT_AT + len(EXPERT_KEYS)
         rw = config.reward
@@ -215,15 +217,19 @@ class DecodeSimulator:
                 full, np.ascontiguousarray(lookup.values))
         return tables
 
+    def defer_reward(self) -> None:
+        """Steps leave the outcome's ``reward`` column unwritten: a model backend writes reward terms after the
+        kernel and the caller sums them then (:func:`wide_env.sim.rules.compose_reward`). Evaluations still sum."""
+        self._consts[0][kernel.I_COMPOSE] = 0
+
     # ---- what the env front ends report -------------------------------------------------------------
     def info_keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(float keys, int keys) of a step's info: prefixes of the outcome's fields after "reward" (the
-        accuracy fields, last in each list, only with effect tables)."""
-        floats, ints = kernel.FLOAT_FIELDS[1:], kernel.INT_FIELDS
+        """(float keys, int keys) of a step's info: the outcome's fields (:attr:`outcome_fields`) but the reward
+        (the accuracy fields only with effect tables)."""
+        floats, ints = FIELDS.floats[1:], FIELDS.ints
         if not self.has_accuracy:
             floats = tuple(k for k in floats if k not in self.ACCURACY_KEYS)
             ints = tuple(k for k in ints if k not in self.ACCURACY_KEYS)
-        assert floats == kernel.FLOAT_FIELDS[1:1 + len(floats)] and ints == kernel.INT_FIELDS[:len(ints)]
         return floats, ints
 
     def reset_info(self, state: DecodeState) -> dict[str, np.ndarray]:

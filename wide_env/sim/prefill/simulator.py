@@ -90,6 +90,8 @@ class PrefillSimulator:
     """Static prefill scenario plus batched reset / step / evaluate / observe (numpy only)."""
 
     RESET_INFO_KEYS = ("layer", "prompt", "topk_energy_j", "deviation_budget")
+    #: the named columns of a step's outcome
+    outcome_fields = prefill_step.FIELDS
 
     def __init__(self, config: WideConfig, source: GatingSource, prompt_tokens: int = 8, n_prompts: int = 1):
         for name, value in (("prompt_tokens", prompt_tokens), ("n_prompts", n_prompts)):
