@@ -117,15 +117,18 @@ def compose_reward(energy, deviation, deadline, accuracy):
 
 # ---- accuracy fold -------------------------------------------------------------------------------------------
 @njit(**_JIT)
+def fold_row(acc, values, row):
+    """Add one perturbation's table row ``values[row]`` to a token's accumulator ``acc`` in place."""
+    for d in range(values.shape[1]):
+        acc[d] += values[row, d]
+
+
+@njit(**_JIT)
 def fold_slots(acc, values, slot_rows, server, n_servers):
-    """Add one layer's perturbation rows to a token's accumulator ``acc`` (D,) in place, slot by slot:
-    slot k served by ``server[k]`` adds ``values[slot_rows[k * n_servers + server[k]]]`` (the zero row where
-    the slot keeps its own expert)."""
-    n_acc = values.shape[1]
+    """Fold one layer into a token's accumulator, slot by slot: slot k served by ``server[k]`` adds
+    ``values[slot_rows[k * n_servers + server[k]]]`` (the zero row where the slot keeps its own expert)."""
     for k in range(server.shape[0]):
-        row = slot_rows[k * n_servers + server[k]]
-        for d in range(n_acc):
-            acc[d] += values[row, d]
+        fold_row(acc, values, slot_rows[k * n_servers + server[k]])
 
 
 @njit(**_JIT)
@@ -153,10 +156,11 @@ def decide(base, acc, n_acc, context, context_weight):
 
 
 @njit(**_JIT)
-def fold_batch(acc, values, slot_rows, server, n_servers):
-    """:func:`fold_slots` for B tokens: acc (B, D), slot_rows (B, K n_servers), server (B, K); in place."""
+def fold_batch(acc, values, rows):
+    """One layer folded into B tokens' accumulators acc (B, D) in place: rows (B, K) the slots' table rows."""
     for b in range(acc.shape[0]):
-        fold_slots(acc[b], values, slot_rows[b], server[b], n_servers)
+        for k in range(rows.shape[1]):
+            fold_row(acc[b], values, rows[b, k])
 
 
 @njit(**_JIT)
