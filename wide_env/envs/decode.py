@@ -7,13 +7,12 @@ The env is a batch of one of the decoding simulator (:mod:`wide_env.sim.decode`)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
 from wide_env.config import WideConfig
+from wide_env.envs.actions import validate_action
 from wide_env.envs.batch import EpisodeBatch
 from wide_env.envs.model_backend import ACCURACY_SOURCES, accuracy_source_of  # noqa: F401 (re-exported)
 from wide_env.gating import make_gating_source
@@ -68,22 +67,6 @@ def observation_space_for(layout, flatten: bool) -> spaces.Space:
         return spaces.Box(np.concatenate([b.low for b in boxes.values()]),
                           np.concatenate([b.high for b in boxes.values()]), dtype=np.float32)
     return spaces.Dict(boxes)
-
-
-def validate_action(action: Any, n_experts: int) -> np.ndarray:
-    """Turn an action into a (1, E) bool array (a fresh one), or raise ValueError saying what was expected."""
-    arr = action if type(action) is np.ndarray else np.asarray(action)
-    if arr.shape != (n_experts,):
-        raise ValueError(f"action has shape {arr.shape}; expected shape ({n_experts},): one 0/1 entry per expert "
-                         f"(MultiBinary({n_experts}), 1 = execute)")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"action has dtype {arr.dtype}; expected int8/bool/int/float entries equal to 0 or 1")
-    if arr.dtype.kind != "b":
-        values = arr.tolist()
-        if not set(values) <= {0, 1}:  # NaN, 2, -1, 0.5 all fail; 0.0/1.0 pass
-            bad = next(v for v in values if v not in (0, 1))
-            raise ValueError(f"action entries must be 0 or 1 (got {bad!r}); expected shape ({n_experts},) of 0/1")
-    return arr.astype(bool).reshape(1, n_experts)
 
 
 class WideMoEEnv(gym.Env):
@@ -219,7 +202,8 @@ class WideMoEEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if state.done[0]:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
-        executed = validate_action(action, self.sim.n_experts)
+        E = self.sim.n_experts
+        executed = validate_action(action, (E,), f"one 0/1 entry per expert (MultiBinary({E}), 1 = execute)")
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
         outcome, truncated = batch.step(self.np_random, executed)

@@ -18,40 +18,16 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from wide_env.config import WideConfig
+from wide_env.envs.actions import validate_action
 from wide_env.envs.batch import EpisodeBatch
 from wide_env.envs.decode import build_problem, observation_space_for
-from wide_env.envs.prefill import build_prefill_problem
+from wide_env.envs.prefill import build_prefill_problem, prefill_entries
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 from wide_env.sim.prefill import PrefillSimulator
 
 #: info keys a (re)set decoding sub-env reports (the single env's ``reset`` info)
 RESET_INFO_KEYS = DecodeSimulator.RESET_INFO_KEYS
-
-
-def validate_actions(actions: Any, num_envs: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Turn a batch of actions into a (B,) + ``shape`` bool array, or raise ValueError saying what was expected."""
-    arr = np.asarray(actions)
-    expected = (num_envs,) + tuple(shape)
-    if arr.shape != expected:
-        hint = ""
-        if arr.shape == tuple(shape):
-            hint = "; this is one sub-env's action: stack one row per sub-env (for num_envs=1 pass action[None])"
-        raise ValueError(f"actions have shape {arr.shape}; expected shape {expected}: one row of 0/1 entries per "
-                         f"sub-env (MultiBinary({expected}), 1 = execute){hint}")
-    if arr.dtype == np.bool_:
-        return np.ascontiguousarray(arr)
-    if arr.dtype == np.int8 or arr.dtype == np.uint8:  # MultiBinary's own dtype: 0/1 bytes are bools already
-        if not (arr.view(np.uint8) > 1).any():
-            return np.ascontiguousarray(arr).view(np.bool_)
-    elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"actions have dtype {arr.dtype}; expected shape {expected} of int8/bool/int/float 0 or 1")
-    ok = (arr == 0) | (arr == 1)
-    if not ok.all():
-        where = tuple(int(i) for i in np.argwhere(~ok)[0])
-        raise ValueError(f"action entries must be 0 or 1 (got {arr[where]!r} at index {where}); expected shape "
-                         f"{expected} of 0/1")
-    return arr.astype(bool)
 
 
 class BatchedVectorEnv(VectorEnv):
@@ -328,7 +304,8 @@ class WideMoEVectorEnv(BatchedVectorEnv):
         sim = DecodeSimulator(config, make_gating_source(config))
         E = sim.n_experts
         self._setup(sim, num_envs, build_problem(sim, config.flatten_observation), spaces.MultiBinary(E),
-                    lambda actions: validate_actions(actions, self.num_envs, (E,)), render_mode, autoreset_mode,
+                    lambda actions: validate_action(actions, (E,), f"one 0/1 entry per expert (MultiBinary({E}), 1 = "
+                                                    "execute)", num_envs=self.num_envs), render_mode, autoreset_mode,
                     max_episode_steps)
 
 
@@ -361,10 +338,8 @@ class WideMoEPrefillVectorEnv(BatchedVectorEnv):
         T, E = sim.T, sim.n_experts
 
         def to_executed(actions):
-            arr = np.asarray(actions)
-            if arr.shape == (self.num_envs, T, E):
-                arr = arr.reshape(self.num_envs, T * E)
-            return validate_actions(arr, self.num_envs, (T * E,)).reshape(self.num_envs, T, E)
+            return validate_action(actions, (T * E,), prefill_entries(T, E), alternative=(T, E),
+                                   num_envs=self.num_envs).reshape(self.num_envs, T, E)
 
         self._setup(sim, num_envs, build_prefill_problem(sim, config.flatten_observation), spaces.MultiBinary(T * E),
                     to_executed, render_mode, autoreset_mode, max_episode_steps)
