@@ -9,6 +9,7 @@ import numbers
 
 import numpy as np
 
+from wide_env.envs.accuracy_source import resolve_accuracy_source
 from wide_env.envs.model_backend import model_backend_for
 from wide_env.sim.outcome import Outcome, OutcomeFields
 from wide_env.sim.rules import REWARD_TERMS, compose_reward
@@ -30,7 +31,9 @@ class EpisodeBatch:
         self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
         #: the checkpoint's part in decoding (wide_env.envs.model_backend): live gating, or the accuracy measured
         #: on the model; None where the simulator's own figures are all
-        self.model = model_backend_for(sim, self.num_envs)
+        #: where the accuracy figures come from (wide_env.envs.accuracy_source), resolved once here
+        self.accuracy_source = resolve_accuracy_source(sim)
+        self.model = model_backend_for(sim, self.num_envs, self.accuracy_source)
         #: step info keys: the simulator's (then the model's extra columns, with live gating), float then int
         self.float_keys, self.int_keys = sim.info_keys()
         #: the named columns of this batch's outcomes: the simulator's, then the model's extra float columns

@@ -14,7 +14,7 @@ from gymnasium import spaces
 from wide_env.config import WideConfig
 from wide_env.envs.actions import validate_action
 from wide_env.envs.batch import EpisodeBatch
-from wide_env.envs.model_backend import ACCURACY_SOURCES, accuracy_source_of  # noqa: F401 (re-exported)
+from wide_env.envs.accuracy_source import ACCURACY_SOURCES, accuracy_source_of  # noqa: F401 (re-exported)
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 
@@ -51,13 +51,14 @@ class DecodeProblem:
     accuracy_source: str = "none"
 
 
-def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
-    """The static facts of a decoding simulator that policies may use."""
+def build_problem(sim: DecodeSimulator, flatten: bool, accuracy_source: str) -> DecodeProblem:
+    """The static facts of a decoding simulator that policies may use; ``accuracy_source`` as its episode batch
+    resolved it (:attr:`wide_env.envs.batch.EpisodeBatch.accuracy_source`)."""
     return DecodeProblem(
         n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes, n_tokens=sim.n_tokens,
         deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode, flatten=flatten,
         obs_slices=dict(sim.obs_slices),
-        accuracy_source=accuracy_source_of(sim.config, sim.source) if sim.has_accuracy else "none")
+        accuracy_source=accuracy_source)
 
 
 def observation_space_for(layout, flatten: bool) -> spaces.Space:
@@ -175,10 +176,10 @@ class WideMoEEnv(gym.Env):
         self.render_mode = render_mode
         self.sim = DecodeSimulator(self.config, make_gating_source(self.config))
         sim = self.sim
-        self.problem = build_problem(sim, self.config.flatten_observation)
+        self._batch = EpisodeBatch(sim, 1)
+        self.problem = build_problem(sim, self.config.flatten_observation, self._batch.accuracy_source)
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.n_experts)
-        self._batch = EpisodeBatch(sim, 1)
         self._slice_items = tuple(sim.obs_slices.items())
         self._last: dict | None = None
 

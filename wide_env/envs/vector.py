@@ -36,7 +36,7 @@ class BatchedVectorEnv(VectorEnv):
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def _setup(self, sim, num_envs, problem, single_action_space, to_executed: Callable, render_mode,
+    def _setup(self, sim, num_envs, make_problem: Callable, single_action_space, to_executed: Callable, render_mode,
                autoreset_mode, max_episode_steps) -> None:
         if render_mode is not None:
             raise ValueError(f"render_mode={render_mode!r}: the native vector env does not render; use None, or "
@@ -52,7 +52,7 @@ class BatchedVectorEnv(VectorEnv):
         self.render_mode = None
         self.autoreset_mode = mode
         self.metadata = {**type(self).metadata, "autoreset_mode": mode}
-        self.problem = problem
+        self.problem = make_problem(self._core)
         #: every step's info keys (the single env's)
         self.info_keys = self._core.info_keys
         self.single_observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
@@ -303,7 +303,8 @@ class WideMoEVectorEnv(BatchedVectorEnv):
         config = WideConfig.from_dict(config, preset=preset)
         sim = DecodeSimulator(config, make_gating_source(config))
         E = sim.n_experts
-        self._setup(sim, num_envs, build_problem(sim, config.flatten_observation), spaces.MultiBinary(E),
+        self._setup(sim, num_envs, lambda core: build_problem(sim, config.flatten_observation, core.accuracy_source),
+                    spaces.MultiBinary(E),
                     lambda actions: validate_action(actions, (E,), f"one 0/1 entry per expert (MultiBinary({E}), 1 = "
                                                     "execute)", num_envs=self.num_envs), render_mode, autoreset_mode,
                     max_episode_steps)
@@ -341,5 +342,6 @@ class WideMoEPrefillVectorEnv(BatchedVectorEnv):
             return validate_action(actions, (T * E,), prefill_entries(T, E), alternative=(T, E),
                                    num_envs=self.num_envs).reshape(self.num_envs, T, E)
 
-        self._setup(sim, num_envs, build_prefill_problem(sim, config.flatten_observation), spaces.MultiBinary(T * E),
+        self._setup(sim, num_envs, lambda core: build_prefill_problem(sim, config.flatten_observation),
+                    spaces.MultiBinary(T * E),
                     to_executed, render_mode, autoreset_mode, max_episode_steps)
