@@ -207,7 +207,7 @@ def _spent_before(step_deviation: np.ndarray, used: float) -> np.ndarray:
 def _sim_and_state(env, need_state: bool = True):
     """The decoding simulator and the live state of a WIDE decoding env (single, or the native vector env)."""
     u = getattr(env, "unwrapped", env)
-    core = getattr(u, "_batch", None) or getattr(u, "_core", None)
+    core = getattr(u, "episode_batch", None)
     sim = getattr(u, "sim", None)
     if core is None or not hasattr(sim, "episode_tables"):
         raise TypeError(f"the oracle needs a WIDE decoding env (gym.make('wide_env/WideMoE-v0') or its native vector "

@@ -160,6 +160,12 @@ class WideMoEEnv(gym.Env):
     the reward weights are our choices. Deviation budgets of the default trace are in the model's own
     units: eps_l = the median weighted deviation of skipping a token's 2nd expert on calibration text.
 
+    ## Batched core
+
+    `env.unwrapped.episode_batch` (a `wide_env.envs.batch.EpisodeBatch`) is the batched core the env drives:
+    its `sim` (the phase's simulator, `wide_env.sim.protocol.Simulator`) and `state` (the episodes) are for
+    policies that need the simulator (the oracle, span statistics); read them, do not step them.
+
     ## Version History
 
     * v0: initial version (accuracy rule, model accuracy, uncertain queues, slotted p_max, episode budgets and
@@ -182,6 +188,14 @@ class WideMoEEnv(gym.Env):
         self.action_space = spaces.MultiBinary(sim.n_experts)
         self._slice_items = tuple(sim.obs_slices.items())
         self._last: dict | None = None
+
+    @property
+    def episode_batch(self) -> EpisodeBatch:
+        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
+        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
+        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
+        step it: the env owns the episodes."""
+        return self._batch
 
     @property
     def _state(self):

@@ -129,6 +129,12 @@ class WideMoEPrefillEnv(gym.Env):
     `config` is the same nested dict (or `WideConfig`) as WideMoE-v0's (`n_tokens` is not used here).
     Helpers run their experts sequentially (k t_load + k t_comp, t_comp per batch: memory bound) [choice].
 
+    ## Batched core
+
+    `env.unwrapped.episode_batch` (a `wide_env.envs.batch.EpisodeBatch`) is the batched core the env drives:
+    its `sim` (the phase's simulator, `wide_env.sim.protocol.Simulator`) and `state` (the episodes) are for
+    policies that need the simulator (the oracle, span statistics); read them, do not step them.
+
     ## Version History
 
     * v0: initial version.
@@ -149,6 +155,14 @@ class WideMoEPrefillEnv(gym.Env):
         self.action_space = spaces.MultiBinary(sim.T * sim.n_experts)
         self._batch = EpisodeBatch(sim, 1)
         self._last: dict | None = None
+
+    @property
+    def episode_batch(self) -> EpisodeBatch:
+        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
+        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
+        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
+        step it: the env owns the episodes."""
+        return self._batch
 
     @property
     def _state(self):

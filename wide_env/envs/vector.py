@@ -66,6 +66,14 @@ class BatchedVectorEnv(VectorEnv):
         self._all_true_masks = {"_" + key: self._all_true for key in self.info_keys}
 
     @property
+    def episode_batch(self) -> EpisodeBatch:
+        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
+        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
+        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
+        step it: the env owns the episodes."""
+        return self._core
+
+    @property
     def max_episode_steps(self) -> int | None:
         return self._core.max_episode_steps
 
@@ -295,6 +303,12 @@ class WideMoEVectorEnv(BatchedVectorEnv):
     config={...})`, or `WideMoEVectorEnv(num_envs=B, config=None, autoreset_mode=AutoresetMode.NEXT_STEP,
     max_episode_steps=None, preset=None)`; `config` is the single env's nested dict (or `WideConfig`).
     `render_mode` must be None (use `SyncVectorEnv` of the single env to render).
+
+    ## Batched core
+
+    `env.unwrapped.episode_batch` (a `wide_env.envs.batch.EpisodeBatch`) is the batched core the env drives:
+    its `sim` (the phase's simulator, `wide_env.sim.protocol.Simulator`) and `state` (the episodes) are for
+    policies that need the simulator (the oracle, span statistics); read them, do not step them.
     """
 
     def __init__(self, num_envs: int = 1, config: WideConfig | dict | None = None, render_mode: str | None = None,
