@@ -204,15 +204,23 @@ def _spent_before(step_deviation: np.ndarray, used: float) -> np.ndarray:
     return out
 
 
-def _sim_and_state(env, need_state: bool = True):
-    """The decoding simulator and the live state of a WIDE decoding env (single, or the native vector env)."""
-    u = getattr(env, "unwrapped", env)
-    core = getattr(u, "episode_batch", None)
-    sim = getattr(u, "sim", None)
-    if core is None or not hasattr(sim, "episode_tables"):
+def _sim_of(env):
+    """The decoding simulator of a WIDE decoding env (single, or the native vector env)."""
+    sim = getattr(getattr(env, "unwrapped", env), "sim", None)
+    if not hasattr(sim, "episode_tables"):
         raise TypeError(f"the oracle needs a WIDE decoding env (gym.make('wide_env/WideMoE-v0') or its native vector "
                         f"env), got {env!r}")
-    if need_state and core.state is None:
+    return sim
+
+
+def _sim_and_state(env):
+    """The decoding simulator and the live state of a WIDE decoding env, through its public batched core."""
+    sim = _sim_of(env)
+    core = getattr(getattr(env, "unwrapped", env), "episode_batch", None)
+    if core is None:
+        raise TypeError(f"the oracle needs a WIDE decoding env with its batched core (env.unwrapped.episode_batch), "
+                        f"got {env!r}")
+    if core.state is None:
         raise RuntimeError("call env.reset() before asking the oracle for an action")
     return sim, core.state
 
@@ -233,7 +241,7 @@ class Oracle(Policy):
 
     def __init__(self, env):
         super().__init__(problem_of(env))
-        sim, _ = _sim_and_state(env, need_state=False)
+        sim = _sim_of(env)
         if sim.config.gating.backend == "live":
             raise ValueError("the oracle needs every gate of the span in advance, but gating.backend = 'live' computes "
                              "them as the executed experts change the hidden state; use gating.backend = 'table'")
