@@ -1,7 +1,7 @@
 """`wide_env/WideMoE-v0`: expert selection for wireless distributed MoE decoding, one MoE layer per step.
 
 The env is a batch of one of the decoding simulator (:mod:`wide_env.sim.decode`): the vector envs
-(:mod:`wide_env.envs.vector`, :mod:`wide_env.envs.sb3_vec`) step B episodes with the same code.
+(:mod:`wide_env.envs.vector`, :mod:`wide_env.integrations.sb3_vec`) step B episodes with the same code.
 """
 
 from __future__ import annotations
