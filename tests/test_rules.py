@@ -81,7 +81,7 @@ def test_the_accuracy_fold_adds_rows_and_decide_picks_the_best_candidate():
     base = np.array([0.0, -1.0, -3.0])  # the target leads
     assert rules.decide(base, acc, 5, 0.0, 0.2) == (False, False, 0.25)  # competitor 1 gains 2 logits: wrong
     assert rules.decide(base, np.zeros(8), 5, 0.0, 0.2) == (True, True, 0.0)
-    assert rules.decide(base, np.zeros(8), 5, 10.0, 0.2)[:2] == (False, True)  # the context term pulls the full model
+    assert rules.decide(base, np.zeros(8), 5, 10.0, 0.2)[:2] == (False, False)  # the context term lowers the full model
 
 
 def test_one_action_validator_for_every_front_end():
