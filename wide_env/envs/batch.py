@@ -1,6 +1,11 @@
 """B episodes of one simulator as every env front end drives them (single env = a batch of one, the
 Gymnasium vector env and the SB3 VecEnv = batches of B). Phase-generic: decoding and prefill simulators
-offer the same calls (reset, reset_rows, step, observe, view, may_execute, reset_info) and outcomes.
+implement :class:`wide_env.sim.protocol.Simulator`.
+
+One step writes each output once, in this order: the simulator's step (its outcome fields; no observation
+yet where a model backend routes the next layers), the model backend (its measured fields and extra columns,
+named by :attr:`EpisodeBatch.fields`), the observation, then the reward, summed once from its terms
+(:func:`wide_env.sim.rules.compose_reward`; the kernel sums it itself when no model backend is attached).
 """
 
 from __future__ import annotations
@@ -82,9 +87,14 @@ class EpisodeBatch:
         self.obs = obs = np.empty_like(self.obs)
         state, model = self.state, self.model
         before = None if model is None else model.before_step(state, executed)
-        outcome = self.sim.step(rng, state, executed, obs)
+        if model is not None and model.routes_gating:  # observe after the model routed the next layers
+            outcome = self.sim.step(rng, state, executed, obs, observe=False)
+        else:
+            outcome = self.sim.step(rng, state, executed, obs)
         if model is not None:
-            extra = model.after_step(state, outcome, before, obs)
+            extra = model.after_step(state, outcome, before)
+            if model.routes_gating:
+                self.sim.observe(state, None, obs)
             if extra is not None:  # the model's extra columns, named by self.fields
                 outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
                                   self.fields, outcome.detail)

@@ -83,6 +83,8 @@ class _ModelStreams:
 
     #: step info keys this part adds (float columns after the simulator's)
     extra_keys: tuple[str, ...] = ()
+    #: whether the part writes the next layers' gating into the plan after a step (the batch observes after it)
+    routes_gating = False
     _needs = "config 'gating.accuracy' = 'model'"
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
@@ -143,7 +145,7 @@ class ModelAccuracy(_ModelStreams):
         # the experts the step serves with: executed and in time (the realised delays)
         return super().before_step(state, executed) + (np.asarray(executed, dtype=bool) & self.sim.on_time(state),)
 
-    def after_step(self, state, outcome, before: tuple, obs: np.ndarray) -> np.ndarray | None:
+    def after_step(self, state, outcome, before: tuple) -> np.ndarray | None:
         """Keep the stepped rows' effective masks at their layer; rows whose token completed decode it."""
         stepped, layer, position, effective = before
         rows = np.flatnonzero(stepped)
@@ -161,6 +163,7 @@ class LiveGating(_ModelStreams):
 
     extra_keys = ("measured_deviation", "live_nll", "live_deviation")
     _needs = "config 'gating.backend' = 'live'"
+    routes_gating = True
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
@@ -177,14 +180,13 @@ class LiveGating(_ModelStreams):
         self.token_deviation[rows] = 0.0
         self.sim.override_gates(state, rows, gates.probs, gates.topk_idx, gates.topk_weight)
 
-    def after_step(self, state, outcome, before: tuple, obs: np.ndarray) -> np.ndarray:
+    def after_step(self, state, outcome, before: tuple) -> np.ndarray:
         """Apply each stepped row's layer with the servers the step chose, report what was measured, and route
-        the rows' next layer (or next token) live into the plan; re-observe them into ``obs``. Returns the
-        extra info columns (B, 3)."""
+        the rows' next layer (or next token) live into the plan (the batch observes them afterwards). Returns
+        the extra info columns (B, 3)."""
         stepped, layer, position = before
         extra = np.zeros((state.batch_size, len(self.extra_keys)))  # 0 where nothing was measured (checkers
         # compare infos for equality: no NaN)
-        routed = np.zeros(state.batch_size, dtype=bool)
         servers = outcome.server
         for l in np.unique(layer[stepped]):
             rows = np.flatnonzero(stepped & (layer == l))
@@ -193,14 +195,10 @@ class LiveGating(_ModelStreams):
             self.token_deviation[rows] += self.decoder.last_deviation
             if gates is not None:
                 self.sim.override_gates(state, rows, gates.probs, gates.topk_idx, gates.topk_weight)
-                routed[rows] = True
                 continue
             extra[rows, 1] = self._report(outcome, rows, position[rows], self.decoder.finish(rows))
             extra[rows, 2] = self.token_deviation[rows]
             going = rows[~state.done[rows]]  # the episode's next token
             if going.size:
                 self._begin(state, going)
-                routed[going] = True
-        if routed.any():
-            self.sim.observe(state, routed, obs)
         return extra

@@ -288,12 +288,9 @@ class WideMoEVectorEnv(BatchedVectorEnv):
     ## Info
 
     A dict of `(num_envs,)` arrays following Gymnasium's vector-info convention: every key `k` has a
-    bool mask `info["_k"]` saying which sub-envs report it. Step keys are the single env's:
-    `energy_j`, `topk_energy_j`, `energy_uplink_j`, `energy_comm_j`, `energy_system_j`, `deviation`,
-    `weighted_deviation`, `deviation_budget`, `budget_violated`, `latency_s`, `deadline_misses`,
-    `n_executed`, `n_lost`, `n_kept`, `n_replaced`, `n_skipped`, `reward_energy`, `reward_deviation`,
-    `reward_deadline`, `layer`, `token` (int64 counters, float64 otherwise). `reset` reports `layer`,
-    `token`, `topk_energy_j`, `deviation_budget`. Every step key is always present; in a step where
+    bool mask `info["_k"]` saying which sub-envs report it. Step keys are the single env's (`env.info_keys`:
+    the step outcome's fields by name, `wide_env.sim.decode.kernel.FLOAT_FIELDS` and `INT_FIELDS`; int64
+    counters, float64 otherwise). `reset` reports `RESET_INFO_KEYS`. Every step key is always present; in a step where
     some sub-envs were reset, those sub-envs report the reset keys (with reset values) and their masks
     are False for the other keys (values 0), exactly like `SyncVectorEnv` of the single env.
 

@@ -24,7 +24,8 @@ from numba import njit
 from wide_env.sim import rules
 from wide_env.sim.rules import MAX_ACC_DIM
 
-EVALUATE, STEP, OBSERVE = 0, 1, 2
+#: ADVANCE = STEP without writing the next observations (a model backend routes the next layer first)
+EVALUATE, STEP, OBSERVE, ADVANCE = 0, 1, 2, 3
 
 #: float outcome fields (``Outcome.values`` columns), in this order
 FLOAT_FIELDS = ("reward", "reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy", "energy_j",
@@ -79,7 +80,7 @@ F_LAYER_BUDGET = 9
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, replan):
-    """Run ``mode`` (EVALUATE, STEP or OBSERVE) on the episodes with ``rows[b]``; returns the number of
+    """Run ``mode`` (EVALUATE, STEP, ADVANCE or OBSERVE) on the episodes with ``rows[b]``; returns the number of
     episodes flagged in ``replan`` (their planned chunk is used up: plan it, then OBSERVE them).
 
     executed (B, E) bool; plan (step-major, see wide_env.sim.decode.plan) = (costs (C, Lc, B, 4, E),
@@ -112,7 +113,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
         if not rows[b]:
             continue
         if mode != OBSERVE:
-            if mode == STEP and flags[b, DONE]:  # a finished episode does not step: a zero outcome
+            if mode != EVALUATE and flags[b, DONE]:  # a finished episode does not step: a zero outcome
                 for i in range(values.shape[1]):
                     values[b, i] = 0.0
                 for i in range(counts.shape[1]):
@@ -226,6 +227,8 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                     replan[b] = True
                     flagged += 1
                     continue
+            if mode == ADVANCE:
+                continue
         # ---- observe the current position: the gating entries (probabilities, Top-K mask and weights,
         # deviation table over the budget unit), the planned channel entries, the budget left, the position;
         # every key of the layout, clipped to its box

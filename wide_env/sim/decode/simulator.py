@@ -117,22 +117,25 @@ class DecodeSimulator:
         state.assign(rows, fresh)
 
     def step(self, rng: np.random.Generator, state: DecodeState, executed: np.ndarray,
-             obs: np.ndarray | None = None, rows: np.ndarray | None = None) -> Outcome:
+             obs: np.ndarray | None = None, rows: np.ndarray | None = None, observe: bool = True) -> Outcome:
         """Evaluate ``executed`` ((B, E) bool, C-contiguous) at each episode's current layer, fold the
         accuracy, advance, and write the next observations into ``obs`` ((B, D) float32; None: none kept).
-        ``rows`` ((B,) bool) limits the step to some episodes; finished episodes are skipped (zero outcome)."""
+        ``rows`` ((B,) bool) limits the step to some episodes; finished episodes are skipped (zero outcome).
+        ``observe=False``: no observations are written (the caller changes the next layer's gating first, then
+        calls :meth:`observe`)."""
         out = empty_outcome(state.batch_size, self.top_k)
         obs = self._obs_buffer(state, obs)
         replan = self._flags(state)
         if not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
             executed = np.array(executed, dtype=bool)  # the kernel's one argument type
-        flagged = kernel.run_rows(kernel.STEP, self._rows(state, rows), executed, *self._kernel_args(state),
-                                  out.values, out.counts, obs, replan)
+        flagged = kernel.run_rows(kernel.STEP if observe else kernel.ADVANCE, self._rows(state, rows), executed,
+                                  *self._kernel_args(state), out.values, out.counts, obs, replan)
         if flagged:  # their planned chunk is used up: plan the next one, then observe them
             replanned = replan.copy()
             replan[:] = False
             self._replan(rng, state, replanned)
-            self.observe(state, replanned, obs)
+            if observe:
+                self.observe(state, replanned, obs)
         return out
 
     def evaluate(self, state: DecodeState, executed: np.ndarray, rows: np.ndarray | None = None) -> Outcome:

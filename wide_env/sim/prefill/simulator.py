@@ -94,8 +94,8 @@ def _reject_decoding_fields(config: WideConfig) -> None:
                           "real loss of generated tokens); prefill rewards the deviation budget: use "
                           "reward.objective = 'deviation'")
     if config.gating.backend != "table":
-        raise ConfigError(f"config field 'gating.backend' = {config.gating.backend!r} runs the checkpoint token by token "
-                          "while decoding; prefill replays the trace's gating: use gating.backend = 'table'")
+        raise ConfigError(f"config field 'gating.backend' = {config.gating.backend!r} runs the checkpoint token by "
+                          "token while decoding; prefill replays the trace's gating: use gating.backend = 'table'")
     if config.gating.checkpoint_dir is not None:
         raise ConfigError("config field 'gating.checkpoint_dir' names the checkpoint that measures decoding accuracy; "
                           "prefill runs no checkpoint: leave gating.checkpoint_dir unset")

@@ -53,9 +53,10 @@ def evaluate(scn: Scenario, view, executed: np.ndarray) -> Outcome:
               "deviation": deviation.max(axis=-1), "deviation_mean": deviation.mean(axis=-1),
               "weighted_deviation": weighted.max(axis=-1), "deviation_budget": view.budget.min(axis=-1),
               "latency_s": np.where(ran, latency, 0.0).max(axis=-1)}
-    ints = {"budget_violated": violated.sum(axis=-1), "deadline_misses": misses, "n_executed": executed.sum(axis=(-1, -2)),
-            "n_lost": lost.sum(axis=(-1, -2)), "n_kept": n_kept, "n_replaced": T * K - n_kept - n_skipped,
-            "n_skipped": n_skipped, "n_helpers_used": ran[:, 1:].sum(axis=-1), "layer": view.layer, "prompt": view.prompt}
+    ints = {"budget_violated": violated.sum(axis=-1), "deadline_misses": misses,
+            "n_executed": executed.sum(axis=(-1, -2)), "n_lost": lost.sum(axis=(-1, -2)), "n_kept": n_kept,
+            "n_replaced": T * K - n_kept - n_skipped, "n_skipped": n_skipped,
+            "n_helpers_used": ran[:, 1:].sum(axis=-1), "layer": view.layer, "prompt": view.prompt}
     values = np.stack([floats[name] for name in FIELDS.floats], axis=1)
     counts = np.stack([ints[name] for name in FIELDS.ints], axis=1).astype(np.int64)
     return Outcome(values, counts, server, FIELDS, {"token_weighted_deviation": weighted})
