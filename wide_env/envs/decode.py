@@ -14,7 +14,6 @@ from gymnasium import spaces
 from wide_env.config import WideConfig
 from wide_env.envs.actions import validate_action
 from wide_env.envs.batch import EpisodeBatch
-from wide_env.envs.accuracy_source import ACCURACY_SOURCES, accuracy_source_of  # noqa: F401 (re-exported)
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 
@@ -44,7 +43,7 @@ class DecodeProblem:
     budget_mode: str
     flatten: bool
     obs_slices: dict
-    #: where the real-accuracy figures come from (wide_env.envs.model_backend.ACCURACY_SOURCES): "live" (the live
+    #: where the real-accuracy figures come from (wide_env.envs.accuracy_source.ACCURACY_SOURCES): "live" (the live
     #: backend), "model" (the checkpoint decodes each token with the executed experts), "rule" (the trace's
     #: accuracy rule, wide_env.gating.effects, validated against the live model), "rule_unvalidated" (the same
     #: rule where it is not validated) or "none" (a source without accuracy)
