@@ -44,7 +44,7 @@ class EpisodeBatch:
         #: the named columns of this batch's outcomes: the simulator's, then the model's extra float columns
         self.fields = sim.outcome_fields
         if self.model is not None:
-            sim.defer_reward()  # the reward is summed once the model wrote its terms (step)
+            sim.leave_to_model()  # the model measures accuracy; the reward is summed after it (step)
             extra = self.model.extra_keys
             self.float_keys += extra
             self.fields = OutcomeFields(self.fields.floats + extra, self.fields.ints)

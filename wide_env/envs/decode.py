@@ -138,7 +138,8 @@ class WideMoEEnv(gym.Env):
     token's next-byte prediction is correct under the executed experts), `accuracy_same` (it equals the
     full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (the token's loss change,
     nats), `reward_accuracy` and `token_complete` (1 at a token's last layer, where the values are final;
-    before that they are the rule's running estimate). Where the final values come from is
+    before that they are the rule's running estimate, or with accuracy measured on the model ("model", "live")
+    placeholders: correct, same, full 1, loss 0). Where the final values come from is
     `env.unwrapped.problem.accuracy_source` (`gating.accuracy`, docs/model.md#accuracy-sources): "rule" (the
     accuracy rule of `wide_env.gating.effects`, validated against the live model on profile tiny) or "model"
     (the default on the other shipped models: the checkpoint decodes each token with the experts that

@@ -209,8 +209,7 @@ class DecodeSimulator:
         built once per source; no rows without them."""
         lookup = getattr(self.source, "logit_effects", None)
         if lookup is None:
-            L, KE = self.n_layers, self.top_k * (self.n_experts + 1)
-            return (np.zeros((0, L, KE), np.int32), np.zeros((0, 0)), np.zeros(0, bool), np.zeros((1, 0)))
+            return self._no_accuracy_tables()
         tables = _EFFECT_LOOKUPS.get(self.source)
         if tables is None:
             T, L, K = lookup.topk_idx.shape
@@ -220,10 +219,20 @@ class DecodeSimulator:
                 full, np.ascontiguousarray(lookup.values))
         return tables
 
-    def defer_reward(self) -> None:
-        """Steps leave the outcome's ``reward`` column unwritten: a model backend writes reward terms after the
-        kernel and the caller sums them then (:func:`wide_env.sim.rules.compose_reward`). Evaluations still sum."""
-        self._consts[0][kernel.I_COMPOSE] = 0
+    def leave_to_model(self) -> None:
+        """A model backend measures the accuracy fields and writes the reward's accuracy term after each step
+        (wide_env.envs.model_backend): from now on steps neither fold the accuracy rule (the accuracy fields stay
+        at their defaults until the model writes them at the token's last layer) nor sum the reward (the caller
+        sums it then, :func:`wide_env.sim.rules.compose_reward`), and plans gather no accuracy tables. Call it
+        before the first reset."""
+        ints = self._consts[0]
+        ints[kernel.I_ACCURACY] = 0
+        ints[kernel.I_COMPOSE] = 0
+        self._accuracy = self._no_accuracy_tables()
+
+    def _no_accuracy_tables(self) -> tuple:
+        L, KE = self.n_layers, self.top_k * (self.n_experts + 1)
+        return (np.zeros((0, L, KE), np.int32), np.zeros((0, 0)), np.zeros(0, bool), np.zeros((1, 0)))
 
     # ---- what the env front ends report -------------------------------------------------------------
     def info_keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
