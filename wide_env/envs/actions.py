@@ -42,7 +42,10 @@ def validate_action(action: Any, shape: tuple[int, ...], entries: str, *, altern
         if not ((arr == 0) | (arr == 1)).all():
             _bad_value(arr, expected)
         out = arr != 0
-    return np.ascontiguousarray(out).reshape((1 if num_envs is None else num_envs,) + tuple(shape))
+    final = (1 if num_envs is None else num_envs,) + tuple(shape)
+    if not out.flags.c_contiguous:
+        out = np.ascontiguousarray(out)
+    return out if out.shape == final else out.reshape(final)
 
 
 def _noun(num_envs) -> str:

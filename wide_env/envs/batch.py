@@ -51,6 +51,8 @@ class EpisodeBatch:
         self.info_keys = self.float_keys + self.int_keys
         self._float_cols = [self.fields.index[key][1] for key in self.float_keys]
         self._int_cols = [self.fields.index[key][1] for key in self.int_keys]
+        # the same columns as slices where they are contiguous (a slice is a view: the cheaper gather)
+        self._float_at, self._int_at = _columns(self._float_cols), _columns(self._int_cols)
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
         self.state = None
@@ -117,8 +119,8 @@ class EpisodeBatch:
     # ---- info ------------------------------------------------------------------------------------
     def step_info(self, outcome) -> dict[str, np.ndarray]:
         """The single env's step info as (B,) arrays (int64 counters, float64 otherwise; fresh arrays)."""
-        floats = outcome.values[:, self._float_cols].T.copy()
-        ints = outcome.counts[:, self._int_cols].T.copy()
+        floats = outcome.values[:, self._float_at].T.copy()
+        ints = outcome.counts[:, self._int_at].T.copy()
         info = dict(zip(self.float_keys, floats))
         info.update(zip(self.int_keys, ints))
         return info
@@ -133,3 +135,10 @@ class EpisodeBatch:
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""
         return self.sim.reset_info(self.state)
+
+
+def _columns(cols: list[int]):
+    """A slice for contiguous ascending column indices, else the index list."""
+    if cols and cols == list(range(cols[0], cols[0] + len(cols))):
+        return slice(cols[0], cols[0] + len(cols))
+    return cols

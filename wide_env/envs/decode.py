@@ -182,6 +182,8 @@ class WideMoEEnv(gym.Env):
         self.render_mode = render_mode
         self.sim = DecodeSimulator(self.config, make_gating_source(self.config))
         sim = self.sim
+        self._action_shape = (sim.n_experts,)
+        self._action_entries = f"one 0/1 entry per expert (MultiBinary({sim.n_experts}), 1 = execute)"
         self._batch = EpisodeBatch(sim, 1)
         self.problem = build_problem(sim, self.config.flatten_observation, self._batch.accuracy_source)
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
@@ -217,8 +219,7 @@ class WideMoEEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if state.done[0]:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
-        E = self.sim.n_experts
-        executed = validate_action(action, (E,), f"one 0/1 entry per expert (MultiBinary({E}), 1 = execute)")
+        executed = validate_action(action, self._action_shape, self._action_entries)
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
         outcome, truncated = batch.step(self.np_random, executed)

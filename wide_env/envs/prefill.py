@@ -153,6 +153,7 @@ class WideMoEPrefillEnv(gym.Env):
         self.problem = build_prefill_problem(sim, self.config.flatten_observation)
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.T * sim.n_experts)
+        self._action_entries = prefill_entries(sim.T, sim.n_experts)
         self._batch = EpisodeBatch(sim, 1)
         self._last: dict | None = None
 
@@ -182,7 +183,7 @@ class WideMoEPrefillEnv(gym.Env):
         if batch.state.done[0]:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
         T, E = self.sim.T, self.sim.n_experts
-        executed = validate_action(action, (T * E,), prefill_entries(T, E), alternative=(T, E)).reshape(1, T, E)
+        executed = validate_action(action, (T * E,), self._action_entries, alternative=(T, E)).reshape(1, T, E)
         view = self.current_view()
         outcome, truncated = batch.step(self.np_random, executed)
         info = batch.step_info_one(outcome)

@@ -314,11 +314,10 @@ class WideMoEVectorEnv(BatchedVectorEnv):
         config = WideConfig.from_dict(config, preset=preset)
         sim = DecodeSimulator(config, make_gating_source(config))
         E = sim.n_experts
+        entries = f"one 0/1 entry per expert (MultiBinary({E}), 1 = execute)"
         self._setup(sim, num_envs, lambda core: build_problem(sim, config.flatten_observation, core.accuracy_source),
-                    spaces.MultiBinary(E),
-                    lambda actions: validate_action(actions, (E,), f"one 0/1 entry per expert (MultiBinary({E}), 1 = "
-                                                    "execute)", num_envs=self.num_envs), render_mode, autoreset_mode,
-                    max_episode_steps)
+                    spaces.MultiBinary(E), lambda actions: validate_action(actions, (E,), entries, num_envs=self.num_envs),
+                    render_mode, autoreset_mode, max_episode_steps)
 
 
 class WideMoEPrefillVectorEnv(BatchedVectorEnv):
@@ -348,9 +347,10 @@ class WideMoEPrefillVectorEnv(BatchedVectorEnv):
         config = WideConfig.from_dict(config, preset=preset)
         sim = PrefillSimulator(config, make_gating_source(config), prompt_tokens, n_prompts)
         T, E = sim.T, sim.n_experts
+        entries = prefill_entries(T, E)
 
         def to_executed(actions):
-            return validate_action(actions, (T * E,), prefill_entries(T, E), alternative=(T, E),
+            return validate_action(actions, (T * E,), entries, alternative=(T, E),
                                    num_envs=self.num_envs).reshape(self.num_envs, T, E)
 
         self._setup(sim, num_envs, lambda core: build_prefill_problem(sim, config.flatten_observation),

@@ -28,7 +28,7 @@ VIOLATION_RTOL = 1e-9
 #: the accuracy accumulator is at most this long (the kernel keeps it in a fixed-size state column block)
 MAX_ACC_DIM = 8
 
-_JIT = dict(cache=True, nogil=True, error_model="numpy")
+_JIT = dict(cache=True, nogil=True, error_model="numpy", inline="always")  # inlined into the step kernel
 
 
 # ---- serve slots ---------------------------------------------------------------------------------------------

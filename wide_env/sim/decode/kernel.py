@@ -128,18 +128,19 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             up = comm = system = longest = 0.0
             n_executed = misses = 0
             for e in range(E):
+                allowed[e] = False
                 if executed[b, e]:
                     up += costs[c, lc, b, UPLINK, e]
                     comm += costs[c, lc, b, COMM, e]
                     system += costs[c, lc, b, SYSTEM, e]
                     n_executed += 1
-                    if not meets[c, lc, b, e]:
+                    on_time = meets[c, lc, b, e]
+                    if not on_time:
                         misses += 1
                     if costs[c, lc, b, LATENCY, e] > longest:
                         longest = costs[c, lc, b, LATENCY, e]
-            # each slot's server and the deviation (the serve rule): executed experts, on time when enforced
-            for j in range(E):
-                allowed[j] = executed[b, j] and (meets[c, lc, b, j] or not enforce)
+                    allowed[e] = on_time or not enforce  # serves its slots: executed, on time when enforced
+            # each slot's server and the deviation (the serve rule)
             server = counts[b, NI:NI + K]
             weighted = rules.serve_slots(deviation_table[c, l, b], allowed, server)
             kept = skipped = 0
