@@ -16,6 +16,10 @@ the ``*_batch`` / ``*_of`` wrappers only broadcast them over numpy arrays.
 * **reward**: the sum of its terms (energy, deviation, deadline, accuracy), taken once all were written.
 * **accuracy fold** (:mod:`wide_env.gating.effects`): add the table rows of a layer's servers to the token's
   accumulator, then decide between the target, the competitors and the rest.
+
+The functions are inlined into the kernel (``inline="always"``: calls through array views cost about 15% of
+the kernel otherwise). Numba's on-disk cache of the kernel is keyed on kernel.py only: after editing this
+module, delete the caches (``find wide_env -name '*.nb[ic]' -delete``) or the kernel keeps the old rule.
 """
 
 from __future__ import annotations
