@@ -18,13 +18,13 @@ _SMALL = 64
 
 def validate_action(action: Any, shape: tuple[int, ...], entries: str, *, alternative: tuple[int, ...] | None = None,
                     num_envs: int | None = None) -> np.ndarray:
-    """Turn one env's action (``num_envs`` None) or a batch of ``num_envs`` actions into a bool array of shape
-    (1 or num_envs,) + ``shape``; ``entries`` says what one env's entries mean (for the error messages);
-    ``alternative`` is another accepted shape of one env's action (same entries, C order)."""
+    """Turn one env's action (``num_envs`` None) or a batch of ``num_envs`` actions into a C-contiguous bool array
+    of shape (1 or num_envs,) + ``shape`` (a tuple); ``entries`` says what one env's entries mean (for the error
+    messages); ``alternative`` is another accepted shape (a tuple) of one env's action (same entries, C order)."""
     arr = action if type(action) is np.ndarray else np.asarray(action)
-    lead = () if num_envs is None else (num_envs,)
-    expected = lead + tuple(shape)
-    if arr.shape != expected and (alternative is None or arr.shape != lead + tuple(alternative)):
+    expected = shape if num_envs is None else (num_envs,) + shape
+    if arr.shape != expected and (alternative is None or
+                                  arr.shape != (alternative if num_envs is None else (num_envs,) + alternative)):
         raise ValueError(_shape_message(arr.shape, expected, entries, alternative, num_envs, shape))
     kind = arr.dtype.kind
     if kind == "b":
@@ -33,19 +33,19 @@ def validate_action(action: Any, shape: tuple[int, ...], entries: str, *, altern
         raise ValueError(f"{_noun(num_envs)} dtype {arr.dtype}; expected shape {expected} of bool/int/float entries "
                          "equal to 0 or 1")
     elif arr.size <= _SMALL:
-        if not set(arr.ravel().tolist()) <= {0, 1}:  # NaN, 2, -1, 0.5 all fail; 0.0 / 1.0 pass
+        if not set(arr.tolist() if arr.ndim == 1 else arr.ravel().tolist()) <= {0, 1}:  # NaN, 2, -1, 0.5 fail
             _bad_value(arr, expected)
-        out = arr != 0
+        out = arr.astype(np.bool_)
     elif kind in "iu" and arr.itemsize == 1 and not (arr.view(np.uint8) > 1).any():
         out = arr.view(np.bool_)  # MultiBinary's own int8: 0/1 bytes are bools already
     else:
         if not ((arr == 0) | (arr == 1)).all():
             _bad_value(arr, expected)
         out = arr != 0
-    final = (1 if num_envs is None else num_envs,) + tuple(shape)
-    if not out.flags.c_contiguous:
-        out = np.ascontiguousarray(out)
-    return out if out.shape == final else out.reshape(final)
+    final = (1,) + shape if num_envs is None else expected
+    if out.shape != final:
+        out = out.reshape(final)
+    return out if out.flags.c_contiguous else np.ascontiguousarray(out)
 
 
 def _noun(num_envs) -> str:

@@ -53,6 +53,7 @@ class EpisodeBatch:
         self._int_cols = [self.fields.index[key][1] for key in self.int_keys]
         # the same columns as slices where they are contiguous (a slice is a view: the cheaper gather)
         self._float_at, self._int_at = _columns(self._float_cols), _columns(self._int_cols)
+        self._reward_col = self.fields.index["reward"][1]
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
         self.state = None
@@ -127,10 +128,14 @@ class EpisodeBatch:
 
     def step_info_one(self, outcome, row: int = 0) -> dict:
         """One row's step info as Python numbers (the single env's)."""
-        values, counts = outcome.values[row].tolist(), outcome.counts[row].tolist()
-        info = {key: values[i] for key, i in zip(self.float_keys, self._float_cols)}
-        info.update({key: counts[i] for key, i in zip(self.int_keys, self._int_cols)})
-        return info
+        return self.step_result_one(outcome, row)[1]
+
+    def step_result_one(self, outcome, row: int = 0) -> tuple[float, dict]:
+        """One row's reward and step info as Python numbers (the single env's)."""
+        values = outcome.values[row]
+        info = dict(zip(self.float_keys, values[self._float_at].tolist()))
+        info.update(zip(self.int_keys, outcome.counts[row, self._int_at].tolist()))
+        return float(values[self._reward_col]), info
 
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""

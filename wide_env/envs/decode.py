@@ -223,11 +223,11 @@ class WideMoEEnv(gym.Env):
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
         outcome, truncated = batch.step(self.np_random, executed)
-        info = batch.step_info_one(outcome)
+        reward, info = batch.step_result_one(outcome)
         truncated = bool(truncated[0])
         if self._last is not None:
             self._last["info"] = info
-        return self._observation(), float(outcome.column("reward")[0]), False, truncated, info
+        return self._observation(), reward, False, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2E,) bool, pairs [may be 0, may be 1] per expert."""

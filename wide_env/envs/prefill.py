@@ -186,9 +186,9 @@ class WideMoEPrefillEnv(gym.Env):
         executed = validate_action(action, (T * E,), self._action_entries, alternative=(T, E)).reshape(1, T, E)
         view = self.current_view()
         outcome, truncated = batch.step(self.np_random, executed)
-        info = batch.step_info_one(outcome)
+        reward, info = batch.step_result_one(outcome)
         self._last = {"view": view, "executed": executed[0], "info": info}
-        return self._observation(), float(outcome.column("reward")[0]), False, bool(truncated[0]), info
+        return self._observation(), reward, False, bool(truncated[0]), info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2*T*E,) bool, pairs [may be 0, may be 1] per (token, expert)."""
