@@ -34,7 +34,7 @@ def test_serve_slots_is_the_least_deviation_with_ties_to_the_lowest_index():
         table = rng.integers(0, 4, size=(K, E + 1)).astype(np.float64)  # small integers: many ties
         allowed = rng.random(E) < 0.5
         server = np.empty(K, dtype=np.int64)
-        total = rules.serve_slots(table, allowed, server)
+        total = rules.serve_slots(table, (), allowed, server)
         want_total, want_server = _brute_serve(table, allowed)
         assert total == pytest.approx(want_total) and tuple(server.tolist()) == want_server
         # the batched wrapper is the same rule
@@ -45,10 +45,10 @@ def test_serve_slots_is_the_least_deviation_with_ties_to_the_lowest_index():
 def test_an_allowed_own_expert_is_kept_and_skip_wins_only_when_smaller():
     table = np.array([[0.0, 0.5, 0.5], [0.3, 0.0, 0.3]])  # slot 0 owns expert 0, slot 1 expert 1; skip = 0.5, 0.3
     server = np.empty(2, dtype=np.int64)
-    assert rules.serve_slots(table, np.array([True, True]), server) == 0.0 and server.tolist() == [0, 1]
-    assert rules.serve_slots(table, np.array([False, True]), server) == pytest.approx(0.5)
+    assert rules.serve_slots(table, (), np.array([True, True]), server) == 0.0 and server.tolist() == [0, 1]
+    assert rules.serve_slots(table, (), np.array([False, True]), server) == pytest.approx(0.5)
     assert server.tolist() == [1, 1]  # a tie between expert 1 and skip (0.5) goes to the expert
-    assert rules.serve_slots(table, np.array([False, False]), server) == pytest.approx(0.8) and server.tolist() == [2, 2]
+    assert rules.serve_slots(table, (), np.array([False, False]), server) == pytest.approx(0.8) and server.tolist() == [2, 2]
 
 
 def test_the_violation_edge_is_1e_9_budget_units():

@@ -37,20 +37,21 @@ _JIT = dict(cache=True, nogil=True, error_model="numpy", inline="always")  # inl
 
 # ---- serve slots ---------------------------------------------------------------------------------------------
 @njit(**_JIT)
-def serve_slots(table, allowed, server):
-    """Serve the K slots of one decision: table (K, E+1), allowed (E,) bool; writes server (K,) (an expert
-    index, or E for skip) and returns the summed deviation."""
-    K, E = table.shape[0], allowed.shape[0]
+def serve_slots(table, at, allowed, server):
+    """Serve the K slots of one decision: ``table[at]`` (K, E+1) with ``at`` a tuple of leading indices (() for a
+    2-D table; the kernel indexes its plan without making a view), allowed (E,) bool; writes server (K,) (an
+    expert index, or E for skip) and returns the summed deviation."""
+    K, E = table.shape[-2], allowed.shape[0]
     total = 0.0
     for k in range(K):
         best = np.inf
         best_j = E
         for j in range(E):
-            if allowed[j] and table[k, j] < best:
-                best = table[k, j]
+            if allowed[j] and table[at + (k, j)] < best:
+                best = table[at + (k, j)]
                 best_j = j
-        if table[k, E] < best:
-            best = table[k, E]
+        if table[at + (k, E)] < best:
+            best = table[at + (k, E)]
             best_j = E
         total += best
         server[k] = best_j
@@ -60,7 +61,7 @@ def serve_slots(table, allowed, server):
 @guvectorize(["void(float64[:, :], boolean[:], float64[:], int64[:])"], "(k,w),(e)->(),(k)", cache=True,
              nopython=True)
 def _serve_slots_gu(table, allowed, total, server):
-    total[0] = serve_slots(table, allowed, server)
+    total[0] = serve_slots(table, (), allowed, server)
 
 
 def serve_slots_batch(table, allowed):

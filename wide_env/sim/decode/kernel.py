@@ -142,7 +142,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                     allowed[e] = on_time or not enforce  # serves its slots: executed, on time when enforced
             # each slot's server and the deviation (the serve rule)
             server = counts[b, NI:NI + K]
-            weighted = rules.serve_slots(deviation_table[c, l, b], allowed, server)
+            weighted = rules.serve_slots(deviation_table, (c, l, b), allowed, server)
             kept = skipped = 0
             for k in range(K):
                 if server[k] == topk_idx[c, l, b, k]:
