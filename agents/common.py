@@ -200,7 +200,7 @@ def make_vec_env(env_id: str, env_kwargs: dict, n_envs: int, seed: int, kind: st
         if not has_native_core(env_id):
             raise UsageError(f"--vec-env native: {env_id} has no batched core (no vector entry point); "
                              "use --vec-env dummy or subproc")
-        from wide_env.envs.sb3_vec import make_native_vec_env
+        from wide_env.integrations.sb3_vec import make_native_vec_env
 
         venv = make_native_vec_env(env_id, n_envs, seed, env_kwargs)
     elif kind == "subproc":

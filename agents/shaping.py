@@ -39,6 +39,8 @@ from __future__ import annotations
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
+from wide_env.sim.rules import compose_reward
+
 __all__ = ["RewardShaping", "SHAPING_KEYS", "ENERGY_UNITS", "wrap_reward_shaping", "energy_scale"]
 
 #: keys of the YAML's ``reward_shaping`` mapping
@@ -96,11 +98,13 @@ class RewardShaping(VecEnvWrapper):
             first = int(info.get("layer", 0)) == 0  # a new token: nothing perturbed before this layer
             loss_before = 0.0 if first else self._loss[i]
             correct_before = float(info["accuracy_full"]) if first else self._correct[i]
-            reward[i] += (-float(info.get("reward_accuracy", 0.0)) - self.accuracy_weight * (loss - loss_before)
-                          + self.correct_weight * (correct - correct_before))
-            reward[i] -= self.violation_weight * float(info["budget_violated"])
-            if self.energy_scale is not None:
-                reward[i] += float(info["reward_energy"]) - float(info["energy_j"]) / self.energy_scale
+            # the env's terms with the shaped ones in their place, summed by the env's rule
+            accuracy = -self.accuracy_weight * (loss - loss_before) + self.correct_weight * (correct - correct_before)
+            deviation = float(info["reward_deviation"]) - self.violation_weight * float(info["budget_violated"])
+            energy = float(info["reward_energy"])
+            if self.energy_scale is not None:  # as tests/test_shaping_and_prior.py pins it: added to the env's term
+                energy += energy - float(info["energy_j"]) / self.energy_scale
+            reward[i] = compose_reward(energy, deviation, float(info["reward_deadline"]), accuracy)
             self._loss[i], self._correct[i] = (0.0, 0.0) if done[i] else (loss, correct)
         return obs, reward, done, infos
 

@@ -40,12 +40,12 @@ import numpy as np
 from baselines.pareto import Fronts, decision_fronts
 from baselines.observation import problem_of
 from baselines.policy_base import Policy
+from wide_env.sim.rules import VIOLATION_RTOL, budget_left, budget_left_of, violated_of, violation
 
 __all__ = ["VIOLATION_RTOL", "SpanSolution", "EpisodePlan", "solve_span", "step_violations", "plan_episode",
            "Oracle", "gap_closed"]
 
-#: the env's violation tolerance, relative to the span's budget (step kernel: excess > 1e-9 * unit)
-VIOLATION_RTOL = 1e-9
+# VIOLATION_RTOL: the env's violation tolerance, relative to the span's budget (wide_env.sim.rules)
 
 
 def step_violations(step_deviation, used: float, budget: float) -> np.ndarray:
@@ -54,8 +54,7 @@ def step_violations(step_deviation, used: float, budget: float) -> np.ndarray:
     out = np.zeros(len(step_deviation), dtype=bool)
     spent = float(used)
     for t, d in enumerate(np.asarray(step_deviation, dtype=np.float64).tolist()):
-        available = max(budget - spent, 0.0)
-        out[t] = max(d - available, 0.0) > VIOLATION_RTOL * budget
+        out[t] = violation(d, budget_left(budget, spent), budget)[0]
         spent = spent + d
     return out
 
@@ -76,7 +75,6 @@ def solve_span(fronts: Fronts, budget: float, used: float = 0.0) -> SpanSolution
     if T == 0:
         return SpanSolution(np.zeros(0, dtype=np.int64), 0.0, used, True)
     dev, eng = fronts.deviation, fronts.energy
-    tol = VIOLATION_RTOL * budget
     # A label that cannot finish is dropped: without a violation every later step adds at most what is left plus
     # the tolerance, so S_T <= max(S_t, budget) + (T - t) tol; the least deviation still to come must fit that
     # (the slack covers the tolerances and the rounding of sums taken in another order)
@@ -89,8 +87,8 @@ def solve_span(fronts: Fronts, budget: float, used: float = 0.0) -> SpanSolution
     for t in range(T):
         n = int(fronts.size[t])
         d, e = dev[t, :n], eng[t, :n]
-        available = np.maximum(budget - S, 0.0)  # (labels,)
-        ok = np.maximum(d[None, :] - available[:, None], 0.0) <= tol
+        available = budget_left_of(budget, S)  # (labels,)
+        ok = ~violated_of(d[None, :], available[:, None], budget)
         new_s = S[:, None] + d[None, :]
         ok &= new_s + to_come[t] <= np.maximum(new_s, budget) + slack
         p, c = np.nonzero(ok)  # parent-major, front order
@@ -207,15 +205,23 @@ def _spent_before(step_deviation: np.ndarray, used: float) -> np.ndarray:
     return out
 
 
-def _sim_and_state(env, need_state: bool = True):
-    """The decoding simulator and the live state of a WIDE decoding env (single, or the native vector env)."""
-    u = getattr(env, "unwrapped", env)
-    core = getattr(u, "_batch", None) or getattr(u, "_core", None)
-    sim = getattr(u, "sim", None)
-    if core is None or not hasattr(sim, "episode_tables"):
+def _sim_of(env):
+    """The decoding simulator of a WIDE decoding env (single, or the native vector env)."""
+    sim = getattr(getattr(env, "unwrapped", env), "sim", None)
+    if not hasattr(sim, "episode_tables"):
         raise TypeError(f"the oracle needs a WIDE decoding env (gym.make('wide_env/WideMoE-v0') or its native vector "
                         f"env), got {env!r}")
-    if need_state and core.state is None:
+    return sim
+
+
+def _sim_and_state(env):
+    """The decoding simulator and the live state of a WIDE decoding env, through its public batched core."""
+    sim = _sim_of(env)
+    core = getattr(getattr(env, "unwrapped", env), "episode_batch", None)
+    if core is None:
+        raise TypeError(f"the oracle needs a WIDE decoding env with its batched core (env.unwrapped.episode_batch), "
+                        f"got {env!r}")
+    if core.state is None:
         raise RuntimeError("call env.reset() before asking the oracle for an action")
     return sim, core.state
 
@@ -236,7 +242,7 @@ class Oracle(Policy):
 
     def __init__(self, env):
         super().__init__(problem_of(env))
-        sim, _ = _sim_and_state(env, need_state=False)
+        sim = _sim_of(env)
         if sim.config.gating.backend == "live":
             raise ValueError("the oracle needs every gate of the span in advance, but gating.backend = 'live' computes "
                              "them as the executed experts change the hidden state; use gating.backend = 'table'")

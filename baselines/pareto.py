@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from wide_env.sim.rules import serve_slots_batch
+
 __all__ = ["Fronts", "subset_members", "candidate_experts", "pareto_fronts", "decision_fronts"]
 
 
@@ -76,12 +78,9 @@ def _set_points(energy: np.ndarray, table: np.ndarray, experts: np.ndarray) -> t
     padded = np.concatenate([experts, np.full((d_rows, 1), E)], axis=1)  # position C -> E (skip, no energy)
     members = padded[:, positions]  # (d, M, K)
     rows = np.arange(d_rows)[:, None]
-    best = np.repeat(table[:, :, E][:, :, None], M, axis=2)  # (d, K, M): skip, then each member
-    for s in range(K):
-        np.minimum(best, table[rows, :, members[:, :, s]].transpose(0, 2, 1), out=best)
-    dev = np.zeros((d_rows, M))
-    for k in range(K):  # in slot order from 0.0, as the env sums
-        dev = dev + best[:, k]
+    allowed = np.zeros((d_rows, M, E + 1), dtype=bool)  # each set as an executed mask (column E: padding)
+    np.put_along_axis(allowed, members, True, axis=2)
+    dev = serve_slots_batch(table[:, None], allowed[:, :, :E])[0]  # (d, M): the serve rule
     ext = np.concatenate([energy, np.zeros((d_rows, 1))], axis=1)
     cost = np.zeros((d_rows, M))
     for s in range(K):  # members ascend in expert index

@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from wide_env.sim.rules import serve_slots_batch
+
 __all__ = ["PrefillSolution", "solve_prefill", "brute_force_prefill", "random_prefill_instance", "prefill_energy", "token_deviations",
            "load_energy_table", "siftmoe_prefill_action"]
 
@@ -62,16 +64,8 @@ def _tol(x: float, rtol: float) -> float:
 
 
 def token_deviations(mask, deviation_table) -> np.ndarray:
-    """Delta_t for masks (..., T, E) and tables (..., T, K, E+1) (sequential slot sum)."""
-    mask = np.asarray(mask, dtype=bool)
-    dev = np.asarray(deviation_table, dtype=np.float64)
-    E = mask.shape[-1]
-    served = np.where(mask[..., None, :], dev[..., :E], np.inf).min(axis=-1)
-    per_slot = np.minimum(served, dev[..., E])
-    out = np.zeros(per_slot.shape[:-1])
-    for k in range(per_slot.shape[-1]):
-        out = out + per_slot[..., k]
-    return out
+    """Delta_t for masks (..., T, E) and tables (..., T, K, E+1): the serve rule (wide_env.sim.rules.serve_slots)."""
+    return serve_slots_batch(deviation_table, mask)[0]
 
 
 def prefill_energy(mask, load_energy) -> np.ndarray:

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from baselines._search import subset_search
+from wide_env.sim.rules import serve_slots_batch
 
 __all__ = ["SiftSolution", "solve_decode", "solve_decode_full", "deviation_of", "energy_of"]
 
@@ -61,13 +62,9 @@ def _slot_sum(x: np.ndarray) -> np.ndarray:
 
 
 def deviation_of(mask: np.ndarray, deviation_table: np.ndarray) -> np.ndarray:
-    """Delta(A) for executed masks ``mask`` (..., E) and tables (..., K, E + 1)."""
-    mask = np.asarray(mask, dtype=bool)
-    dev = np.asarray(deviation_table, dtype=np.float64)
-    E = mask.shape[-1]
-    served = np.where(mask[..., None, :], dev[..., :E], np.inf)  # (..., K, E)
-    per_slot = np.minimum(served.min(axis=-1, initial=np.inf), dev[..., E])
-    return _slot_sum(per_slot)
+    """Delta(A) for executed masks ``mask`` (..., E) and tables (..., K, E + 1): the serve rule
+    (wide_env.sim.rules.serve_slots)."""
+    return serve_slots_batch(deviation_table, mask)[0]
 
 
 def energy_of(mask: np.ndarray, energy: np.ndarray) -> np.ndarray:

@@ -104,7 +104,7 @@ class SpanStatistics:
         joules, topk = [], []
         for i in range(episodes):
             obs, _ = env.reset(seed=int(seed) + i)
-            tables = sim.episode_tables(env._state, 0)
+            tables = sim.episode_tables(env.episode_batch.state, 0)
             if tables.energy.shape[0] < T:
                 raise ValueError(f"n_tokens * n_layers = {T * L} decisions exceed what one env plans at once; "
                                  "statistics need whole episodes")

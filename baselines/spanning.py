@@ -42,6 +42,7 @@ from baselines.analytic import SiftMoE
 from baselines.observation import parse_observation, problem_of
 from baselines.policy_base import SPAN_POLICY_NAMES, Policy
 from baselines.span_stats import STATS_SEED, SpanStatistics, extra_observation, span_statistics
+from wide_env.sim.rules import budget_left_of, violated_of
 
 __all__ = ["SPAN_POLICY_NAMES", "make_span_policy", "SpanPolicy", "SpanSiftMoE", "ChanceSiftMoE",
            "StochasticDPSiftMoE", "DriftPlusPenaltySiftMoE", "span_position", "bellman_step", "interpolate"]
@@ -353,7 +354,7 @@ class DriftPlusPenaltySiftMoE(SpanPolicy):
                 left[:] = 1.0
             pick = self._choose(dev[:, t], energy[:, t], left, np.full(P, h), gain)
             d = dev[rows, t, pick]
-            violations += int((d > np.maximum(left, 0.0) + 1e-9).sum())
+            violations += int(violated_of(d, budget_left_of(left, 0.0), 1.0).sum())  # budget fractions: unit 1
             left = left - d
             total += float(energy[rows, t, pick].sum())
         return total, violations

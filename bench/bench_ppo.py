@@ -32,7 +32,7 @@ from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 
 import wide_env  # noqa: E402,F401
-from wide_env.envs.sb3_vec import make_native_vec_env  # noqa: E402
+from wide_env.integrations.sb3_vec import make_native_vec_env  # noqa: E402
 
 ENV_ID = "wide_env/WideMoE-v0"
 

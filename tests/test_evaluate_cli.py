@@ -147,7 +147,7 @@ def test_batched_observations_through_a_saved_maskable_agent():
 @pytest.fixture
 def fresh_accuracy_warnings(monkeypatch):
     """The unvalidated-rule warning comes once per profile and process: start from none given."""
-    monkeypatch.setattr("wide_env.envs.model_backend._WARNED_UNVALIDATED", set())
+    monkeypatch.setattr("wide_env.envs.accuracy_source._WARNED_UNVALIDATED", set())
 
 
 def test_evaluation_measures_accuracy_on_the_model(fresh_accuracy_warnings):

@@ -269,7 +269,7 @@ def test_checkers_sb3_vec_env_and_clones_with_the_model_inside():
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    from wide_env.envs.sb3_vec import make_native_vec_env
+    from wide_env.integrations.sb3_vec import make_native_vec_env
 
     live = {"config": {"gating": {"backend": "live"}, "n_tokens": 2}}
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ import pytest
 
 import wide_env  # noqa: F401
 from agents.shaping import RewardShaping, wrap_reward_shaping
-from wide_env.envs.sb3_vec import make_native_vec_env
+from wide_env.integrations.sb3_vec import make_native_vec_env
 
 N_ENVS, N_TOKENS, LAYERS = 3, 3, 4
 

@@ -446,7 +446,7 @@ sb3 = pytest.importorskip("stable_baselines3")
 
 
 def test_sb3_adapter_step_contract_matches_the_same_step_vector_env():
-    from wide_env.envs.sb3_vec import make_native_vec_env
+    from wide_env.integrations.sb3_vec import make_native_vec_env
 
     venv = make_native_vec_env("wide_env/WideMoE-v0", n_envs=3, seed=8, env_kwargs={"config": SHORT})
     ref = WideMoEVectorEnv(3, config=SHORT, autoreset_mode=AutoresetMode.SAME_STEP)
@@ -474,7 +474,7 @@ def test_sb3_adapter_step_contract_matches_the_same_step_vector_env():
 
 
 def test_sb3_adapter_attributes_seed_and_errors():
-    from wide_env.envs.sb3_vec import WideMoESB3VecEnv, make_native_vec_env
+    from wide_env.integrations.sb3_vec import WideMoESB3VecEnv, make_native_vec_env
 
     venv = make_native_vec_env("wide_env/WideMoE-Switch-v0", n_envs=2, info_keys=())
     assert venv.get_attr("problem")[0].n_layers == 6 and venv.get_attr("render_mode") == [None, None]  # Switch decodes 6 MoE layers
@@ -507,7 +507,7 @@ def test_sb3_ppo_and_maskable_ppo_learn_on_the_adapter_with_wrappers():
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import VecCheckNan, VecMonitor
 
-    from wide_env.envs.sb3_vec import make_native_vec_env
+    from wide_env.integrations.sb3_vec import make_native_vec_env
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

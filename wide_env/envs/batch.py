@@ -1,6 +1,11 @@
 """B episodes of one simulator as every env front end drives them (single env = a batch of one, the
 Gymnasium vector env and the SB3 VecEnv = batches of B). Phase-generic: decoding and prefill simulators
-offer the same calls (reset, reset_rows, step, observe, view, may_execute, reset_info) and outcomes.
+implement :class:`wide_env.sim.protocol.Simulator`.
+
+One step writes each output once, in this order: the simulator's step (its outcome fields; no observation
+yet where a model backend routes the next layers), the model backend (its measured fields and extra columns,
+named by :attr:`EpisodeBatch.fields`), the observation, then the reward, summed once from its terms
+(:func:`wide_env.sim.rules.compose_reward`; the kernel sums it itself when no model backend is attached).
 """
 
 from __future__ import annotations
@@ -9,7 +14,10 @@ import numbers
 
 import numpy as np
 
+from wide_env.envs.accuracy_source import resolve_accuracy_source
 from wide_env.envs.model_backend import model_backend_for
+from wide_env.sim.outcome import Outcome, OutcomeFields
+from wide_env.sim.rules import REWARD_TERMS, compose_reward
 
 
 class EpisodeBatch:
@@ -28,13 +36,24 @@ class EpisodeBatch:
         self.max_episode_steps = None if max_episode_steps is None else int(max_episode_steps)
         #: the checkpoint's part in decoding (wide_env.envs.model_backend): live gating, or the accuracy measured
         #: on the model; None where the simulator's own figures are all
-        self.model = model_backend_for(sim, self.num_envs)
-        #: step info keys: the outcome's float fields after "reward" (then the model's, with live gating), then
-        #: its int fields
+        #: where the accuracy figures come from (wide_env.envs.accuracy_source), resolved once here
+        self.accuracy_source = resolve_accuracy_source(sim)
+        self.model = model_backend_for(sim, self.num_envs, self.accuracy_source)
+        #: step info keys: the simulator's (then the model's extra columns, with live gating), float then int
         self.float_keys, self.int_keys = sim.info_keys()
+        #: the named columns of this batch's outcomes: the simulator's, then the model's extra float columns
+        self.fields = sim.outcome_fields
         if self.model is not None:
-            self.float_keys += self.model.extra_keys
+            sim.leave_to_model()  # the model measures accuracy; the reward is summed after it (step)
+            extra = self.model.extra_keys
+            self.float_keys += extra
+            self.fields = OutcomeFields(self.fields.floats + extra, self.fields.ints)
         self.info_keys = self.float_keys + self.int_keys
+        self._float_cols = [self.fields.index[key][1] for key in self.float_keys]
+        self._int_cols = [self.fields.index[key][1] for key in self.int_keys]
+        # the same columns as slices where they are contiguous (a slice is a view: the cheaper gather)
+        self._float_at, self._int_at = _columns(self._float_cols), _columns(self._int_cols)
+        self._reward_col = self.fields.index["reward"][1]
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
         self.state = None
@@ -71,12 +90,18 @@ class EpisodeBatch:
         self.obs = obs = np.empty_like(self.obs)
         state, model = self.state, self.model
         before = None if model is None else model.before_step(state, executed)
-        outcome = self.sim.step(rng, state, executed, obs)
+        if model is not None and model.routes_gating:  # observe after the model routed the next layers
+            outcome = self.sim.step(rng, state, executed, obs, observe=False)
+        else:
+            outcome = self.sim.step(rng, state, executed, obs)
         if model is not None:
-            extra = model.after_step(state, outcome, before, obs)
-            if extra is not None:  # the model's info columns right after the simulator's reported ones
-                n = 1 + len(self.float_keys) - extra.shape[1]
-                outcome.values = np.concatenate([outcome.values[:, :n], extra], axis=1)
+            extra = model.after_step(state, outcome, before)
+            if model.routes_gating:
+                self.sim.observe(state, None, obs)
+            if extra is not None:  # the model's extra columns, named by self.fields
+                outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
+                                  self.fields, outcome.detail)
+            outcome.column("reward")[:] = compose_reward(*(outcome.column(term) for term in REWARD_TERMS))
         truncated = self.state.done.copy()
         if self.max_episode_steps is not None:
             self.elapsed += 1
@@ -95,18 +120,30 @@ class EpisodeBatch:
     # ---- info ------------------------------------------------------------------------------------
     def step_info(self, outcome) -> dict[str, np.ndarray]:
         """The single env's step info as (B,) arrays (int64 counters, float64 otherwise; fresh arrays)."""
-        floats = outcome.values[:, 1:1 + len(self.float_keys)].T.copy()
-        ints = outcome.counts[:, :len(self.int_keys)].T.copy()
+        floats = outcome.values[:, self._float_at].T.copy()
+        ints = outcome.counts[:, self._int_at].T.copy()
         info = dict(zip(self.float_keys, floats))
         info.update(zip(self.int_keys, ints))
         return info
 
     def step_info_one(self, outcome, row: int = 0) -> dict:
         """One row's step info as Python numbers (the single env's)."""
-        info = dict(zip(self.float_keys, outcome.values[row, 1:].tolist()))
-        info.update(zip(self.int_keys, outcome.counts[row].tolist()))
-        return info
+        return self.step_result_one(outcome, row)[1]
+
+    def step_result_one(self, outcome, row: int = 0) -> tuple[float, dict]:
+        """One row's reward and step info as Python numbers (the single env's)."""
+        values = outcome.values[row]
+        info = dict(zip(self.float_keys, values[self._float_at].tolist()))
+        info.update(zip(self.int_keys, outcome.counts[row, self._int_at].tolist()))
+        return float(values[self._reward_col]), info
 
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""
         return self.sim.reset_info(self.state)
+
+
+def _columns(cols: list[int]):
+    """A slice for contiguous ascending column indices, else the index list."""
+    if cols and cols == list(range(cols[0], cols[0] + len(cols))):
+        return slice(cols[0], cols[0] + len(cols))
+    return cols

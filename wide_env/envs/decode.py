@@ -1,38 +1,32 @@
 """`wide_env/WideMoE-v0`: expert selection for wireless distributed MoE decoding, one MoE layer per step.
 
 The env is a batch of one of the decoding simulator (:mod:`wide_env.sim.decode`): the vector envs
-(:mod:`wide_env.envs.vector`, :mod:`wide_env.envs.sb3_vec`) step B episodes with the same code.
+(:mod:`wide_env.envs.vector`, :mod:`wide_env.integrations.sb3_vec`) step B episodes with the same code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
 from wide_env.config import WideConfig
+from wide_env.envs.actions import validate_action
 from wide_env.envs.batch import EpisodeBatch
-from wide_env.envs.model_backend import ACCURACY_SOURCES, accuracy_source_of  # noqa: F401 (re-exported)
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 
-INFO_KEYS = (
-    "energy_j", "topk_energy_j", "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation",
-    "weighted_deviation", "deviation_budget", "budget_violated", "latency_s", "deadline_misses", "n_executed",
-    "n_lost", "n_kept", "n_replaced", "n_skipped", "reward_energy", "reward_deviation", "reward_deadline",
-    "reward_accuracy",
-)
-
 #: extra info keys when the gating source has effect tables (the shipped real model's trace)
-ACCURACY_KEYS = ("accuracy_correct", "accuracy_same", "accuracy_full", "delta_loss", "token_complete")
+ACCURACY_KEYS = DecodeSimulator.ACCURACY_KEYS
+
+#: the step info keys of every decoding source besides ``layer`` and ``token``: the step outcome's fields
+#: (wide_env.sim.decode.kernel.FLOAT_FIELDS / INT_FIELDS) but the reward and the accuracy keys
+INFO_KEYS = tuple(k for k in DecodeSimulator.outcome_fields.floats[1:] + DecodeSimulator.outcome_fields.ints
+                  if k not in ACCURACY_KEYS + ("layer", "token"))
 
 #: info keys holding counts or flags (Python ints in the single env's info, int64 in the vector env's)
-INT_INFO_KEYS = frozenset(("deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped",
-                           "budget_violated", "layer", "token", "accuracy_correct", "accuracy_same",
-                           "accuracy_full", "token_complete"))
+INT_INFO_KEYS = frozenset(DecodeSimulator.outcome_fields.ints)
 
 
 @dataclass(frozen=True)
@@ -49,20 +43,21 @@ class DecodeProblem:
     budget_mode: str
     flatten: bool
     obs_slices: dict
-    #: where the real-accuracy figures come from (wide_env.envs.model_backend.ACCURACY_SOURCES): "live" (the live
+    #: where the real-accuracy figures come from (wide_env.envs.accuracy_source.ACCURACY_SOURCES): "live" (the live
     #: backend), "model" (the checkpoint decodes each token with the executed experts), "rule" (the trace's
     #: accuracy rule, wide_env.gating.effects, validated against the live model), "rule_unvalidated" (the same
     #: rule where it is not validated) or "none" (a source without accuracy)
     accuracy_source: str = "none"
 
 
-def build_problem(sim: DecodeSimulator, flatten: bool) -> DecodeProblem:
-    """The static facts of a decoding simulator that policies may use."""
+def build_problem(sim: DecodeSimulator, flatten: bool, accuracy_source: str) -> DecodeProblem:
+    """The static facts of a decoding simulator that policies may use; ``accuracy_source`` as its episode batch
+    resolved it (:attr:`wide_env.envs.batch.EpisodeBatch.accuracy_source`)."""
     return DecodeProblem(
         n_layers=sim.n_layers, n_experts=sim.n_experts, top_k=sim.top_k, n_nodes=sim.n_nodes, n_tokens=sim.n_tokens,
         deadline_s=sim.deadline, enforce_deadline=sim.enforce_deadline, budget_mode=sim.budget_mode, flatten=flatten,
         obs_slices=dict(sim.obs_slices),
-        accuracy_source=accuracy_source_of(sim.config, sim.source) if sim.has_accuracy else "none")
+        accuracy_source=accuracy_source)
 
 
 def observation_space_for(layout, flatten: bool) -> spaces.Space:
@@ -72,22 +67,6 @@ def observation_space_for(layout, flatten: bool) -> spaces.Space:
         return spaces.Box(np.concatenate([b.low for b in boxes.values()]),
                           np.concatenate([b.high for b in boxes.values()]), dtype=np.float32)
     return spaces.Dict(boxes)
-
-
-def validate_action(action: Any, n_experts: int) -> np.ndarray:
-    """Turn an action into a (1, E) bool array (a fresh one), or raise ValueError saying what was expected."""
-    arr = action if type(action) is np.ndarray else np.asarray(action)
-    if arr.shape != (n_experts,):
-        raise ValueError(f"action has shape {arr.shape}; expected shape ({n_experts},): one 0/1 entry per expert "
-                         f"(MultiBinary({n_experts}), 1 = execute)")
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"action has dtype {arr.dtype}; expected int8/bool/int/float entries equal to 0 or 1")
-    if arr.dtype.kind != "b":
-        values = arr.tolist()
-        if not set(values) <= {0, 1}:  # NaN, 2, -1, 0.5 all fail; 0.0/1.0 pass
-            bad = next(v for v in values if v not in (0, 1))
-            raise ValueError(f"action entries must be 0 or 1 (got {bad!r}); expected shape ({n_experts},) of 0/1")
-    return arr.astype(bool).reshape(1, n_experts)
 
 
 class WideMoEEnv(gym.Env):
@@ -159,7 +138,8 @@ class WideMoEEnv(gym.Env):
     token's next-byte prediction is correct under the executed experts), `accuracy_same` (it equals the
     full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (the token's loss change,
     nats), `reward_accuracy` and `token_complete` (1 at a token's last layer, where the values are final;
-    before that they are the rule's running estimate). Where the final values come from is
+    before that they are the rule's running estimate, or with accuracy measured on the model ("model", "live")
+    placeholders: correct, same, full 1, loss 0). Where the final values come from is
     `env.unwrapped.problem.accuracy_source` (`gating.accuracy`, docs/model.md#accuracy-sources): "rule" (the
     accuracy rule of `wide_env.gating.effects`, validated against the live model on profile tiny) or "model"
     (the default on the other shipped models: the checkpoint decodes each token with the experts that
@@ -180,6 +160,12 @@ class WideMoEEnv(gym.Env):
     the reward weights are our choices. Deviation budgets of the default trace are in the model's own
     units: eps_l = the median weighted deviation of skipping a token's 2nd expert on calibration text.
 
+    ## Batched core
+
+    `env.unwrapped.episode_batch` (a `wide_env.envs.batch.EpisodeBatch`) is the batched core the env drives:
+    its `sim` (the phase's simulator, `wide_env.sim.protocol.Simulator`) and `state` (the episodes) are for
+    policies that need the simulator (the oracle, span statistics); read them, do not step them.
+
     ## Version History
 
     * v0: initial version (accuracy rule, model accuracy, uncertain queues, slotted p_max, episode budgets and
@@ -196,12 +182,22 @@ class WideMoEEnv(gym.Env):
         self.render_mode = render_mode
         self.sim = DecodeSimulator(self.config, make_gating_source(self.config))
         sim = self.sim
-        self.problem = build_problem(sim, self.config.flatten_observation)
+        self._action_shape = (sim.n_experts,)
+        self._action_entries = f"one 0/1 entry per expert (MultiBinary({sim.n_experts}), 1 = execute)"
+        self._batch = EpisodeBatch(sim, 1)
+        self.problem = build_problem(sim, self.config.flatten_observation, self._batch.accuracy_source)
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.n_experts)
-        self._batch = EpisodeBatch(sim, 1)
         self._slice_items = tuple(sim.obs_slices.items())
         self._last: dict | None = None
+
+    @property
+    def episode_batch(self) -> EpisodeBatch:
+        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
+        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
+        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
+        step it: the env owns the episodes."""
+        return self._batch
 
     @property
     def _state(self):
@@ -223,17 +219,15 @@ class WideMoEEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if state.done[0]:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
-        executed = validate_action(action, self.sim.n_experts)
+        executed = validate_action(action, self._action_shape, self._action_entries)
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
         outcome, truncated = batch.step(self.np_random, executed)
-        values = outcome.values[0].tolist()
-        info = dict(zip(batch.float_keys, values[1:]))
-        info.update(zip(batch.int_keys, outcome.counts[0].tolist()))
+        reward, info = batch.step_result_one(outcome)
         truncated = bool(truncated[0])
         if self._last is not None:
             self._last["info"] = info
-        return self._observation(), values[0], False, truncated, info
+        return self._observation(), reward, False, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2E,) bool, pairs [may be 0, may be 1] per expert."""

@@ -31,83 +31,28 @@ in one batched pass.
 
 from __future__ import annotations
 
-import importlib.util
-import warnings
 import weakref
 
 import numpy as np
 
-from wide_env.profiles import accuracy_rule_validated, profile_checkpoint
-from wide_env.sim.decode.kernel import FLOAT_FIELDS
-
-#: what each accuracy source means, for tables and plots
-ACCURACY_SOURCES = {"live": "measured on the live model (gating.backend = 'live')",
-                    "model": "measured on the model: the checkpoint decodes each token with the executed experts "
-                             "(exactly what the live model gives for them)",
-                    "rule": "the logit-effect rule of the trace (agrees with the live model, docs/real-model.md)",
-                    "rule_unvalidated": "the logit-effect rule of the trace, NOT validated for this profile, trace "
-                                        "or scenario (measured: +1 to +4 points on tiny's scenarios with lost "
-                                        "experts or token / episode budgets, up to +20 on the deep paper-profile "
-                                        "models; docs/real-model.md); gating.accuracy = 'model' measures it (needs "
-                                        "torch and the trace's checkpoint)",
-                    "none": "not available for this gating source"}
-
-_WARNED_UNVALIDATED: set[str] = set()
-
-
-def checkpoint_dir_of(config) -> str | None:
-    """The checkpoint the model accuracy and the live backend run: ``gating.checkpoint_dir``, else the
-    profile's shipped model for the profile's shipped trace; None for a user's trace without a checkpoint."""
-    if config.gating.checkpoint_dir is not None:
-        return config.gating.checkpoint_dir
-    return profile_checkpoint(config.profile) if config.gating.trace_path is None else None
-
-
-def accuracy_source_of(config, source=None) -> str:
-    """Where a decoding config's accuracy figures come from (a key of :data:`ACCURACY_SOURCES`; ``source`` the
-    gating source, for "auto": the model needs its text), warning once per profile where they come from a
-    rule not validated against the live model."""
-    g = config.gating
-    if g.backend == "live":
-        return "live"
-    if g.accuracy == "model":
-        return "model"
-    validated = accuracy_rule_validated(config)
-    if g.accuracy == "auto" and not validated and importlib.util.find_spec("torch") is not None \
-            and checkpoint_dir_of(config) is not None \
-            and getattr(source, "token_id", None) is not None and getattr(source, "target_id", None) is not None:
-        return "model"
-    if validated:
-        return "rule"
-    if config.profile not in _WARNED_UNVALIDATED:  # once per profile and process: envs are made by the hundred
-        _WARNED_UNVALIDATED.add(config.profile)
-        warnings.warn(f"profile {config.profile!r} (in this scenario): accuracy in info comes from "
-                      f"{ACCURACY_SOURCES['rule_unvalidated']}", UserWarning, stacklevel=3)
-    return "rule_unvalidated"
-
+from wide_env.envs.accuracy_source import (ACCURACY_SOURCES, accuracy_source_of,  # noqa: F401 (public names)
+                                           checkpoint_dir_of)
+from wide_env.profiles import profile_checkpoint
 
 # A loaded checkpoint and its trace context per (checkpoint directory, gating source), shared by the envs of a
 # process (read-only: each env's decoder holds its own caches).
 _CONTEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_REWARD_TERMS = ("reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy")
-assert set(_REWARD_TERMS) <= set(FLOAT_FIELDS)
 
 
-def model_backend_for(sim, num_envs: int) -> "ModelAccuracy | LiveGating | None":
-    """The checkpoint's part in a batch of ``sim``'s episodes (live gating, or model accuracy), or None."""
-    if getattr(sim, "source", None) is None or not hasattr(sim, "has_accuracy"):
-        return None  # the prefill simulator
-    live = sim.config.gating.backend == "live"
-    if not live and (not sim.has_accuracy or accuracy_source_of(sim.config, sim.source) != "model"):
+def model_backend_for(sim, num_envs: int, accuracy_source: str) -> "ModelAccuracy | LiveGating | None":
+    """The checkpoint's part in a batch of ``sim``'s episodes for its resolved ``accuracy_source``
+    (:func:`wide_env.envs.accuracy_source.resolve_accuracy_source`): live gating, model accuracy, or None."""
+    if accuracy_source not in ("live", "model"):
         return None
     checkpoint = checkpoint_dir_of(sim.config)
-    if checkpoint is None:
-        if live:  # a user's trace: the profile's shipped model, checked against the trace's L, E, K below
-            checkpoint = profile_checkpoint(sim.config.profile)
-        else:
-            raise ValueError("config 'gating.accuracy' = 'model' with a user's trace (gating.trace_path) needs "
-                             "gating.checkpoint_dir: the checkpoint the trace was exported from")
-    return (LiveGating if live else ModelAccuracy)(sim, checkpoint, num_envs)
+    if checkpoint is None:  # a user's trace under the live backend (checked in the resolution for "model"): the
+        checkpoint = profile_checkpoint(sim.config.profile)  # profile's shipped model, checked against L, E, K
+    return (LiveGating if accuracy_source == "live" else ModelAccuracy)(sim, checkpoint, num_envs)
 
 
 def _model_and_context(source, checkpoint_dir: str):
@@ -138,6 +83,8 @@ class _ModelStreams:
 
     #: step info keys this part adds (float columns after the simulator's)
     extra_keys: tuple[str, ...] = ()
+    #: whether the part writes the next layers' gating into the plan after a step (the batch observes after it)
+    routes_gating = False
     _needs = "config 'gating.accuracy' = 'model'"
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
@@ -149,9 +96,6 @@ class _ModelStreams:
         from wide_env.models.decoder import StreamDecoder
 
         source = sim.source
-        if getattr(source, "token_id", None) is None or getattr(source, "target_id", None) is None:
-            raise ValueError(f"{self._needs} needs a trace with 'token_id' and 'target_id' (exported by python -m "
-                             "wide_env.models.export); use the trace's accuracy rule instead")
         model, self.context = _model_and_context(source, str(checkpoint_dir))
         self.sim = sim
         self.decoder = StreamDecoder(model, source.mismatch, num_envs)
@@ -185,9 +129,8 @@ class _ModelStreams:
         outcome.column("accuracy_same")[rows] = pred == full_pred
         outcome.column("accuracy_full")[rows] = full_pred == target
         outcome.column("delta_loss")[rows] = delta
-        if self.weight is not None:
+        if self.weight is not None:  # the batch sums the reward afterwards (wide_env.sim.rules.compose_reward)
             outcome.column("reward_accuracy")[rows] = -self.weight * delta
-            outcome.column("reward")[rows] = sum(outcome.column(k)[rows] for k in _REWARD_TERMS)
         return nll
 
 
@@ -202,7 +145,7 @@ class ModelAccuracy(_ModelStreams):
         # the experts the step serves with: executed and in time (the realised delays)
         return super().before_step(state, executed) + (np.asarray(executed, dtype=bool) & self.sim.on_time(state),)
 
-    def after_step(self, state, outcome, before: tuple, obs: np.ndarray) -> np.ndarray | None:
+    def after_step(self, state, outcome, before: tuple) -> np.ndarray | None:
         """Keep the stepped rows' effective masks at their layer; rows whose token completed decode it."""
         stepped, layer, position, effective = before
         rows = np.flatnonzero(stepped)
@@ -220,6 +163,7 @@ class LiveGating(_ModelStreams):
 
     extra_keys = ("measured_deviation", "live_nll", "live_deviation")
     _needs = "config 'gating.backend' = 'live'"
+    routes_gating = True
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
@@ -236,14 +180,13 @@ class LiveGating(_ModelStreams):
         self.token_deviation[rows] = 0.0
         self.sim.override_gates(state, rows, gates.probs, gates.topk_idx, gates.topk_weight)
 
-    def after_step(self, state, outcome, before: tuple, obs: np.ndarray) -> np.ndarray:
+    def after_step(self, state, outcome, before: tuple) -> np.ndarray:
         """Apply each stepped row's layer with the servers the step chose, report what was measured, and route
-        the rows' next layer (or next token) live into the plan; re-observe them into ``obs``. Returns the
-        extra info columns (B, 3)."""
+        the rows' next layer (or next token) live into the plan (the batch observes them afterwards). Returns
+        the extra info columns (B, 3)."""
         stepped, layer, position = before
         extra = np.zeros((state.batch_size, len(self.extra_keys)))  # 0 where nothing was measured (checkers
         # compare infos for equality: no NaN)
-        routed = np.zeros(state.batch_size, dtype=bool)
         servers = outcome.server
         for l in np.unique(layer[stepped]):
             rows = np.flatnonzero(stepped & (layer == l))
@@ -252,14 +195,10 @@ class LiveGating(_ModelStreams):
             self.token_deviation[rows] += self.decoder.last_deviation
             if gates is not None:
                 self.sim.override_gates(state, rows, gates.probs, gates.topk_idx, gates.topk_weight)
-                routed[rows] = True
                 continue
             extra[rows, 1] = self._report(outcome, rows, position[rows], self.decoder.finish(rows))
             extra[rows, 2] = self.token_deviation[rows]
             going = rows[~state.done[rows]]  # the episode's next token
             if going.size:
                 self._begin(state, going)
-                routed[going] = True
-        if routed.any():
-            self.sim.observe(state, routed, obs)
         return extra

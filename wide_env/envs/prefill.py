@@ -7,13 +7,12 @@ step B episodes with the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
 from wide_env.config import WideConfig
+from wide_env.envs.actions import validate_action
 from wide_env.envs.batch import EpisodeBatch
 from wide_env.envs.decode import observation_space_for
 from wide_env.gating import make_gating_source
@@ -49,25 +48,11 @@ def build_prefill_problem(sim: PrefillSimulator, flatten: bool) -> PrefillProble
         budget_mode=sim.budget_mode, flatten=flatten, one_to_one=sim.one_to_one, obs_slices=dict(sim.obs_slices))
 
 
-def validate_prefill_action(action: Any, prompt_tokens: int, n_experts: int) -> np.ndarray:
-    """Turn an action into a (T, E) bool mask, or raise ValueError saying what was expected.
-
-    Accepts the flat token-major MultiBinary(T*E) vector (entry t*E + e) or a (T, E) array."""
+def prefill_entries(prompt_tokens: int, n_experts: int) -> str:
+    """What one prefill action's entries mean (for the validator's messages)."""
     T, E = prompt_tokens, n_experts
-    arr = np.asarray(action)
-    if arr.shape not in ((T * E,), (T, E)):
-        raise ValueError(f"action has shape {arr.shape}; expected shape ({T * E},): one 0/1 entry per (token, expert) "
-                         f"pair, token-major (MultiBinary({T * E}), entry t*{E}+e = execute expert e for token t), "
-                         f"or ({T}, {E})")
-    if arr.dtype != np.bool_:
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-            raise ValueError(f"action has dtype {arr.dtype}; expected int8/bool/int/float entries equal to 0 or 1")
-        ok = (arr == 0) | (arr == 1)
-        if not np.all(ok):
-            raise ValueError(f"action entries must be 0 or 1 (got {arr[~ok].reshape(-1)[0]!r}); expected shape "
-                             f"({T * E},) of 0/1")
-        arr = arr == 1
-    return arr.reshape(T, E)
+    return (f"one 0/1 entry per (token, expert) pair, token-major (MultiBinary({T * E}), entry t*{E}+e = execute "
+            f"expert e for token t)")
 
 
 class WideMoEPrefillEnv(gym.Env):
@@ -144,6 +129,12 @@ class WideMoEPrefillEnv(gym.Env):
     `config` is the same nested dict (or `WideConfig`) as WideMoE-v0's (`n_tokens` is not used here).
     Helpers run their experts sequentially (k t_load + k t_comp, t_comp per batch: memory bound) [choice].
 
+    ## Batched core
+
+    `env.unwrapped.episode_batch` (a `wide_env.envs.batch.EpisodeBatch`) is the batched core the env drives:
+    its `sim` (the phase's simulator, `wide_env.sim.protocol.Simulator`) and `state` (the episodes) are for
+    policies that need the simulator (the oracle, span statistics); read them, do not step them.
+
     ## Version History
 
     * v0: initial version.
@@ -162,8 +153,17 @@ class WideMoEPrefillEnv(gym.Env):
         self.problem = build_prefill_problem(sim, self.config.flatten_observation)
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.T * sim.n_experts)
+        self._action_entries = prefill_entries(sim.T, sim.n_experts)
         self._batch = EpisodeBatch(sim, 1)
         self._last: dict | None = None
+
+    @property
+    def episode_batch(self) -> EpisodeBatch:
+        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
+        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
+        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
+        step it: the env owns the episodes."""
+        return self._batch
 
     @property
     def _state(self):
@@ -182,12 +182,13 @@ class WideMoEPrefillEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if batch.state.done[0]:
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
-        executed = validate_prefill_action(action, self.sim.T, self.sim.n_experts)
+        T, E = self.sim.T, self.sim.n_experts
+        executed = validate_action(action, (T * E,), self._action_entries, alternative=(T, E)).reshape(1, T, E)
         view = self.current_view()
-        outcome, truncated = batch.step(self.np_random, executed[None])
-        info = batch.step_info_one(outcome)
-        self._last = {"view": view, "executed": executed, "info": info}
-        return self._observation(), float(outcome.values[0, 0]), False, bool(truncated[0]), info
+        outcome, truncated = batch.step(self.np_random, executed)
+        reward, info = batch.step_result_one(outcome)
+        self._last = {"view": view, "executed": executed[0], "info": info}
+        return self._observation(), reward, False, bool(truncated[0]), info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2*T*E,) bool, pairs [may be 0, may be 1] per (token, expert)."""

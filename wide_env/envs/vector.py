@@ -18,9 +18,10 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from wide_env.config import WideConfig
+from wide_env.envs.actions import validate_action
 from wide_env.envs.batch import EpisodeBatch
 from wide_env.envs.decode import build_problem, observation_space_for
-from wide_env.envs.prefill import build_prefill_problem
+from wide_env.envs.prefill import build_prefill_problem, prefill_entries
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 from wide_env.sim.prefill import PrefillSimulator
@@ -29,38 +30,13 @@ from wide_env.sim.prefill import PrefillSimulator
 RESET_INFO_KEYS = DecodeSimulator.RESET_INFO_KEYS
 
 
-def validate_actions(actions: Any, num_envs: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Turn a batch of actions into a (B,) + ``shape`` bool array, or raise ValueError saying what was expected."""
-    arr = np.asarray(actions)
-    expected = (num_envs,) + tuple(shape)
-    if arr.shape != expected:
-        hint = ""
-        if arr.shape == tuple(shape):
-            hint = "; this is one sub-env's action: stack one row per sub-env (for num_envs=1 pass action[None])"
-        raise ValueError(f"actions have shape {arr.shape}; expected shape {expected}: one row of 0/1 entries per "
-                         f"sub-env (MultiBinary({expected}), 1 = execute){hint}")
-    if arr.dtype == np.bool_:
-        return np.ascontiguousarray(arr)
-    if arr.dtype == np.int8 or arr.dtype == np.uint8:  # MultiBinary's own dtype: 0/1 bytes are bools already
-        if not (arr.view(np.uint8) > 1).any():
-            return np.ascontiguousarray(arr).view(np.bool_)
-    elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ValueError(f"actions have dtype {arr.dtype}; expected shape {expected} of int8/bool/int/float 0 or 1")
-    ok = (arr == 0) | (arr == 1)
-    if not ok.all():
-        where = tuple(int(i) for i in np.argwhere(~ok)[0])
-        raise ValueError(f"action entries must be 0 or 1 (got {arr[where]!r} at index {where}); expected shape "
-                         f"{expected} of 0/1")
-    return arr.astype(bool)
-
-
 class BatchedVectorEnv(VectorEnv):
     """The Gymnasium vector-env contract (autoreset modes, vector info with masks, seeding) over an
     :class:`EpisodeBatch`; subclasses choose the simulator, the spaces and the action layout."""
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def _setup(self, sim, num_envs, problem, single_action_space, to_executed: Callable, render_mode,
+    def _setup(self, sim, num_envs, make_problem: Callable, single_action_space, to_executed: Callable, render_mode,
                autoreset_mode, max_episode_steps) -> None:
         if render_mode is not None:
             raise ValueError(f"render_mode={render_mode!r}: the native vector env does not render; use None, or "
@@ -76,7 +52,7 @@ class BatchedVectorEnv(VectorEnv):
         self.render_mode = None
         self.autoreset_mode = mode
         self.metadata = {**type(self).metadata, "autoreset_mode": mode}
-        self.problem = problem
+        self.problem = make_problem(self._core)
         #: every step's info keys (the single env's)
         self.info_keys = self._core.info_keys
         self.single_observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
@@ -88,6 +64,14 @@ class BatchedVectorEnv(VectorEnv):
         self._all_true = np.ones(self.num_envs, dtype=bool)
         self._all_true.flags.writeable = False
         self._all_true_masks = {"_" + key: self._all_true for key in self.info_keys}
+
+    @property
+    def episode_batch(self) -> EpisodeBatch:
+        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
+        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
+        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
+        step it: the env owns the episodes."""
+        return self._core
 
     @property
     def max_episode_steps(self) -> int | None:
@@ -166,7 +150,7 @@ class BatchedVectorEnv(VectorEnv):
                 info[key][rows] = 0
             keep = ~resets
             masks = {key: (self._all_true if key in core.reset_info_keys else keep) for key in core.info_keys}
-            reward = outcome.values[:, 0].copy()
+            reward = outcome.column("reward").copy()
             reward[rows] = 0.0
             truncated[rows] = False
             core.pending = truncated.copy()
@@ -178,7 +162,7 @@ class BatchedVectorEnv(VectorEnv):
         outcome, truncated = core.step(rng, executed)
         info = core.step_info(outcome)
         masks = None  # every sub-env reports every key
-        reward = outcome.values[:, 0].copy()
+        reward = outcome.column("reward").copy()
         if mode == AutoresetMode.SAME_STEP and truncated.any():
             rows = np.flatnonzero(truncated)
             final_flat = core.obs[rows]
@@ -304,12 +288,9 @@ class WideMoEVectorEnv(BatchedVectorEnv):
     ## Info
 
     A dict of `(num_envs,)` arrays following Gymnasium's vector-info convention: every key `k` has a
-    bool mask `info["_k"]` saying which sub-envs report it. Step keys are the single env's:
-    `energy_j`, `topk_energy_j`, `energy_uplink_j`, `energy_comm_j`, `energy_system_j`, `deviation`,
-    `weighted_deviation`, `deviation_budget`, `budget_violated`, `latency_s`, `deadline_misses`,
-    `n_executed`, `n_lost`, `n_kept`, `n_replaced`, `n_skipped`, `reward_energy`, `reward_deviation`,
-    `reward_deadline`, `layer`, `token` (int64 counters, float64 otherwise). `reset` reports `layer`,
-    `token`, `topk_energy_j`, `deviation_budget`. Every step key is always present; in a step where
+    bool mask `info["_k"]` saying which sub-envs report it. Step keys are the single env's (`env.info_keys`:
+    the step outcome's fields by name, `wide_env.sim.decode.kernel.FLOAT_FIELDS` and `INT_FIELDS`; int64
+    counters, float64 otherwise). `reset` reports `RESET_INFO_KEYS`. Every step key is always present; in a step where
     some sub-envs were reset, those sub-envs report the reset keys (with reset values) and their masks
     are False for the other keys (values 0), exactly like `SyncVectorEnv` of the single env.
 
@@ -319,6 +300,12 @@ class WideMoEVectorEnv(BatchedVectorEnv):
     config={...})`, or `WideMoEVectorEnv(num_envs=B, config=None, autoreset_mode=AutoresetMode.NEXT_STEP,
     max_episode_steps=None, preset=None)`; `config` is the single env's nested dict (or `WideConfig`).
     `render_mode` must be None (use `SyncVectorEnv` of the single env to render).
+
+    ## Batched core
+
+    `env.unwrapped.episode_batch` (a `wide_env.envs.batch.EpisodeBatch`) is the batched core the env drives:
+    its `sim` (the phase's simulator, `wide_env.sim.protocol.Simulator`) and `state` (the episodes) are for
+    policies that need the simulator (the oracle, span statistics); read them, do not step them.
     """
 
     def __init__(self, num_envs: int = 1, config: WideConfig | dict | None = None, render_mode: str | None = None,
@@ -327,9 +314,10 @@ class WideMoEVectorEnv(BatchedVectorEnv):
         config = WideConfig.from_dict(config, preset=preset)
         sim = DecodeSimulator(config, make_gating_source(config))
         E = sim.n_experts
-        self._setup(sim, num_envs, build_problem(sim, config.flatten_observation), spaces.MultiBinary(E),
-                    lambda actions: validate_actions(actions, self.num_envs, (E,)), render_mode, autoreset_mode,
-                    max_episode_steps)
+        entries = f"one 0/1 entry per expert (MultiBinary({E}), 1 = execute)"
+        self._setup(sim, num_envs, lambda core: build_problem(sim, config.flatten_observation, core.accuracy_source),
+                    spaces.MultiBinary(E), lambda actions: validate_action(actions, (E,), entries, num_envs=self.num_envs),
+                    render_mode, autoreset_mode, max_episode_steps)
 
 
 class WideMoEPrefillVectorEnv(BatchedVectorEnv):
@@ -359,12 +347,12 @@ class WideMoEPrefillVectorEnv(BatchedVectorEnv):
         config = WideConfig.from_dict(config, preset=preset)
         sim = PrefillSimulator(config, make_gating_source(config), prompt_tokens, n_prompts)
         T, E = sim.T, sim.n_experts
+        entries = prefill_entries(T, E)
 
         def to_executed(actions):
-            arr = np.asarray(actions)
-            if arr.shape == (self.num_envs, T, E):
-                arr = arr.reshape(self.num_envs, T * E)
-            return validate_actions(arr, self.num_envs, (T * E,)).reshape(self.num_envs, T, E)
+            return validate_action(actions, (T * E,), entries, alternative=(T, E),
+                                   num_envs=self.num_envs).reshape(self.num_envs, T, E)
 
-        self._setup(sim, num_envs, build_prefill_problem(sim, config.flatten_observation), spaces.MultiBinary(T * E),
+        self._setup(sim, num_envs, lambda core: build_prefill_problem(sim, config.flatten_observation),
+                    spaces.MultiBinary(T * E),
                     to_executed, render_mode, autoreset_mode, max_episode_steps)

@@ -47,8 +47,10 @@ from typing import Mapping
 
 import numpy as np
 
+from wide_env.sim import rules
+
 #: the accumulator is at most this long (the simulator's step kernel folds it one layer at a time)
-MAX_ACC_DIM = 8
+MAX_ACC_DIM = rules.MAX_ACC_DIM
 #: context term: per-token decay of the carried loss, and logits per nat taken from the full model's
 #: prediction [choice: fitted to the live tiny model, SiftMoE and random selections, 16-token episodes;
 #: validated on other policies, 64-token episodes and the three paper-profile models, docs/real-model.md]
@@ -159,8 +161,12 @@ class EffectLookup:
         return np.where(loc < 0, len(self.values) - 1, self.row_offset[position, layer] + loc)
 
     def fold(self, acc: np.ndarray, position, layer, servers, strict: bool = False) -> np.ndarray:
-        """acc (B, C) plus the rows of one layer's servers (B, K); returns the new accumulators."""
-        return acc + self.values[self.rows(position, layer, servers, strict)].sum(1)
+        """acc (B, C) plus the rows of one layer's servers (B, K), slot by slot (the accuracy fold of
+        :mod:`wide_env.sim.rules`); returns the new accumulators."""
+        out = np.array(acc, dtype=np.float64, order="C")
+        rows = np.ascontiguousarray(self.rows(position, layer, servers, strict), dtype=np.int64)
+        rules.fold_batch(out, self.values, rows.reshape(out.shape[0], -1))
+        return out
 
     def empty(self, batch: int) -> np.ndarray:
         """Accumulators (batch, C) of tokens with no perturbation yet."""
@@ -183,17 +189,15 @@ def decide(base: np.ndarray, acc: np.ndarray, context=None, weight: float = CONT
     n = base.shape[-1]
     if acc.shape[-1] not in (n + 2, 2 * n + 2):
         raise ValueError(f"accumulators must have {n + 2} or {2 * n + 2} numbers for {n} candidate columns, got {acc.shape[-1]}")
-    logits = acc[..., :n]
-    if acc.shape[-1] == 2 * n + 2:  # several perturbations: the frozen-routing sums
-        logits = np.where(acc[..., -1:] > 1.5, acc[..., n + 1 : 2 * n + 1], logits)
-    score = base + logits
-    full_winner = base.argmax(-1)  # the full model's prediction: the target (slot 0) or competitor 1
-    if context is not None:
-        penalty = weight * np.asarray(context, np.float64)
-        np.put_along_axis(score, full_winner[..., None],
-                          np.take_along_axis(score, full_winner[..., None], -1) - penalty[..., None], -1)
-    winner = score.argmax(-1)
-    return winner == 0, winner == full_winner, acc[..., n]
+    lead = np.broadcast_shapes(base.shape[:-1], acc.shape[:-1])
+    base = np.ascontiguousarray(np.broadcast_to(base, lead + (n,))).reshape(-1, n)
+    acc = np.ascontiguousarray(np.broadcast_to(acc, lead + acc.shape[-1:])).reshape(base.shape[0], -1)
+    ctx = np.zeros(base.shape[0]) if context is None else \
+        np.ascontiguousarray(np.broadcast_to(np.asarray(context, np.float64), lead)).reshape(-1)
+    correct, same = np.empty(base.shape[0], bool), np.empty(base.shape[0], bool)
+    delta_loss = np.empty(base.shape[0])
+    rules.decide_batch(base, acc, ctx, float(weight), correct, same, delta_loss)  # the accuracy rule's decision
+    return correct.reshape(lead), same.reshape(lead), delta_loss.reshape(lead)
 
 
 def context_after(context, delta_loss, decay: float = CONTEXT_DECAY) -> np.ndarray:

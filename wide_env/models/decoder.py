@@ -33,6 +33,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from wide_env.sim.rules import serve_slots_batch
+
 from .moe_lm import MoELM
 
 
@@ -50,19 +52,22 @@ class Gates:
     topk_weight: np.ndarray  # (R, K) combine weights (renormalised over the Top-K, or raw)
 
 
-def serve_batch(D: np.ndarray, topk_idx: np.ndarray, executed: np.ndarray) -> np.ndarray:
+def serve_batch(D: np.ndarray, topk_idx: np.ndarray, executed: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
     """The combine rule for N rows: D the mismatch table of each row's layer, (E, E+1) shared or (N, E, E+1);
-    topk_idx (N, K); executed (N, E) bool. Returns (N, K) servers (an expert index, or E = skip)."""
+    topk_idx (N, K); executed (N, E) bool. Returns (N, K) servers (an expert index, or E = skip): the serve rule
+    (wide_env.sim.rules.serve_slots) on the slots' rows w_k D(S_k, .) with ``weight`` (N, K) the combine weights
+    (the env's table, so a slot of weight 0 is served as in the env), or the unweighted rows; ties to the lowest
+    index."""
     topk_idx = np.asarray(topk_idx, np.int64)
     executed = np.asarray(executed, bool)
-    N, K = topk_idx.shape
     D = np.asarray(D)
     if D.ndim == 2:
         rows = D[topk_idx]  # (N, K, E+1)
     else:
         rows = np.take_along_axis(D, topk_idx[:, :, None], axis=1)
-    allowed = np.concatenate([executed, np.ones((N, 1), bool)], 1)[:, None, :]
-    return np.where(allowed, rows, np.inf).argmin(-1)
+    if weight is not None:
+        rows = rows * np.asarray(weight, np.float64)[:, :, None]
+    return serve_slots_batch(rows, executed)[1]
 
 
 @torch.no_grad()
@@ -238,7 +243,7 @@ class StreamDecoder:
                 ex = np.asarray(executed, bool)
                 if ex.shape != (R, self.E):
                     raise ValueError(f"executed must have shape ({R}, {self.E}), got {ex.shape}")
-            phi = serve_batch(self.D[l], topk, ex)
+            phi = serve_batch(self.D[l], topk, ex, w.numpy())
         eo = self.model.blocks[l].experts(self._h[sel])  # (R, E, d)
         full = (w[:, None, :] @ eo[torch.arange(R)[:, None], idx])[:, 0]
         C = torch.zeros(R, self.E + 1).scatter_add_(1, torch.from_numpy(phi), w)

@@ -3,11 +3,9 @@
 For each episode (row) ``b`` taking part, :func:`run_rows` does, at its current token and layer:
 
 * **evaluate**: energies in the three scopes, executed count, deadline misses and latency of the executed
-  mask; each Top-K slot's server (its own expert if executed and on time, else the executed on-time expert of
-  least weighted mismatch, or skip when that is smaller; ties to the lowest index); the deviation estimate;
-  the budget terms (sim.deviation.budget_overrun's rule); the reward terms; the token's accuracy so far (the
-  accuracy rule of :mod:`wide_env.gating.effects`: fold the layer's table rows into the token's accumulator,
-  then decide);
+  mask; then the step rule of :mod:`wide_env.sim.rules`: each Top-K slot's server and the deviation estimate,
+  the budget terms, the reward terms and their sum, the token's accuracy so far (fold the layer's table rows
+  into the token's accumulator, then decide);
 * **step** (evaluate, then commit): keep the token's accumulator (and, at its last layer, carry the context
   term to the next token), advance the layer / token / episode, flag episodes whose planned chunk is used up
   (``replan``), and write the next observation;
@@ -23,7 +21,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-EVALUATE, STEP, OBSERVE = 0, 1, 2
+from wide_env.sim import rules
+from wide_env.sim.rules import MAX_ACC_DIM
+
+#: ADVANCE = STEP without writing the next observations (a model backend routes the next layer first)
+EVALUATE, STEP, OBSERVE, ADVANCE = 0, 1, 2, 3
 
 #: float outcome fields (``Outcome.values`` columns), in this order
 FLOAT_FIELDS = ("reward", "reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy", "energy_j",
@@ -33,6 +35,17 @@ FLOAT_FIELDS = ("reward", "reward_energy", "reward_deviation", "reward_deadline"
 INT_FIELDS = ("budget_violated", "deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped",
               "layer", "token", "accuracy_correct", "accuracy_same", "accuracy_full", "token_complete")
 NI = len(INT_FIELDS)
+# column indices, derived from the names (numba reads module globals as constants)
+(V_REWARD, V_REWARD_ENERGY, V_REWARD_DEVIATION, V_REWARD_DEADLINE, V_REWARD_ACCURACY, V_ENERGY, V_TOPK_ENERGY,
+ V_ENERGY_UPLINK, V_ENERGY_COMM, V_ENERGY_SYSTEM, V_DEVIATION, V_WEIGHTED_DEVIATION, V_DEVIATION_BUDGET, V_LATENCY,
+ V_DELTA_LOSS) = (FLOAT_FIELDS.index(name) for name in (
+    "reward", "reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy", "energy_j", "topk_energy_j",
+    "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation", "weighted_deviation", "deviation_budget",
+    "latency_s", "delta_loss"))
+(C_BUDGET_VIOLATED, C_DEADLINE_MISSES, C_N_EXECUTED, C_N_LOST, C_N_KEPT, C_N_REPLACED, C_N_SKIPPED, C_LAYER, C_TOKEN,
+ C_ACCURACY_CORRECT, C_ACCURACY_SAME, C_ACCURACY_FULL, C_TOKEN_COMPLETE) = (INT_FIELDS.index(name) for name in (
+    "budget_violated", "deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "layer",
+    "token", "accuracy_correct", "accuracy_same", "accuracy_full", "token_complete"))
 
 # Packed arrays (one argument each: numba's call overhead grows with the number of arrays passed).
 # plan costs (C, Lc, B, 4, E): rows of
@@ -42,16 +55,17 @@ TOPK_ENERGY, REFERENCE = range(2)
 # state counters (B, 4) int64, amounts (B, 2 + MAX_ACC_DIM) float64, flags (B, 1) bool: columns of
 TOKEN, LAYER, CHUNK_START, START = range(4)
 BUDGET_USED, CONTEXT, ACC = range(3)  # ACC: the token's accuracy accumulator starts here
-MAX_ACC_DIM = 8  # wide_env.gating.effects.MAX_ACC_DIM
 DONE = 0
 # integer constants, then where the observation's keys start in the flat observation: the gating and step
 # keys of OBSERVATION_KEYS, then the planned per-expert keys (wide_env.sim.decode.plan.EXPERT_KEYS)
-I_LAYERS, I_TOKENS, I_SPAN, I_ENFORCE, I_SCOPE, I_ACCURACY, I_OBJECTIVE = range(7)
+I_LAYERS, I_TOKENS, I_SPAN, I_ENFORCE, I_SCOPE, I_ACCURACY, I_OBJECTIVE, I_COMPOSE = range(8)
+#: ``consts[0][I_COMPOSE]``: 1 = the kernel sums the reward; 0 = a model backend writes terms after the kernel,
+#: and the batch sums the reward then (wide_env.envs.batch)
 #: ``consts[0][I_OBJECTIVE]``: the deviation budget's penalty (the proxy), or the real loss increase
 OBJECTIVE_DEVIATION, OBJECTIVE_ACCURACY = range(2)
 #: ``consts[0][I_SPAN]``: what a budget spans; a token or an episode spend one budget over their layer-steps
 SPAN_LAYER, SPAN_TOKEN, SPAN_EPISODE = range(3)
-I_AT = 7
+I_AT = 8
 #: the observation keys the kernel writes besides the planned per-expert ones
 OBSERVATION_KEYS = ("gate_probs", "topk_mask", "topk_weight", "deviation_table", "channel_gain_db",
                     "budget_remaining", "position")
@@ -66,7 +80,7 @@ F_LAYER_BUDGET = 9
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, replan):
-    """Run ``mode`` (EVALUATE, STEP or OBSERVE) on the episodes with ``rows[b]``; returns the number of
+    """Run ``mode`` (EVALUATE, STEP, ADVANCE or OBSERVE) on the episodes with ``rows[b]``; returns the number of
     episodes flagged in ``replan`` (their planned chunk is used up: plan it, then OBSERVE them).
 
     executed (B, E) bool; plan (step-major, see wide_env.sim.decode.plan) = (costs (C, Lc, B, 4, E),
@@ -78,28 +92,28 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     flags (B, 1)); consts = (int64 constants, float64 constants). Outputs: values (B, FLOAT_FIELDS),
     counts (B, INT_FIELDS + K servers), obs (B, D) float32, replan (B,) bool.
 
-    One function (no nested compiled calls): numba compiles it once, in about a second."""
+    The rule's functions (wide_env.sim.rules) are compiled into it: numba compiles it once per process (or loads
+    it from its cache)."""
     costs, meets, topk, topk_idx, deviation_table, probs, topk_weight = plan[:7]
     gain, obs_expert, effect_rows, effect_base, full_correct, effect_values = plan[7:]
     counters, amounts, flags = state
     ints, floats = consts
     n_layers, n_tokens, span = ints[I_LAYERS], ints[I_TOKENS], ints[I_SPAN]
     enforce, scope, has_accuracy = ints[I_ENFORCE] != 0, ints[I_SCOPE], ints[I_ACCURACY] != 0
-    on_accuracy = ints[I_OBJECTIVE] == OBJECTIVE_ACCURACY
+    on_accuracy, composes = ints[I_OBJECTIVE] == OBJECTIVE_ACCURACY, ints[I_COMPOSE] != 0
     span_budget, max_deviation = floats[F_SPAN_BUDGET], floats[F_MAX_DEVIATION]
     B, E = executed.shape
     C, K = costs.shape[0], topk_idx.shape[3]
     per_layer_costs, per_layer_fading = costs.shape[1] > 1, gain.shape[1] > 1
-    n_acc, n_cand = effect_values.shape[1], effect_base.shape[3]
-    # several perturbations of a token add their frozen-routing rows when the table has them (effects.decide)
-    has_frozen = n_acc == 2 * n_cand + 2
+    n_acc = effect_values.shape[1]
     acc = np.zeros(MAX_ACC_DIM)
+    allowed = np.empty(E, dtype=np.bool_)
     flagged = 0
     for b in range(B):
         if not rows[b]:
             continue
         if mode != OBSERVE:
-            if mode == STEP and flags[b, DONE]:  # a finished episode does not step: a zero outcome
+            if mode != EVALUATE and flags[b, DONE]:  # a finished episode does not step: a zero outcome
                 for i in range(values.shape[1]):
                     values[b, i] = 0.0
                 for i in range(counts.shape[1]):
@@ -114,109 +128,82 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             up = comm = system = longest = 0.0
             n_executed = misses = 0
             for e in range(E):
+                allowed[e] = False
                 if executed[b, e]:
                     up += costs[c, lc, b, UPLINK, e]
                     comm += costs[c, lc, b, COMM, e]
                     system += costs[c, lc, b, SYSTEM, e]
                     n_executed += 1
-                    if not meets[c, lc, b, e]:
+                    on_time = meets[c, lc, b, e]
+                    if not on_time:
                         misses += 1
                     if costs[c, lc, b, LATENCY, e] > longest:
                         longest = costs[c, lc, b, LATENCY, e]
-            # each slot's server: an executed (on-time, when enforced) expert of least mismatch, or skip
-            weighted = 0.0
+                    allowed[e] = on_time or not enforce  # serves its slots: executed, on time when enforced
+            # each slot's server and the deviation (the serve rule)
+            server = counts[b, NI:NI + K]
+            weighted = rules.serve_slots(deviation_table, (c, l, b), allowed, server)
             kept = skipped = 0
             for k in range(K):
-                best = np.inf
-                best_j = E
-                for j in range(E):
-                    if executed[b, j] and (meets[c, lc, b, j] or not enforce):
-                        v = deviation_table[c, l, b, k, j]
-                        if v < best:
-                            best = v
-                            best_j = j
-                if deviation_table[c, l, b, k, E] < best:
-                    best = deviation_table[c, l, b, k, E]
-                    best_j = E
-                weighted += best
-                counts[b, NI + k] = best_j
-                if best_j == topk_idx[c, l, b, k]:
+                if server[k] == topk_idx[c, l, b, k]:
                     kept += 1
-                elif best_j == E:
+                elif server[k] == E:
                     skipped += 1
             energy = up if scope == 0 else (comm if scope == 1 else system)
-            # budget terms: violated = exceeds the available budget by > 1e-9 units (deviation.budget_overrun)
             if span != SPAN_LAYER:  # what is left of the token's / episode's budget
                 budget = span_budget - amounts[b, BUDGET_USED]
-                available = max(budget, 0.0)
+                available = rules.budget_left(span_budget, amounts[b, BUDGET_USED])
                 unit = span_budget
             else:
                 budget = available = unit = floats[F_LAYER_BUDGET + l]
-            excess = max(weighted - available, 0.0)
-            violated = excess > 1e-9 * unit
-            reward_deviation = -floats[F_DEVIATION_WEIGHT] * (1.0 + excess / unit) if violated else 0.0
+            violated, overrun = rules.violation(weighted, available, unit)
+            reward_deviation = -floats[F_DEVIATION_WEIGHT] * overrun
             if on_accuracy:  # the proxy's budget is reported, not rewarded
                 reward_deviation = 0.0
             reward_energy = -energy / topk[c, l, b, REFERENCE]
             reward_deadline = -floats[F_DEADLINE_WEIGHT] * misses if enforce else 0.0
-            # the token's real accuracy with this layer folded in (wide_env.gating.effects): add each slot's
-            # table row (zero where the slot is served by its own expert) to the token's accumulator, then
-            # decide between the target, the competitors and the rest
+            # the token's real accuracy with this layer folded in (the accuracy rule, wide_env.sim.rules)
             same = correct = full = True
             dloss = 0.0
             if has_accuracy:
                 for d in range(n_acc):
                     acc[d] = amounts[b, ACC + d]
-                for k in range(K):
-                    row = effect_rows[c, l, b, k * (E + 1) + counts[b, NI + k]]
-                    for d in range(n_acc):
-                        acc[d] += effect_values[row, d]
-                off = n_cand + 1 if has_frozen and acc[n_acc - 1] > 1.5 else 0
-                full_winner = 0
-                for i in range(1, n_cand):
-                    if effect_base[c, 0, b, i] > effect_base[c, 0, b, full_winner]:
-                        full_winner = i
-                winner = 0
-                best = -np.inf
-                for i in range(n_cand):
-                    score = effect_base[c, 0, b, i] + acc[off + i]
-                    if i == full_winner:  # the context term: earlier tokens' losses weaken the full prediction
-                        score -= floats[F_CONTEXT_WEIGHT] * amounts[b, CONTEXT]
-                    if score > best:
-                        best = score
-                        winner = i
-                correct, same, dloss = winner == 0, winner == full_winner, acc[n_cand]
+                rules.fold_slots(acc, effect_values, effect_rows[c, l, b], server, E + 1)
+                correct, same, dloss = rules.decide(effect_base[c, 0, b], acc, n_acc, amounts[b, CONTEXT],
+                                                    floats[F_CONTEXT_WEIGHT])
                 full = full_correct[c, 0, b]
             # the accuracy objective: the token's real loss increase, when its last layer completes it
             reward_accuracy = -floats[F_ACCURACY_WEIGHT] * dloss if on_accuracy and l == n_layers - 1 else 0.0
-            values[b, 0] = reward_energy + reward_deviation + reward_deadline + reward_accuracy
-            values[b, 1] = reward_energy
-            values[b, 2] = reward_deviation
-            values[b, 3] = reward_deadline
-            values[b, 4] = reward_accuracy
-            values[b, 5] = energy
-            values[b, 6] = topk[c, l, b, TOPK_ENERGY]
-            values[b, 7] = up
-            values[b, 8] = comm
-            values[b, 9] = system
-            values[b, 10] = weighted / floats[F_LAYER_BUDGET + n_layers + l]
-            values[b, 11] = weighted
-            values[b, 12] = budget
-            values[b, 13] = longest
-            values[b, 14] = dloss
-            counts[b, 0] = violated
-            counts[b, 1] = misses
-            counts[b, 2] = n_executed
-            counts[b, 3] = misses if enforce else 0
-            counts[b, 4] = kept
-            counts[b, 5] = K - kept - skipped
-            counts[b, 6] = skipped
-            counts[b, 7] = l
-            counts[b, 8] = token
-            counts[b, 9] = correct
-            counts[b, 10] = same
-            counts[b, 11] = full
-            counts[b, 12] = l == n_layers - 1
+            if composes or mode == EVALUATE:  # else the batch sums the reward once the model backend wrote its terms
+                values[b, V_REWARD] = rules.compose_reward(reward_energy, reward_deviation, reward_deadline,
+                                                           reward_accuracy)
+            values[b, V_REWARD_ENERGY] = reward_energy
+            values[b, V_REWARD_DEVIATION] = reward_deviation
+            values[b, V_REWARD_DEADLINE] = reward_deadline
+            values[b, V_REWARD_ACCURACY] = reward_accuracy
+            values[b, V_ENERGY] = energy
+            values[b, V_TOPK_ENERGY] = topk[c, l, b, TOPK_ENERGY]
+            values[b, V_ENERGY_UPLINK] = up
+            values[b, V_ENERGY_COMM] = comm
+            values[b, V_ENERGY_SYSTEM] = system
+            values[b, V_DEVIATION] = weighted / floats[F_LAYER_BUDGET + n_layers + l]
+            values[b, V_WEIGHTED_DEVIATION] = weighted
+            values[b, V_DEVIATION_BUDGET] = budget
+            values[b, V_LATENCY] = longest
+            values[b, V_DELTA_LOSS] = dloss
+            counts[b, C_BUDGET_VIOLATED] = violated
+            counts[b, C_DEADLINE_MISSES] = misses
+            counts[b, C_N_EXECUTED] = n_executed
+            counts[b, C_N_LOST] = misses if enforce else 0
+            counts[b, C_N_KEPT] = kept
+            counts[b, C_N_REPLACED] = K - kept - skipped
+            counts[b, C_N_SKIPPED] = skipped
+            counts[b, C_LAYER] = l
+            counts[b, C_TOKEN] = token
+            counts[b, C_ACCURACY_CORRECT] = correct
+            counts[b, C_ACCURACY_SAME] = same
+            counts[b, C_ACCURACY_FULL] = full
+            counts[b, C_TOKEN_COMPLETE] = l == n_layers - 1
             if mode == EVALUATE:
                 continue
             # ---- commit: accuracy bookkeeping, then advance to the next layer / token / episode end
@@ -241,6 +228,8 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                     replan[b] = True
                     flagged += 1
                     continue
+            if mode == ADVANCE:
+                continue
         # ---- observe the current position: the gating entries (probabilities, Top-K mask and weights,
         # deviation table over the budget unit), the planned channel entries, the budget left, the position;
         # every key of the layout, clipped to its box
@@ -271,7 +260,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             obs[b, at + i] = gain[c, lf, b, i]
         fraction = 1.0  # layer mode: the budget of this step is its unit
         if span != SPAN_LAYER:
-            fraction = min(max(span_budget - amounts[b, BUDGET_USED], 0.0) / span_budget, max_deviation)
+            fraction = min(rules.budget_left(span_budget, amounts[b, BUDGET_USED]) / span_budget, max_deviation)
         obs[b, ints[I_BUDGET_AT]] = fraction
         obs[b, ints[I_POSITION_AT]] = l / floats[F_LAYER_DEN]
         obs[b, ints[I_POSITION_AT] + 1] = token / floats[F_TOKEN_DEN]

@@ -21,7 +21,7 @@ from wide_env.sim.decode import kernel
 from wide_env.sim.decode.plan import (EXPERT_KEYS, assign_plan, chunk_size, concat_plans, observed_energy_cost,
                                       plan_tokens)
 from wide_env.sim.decode.hindsight import EpisodeTables, episode_tables
-from wide_env.sim.decode.state import DecodeState, empty_outcome
+from wide_env.sim.decode.state import FIELDS, DecodeState, empty_outcome
 from wide_env.sim.outcome import Outcome
 from wide_env.sim.decode.view import LayerView, make_view
 from wide_env.sim.gating_rows import build_gating_rows
@@ -40,6 +40,8 @@ class DecodeSimulator:
     RESET_INFO_KEYS = ("layer", "token", "topk_energy_j", "deviation_budget")
     #: outcome fields whose info keys only sources with effect tables report
     ACCURACY_KEYS = ("delta_loss", "accuracy_correct", "accuracy_same", "accuracy_full", "token_complete")
+    #: the named columns of a step's outcome (the kernel's FLOAT_FIELDS and INT_FIELDS)
+    outcome_fields = FIELDS
 
     def __init__(self, config: WideConfig, source: GatingSource):
         self.scenario = scn = Scenario.build(config, source)
@@ -66,7 +68,7 @@ class DecodeSimulator:
                               "(re-export a trace with python -m wide_env.models.export)")
         objective = {"deviation": kernel.OBJECTIVE_DEVIATION, "accuracy": kernel.OBJECTIVE_ACCURACY}
         ints = [self.n_layers, self.n_tokens, span, self.enforce_deadline, scn.scope_index,
-                self.has_accuracy, objective[config.reward.objective]]
+                self.has_accuracy, objective[config.reward.objective], 1]
         ints += [sl[key].start for key in kernel.OBSERVATION_KEYS + EXPERT_KEYS]
         assert len(ints) == kernel.I_EXPERT_AT + len(EXPERT_KEYS)
         rw = config.reward
@@ -115,22 +117,25 @@ class DecodeSimulator:
         state.assign(rows, fresh)
 
     def step(self, rng: np.random.Generator, state: DecodeState, executed: np.ndarray,
-             obs: np.ndarray | None = None, rows: np.ndarray | None = None) -> Outcome:
+             obs: np.ndarray | None = None, rows: np.ndarray | None = None, observe: bool = True) -> Outcome:
         """Evaluate ``executed`` ((B, E) bool, C-contiguous) at each episode's current layer, fold the
         accuracy, advance, and write the next observations into ``obs`` ((B, D) float32; None: none kept).
-        ``rows`` ((B,) bool) limits the step to some episodes; finished episodes are skipped (zero outcome)."""
+        ``rows`` ((B,) bool) limits the step to some episodes; finished episodes are skipped (zero outcome).
+        ``observe=False``: no observations are written (the caller changes the next layer's gating first, then
+        calls :meth:`observe`)."""
         out = empty_outcome(state.batch_size, self.top_k)
         obs = self._obs_buffer(state, obs)
         replan = self._flags(state)
         if not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
             executed = np.array(executed, dtype=bool)  # the kernel's one argument type
-        flagged = kernel.run_rows(kernel.STEP, self._rows(state, rows), executed, *self._kernel_args(state),
-                                  out.values, out.counts, obs, replan)
+        flagged = kernel.run_rows(kernel.STEP if observe else kernel.ADVANCE, self._rows(state, rows), executed,
+                                  *self._kernel_args(state), out.values, out.counts, obs, replan)
         if flagged:  # their planned chunk is used up: plan the next one, then observe them
             replanned = replan.copy()
             replan[:] = False
             self._replan(rng, state, replanned)
-            self.observe(state, replanned, obs)
+            if observe:
+                self.observe(state, replanned, obs)
         return out
 
     def evaluate(self, state: DecodeState, executed: np.ndarray, rows: np.ndarray | None = None) -> Outcome:
@@ -204,8 +209,7 @@ class DecodeSimulator:
         built once per source; no rows without them."""
         lookup = getattr(self.source, "logit_effects", None)
         if lookup is None:
-            L, KE = self.n_layers, self.top_k * (self.n_experts + 1)
-            return (np.zeros((0, L, KE), np.int32), np.zeros((0, 0)), np.zeros(0, bool), np.zeros((1, 0)))
+            return self._no_accuracy_tables()
         tables = _EFFECT_LOOKUPS.get(self.source)
         if tables is None:
             T, L, K = lookup.topk_idx.shape
@@ -215,15 +219,29 @@ class DecodeSimulator:
                 full, np.ascontiguousarray(lookup.values))
         return tables
 
+    def leave_to_model(self) -> None:
+        """A model backend measures the accuracy fields and writes the reward's accuracy term after each step
+        (wide_env.envs.model_backend): from now on steps neither fold the accuracy rule (the accuracy fields stay
+        at their defaults until the model writes them at the token's last layer) nor sum the reward (the caller
+        sums it then, :func:`wide_env.sim.rules.compose_reward`), and plans gather no accuracy tables. Call it
+        before the first reset."""
+        ints = self._consts[0]
+        ints[kernel.I_ACCURACY] = 0
+        ints[kernel.I_COMPOSE] = 0
+        self._accuracy = self._no_accuracy_tables()
+
+    def _no_accuracy_tables(self) -> tuple:
+        L, KE = self.n_layers, self.top_k * (self.n_experts + 1)
+        return (np.zeros((0, L, KE), np.int32), np.zeros((0, 0)), np.zeros(0, bool), np.zeros((1, 0)))
+
     # ---- what the env front ends report -------------------------------------------------------------
     def info_keys(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(float keys, int keys) of a step's info: prefixes of the outcome's fields after "reward" (the
-        accuracy fields, last in each list, only with effect tables)."""
-        floats, ints = kernel.FLOAT_FIELDS[1:], kernel.INT_FIELDS
+        """(float keys, int keys) of a step's info: the outcome's fields (:attr:`outcome_fields`) but the reward
+        (the accuracy fields only with effect tables)."""
+        floats, ints = FIELDS.floats[1:], FIELDS.ints
         if not self.has_accuracy:
             floats = tuple(k for k in floats if k not in self.ACCURACY_KEYS)
             ints = tuple(k for k in ints if k not in self.ACCURACY_KEYS)
-        assert floats == kernel.FLOAT_FIELDS[1:1 + len(floats)] and ints == kernel.INT_FIELDS[:len(ints)]
         return floats, ints
 
     def reset_info(self, state: DecodeState) -> dict[str, np.ndarray]:

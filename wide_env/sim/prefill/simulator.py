@@ -86,10 +86,30 @@ class PrefillView:
     channel_gain_db: np.ndarray  # (B, N)
 
 
+def _reject_decoding_fields(config: WideConfig) -> None:
+    """Decoding-only settings the prefill phase cannot honour: a ConfigError naming the field and the fix (the
+    field matrix, tests/test_field_matrix.py)."""
+    if config.reward.objective != "deviation":
+        raise ConfigError(f"config field 'reward.objective' = {config.reward.objective!r} is a decoding objective (the "
+                          "real loss of generated tokens); prefill rewards the deviation budget: use "
+                          "reward.objective = 'deviation'")
+    if config.gating.backend != "table":
+        raise ConfigError(f"config field 'gating.backend' = {config.gating.backend!r} runs the checkpoint token by "
+                          "token while decoding; prefill replays the trace's gating: use gating.backend = 'table'")
+    if config.gating.checkpoint_dir is not None:
+        raise ConfigError("config field 'gating.checkpoint_dir' names the checkpoint that measures decoding accuracy; "
+                          "prefill runs no checkpoint: leave gating.checkpoint_dir unset")
+    if config.gating.accuracy != "auto":
+        raise ConfigError(f"config field 'gating.accuracy' = {config.gating.accuracy!r}: prefill reports no real "
+                          "accuracy (decoding envs only): leave gating.accuracy = 'auto'")
+
+
 class PrefillSimulator:
     """Static prefill scenario plus batched reset / step / evaluate / observe (numpy only)."""
 
     RESET_INFO_KEYS = ("layer", "prompt", "topk_energy_j", "deviation_budget")
+    #: the named columns of a step's outcome
+    outcome_fields = prefill_step.FIELDS
 
     def __init__(self, config: WideConfig, source: GatingSource, prompt_tokens: int = 8, n_prompts: int = 1):
         for name, value in (("prompt_tokens", prompt_tokens), ("n_prompts", n_prompts)):
@@ -107,6 +127,7 @@ class PrefillSimulator:
             raise ConfigError(f"config field 'radio.uplink_slots' = {config.radio.uplink_slots} is a decoding setting "
                               "(fast fading within one expert call's uplink); prefilling sends aggregated loads in "
                               "one window: use radio.uplink_slots = 1")
+        _reject_decoding_fields(config)
         self.budget_mode, self.layer_budget, self.span_budget = scn.budget_mode, scn.layer_budget, scn.span_budget
         self.layer_weight = scn.layer_weight
         self.one_to_one = bool((scn.hosts > 0).all() and all(len(set(r)) == len(r) for r in scn.hosts.tolist()))

@@ -1,15 +1,15 @@
 """The prefill step rule (numpy, batched): outcomes of executing (token, expert) masks at the current layer.
 
 A late helper (latency > T_max while deadlines are enforced) loses all its pairs; their energy is still spent.
-Each token's slots are served by its best executed stand-in or skipped (sim.deviation.serve_slots) and each
-token's deviation estimate is held to its budget (sim.deviation.budget_overrun).
+Each token's slots are served by its best executed stand-in or skipped and each token's deviation estimate is
+held to its budget: the step rule of :mod:`wide_env.sim.rules`, as in decoding.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from wide_env.sim.deviation import budget_overrun, serve_slots
+from wide_env.sim import rules
 from wide_env.sim.outcome import Outcome, OutcomeFields
 from wide_env.sim.prefill.plan import layer_node_costs, onehot
 from wide_env.sim.scenario import Scenario
@@ -31,24 +31,32 @@ def evaluate(scn: Scenario, view, executed: np.ndarray) -> Outcome:
     lost = executed & late_expert[:, None, :] if scn.enforce_deadline else np.zeros_like(executed)
     energy_scopes = scopes.sum(axis=-1)  # (B, 3)
     energy = energy_scopes[:, scn.scope_index]
-    weighted, server = serve_slots(view.deviation_table, executed & ~lost)  # (B, T), (B, T, K)
+    weighted, server = rules.serve_slots_batch(view.deviation_table, executed & ~lost)  # (B, T), (B, T, K)
     n_kept = (server == view.topk_idx).sum(axis=(-1, -2))
     n_skipped = (server == scn.n_experts).sum(axis=(-1, -2))
     ran = (executed[:, :, :, None] & expert_node[:, None]).any(axis=(1, 2))  # (B, N+1) nodes used
     misses = (ran & late_node).sum(axis=-1)
-    violated, overrun = budget_overrun(weighted, np.maximum(view.budget, 0.0), view.budget_unit[:, None])
+    available = rules.budget_left_of(view.budget, 0.0)  # view.budget: the span's budget less what was used
+    unit = view.budget_unit[:, None]
+    violated, overrun = rules.violated_of(weighted, available, unit), rules.overrun_of(weighted, available, unit)
     rw = scn.config.reward
     reward_energy = -energy / view.energy_reference
     reward_deviation = -rw.deviation_weight * overrun.mean(axis=-1)
     reward_deadline = -rw.deadline_weight * misses * scn.enforce_deadline
     deviation = weighted / view.layer_weight[:, None]
     T, K = executed.shape[1], scn.top_k
-    values = np.stack([
-        reward_energy + reward_deviation + reward_deadline, reward_energy, reward_deviation, reward_deadline, energy,
-        view.topk_energy, energy_scopes[:, 0], energy_scopes[:, 1], energy_scopes[:, 2], deviation.max(axis=-1),
-        deviation.mean(axis=-1), weighted.max(axis=-1), view.budget.min(axis=-1),
-        np.where(ran, latency, 0.0).max(axis=-1)], axis=1)
-    counts = np.stack([
-        violated.sum(axis=-1), misses, executed.sum(axis=(-1, -2)), lost.sum(axis=(-1, -2)), n_kept,
-        T * K - n_kept - n_skipped, n_skipped, ran[:, 1:].sum(axis=-1), view.layer, view.prompt], axis=1).astype(np.int64)
+    reward_accuracy = np.zeros_like(reward_energy)  # prefill has no accuracy objective (rejected at construction)
+    floats = {"reward": rules.compose_reward(reward_energy, reward_deviation, reward_deadline, reward_accuracy),
+              "reward_energy": reward_energy, "reward_deviation": reward_deviation, "reward_deadline": reward_deadline,
+              "energy_j": energy, "topk_energy_j": view.topk_energy, "energy_uplink_j": energy_scopes[:, 0],
+              "energy_comm_j": energy_scopes[:, 1], "energy_system_j": energy_scopes[:, 2],
+              "deviation": deviation.max(axis=-1), "deviation_mean": deviation.mean(axis=-1),
+              "weighted_deviation": weighted.max(axis=-1), "deviation_budget": view.budget.min(axis=-1),
+              "latency_s": np.where(ran, latency, 0.0).max(axis=-1)}
+    ints = {"budget_violated": violated.sum(axis=-1), "deadline_misses": misses,
+            "n_executed": executed.sum(axis=(-1, -2)), "n_lost": lost.sum(axis=(-1, -2)), "n_kept": n_kept,
+            "n_replaced": T * K - n_kept - n_skipped, "n_skipped": n_skipped,
+            "n_helpers_used": ran[:, 1:].sum(axis=-1), "layer": view.layer, "prompt": view.prompt}
+    values = np.stack([floats[name] for name in FIELDS.floats], axis=1)
+    counts = np.stack([ints[name] for name in FIELDS.ints], axis=1).astype(np.int64)
     return Outcome(values, counts, server, FIELDS, {"token_weighted_deviation": weighted})

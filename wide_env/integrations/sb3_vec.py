@@ -1,6 +1,6 @@
 """Stable-Baselines3 ``VecEnv`` over the batched WIDE cores (no Python loop over sub-envs per step).
 
-    from wide_env.envs.sb3_vec import make_native_vec_env
+    from wide_env.integrations.sb3_vec import make_native_vec_env
     venv = make_native_vec_env("wide_env/WideMoE-v0", n_envs=64, seed=0, env_kwargs={"config": {...}})
     PPO("MultiInputPolicy", venv)          # or sb3_contrib.MaskablePPO: env_method("action_masks") works
 
@@ -18,15 +18,11 @@ from typing import Any, Iterable, Sequence
 
 import gymnasium as gym
 import numpy as np
-import torch
-from gymnasium import spaces
 from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from wide_env.config import WideConfig
 from wide_env.envs.vector import BatchedVectorEnv, WideMoEPrefillVectorEnv, WideMoEVectorEnv
-
-torch.set_num_threads(1)  # project rule: one torch thread on CPU
 
 #: vector entry points of registered ids -> the native vector env class the adapter drives
 NATIVE_VECTOR_ENVS = {"wide_env.envs.vector:WideMoEVectorEnv": WideMoEVectorEnv,
@@ -160,7 +156,7 @@ class WideMoESB3VecEnv(VecEnv):
         self._actions = None
         rng = self.np_random
         out, dones = core.step(rng, executed)
-        rewards = out.values[:, 0].astype(np.float32)
+        rewards = out.column("reward").astype(np.float32)
         if self.info_keys:
             columns = core.step_info(out)
             infos = _rows_to_dicts({k: columns[k] for k in self.info_keys}, self.num_envs)
