@@ -39,7 +39,7 @@ from __future__ import annotations
 import numpy as np
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
-from wide_env.sim.rules import compose_reward
+from wide_env.rules import compose_reward
 
 __all__ = ["RewardShaping", "SHAPING_KEYS", "ENERGY_UNITS", "wrap_reward_shaping", "energy_scale"]
 

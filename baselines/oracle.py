@@ -40,12 +40,12 @@ import numpy as np
 from baselines.pareto import Fronts, decision_fronts
 from baselines.observation import problem_of
 from baselines.policy_base import Policy
-from wide_env.sim.rules import VIOLATION_RTOL, budget_left, budget_left_of, violated_of, violation
+from wide_env.rules import VIOLATION_RTOL, budget_left, budget_left_of, violated_of, violation
 
 __all__ = ["VIOLATION_RTOL", "SpanSolution", "EpisodePlan", "solve_span", "step_violations", "plan_episode",
            "Oracle", "gap_closed"]
 
-# VIOLATION_RTOL: the env's violation tolerance, relative to the span's budget (wide_env.sim.rules)
+# VIOLATION_RTOL: the env's violation tolerance, relative to the span's budget (wide_env.rules)
 
 
 def step_violations(step_deviation, used: float, budget: float) -> np.ndarray:

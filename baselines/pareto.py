@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from wide_env.sim.rules import serve_slots_batch
+from wide_env.rules import serve_slots_batch
 
 __all__ = ["Fronts", "subset_members", "candidate_experts", "pareto_fronts", "decision_fronts"]
 

@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from wide_env.sim.rules import serve_slots_batch
+from wide_env.rules import serve_slots_batch
 
 __all__ = ["PrefillSolution", "solve_prefill", "brute_force_prefill", "random_prefill_instance", "prefill_energy", "token_deviations",
            "load_energy_table", "siftmoe_prefill_action"]
@@ -64,7 +64,7 @@ def _tol(x: float, rtol: float) -> float:
 
 
 def token_deviations(mask, deviation_table) -> np.ndarray:
-    """Delta_t for masks (..., T, E) and tables (..., T, K, E+1): the serve rule (wide_env.sim.rules.serve_slots)."""
+    """Delta_t for masks (..., T, E) and tables (..., T, K, E+1): the serve rule (wide_env.rules.serve_slots)."""
     return serve_slots_batch(deviation_table, mask)[0]
 
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from baselines._search import subset_search
-from wide_env.sim.rules import serve_slots_batch
+from wide_env.rules import serve_slots_batch
 
 __all__ = ["SiftSolution", "solve_decode", "solve_decode_full", "deviation_of", "energy_of"]
 
@@ -63,7 +63,7 @@ def _slot_sum(x: np.ndarray) -> np.ndarray:
 
 def deviation_of(mask: np.ndarray, deviation_table: np.ndarray) -> np.ndarray:
     """Delta(A) for executed masks ``mask`` (..., E) and tables (..., K, E + 1): the serve rule
-    (wide_env.sim.rules.serve_slots)."""
+    (wide_env.rules.serve_slots)."""
     return serve_slots_batch(deviation_table, mask)[0]
 
 

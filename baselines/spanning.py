@@ -42,7 +42,7 @@ from baselines.analytic import SiftMoE
 from baselines.observation import parse_observation, problem_of
 from baselines.policy_base import SPAN_POLICY_NAMES, Policy
 from baselines.span_stats import STATS_SEED, SpanStatistics, extra_observation, span_statistics
-from wide_env.sim.rules import budget_left_of, violated_of
+from wide_env.rules import budget_left_of, violated_of
 
 __all__ = ["SPAN_POLICY_NAMES", "make_span_policy", "SpanPolicy", "SpanSiftMoE", "ChanceSiftMoE",
            "StochasticDPSiftMoE", "DriftPlusPenaltySiftMoE", "span_position", "bellman_step", "interpolate"]

@@ -1,4 +1,4 @@
-"""The step rule (wide_env.sim.rules) against brute force, and its callers against it: the action validator,
+"""The step rule (wide_env.rules) against brute force, and its callers against it: the action validator,
 the Simulator protocol, the accuracy source's errors."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from wide_env.config import ConfigError
-from wide_env.sim import rules
+from wide_env import rules
 
 
 def _brute_serve(table, allowed):

@@ -9,9 +9,7 @@ from typing import Any
 
 import numpy as np
 
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field and the fix."""
+from wide_env.errors import ConfigError  # re-exported as wide_env.config.ConfigError
 
 
 def _fail(path: str, value: Any, fix: str) -> None:

@@ -5,7 +5,7 @@ implement :class:`wide_env.sim.protocol.Simulator`.
 One step writes each output once, in this order: the simulator's step (its outcome fields; no observation
 yet where a model backend routes the next layers), the model backend (its measured fields and extra columns,
 named by :attr:`EpisodeBatch.fields`), the observation, then the reward, summed once from its terms
-(:func:`wide_env.sim.rules.compose_reward`; the kernel sums it itself when no model backend is attached).
+(:func:`wide_env.rules.compose_reward`; the kernel sums it itself when no model backend is attached).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from wide_env.envs.accuracy_source import resolve_accuracy_source
 from wide_env.envs.model_backend import model_backend_for
 from wide_env.sim.outcome import Outcome, OutcomeFields
-from wide_env.sim.rules import REWARD_TERMS, compose_reward
+from wide_env.rules import REWARD_TERMS, compose_reward
 
 
 class EpisodeBatch:

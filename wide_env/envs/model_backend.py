@@ -129,7 +129,7 @@ class _ModelStreams:
         outcome.column("accuracy_same")[rows] = pred == full_pred
         outcome.column("accuracy_full")[rows] = full_pred == target
         outcome.column("delta_loss")[rows] = delta
-        if self.weight is not None:  # the batch sums the reward afterwards (wide_env.sim.rules.compose_reward)
+        if self.weight is not None:  # the batch sums the reward afterwards (wide_env.rules.compose_reward)
             outcome.column("reward_accuracy")[rows] = -self.weight * delta
         return nll
 

@@ -47,7 +47,7 @@ from typing import Mapping
 
 import numpy as np
 
-from wide_env.sim import rules
+from wide_env import rules
 
 #: the accumulator is at most this long (the simulator's step kernel folds it one layer at a time)
 MAX_ACC_DIM = rules.MAX_ACC_DIM
@@ -162,7 +162,7 @@ class EffectLookup:
 
     def fold(self, acc: np.ndarray, position, layer, servers, strict: bool = False) -> np.ndarray:
         """acc (B, C) plus the rows of one layer's servers (B, K), slot by slot (the accuracy fold of
-        :mod:`wide_env.sim.rules`); returns the new accumulators."""
+        :mod:`wide_env.rules`); returns the new accumulators."""
         out = np.array(acc, dtype=np.float64, order="C")
         rows = np.ascontiguousarray(self.rows(position, layer, servers, strict), dtype=np.int64)
         rules.fold_batch(out, self.values, rows.reshape(out.shape[0], -1))

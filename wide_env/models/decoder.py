@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from wide_env.sim.rules import serve_slots_batch
+from wide_env.rules import serve_slots_batch
 
 from .moe_lm import MoELM
 
@@ -55,7 +55,7 @@ class Gates:
 def serve_batch(D: np.ndarray, topk_idx: np.ndarray, executed: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
     """The combine rule for N rows: D the mismatch table of each row's layer, (E, E+1) shared or (N, E, E+1);
     topk_idx (N, K); executed (N, E) bool. Returns (N, K) servers (an expert index, or E = skip): the serve rule
-    (wide_env.sim.rules.serve_slots) on the slots' rows w_k D(S_k, .) with ``weight`` (N, K) the combine weights
+    (wide_env.rules.serve_slots) on the slots' rows w_k D(S_k, .) with ``weight`` (N, K) the combine weights
     (the env's table, so a slot of weight 0 is served as in the env), or the unweighted rows; ties to the lowest
     index."""
     topk_idx = np.asarray(topk_idx, np.int64)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wide_env.sim import rules
+from wide_env import rules
 
 
 def slot_deviation_table(mismatch: np.ndarray, layer, topk_idx: np.ndarray, topk_weight: np.ndarray) -> np.ndarray:
@@ -24,7 +24,7 @@ def slot_deviation_table(mismatch: np.ndarray, layer, topk_idx: np.ndarray, topk
 
 
 def serve_slots(table: np.ndarray, executed: np.ndarray):
-    """Best stand-in per slot (the serve rule, :func:`wide_env.sim.rules.serve_slots`): table lead + (K, E+1),
+    """Best stand-in per slot (the serve rule, :func:`wide_env.rules.serve_slots`): table lead + (K, E+1),
     executed lead + (E,) bool. Returns (deviation lead, server lead + (K,)) with server = expert index, or E for
     skip; ties prefer the lowest index, so an executed Top-K expert (cost 0) is reported as kept."""
     return rules.serve_slots_batch(table, executed)

@@ -6,11 +6,16 @@ parameters, fading model, budgets in weighted units, the mismatch tables weighte
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import numpy as np
 
-from wide_env.config import ConfigError, WideConfig
+from wide_env.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the simulator reads configs by attribute
+    from wide_env.config import WideConfig
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import FadingModel, make_fading
 from wide_env.sim.pathloss import PathLossModel, make_path_loss

@@ -3,7 +3,7 @@
 For each episode (row) ``b`` taking part, :func:`run_rows` does, at its current token and layer:
 
 * **evaluate**: energies in the three scopes, executed count, deadline misses and latency of the executed
-  mask; then the step rule of :mod:`wide_env.sim.rules`: each Top-K slot's server and the deviation estimate,
+  mask; then the step rule of :mod:`wide_env.rules`: each Top-K slot's server and the deviation estimate,
   the budget terms, the reward terms and their sum, the token's accuracy so far (fold the layer's table rows
   into the token's accumulator, then decide);
 * **step** (evaluate, then commit): keep the token's accumulator (and, at its last layer, carry the context
@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from wide_env.sim import rules
-from wide_env.sim.rules import MAX_ACC_DIM
+from wide_env import rules
+from wide_env.rules import MAX_ACC_DIM
 
 #: ADVANCE = STEP without writing the next observations (a model backend routes the next layer first)
 EVALUATE, STEP, OBSERVE, ADVANCE = 0, 1, 2, 3
@@ -92,7 +92,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     flags (B, 1)); consts = (int64 constants, float64 constants). Outputs: values (B, FLOAT_FIELDS),
     counts (B, INT_FIELDS + K servers), obs (B, D) float32, replan (B,) bool.
 
-    The rule's functions (wide_env.sim.rules) are compiled into it: numba compiles it once per process (or loads
+    The rule's functions (wide_env.rules) are compiled into it: numba compiles it once per process (or loads
     it from its cache)."""
     costs, meets, topk, topk_idx, deviation_table, probs, topk_weight = plan[:7]
     gain, obs_expert, effect_rows, effect_base, full_correct, effect_values = plan[7:]
@@ -162,7 +162,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                 reward_deviation = 0.0
             reward_energy = -energy / topk[c, l, b, REFERENCE]
             reward_deadline = -floats[F_DEADLINE_WEIGHT] * misses if enforce else 0.0
-            # the token's real accuracy with this layer folded in (the accuracy rule, wide_env.sim.rules)
+            # the token's real accuracy with this layer folded in (the accuracy rule, wide_env.rules)
             same = correct = full = True
             dloss = 0.0
             if has_accuracy:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from wide_env.config import ConfigError
+from wide_env.errors import ConfigError
 from wide_env.sim import slots
 from wide_env.sim.channel import move_random_waypoint
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows

@@ -9,11 +9,16 @@ used up), :meth:`~DecodeSimulator.evaluate` (what-if outcomes, no state change) 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import weakref
 
 import numpy as np
 
-from wide_env.config import ConfigError, WideConfig
+from wide_env.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the simulator reads configs by attribute
+    from wide_env.config import WideConfig
 from wide_env.gating import effects
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import draw_helpers
@@ -223,7 +228,7 @@ class DecodeSimulator:
         """A model backend measures the accuracy fields and writes the reward's accuracy term after each step
         (wide_env.envs.model_backend): from now on steps neither fold the accuracy rule (the accuracy fields stay
         at their defaults until the model writes them at the token's last layer) nor sum the reward (the caller
-        sums it then, :func:`wide_env.sim.rules.compose_reward`), and plans gather no accuracy tables. Call it
+        sums it then, :func:`wide_env.rules.compose_reward`), and plans gather no accuracy tables. Call it
         before the first reset."""
         ints = self._consts[0]
         ints[kernel.I_ACCURACY] = 0

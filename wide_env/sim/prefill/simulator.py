@@ -9,11 +9,16 @@ prompt, by ``channel.token_interval_s``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass, fields
 
 import numpy as np
 
-from wide_env.config import ConfigError, WideConfig
+from wide_env.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: the simulator reads configs by attribute
+    from wide_env.config import WideConfig
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import draw_helpers, move_random_waypoint
 from wide_env.sim.observation import observation_slices, prefill_observation_layout

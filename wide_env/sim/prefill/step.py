@@ -2,14 +2,14 @@
 
 A late helper (latency > T_max while deadlines are enforced) loses all its pairs; their energy is still spent.
 Each token's slots are served by its best executed stand-in or skipped and each token's deviation estimate is
-held to its budget: the step rule of :mod:`wide_env.sim.rules`, as in decoding.
+held to its budget: the step rule of :mod:`wide_env.rules`, as in decoding.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from wide_env.sim import rules
+from wide_env import rules
 from wide_env.sim.outcome import Outcome, OutcomeFields
 from wide_env.sim.prefill.plan import layer_node_costs, onehot
 from wide_env.sim.scenario import Scenario
