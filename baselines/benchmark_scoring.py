@@ -154,11 +154,12 @@ def format_table(rows: list[dict]) -> str:
             ratio = (f"{bound}{_fmt(r['eq_acc_ratio'], '.3f')} ({_fmt(r['eq_acc_ci_low'], '.3f')}-"
                      f"{_fmt(r['eq_acc_ci_high'], '.3f')}) vs {_fmt(r['baseline_violation_rate_at_acc'], '.2%')} "
                      f"viol, {_fmt(r['baseline_misses_at_acc'], '.3f')} miss")
+        wins = "yes" if r["wins"] is True else ("no" if r["wins"] is False else "")
         lines.append(f"| {r['regime']} | {label} | {_fmt(r['energy_per_token_j'], '.4g')} ± "
                      f"{_fmt(r['energy_per_token_ci95'], '.2g')} | {_fmt(r['energy_rel_topk'], '.3f')} | "
                      f"{_fmt(r['accuracy'], '.4f')} ± {_fmt(r['accuracy_ci95'], '.3f')} | "
                      f"{_fmt(r['violation_rate'], '.2%')} | {_fmt(r['deadline_misses_per_token'], '.3f')} | "
-                     f"{_fmt(r['gap_closed'], '.2f')} | {ratio} | {'yes' if r['wins'] is True else ('no' if r['wins'] is False else '')} |")
+                     f"{_fmt(r['gap_closed'], '.2f')} | {ratio} | {wins} |")
     return "\n".join(lines)
 
 
@@ -189,20 +190,24 @@ def plot_regime_fronts(regime: Regime, rows: list[dict], best: str, path) -> Non
         e, a = curve["energy"].mean(axis=1), curve["accuracy"].mean(axis=1)
         e_ci = np.array([ci95(v) for v in curve["energy"]])
         a_ci = np.array([ci95(v) for v in curve["accuracy"]])
-        color = f"C{i % 10}"
-        ax.errorbar(e[1:], a[1:], xerr=np.nan_to_num(e_ci[1:]), yerr=np.nan_to_num(a_ci[1:]), fmt="o", ms=3.5,
+        # each curve its own colour, marker and dash, earlier ones wider: curves that coincide stay distinguishable
+        color, marker, dash = f"C{i % 10}", "osD^vP"[i % 6], ("-", "--", "-.", ":")[i % 4]
+        width = max(1.0, 3.2 - 0.45 * i) + (0.6 if label == best else 0.0)
+        ax.errorbar(e[1:], a[1:], xerr=np.nan_to_num(e_ci[1:]), yerr=np.nan_to_num(a_ci[1:]), fmt=marker, ms=3.5,
                     color=color, ecolor=color, elinewidth=0.6, alpha=0.55, capsize=0)
         front = accuracy_energy_front(e, a)
-        ax.plot(front.energy, front.accuracy, color=color, lw=2.2 if label == best else 1.3, zorder=4)
+        ax.plot(front.energy, front.accuracy, color=color, lw=width, ls=dash, zorder=4 + 0.01 * i)
         energies += list(e)
         name = f"{label} (best)" if label == best else label
-        handles.append(Line2D([], [], color=color, marker="o", ms=4, lw=2.2 if label == best else 1.3, label=name))
+        handles.append(Line2D([], [], color=color, marker=marker, ms=4, lw=width, ls=dash, label=name))
         if label == best:
             scales = curve["scales"]
-            for k, (dx, dy, ha) in ((1, (14, -22, "left")), (len(scales) - 1, (-14, -22, "right"))):
+            # inward from the curve's ends: the smallest scale (most energy) to the left, the largest to the right
+            for k, (dx, dy, ha) in ((1, (-14, -22, "right")), (len(scales) - 1, (14, -22, "left"))):
                 ax.annotate(f"scale {scales[k]:g}", (e[k], a[k]), textcoords="offset points", xytext=(dx, dy),
-                            ha=ha, fontsize=7.5, color=color, arrowprops={"arrowstyle": "-", "color": color,
-                                                                          "lw": 0.6})
+                            ha=ha, fontsize=7.5, color=color, zorder=12,
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+                            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6})
     for policy, label, marker, size, face, edge, z in _POINTS:
         if not any(r["policy"] == policy for r in rows):
             continue
@@ -215,8 +220,8 @@ def plot_regime_fronts(regime: Regime, rows: list[dict], best: str, path) -> Non
         ax.scatter([x], [y], marker=marker, s=size, facecolors=face, edgecolors=edge, linewidths=1.5, zorder=z)
         handles.append(Line2D([], [], ls="none", marker=marker, ms=np.sqrt(size) * 0.8, markerfacecolor=face,
                               markeredgecolor=edge, markeredgewidth=1.5, label=label))
-    finite = [v for v in energies if np.isfinite(v) and v > 0]
-    if finite and max(finite) / min(finite) > 20:
+    finite = [v for v in energies if np.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:  # a zero energy (nothing executed) stays linear
         ax.set_xscale("log")
     ax.set_xlabel("energy per token (J)")
     ax.set_ylabel("real next-byte accuracy")

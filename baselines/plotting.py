@@ -10,8 +10,8 @@ import textwrap
 
 import numpy as np
 
-__all__ = ["pyplot", "is_constant", "split_constant", "panel_grid", "shared_legend", "wrap", "short_names",
-           "MAX_ASPECT"]
+__all__ = ["pyplot", "is_constant", "split_constant", "panel_grid", "shared_legend", "wrap", "wrap_label",
+           "short_names", "MAX_ASPECT"]
 
 #: the widest figure (width / height) the helpers produce: no panel strips
 MAX_ASPECT = 2.2
@@ -83,6 +83,7 @@ def shared_legend(fig, axes, *, spare=None, notes: list[str] = (), ncol: int | N
             if lab not in labels and not lab.startswith("_"):
                 handles.append(h)
                 labels.append(lab)
+    labels = [wrap_label(lab) for lab in labels]
     if spare is not None:
         if handles:
             spare.legend(handles, labels, loc="upper center", fontsize=8, frameon=False,
@@ -97,6 +98,26 @@ def shared_legend(fig, axes, *, spare=None, notes: list[str] = (), ncol: int | N
     for i, note in enumerate(notes):
         fig.text(0.5, 0.008 + 0.035 * (len(notes) - 1 - i), note, ha="center", va="bottom", fontsize=7.5,
                  color="0.3")
+
+
+def wrap_label(label: str, width: int = 40) -> str:
+    """A long legend label (a model path) on several lines, broken after "/" where possible, never cut."""
+    if len(label) <= width:
+        return label
+    lines, line = [], ""
+    for part in label.replace("/", "/\0").split("\0"):
+        while len(part) > width:  # a piece without "/" longer than a line
+            if line:
+                lines.append(line)
+                line = ""
+            lines.append(part[:width])
+            part = part[width:]
+        if len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        line += part
+    lines.append(line)
+    return "\n".join(x for x in lines if x)
 
 
 def wrap(title: str, width: int = 80) -> str:

@@ -141,8 +141,9 @@ def plot_tradeoff(rows: list[dict], path) -> None:
             s, x, xe, y, ye = (np.array(c, dtype=float) for c in zip(*pts))
             color = f"C{i % 10}"
             ax.errorbar(x, y, xerr=np.nan_to_num(xe), fmt="none", ecolor=color, alpha=0.3, elinewidth=0.8)
-            ax.errorbar(x, y, yerr=np.nan_to_num(ye), marker=markers[i % len(markers)], ms=4, capsize=3, lw=1.2,
-                        elinewidth=1.0, color=color, label=pol)
+            # earlier policies get larger markers, so a policy whose points coincide with a later one's still shows
+            ax.errorbar(x, y, yerr=np.nan_to_num(ye), marker=markers[i % len(markers)], ms=max(3.5, 8 - 1.2 * i),
+                        capsize=3, lw=1.2, elinewidth=1.0, color=color, label=pol)
             if len(pts) > 1 and len({round(v, 15) for v in x}) > 1:
                 for k, dy in ((0, -11), (len(pts) - 1, 5)):
                     ax.annotate(f"x{s[k]:g}", (x[k], y[k]), textcoords="offset points", xytext=(4, dy), fontsize=7,

@@ -94,6 +94,7 @@ def _check_panels(fig, *, error_bars=True):
     legend_box = legends[0].get_window_extent(renderer)
     for ax in axes:
         assert not legend_box.overlaps(ax.get_window_extent(renderer)), "the legend covers a panel"
+    assert legend_box.x0 >= 0 and legend_box.x1 <= fig.bbox.width and legend_box.y0 >= 0, "the legend is cut"
     for text in [fig._suptitle] + [ax.title for ax in axes]:
         if text is not None and text.get_text():
             box = text.get_window_extent(renderer)
@@ -142,6 +143,16 @@ def test_tradeoff_plot_is_readable(tmp_path, figures):
     labels = [ax.get_ylabel() for ax in _data_axes(fig)]
     assert len(labels) == 3, labels  # correct, same, deviation; full is constant by construction
     assert any("full model's accuracy = 0.4688" in t.get_text() for ax in fig.axes for t in ax.texts + fig.texts)
+
+
+def test_tradeoff_plot_keeps_long_names_whole(tmp_path, figures):
+    long_c = "ppo:/tmp/some/deeper/folder/runs/ppo/wide_env-WideMoE-v0_1/final_model.zip"
+    plot_tradeoff(_summary_rows(policies=(PPO_A, PPO_B, long_c, "topk")), tmp_path / "tradeoff.png")
+    (fig,) = figures
+    _check_panels(fig)
+    legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)
+    texts = [t.get_text().replace("\n", "") for t in legend.get_texts()]
+    assert texts == [PPO_A, PPO_B, long_c, "topk"], "the plot must keep the full names"
 
 
 def test_tradeoff_plot_with_one_panel(tmp_path, figures):
