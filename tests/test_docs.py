@@ -332,3 +332,25 @@ def test_simplifications_agree_with_the_model_sections(model_doc):
     policies = _section(model_doc, "policies")
     assert '"Feasible" means `deadline_probability > 0`' in policies, (
         "docs/model.md: feasibility is deadline_probability > 0 in the code (baselines/policies.py)")
+
+
+def test_model_doc_lists_every_info_key_and_reward_term(model_doc):
+    from wide_env.envs.decode import ACCURACY_KEYS, INFO_KEYS
+    from wide_env.envs.model_backend import LiveGating
+
+    info = _section(model_doc, "decode-env")
+    keys = set(INFO_KEYS) | set(ACCURACY_KEYS) | set(LiveGating.extra_keys)
+    missing = sorted(k for k in keys if f"`{k}`" not in info)
+    assert not missing, f"docs/model.md's decoding environment section does not name the info keys {missing}"
+    formula = info[info.index('<a id="reward"></a>'):]
+    formula = formula[:formula.index("```", formula.index("```") + 3)]
+    terms = sorted(k for k in INFO_KEYS if k.startswith("reward_") and k not in formula)
+    assert not terms, f"docs/model.md's reward formula lacks {terms}"
+
+
+def test_readme_names_the_live_backend_info_keys(readme):
+    from wide_env.envs.model_backend import LiveGating
+
+    section = _readme_section(readme, "Reward and info")
+    missing = [k for k in LiveGating.extra_keys if f"`{k}`" not in section]
+    assert not missing, f"README.md's 'Reward and info' does not name the live backend's info keys {missing}"
