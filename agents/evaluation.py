@@ -51,14 +51,14 @@ def plot_learning_curve(eval_rows: list[dict], reference: list[dict], path: Path
     95% CI bands on the agent's means and the reference policies as horizontal lines (their CI shaded). A panel
     whose values (agent and references) are constant, e.g. no deadline misses or ``accuracy_full`` (the full
     model's accuracy, constant by construction), is named in a note instead of drawn; one legend for all panels."""
-    from baselines.plotting import panel_grid, pyplot, shared_legend, split_constant, wrap
+    from baselines.plotting import ACCURACY_LABELS, panel_grid, pyplot, shared_legend, split_constant, wrap
 
     if not eval_rows:
         return
     acc_keys = sorted({k for r in eval_rows for k in r if k.startswith("accuracy_") and not k.endswith("_ci95")})
     panels = [("energy_per_token_j", "energy per token (J)"), ("violation_rate", "deviation-budget violation rate")]
     panels += [("deadline_misses_per_token", "deadline misses per token")]
-    panels += [(k, k.replace("_", " ")) for k in acc_keys]
+    panels += [(k, ACCURACY_LABELS.get(k, k.replace("_", " "))) for k in acc_keys]
     panels, notes = split_constant(panels, lambda key: [r.get(key, np.nan) for r in [*eval_rows, *reference]])
     fig, axes, spare = panel_grid(len(panels), panel_w=5.0, panel_h=3.6, note_rows=len(notes) + 1)
     x = np.array([r["timesteps"] for r in eval_rows], dtype=float)
@@ -84,7 +84,7 @@ def plot_learning_curve(eval_rows: list[dict], reference: list[dict], path: Path
     ci_note = "band (agent) and bars at the right edge (references): 95% CI of the evaluation episodes' mean"
     shared_legend(fig, axes, spare=spare, notes=[*notes, ci_note])
     if title:
-        fig.suptitle(wrap(title, 90), fontsize=10)
+        fig.suptitle(wrap(title, int(fig.get_figwidth() * 11)), fontsize=10)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
 

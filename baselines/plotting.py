@@ -11,7 +11,11 @@ import textwrap
 import numpy as np
 
 __all__ = ["pyplot", "is_constant", "split_constant", "panel_grid", "shared_legend", "wrap", "wrap_label",
-           "short_names", "MAX_ASPECT"]
+           "short_names", "MAX_ASPECT", "ACCURACY_LABELS"]
+
+#: axis labels of the accuracy_* columns
+ACCURACY_LABELS = {"accuracy_correct": "next-byte accuracy (correct)", "accuracy_same": "same prediction as full model",
+                   "accuracy_full": "full model's accuracy"}
 
 #: the widest figure (width / height) the helpers produce: no panel strips
 MAX_ASPECT = 2.2
@@ -58,6 +62,8 @@ def panel_grid(n: int, *, panel_w: float = 5.2, panel_h: float = 4.0, legend_row
     below the panels for it."""
     plt = pyplot()
     ncols = 1 if n <= 1 else 2
+    if n <= 1:
+        panel_w = max(panel_w, 6.4)  # room for the legend and notes below a single panel
     nrows = max(1, math.ceil(n / ncols))
     spare_cell = ncols * nrows > n
     bottom_in = 0.0 if spare_cell else 0.45 + 0.22 * (legend_rows + note_rows)
@@ -91,13 +97,15 @@ def shared_legend(fig, axes, *, spare=None, notes: list[str] = (), ncol: int | N
         text = "\n".join(textwrap.fill(note, 60) for note in notes)
         spare.text(0.5, 0.02, text, ha="center", va="bottom", fontsize=7.5, color="0.3", transform=spare.transAxes)
         return
+    chars = int(fig.get_figwidth() * 14)  # characters of 7.5 pt text across the figure
+    lines = [w for note in notes for w in textwrap.wrap(note, chars)]
+    line_h = 7.5 * 1.3 / 72 / fig.get_figheight()  # one line of note text, in figure fractions
+    if lines:
+        fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=7.5, color="0.3", linespacing=1.3)
     if handles:
         ncol = ncol or min(len(labels), 3 if max(len(lab) for lab in labels) > 24 else 4)
         fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
-                   bbox_to_anchor=(0.5, 0.035 * len(notes)))
-    for i, note in enumerate(notes):
-        fig.text(0.5, 0.008 + 0.035 * (len(notes) - 1 - i), note, ha="center", va="bottom", fontsize=7.5,
-                 color="0.3")
+                   bbox_to_anchor=(0.5, 0.015 + line_h * len(lines)))
 
 
 def wrap_label(label: str, width: int = 40) -> str:

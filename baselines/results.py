@@ -121,12 +121,10 @@ def plot_tradeoff(rows: list[dict], path) -> None:
     """Accuracy (if reported) and deviation vs energy per token, one curve per policy over the budget scales, with
     95% CI error bars on both means; panels constant by construction (e.g. ``accuracy_full``, the full model's
     accuracy) are named in a note instead of drawn; one legend for all panels."""
-    from baselines.plotting import panel_grid, pyplot, shared_legend, split_constant, wrap
+    from baselines.plotting import ACCURACY_LABELS, panel_grid, pyplot, shared_legend, split_constant, wrap
 
     acc_keys = sorted({k for r in rows for k in r if k.startswith("accuracy_") and not k.endswith("_ci95")})
-    labels = {"accuracy_correct": "next-byte accuracy (correct)", "accuracy_same": "same prediction as full model",
-              "accuracy_full": "full model's accuracy"}
-    panels = [(k, labels.get(k, k.replace("_", " "))) for k in acc_keys]
+    panels = [(k, ACCURACY_LABELS.get(k, k.replace("_", " "))) for k in acc_keys]
     panels.append(("deviation", "mean deviation per layer (model units)"))
     panels, notes = split_constant(panels, lambda key: [r.get(key, float("nan")) for r in rows])
     policies = list(dict.fromkeys(r["policy"] for r in rows))
@@ -156,7 +154,8 @@ def plot_tradeoff(rows: list[dict], path) -> None:
     notes = notes + ["error bars: 95% CI of the episode means (energy: faint); xS = budget scale at a curve's ends"]
     shared_legend(fig, axes, spare=spare, notes=notes)
     env = rows[0]["env"] if rows else ""
-    fig.suptitle(wrap(f"{env}: trade-off while sweeping the deviation budget", 90), fontsize=10)
+    fig.suptitle(wrap(f"{env}: trade-off while sweeping the deviation budget", int(fig.get_figwidth() * 11)),
+                 fontsize=10)
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
 

@@ -191,7 +191,7 @@ def test_learning_curve_has_no_flat_panels_and_one_legend(tmp_path, figures):
     labels = [ax.get_ylabel() for ax in _data_axes(fig)]
     assert not any("violation" in lab or "misses" in lab for lab in labels), f"flat-zero panels drawn: {labels}"
     notes = " ".join(t.get_text() for ax in fig.axes for t in ax.texts) + " ".join(t.get_text() for t in fig.texts)
-    assert "deadline misses per token = 0" in notes and "accuracy full = 0.4375" in notes
+    assert "deadline misses per token = 0" in notes and "full model's accuracy = 0.4375" in notes
 
 
 def _regime_episode_rows(regime, n=10, scales=(0.125, 0.5, 1.0, 4.0, 16.0)) -> list[dict]:
