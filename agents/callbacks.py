@@ -151,7 +151,8 @@ class CheckpointEvalCallback(BaseCallback):
         row = self.evaluate_fn(self.model)
         rec = {"timesteps": n, "wall_s": round(self.wall(), 2)}
         rec.update({k: row[k] for k in EVAL_FIELDS[2:] if k in row})
-        rec.update({k: row[k] for k in row if k.startswith("accuracy_") and not k.endswith("_ci95")})
+        # the accuracies and the 95% CIs of the means (the learning curve's bands)
+        rec.update({k: row[k] for k in row if k.startswith("accuracy_") or k.endswith("_ci95")})
         self.append_eval(rec)
         try:
             for k, v in rec.items():

@@ -37,10 +37,13 @@ def write_comparison(cfg, run_dir, model, problem, vecnorm, reference, eval_rows
                     seed=int(cfg["eval_seed"]), episode_rows=ep_rows)
     add_relative_columns(rows)
     table = format_table(rows)
+    from baselines.plotting import short_names
+
+    short = short_names(r["policy"] for r in rows)  # the same distinct names as the table above
     extra = ["", f"{'policy':<24} {'% of SiftMoE energy':>20} {'viol % above SiftMoE':>21}"]
     for r in rows:
         if "energy_pct_of_siftmoe" in r:
-            extra.append(f"{r['policy'][:24]:<24} {r['energy_pct_of_siftmoe']:>20.1f} "
+            extra.append(f"{short[r['policy']]:<24} {r['energy_pct_of_siftmoe']:>20.1f} "
                          f"{100 * r['violation_rate_above_siftmoe']:>21.2f}")
     if rows[0].get("vec_env") == "native":
         seeds = f"one batch on the native vector env, seed {cfg['eval_seed']}"

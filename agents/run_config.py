@@ -26,12 +26,19 @@ RESUME_FIXED = (("algo", "algo", "--algo"), ("env", "env", "--env"), ("env_kwarg
                 ("tensorboard_log", "tensorboard_log", "-tb/--tensorboard-log"))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where it has one (None: the help text says where the value comes from)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train an RL agent on a WIDE environment and compare it with SiftMoE and Top-K. "
                     "With no arguments: a short demonstration run on wide_env/WideMoE-v0.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--algo", default=None, choices=TRAINABLE_ALGORITHMS, help="RL algorithm (default ppo)")
     p.add_argument("--env", default=None, help=f"registered environment id (default {DEFAULT_ENV})")
     p.add_argument("--env-kwargs", default=None,

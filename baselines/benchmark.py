@@ -46,9 +46,8 @@ from pathlib import Path
 
 from baselines.agent_plugin import agent_plugin
 from baselines.benchmark_regimes import FULL, QUICK, REGIMES, SELECTION_SEED, TEST_SEED, TRAIN_SEED, Regime
-from baselines.benchmark_scoring import (baseline_labels, choose_best, equal_accuracy, format_table, regime_rows,
-                                         summary_of)
-from baselines.equal_accuracy import episode_matrix, plot_fronts
+from baselines.benchmark_scoring import (baseline_labels, choose_best, equal_accuracy, format_table, plot_regime_fronts,
+                                         regime_rows)
 from baselines.results import write_csv
 from baselines.rollout import evaluate_policies
 
@@ -117,18 +116,7 @@ def _sweep(regime: Regime, model: str, *, episodes: int, seed: int, scales, sett
 
 
 def _plot(regime: Regime, rows: list[dict], best: str, path: Path) -> None:
-    curves = {}
-    for label in baseline_labels(regime):
-        energy, scales = episode_matrix(rows, label, "energy_per_token")
-        accuracy, _ = episode_matrix(rows, label, "accuracy_correct")
-        curves[label + (" (best)" if label == best else "")] = (energy.mean(axis=1), accuracy.mean(axis=1), scales)
-    # (the fronts drawn are the baselines' own; the comparison also lets each mix with Top-K, drawn as a point)
-    points = {}
-    for policy, label in (("ppo", "PPO"), ("topk", "Top-K (practical)"), ("topk_ideal", "Top-K (ideal)"),
-                          ("oracle", "oracle (scale 1)")):
-        s = summary_of(rows, policy)
-        points[label] = (s["energy_per_token_j"], s["accuracy"])
-    plot_fronts(curves, points, path, title=f"{regime.env_id}: {regime.what}")
+    plot_regime_fronts(regime, rows, best, path)
 
 
 def run_regime(regime: Regime, out: Path, settings: dict) -> dict:

@@ -12,7 +12,7 @@ from baselines.oracle import gap_closed
 from baselines.results import ci95
 
 __all__ = ["baseline_labels", "baseline_curve", "choose_best", "summary_of", "equal_accuracy", "regime_rows",
-           "format_table", "TOPK_SCALE"]
+           "format_table", "plot_regime_fronts", "TOPK_SCALE"]
 
 
 def baseline_labels(regime: Regime) -> list[str]:
@@ -154,9 +154,83 @@ def format_table(rows: list[dict]) -> str:
             ratio = (f"{bound}{_fmt(r['eq_acc_ratio'], '.3f')} ({_fmt(r['eq_acc_ci_low'], '.3f')}-"
                      f"{_fmt(r['eq_acc_ci_high'], '.3f')}) vs {_fmt(r['baseline_violation_rate_at_acc'], '.2%')} "
                      f"viol, {_fmt(r['baseline_misses_at_acc'], '.3f')} miss")
+        wins = "yes" if r["wins"] is True else ("no" if r["wins"] is False else "")
         lines.append(f"| {r['regime']} | {label} | {_fmt(r['energy_per_token_j'], '.4g')} ± "
                      f"{_fmt(r['energy_per_token_ci95'], '.2g')} | {_fmt(r['energy_rel_topk'], '.3f')} | "
                      f"{_fmt(r['accuracy'], '.4f')} ± {_fmt(r['accuracy_ci95'], '.3f')} | "
                      f"{_fmt(r['violation_rate'], '.2%')} | {_fmt(r['deadline_misses_per_token'], '.3f')} | "
-                     f"{_fmt(r['gap_closed'], '.2f')} | {ratio} | {'yes' if r['wins'] is True else ('no' if r['wins'] is False else '')} |")
+                     f"{_fmt(r['gap_closed'], '.2f')} | {ratio} | {wins} |")
     return "\n".join(lines)
+
+
+#: the single points of a fronts figure: (policy, legend label, marker, size, face colour, edge colour, z-order);
+#: Top-K hollow and large so the agent's filled star drawn last on top of it stays visible where they coincide
+_POINTS = (("topk", "Top-K (practical)", "s", 150, "none", "k", 6), ("topk_ideal", "Top-K (ideal)", "D", 110, "none",
+           "0.45", 6), ("oracle", "oracle (scale 1)", "v", 70, "0.35", "0.35", 7), ("ppo", "PPO", "*", 190, "tab:red",
+           "darkred", 10))
+
+
+def plot_regime_fronts(regime: Regime, rows: list[dict], best: str, path) -> None:
+    """``fronts_REGIME.png``: each baseline's accuracy-energy points over its budget scales and practical Top-K with
+    the convex front the equal-accuracy comparison interpolates on (drawn to Top-K, which every front may mix
+    with), 95% CI bars on the means; Top-K, the oracle and PPO as points with their CIs. The legend sits beside
+    the axes, the title is wrapped, and budget scales are written once, at the ends of the best baseline's
+    curve."""
+    from matplotlib.lines import Line2D
+
+    from baselines.plotting import pyplot, wrap
+
+    plt = pyplot()
+    fig = plt.figure(figsize=(10.5, 5.6))
+    ax = fig.add_axes((0.08, 0.11, 0.56, 0.74))
+    handles = []
+    energies = []
+    for i, label in enumerate(baseline_labels(regime)):
+        curve = baseline_curve(rows, label)
+        e, a = curve["energy"].mean(axis=1), curve["accuracy"].mean(axis=1)
+        e_ci = np.array([ci95(v) for v in curve["energy"]])
+        a_ci = np.array([ci95(v) for v in curve["accuracy"]])
+        # each curve its own colour, marker and dash, earlier ones wider: curves that coincide stay distinguishable
+        color, marker, dash = f"C{i % 10}", "osD^vP"[i % 6], ("-", "--", "-.", ":")[i % 4]
+        width = max(1.0, 3.2 - 0.45 * i) + (0.6 if label == best else 0.0)
+        ax.errorbar(e[1:], a[1:], xerr=np.nan_to_num(e_ci[1:]), yerr=np.nan_to_num(a_ci[1:]), fmt=marker, ms=3.5,
+                    color=color, ecolor=color, elinewidth=0.6, alpha=0.55, capsize=0)
+        front = accuracy_energy_front(e, a)
+        ax.plot(front.energy, front.accuracy, color=color, lw=width, ls=dash, zorder=4 + 0.01 * i)
+        energies += list(e)
+        name = f"{label} (best)" if label == best else label
+        handles.append(Line2D([], [], color=color, marker=marker, ms=4, lw=width, ls=dash, label=name))
+        if label == best:
+            scales = curve["scales"]
+            # inward from the curve's ends: the smallest scale (most energy) to the left, the largest to the right
+            for k, (dx, dy, ha) in ((1, (-14, -22, "right")), (len(scales) - 1, (14, -22, "left"))):
+                ax.annotate(f"scale {scales[k]:g}", (e[k], a[k]), textcoords="offset points", xytext=(dx, dy),
+                            ha=ha, fontsize=7.5, color=color, zorder=12,
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
+                            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6})
+    for policy, label, marker, size, face, edge, z in _POINTS:
+        if not any(r["policy"] == policy for r in rows):
+            continue
+        s = summary_of(rows, policy)
+        x, y = s["energy_per_token_j"], s["accuracy"]
+        energies.append(x)
+        ax.errorbar([x], [y], xerr=[np.nan_to_num(s["energy_per_token_ci95"])],
+                    yerr=[np.nan_to_num(s["accuracy_ci95"])], fmt="none", ecolor=edge, elinewidth=0.9, capsize=2.5,
+                    zorder=z - 1)
+        ax.scatter([x], [y], marker=marker, s=size, facecolors=face, edgecolors=edge, linewidths=1.5, zorder=z)
+        handles.append(Line2D([], [], ls="none", marker=marker, ms=np.sqrt(size) * 0.8, markerfacecolor=face,
+                              markeredgecolor=edge, markeredgewidth=1.5, label=label))
+    finite = [v for v in energies if np.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:  # a zero energy (nothing executed) stays linear
+        ax.set_xscale("log")
+    ax.set_xlabel("energy per token (J)")
+    ax.set_ylabel("real next-byte accuracy")
+    ax.grid(alpha=0.3)
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.66, 0.85), fontsize=8, frameon=False,
+               title="lines: front over budget scales\nand practical Top-K", title_fontsize=8)
+    fig.text(0.66, 0.11, wrap("bars: 95% CI of the episode means; a front mixes two settings (the lower convex "
+                              "envelope), so any point on it is reachable", 48), fontsize=7.5, color="0.3",
+             va="bottom")
+    fig.suptitle(wrap(f"{regime.env_id}: {regime.what}", 75), fontsize=10, x=0.36, ha="center")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["Front", "accuracy_energy_front", "FrontPoint", "energy_at_accuracy", "mix_at_accuracy",
-           "paired_energy_ratio", "episode_matrix", "plot_fronts"]
+           "paired_energy_ratio", "episode_matrix"]
 
 
 class Front(NamedTuple):
@@ -183,36 +183,3 @@ def episode_matrix(episode_rows: list[dict], policy: str, key: str, scales=None)
         else:
             out.append([r[key] for r in sel])
     return np.asarray(out, dtype=np.float64), scales
-
-
-def plot_fronts(curves: dict, agents: dict, path, title: str = "") -> None:
-    """Accuracy-energy fronts. curves: label -> (energy (S,), accuracy (S,), scales (S,)); agents: label ->
-    (energy, accuracy) points (Top-K, the oracle, the agent ...). Each curve's points are drawn with its convex
-    front (the line the equal-accuracy comparison interpolates on)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for i, (label, (energy, accuracy, scales)) in enumerate(curves.items()):
-        color = f"C{i}"
-        ax.scatter(energy, accuracy, s=14, color=color, alpha=0.6)
-        front = accuracy_energy_front(energy, accuracy)
-        ax.plot(front.energy, front.accuracy, color=color, label=f"{label} (front over budget scales)")
-        for k in (0, len(scales) - 1):
-            ax.annotate(f"x{scales[k]:g}", (energy[k], accuracy[k]), textcoords="offset points", xytext=(3, 3),
-                        fontsize=7, color=color)
-    markers = "*Dsv^"
-    for j, (label, (energy, accuracy)) in enumerate(agents.items()):
-        ax.scatter([energy], [accuracy], marker=markers[j % len(markers)], s=110 if j == 0 else 50,
-                   color="k" if j == 0 else f"C{len(curves) + j}", zorder=5, label=label)
-    ax.set_xlabel("energy per token (J)")
-    ax.set_ylabel("real next-byte accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
