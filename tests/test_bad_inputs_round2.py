@@ -110,6 +110,21 @@ def test_trace_topk_weight_must_be_a_combine_weight():
         validate_trace(arrays)
 
 
+def test_trace_topk_weight_may_reach_the_routers_scaling_factor():
+    """DeepSeek's routers multiply their weights by routed_scaling_factor (recorded in meta.sigmoid_router by
+    the HF recorder): weights up to that factor are combine weights, beyond it they are not."""
+    import json
+
+    arrays = _small_trace()
+    arrays["topk_weight"] = arrays["topk_weight"].astype(np.float32)
+    arrays["topk_weight"][3, 1, 0] = 2.4
+    arrays["meta"] = np.array(json.dumps({"sigmoid_router": {"routed_scaling_factor": 2.5}}))
+    validate_trace(arrays)
+    arrays["topk_weight"][3, 1, 0] = 2.6
+    with pytest.raises(TraceError, match=r"'topk_weight' must be combine weights in \[0, 2\.5\].*routed_scaling_factor"):
+        validate_trace(arrays, source="t.npz")
+
+
 @pytest.mark.parametrize("value", [1e-30, 1e-13, 1e13])
 def test_trace_layer_budget_follows_the_configs_range(value):
     arrays = _small_trace()

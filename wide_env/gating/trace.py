@@ -7,6 +7,7 @@ the file, the key and what was expected, so a corrupt or foreign file never half
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -83,12 +84,14 @@ def validate_trace(arrays: Mapping[str, np.ndarray], source: str = "<arrays>") -
     w64 = weight.astype(np.float64)
     if not np.isfinite(w64).all():
         raise _err(source, "topk_weight", "must be finite")
-    outside = (w64 < 0) | (w64 > 1 + TOPK_WEIGHT_SLACK)
+    scale = _routed_scaling_factor(data)
+    outside = (w64 < 0) | (w64 > scale * (1 + TOPK_WEIGHT_SLACK))
     if outside.any():
         t, layer, k = (int(i) for i in np.argwhere(outside)[0])
-        raise _err(source, "topk_weight", f"must be combine weights in [0, 1] (float16 slack {TOPK_WEIGHT_SLACK:.3g}); "
-                   f"token {t}, layer {layer}, slot {k} has {w64[t, layer, k]:.6g}: store the router's Top-K weights "
-                   "(renormalised or raw probabilities), not logits or scaled values")
+        raise _err(source, "topk_weight", f"must be combine weights in [0, {scale:g}] (the router's probabilities"
+                   f"{'' if scale == 1 else ' times its routed_scaling_factor, meta.sigmoid_router'}; float16 slack "
+                   f"{TOPK_WEIGHT_SLACK:.3g}); token {t}, layer {layer}, slot {k} has {w64[t, layer, k]:.6g}: store the "
+                   "router's Top-K weights (renormalised or raw probabilities), not logits or scaled values")
 
     mismatch = data["mismatch"]
     if mismatch.shape != (L, E, E + 1) or not np.issubdtype(mismatch.dtype, np.floating):
@@ -302,6 +305,17 @@ def save_trace(path: str | os.PathLike, compress: bool = True, **arrays: Any) ->
             arrays[key] = np.array(arrays[key])
     data = validate_trace(arrays, source=os.fspath(path))
     (np.savez_compressed if compress else np.savez)(path, **data)
+
+
+def _routed_scaling_factor(data: Mapping[str, np.ndarray]) -> float:
+    """The factor a router multiplies its Top-K weights by (DeepSeek's ``routed_scaling_factor``, recorded by
+    wide_env.modeltools.hf_recorder in ``meta.sigmoid_router``); 1 where the trace records none. A malformed
+    ``meta`` counts as none here: its own check names it."""
+    try:
+        factor = float(trace_meta(data).get("sigmoid_router", {}).get("routed_scaling_factor", 1.0))
+    except (ValueError, TypeError, AttributeError):
+        return 1.0
+    return factor if math.isfinite(factor) and factor >= 1.0 else 1.0
 
 
 def trace_meta(data: Mapping[str, np.ndarray]) -> dict:
