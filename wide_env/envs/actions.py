@@ -27,6 +27,7 @@ def validate_action(action: Any, shape: tuple[int, ...], entries: str, *, altern
                                   arr.shape != (alternative if num_envs is None else (num_envs,) + alternative)):
         raise ValueError(_shape_message(arr.shape, expected, entries, alternative, num_envs, shape))
     kind = arr.dtype.kind
+    final = (1,) + shape if num_envs is None else expected
     if kind == "b":
         out = arr
     elif kind not in "iuf":
@@ -35,14 +36,13 @@ def validate_action(action: Any, shape: tuple[int, ...], entries: str, *, altern
     elif arr.size <= _SMALL:
         if not set(arr.tolist() if arr.ndim == 1 else arr.ravel().tolist()) <= {0, 1}:  # NaN, 2, -1, 0.5 fail
             _bad_value(arr, expected)
-        out = arr.astype(np.bool_)
+        return arr.astype(np.bool_).reshape(final)  # a fresh C-ordered copy: its reshape is C-contiguous
     elif kind in "iu" and arr.itemsize == 1 and not (arr.view(np.uint8) > 1).any():
         out = arr.view(np.bool_)  # MultiBinary's own int8: 0/1 bytes are bools already
     else:
         if not ((arr == 0) | (arr == 1)).all():
             _bad_value(arr, expected)
         out = arr != 0
-    final = (1,) + shape if num_envs is None else expected
     if out.shape != final:
         out = out.reshape(final)
     return out if out.flags.c_contiguous else np.ascontiguousarray(out)

@@ -11,6 +11,7 @@ named by :attr:`EpisodeBatch.fields`), the observation, then the reward, summed 
 from __future__ import annotations
 
 import numbers
+from operator import itemgetter
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class EpisodeBatch:
         self._int_cols = [self.fields.index[key][1] for key in self.int_keys]
         # the same columns as slices where they are contiguous (a slice is a view: the cheaper gather)
         self._float_at, self._int_at = _columns(self._float_cols), _columns(self._int_cols)
+        self._pick_floats, self._pick_ints = _picker(self._float_at), _picker(self._int_at)
         self._reward_col = self.fields.index["reward"][1]
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
@@ -132,14 +134,21 @@ class EpisodeBatch:
 
     def step_result_one(self, outcome, row: int = 0) -> tuple[float, dict]:
         """One row's reward and step info as Python numbers (the single env's)."""
-        values = outcome.values[row]
-        info = dict(zip(self.float_keys, values[self._float_at].tolist()))
-        info.update(zip(self.int_keys, outcome.counts[row, self._int_at].tolist()))
-        return float(values[self._reward_col]), info
+        values = outcome.values[row].tolist()  # one conversion; the columns are picked from the Python list
+        info = dict(zip(self.float_keys, self._pick_floats(values)))
+        info.update(zip(self.int_keys, self._pick_ints(outcome.counts[row].tolist())))
+        return values[self._reward_col], info
 
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""
         return self.sim.reset_info(self.state)
+
+
+def _picker(at):
+    """A C-level getter of the columns ``at`` (a slice or an index list) from a row converted to a list."""
+    if type(at) is slice:
+        return itemgetter(at)
+    return itemgetter(*at) if len(at) > 1 else (lambda items: [items[i] for i in at])
 
 
 def _columns(cols: list[int]):
