@@ -22,6 +22,11 @@ def validate_action(action: Any, shape: tuple[int, ...], entries: str, *, altern
     of shape (1 or num_envs,) + ``shape`` (a tuple); ``entries`` says what one env's entries mean (for the error
     messages); ``alternative`` is another accepted shape (a tuple) of one env's action (same entries, C order)."""
     arr = action if type(action) is np.ndarray else np.asarray(action)
+    if num_envs is None and arr.shape == shape and arr.size <= _SMALL and arr.dtype.kind in "iuf":
+        # one env's action (the single envs' every step): the short path of the checks below
+        if not set(arr.tolist() if arr.ndim == 1 else arr.ravel().tolist()) <= {0, 1}:  # NaN, 2, -1, 0.5 fail
+            _bad_value(arr, shape)
+        return arr.astype(np.bool_).reshape((1,) + shape)
     expected = shape if num_envs is None else (num_envs,) + shape
     if arr.shape != expected and (alternative is None or
                                   arr.shape != (alternative if num_envs is None else (num_envs,) + alternative)):

@@ -11,7 +11,6 @@ named by :attr:`EpisodeBatch.fields`), the observation, then the reward, summed 
 from __future__ import annotations
 
 import numbers
-from operator import itemgetter
 
 import numpy as np
 
@@ -54,7 +53,7 @@ class EpisodeBatch:
         self._int_cols = [self.fields.index[key][1] for key in self.int_keys]
         # the same columns as slices where they are contiguous (a slice is a view: the cheaper gather)
         self._float_at, self._int_at = _columns(self._float_cols), _columns(self._int_cols)
-        self._pick_floats, self._pick_ints = _picker(self._float_at), _picker(self._int_at)
+        self._sliced = type(self._float_at) is slice and type(self._int_at) is slice
         self._reward_col = self.fields.index["reward"][1]
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
@@ -135,20 +134,18 @@ class EpisodeBatch:
     def step_result_one(self, outcome, row: int = 0) -> tuple[float, dict]:
         """One row's reward and step info as Python numbers (the single env's)."""
         values = outcome.values[row].tolist()  # one conversion; the columns are picked from the Python list
-        info = dict(zip(self.float_keys, self._pick_floats(values)))
-        info.update(zip(self.int_keys, self._pick_ints(outcome.counts[row].tolist())))
+        counts = outcome.counts[row].tolist()
+        if self._sliced:  # the usual layout: one list slice each
+            info = dict(zip(self.float_keys, values[self._float_at]))
+            info.update(zip(self.int_keys, counts[self._int_at]))
+        else:
+            info = dict(zip(self.float_keys, [values[i] for i in self._float_cols]))
+            info.update(zip(self.int_keys, [counts[i] for i in self._int_cols]))
         return values[self._reward_col], info
 
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""
         return self.sim.reset_info(self.state)
-
-
-def _picker(at):
-    """A C-level getter of the columns ``at`` (a slice or an index list) from a row converted to a list."""
-    if type(at) is slice:
-        return itemgetter(at)
-    return itemgetter(*at) if len(at) > 1 else (lambda items: [items[i] for i in at])
 
 
 def _columns(cols: list[int]):
