@@ -80,7 +80,7 @@ def test_deadline_probability_is_calibrated(persistence):
     p_seen, met = [], []
     for _ in range(64):
         p = obs["deadline_probability"].astype(np.float64)
-        state = env._core.state
+        state = env.episode_batch.state
         meets = env.sim.view(state).meets_deadline
         obs, *_ = env.step(np.ones((64, 8), dtype=np.int8))
         p_seen.append(p.ravel())

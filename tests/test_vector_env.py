@@ -141,12 +141,12 @@ def test_sub_env_b_of_a_batch_equals_a_single_env_with_the_same_draws(config):
     for b in range(6):
         env = wide_env.envs.WideMoEEnv(config)
         env.reset(seed=0)
-        env._batch.state = vec._core.state.take([b])
-        env._batch.obs = vec._core.obs[b:b + 1].copy()
+        env._batch.state = vec.episode_batch.state.take([b])
+        env._batch.obs = vec.episode_batch.obs[b:b + 1].copy()
         singles.append(env)
     for _ in range(2 * vec.problem.n_layers):
         actions = rng.integers(0, 2, (6, 8))
-        pending = vec._core.pending.copy()
+        pending = vec.episode_batch.pending.copy()
         assert not pending.any()  # no episode ends inside these steps (n_tokens >= 3)
         obs, reward, _, trunc, info = vec.step(actions)
         for b, env in enumerate(singles):
@@ -190,7 +190,7 @@ def test_batch_view_rows_equal_single_episode_views():
         env = WideMoEVectorEnv(5, config=config)
         env.reset(seed=0)
         for t in range(12):
-            state = env._core.state
+            state = env.episode_batch.state
             if t == 6:
                 env.reset(options={"reset_mask": np.array([False, True, False, True, False])})
             batch = env.sim.view(state)
@@ -275,7 +275,7 @@ def test_next_step_autoreset_with_sub_envs_out_of_step():
     env.reset(options={"reset_mask": np.array([False, True, False])})  # sub-env 1 restarts, 3 steps behind
     truncated_at = {}
     for t in range(14):
-        before = env._core.pending.copy()
+        before = env.episode_batch.pending.copy()
         obs, reward, _, trunc, info = env.step(np.ones((3, 8), dtype=np.int8))
         for i in np.flatnonzero(before):
             assert reward[i] == 0 and not trunc[i] and obs["position"][i, 0] == 0

@@ -153,3 +153,17 @@ def _columns(cols: list[int]):
     if cols and cols == list(range(cols[0], cols[0] + len(cols))):
         return slice(cols[0], cols[0] + len(cols))
     return cols
+
+
+class EpisodeBatchHandle:
+    """The env front ends' public handle to the batched core they drive (``self._batch``)."""
+
+    _batch: EpisodeBatch
+
+    @property
+    def episode_batch(self) -> EpisodeBatch:
+        """The batched core this env drives (:class:`EpisodeBatch`): ``.sim`` (the phase's simulator,
+        :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before ``reset``), ``.obs``;
+        for policies that need the simulator (the oracle, span statistics). Read it, do not step it: the env owns
+        the episodes."""
+        return self._batch

@@ -13,7 +13,7 @@ from gymnasium import spaces
 
 from wide_env.config import WideConfig
 from wide_env.envs.actions import validate_action
-from wide_env.envs.batch import EpisodeBatch
+from wide_env.envs.batch import EpisodeBatch, EpisodeBatchHandle
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 
@@ -69,7 +69,7 @@ def observation_space_for(layout, flatten: bool) -> spaces.Space:
     return spaces.Dict(boxes)
 
 
-class WideMoEEnv(gym.Env):
+class WideMoEEnv(EpisodeBatchHandle, gym.Env):
     """
     ## Description
 
@@ -191,13 +191,6 @@ class WideMoEEnv(gym.Env):
         self._slice_items = tuple(sim.obs_slices.items())
         self._last: dict | None = None
 
-    @property
-    def episode_batch(self) -> EpisodeBatch:
-        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
-        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
-        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
-        step it: the env owns the episodes."""
-        return self._batch
 
     @property
     def _state(self):

@@ -13,7 +13,7 @@ from gymnasium import spaces
 
 from wide_env.config import WideConfig
 from wide_env.envs.actions import validate_action
-from wide_env.envs.batch import EpisodeBatch
+from wide_env.envs.batch import EpisodeBatch, EpisodeBatchHandle
 from wide_env.envs.decode import observation_space_for
 from wide_env.gating import make_gating_source
 from wide_env.sim.prefill import PrefillSimulator
@@ -55,7 +55,7 @@ def prefill_entries(prompt_tokens: int, n_experts: int) -> str:
             f"expert e for token t)")
 
 
-class WideMoEPrefillEnv(gym.Env):
+class WideMoEPrefillEnv(EpisodeBatchHandle, gym.Env):
     """
     ## Description
 
@@ -157,13 +157,6 @@ class WideMoEPrefillEnv(gym.Env):
         self._batch = EpisodeBatch(sim, 1)
         self._last: dict | None = None
 
-    @property
-    def episode_batch(self) -> EpisodeBatch:
-        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
-        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
-        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
-        step it: the env owns the episodes."""
-        return self._batch
 
     @property
     def _state(self):

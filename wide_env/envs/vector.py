@@ -19,7 +19,7 @@ from gymnasium.vector.utils import batch_space
 
 from wide_env.config import WideConfig
 from wide_env.envs.actions import validate_action
-from wide_env.envs.batch import EpisodeBatch
+from wide_env.envs.batch import EpisodeBatch, EpisodeBatchHandle
 from wide_env.envs.decode import build_problem, observation_space_for
 from wide_env.envs.prefill import build_prefill_problem, prefill_entries
 from wide_env.gating import make_gating_source
@@ -30,7 +30,7 @@ from wide_env.sim.prefill import PrefillSimulator
 RESET_INFO_KEYS = DecodeSimulator.RESET_INFO_KEYS
 
 
-class BatchedVectorEnv(VectorEnv):
+class BatchedVectorEnv(EpisodeBatchHandle, VectorEnv):
     """The Gymnasium vector-env contract (autoreset modes, vector info with masks, seeding) over an
     :class:`EpisodeBatch`; subclasses choose the simulator, the spaces and the action layout."""
 
@@ -45,16 +45,16 @@ class BatchedVectorEnv(VectorEnv):
             mode = AutoresetMode(autoreset_mode)
         except ValueError:
             raise ValueError(f"autoreset_mode={autoreset_mode!r}; choose one of {[m for m in AutoresetMode]}") from None
-        self._core = EpisodeBatch(sim, num_envs, max_episode_steps)
+        self._batch = EpisodeBatch(sim, num_envs, max_episode_steps)
         self.sim = sim
         self.config = sim.config
-        self.num_envs = self._core.num_envs
+        self.num_envs = self._batch.num_envs
         self.render_mode = None
         self.autoreset_mode = mode
         self.metadata = {**type(self).metadata, "autoreset_mode": mode}
-        self.problem = make_problem(self._core)
+        self.problem = make_problem(self._batch)
         #: every step's info keys (the single env's)
-        self.info_keys = self._core.info_keys
+        self.info_keys = self._batch.info_keys
         self.single_observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.single_action_space = single_action_space
@@ -65,17 +65,10 @@ class BatchedVectorEnv(VectorEnv):
         self._all_true.flags.writeable = False
         self._all_true_masks = {"_" + key: self._all_true for key in self.info_keys}
 
-    @property
-    def episode_batch(self) -> EpisodeBatch:
-        """The batched core this env drives (:class:`wide_env.envs.batch.EpisodeBatch`): ``.sim`` (the phase's
-        simulator, :class:`wide_env.sim.protocol.Simulator`), ``.state`` (the episodes' state, None before
-        ``reset``), ``.obs``; for policies that need the simulator (the oracle, span statistics). Read it, do not
-        step it: the env owns the episodes."""
-        return self._core
 
     @property
     def max_episode_steps(self) -> int | None:
-        return self._core.max_episode_steps
+        return self._batch.max_episode_steps
 
     @property
     def _rng(self):
@@ -100,7 +93,7 @@ class BatchedVectorEnv(VectorEnv):
             super().reset(seed=seed)
             if seed is not None:
                 self._row_rngs = None
-        core = self._core
+        core = self._batch
         mask = None if options is None else options.get("reset_mask")
         if mask is None:
             core.reset_all(self._rng)
@@ -123,7 +116,7 @@ class BatchedVectorEnv(VectorEnv):
 
     def step(self, actions):
         """Step every sub-env; returns (observations, rewards, terminations, truncations, info)."""
-        core = self._core
+        core = self._batch
         if core.state is None:
             raise RuntimeError("call reset() before step()")
         executed = self._to_executed(actions)
@@ -191,13 +184,13 @@ class BatchedVectorEnv(VectorEnv):
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary masks: (num_envs, 2A) bool, pairs [may be 0, may be 1] per action entry;
         entries that cannot meet the deadline are masked to 0 while deadline enforcement is on."""
-        return self._core.action_masks()
+        return self._batch.action_masks()
 
     def current_view(self):
         """The simulator's batched view of the current layer (for analytic policies and tests)."""
-        if self._core.state is None:
+        if self._batch.state is None:
             raise RuntimeError("call reset() before current_view()")
-        return self.sim.view(self._core.state)
+        return self.sim.view(self._batch.state)
 
     def render(self):
         gym.logger.warn(f"{type(self).__name__} does not render; use gym.make_vec(..., vectorization_mode='sync', "
@@ -205,7 +198,7 @@ class BatchedVectorEnv(VectorEnv):
         return None
 
     def close_extras(self, **kwargs: Any) -> None:
-        core = getattr(self, "_core", None)  # absent when the constructor failed
+        core = getattr(self, "_batch", None)  # absent when the constructor failed
         if core is not None:
             core.state = None
 

@@ -95,7 +95,7 @@ class WideMoESB3VecEnv(VecEnv):
                              f"make_vec_env(..., vec_env_cls=DummyVecEnv) to render sub-envs")
         self._vector = vector_cls(num_envs, config=config, max_episode_steps=max_episode_steps, preset=preset,
                                   **vector_kwargs)
-        self._core = self._vector._core
+        self._core = self._vector.episode_batch
         info_keys = self._core.info_keys if info_keys is None else tuple(info_keys)
         unknown = [k for k in info_keys if k not in self._core.info_keys]
         if unknown:
