@@ -17,10 +17,12 @@ Needs ``pip install -e ".[train,rllib]"`` in its own environment (ray[rllib] 2.6
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from agents.common import (UsageError, check_env_id, load_hyperparams, parse_env_kwargs)
@@ -65,11 +67,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _learning_rate(value, total_steps: int):
-    """A float, or ``lin_X`` (the YAML's linear decay X -> 0) as RLlib's piecewise schedule."""
-    if isinstance(value, str) and value.startswith("lin_"):
-        start = float(value[4:])
-        return [[0, start], [max(int(total_steps), 1), 0.0]]
+    """A number, or ``lin_X`` (the YAML's linear decay X -> 0) as RLlib's piecewise schedule."""
+    try:
+        if isinstance(value, str) and value.startswith("lin_"):
+            return [[0, float(value[4:])], [max(int(total_steps), 1), 0.0]]
+        if not isinstance(value, bool):
+            return float(value)
+    except ValueError:
+        pass
+    raise UsageError(f"learning_rate = {value!r}: expected a number or 'lin_X' (linear decay from X to 0)")
+
+
+#: ppo.yml keys the RLlib run maps to PPOConfig (learning_rate, gamma, ... below; policy_kwargs: the module's options)
+MAPPED_KEYS = ("n_envs", "n_steps", "batch_size", "n_epochs", "learning_rate", "gamma", "gae_lambda", "clip_range",
+               "ent_coef", "vf_coef", "max_grad_norm", "policy", "policy_kwargs")
+#: ppo.yml keys of train.py's run (budget, evaluation and checkpoint schedule, SB3's VecEnv kind): not training
+#: settings, so the RLlib run has its own (--iterations, --eval-episodes)
+RUN_ONLY_KEYS = ("n_timesteps", "demo_timesteps", "eval_freq", "eval_episodes", "save_freq", "vec_env")
+
+
+def _number(env_id: str, hp: dict, key: str, default: float) -> float:
+    value = hp.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{env_id}'s PPO setting {key} = {value!r}: the RLlib run takes a number here (a 'lin_X' "
+                         "schedule only for learning_rate)")
     return float(value)
+
+
+def _check_settings(env_id: str, hp: dict) -> None:
+    """Refuse an id whose PPO settings the RLlib run would not reproduce (reward shaping and VecNormalize are
+    SB3-trainer features; another policy is not this module)."""
+    other = sorted(set(hp) - set(MAPPED_KEYS) - set(RUN_ONLY_KEYS))
+    if other:
+        raise UsageError(f"{env_id}'s PPO settings (agents/hyperparams/ppo.yml) use {other}, which only train.py's "
+                         "SB3 trainer applies (reward_shaping: agents/shaping.py, normalize: VecNormalize); train "
+                         "this id with train.py")
+    if hp.get("policy", "expert_set") != "expert_set":
+        raise UsageError(f"{env_id}'s PPO settings choose the policy {hp['policy']!r}; the RLlib run trains the "
+                         "expert-set module only")
 
 
 def ppo_config(env_id: str, env_kwargs: dict, *, hp: dict, iterations: int, seed: int):
@@ -80,30 +115,29 @@ def ppo_config(env_id: str, env_kwargs: dict, *, hp: dict, iterations: int, seed
     import wide_env.integrations.rllib as wide_rllib
     from agents.rllib_module import expert_set_spec
 
-    if hp.get("reward_shaping"):
-        raise UsageError(f"{env_id}'s PPO settings use reward_shaping ({hp['reward_shaping']}), which only the SB3 "
-                         "trainer applies (agents/shaping.py); train this id with train.py")
+    _check_settings(env_id, hp)
     wide_rllib.register([env_id])
-    n_envs, n_steps = int(hp.get("n_envs", 8)), int(hp.get("n_steps", 64))
-    rollout = n_envs * n_steps
+    # where the YAML is silent: SB3 PPO's defaults, so both trainers read one file the same way
+    num = functools.partial(_number, env_id, hp)
+    n_envs = int(num("n_envs", 8))
+    rollout = n_envs * int(num("n_steps", 2048))
     probe = wide_rllib.make_env(env_id, env_kwargs)
     try:
         spec = expert_set_spec(probe, **select_policy_kwargs(hp, "expert_set"))
     finally:
         probe.close()
-    import gymnasium as gym
-
     native = gym.spec(env_id).vector_entry_point is not None
     return (PPOConfig()
             .environment(env_id, env_config=env_kwargs)
             .env_runners(num_env_runners=0, num_envs_per_env_runner=n_envs, rollout_fragment_length="auto",
                          gym_env_vectorize_mode="vector_entry_point" if native else "sync")
-            .training(train_batch_size_per_learner=rollout, minibatch_size=int(hp.get("batch_size", 64)),
-                      num_epochs=int(hp.get("n_epochs", 10)),
+            .training(train_batch_size_per_learner=rollout, minibatch_size=int(num("batch_size", 64)),
+                      num_epochs=int(num("n_epochs", 10)),
                       lr=_learning_rate(hp.get("learning_rate", 3e-4), iterations * rollout),
-                      gamma=float(hp.get("gamma", 0.99)), lambda_=float(hp.get("gae_lambda", 0.95)),
-                      clip_param=float(hp.get("clip_range", 0.2)), entropy_coeff=float(hp.get("ent_coef", 0.0)),
-                      vf_loss_coeff=float(hp.get("vf_coef", 0.5)), grad_clip=float(hp.get("max_grad_norm", 0.5)),
+                      gamma=num("gamma", 0.99), lambda_=num("gae_lambda", 0.95), clip_param=num("clip_range", 0.2),
+                      entropy_coeff=num("ent_coef", 0.0), vf_loss_coeff=num("vf_coef", 0.5),
+                      grad_clip=num("max_grad_norm", 0.5),
+                      # SB3's PPO has neither a KL penalty nor value clipping
                       use_kl_loss=False, vf_clip_param=float("inf"))
             .rl_module(rl_module_spec=spec)
             .debugging(seed=seed))

@@ -273,3 +273,25 @@ def test_rllib_ppo_reaches_siftmoe(local_ray):
     assert by[LABEL]["energy_per_token_j"] <= 1.10 * by["siftmoe"]["energy_per_token_j"]
     assert by[LABEL]["violation_rate"] <= by["siftmoe"]["violation_rate"]
     assert by[LABEL]["energy_per_token_j"] < by["topk"]["energy_per_token_j"]
+
+
+def test_example_maps_the_yaml_settings_and_refuses_what_it_cannot_reproduce():
+    from agents.common import UsageError, load_hyperparams
+    from agents.rllib_ppo import ppo_config
+
+    hp = load_hyperparams("ppo", "wide_env/WideMoE-v0")[0]
+    config = ppo_config("wide_env/WideMoE-v0", {}, hp={**hp, "learning_rate": "lin_0.001"}, iterations=10, seed=0)
+    assert config.train_batch_size_per_learner == hp["n_envs"] * hp["n_steps"]
+    assert (config.minibatch_size, config.num_epochs) == (hp["batch_size"], hp["n_epochs"])
+    assert (config.gamma, config.lambda_) == (hp["gamma"], hp["gae_lambda"])
+    assert config.lr == [[0, 0.001], [10 * hp["n_envs"] * hp["n_steps"], 0.0]]  # SB3's linear decay to 0
+    assert config.rl_module_spec.model_config["topk_prior"] == 3.0
+    shaped = load_hyperparams("ppo", "wide_env/WideMoE-TokenBudget-v0")[0]
+    with pytest.raises(UsageError, match=r"use \['reward_shaping'\].*train.py"):
+        ppo_config("wide_env/WideMoE-TokenBudget-v0", {}, hp=shaped, iterations=1, seed=0)
+    with pytest.raises(UsageError, match="clip_range = 'lin_0.2'"):
+        ppo_config("wide_env/WideMoE-v0", {}, hp={**hp, "clip_range": "lin_0.2"}, iterations=1, seed=0)
+    with pytest.raises(UsageError, match="learning_rate = 'fast'"):
+        ppo_config("wide_env/WideMoE-v0", {}, hp={**hp, "learning_rate": "fast"}, iterations=1, seed=0)
+    with pytest.raises(UsageError, match="expert-set module only"):
+        ppo_config("wide_env/WideMoE-v0", {}, hp={**hp, "policy": "mlp"}, iterations=1, seed=0)
