@@ -178,9 +178,10 @@ def _check_prior(value, spec: LayoutSpec) -> float:
     return c
 
 
-class _SetHeads(nn.Module):
-    """SB3 'mlp_extractor': actor latent = per-element embeddings (and the prior logits, last); critic latent =
-    mean and max over elements."""
+class SetHeads(nn.Module):
+    """Actor latent = per-element embeddings (and the prior logits, last); critic latent = mean and max over
+    elements. SB3's 'mlp_extractor' of the expert-set policy, and the RLlib module's split
+    (:mod:`agents.rllib_module`)."""
 
     def __init__(self, hidden: int, n_elements: int, prior: bool = False):
         super().__init__()
@@ -197,6 +198,11 @@ class _SetHeads(nn.Module):
 
     def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         return self.forward_actor(features), self.forward_critic(features)
+
+
+def critic_head(hidden: int) -> nn.Sequential:
+    """The value head on the critic latent of :class:`SetHeads` (2 * hidden -> 1)."""
+    return nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
 
 class PerElementHead(nn.Module):
@@ -264,13 +270,13 @@ class _ExpertSetMixin:
         return data
 
     def _build_mlp_extractor(self) -> None:
-        self.mlp_extractor = _SetHeads(self._set_hidden, self.action_space.n, prior=self._has_prior)
+        self.mlp_extractor = SetHeads(self._set_hidden, self.action_space.n, prior=self._has_prior)
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
         H = self._set_hidden
         self.action_net = PerElementHead(H, self._head_outputs, self.action_space.n if self._has_prior else 0)
-        self.value_net = nn.Sequential(nn.Linear(2 * H, H), nn.ReLU(), nn.Linear(H, 1))
+        self.value_net = critic_head(H)
         if self.ortho_init:
             self.action_net.apply(lambda m: self.init_weights(m, gain=0.01))
             self.value_net.apply(lambda m: self.init_weights(m, gain=1.0))
@@ -303,4 +309,4 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = ["WideFlatExtractor", "ExpertSetExtractor", "ExpertSetPolicy", "MaskableExpertSetPolicy",
-           "PerElementHead", "transfer_policy_weights", "count_parameters", "PRIOR_KEY"]
+           "SetHeads", "PerElementHead", "critic_head", "transfer_policy_weights", "count_parameters", "PRIOR_KEY"]

@@ -27,9 +27,16 @@ What RLlib gets (RLlib has no default encoder for a ``Dict`` observation and no 
   single envs (same dynamics, slower). Ids without a native vector env get the ``SyncVectorEnv`` in both
   modes.
 
-Not used by RLlib: ``env.action_masks()`` (experts that cannot meet the deadline). RLlib's PPO samples
-every expert; the deadline penalty of the reward teaches the agent to avoid late experts, where SB3's
-MaskablePPO (``train.py --algo maskable_ppo``) excludes them outright.
+The network: RLlib's default MLP does not learn this task (README, "RLlib"). The project's expert-set network
+is an RLlib ``RLModule`` in ``agents/rllib_module.py`` (``expert_set_spec(env)`` -> ``RLModuleSpec``), and
+``python -m agents.rllib_ppo --env wide_env/WideMoE-v0 --iterations 100`` trains PPO with it and prints the
+comparison with SiftMoE and Top-K. It lives in ``agents`` because it shares its layers with the SB3 policy and
+its deadline-mask rule with the SB3 agents (``baselines.observation``), which this package may not import.
+
+Deadline masks (``env.action_masks()``: experts that cannot meet the deadline) are not an observation key:
+the flat observation carries ``deadline_probability``, from which that module rebuilds them (an expert with
+probability 0 never runs). RLlib's default modules ignore them; the deadline penalty of the reward is then what
+teaches an agent to avoid late experts.
 """
 
 from __future__ import annotations
