@@ -50,7 +50,8 @@ def test_random_policy_under_the_shield_never_violates(mode):
 @pytest.mark.parametrize("mode", ["token", "episode"])
 def test_vector_shield_never_violates_across_autoresets(mode):
     B = 6
-    env = VectorDeviationShield(WideMoEVectorEnv(B, config={"n_tokens": 3, "budget": {"mode": mode}}))
+    env = VectorDeviationShield(gym.make_vec("wide_env/WideMoE-v0", num_envs=B, vectorization_mode="vector_entry_point",
+                                             config={"n_tokens": 3, "budget": {"mode": mode}}))
     env.reset(seed=5)
     rng = np.random.default_rng(5)
     steps = 3 * env.unwrapped.problem.n_layers * 2 + 3  # two episodes each and an autoreset in between
