@@ -34,6 +34,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from numba import njit
 
 from wide_env import rules
 from wide_env.envs.actions import validate_action
@@ -59,72 +60,96 @@ def shield_actions(batch: EpisodeBatch, executed: np.ndarray) -> np.ndarray:
     if batch.state is None:
         raise RuntimeError("call reset() before step(): the shield reads the episodes' current layer")
     sim, state = batch.sim, batch.state
-    view = sim.view(state)
-    table = view.deviation_table  # (B, K, E+1) the kernel's table (float64 plan entries)
-    topk_idx, energy = view.topk_idx, view.energy  # (B, K), (B, E) J in the objective's scope
-    available = rules.budget_left_of(view.budget, 0.0)  # the kernel's budget_left(span, used), bitwise
-    unit = view.budget_unit
-    on_time = sim.on_time(state)  # (B, E) experts whose output may serve their slots at this step
-    allowed = executed & on_time
-    rows = np.arange(executed.shape[0])
-    # the missing Top-K experts that could serve: on time and not executed yet
-    addable = on_time[rows[:, None], topk_idx] & ~executed[rows[:, None], topk_idx]  # (B, K)
-    K = topk_idx.shape[1]
-    if K <= EXACT_TOP_K:
-        added = _least_energy_subset(table, allowed, topk_idx, addable, energy, available, unit)
+    if state.batch_size == 1:  # one episode: scalar indexing is the cheaper gather
+        view = sim.view(state, 0)
+        table, topk_idx, energy = view.deviation_table[None], view.topk_idx[None], view.energy[None]
+        budget, unit = np.atleast_1d(view.budget), np.atleast_1d(view.budget_unit)
     else:
-        added = _greedy_subset(table, allowed, topk_idx, addable, energy, available, unit)
-    return executed | added
+        view = sim.view(state)
+        table, topk_idx, energy, budget, unit = (view.deviation_table, view.topk_idx, view.energy, view.budget,
+                                                 view.budget_unit)
+    out = np.empty_like(executed, dtype=np.bool_)
+    _shield_rows(np.ascontiguousarray(table, dtype=np.float64), np.ascontiguousarray(topk_idx, dtype=np.int64),
+                 np.ascontiguousarray(energy, dtype=np.float64), sim.on_time(state),
+                 np.ascontiguousarray(executed, dtype=np.bool_), np.asarray(budget, dtype=np.float64),
+                 np.asarray(unit, dtype=np.float64), EXACT_TOP_K, out)
+    return out
 
 
-def _subset_masks(topk_idx: np.ndarray, addable: np.ndarray, n_experts: int) -> np.ndarray:
-    """(S = 2^K, B, E) bool: the experts each subset of the Top-K slots adds (bit k = slot k; only addable ones)."""
+@njit(cache=True, nogil=True, error_model="numpy")
+def _deviation(table, b, allowed, server) -> float:
+    return rules.serve_slots(table, (b,), allowed, server)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _shield_rows(table, topk_idx, energy, on_time, executed, budget, unit, exact_top_k, out):
+    """Per episode b: table (B, K, E+1) the layer's deviation table, topk_idx (B, K), energy (B, E) J, on_time (B, E),
+    executed (B, E) the proposal, budget (B,) the budget of this step (span budgets: may be < 0), unit (B,);
+    writes out (B, E) = the proposal plus the chosen missing on-time Top-K experts (the module docstring)."""
     B, K = topk_idx.shape
-    bits = (np.arange(2 ** K)[:, None] >> np.arange(K)[None, :]) & 1  # (S, K)
-    take = bits[:, None, :].astype(bool) & addable[None]  # (S, B, K)
-    masks = np.zeros((2 ** K, B, n_experts), dtype=bool)
-    s, b, k = np.nonzero(take)
-    masks[s, b, topk_idx[b, k]] = True
-    return masks
-
-
-def _least_energy_subset(table, allowed, topk_idx, addable, energy, available, unit) -> np.ndarray:
-    """(B, E): per episode the subset of addable Top-K experts that fits at least energy (ties: fewer experts,
-    then the lower subset index); where none fits, the one of least deviation (then least energy)."""
-    B, E = allowed.shape
-    adds = _subset_masks(topk_idx, addable, E)  # (S, B, E); subset 0 adds nothing
-    deviation, _ = rules.serve_slots_batch(np.broadcast_to(table, adds.shape[:1] + table.shape), allowed[None] | adds)
-    fits = ~rules.violated_of(deviation, available[None], unit[None])  # (S, B)
-    cost = (adds * energy[None]).sum(axis=-1)  # (S, B) J added
-    count = adds.sum(axis=-1)
-    order = np.broadcast_to(np.arange(adds.shape[0])[:, None], fits.shape)
-    # lexsort: the last key is the first criterion; among fitting subsets the deviation key is 0
-    best = np.lexsort((order, count, cost, np.where(fits, 0.0, deviation), ~fits), axis=0)[0]  # (B,)
-    return adds[best, np.arange(B)]
-
-
-def _greedy_subset(table, allowed, topk_idx, addable, energy, available, unit) -> np.ndarray:
-    """(B, E): add addable Top-K experts one at a time (the one lowering the deviation most, the cheaper on
-    ties) until the layer fits or nothing is left to add."""
-    B, E = allowed.shape
-    rows = np.arange(B)
-    added = np.zeros((B, E), dtype=bool)
-    left = addable.copy()
-    for _ in range(topk_idx.shape[1]):
-        deviation, _ = rules.serve_slots_batch(table, allowed | added)
-        todo = rules.violated_of(deviation, available, unit) & left.any(axis=1)
-        if not todo.any():
-            break
-        trial = np.repeat((allowed | added)[:, None, :], topk_idx.shape[1], axis=1)  # (B, K, E)
-        trial[rows[:, None], np.arange(topk_idx.shape[1])[None, :], topk_idx] = True
-        dev_k, _ = rules.serve_slots_batch(np.broadcast_to(table[:, None], trial.shape[:2] + table.shape[1:]), trial)
-        dev_k = np.where(left, dev_k, np.inf)
-        cost_k = energy[rows[:, None], topk_idx]
-        pick = np.lexsort((cost_k, dev_k), axis=1)[:, 0]  # (B,)
-        b = np.flatnonzero(todo)
-        added[b, topk_idx[b, pick[b]]] = True
-        left[b, pick[b]] = False
-    return added
+    E = executed.shape[1]
+    allowed = np.empty(E, dtype=np.bool_)
+    server = np.empty(K, dtype=np.int64)
+    cand = np.empty(K, dtype=np.int64)
+    for b in range(B):
+        available = rules.budget_left(budget[b], 0.0)  # the kernel's budget_left(span, used), bitwise
+        n = 0  # the missing Top-K experts that could serve (on time, not executed), in Top-K order
+        for k in range(K):
+            e = topk_idx[b, k]
+            if on_time[b, e] and not executed[b, e]:
+                cand[n] = e
+                n += 1
+        for e in range(E):
+            out[b, e] = executed[b, e]
+        if n <= exact_top_k:
+            best, best_fits, best_dev, best_cost, best_count = 0, False, np.inf, np.inf, K + 1
+            for s in range(1 << n):  # subset s adds candidate i where bit i is set (s = 0: the proposal)
+                for e in range(E):
+                    allowed[e] = executed[b, e] and on_time[b, e]
+                cost = 0.0
+                count = 0
+                for i in range(n):
+                    if (s >> i) & 1:
+                        allowed[cand[i]] = True
+                        cost += energy[b, cand[i]]
+                        count += 1
+                dev = _deviation(table, b, allowed, server)
+                fits = not rules.violation(dev, available, unit[b])[0]
+                if fits and not best_fits:
+                    better = True
+                elif fits:  # both fit: less energy, then fewer experts (then the lower s: kept)
+                    better = cost < best_cost or (cost == best_cost and count < best_count)
+                elif best_fits:
+                    better = False
+                else:  # neither fits: less deviation, then less energy, then fewer experts
+                    better = dev < best_dev or (dev == best_dev and (cost < best_cost or
+                                                                     (cost == best_cost and count < best_count)))
+                if better:
+                    best, best_fits, best_dev, best_cost, best_count = s, fits, dev, cost, count
+            for i in range(n):
+                if (best >> i) & 1:
+                    out[b, cand[i]] = True
+        else:  # greedy: the candidate lowering the deviation most (the cheaper on ties) until the layer fits
+            for e in range(E):
+                allowed[e] = executed[b, e] and on_time[b, e]
+            left = n
+            while left > 0:
+                dev = _deviation(table, b, allowed, server)
+                if not rules.violation(dev, available, unit[b])[0]:
+                    break
+                pick, pick_dev = -1, np.inf
+                for i in range(n):
+                    e = cand[i]
+                    if allowed[e]:
+                        continue
+                    allowed[e] = True
+                    trial = _deviation(table, b, allowed, server)
+                    allowed[e] = False
+                    if trial < pick_dev or (trial == pick_dev and energy[b, e] < energy[b, cand[pick]]):
+                        pick, pick_dev = i, trial
+                allowed[cand[pick]] = True
+                out[b, cand[pick]] = True
+                left -= 1
 
 
 class DeviationShield(gym.ActionWrapper):
