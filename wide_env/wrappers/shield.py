@@ -85,7 +85,9 @@ def _deviation(table, b, allowed, server) -> float:
 def _shield_rows(table, topk_idx, energy, on_time, executed, budget, unit, exact_top_k, out):
     """Per episode b: table (B, K, E+1) the layer's deviation table, topk_idx (B, K), energy (B, E) J, on_time (B, E),
     executed (B, E) the proposal, budget (B,) the budget of this step (span budgets: may be < 0), unit (B,);
-    writes out (B, E) = the proposal plus the chosen missing on-time Top-K experts (the module docstring)."""
+    writes out (B, E) = the proposal plus the chosen missing on-time Top-K experts (the module docstring).
+    The rule's functions are compiled in; numba's disk cache is keyed on this file, so after editing
+    wide_env/rules.py delete ``wide_env/wrappers/__pycache__/shield.*.nb[ic]`` as well as the kernel's."""
     B, K = topk_idx.shape
     E = executed.shape[1]
     allowed = np.empty(E, dtype=np.bool_)
