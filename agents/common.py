@@ -20,7 +20,7 @@ VEC_ENV_KINDS = ("native", "dummy", "subproc")
 
 # hyperparameter keys that are not constructor arguments of the algorithm
 _RUN_KEYS = ("n_envs", "n_timesteps", "policy", "normalize", "eval_freq", "eval_episodes", "save_freq",
-             "vec_env", "env_kwargs", "reward_shaping")
+             "vec_env", "env_kwargs", "reward_shaping", "shield")
 
 
 class UsageError(ValueError):
@@ -168,11 +168,15 @@ def resolve_policy(policy: str, algo: str, observation_space, problem, policy_kw
 
 
 # ---- environments ---------------------------------------------------------------------------------
-def make_env_fn(env_id: str, env_kwargs: dict, seed: int, rank: int) -> Callable[[], gym.Env]:
+def make_env_fn(env_id: str, env_kwargs: dict, seed: int, rank: int, shield: bool = False) -> Callable[[], gym.Env]:
     def _init():
         import wide_env  # noqa: F401  (registers in subprocesses)
 
         env = gym.make(env_id, **copy.deepcopy(env_kwargs))
+        if shield:
+            from wide_env.wrappers import DeviationShield
+
+            env = DeviationShield(env)
         env.reset(seed=seed + rank)
         env.action_space.seed(seed + rank)
         return env
@@ -188,12 +192,12 @@ def has_native_core(env_id: str) -> bool:
 
 
 def make_vec_env(env_id: str, env_kwargs: dict, n_envs: int, seed: int, kind: str = "native",
-                 monitor_path: str | None = None):
+                 monitor_path: str | None = None, shield: bool = False):
     """A VecEnv of ``n_envs`` episodes wrapped in VecMonitor (episode returns for SB3's logger).
 
     ``native``: wide_env's batched core (one generator seeded with ``seed`` drives every sub-env);
     ``dummy`` / ``subproc``: ``n_envs`` copies of ``gym.make(env_id, **env_kwargs)``, sub-env i seeded
-    with ``seed + i``."""
+    with ``seed + i``. ``shield``: every action is shielded (:mod:`agents.shielding`)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
 
     if kind == "native":
@@ -203,10 +207,14 @@ def make_vec_env(env_id: str, env_kwargs: dict, n_envs: int, seed: int, kind: st
         from wide_env.integrations.sb3_vec import make_native_vec_env
 
         venv = make_native_vec_env(env_id, n_envs, seed, env_kwargs)
+        if shield:
+            from agents.shielding import ShieldedVecEnv
+
+            venv = ShieldedVecEnv(venv)
     elif kind == "subproc":
-        venv = SubprocVecEnv([make_env_fn(env_id, env_kwargs, seed, i) for i in range(n_envs)])
+        venv = SubprocVecEnv([make_env_fn(env_id, env_kwargs, seed, i, shield) for i in range(n_envs)])
     elif kind == "dummy":
-        venv = DummyVecEnv([make_env_fn(env_id, env_kwargs, seed, i) for i in range(n_envs)])
+        venv = DummyVecEnv([make_env_fn(env_id, env_kwargs, seed, i, shield) for i in range(n_envs)])
     else:
         raise UsageError(f"--vec-env must be one of {list(VEC_ENV_KINDS)}, got {kind!r}")
     venv.seed(seed)

@@ -31,6 +31,10 @@ def write_comparison(cfg, run_dir, model, problem, vecnorm, reference, eval_rows
 
             best_vn = VecNormalize.load(str(run_dir / "best_vecnormalize.pkl"), vecnorm.venv)
         policies.append((f"{algo} (best)", SB3Policy(best, problem, vecnorm=frozen(best_vn))))
+    if cfg["hyperparams"].get("shield", False):  # the agent as it trained: under the deviation shield
+        from agents.shielding import shielded_factory
+
+        policies = [(f"{label[:-1]}, shielded)", shielded_factory(pol)) for label, pol in policies]
     policies += ["siftmoe", "topk"]
     ep_rows: list = []
     rows = evaluate(cfg["env"], cfg["env_kwargs"], policies, episodes=int(cfg["eval_episodes"]),

@@ -65,6 +65,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--run-name", default=None, help="run folder name (default ENV_N)")
     p.add_argument("--tensorboard-log", "-tb", default=None,
                    help="TensorBoard folder (default RUN_DIR/tb; 'none' disables)")
+    p.add_argument("--shield", action="store_true",
+                   help="train and evaluate under the deviation shield (wide_env.wrappers.DeviationShield: experts "
+                        "are executed back until each layer fits its budget; YAML key shield: true)")
     p.add_argument("--progress", action="store_true", help="show a progress bar (tqdm + rich)")
     p.add_argument("--num-threads", type=int, default=1, help="torch threads (1 is fastest on small CPUs)")
     p.add_argument("--max-cpu-minutes", type=float, default=None,
@@ -139,6 +142,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     hp["policy_kwargs"] = select_policy_kwargs(hp, args.policy)
     if args.policy:
         hp["policy"] = args.policy
+    if getattr(args, "shield", False):
+        hp["shield"] = True
 
     def pick(name, cli):
         return cli if cli is not None else run_hp.get(name, DEFAULTS[name])
@@ -201,6 +206,13 @@ def check_hyperparams(hp: dict, source: str, algo: str, policy: str | None) -> N
             raise UsageError(f"{source}: unknown hyperparameter {key!r}: it is neither a run setting "
                              f"({', '.join(_RUN_KEYS)}, demo_timesteps) nor a {cls.__name__} argument "
                              f"({', '.join(params)}); environment options such as render_mode go in --env-kwargs")
+    if "shield" in hp:
+        from agents.shielding import shield_setting
+
+        try:
+            shield_setting(hp["shield"], source)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     for key in _POSITIVE_INTS:
         value = hp.get(key)
         if key in hp and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -275,6 +287,8 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> dict:
             conflicts.append(f"{option} {getattr(args, dest)!r}")
     if args.demo:
         conflicts.append("--demo")
+    if getattr(args, "shield", False) and not cfg.get("hyperparams", {}).get("shield", False):
+        conflicts.append("--shield (the run trained without the shield)")
     if conflicts:
         raise UsageError(f"--resume {run_dir} continues the run with its saved settings (config.yml); it cannot "
                          f"change {', '.join(conflicts)}. Drop them, or start a new run. --resume accepts "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,26 @@ from agents.safe_load import (ModelLoadError, check_environment, detect_algorith
 from baselines.observation import action_masks, parse_observation
 
 
+@contextmanager
+def one_torch_thread():
+    """Run the block's torch calls on one CPU thread and restore the caller's setting after it.
+
+    The agents' networks are tiny: torch's own threads only cost synchronisation (and on a small machine they fight
+    the caller's). Library code sets no process-wide thread count; entry points (train.py, the CLI mains) may set
+    one, and then this is one ``get_num_threads`` call."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def load_model(algo: str, path: str, problem=None, *, env=None, schedules: dict | None = None, **kwargs: Any):
     """``ALGO.load(path)`` on CPU without unpickling anything from the zip (:mod:`agents.safe_load`).
 
@@ -26,9 +47,6 @@ def load_model(algo: str, path: str, problem=None, *, env=None, schedules: dict 
     ``schedules``: the run's own learning-rate / clip-range settings (train.py --resume). FileNotFoundError for a
     missing file, :class:`ModelLoadError` naming the file for a truncated, foreign or unsafe one, or one saved by
     another algorithm (with the prefix to use)."""
-    import torch
-
-    torch.set_num_threads(1)  # project rule: one torch thread on CPU
     cls = algorithm(algo).load_class()
     file = path if os.path.exists(path) else path + ".zip"
     if not os.path.isfile(file):
@@ -44,7 +62,8 @@ def load_model(algo: str, path: str, problem=None, *, env=None, schedules: dict 
     if problem is not None:
         check_environment(objects["observation_space"], objects["action_space"], problem, algo, file)
     try:
-        return cls.load(file, env=env, device="cpu", custom_objects=objects, **kwargs)
+        with one_torch_thread():
+            return cls.load(file, env=env, device="cpu", custom_objects=objects, **kwargs)
     except (zipfile.BadZipFile, EOFError, KeyError, ValueError, AssertionError, RuntimeError, OSError,
             TypeError) as exc:
         raise ModelLoadError(f"cannot load the {algo} model {file!r}: the file is truncated or not a model saved by "
@@ -106,6 +125,10 @@ class SB3Policy:
         return obs
 
     def __call__(self, obs):
+        with one_torch_thread():
+            return self._act(obs)
+
+    def _act(self, obs):
         arrays, single = parse_observation(obs, self.problem)
         batch = next(iter(arrays.values())).shape[0]
         model_obs = self._adapt(obs)

@@ -137,6 +137,7 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     from agents.evaluation import evaluate, write_csv
     from agents.sb3_policy import SB3Policy
     from agents.shaping import wrap_reward_shaping
+    from agents.shielding import shield_setting, shielded_factory
 
     torch.set_num_threads(max(int(cfg["num_threads"]), 1))
 
@@ -150,8 +151,9 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     attempt = len(list((run_dir / "monitor").glob("train_*"))) if (run_dir / "monitor").exists() else 0
     seed = int(cfg["seed"]) + 1000 * attempt  # fresh env randomness after a resume
     set_random_seed(seed)
+    shield = shield_setting(run_hp.get("shield", False), cfg.get("hyperparams_source", "hyperparameters"))
     venv = make_vec_env(env_id, env_kwargs, cfg["n_envs"], seed, cfg["vec_env"],
-                        monitor_path=str(run_dir / "monitor" / f"train_{attempt}"))
+                        monitor_path=str(run_dir / "monitor" / f"train_{attempt}"), shield=shield)
     # the training signal only (the monitor above and every evaluation see the env's own reward)
     venv = wrap_reward_shaping(venv, run_hp.get("reward_shaping"))
 
@@ -192,7 +194,9 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
 
     def eval_agent(m) -> dict:
         pol = SB3Policy(m, problem, vecnorm=frozen(vecnorm))
-        return evaluate(env_id, env_kwargs, [(algo, pol)], episodes=episodes, seed=eval_seed)[0]
+        # under the shield the agent is scored on what it executes in training
+        return evaluate(env_id, env_kwargs, [(algo, shielded_factory(pol) if shield else pol)], episodes=episodes,
+                        seed=eval_seed)[0]
 
     ref_path = run_dir / "eval" / "reference.csv"
     reference = _read_csv(ref_path)

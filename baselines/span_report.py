@@ -100,6 +100,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--env-kwargs", default=None, help="Python dict literal passed to gym.make")
     ap.add_argument("--out", default=None, help="directory for report.csv and episodes.csv")
     args = ap.parse_args(argv)
+    try:  # an entry point may set the process's threads: the model's tiny decodes are fastest on one
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
     env_kwargs = ast.literal_eval(args.env_kwargs) if args.env_kwargs else None
     episodes: list[dict] = []
     rows = span_report(args.mode, args.episodes, args.seed, env_kwargs, episode_rows=episodes)

@@ -88,39 +88,33 @@ class SpanStatistics:
     def collect(cls, config, episodes: int = 32, seed: int = STATS_SEED) -> "SpanStatistics":
         """Run ``episodes`` sample episodes of ``config`` (every expert skipped) and fit the energy model."""
         from wide_env.config import WideConfig
-        from wide_env.envs.decode import WideMoEEnv
 
         if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 2:
             raise ValueError(f"episodes must be an integer >= 2, got {episodes!r}")
         config = WideConfig.from_dict(config)
-        env = WideMoEEnv(config)
-        sim, problem = env.sim, env.problem
+        sim, env = _sample_simulator(config)
         L, T, E, K = sim.n_layers, sim.n_tokens, sim.n_experts, sim.top_k
-        keep = np.zeros(E, dtype=np.int8)
         obs_keys = ("deviation_table", "energy_cost", "latency_ratio", "channel_gain_db")
-        if "deadline_probability" in problem.obs_slices:
+        if "deadline_probability" in sim.obs_slices:
             obs_keys += ("deadline_probability",)
         rec = {k: [] for k in obs_keys}
         joules, topk = [], []
-        for i in range(episodes):
-            obs, _ = env.reset(seed=int(seed) + i)
-            tables = sim.episode_tables(env.episode_batch.state, 0)
+        for i, (state, observations) in enumerate(_sample_episodes(sim, env, episodes, seed)):
+            tables = sim.episode_tables(state, 0)
             if tables.energy.shape[0] < T:
                 raise ValueError(f"n_tokens * n_layers = {T * L} decisions exceed what one env plans at once; "
                                  "statistics need whole episodes")
             joules.append(tables.energy[:T])
             topk.append(tables.topk_energy[:T])
-            for _ in range(T * L):
+            for obs in observations:
                 for k in obs_keys:
-                    rec[k].append(np.asarray(obs[k], dtype=np.float64))
-                obs, _, _, _, _ = env.step(keep)
-        env.close()
+                    rec[k].append(np.asarray(obs[sim.obs_slices[k]], dtype=np.float64))
         shape = (episodes, T, L)
         deviation = np.stack(rec["deviation_table"]).reshape(shape + (K, E + 1))
         cost = np.stack(rec["energy_cost"]).reshape(shape + (E,))
         gain = np.stack(rec["channel_gain_db"]).reshape(shape + (-1,))
         usable = np.stack(rec["latency_ratio"]).reshape(shape + (E,)) <= 1.0
-        if not problem.enforce_deadline:
+        if not sim.enforce_deadline:
             usable[:] = True
         probability = (np.stack(rec["deadline_probability"]).reshape(shape + (E,)) if "deadline_probability" in rec
                        else np.zeros(0))
@@ -213,6 +207,59 @@ def span_statistics(config, episodes: int = 32, seed: int = STATS_SEED, cache_di
             stats.save(path)
     _MEMORY[key] = stats
     return stats
+
+
+def _sample_simulator(config):
+    """(the decoding simulator of ``config`` for the sample episodes, the env that drives it or None).
+
+    The statistics need no accuracy: with the trace's gating (``gating.backend = "table"``) the simulator is
+    stepped alone, so no model backend decodes the tokens (issue 22: 3.0 s vs 0.4 s on a model-accuracy preset;
+    tests/test_spanning.py checks that the statistics equal the env's). With ``gating.backend = "live"`` the model
+    routes the gating the policy observes, so the env (and its model) runs the episodes."""
+    if config.gating.backend == "live":
+        from wide_env.envs.decode import WideMoEEnv
+
+        env = WideMoEEnv(config)
+        return env.sim, env
+    from wide_env.gating import make_gating_source
+    from wide_env.sim.decode import DecodeSimulator
+
+    return DecodeSimulator(config, make_gating_source(config)), None
+
+
+def _sample_episodes(sim, env, episodes: int, seed: int):
+    """Per sample episode ``seed + i`` (every expert skipped): (its state right after the reset, an iterator of its
+    T * L flat observations, each read before its step), exactly as ``WideMoEEnv(config).reset(seed=seed + i)``
+    and its steps produce them."""
+    from gymnasium.utils import seeding
+
+    for i in range(episodes):
+        if env is not None:
+            env.reset(seed=int(seed) + i)
+            yield env.episode_batch.state, _env_steps(env)
+        else:
+            rng, _ = seeding.np_random(int(seed) + i)  # the generator WideMoEEnv.reset(seed=...) makes
+            state = sim.reset(rng, 1)
+            yield state, _simulator_steps(sim, state, rng)
+    if env is not None:
+        env.close()
+
+
+def _simulator_steps(sim, state, rng):
+    """The flat observations of one episode stepped by the simulator alone (the env's reset and step calls)."""
+    keep = np.zeros((1, sim.n_experts), dtype=bool)
+    obs = sim.observe(state)
+    for _ in range(sim.n_tokens * sim.n_layers):
+        yield obs[0]
+        obs = np.empty_like(obs)
+        sim.step(rng, state, keep, obs)
+
+
+def _env_steps(env):
+    keep = np.zeros(env.sim.n_experts, dtype=np.int8)
+    for _ in range(env.sim.n_tokens * env.sim.n_layers):
+        yield env.episode_batch.obs[0]
+        env.step(keep)
 
 
 def _finite_median(x: np.ndarray) -> np.ndarray:

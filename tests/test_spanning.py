@@ -300,3 +300,28 @@ def test_batched_observations_act_like_single_envs(mode, token_stats, episode_st
                 o, _, _, done, info = env.step(single(o))
                 energy += info["energy_j"]
             assert total[b] == pytest.approx(energy, rel=1e-12)
+
+
+def test_statistics_run_without_the_model_and_equal_the_envs(monkeypatch):
+    """Span statistics need no accuracy: on a model-accuracy preset they step the simulator alone (no model
+    backend is built) and equal what the env (with its model) observes."""
+    import baselines.span_stats as span_stats
+    import wide_env.envs.batch as batch_module
+    from wide_env.config import WideConfig
+    from wide_env.envs.decode import WideMoEEnv
+
+    config = WideConfig.from_dict({"profile": "mixtral-8x7b", "n_tokens": 3, "budget": {"mode": "token"}})
+    env = WideMoEEnv(config)
+    assert env.problem.accuracy_source == "model"  # the preset's default: the checkpoint decodes each token
+    monkeypatch.setattr(span_stats, "_sample_simulator", lambda cfg: (env.sim, env))  # the env's own path
+    through_env = SpanStatistics.collect(config, episodes=3, seed=5)
+    monkeypatch.undo()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("span statistics built a model backend")
+
+    monkeypatch.setattr(batch_module, "model_backend_for", no_model)
+    alone = SpanStatistics.collect(config, episodes=3, seed=5)
+    for name in SpanStatistics._ARRAYS:
+        np.testing.assert_array_equal(getattr(alone, name), getattr(through_env, name), err_msg=name)
+    assert alone.energy_scale == through_env.energy_scale and alone.key == through_env.key

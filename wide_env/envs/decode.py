@@ -133,7 +133,9 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
     Every step: `energy_j`, `topk_energy_j`, `energy_uplink_j`, `energy_comm_j`, `energy_system_j`,
     `deviation` (the estimate Delta_l, model units), `weighted_deviation` (kappa_l Delta_l), `deviation_budget`,
     `budget_violated`, `latency_s`, `deadline_misses`, `n_executed`, `n_lost`, `n_kept`, `n_replaced`,
-    `n_skipped`, `reward_energy`, `reward_deviation`, `reward_deadline`, `layer`, `token` (Python numbers).
+    `n_skipped`, `reward_energy`, `reward_deviation`, `reward_deadline`, `cost`, `cost_budget`, `cost_deadline`
+    (Safety-Gymnasium-style constraint costs: the budget's excess in budget units, the enforced deadline misses,
+    their sum; docs/model.md#shield), `layer`, `token` (Python numbers).
     With a gating trace that has logit-effect tables (every shipped model) also: `accuracy_correct` (the
     token's next-byte prediction is correct under the executed experts), `accuracy_same` (it equals the
     full Top-K model's), `accuracy_full` (the full model is correct), `delta_loss` (the token's loss change,

@@ -111,6 +111,12 @@ class WideMoESB3VecEnv(VecEnv):
         self._actions: np.ndarray | None = None
         super().__init__(self._core.num_envs, self._vector.single_observation_space, self._vector.single_action_space)
 
+    @property
+    def episode_batch(self):
+        """The batched core this VecEnv drives (:class:`wide_env.envs.batch.EpisodeBatch`; read it, do not step
+        it), as the Gymnasium front ends' ``episode_batch``: for wrappers such as the deviation shield."""
+        return self._core
+
     # ---- seeding ---------------------------------------------------------------------------------
     @property
     def np_random(self) -> np.random.Generator:

@@ -30,7 +30,8 @@ EVALUATE, STEP, OBSERVE, ADVANCE = 0, 1, 2, 3
 #: float outcome fields (``Outcome.values`` columns), in this order
 FLOAT_FIELDS = ("reward", "reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy", "energy_j",
                 "topk_energy_j", "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation",
-                "weighted_deviation", "deviation_budget", "latency_s", "delta_loss")
+                "weighted_deviation", "deviation_budget", "latency_s", "cost", "cost_budget", "cost_deadline",
+                "delta_loss")
 #: integer outcome fields (``Outcome.counts`` columns), in this order; the K slots' servers follow them
 INT_FIELDS = ("budget_violated", "deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped",
               "layer", "token", "accuracy_correct", "accuracy_same", "accuracy_full", "token_complete")
@@ -38,10 +39,10 @@ NI = len(INT_FIELDS)
 # column indices, derived from the names (numba reads module globals as constants)
 (V_REWARD, V_REWARD_ENERGY, V_REWARD_DEVIATION, V_REWARD_DEADLINE, V_REWARD_ACCURACY, V_ENERGY, V_TOPK_ENERGY,
  V_ENERGY_UPLINK, V_ENERGY_COMM, V_ENERGY_SYSTEM, V_DEVIATION, V_WEIGHTED_DEVIATION, V_DEVIATION_BUDGET, V_LATENCY,
- V_DELTA_LOSS) = (FLOAT_FIELDS.index(name) for name in (
+ V_COST, V_COST_BUDGET, V_COST_DEADLINE, V_DELTA_LOSS) = (FLOAT_FIELDS.index(name) for name in (
     "reward", "reward_energy", "reward_deviation", "reward_deadline", "reward_accuracy", "energy_j", "topk_energy_j",
     "energy_uplink_j", "energy_comm_j", "energy_system_j", "deviation", "weighted_deviation", "deviation_budget",
-    "latency_s", "delta_loss"))
+    "latency_s", "cost", "cost_budget", "cost_deadline", "delta_loss"))
 (C_BUDGET_VIOLATED, C_DEADLINE_MISSES, C_N_EXECUTED, C_N_LOST, C_N_KEPT, C_N_REPLACED, C_N_SKIPPED, C_LAYER, C_TOKEN,
  C_ACCURACY_CORRECT, C_ACCURACY_SAME, C_ACCURACY_FULL, C_TOKEN_COMPLETE) = (INT_FIELDS.index(name) for name in (
     "budget_violated", "deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped", "layer",
@@ -191,6 +192,13 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             values[b, V_DEVIATION_BUDGET] = budget
             values[b, V_LATENCY] = longest
             values[b, V_DELTA_LOSS] = dloss
+            # the constraint costs (Safety-Gymnasium style): the budget's excess in budget units (overrun - 1
+            # where violated), the deadline misses while deadlines are enforced; cost is their sum
+            cost_budget = overrun - 1.0 if violated else 0.0
+            cost_deadline = float(misses) if enforce else 0.0
+            values[b, V_COST] = cost_budget + cost_deadline
+            values[b, V_COST_BUDGET] = cost_budget
+            values[b, V_COST_DEADLINE] = cost_deadline
             counts[b, C_BUDGET_VIOLATED] = violated
             counts[b, C_DEADLINE_MISSES] = misses
             counts[b, C_N_EXECUTED] = n_executed

@@ -17,7 +17,7 @@ from wide_env.sim.scenario import Scenario
 FIELDS = OutcomeFields(
     ("reward", "reward_energy", "reward_deviation", "reward_deadline", "energy_j", "topk_energy_j", "energy_uplink_j",
      "energy_comm_j", "energy_system_j", "deviation", "deviation_mean", "weighted_deviation", "deviation_budget",
-     "latency_s"),
+     "latency_s", "cost", "cost_budget", "cost_deadline"),
     ("budget_violated", "deadline_misses", "n_executed", "n_lost", "n_kept", "n_replaced", "n_skipped",
      "n_helpers_used", "layer", "prompt"))
 
@@ -46,13 +46,18 @@ def evaluate(scn: Scenario, view, executed: np.ndarray) -> Outcome:
     deviation = weighted / view.layer_weight[:, None]
     T, K = executed.shape[1], scn.top_k
     reward_accuracy = np.zeros_like(reward_energy)  # prefill has no accuracy objective (rejected at construction)
+    # the constraint costs, as in decoding: the tokens' budget excesses in budget units, summed, and the deadline
+    # misses while deadlines are enforced; cost is their sum
+    cost_budget = np.where(violated, overrun - 1.0, 0.0).sum(axis=-1)
+    cost_deadline = (misses * scn.enforce_deadline).astype(np.float64)
     floats = {"reward": rules.compose_reward(reward_energy, reward_deviation, reward_deadline, reward_accuracy),
               "reward_energy": reward_energy, "reward_deviation": reward_deviation, "reward_deadline": reward_deadline,
               "energy_j": energy, "topk_energy_j": view.topk_energy, "energy_uplink_j": energy_scopes[:, 0],
               "energy_comm_j": energy_scopes[:, 1], "energy_system_j": energy_scopes[:, 2],
               "deviation": deviation.max(axis=-1), "deviation_mean": deviation.mean(axis=-1),
               "weighted_deviation": weighted.max(axis=-1), "deviation_budget": view.budget.min(axis=-1),
-              "latency_s": np.where(ran, latency, 0.0).max(axis=-1)}
+              "latency_s": np.where(ran, latency, 0.0).max(axis=-1), "cost": cost_budget + cost_deadline,
+              "cost_budget": cost_budget, "cost_deadline": cost_deadline}
     ints = {"budget_violated": violated.sum(axis=-1), "deadline_misses": misses,
             "n_executed": executed.sum(axis=(-1, -2)), "n_lost": lost.sum(axis=(-1, -2)), "n_kept": n_kept,
             "n_replaced": T * K - n_kept - n_skipped, "n_skipped": n_skipped,
