@@ -148,9 +148,9 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
     if table_rows.shape[0]:
         L = scn.n_layers
         rows = (positions[:, None, :] * L + np.arange(L)[:, None]).reshape(-1)  # (c, l, b) order
-        plan.effect_rows = np.take(table_rows.reshape(-1, table_rows.shape[-1]), rows, axis=0).reshape(chunk, L, n, -1)
-        plan.effect_base = np.take(base, positions, axis=0)[:, None]
-        plan.full_correct = np.take(full, positions)[:, None, :]
+        plan.effect_rows = table_rows.reshape(-1, table_rows.shape[-1]).take(rows, axis=0).reshape(chunk, L, n, -1)
+        plan.effect_base = base.take(positions, axis=0)[:, None]
+        plan.full_correct = full.take(positions)[:, None, :]
     else:
         plan.effect_rows = np.zeros((chunk, scn.n_layers, n, 0), dtype=np.int32)
         plan.effect_base = np.zeros((chunk, 1, n, 0))
