@@ -79,6 +79,9 @@ def main() -> None:
         rate = np.array(runs[label])
         median[label] = float(np.median(rate / cartpole))
         print(f"| {label} | {rate.max():,.0f} | {rate.max() / cartpole.max():.3f} | {median[label]:.3f} |")
+    best = {label: max(runs[label]) for label in envs}
+    print(f"\nus per step (best): wide_env/WideMoE-v0 {1e6 / best['wide_env/WideMoE-v0']:.1f}, "
+          f"CartPole-v1 {1e6 / best['CartPole-v1']:.1f}")
     ratio = median["wide_env/WideMoE-v0"]
     print(f"\nwide_env/WideMoE-v0 / CartPole-v1 = {ratio:.3f} median (target >= 0.25: {'met' if ratio >= 0.25 else 'NOT met'})")
 

@@ -9,7 +9,8 @@ actions presampled for the whole batch (not timed), in the default NEXT_STEP aut
 of the envs of one batch size are interleaved, so each sees the same machine load. Reported: calls/s
 and env-steps/s (= B * calls/s), best of ``--repeats``, and ratios measured in this run (of the best
 runs, and the median of per-repeat ratios, which is steadier on a shared machine).
-Targets: native at B = 256 >= 1/4 of CartPole's vector rate and >= 20x our SyncVectorEnv.
+Targets: native at B = 256 >= 1/4 of CartPole's vector rate and >= 20x our SyncVectorEnv; with B = 256 and
+4096 both given, the per-env-step cost at B = 4096 against B = 256 (flat cost per step: ratio >= 1).
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def main() -> None:
     # Repeats are interleaved (native, CartPole, sync, native, ...) so that every env sees the same machine
     # load; ratios are reported from the best run of each env and as the median of per-repeat ratios.
     rate, ratios = {}, {}
+    per_env = {}  # native env-steps/s of each repeat, by batch size (repeats of different sizes are not interleaved)
     for b in sorted(set(args.batches) | set(args.sync_batches)):
         names = [n for n in ("native", "cartpole", "sync")
                  if (b in args.sync_batches if n == "sync" else b in args.batches)]
@@ -79,6 +81,8 @@ def main() -> None:
         for n in names:
             runners[n].env.close()
             rate[n, b] = max(runs[n])
+            if n == "native":
+                per_env[b] = [b * r for r in runs[n]]
             if n != "native" and "native" in runs:
                 ratios[n, b] = float(np.median(np.array(runs["native"]) / np.array(runs[n])))
 
@@ -98,6 +102,14 @@ def main() -> None:
         r, best = ratios["cartpole", 256], rate["native", 256] / rate["cartpole", 256]
         print(f"\nB=256 native / CartPole = {r:.3f} median, {best:.3f} best-of "
               f"(target >= 0.25: {'met' if r >= 0.25 else 'NOT met'} by the median)")
+    if ("cartpole", 4096) in ratios:
+        r = ratios["cartpole", 4096]
+        print(f"B=4096 native / CartPole = {r:.3f} median (target >= 0.25: {'met' if r >= 0.25 else 'NOT met'})")
+    if ("native", 256) in rate and ("native", 4096) in rate:  # flat cost per env-step: B = 4096 no slower than 256
+        flat = np.median(np.array(per_env[4096]) / np.array(per_env[256]))
+        print(f"B=4096 / B=256 native env-steps/s = {flat:.3f} median of repeats ({4096 * rate['native', 4096]:,.0f} vs "
+              f"{256 * rate['native', 256]:,.0f} best; us per env-step {1e6 / (4096 * rate['native', 4096]):.3f} vs "
+              f"{1e6 / (256 * rate['native', 256]):.3f}; target >= 1: {'met' if flat >= 1 else 'NOT met'})")
     if ("sync", 256) in ratios:
         r = ratios["sync", 256]
         print(f"B=256 native / SyncVectorEnv = {r:.1f}x median (target >= 20x: {'met' if r >= 20 else 'NOT met'})")

@@ -97,7 +97,10 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
     t_comp = k * link.compute_time_s
     if link.uplink_model == "inversion":
         window = link.deadline_s - t_comp - t_dl
-        t_ul = np.broadcast_to(window, np.broadcast_shapes(np.shape(window), np.shape(up_bits))).copy()
+        if unit:  # decoding's load: the window has the link's shape already
+            t_ul = np.array(window, dtype=np.float64)
+        else:
+            t_ul = np.broadcast_to(window, np.broadcast_shapes(np.shape(window), np.shape(up_bits))).copy()
         if link.circuit_power_w > 0:  # a shorter transmission draws the circuit power for less time
             t_ul = np.minimum(t_ul, efficient_uplink_time(up_bits, gain, link))
         power = inversion_power(up_bits, t_ul, gain, B, N0)

@@ -18,6 +18,7 @@ import numpy as np
 from wide_env.errors import ConfigError
 from wide_env.sim import slots
 from wide_env.sim.channel import move_random_waypoint
+from wide_env.sim.decode.plan_fill import expert_keys_into, topk_energy_into
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_ENERGY_COST, MAX_LATENCY_RATIO
 from wide_env.sim.physics import by_expert, call_latency, node_cost_table, node_costs, shannon_rate, topk_reference
@@ -148,9 +149,9 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
     if table_rows.shape[0]:
         L = scn.n_layers
         rows = (positions[:, None, :] * L + np.arange(L)[:, None]).reshape(-1)  # (c, l, b) order
-        plan.effect_rows = np.take(table_rows.reshape(-1, table_rows.shape[-1]), rows, axis=0).reshape(chunk, L, n, -1)
-        plan.effect_base = np.take(base, positions, axis=0)[:, None]
-        plan.full_correct = np.take(full, positions)[:, None, :]
+        plan.effect_rows = table_rows.reshape(-1, table_rows.shape[-1]).take(rows, axis=0).reshape(chunk, L, n, -1)
+        plan.effect_base = base.take(positions, axis=0)[:, None]
+        plan.full_correct = full.take(positions)[:, None, :]
     else:
         plan.effect_rows = np.zeros((chunk, scn.n_layers, n, 0), dtype=np.int32)
         plan.effect_base = np.zeros((chunk, 1, n, 0))
@@ -199,13 +200,19 @@ def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, know
     topk_idx = gating.topk_idx.reshape(C, L, n, -1)
     energy = expert_costs[..., scn.scope_index, :]  # (C, Lc, n, E); Lc broadcasts over L
     topk = np.empty((C, L, n, 2))
-    topk[..., 0], topk[..., 1] = topk_reference(energy, topk_idx)
-    gain_db = linear_to_db(channel_gain)
     obs_expert = np.empty((C, L, n, len(EXPERT_KEYS), E), dtype=np.float32)
-    cost = observed_energy_cost(energy, observed, scn.scope_index, topk_idx, topk[..., 1])
-    obs_expert[..., 0, :] = np.minimum(cost, MAX_ENERGY_COST)
-    obs_expert[..., 1, :] = np.minimum(knowable[..., 0, :] / scn.deadline_s, MAX_LATENCY_RATIO)
-    obs_expert[..., 2, :] = knowable[..., 1, :]
+    topk_energy_into(energy, topk_idx, topk[..., 0])
+    if observed is None and (topk[..., 0] > 0).all():  # the usual case: the reference is the Top-K energy
+        topk[..., 1] = topk[..., 0]
+        expert_keys_into(energy, topk[..., 1], knowable, scn.deadline_s, MAX_ENERGY_COST, MAX_LATENCY_RATIO,
+                         obs_expert)
+    else:  # a Top-K set without energy (experts on the device) or slotted uplinks: numpy's general rule
+        topk[..., 1] = topk_reference(energy, topk_idx)[1]
+        cost = observed_energy_cost(energy, observed, scn.scope_index, topk_idx, topk[..., 1])
+        obs_expert[..., 0, :] = np.minimum(cost, MAX_ENERGY_COST)
+        obs_expert[..., 1, :] = np.minimum(knowable[..., 0, :] / scn.deadline_s, MAX_LATENCY_RATIO)
+        obs_expert[..., 2, :] = knowable[..., 1, :]
+    gain_db = linear_to_db(channel_gain)
     return TokenPlan(
         costs=expert_costs, meets_deadline=expert_costs[..., 3, :] <= deadline, observed_energy_scopes=observed,
         topk=topk, probs=gating.probs.reshape(C, L, n, E).astype(np.float32, copy=False), topk_idx=topk_idx,

@@ -128,13 +128,25 @@ class DecodeSimulator:
         ``rows`` ((B,) bool) limits the step to some episodes; finished episodes are skipped (zero outcome).
         ``observe=False``: no observations are written (the caller changes the next layer's gating first, then
         calls :meth:`observe`)."""
-        out = empty_outcome(state.batch_size, self.top_k)
-        obs = self._obs_buffer(state, obs)
-        replan = self._flags(state)
+        # every step of every env runs this: the buffers and arguments are looked up, not rebuilt
+        B = state.counters.shape[0]
+        out = empty_outcome(B, self.top_k)
+        if obs is None:
+            obs = np.empty((B, self.obs_size), dtype=np.float32)
+        replan = state.__dict__.get("_replan")
+        if replan is None or replan.shape[0] != B:
+            replan = self._flags(state)
         if not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
             executed = np.array(executed, dtype=bool)  # the kernel's one argument type
-        flagged = kernel.run_rows(kernel.STEP if observe else kernel.ADVANCE, self._rows(state, rows), executed,
-                                  *self._kernel_args(state), out.values, out.counts, obs, replan)
+        if rows is None:
+            rows = self._all_rows.get(B)
+            if rows is None:
+                rows = self._rows(state, None)
+        else:
+            rows = np.ascontiguousarray(rows, dtype=bool)
+        plan, packed, consts = state.kernel_args or self._kernel_args(state)
+        flagged = kernel.run_rows(kernel.STEP if observe else kernel.ADVANCE, rows, executed, plan, packed, consts,
+                                  out.values, out.counts, obs, replan)
         if flagged:  # their planned chunk is used up: plan the next one, then observe them
             replanned = replan.copy()
             replan[:] = False

@@ -98,5 +98,8 @@ FIELDS = OutcomeFields(k.FLOAT_FIELDS, k.INT_FIELDS)
 
 def empty_outcome(batch: int, top_k: int) -> Outcome:
     """Outcome buffers the step kernel fills: the integer fields, then the K slots' servers, in ``counts``."""
-    counts = np.empty((batch, k.NI + top_k), dtype=np.int64)
-    return Outcome(np.empty((batch, len(k.FLOAT_FIELDS))), counts, counts[:, k.NI:], FIELDS)
+    counts = np.empty((batch, _N_INTS + top_k), dtype=np.int64)
+    return Outcome(np.empty((batch, _N_FLOATS)), counts, counts[:, _N_INTS:], FIELDS)
+
+
+_N_FLOATS, _N_INTS = len(k.FLOAT_FIELDS), k.NI

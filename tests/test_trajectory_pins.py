@@ -1,0 +1,125 @@
+"""Pinned trajectories: short runs of the single env, the native vector env (with autoresets, per-row seeds and
+mid-episode re-planning), hashed bit for bit (observations, rewards, flags, every info key
+with its type or dtype). A speed change to the simulator core must leave every hash as it is; a change of the
+dynamics must update the pins on purpose (and say so)."""
+
+import hashlib
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import wide_env  # noqa: F401  (registers the ids)
+from wide_env.sim.decode import plan as plan_module
+
+# the rule is not validated on every scenario pinned here: the figures are pinned, not endorsed
+pytestmark = pytest.mark.filterwarnings("ignore:profile .* accuracy in info comes from the logit-effect rule")
+
+
+class Digest:
+    def __init__(self):
+        self.h = hashlib.sha256()
+
+    def add(self, value):
+        if isinstance(value, dict):
+            for key in value:  # insertion order is part of the contract
+                self.h.update(repr(key).encode())
+                self.add(value[key])
+        elif isinstance(value, np.ndarray):
+            if value.dtype == object:
+                for item in value:
+                    self.add(item)
+            else:
+                self.h.update(f"{value.dtype}{value.shape}".encode())
+                self.h.update(np.ascontiguousarray(value).tobytes())
+        elif value is None:
+            self.h.update(b"None")
+        else:
+            self.h.update(f"{type(value).__name__}:{value!r}".encode())
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()[:16]
+
+
+# the accuracy rule everywhere: the model backend's measured figures are pinned by its own exactness tests
+RULE = {"gating": {"accuracy": "rule"}}
+
+
+def single_env_digest(env_id: str, config: dict | None, steps: int, seed: int) -> str:
+    env = gym.make(env_id, config={**RULE, **(config or {})})
+    rng = np.random.default_rng(seed + 100)
+    d = Digest()
+    obs, info = env.reset(seed=seed)
+    d.add(obs), d.add(info)
+    n = env.action_space.n
+    for _ in range(steps):
+        obs, reward, terminated, truncated, info = env.step(rng.integers(0, 2, n).astype(np.int8))
+        for item in (obs, reward, terminated, truncated, info):
+            d.add(item)
+        if truncated:
+            obs, info = env.reset()
+            d.add(obs), d.add(info)
+    return d.hexdigest()
+
+
+def vector_env_digest(env_id: str, config: dict | None, num_envs: int, steps: int, seed, autoreset="NextStep") -> str:
+    env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", config=config,
+                       autoreset_mode=autoreset)
+    rng = np.random.default_rng(7)
+    d = Digest()
+    obs, info = env.reset(seed=seed)
+    d.add(obs), d.add(info)
+    n = env.single_action_space.n
+    for _ in range(steps):
+        for item in env.step(rng.integers(0, 2, (num_envs, n)).astype(np.int8)):
+            d.add(item)
+    return d.hexdigest()
+
+
+SINGLE = {
+    ("wide_env/WideMoE-v0", None): "2cfd4b9e0d414a57",
+    ("wide_env/WideMoE-v0", '{"flatten_observation": true}'): "d12f16ea26b9308d",
+    ("wide_env/WideMoE-EpisodeBudget-v0", None): "c7582e697add12f8",
+    ("wide_env/WideMoE-Realistic-v0", None): "2a514f5f8d5a625d",
+    ("wide_env/WideMoE-Synthetic-v0", '{"gating": {"accuracy": "auto"}, "placement": {"mobility": true}}'): "a58a34f7dd791568",
+    ("wide_env/WideMoE-AccuracyObjective-v0", None): "e3814bbafd5b2ff3",
+}
+
+
+@pytest.mark.parametrize("env_id,config", list(SINGLE))
+def test_single_env_trajectory_is_pinned(env_id, config):
+    got = single_env_digest(env_id, None if config is None else json.loads(config), steps=140, seed=11)
+    assert got == SINGLE[env_id, config], got
+
+
+VECTOR = {
+    # one generator, lockstep autoreset (every row at once), short plan chunks: re-planning mid-episode
+    ("flat", 5, "int", "NextStep", 8): "1587e55ee8d81a2a",
+    # per-row generators, rows out of step after a masked reset, same-step autoreset
+    ("dict", 3, "list", "SameStep", None): "fb920f834067da17",
+    ("flat", 4, "list", "NextStep", 40): "09bc93975227fefc",
+}
+
+
+@pytest.mark.parametrize("layout,num_envs,seeding,autoreset,plan_steps", list(VECTOR))
+def test_vector_env_trajectory_is_pinned(monkeypatch, layout, num_envs, seeding, autoreset, plan_steps):
+    if plan_steps is not None:  # chunks of a few tokens: the batch re-plans mid-episode
+        monkeypatch.setattr(plan_module, "PLAN_LAYER_STEPS", plan_steps)
+    config = {**RULE, "flatten_observation": layout == "flat", "budget": {"mode": "token"}}
+    seed = 5 if seeding == "int" else [20 + i for i in range(num_envs)]
+    got = vector_env_digest("wide_env/WideMoE-v0", config, num_envs, steps=150, seed=seed, autoreset=autoreset)
+    assert got == VECTOR[layout, num_envs, seeding, autoreset, plan_steps], got
+
+
+def test_vector_env_with_rows_out_of_step_is_pinned():
+    env = gym.make_vec("wide_env/WideMoE-v0", num_envs=4, vectorization_mode="vector_entry_point",
+                       config={**RULE, "flatten_observation": True})
+    rng = np.random.default_rng(3)
+    d = Digest()
+    d.add(env.reset(seed=9))
+    for t in range(150):
+        d.add(env.step(rng.integers(0, 2, (4, 8)).astype(bool)))
+        if t in (10, 37):
+            d.add(env.reset(options={"reset_mask": np.array([True, False, t == 37, False])}))
+    assert d.hexdigest() == "87442c7ce20fd1e0", d.hexdigest()
