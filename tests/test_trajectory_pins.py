@@ -17,6 +17,11 @@ from wide_env.sim.decode import plan as plan_module
 pytestmark = pytest.mark.filterwarnings("ignore:profile .* accuracy in info comes from the logit-effect rule")
 
 
+#: info keys added after the pins were computed (the shield's Safety-Gymnasium costs, tests/test_shield.py pins
+#: their values); every other key must hash as on 90d1541
+LATER_KEYS = frozenset({"cost", "cost_budget", "cost_deadline", "_cost", "_cost_budget", "_cost_deadline"})
+
+
 class Digest:
     def __init__(self):
         self.h = hashlib.sha256()
@@ -24,6 +29,8 @@ class Digest:
     def add(self, value):
         if isinstance(value, dict):
             for key in value:  # insertion order is part of the contract
+                if key in LATER_KEYS:
+                    continue
                 self.h.update(repr(key).encode())
                 self.add(value[key])
         elif isinstance(value, np.ndarray):
@@ -33,6 +40,9 @@ class Digest:
             else:
                 self.h.update(f"{value.dtype}{value.shape}".encode())
                 self.h.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, tuple):  # a step's or reset's results, item by item
+            for item in value:
+                self.add(item)
         elif value is None:
             self.h.update(b"None")
         else:
@@ -122,4 +132,4 @@ def test_vector_env_with_rows_out_of_step_is_pinned():
         d.add(env.step(rng.integers(0, 2, (4, 8)).astype(bool)))
         if t in (10, 37):
             d.add(env.reset(options={"reset_mask": np.array([True, False, t == 37, False])}))
-    assert d.hexdigest() == "87442c7ce20fd1e0", d.hexdigest()
+    assert d.hexdigest() == "b24c80f7665a135e", d.hexdigest()
