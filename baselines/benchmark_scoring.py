@@ -25,8 +25,14 @@ def agent_policy(run: AgentRun) -> str:
     return HEADLINE if run.headline else f"{HEADLINE} w={run.weight:g}"
 
 
+def _train_seed(row: dict) -> int:
+    """A record's training seed: TRAIN_SEED where it has none (policies that are not trained; blank in a CSV)."""
+    seed = row.get("train_seed", "")
+    return TRAIN_SEED if seed in ("", None) else int(seed)
+
+
 def _of_seed(rows: list[dict], seed: int) -> list[dict]:
-    return [r for r in rows if int(r.get("train_seed", TRAIN_SEED)) == seed]
+    return [r for r in rows if _train_seed(r) == seed]
 
 
 def agent_matrix(rows: list[dict], runs, key: str) -> tuple[np.ndarray, int]:
@@ -266,7 +272,7 @@ def plot_regime_fronts(regime: Regime, rows: list[dict], best: str, path) -> Non
                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
                             arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6})
     # every agent (seed, weight) as a small point: the spread over seeds the IQM summarises
-    runs = sorted({(r["policy"], int(r.get("train_seed", TRAIN_SEED))) for r in rows
+    runs = sorted({(r["policy"], _train_seed(r)) for r in rows
                    if str(r["policy"]).startswith(HEADLINE)})
     for policy, seed in runs:
         s = summary_of(_of_seed(rows, seed), policy)
