@@ -2,7 +2,7 @@ r"""The regimes benchmark: PPO against Top-K, the causal analytic baselines and 
 real accuracy, on held-out seeds, over several training seeds and, where accuracy is traded, whole fronts.
 
     python -m baselines.benchmark --out runs/benchmark [--quick] [--regimes token,episode,queues,accuracy,mixtral] \
-        [--seeds 5] [--test-episodes 200] [--selection-episodes 50] [--cpu-minutes 60]
+        [--seeds 5] [--jobs 2] [--test-episodes 200] [--selection-episodes 50] [--cpu-minutes 60]
 
 Per regime (:data:`REGIMES`: a registered preset each, whose PPO hyperparameters are the preset's entry of
 ``agents/hyperparams/ppo.yml``, or the regime's ``hyperparams`` overrides where the preset has none):
@@ -11,8 +11,9 @@ Per regime (:data:`REGIMES`: a registered preset each, whose PPO hyperparameters
    ``--seeds`` training seeds (0 .. N-1) and, where the regime trades accuracy (``Regime.weights``), at each
    trade-off weight (``reward_shaping.accuracy_weight``). A run stops on its timestep budget (the YAML's
    ``n_timesteps``); ``--cpu-minutes`` is only a safety cap, and a run that hits it is reported
-   (``agents.csv: cpu_limit_reached``, ``benchmark.json: cpu_cap_hit``). ``--quick``: a few thousand timesteps
-   and two seeds instead (a smoke run).
+   (``agents.csv: cpu_limit_reached``, ``benchmark.json: cpu_cap_hit``). ``--jobs N`` trains N runs at a time
+   in worker processes (the same agents: each run has its own seed). ``--quick``: a few thousand timesteps and
+   two seeds instead (a smoke run).
 2. **Select** the best causal analytic baseline on the selection seeds (``SELECTION_SEED + i``): every baseline of
    the regime is swept over the budget scales (:data:`SCALES`; its curve also holds practical Top-K, the
    budget-free end) and the one that needs the least energy at the headline agents' accuracy there
@@ -125,6 +126,27 @@ def train_agent(regime: Regime, run: AgentRun, out: Path, *, timesteps: int | No
             "cpu_limit_reached": capped, "command": "python train.py " + shlex.join(argv)}
 
 
+def _train_one(regime: Regime, run: AgentRun, out: Path, settings: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)  # a forked worker starts with torch's default
+    return train_agent(regime, run, out, timesteps=settings.get("timesteps"), cpu_minutes=settings["cpu_minutes"],
+                       quick=settings["quick"])
+
+
+def _train_all(regime: Regime, runs: list[AgentRun], out: Path, settings: dict) -> list[dict]:
+    """Every agent of the regime, in order; with ``settings["jobs"]`` > 1 that many at a time in forked worker
+    processes (each run is seeded on its own, so the agents are the same as one at a time)."""
+    jobs = min(int(settings.get("jobs", 1)), len(runs))
+    if jobs <= 1:
+        return [_train_one(regime, run, out, settings) for run in runs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_train_one, *zip(*[(regime, run, out, settings) for run in runs])))
+
+
 # ---- evaluation -------------------------------------------------------------------------------------
 def _sweep(regime: Regime, agents: list[tuple[AgentRun, str]], *, episodes: int, seed: int, scales,
            settings: dict, fixed: bool, oracle_config: dict | None = None) -> list[dict]:
@@ -154,8 +176,7 @@ def run_regime(regime: Regime, out: Path, settings: dict) -> dict:
     t0, cpu0 = time.time(), time.process_time()
     print(f"== {regime.name}: {regime.env_id} ({regime.what})", flush=True)
     runs = agent_runs(regime, settings["seeds"])
-    trainings = [train_agent(regime, run, out, timesteps=settings.get("timesteps"),
-                             cpu_minutes=settings["cpu_minutes"], quick=settings["quick"]) for run in runs]
+    trainings = _train_all(regime, runs, out, settings)
     training = {"runs": len(trainings), "timesteps": sum(t["timesteps"] for t in trainings),
                 "cpu_s": sum(t["cpu_s"] for t in trainings), "wall_s": sum(t["wall_s"] for t in trainings),
                 "cpu_cap_hit": sum(t["cpu_limit_reached"] for t in trainings)}
@@ -187,9 +208,11 @@ def run_regime(regime: Regime, out: Path, settings: dict) -> dict:
     write_csv(test, out / f"episodes_{regime.name}.csv")
     plot_regime_fronts(regime, test, best, out / f"fronts_{regime.name}.png")
     agent_rows = [_agent_row(regime, t, test) for t in trainings]
+    # training in worker processes (--jobs) is not in this process's CPU time: its runs' own CPU time is added
+    workers_cpu = training["cpu_s"] if settings.get("jobs", 1) > 1 else 0.0
     return {"rows": table, "comparisons": list(comparisons.values()), "fronts": fronts, "per_seed": per_seed,
             "agents": agent_rows, "training": training, "best": best, "wall_s": time.time() - t0,
-            "cpu_s": time.process_time() - cpu0}
+            "cpu_s": time.process_time() - cpu0 + workers_cpu}
 
 
 def _agent_row(regime: Regime, training: dict, test: list[dict]) -> dict:
@@ -204,7 +227,7 @@ def _agent_row(regime: Regime, training: dict, test: list[dict]) -> dict:
 
 def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int | None = None,
                   selection_episodes: int | None = None, seeds: int | None = None, cpu_minutes: float = 60.0,
-                  command: str = "") -> list[dict]:
+                  jobs: int = 1, command: str = "") -> list[dict]:
     """Run the benchmark into ``out`` (see the module docstring); returns the table rows."""
     if isinstance(cpu_minutes, bool) or not isinstance(cpu_minutes, numbers.Real) or not 0 < cpu_minutes < math.inf:
         raise ValueError(f"cpu_minutes (--cpu-minutes) = {cpu_minutes!r}: the CPU-time safety cap of each training "
@@ -212,6 +235,9 @@ def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int 
     if seeds is not None and (isinstance(seeds, bool) or not isinstance(seeds, numbers.Integral) or seeds < 1):
         raise ValueError(f"seeds (--seeds) = {seeds!r}: the number of training seeds per agent must be an integer "
                          ">= 1 (5 or more for results; the IQM trims nothing below 4)")
+    if isinstance(jobs, bool) or not isinstance(jobs, numbers.Integral) or jobs < 1:
+        raise ValueError(f"jobs (--jobs) = {jobs!r}: the number of training runs at a time must be an integer >= 1 "
+                         "(at most the number of CPU cores)")
     import torch
 
     torch.set_num_threads(1)
@@ -228,7 +254,7 @@ def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int 
         settings["selection_episodes"] = int(selection_episodes)
     if seeds is not None:
         settings["seeds"] = int(seeds)
-    settings.update(quick=quick, cpu_minutes=float(cpu_minutes), stats_dir=str(out / "span_stats"))
+    settings.update(quick=quick, cpu_minutes=float(cpu_minutes), jobs=int(jobs), stats_dir=str(out / "span_stats"))
     t0, cpu0 = time.time(), time.process_time()
     rows, comparisons, fronts, per_seed, agents, per_regime = [], [], [], [], [], {}
     for name in names:
@@ -245,7 +271,8 @@ def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int 
             write_csv(table, out / file)
     text = format_table(rows) + "\n\n" + format_fronts([f for f in fronts if f["chosen"]])
     (out / "benchmark.md").write_text(text + "\n")
-    meta = {"command": command, "wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0,
+    workers_cpu = sum(r["training"]["cpu_s"] for r in per_regime.values()) if settings["jobs"] > 1 else 0.0
+    meta = {"command": command, "wall_s": time.time() - t0, "cpu_s": time.process_time() - cpu0 + workers_cpu,
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
             "test_seeds": [TEST_SEED, TEST_SEED + settings["test_episodes"] - 1],
             "selection_seeds": [SELECTION_SEED, SELECTION_SEED + settings["selection_episodes"] - 1],
@@ -284,6 +311,8 @@ def main(argv=None) -> list[dict]:
                     help="episodes that choose the best baseline (default 50; quick 3)")
     ap.add_argument("--seeds", type=int, default=None,
                     help=f"training seeds per agent (default {FULL['seeds']}; quick {QUICK['seeds']})")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="training runs at a time, in worker processes (spreads the seeds over CPU cores)")
     ap.add_argument("--cpu-minutes", type=_positive_minutes, default=60.0,
                     help="safety cap of each training run's CPU time, minutes > 0 (default 60; runs stop on their "
                          "timestep budget well before it; a run that hits it is reported)")
@@ -293,12 +322,14 @@ def main(argv=None) -> list[dict]:
             ap.error(f"{name} must be >= 2 (confidence intervals need two episodes)")
     if args.seeds is not None and args.seeds < 1:
         ap.error("--seeds must be >= 1 (5 or more for results)")
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1 (training runs at a time)")
     regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
     command = "python -m baselines.benchmark " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
         return run_benchmark(args.out, regimes, quick=args.quick, test_episodes=args.test_episodes,
                              selection_episodes=args.selection_episodes, seeds=args.seeds,
-                             cpu_minutes=args.cpu_minutes,
+                             cpu_minutes=args.cpu_minutes, jobs=args.jobs,
                              command=command)
     except ValueError as exc:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")

@@ -192,3 +192,14 @@ def test_train_hyperparams_overrides_reach_nested_keys():
         override_hyperparams(hp, ["gamma"])
     with pytest.raises(UsageError, match="not a mapping"):
         override_hyperparams(hp, ["gamma.x=1"])
+
+
+@pytest.mark.slow
+def test_parallel_training_trains_the_same_agents(quick_run, tmp_path):
+    out = tmp_path / "jobs"
+    main(["--quick", "--regimes", "queues", "--jobs", "2", "--out", str(out)])
+    keys = ("policy", "seed", "energy_per_token_j", "accuracy", "violation_rate", "train_timesteps")
+    serial = [{k: a[k] for k in keys} for a in _read(quick_run / "agents.csv") if a["regime"] == "queues"]
+    parallel = [{k: a[k] for k in keys} for a in _read(out / "agents.csv")]
+    assert parallel == serial
+    assert json.loads((out / "benchmark.json").read_text())["settings"]["jobs"] == 2
