@@ -93,8 +93,8 @@ def _env_kwargs(regime: Regime, config: dict | None = None) -> dict | None:
     return {"config": merged} if merged else None
 
 
-def train_agent(regime: Regime, run: AgentRun, out: Path, *, timesteps: int | None, cpu_minutes: float,
-                quick: bool) -> dict:
+def train_agent(regime: Regime, out: Path, *, run: AgentRun = AgentRun(TRAIN_SEED, None, True),
+                timesteps: int | None, cpu_minutes: float, quick: bool) -> dict:
     """``python train.py --env PRESET`` (its YAML entry, the run's seed, its weight as
     ``reward_shaping.accuracy_weight``) into OUT/runs; stops on its timestep budget, or at the ``cpu_minutes``
     safety cap (reported: ``cpu_limit_reached``). Returns the model path, timesteps, CPU and wall seconds."""
@@ -130,7 +130,7 @@ def _train_one(regime: Regime, run: AgentRun, out: Path, settings: dict) -> dict
     import torch
 
     torch.set_num_threads(1)  # a forked worker starts with torch's default
-    return train_agent(regime, run, out, timesteps=settings.get("timesteps"), cpu_minutes=settings["cpu_minutes"],
+    return train_agent(regime, out, run=run, timesteps=settings.get("timesteps"), cpu_minutes=settings["cpu_minutes"],
                        quick=settings["quick"])
 
 

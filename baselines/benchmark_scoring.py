@@ -271,22 +271,24 @@ def plot_regime_fronts(regime: Regime, rows: list[dict], best: str, path) -> Non
                             ha=ha, fontsize=7.5, color=color, zorder=12,
                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85},
                             arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6})
-    # every agent (seed, weight) as a small point: the spread over seeds the IQM summarises
-    runs = sorted({(r["policy"], _train_seed(r)) for r in rows
-                   if str(r["policy"]).startswith(HEADLINE)})
-    for policy, seed in runs:
-        s = summary_of(_of_seed(rows, seed), policy)
-        ax.scatter([s["energy_per_token_j"]], [s["accuracy"]], marker="." if policy == HEADLINE else "x", s=40,
-                   color="tab:red", alpha=0.6, zorder=9)
-        energies.append(s["energy_per_token_j"])
-    if runs:
-        handles.append(Line2D([], [], ls="none", marker=".", ms=8, color="tab:red", alpha=0.6,
+    # every agent (seed, weight) as a small point: the spread over seeds the IQM summarises (salmon: the filled
+    # tab:red star is the pooled headline agents)
+    runs = sorted({(r["policy"], _train_seed(r)) for r in rows if str(r["policy"]).startswith(HEADLINE)})
+    if len(runs) > 1:
+        for policy, seed in runs:
+            s = summary_of(_of_seed(rows, seed), policy)
+            ax.scatter([s["energy_per_token_j"]], [s["accuracy"]], marker="." if policy == HEADLINE else "x", s=40,
+                       color="salmon", zorder=9)
+            energies.append(s["energy_per_token_j"])
+        handles.append(Line2D([], [], ls="none", marker=".", ms=8, color="salmon",
                               label="PPO per seed (x: other weights)"))
+    policies = list(dict.fromkeys(p for p, _ in runs))
+    if len(policies) > 1:
         # the agents' front: each weight's point averaged over the seeds, with Top-K (as the comparison builds it)
-        points = [summary_of(rows, p) for p in dict.fromkeys(p for p, _ in runs)] + [summary_of(rows, "topk")]
+        points = [summary_of(rows, p) for p in policies] + [summary_of(rows, "topk")]
         front = accuracy_energy_front([p["energy_per_token_j"] for p in points], [p["accuracy"] for p in points])
-        ax.plot(front.energy, front.accuracy, color="tab:red", lw=1.6, ls="--", zorder=8)
-        handles.append(Line2D([], [], color="tab:red", lw=1.6, ls="--", label="PPO front (seed means)"))
+        ax.plot(front.energy, front.accuracy, color="salmon", lw=1.6, ls="--", zorder=8)
+        handles.append(Line2D([], [], color="salmon", lw=1.6, ls="--", label="PPO front (seed means)"))
     for policy, label, marker, size, face, edge, z in _POINTS:
         if not any(r["policy"] == policy for r in rows):
             continue
