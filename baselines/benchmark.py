@@ -184,8 +184,9 @@ def run_regime(regime: Regime, out: Path, settings: dict) -> dict:
           f"{training['timesteps']} timesteps: {training['cpu_s'] / 60:.1f} CPU-min, {training['wall_s'] / 60:.1f} "
           f"min wall", flush=True)
     agents = [(run, t["model"]) for run, t in zip(runs, trainings)]
-    selection = _sweep(regime, agents, episodes=settings["selection_episodes"], seed=SELECTION_SEED,
-                       scales=settings["scales"], settings=settings, fixed=False)
+    # the choice needs only the headline agents' accuracy
+    selection = _sweep(regime, [a for a in agents if a[0].headline], episodes=settings["selection_episodes"],
+                       seed=SELECTION_SEED, scales=settings["scales"], settings=settings, fixed=False)
     best, scores = choose_best(regime, selection)
     print(f"   best causal analytic baseline on the selection seeds: {best}", flush=True)
     # the oracle solves the best baseline's problem (its budget mode: for the accuracy objective, whose own env

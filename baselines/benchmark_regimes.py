@@ -23,7 +23,7 @@ WIN_RATIO = 0.9
 
 class Baseline(NamedTuple):
     """A causal analytic baseline of a regime: ``make_policy(policy, env, **kwargs)``, run on the regime's env with
-    ``config`` merged over its preset (None: as registered; e.g. another budget mode for the accuracy objective,
+    ``config`` merged over the regime's config and its preset (None: as registered; e.g. another budget mode for the accuracy objective,
     whose agent has no budget). The env's channels and tokens do not depend on the budget mode, so every baseline
     sees the same episodes."""
 
