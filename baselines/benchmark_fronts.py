@@ -88,9 +88,9 @@ def seed_measures(agent_e, agent_a, headline: int, base_e, base_a, topk_e, topk_
 
 
 def _statuses(agent_e, agent_a, headline, base_e, base_a, topk_e, topk_a) -> list[str]:
-    """Per measure on all episodes: "bound" where some seed's agent front is read below its range (an upper bound
-    of the ratio) or the baseline cannot reach the agent's accuracy, "no baseline" where the baseline's front does
-    not reach down to the level, else "interpolated"."""
+    """Per measure on all episodes: "no baseline" where the baseline's front does not reach down to the level (or
+    to some seed's own accuracy), "bound" where some seed's agent front is read below its range (an upper bound of
+    the ratio) or the baseline cannot reach a seed's own accuracy, else "interpolated"."""
     ae, aa = agent_e.mean(axis=2), agent_a.mean(axis=2)
     be, ba = base_e.mean(axis=1), base_a.mean(axis=1)
     ta = float(topk_a.mean())
@@ -101,7 +101,8 @@ def _statuses(agent_e, agent_a, headline, base_e, base_a, topk_e, topk_a) -> lis
     out = []
     for t in targets:
         out.append("no baseline" if t < bottom[0] else "bound" if t < max(seed_bottoms) else "interpolated")
-    return out + ["bound" if aa[:, headline].max() > bottom[1] else "interpolated"]
+    own = aa[:, headline]  # a seed below the baseline's range has no ratio (NaN), one above it a bound
+    return out + ["no baseline" if own.min() < bottom[0] else "bound" if own.max() > bottom[1] else "interpolated"]
 
 
 def verdict(ci_low: float, ci_high: float) -> str:

@@ -85,6 +85,14 @@ def test_a_baseline_that_does_not_reach_down_to_a_level_gives_no_ratio():
     assert by["acc-4"]["verdict"] == "undefined" and by["acc-4"]["undefined"] == 1.0
     assert np.isnan(by["area"]["ratio"])
     assert by["acc-2"]["ratio"] == pytest.approx(4.6 / 6)
+    # a seed whose own accuracy is below the baseline's cheapest point: no ratio at its accuracy, said so
+    rows, per_seed = _compare([AGENT, [(3.0, 0.46), (5.0, 0.47)]], base=[TOPK, (6.0, 0.48)])
+    own = {r["measure"]: r for r in rows}["own"]
+    assert per_seed[0, -1] == pytest.approx(5 / 7) and np.isnan(per_seed[1, -1])
+    assert np.isnan(own["ratio"]) and own["status"] == "no baseline"
+    rows, per_seed = _compare([AGENT, [(3.0, 0.46), (5.0, 0.47)]])
+    own = {r["measure"]: r for r in rows}["own"]
+    assert np.isfinite(per_seed[:, -1]).all() and own["status"] == "interpolated"
 
 
 def test_front_energies_conventions():
