@@ -47,6 +47,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--conf-file", default=None,
                    help="YAML hyperparameter file (keyed by env id, with 'default'); "
                         "default agents/hyperparams/ALGO.yml")
+    p.add_argument("--hyperparams", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="override the YAML's hyperparameters: dotted keys reach into mappings, values are YAML, e.g. "
+                        "reward_shaping.accuracy_weight=5 gamma=0.0")
     p.add_argument("--policy", default=None,
                    help=f"override the YAML policy: {', '.join(NETWORKS)} or SB3's {', '.join(SB3_POLICY_NAMES)}")
     p.add_argument("-n", "--n-timesteps", type=int, default=None,
@@ -83,6 +86,30 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--optimize", action="store_true",
                    help="hyperparameter search with Optuna (flags: python -m agents.optimize --help)")
     return p
+
+
+def override_hyperparams(hp: dict, items: list[str]) -> dict:
+    """``hp`` with each ``KEY=VALUE`` of --hyperparams set (a dotted KEY reaches into nested mappings, created where
+    missing; VALUE is read as YAML, so numbers, booleans and {a: 1} mappings keep their types)."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(hp)
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise UsageError(f"--hyperparams {item!r}: expected KEY=VALUE with a dotted KEY, e.g. "
+                             "reward_shaping.accuracy_weight=5")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--hyperparams {item!r}: {part!r} is {child!r} in the YAML, not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return out
 
 
 def _plain(obj):
@@ -137,6 +164,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     env_kwargs = parse_env_kwargs(args.env_kwargs)
     check_run_name(getattr(args, "run_name", None))
     hp, source = load_hyperparams(algo, env_id, args.conf_file)
+    if getattr(args, "hyperparams", None):
+        hp = override_hyperparams(hp, args.hyperparams)
+        source += " with --hyperparams " + " ".join(args.hyperparams)
     check_hyperparams(hp, source, algo, args.policy)
     run_hp, _ = split_hyperparams(hp)
     hp["policy_kwargs"] = select_policy_kwargs(hp, args.policy)
@@ -281,7 +311,7 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> dict:
             given = _plain(parse_env_kwargs(given))
         if given != cfg.get(key):
             conflicts.append(f"{option} {given!r} (the run's: {cfg.get(key)!r})")
-    for dest, option in (("conf_file", "--conf-file"), ("policy", "--policy"), ("log_folder", "--log-folder"),
+    for dest, option in (("conf_file", "--conf-file"), ("hyperparams", "--hyperparams"), ("policy", "--policy"), ("log_folder", "--log-folder"),
                          ("run_name", "--run-name")):
         if getattr(args, dest) is not None:
             conflicts.append(f"{option} {getattr(args, dest)!r}")

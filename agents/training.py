@@ -222,7 +222,9 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     # every segment of a resumed run: the time recorded at the checkpoint it continued from, plus this one
     train_s = ckpt_cb.wall_offset + segment_s
     train_cpu_s = ckpt_cb.cpu_offset + segment_cpu_s
-    times = dict(train_s=round(train_s, 2), train_cpu_s=round(train_cpu_s, 2), segment_s=round(segment_s, 2))
+    times = dict(train_s=round(train_s, 2), train_cpu_s=round(train_cpu_s, 2), segment_s=round(segment_s, 2),
+                 # a run stopped by the safety cap, not its timestep budget, says so (the benchmark reports it)
+                 cpu_limit_reached=bool(cpu_limit is not None and cpu_limit.reached))
     if cpu_limit is not None and cpu_limit.reached:
         print(f"note: stopped at the CPU-time limit of {cfg['max_cpu_minutes']:g} min after {model.num_timesteps} "
               f"of {budget} timesteps")

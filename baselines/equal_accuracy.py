@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["Front", "accuracy_energy_front", "FrontPoint", "energy_at_accuracy", "mix_at_accuracy",
-           "paired_energy_ratio", "episode_matrix"]
+           "paired_energy_ratio", "ratio_at_accuracy", "episode_matrix"]
 
 
 class Front(NamedTuple):
@@ -112,7 +112,9 @@ def mix_at_accuracy(point: FrontPoint, values) -> float:
     return float(sum(w * v[i] for i, w in point.weights.items()))
 
 
-def _ratio(agent_energy: float, agent_accuracy: float, base_energy, base_accuracy) -> tuple[float, FrontPoint]:
+def ratio_at_accuracy(agent_energy: float, agent_accuracy: float, base_energy, base_accuracy) -> tuple[float, FrontPoint]:
+    """E_agent / E*(a_agent) on the front of the baseline's settings (means), bounded above its range, NaN below it
+    (module docstring), with the front point."""
     front = accuracy_energy_front(base_energy, base_accuracy)
     point = energy_at_accuracy(front, agent_accuracy)
     if point.status == "above":  # bounded by the most accurate point's energy (module docstring)
@@ -145,12 +147,12 @@ def paired_energy_ratio(agent_energy, agent_accuracy, base_energy, base_accuracy
                          f"{be.shape}/{ba.shape} (settings x episodes)")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
-    ratio, point = _ratio(ae.mean(), aa.mean(), be.mean(axis=1), ba.mean(axis=1))
+    ratio, point = ratio_at_accuracy(ae.mean(), aa.mean(), be.mean(axis=1), ba.mean(axis=1))
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(int(n_boot), n))
     boot = np.empty(int(n_boot))
     for b, sample in enumerate(draws):
-        boot[b], _ = _ratio(ae[sample].mean(), aa[sample].mean(), be[:, sample].mean(axis=1),
+        boot[b], _ = ratio_at_accuracy(ae[sample].mean(), aa[sample].mean(), be[:, sample].mean(axis=1),
                             ba[:, sample].mean(axis=1))
     defined = boot[np.isfinite(boot)]
     q = (1 - level) / 2

@@ -12,8 +12,10 @@ import pytest
 
 import wide_env  # noqa: F401
 from baselines.benchmark import main
-from baselines.benchmark_regimes import QUICK, REGIMES, ROLES, TABLE_COLUMNS, Baseline, Regime
+from baselines.benchmark_fronts import MEASURES
+from baselines.benchmark_regimes import QUICK, REGIMES, ROLES, TABLE_COLUMNS, AgentRun, Baseline, Regime, agent_runs
 from baselines.benchmark_scoring import equal_accuracy, regime_rows
+from baselines.rl_stats import iqm
 
 
 def _read(path):
@@ -81,7 +83,9 @@ def test_the_regime_presets_are_registered_with_their_settings():
     expected = {"wide_env/WideMoE-TokenBudget-v0": ("token", "deviation"),
                 "wide_env/WideMoE-EpisodeBudget-v0": ("episode", "deviation"),
                 "wide_env/WideMoE-AccuracyObjective-v0": ("token", "accuracy"),
-                "wide_env/WideMoE-Realistic-v0": ("layer", "deviation")}
+                "wide_env/WideMoE-Realistic-v0": ("layer", "deviation"),
+                # the paper preset (issue 23 item 6): per-layer budget, with the model's accuracy (Regime.config)
+                "wide_env/WideMoE-Mixtral-v0": ("layer", "deviation")}
     assert {r.env_id for r in REGIMES.values()} == set(expected)
     for env_id, (mode, objective) in expected.items():
         config = gym.make(env_id).unwrapped.config
@@ -121,3 +125,81 @@ def test_rows_and_win_rule_on_hand_made_episodes():
     assert equal_accuracy(free, worse, "base", n_boot=50)["wins"]
     more_misses = [dict(r, deadline_misses=1) if r["policy"] == "ppo" else r for r in rows]
     assert not equal_accuracy(free, more_misses, "base", n_boot=50)["wins"]
+
+
+def test_quick_run_trains_every_seed_and_weight_and_writes_per_seed_rows(quick_run):
+    agents = _read(quick_run / "agents.csv")
+    expected = [(name, str(run.seed), "" if run.weight is None else str(run.weight))
+                for name, regime in REGIMES.items() for run in agent_runs(regime, QUICK["seeds"])]
+    assert sorted((a["regime"], a["seed"], a["weight"]) for a in agents) == sorted(expected)
+    assert len(REGIMES["accuracy"].weights) >= 3  # a whole front where accuracy is traded
+    for a in agents:
+        # training stops on timesteps (QUICK's budget), not at the CPU-time safety cap
+        assert int(a["train_timesteps"]) == QUICK["timesteps"] and a["cpu_limit_reached"] == "False"
+        assert int(a["episodes"]) == QUICK["test_episodes"]
+    meta = json.loads((quick_run / "benchmark.json").read_text())
+    assert meta["cpu_cap_hit"] == 0 and meta["train_seeds"] == [0, QUICK["seeds"] - 1]
+    rows = _read(quick_run / "benchmark.csv")
+    fronts, per_seed = _read(quick_run / "fronts.csv"), _read(quick_run / "fronts_seeds.csv")
+    for name, regime in REGIMES.items():
+        episodes = _read(quick_run / f"episodes_{name}.csv")
+        assert {e["train_seed"] for e in episodes if e["policy"] == "ppo"} == {str(s) for s in range(QUICK["seeds"])}
+        for b in regime.baselines:
+            mine = [f for f in fronts if f["regime"] == name and f["baseline"] == b.label]
+            assert [f["measure"] for f in mine] == list(MEASURES)
+            assert all(f["verdict"] in ("better", "worse", "tie", "undefined") for f in mine)
+            seeds = [p for p in per_seed if p["regime"] == name and p["baseline"] == b.label]
+            assert len(seeds) == QUICK["seeds"]
+            for f in mine:  # the table's ratio is the IQM of the per-seed ratios
+                assert float(f["ratio"]) == pytest.approx(iqm([float(p[f["measure"]]) for p in seeds]), nan_ok=True)
+        ppo = next(r for r in rows if r["regime"] == name and r["role"] == "ppo")
+        own = next(f for f in fronts if f["regime"] == name and f["chosen"] == "True" and f["measure"] == "own")
+        assert int(ppo["seeds"]) == QUICK["seeds"] and int(ppo["train_runs"]) == len(agent_runs(regime, QUICK["seeds"]))
+        assert float(ppo["eq_acc_ratio"]) == pytest.approx(float(own["ratio"]), nan_ok=True)
+        assert ppo["eq_acc_verdict"] == own["verdict"]
+    assert (quick_run / "benchmark.md").read_text().count("| own |") == len(REGIMES)
+
+
+def test_agent_runs_and_their_folders():
+    regime = REGIMES["accuracy"]
+    runs = agent_runs(regime, 2)
+    assert [(r.seed, r.weight, r.headline) for r in runs] == [(0, 5.0, False), (1, 5.0, False), (0, 20.0, True),
+                                                              (1, 20.0, True), (0, 80.0, False), (1, 80.0, False)]
+    # the folder of what `python train.py --env PRESET` trains keeps the regime's name; suffixes say what differs
+    assert [r.run_name("accuracy") for r in runs] == ["accuracy_w5", "accuracy_w5_s1", "accuracy", "accuracy_s1",
+                                                       "accuracy_w80", "accuracy_w80_s1"]
+    assert agent_runs(REGIMES["token"], 1) == [AgentRun(0, None, True)]
+    with pytest.raises(ValueError, match="headline_weight"):
+        Regime("bad", "wide_env/WideMoE-v0", "bad", (), weights=(1.0, 2.0), headline_weight=3.0)
+
+
+def test_bad_seed_counts_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--seeds", "0"])
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_train_hyperparams_overrides_reach_nested_keys():
+    from agents.common import UsageError
+    from agents.run_config import override_hyperparams
+
+    hp = {"gamma": 0.9, "reward_shaping": {"accuracy_weight": 20.0, "energy": "absolute"}}
+    out = override_hyperparams(hp, ["reward_shaping.accuracy_weight=5", "gamma=0.0", "policy_kwargs.x={a: 1}"])
+    assert out == {"gamma": 0.0, "reward_shaping": {"accuracy_weight": 5, "energy": "absolute"},
+                   "policy_kwargs": {"x": {"a": 1}}}
+    assert hp["reward_shaping"]["accuracy_weight"] == 20.0  # the YAML's dict is not changed
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        override_hyperparams(hp, ["gamma"])
+    with pytest.raises(UsageError, match="not a mapping"):
+        override_hyperparams(hp, ["gamma.x=1"])
+
+
+@pytest.mark.slow
+def test_parallel_training_trains_the_same_agents(quick_run, tmp_path):
+    out = tmp_path / "jobs"
+    main(["--quick", "--regimes", "queues", "--jobs", "2", "--out", str(out)])
+    keys = ("policy", "seed", "energy_per_token_j", "accuracy", "violation_rate", "train_timesteps")
+    serial = [{k: a[k] for k in keys} for a in _read(quick_run / "agents.csv") if a["regime"] == "queues"]
+    parallel = [{k: a[k] for k in keys} for a in _read(out / "agents.csv")]
+    assert parallel == serial
+    assert json.loads((out / "benchmark.json").read_text())["settings"]["jobs"] == 2
