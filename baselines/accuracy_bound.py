@@ -24,9 +24,9 @@ sides: ``upper_j`` (the incumbent: a selection that keeps the prediction, so at 
 ``lower_j`` (the least energy of an open prefix: every selection cheaper than the incumbent extends one, so at
 most the least energy). Nothing else is relaxed: ``lower_j <= least energy <= upper_j`` always.
 
-Greedy descent (the first incumbent).  From the usable Top-K, layer by layer in decreasing energy, replace the
-layer's set by the cheapest set of at most K usable experts that still keeps the prediction (every candidate
-decoded, batched); two passes.
+Greedy descent (the first incumbent).  From the cheaper kept one of the usable live Top-K and the env's Top-K
+sets (the trace's gating), layer by layer in decreasing energy, replace the layer's set by the cheapest set of
+at most K usable experts that still keeps the prediction (every candidate decoded, batched); two passes.
 
 Context (a token's KV perturbation reaches later tokens).  Tokens are solved in episode order and each token is
 decoded in the context its predecessors' chosen selections produced (the env's stream: the full model's context
@@ -53,8 +53,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from baselines.equal_accuracy import episode_matrix
+from baselines.headroom import baseline_energy_at, counts_for_agents_win, headroom
+
 __all__ = ["TokenBound", "EpisodeBound", "selection_options", "TokenSearch", "episode_bound", "accuracy_bound",
-           "replay_plan"]
+           "replay_plan", "regime_headroom"]
 
 
 def selection_options(n_experts: int, top_k: int) -> np.ndarray:
@@ -160,14 +163,14 @@ class TokenSearch:
 
     # ---- one token ----------------------------------------------------------------------------------------
     def solve(self, token_id: int, energy: np.ndarray, usable: np.ndarray, keep, max_nodes: int = 4000,
-              batch: int = 64, after=None) -> TokenBound:
+              batch: int = 64, after=None, start=None) -> TokenBound:
         """The least-energy selection for ``token_id`` in the streams' context: ``energy`` (L, E) J, ``usable``
         (L, E) bool, ``keep`` maps next-token logits (R, V) float64 to (R,) bool; ``after``: the lookahead
-        (:meth:`_kept`). See the module docstring."""
+        (:meth:`_kept`); ``start``: the env's Top-K sets (L, E), a first incumbent. See the module docstring."""
         L, E = self.L, self.E
         energy = np.asarray(energy, np.float64)
         usable = np.asarray(usable, bool)
-        best_masks, best_e = self._descent(token_id, energy, usable, keep, after)
+        best_masks, best_e = self._descent(token_id, energy, usable, keep, after, start)
         counter = itertools.count()
         heap = [(0.0, next(counter), np.zeros((0, E), bool))]
         nodes = 0
@@ -207,17 +210,22 @@ class TokenSearch:
             best_masks = np.zeros((L, E), bool)
         return TokenBound(best_masks, float(best_e), float(min(open_least, best_e)), bool(exact), kept, nodes)
 
-    def _descent(self, token_id: int, energy: np.ndarray, usable: np.ndarray, keep, after, passes: int = 2):
-        """The greedy descent from the usable Top-K (module docstring): (masks (L, E), energy), or (None, inf)
-        where the usable Top-K loses the prediction."""
+    def _descent(self, token_id: int, energy: np.ndarray, usable: np.ndarray, keep, after, start=None,
+                 passes: int = 2):
+        """The greedy descent (module docstring) from the cheaper kept one of the usable live Top-K and ``start``
+        (L, E) (the env's Top-K sets, restricted to the usable experts): (masks (L, E), energy), or (None, inf)
+        where neither keeps the prediction."""
         L, E = self.L, self.E
         masks = np.zeros((L, E), bool)
         for l in range(L):  # the live Top-K of every layer, restricted to the usable experts
             topk, _ = self._decode(masks[None], token_id, l)
             masks[l, topk[0]] = True
             masks[l] &= usable[l]
-        if not self._kept(masks[None], token_id, keep, after)[0]:
+        starts = np.array([masks] + ([np.asarray(start, bool) & usable] if start is not None else []))
+        ok = self._kept(starts, token_id, keep, after)
+        if not ok.any():
             return None, np.inf
+        masks = starts[np.flatnonzero(ok)[np.argmin((starts * energy).sum((1, 2))[ok])]]
         for _ in range(passes):
             improved = False
             layer_e = (masks * energy).sum(1)
@@ -310,9 +318,11 @@ def _episode_bound(env, seed, tolerance, max_nodes, n_streams, lookahead) -> Epi
     for t in range(T):
         token = int(part.token_id[start + t])
         after = (int(part.token_id[start + t + 1]), usable[t + 1], keeps[t + 1]) if lookahead and t + 1 < T else None
-        sol = search.solve(token, tables.energy[t], usable[t], keeps[t], max_nodes, after=after)
+        env_topk = np.zeros((L, E), bool)  # the sets practical Top-K executes (the trace's gating)
+        np.put_along_axis(env_topk, tables.topk_idx[t], True, axis=1)
+        sol = search.solve(token, tables.energy[t], usable[t], keeps[t], max_nodes, after=after, start=env_topk)
         if not sol.kept and after is not None:  # no selection leaves the next token keepable: keep this one alone
-            sol = search.solve(token, tables.energy[t], usable[t], keeps[t], max_nodes)
+            sol = search.solve(token, tables.energy[t], usable[t], keeps[t], max_nodes, start=env_topk)
         search.advance(token, sol.masks)
         tokens.append(sol)
     cpu = time.process_time() - t0
@@ -371,13 +381,54 @@ def accuracy_bound(env_id: str, config: dict | None = None, seeds=range(5), tole
         env.close()
 
 
+def regime_headroom(env_id: str, config: dict | None = None, seed: int = 0, episodes: int = 3,
+                    baselines=("siftmoe",), budget_scales=(0.25, 0.5, 1.0, 2.0, 4.0), tolerance: float | None = None,
+                    max_nodes: int = 4000) -> dict:
+    """The bound, practical Top-K and each baseline's front on the episodes ``seed .. seed + episodes - 1``
+    (``gym.make(env_id, config=config).reset(seed=s)``), and the headroom (module docstring). Returns a dict of
+    J-per-token energies, accuracies, per-baseline energy at the bound's accuracy, ``headroom``,
+    ``counts_for_agents_win`` and the bound's CPU seconds per episode."""
+    from baselines.rollout import evaluate_policies
+
+    seeds = list(range(int(seed), int(seed) + int(episodes)))
+    t0 = time.process_time()
+    bound = accuracy_bound(env_id, config, seeds, tolerance=tolerance, max_nodes=max_nodes)
+    bound_cpu = time.process_time() - t0
+    rows: list[dict] = []
+    kwargs = {"config": dict(config or {})}
+    evaluate_policies(env_id, ["topk"], episodes=len(seeds), seed=seeds[0], env_kwargs=kwargs, vec_env="single",
+                      accuracy="model", episode_rows=rows, progress=False)
+    evaluate_policies(env_id, list(baselines), episodes=len(seeds), seed=seeds[0], env_kwargs=kwargs,
+                      budget_scales=list(budget_scales), vec_env="single", accuracy="model", episode_rows=rows,
+                      progress=False)
+    topk_e, _ = episode_matrix(rows, "topk", "energy_per_token")
+    topk_a, _ = episode_matrix(rows, "topk", "accuracy_correct")
+    e_bound = float(np.mean([b.energy_per_token_j for b in bound]))
+    a_bound = float(np.mean([b.accuracy_correct for b in bound]))
+    at = {}
+    for name in baselines:
+        e, _ = episode_matrix(rows, name, "energy_per_token")
+        a, _ = episode_matrix(rows, name, "accuracy_correct")
+        at[name] = baseline_energy_at(np.vstack([topk_e, e]), np.vstack([topk_a, a]), a_bound)
+    best = min(at, key=lambda k: at[k][0] if np.isfinite(at[k][0]) else np.inf)
+    ratio = headroom(at[best][0], e_bound)
+    return {"env": env_id, "episodes": len(seeds), "bound_energy_per_token_j": e_bound,
+            "bound_lower_per_token_j": float(np.mean([b.lower_per_token_j for b in bound])),
+            "bound_accuracy": a_bound, "bound_accuracy_same": float(np.mean([b.accuracy_same for b in bound])),
+            "bound_exact_share": float(np.mean([b.exact_share for b in bound])),
+            "bound_lost_tokens": int(sum(b.lost for b in bound)),
+            "bound_cpu_s_per_episode": bound_cpu / len(seeds),
+            "topk_energy_per_token_j": float(topk_e.mean()), "topk_accuracy": float(topk_a.mean()),
+            "baseline_energy_at_bound_accuracy_j": {k: v[0] for k, v in at.items()},
+            "baseline_status": {k: v[1] for k, v in at.items()}, "best_causal": best,
+            "headroom": ratio, "counts_for_agents_win": counts_for_agents_win(ratio)}
+
+
 def main(argv=None) -> None:
     """``python -m baselines.accuracy_bound``: the bound, Top-K and the baselines' fronts on a few episodes, and
-    the headroom (:func:`baselines.headroom.regime_headroom`), printed as JSON."""
+    the headroom (:func:`regime_headroom`), printed as JSON."""
     import argparse
     import json
-
-    from baselines.headroom import regime_headroom
 
     p = argparse.ArgumentParser(prog="python -m baselines.accuracy_bound", description=main.__doc__)
     p.add_argument("--env", default="wide_env/WideMoE-AccuracyObjective-v0", help="registered env id")

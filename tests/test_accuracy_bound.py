@@ -177,3 +177,21 @@ def test_baseline_energy_at_matched_accuracy():
     assert baseline_energy_at(energy, accuracy, 0.7) == (3.0, "above")
     e, status = baseline_energy_at(energy, accuracy, 0.1)
     assert status == "below" and np.isnan(e)
+
+
+def test_regime_headroom_cli_on_a_short_episode(capsys):
+    """The CLI's JSON: the bound, Top-K and SiftMoE on the same episode; headroom = the best baseline's energy at
+    the bound's accuracy / the bound's energy, and the 5% rule applied to it."""
+    import json
+
+    from baselines.accuracy_bound import main
+
+    main(["--env", ENV, "--config", '{"n_tokens": 2}', "--episodes", "1", "--scales", "0.5,1", "--max-nodes", "200"])
+    out = json.loads(capsys.readouterr().out)
+    best = out["best_causal"]
+    assert best == "siftmoe" and out["episodes"] == 1
+    e_best = out["baseline_energy_at_bound_accuracy_j"][best]
+    assert out["headroom"] == pytest.approx(e_best / out["bound_energy_per_token_j"])
+    assert out["counts_for_agents_win"] == (out["headroom"] >= HEADROOM_MIN_RATIO)
+    assert 0 <= out["bound_energy_per_token_j"] <= out["topk_energy_per_token_j"]
+    assert out["bound_cpu_s_per_episode"] > 0
