@@ -105,7 +105,7 @@ class TokenSearch:
 
     def advance(self, token_id: int, masks: np.ndarray) -> None:
         """Append the token, decoded with ``masks`` (L, E), to every stream's context."""
-        self._decode(np.full((self.P, self.L, self.E), False) | masks[None], token_id, keep_token=True)
+        self._decode(np.repeat(np.asarray(masks, bool)[None], self.P, axis=0), token_id, keep_token=True)
 
     # ---- decoding candidates ------------------------------------------------------------------------------
     def _decode(self, masks: np.ndarray, token_id: int, depth: int | None = None, keep_token: bool = False):
