@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from baselines.lagrangian import tuned_kwargs
+
 __all__ = ["Baseline", "Regime", "REGIMES", "SCALES", "QUICK", "FULL", "TABLE_COLUMNS", "ROLES", "TEST_SEED",
            "SELECTION_SEED", "TRAIN_SEED", "WIN_RATIO", "SEEDS", "AgentRun", "agent_runs"]
 
@@ -86,24 +88,31 @@ _TOKEN_SPAN = (Baseline("siftmoe even", "siftmoe"), Baseline("siftmoe greedy", "
 _EPISODE_SPAN = (Baseline("siftmoe_span even", "siftmoe_span"), Baseline("siftmoe (per-token even)", "siftmoe"),
                  Baseline("siftmoe_span greedy", "siftmoe_span", {"allocation": "greedy"}),
                  Baseline("siftmoe_sdp", "siftmoe_sdp"), Baseline("siftmoe_dpp", "siftmoe_dpp"))
+#: the tuned Lagrangian rule of a regime (baselines/lagrangian_tuned.json, tuned on the selection seeds): its budget
+#: scale scales the budget it guards and, the observed deviations being in budget units, divides lambda
+_LAGRANGIAN = "lagrangian (tuned)"
 REGIMES = {
     "token": Regime("token", "wide_env/WideMoE-TokenBudget-v0", "token budget (one deviation budget per token)",
-                    _TOKEN_SPAN),
+                    (*_TOKEN_SPAN, Baseline(_LAGRANGIAN, "lagrangian", tuned_kwargs("token")))),
     "episode": Regime("episode", "wide_env/WideMoE-EpisodeBudget-v0",
-                      "episode budget with time-correlated fading", _EPISODE_SPAN),
+                      "episode budget with time-correlated fading",
+                      (*_EPISODE_SPAN, Baseline(_LAGRANGIAN, "lagrangian", tuned_kwargs("episode")))),
     # the chance constraint at several tolerated miss probabilities: the risk-aware baselines an agent must beat
     "queues": Regime("queues", "wide_env/WideMoE-Realistic-v0",
                      "uncertain persistent helper queues on the 3GPP link (per-layer budget)",
                      (Baseline("siftmoe", "siftmoe"), Baseline("siftmoe_cc", "siftmoe_cc"),
                       Baseline("siftmoe_cc delta=0.2", "siftmoe_cc", {"delta": 0.2}),
-                      Baseline("siftmoe_cc delta=0.5", "siftmoe_cc", {"delta": 0.5}))),
+                      Baseline("siftmoe_cc delta=0.5", "siftmoe_cc", {"delta": 0.5}),
+                      Baseline(_LAGRANGIAN, "lagrangian", tuned_kwargs("queues")))),
     # the agent has no budget: every budget mode's baselines compete (same episodes)
     "accuracy": Regime("accuracy", "wide_env/WideMoE-AccuracyObjective-v0",
                        "real-accuracy objective (baselines with layer, token and episode budgets)",
                        (Baseline("siftmoe (layer budget)", "siftmoe", {}, _LAYER),
                         *(b._replace(label=f"{b.label} (token budget)", config=_TOKEN) for b in _TOKEN_SPAN),
                         *(b._replace(label=f"{b.label} (episode budget)", config=_EPISODE) for b in _EPISODE_SPAN
-                          if b.policy != "siftmoe")),
+                          if b.policy != "siftmoe"),
+                        # no budget of its own: the scales sweep lambda / scale (guard off) on the preset's env
+                        Baseline("lagrangian (tuned, lambda sweep)", "lagrangian", tuned_kwargs("accuracy"))),
                        budget_binding=False,
                        # x1/4, x1 and x4 the YAML entry's 20: from well below Top-K's accuracy up to near it [choice]
                        weights=(5.0, 20.0, 80.0), headline_weight=20.0),
@@ -112,7 +121,7 @@ REGIMES = {
     # contextual bandit starting at Top-K routing, joules, the layer's real loss increase) [choice]
     "mixtral": Regime("mixtral", "wide_env/WideMoE-Mixtral-v0",
                       "paper preset: Mixtral-8x7B routing and the paper's radio, per-layer budget, model accuracy",
-                      (Baseline("siftmoe", "siftmoe"),),
+                      (Baseline("siftmoe", "siftmoe"), Baseline(_LAGRANGIAN, "lagrangian", tuned_kwargs("mixtral"))),
                       config={"gating": {"accuracy": "model"}},
                       hyperparams=("policy_kwargs.expert_set={hidden: 32, pair_hidden: 16, n_blocks: 1, "
                                    "topk_prior: 3.0, nodes_are_experts: true}", "gamma=0.0", "gae_lambda=0.0",

@@ -28,7 +28,10 @@ every step from the one that crosses B on (with a deviation above the tolerance)
 reports those steps in ``violated``.
 
 ``gap_closed(baseline, agent, oracle)`` = (baseline - agent) / (baseline - oracle): the share of the distance
-from a baseline to this lower bound that an agent closes.
+from a baseline to this lower bound that an agent closes. The oracle bounds only policies with no more violations
+than it (a policy that overspends the budget, or misses deadlines the oracle's plan respects, can use less
+energy), so the share is NaN - not comparable, with the reason in :func:`gap_closed_reason` - where the agent uses
+less energy than the oracle or (given the counts) has more violations, and it never exceeds 1.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from baselines.policy_base import Policy
 from wide_env.rules import VIOLATION_RTOL, budget_left, budget_left_of, violated_of, violation
 
 __all__ = ["VIOLATION_RTOL", "SpanSolution", "EpisodePlan", "solve_span", "step_violations", "plan_episode",
-           "Oracle", "gap_closed"]
+           "Oracle", "gap_closed", "gap_closed_reason", "GAP_RTOL"]
 
 # VIOLATION_RTOL: the env's violation tolerance, relative to the span's budget (wide_env.rules)
 
@@ -302,11 +305,54 @@ def _follows(plan: EpisodePlan, tables, sim, state, b: int, token: int, layer: i
             and np.array_equal(view.meets_deadline, tables.meets_deadline[c, layer]))
 
 
-def gap_closed(baseline, agent, oracle):
-    """(baseline - agent) / (baseline - oracle), elementwise: 1 = the agent reaches the oracle, 0 = no better than
-    the baseline, < 0 = worse. NaN where the baseline already equals the oracle (no gap to close)."""
+#: the relative slack within which energy at the oracle's counts as reaching it (sums taken in another order)
+GAP_RTOL = 1e-9
+#: why a gap is not comparable (gap_closed_reason); "" where it is
+NO_GAP, NOT_BELOW, MORE_VIOLATIONS, BELOW_BOUND = (
+    "no gap: the baseline does not use more energy than the oracle",
+    "the baseline has more violations than the oracle: the oracle does not bound it",
+    "the policy has more violations than the oracle: the oracle does not bound it",
+    "the policy uses less energy than the oracle: the oracle does not bound it (it violates or misses more, or "
+    "solves another problem)")
+
+
+def _gap(baseline, agent, oracle, agent_violations, oracle_violations, baseline_violations):
     b, a, o = (np.asarray(x, dtype=np.float64) for x in (baseline, agent, oracle))
+    b, a, o = np.broadcast_arrays(b, a, o)
+    reason = np.full(b.shape, "", dtype=object)
     gap = b - o
+    tol = GAP_RTOL * np.maximum(np.abs(o), 1e-300)
+    if oracle_violations is not None:
+        ov = np.broadcast_to(np.asarray(oracle_violations, dtype=np.float64), b.shape)
+        if baseline_violations is not None:
+            bv = np.broadcast_to(np.asarray(baseline_violations, dtype=np.float64), b.shape)
+            reason = np.where(bv > ov, NOT_BELOW, reason)
+        if agent_violations is not None:
+            av = np.broadcast_to(np.asarray(agent_violations, dtype=np.float64), b.shape)
+            reason = np.where(av > ov, MORE_VIOLATIONS, reason)
+    reason = np.where(a < o - tol, BELOW_BOUND, reason)
+    reason = np.where(~(gap > tol), NO_GAP, reason)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.where(gap != 0, (b - a) / np.where(gap != 0, gap, 1.0), np.nan)
-    return float(out) if out.ndim == 0 else out
+        value = np.minimum((b - a) / np.where(reason == "", gap, 1.0), 1.0)  # within GAP_RTOL of the oracle: 1
+    value = np.where(reason == "", value, np.nan)
+    return value, reason
+
+
+def gap_closed(baseline, agent, oracle, *, agent_violations=None, oracle_violations=None, baseline_violations=None):
+    """The share of a baseline's energy gap to the oracle that a policy closes, elementwise:
+    (baseline - agent) / (baseline - oracle), 1 = the policy reaches the oracle, 0 = no better than the baseline,
+    < 0 = worse. The oracle is a lower bound only for policies with no more violations than it, so the share is
+    defined only where it bounds both the policy and the baseline; it never exceeds 1. NaN (not comparable;
+    :func:`gap_closed_reason` says why) where the baseline uses no more energy than the oracle (no gap), where
+    the policy uses less energy than the oracle (by more than :data:`GAP_RTOL`: the oracle is no bound for it),
+    and, when the violation counts or rates are given, where the policy (or the baseline) has more violations
+    than the oracle."""
+    value = _gap(baseline, agent, oracle, agent_violations, oracle_violations, baseline_violations)[0]
+    return float(value) if value.ndim == 0 else value
+
+
+def gap_closed_reason(baseline, agent, oracle, *, agent_violations=None, oracle_violations=None,
+                      baseline_violations=None):
+    """Why :func:`gap_closed` is NaN, elementwise ("" where it is defined)."""
+    reason = _gap(baseline, agent, oracle, agent_violations, oracle_violations, baseline_violations)[1]
+    return str(reason) if reason.ndim == 0 else reason

@@ -33,6 +33,12 @@ Names (``POLICY_NAMES``) and keyword arguments:
 * ``greedy`` - ``k`` (default K) least-energy feasible experts; ``pool="all"`` (default) or ``"topk"``.
 * ``random`` - ``p_keep`` (default 0.5) per Top-K expert, ``seed`` (default None); ``policy.reset(seed)``
   reseeds (the evaluator does this per episode).
+* ``lagrangian`` - the tuned Lagrangian rule (:mod:`baselines.lagrangian`): per decision the set of at most K
+  usable experts minimising energy (J, from the observed costs and link gains) + ``lam`` x ``mu[layer]`` x
+  sum_k ``nu[k]`` Delta_k; ``eta`` > 0 moves lambda online like the span budget's dual; ``guard`` (default True)
+  keeps each decision within what is left of the budget. Built from the env (:data:`ENV_POLICIES`: its energy model
+  is fitted on sample episodes of the env's physics, ``stats_episodes`` default 16, ``cache_dir``); the tuned
+  weights of each benchmark regime: :func:`baselines.lagrangian_tuning.tuned_kwargs`.
 * ``ALGO:PATH`` - a saved agent, loaded by the learned-agent plugin (:mod:`baselines.agent_plugin`; the
   ``agents`` package registers it): ALGO in :data:`agents.registry.ALGORITHMS` (``ppo``, ``a2c``,
   ``maskable_ppo``, ``recurrent_ppo``), a Stable-Baselines3 / sb3-contrib model loaded lazily on CPU;
@@ -48,12 +54,13 @@ from typing import Callable
 
 from baselines.agent_plugin import INSTALL_HINT, AgentPluginUnavailable, agent_plugin
 from baselines.analytic import DES, AdapMoE, Greedy, Random, SiftMoE, TopK, WDMoE
+from baselines.lagrangian import make_lagrangian
 from baselines.observation import problem_of
 from baselines.policy_base import SPAN_POLICY_NAMES, Policy
 from baselines.prefill_policies import is_prefill, make_prefill_policy
 from baselines.spanning import make_span_policy
 
-__all__ = ["POLICIES", "POLICY_NAMES", "SPAN_POLICY_NAMES", "make_policy"]
+__all__ = ["POLICIES", "ENV_POLICIES", "POLICY_NAMES", "SPAN_POLICY_NAMES", "make_policy"]
 
 
 #: the analytic policies by name (the registry; ``algo:PATH`` loads a saved agent instead)
@@ -61,7 +68,10 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "topk": TopK, "siftmoe": SiftMoE, "wdmoe": WDMoE, "des": DES, "adapmoe": AdapMoE, "greedy": Greedy,
     "random": Random,
 }
-POLICY_NAMES = tuple(POLICIES) + SPAN_POLICY_NAMES
+#: analytic policies that read only the observation but are built from the env (``builder(env, **kwargs)``): their
+#: energy model is fitted on the env's physics, so they cannot be made from ``problem`` alone like :data:`POLICIES`
+ENV_POLICIES: dict[str, Callable[..., Policy]] = {"lagrangian": make_lagrangian}
+POLICY_NAMES = tuple(POLICIES) + tuple(ENV_POLICIES) + SPAN_POLICY_NAMES
 
 
 def make_policy(name: str, env, **kwargs) -> Policy:
@@ -78,6 +88,11 @@ def make_policy(name: str, env, **kwargs) -> Policy:
     key = name.strip().lower()
     if key in SPAN_POLICY_NAMES:  # the oracle and the time-spanning policies are built from the env itself
         return make_span_policy(key, env, **kwargs)
+    if key in ENV_POLICIES:
+        try:
+            return ENV_POLICIES[key](env, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"bad keyword arguments for policy {key!r}: {exc}") from None
     if key not in POLICIES:
         try:
             saved = f"'algo:path.zip' with algo in {list(agent_plugin().algorithms)}"

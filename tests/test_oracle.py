@@ -267,3 +267,29 @@ def test_gap_closed():
     assert gap_closed(2.0, 2.5, 1.0) == -0.5
     assert np.isnan(gap_closed(1.0, 1.0, 1.0))
     np.testing.assert_allclose(gap_closed([2.0, 3.0], [1.5, 1.0], [1.0, 1.0]), [0.5, 1.0])
+
+
+def test_gap_closed_never_exceeds_one_and_says_why_not():
+    from baselines.oracle import BELOW_BOUND, MORE_VIOLATIONS, NO_GAP, NOT_BELOW, gap_closed_reason
+
+    # the benchmark's queues regime (issue 23): PPO 2.841 mJ against the oracle's 3.06 mJ is not "2.46 of the gap"
+    best = 3.21e-3
+    assert (best - 2.841e-3) / (best - 3.06e-3) == pytest.approx(2.46, abs=0.01)  # the old reading
+    assert np.isnan(gap_closed(best, 2.841e-3, 3.06e-3))
+    assert gap_closed_reason(best, 2.841e-3, 3.06e-3) == BELOW_BOUND
+    # the oracle bounds only policies with no more violations than it
+    assert np.isnan(gap_closed(2.0, 1.5, 1.0, agent_violations=0.02, oracle_violations=0.0))
+    assert gap_closed_reason(2.0, 1.5, 1.0, agent_violations=0.02, oracle_violations=0.0) == MORE_VIOLATIONS
+    assert gap_closed(2.0, 1.5, 1.0, agent_violations=0.0, oracle_violations=0.0) == 0.5
+    assert np.isnan(gap_closed(2.0, 1.5, 1.0, baseline_violations=3, oracle_violations=1))
+    assert gap_closed_reason(2.0, 1.5, 1.0, baseline_violations=3, oracle_violations=1) == NOT_BELOW
+    # a baseline below the oracle has no gap to close (it violates or solves another problem)
+    assert np.isnan(gap_closed(0.9, 0.95, 1.0)) and gap_closed_reason(0.9, 0.95, 1.0) == NO_GAP
+    # energy equal to the oracle's up to summation order reads 1, never more
+    assert gap_closed(2.0, 1.0 * (1 - 1e-12), 1.0) == 1.0
+    rng = np.random.default_rng(0)
+    b, a, o = rng.uniform(0, 3, (3, 1000))
+    values = gap_closed(b, a, o, agent_violations=rng.integers(0, 3, 1000), oracle_violations=1)
+    assert not (values > 1).any() and np.isfinite(values).any()
+    reasons = gap_closed_reason(b, a, o)
+    assert ((reasons == "") == np.isfinite(gap_closed(b, a, o))).all()
