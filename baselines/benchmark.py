@@ -57,6 +57,7 @@ from pathlib import Path
 
 from baselines.agent_plugin import agent_plugin
 from baselines.benchmark_fronts import MEASURES
+from baselines.benchmark_headroom import regime_headroom
 from baselines.benchmark_regimes import (FULL, QUICK, REGIMES, SELECTION_SEED, TEST_SEED, TRAIN_SEED, AgentRun, Regime,
                                          agent_runs)
 from baselines.benchmark_scoring import (agent_policy, baseline_labels, choose_best, equal_accuracy, format_fronts,
@@ -205,14 +206,18 @@ def run_regime(regime: Regime, out: Path, settings: dict) -> dict:
                       **{m: float(v) for m, v in zip(MEASURES, values)}}
                      for s, values in zip(seeds, cmp.pop("per_seed"))]
         comparisons[label] = cmp
-    table = regime_rows(regime, test, best, comparisons, training)
+    room = regime_headroom(regime, test, best, episodes=settings["bound_episodes"],
+                           max_nodes=settings["bound_max_nodes"], config=(_env_kwargs(regime) or {}).get("config"))
+    print(f"   headroom: {best} / accuracy bound = {room['headroom']:.2f} on {room['episodes']} episodes "
+          f"({'counts' if room['counts_for_agents_win'] else 'under 5%: does not count'} for agents win)", flush=True)
+    table = regime_rows(regime, test, best, comparisons, training, room)
     write_csv(test, out / f"episodes_{regime.name}.csv")
     plot_regime_fronts(regime, test, best, out / f"fronts_{regime.name}.png")
     agent_rows = [_agent_row(regime, t, test) for t in trainings]
     # training in worker processes (--jobs) is not in this process's CPU time: its runs' own CPU time is added
     workers_cpu = training["cpu_s"] if settings.get("jobs", 1) > 1 else 0.0
     return {"rows": table, "comparisons": list(comparisons.values()), "fronts": fronts, "per_seed": per_seed,
-            "agents": agent_rows, "training": training, "best": best, "wall_s": time.time() - t0,
+            "agents": agent_rows, "training": training, "best": best, "headroom": room, "wall_s": time.time() - t0,
             "cpu_s": time.process_time() - cpu0 + workers_cpu}
 
 
@@ -265,7 +270,7 @@ def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int 
         fronts += result["fronts"]
         per_seed += result["per_seed"]
         agents += result["agents"]
-        per_regime[name] = {k: result[k] for k in ("best", "wall_s", "cpu_s", "training")}
+        per_regime[name] = {k: result[k] for k in ("best", "wall_s", "cpu_s", "training", "headroom")}
         # after every regime: a partial table survives an interruption
         for table, file in ((rows, "benchmark.csv"), (comparisons, "equal_accuracy.csv"), (fronts, "fronts.csv"),
                             (per_seed, "fronts_seeds.csv"), (agents, "agents.csv")):

@@ -128,6 +128,28 @@ def test_rows_and_win_rule_on_hand_made_episodes():
     assert equal_accuracy(free, worse, "base", n_boot=50)["wins"]
     more_misses = [dict(r, deadline_misses=1) if r["policy"] == "ppo" else r for r in rows]
     assert not equal_accuracy(free, more_misses, "base", n_boot=50)["wins"]
+    # a regime under 5% headroom is reported, and its win is not counted
+    for ratio, counts in ((1.04, False), (1.5, True)):
+        room = {"headroom": ratio, "counts_for_agents_win": counts}
+        table = regime_rows(regime, rows, "base", {"base": cmp}, {"timesteps": 1, "cpu_s": 1.0, "wall_s": 1.0}, room)
+        by_role = {r["role"]: r for r in table}
+        assert by_role["best_analytic"]["headroom"] == ratio and by_role["best_analytic"]["headroom_counts"] is counts
+        assert by_role["ppo"]["wins"] is counts
+
+
+def test_quick_run_reports_each_regimes_headroom(quick_run):
+    rows = _read(quick_run / "benchmark.csv")
+    meta = json.loads((quick_run / "benchmark.json").read_text())
+    for name in REGIMES:
+        best = next(r for r in rows if r["regime"] == name and r["role"] == "best_analytic")
+        room = meta["regimes"][name]["headroom"]
+        assert room["baseline"] == best["policy"] and room["episodes"] == QUICK["bound_episodes"]
+        # the bound keeps the model's predictions with a realisable plan: some energy, at most Top-K's accuracy
+        # loss of a lost token or two, and the ratio is the baseline's energy there over the bound's
+        assert room["bound_energy_per_token_j"] > 0
+        assert float(best["headroom"]) == pytest.approx(room["baseline_energy_at_bound_accuracy_j"]
+                                                         / room["bound_energy_per_token_j"])
+        assert best["headroom_counts"] == str(float(best["headroom"]) >= 1.05)
 
 
 def test_quick_run_trains_every_seed_and_weight_and_writes_per_seed_rows(quick_run):
