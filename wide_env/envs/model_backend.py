@@ -160,30 +160,27 @@ class ModelAccuracy(_ModelStreams):
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
-        self._next = np.zeros(num_envs, np.int64)
-        self._last = len(self.token_id) - 1
+        self._stepped = np.ones(num_envs, bool)  # the decoder steps every stream with a token in progress
 
     def start(self, state, rows: np.ndarray | None = None) -> None:
         """Load the episodes' contexts and start their first token (layer 0 routed)."""
         super().start(state, rows)
         rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
-        self.decoder.begin(rows, self.token_id[state.start[rows] + state.token[rows]])
+        position = state.start[rows] + state.token[rows]
+        self.decoder.begin(rows, self.token_id[position], position)
 
-    def before_step(self, state, executed: np.ndarray) -> tuple:
-        # the experts the step serves with: executed and in time (the realised delays)
-        return super().before_step(state, executed) + (np.asarray(executed, dtype=bool) & self.sim.on_time(state),)
+    def before_step(self, state, executed: np.ndarray) -> np.ndarray:
+        """The experts the step serves with: executed and in time (the realised delays)."""
+        return np.asarray(executed, dtype=bool) & self.sim.on_time(state)
 
-    def after_step(self, state, outcome, before: tuple) -> np.ndarray | None:
-        """Apply each stepped row's layer with its effective experts; rows whose token completed report it and
-        start their next token."""
-        stepped, layer, position, effective = before
-        going = ~state.done
-        np.minimum(state.start + state.token, self._last, out=self._next)  # (rows not going: never read)
-        finished = self.decoder.advance(stepped, layer, effective, self.token_id[self._next], going)
+    def after_step(self, state, outcome, effective: np.ndarray) -> None:
+        """Each stepped row applies its layer with its effective experts (the decoder checks it is in step with
+        the episode); rows whose token completed report it and start their next token."""
+        finished = self.decoder.advance(self._stepped, effective, state.layer, state.start, state.token, state.done,
+                                        self.token_id)
         if finished.any():
             rows = np.flatnonzero(finished)
-            self._report(outcome, rows, position[rows], self.decoder.logits[rows])
-        return None
+            self._report(outcome, rows, self.decoder.finished_at[rows], self.decoder.logits[rows])
 
 
 class LiveGating(_ModelStreams):

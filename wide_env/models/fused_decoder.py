@@ -59,7 +59,7 @@ class FusedDecoder:
         d, H, E, K = cfg.d_model, cfg.n_head, self.E, self.K
         #: the packed weights (decoders of one model may share them: ``weights=``)
         self.weights = pack_weights(model) if weights is None else weights
-        kv = (n, self.L, H, cfg.block_size, d // H)
+        kv = (n, self.L, H, d // H, cfg.block_size)  # positions last (fused_kernels)
         floats = [np.zeros(kv), np.zeros(kv), np.zeros((n, d)), np.zeros((n, d)), np.zeros((n, d)),
                   np.zeros((n, E)), np.zeros((n, K))]
         self._floats = fk.pack(floats, np.float32)
@@ -74,6 +74,9 @@ class FusedDecoder:
         #: next-token logits of each stream that finished its token at the last advance()
         self.logits = np.zeros((n, self.V), np.float32)
         self.finished = np.zeros(n, bool)
+        #: each stream's trace position of its token in progress (begin()'s ``positions``), and of the token it
+        #: finished at the last advance()
+        self.position, self.finished_at = np.zeros(n, np.int64), np.zeros(n, np.int64)
         self._scratch = np.zeros((7, max(3 * d, cfg.block_size, E, cfg.d_ff)), np.float32)
         self._packed = self.weights + self._floats + self._ints + (self._scratch,)
 
@@ -87,12 +90,12 @@ class FusedDecoder:
         """Load stream ``row``'s cache with the keys and values (L, H, n, hd) of its first n tokens (numpy or
         torch: :class:`wide_env.models.trace_context.TraceContext`'s run of a trace window)."""
         keys, values = np.asarray(keys), np.asarray(values)
-        n = keys.shape[2]
+        n = keys.shape[2]  # (the cache holds positions last)
         if keys.shape != values.shape or keys.shape[:2] != self.keys.shape[1:3] or n > self.cfg.block_size:
             raise ValueError(f"prefix keys/values must be (L, H, n, hd) with (L, H) = {self.keys.shape[1:3]} and "
                              f"n <= {self.cfg.block_size}; got {keys.shape}")
-        self.keys[row, :, :, :n] = keys
-        self.values[row, :, :, :n] = values
+        self.keys[row, :, :, :, :n] = keys.transpose(0, 1, 3, 2)
+        self.values[row, :, :, :, :n] = values.transpose(0, 1, 3, 2)
         self.length[row] = n
         self.layer[row] = -1
 
@@ -103,9 +106,12 @@ class FusedDecoder:
             raise RuntimeError(f"stream {row} is at layer {self.layer[row]}, not the layer the step applies "
                                "(call begin() first; a stream applies its layers in order)")
 
-    def begin(self, rows, token_ids) -> None:
-        """Start a token on streams ``rows``: embedding, then layer 0's attention and router."""
+    def begin(self, rows, token_ids, positions=None) -> None:
+        """Start a token on streams ``rows``: embedding, then layer 0's attention and router (``positions``: the
+        tokens' trace positions, kept for reporting)."""
         rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
+        if positions is not None:
+            self.position[rows] = positions
         ids = np.ascontiguousarray(token_ids, np.int64).reshape(-1)
         if ids.shape != rows.shape:
             raise ValueError(f"{ids.size} token ids for {rows.size} streams")
@@ -113,15 +119,18 @@ class FusedDecoder:
             raise ValueError(f"token ids must be in [0, {self.V}), got {ids.tolist()}")
         self._check(*fk.begin_rows(*self._packed, rows, ids))
 
-    def advance(self, stepped: np.ndarray, layers: np.ndarray, allowed: np.ndarray, next_tokens: np.ndarray,
-                going: np.ndarray) -> np.ndarray:
-        """Every stream b with ``stepped[b]`` (n,) bool applies its pending layer (``layers[b]``, checked) with
-        its ``allowed[b]`` (E,) experts under the combine rule and routes its next layer. A stream that applied
-        its last layer writes its next-token logits into ``self.logits[b]`` and, where ``going[b]``, starts its
-        next token ``next_tokens[b]`` (ids in [0, V), the caller's: the env's trace). Returns ``finished``
-        (n,) bool (a buffer the next call overwrites). Every argument is an (n, ...) array."""
-        self._check(*fk.advance_rows(*self._packed, self.D, stepped, layers, allowed, next_tokens, going,
-                                     self.logits, self.finished))
+    def advance(self, stepped: np.ndarray, allowed: np.ndarray, env_layer: np.ndarray, env_start: np.ndarray,
+                env_token: np.ndarray, env_done: np.ndarray, token_id: np.ndarray) -> np.ndarray:
+        """Every stream b with ``stepped[b]`` (n,) bool and a token in progress applies its pending layer with
+        its ``allowed[b]`` (E,) experts under the combine rule and routes its next layer, in step with an
+        episode whose counters after the step are ``env_layer``, ``env_start``, ``env_token``, ``env_done``
+        (checked: the next layer, or the next token at layer 0, or done). A stream that applied its last layer
+        writes its next-token logits into ``self.logits[b]`` and its token's trace position into
+        ``self.finished_at[b]`` and, unless done, starts its next token ``token_id[start + token]``. Returns
+        ``finished`` (n,) bool (a buffer the next call overwrites)."""
+        self._check(*fk.advance_rows(*self._packed, self.D, stepped, allowed, env_layer, env_start, env_token,
+                                     env_done, token_id, self.logits, self.finished, self.finished_at,
+                                     self.position))
         return self.finished
 
     def decode(self, rows, token_ids, allowed: np.ndarray) -> np.ndarray:
@@ -133,9 +142,10 @@ class FusedDecoder:
             raise ValueError(f"allowed must have shape ({rows.size}, {self.L}, {self.E}), got {allowed.shape}")
         self.begin(rows, token_ids)
         n = self.n_streams
-        stepped, zeros, mask = np.zeros(n, bool), np.zeros(n, np.int64), np.zeros((n, self.E), bool)
+        stepped, mask, zeros = np.zeros(n, bool), np.zeros((n, self.E), bool), np.zeros(n, np.int64)
         stepped[rows] = True
-        for l in range(self.L):
+        for l in range(self.L):  # in step with an episode whose last token this is (done after it)
             mask[rows] = allowed[:, l]
-            self.advance(stepped, np.full(n, l, np.int64), mask, zeros, np.zeros(n, bool))
+            self.advance(stepped, mask, np.full(n, min(l + 1, self.L - 1), np.int64), zeros, zeros,
+                         np.full(n, l + 1 == self.L), zeros)
         return self.logits[rows].copy()

@@ -16,7 +16,8 @@ input-major so the inner loops run over contiguous outputs:
   3 qkv_w (L, d, 3d), 4 qkv_b (L, 3d), 5 proj_w (L, d, d), 6 proj_b (L, d), 7 router_w (L, d, E),
   8 w1 (L, E, d, f), 9 b1 (L, E, f), 10 w2 (L, E, f, d), 11 b2 (L, E, d), 12 ln_f (2, d), 13 head_w (d, V),
   14 renorm (1,): 1 where the combine weights are renormalised over the Top-K, else 0.
-Stream state ``S`` (views of a float32 and an int64 buffer): 0 keys, 1 values (n, L, H, T, hd); 2 x, 3 r, 4 h (n, d) the residual stream,
+Stream state ``S`` (views of a float32 and an int64 buffer): 0 keys, 1 values (n, L, H, hd, T) (positions
+last: the attention's loops run along them); 2 x, 3 r, 4 h (n, d) the residual stream,
 the current layer's attention output and MoE input; 5 probs (n, E); 6 topk_idx (n, K) int64; 7 topk_w (n, K);
 8 length (n,) int64 (tokens in the cache); 9 layer (n,) int64 (the pending layer, L = every layer applied,
 -1 = no token in progress).
@@ -32,6 +33,8 @@ from numba import njit
 from wide_env.rules import serve_slots
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
+# reassociation lets the position loops (dot products, sums) run in SIMD lanes; no approximate functions
+_FAST = dict(_JIT, fastmath={"reassoc", "nsz", "contract"})
 _LN_EPS = 1e-5  # torch.nn.LayerNorm's default
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 
@@ -68,14 +71,14 @@ def _linear(x, w, b, out):
             out[j] += xi * w[i, j]
 
 
-@njit(**_JIT)
+@njit(**_FAST)
 def _route(W, S, row, l, scratch):
     """Attention of layer ``l`` for stream ``row`` (its residual stream x at its position), then the router:
     writes the key and value into the cache, r, h, probs and the Top-K with its combine weights."""
     keys, values, x, r, h, probs, topk_idx, topk_w, length = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7], S[8]
     ln, qkv_w, qkv_b, proj_w, proj_b, router_w = W[2], W[3], W[4], W[5], W[6], W[7]
     d = x.shape[1]
-    H, hd = keys.shape[2], keys.shape[4]
+    H, hd = keys.shape[2], keys.shape[3]
     E, K = probs.shape[1], topk_idx.shape[1]
     a, qkv, y, scores, att = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
     a = a[:d]
@@ -86,30 +89,35 @@ def _route(W, S, row, l, scratch):
     _layer_norm(x[row], ln[l, 0], ln[l, 1], a)
     _linear(a, qkv_w[l], qkv_b[l], qkv)
     scale = np.float32(hd ** -0.5)
+    n = p + 1
     for hh in range(H):
-        kc, vc = keys[row, l, hh], values[row, l, hh]
+        kc, vc = keys[row, l, hh], values[row, l, hh]  # (hd, T): the loops below run along the positions
+        q = qkv[hh * hd:(hh + 1) * hd]
+        s = scores[:n]
         for j in range(hd):
-            kc[p, j] = qkv[d + hh * hd + j]
-            vc[p, j] = qkv[2 * d + hh * hd + j]
-        top = -np.inf
-        for t in range(p + 1):
-            s = np.float32(0.0)
-            for j in range(hd):
-                s += qkv[hh * hd + j] * kc[t, j]
-            s = s * scale
-            scores[t] = s
-            top = max(top, s)
-        total = 0.0
-        for t in range(p + 1):
-            e = math.exp(scores[t] - top)
-            scores[t] = e
-            total += e
+            kc[j, p] = qkv[d + hh * hd + j]
+            vc[j, p] = qkv[2 * d + hh * hd + j]
+        s[:] = 0.0
         for j in range(hd):
-            y[hh * hd + j] = 0.0
-        for t in range(p + 1):
-            pt = np.float32(scores[t] / total)
-            for j in range(hd):
-                y[hh * hd + j] += pt * vc[t, j]
+            qj = q[j]
+            kj = kc[j]
+            for t in range(n):
+                s[t] += qj * kj[t]
+        top = np.float32(-np.inf)
+        for t in range(n):
+            s[t] *= scale
+            top = max(top, s[t])
+        total = np.float32(0.0)
+        for t in range(n):
+            s[t] = math.exp(s[t] - top)
+            total += s[t]
+        inv = np.float32(1.0) / total
+        for j in range(hd):
+            vj = vc[j]
+            acc = np.float32(0.0)
+            for t in range(n):
+                acc += s[t] * vj[t]
+            y[hh * hd + j] = acc * inv
     _linear(y, proj_w[l], proj_b[l], att)
     for i in range(d):
         r[row, i] = x[row, i] + att[i]
@@ -269,12 +277,15 @@ def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, rows, tokens):
 
 
 @njit(**_JIT)
-def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, D, stepped, layers, allowed, next_tokens, going, logits,
-                 finished):
-    """Every stream b with ``stepped[b]`` applies its pending layer (it must be ``layers[b]``) with its
-    ``allowed[b]`` (E,) experts, then routes its next layer; a stream that applied its last layer writes its
-    next-token logits into ``logits[b]``, sets ``finished[b]`` and, where ``going[b]``, starts its next token
-    ``next_tokens[b]``. Returns (status, row)."""
+def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, D, stepped, allowed, env_layer, env_start, env_token,
+                 env_done, token_id, logits, finished, finished_at, position):
+    """Every stream b with ``stepped[b]`` and a token in progress applies its pending layer with its
+    ``allowed[b]`` (E,) experts under the combine rule, then routes its next layer. ``env_*`` are the episodes'
+    counters after the step (:class:`wide_env.sim.decode.state.DecodeState`), which the streams must agree
+    with: the next layer, or at a token's end the next token (layer 0, trace position start + token) unless
+    the episode is done. A stream that applied its last layer writes its next-token logits into ``logits[b]``,
+    sets ``finished[b]``, ``finished_at[b]`` = its token's trace position (``position[b]``, kept from its
+    begin) and, unless done, starts its next token (id from ``token_id``). Returns (status, row)."""
     W, S = _weights(wbuf, wm), _streams(fbuf, fm, ibuf, im)
     L, E = D.shape[0], D.shape[1]
     K = S[6].shape[1]
@@ -284,18 +295,26 @@ def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, D, stepped, layers, allo
     combine = np.empty(E, np.float32)
     for row in range(stepped.shape[0]):
         finished[row] = False
-        if not stepped[row]:
-            continue
         l = layer[row]
-        if l != layers[row] or l < 0 or l >= L:
+        if not stepped[row] or (l < 0 and env_done[row]):  # not stepped, or the episode was over
+            continue
+        if l < 0 or l >= L:
             return WRONG_LAYER, row
         _apply(W, S, D, row, l, allowed[row], server, table, combine, scratch)
         if l + 1 < L:
+            if env_layer[row] != l + 1:
+                return WRONG_LAYER, row
             layer[row] = l + 1
             _route(W, S, row, l + 1, scratch)
             continue
         finished[row] = True
+        finished_at[row] = position[row]
         _finish(W, S, row, logits[row], scratch)
-        if going[row] and _begin(W, S, row, next_tokens[row], scratch) != OK:
+        if env_done[row]:
+            continue
+        if env_layer[row] != 0:
+            return WRONG_LAYER, row
+        position[row] = env_start[row] + env_token[row]
+        if _begin(W, S, row, token_id[position[row]], scratch) != OK:
             return CONTEXT_FULL, row
     return OK, -1
