@@ -57,18 +57,27 @@ def _layer_norm(x, w, b, out):
         out[i] = (x[i] - mean) * inv * w[i] + b[i]
 
 
-@njit(**_JIT)
+@njit(**_FAST)
 def _linear(x, w, b, out):
-    """out = x @ w + b with w (in, out); b may be empty (no bias)."""
-    n_out = out.shape[0]
+    """out = x @ w + b with w (in, out); b may be empty (no bias). Four inputs per pass over the outputs (a
+    quarter of the loads and stores of ``out``)."""
+    n_out, n_in = out.shape[0], x.shape[0]
     if b.shape[0]:
         out[:] = b
     else:
         out[:] = 0.0
-    for i in range(x.shape[0]):
-        xi = x[i]
+    i = 0
+    while i + 4 <= n_in:
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
         for j in range(n_out):
-            out[j] += xi * w[i, j]
+            out[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
+        i += 4
+    while i < n_in:
+        xi, wi = x[i], w[i]
+        for j in range(n_out):
+            out[j] += xi * wi[j]
+        i += 1
 
 
 @njit(**_FAST)
