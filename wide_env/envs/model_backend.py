@@ -37,11 +37,23 @@ import numpy as np
 
 from wide_env.envs.accuracy_source import (ACCURACY_SOURCES, accuracy_source_of,  # noqa: F401 (public names)
                                            checkpoint_dir_of)
+from wide_env.models.torch_threads import one_torch_thread
 from wide_env.profiles import profile_checkpoint
 
 # A loaded checkpoint and its trace context per (checkpoint directory, gating source), shared by the envs of a
 # process (read-only: each env's decoder holds its own caches).
 _CONTEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# a loaded model's weights packed for the compiled decoder, shared the same way
+_PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _packed_weights(model):
+    got = _PACKED.get(model)
+    if got is None:
+        from wide_env.models.fused_decoder import pack_weights
+
+        got = _PACKED[model] = pack_weights(model)
+    return got
 
 
 def model_backend_for(sim, num_envs: int, accuracy_source: str) -> "ModelAccuracy | LiveGating | None":
@@ -89,16 +101,15 @@ class _ModelStreams:
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         try:
-            import torch  # noqa: F401  (the envs leave torch's thread count and RNG to the caller)
+            import torch  # noqa: F401  (the envs leave torch's RNG to the caller; its threads: one_torch_thread)
         except ImportError:
             raise ImportError(f"{self._needs} needs torch: pip install torch (or the default gating.backend = "
                               "'table' with gating.accuracy = 'rule')") from None
-        from wide_env.models.decoder import StreamDecoder
-
         source = sim.source
-        model, self.context = _model_and_context(source, str(checkpoint_dir))
+        with one_torch_thread():
+            model, self.context = _model_and_context(source, str(checkpoint_dir))
+            self.decoder = self._decoder(model, source.mismatch, num_envs)
         self.sim = sim
-        self.decoder = StreamDecoder(model, source.mismatch, num_envs)
         self.token_id, self.target_id = self.context.token_id, self.context.target_id
         self.n_layers = sim.n_layers
         self.weight = sim.config.reward.accuracy_weight if sim.config.reward.objective == "accuracy" else None
@@ -106,24 +117,25 @@ class _ModelStreams:
     def start(self, state, rows: np.ndarray | None = None) -> None:
         """New episodes in ``rows`` (index array; None = all): load each one's context."""
         rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
-        for row in rows:
-            keys, values = self.context.prefix(int(state.start[row]))
-            self.decoder.set_prefix(int(row), keys, values)
+        with one_torch_thread():  # the trace window's full-model run, once per window
+            for row in rows:
+                keys, values = self.context.prefix(int(state.start[row]))
+                self.decoder.set_prefix(int(row), keys, values)
 
     def before_step(self, state, executed: np.ndarray) -> tuple:
         """What the step is about to do: the rows that step, their layer and trace position."""
         return ~state.done, state.layer.copy(), state.start + state.token
 
-    def _report(self, outcome, rows: np.ndarray, positions: np.ndarray, logits) -> np.ndarray:
+    def _report(self, outcome, rows: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """Rows whose token completed: the step's accuracy fields (and the accuracy reward) from the model's
         next-token ``logits`` (R, V); returns the tokens' losses -log p(target) (nats)."""
-        import torch
-
-        logits = logits.double()
+        logits = np.asarray(logits, np.float64)
         target = self.target_id[positions]
-        pred = logits.argmax(-1).numpy()
-        nll = -torch.log_softmax(logits, -1)[torch.arange(rows.size), torch.from_numpy(target)].numpy()
-        full_pred, full_nll = self.context.reference(positions)
+        pred = logits.argmax(-1)
+        top = logits.max(-1)
+        nll = top + np.log(np.exp(logits - top[:, None]).sum(-1)) - logits[np.arange(rows.size), target]
+        with one_torch_thread():  # the window's full-model run where no episode started in it
+            full_pred, full_nll = self.context.reference(positions)
         delta = nll - full_nll
         outcome.column("accuracy_correct")[rows] = pred == target
         outcome.column("accuracy_same")[rows] = pred == full_pred
@@ -135,26 +147,40 @@ class _ModelStreams:
 
 
 class ModelAccuracy(_ModelStreams):
-    """The measured accuracy of a batch's episodes; the observations keep the trace's gating."""
+    """The measured accuracy of a batch's episodes; the observations keep the trace's gating. The streams run
+    in compiled code (:class:`wide_env.models.fused_decoder.FusedDecoder`), a layer per step: each stepped row
+    applies its layer with the experts that served it and routes its next one (so ``decoder.probs`` and
+    ``decoder.x`` hold each row's current layer's router output and residual stream)."""
+
+    @staticmethod
+    def _decoder(model, mismatch, num_envs):
+        from wide_env.models.fused_decoder import FusedDecoder
+
+        return FusedDecoder(model, mismatch, num_envs, weights=_packed_weights(model))
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
-        self.masks = np.zeros((num_envs, sim.n_layers, sim.n_experts), dtype=bool)
+        self._stepped = np.ones(num_envs, bool)  # the decoder steps every stream with a token in progress
 
-    def before_step(self, state, executed: np.ndarray) -> tuple:
-        # the experts the step serves with: executed and in time (the realised delays)
-        return super().before_step(state, executed) + (np.asarray(executed, dtype=bool) & self.sim.on_time(state),)
+    def start(self, state, rows: np.ndarray | None = None) -> None:
+        """Load the episodes' contexts and start their first token (layer 0 routed)."""
+        super().start(state, rows)
+        rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
+        position = state.start[rows] + state.token[rows]
+        self.decoder.begin(rows, self.token_id[position], position)
 
-    def after_step(self, state, outcome, before: tuple) -> np.ndarray | None:
-        """Keep the stepped rows' effective masks at their layer; rows whose token completed decode it."""
-        stepped, layer, position, effective = before
-        rows = np.flatnonzero(stepped)
-        self.masks[rows, layer[rows]] = effective[rows]
-        rows = rows[layer[rows] == self.n_layers - 1]
-        if rows.size:
-            pos = position[rows]
-            self._report(outcome, rows, pos, self.decoder.decode(rows, self.token_id[pos], self.masks[rows]))
-        return None
+    def before_step(self, state, executed: np.ndarray) -> np.ndarray:
+        """The experts the step serves with: executed and in time (the realised delays)."""
+        return np.asarray(executed, dtype=bool) & self.sim.on_time(state)
+
+    def after_step(self, state, outcome, effective: np.ndarray) -> None:
+        """Each stepped row applies its layer with its effective experts (the decoder checks it is in step with
+        the episode); rows whose token completed report it and start their next token."""
+        finished = self.decoder.advance(self._stepped, effective, state.layer, state.start, state.token, state.done,
+                                        self.token_id)
+        if finished.any():
+            rows = np.flatnonzero(finished)
+            self._report(outcome, rows, self.decoder.finished_at[rows], self.decoder.logits[rows])
 
 
 class LiveGating(_ModelStreams):
@@ -165,6 +191,12 @@ class LiveGating(_ModelStreams):
     _needs = "config 'gating.backend' = 'live'"
     routes_gating = True
 
+    @staticmethod
+    def _decoder(model, mismatch, num_envs):
+        from wide_env.models.decoder import StreamDecoder
+
+        return StreamDecoder(model, mismatch, num_envs)
+
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
         self.token_deviation = np.zeros(num_envs)
@@ -173,7 +205,8 @@ class LiveGating(_ModelStreams):
         """Load the episodes' contexts and route their first token's layer 0 live (observe them afterwards)."""
         super().start(state, rows)
         rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
-        self._begin(state, rows)
+        with one_torch_thread():
+            self._begin(state, rows)
 
     def _begin(self, state, rows: np.ndarray) -> None:
         gates = self.decoder.begin(rows, self.token_id[state.start[rows] + state.token[rows]])
@@ -184,6 +217,10 @@ class LiveGating(_ModelStreams):
         """Apply each stepped row's layer with the servers the step chose, report what was measured, and route
         the rows' next layer (or next token) live into the plan (the batch observes them afterwards). Returns
         the extra info columns (B, 3)."""
+        with one_torch_thread():
+            return self._after_step(state, outcome, before)
+
+    def _after_step(self, state, outcome, before: tuple) -> np.ndarray:
         stepped, layer, position = before
         extra = np.zeros((state.batch_size, len(self.extra_keys)))  # 0 where nothing was measured (checkers
         # compare infos for equality: no NaN)
@@ -196,7 +233,7 @@ class LiveGating(_ModelStreams):
             if gates is not None:
                 self.sim.override_gates(state, rows, gates.probs, gates.topk_idx, gates.topk_weight)
                 continue
-            extra[rows, 1] = self._report(outcome, rows, position[rows], self.decoder.finish(rows))
+            extra[rows, 1] = self._report(outcome, rows, position[rows], self.decoder.finish(rows).numpy())
             extra[rows, 2] = self.token_deviation[rows]
             going = rows[~state.done[rows]]  # the episode's next token
             if going.size:

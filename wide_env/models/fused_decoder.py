@@ -1,0 +1,151 @@
+"""KV-cached decoding streams of a :class:`MoELM` in compiled code, one layer per call as the env steps arrive.
+
+The envs' model accuracy (:class:`wide_env.envs.model_backend.ModelAccuracy`) runs this instead of the torch
+:class:`wide_env.models.decoder.StreamDecoder`, which stays the reference (live gating, the modeltools): the same
+streams, the same combine rule (:func:`wide_env.rules.serve_slots`), the arithmetic of
+:mod:`wide_env.models.fused_kernels` (float32, agreeing with torch to float32 rounding). A stream applies its
+pending layer when the env steps it, so at any time each stream exposes its current layer's router output
+(``probs``, ``topk_idx``, ``topk_weight``) and its residual stream ``x``, and a call may hold streams at
+different layers.
+
+    decoder.begin(rows, token_ids)                  # embedding, layer 0's attention and router
+    finished = decoder.advance(rows, layers, allowed, next_tokens, going)
+    decoder.logits[:len(rows)][finished]            # next-token logits of the rows that finished their token
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import fused_kernels as fk
+from .decoder import ContextFull
+from .moe_lm import MoELM
+
+
+def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
+    """The model's weights in the layout of :mod:`fused_kernels` (float32, matrices input-major), packed into one
+    buffer: (buffer, meta)."""
+    def arr(t):
+        return t.detach().to("cpu").float().numpy()
+
+    blocks = model.blocks
+    stack = lambda get: np.stack([arr(get(b)) for b in blocks])  # noqa: E731
+    ln = np.stack([np.stack([arr(b.ln1.weight), arr(b.ln1.bias), arr(b.ln2.weight), arr(b.ln2.bias)])
+                   for b in blocks])
+    return fk.pack([arr(model.tok.weight), arr(model.pos.weight), ln,
+                    stack(lambda b: b.qkv.weight.T), stack(lambda b: b.qkv.bias),
+                    stack(lambda b: b.proj.weight.T), stack(lambda b: b.proj.bias),
+                    stack(lambda b: b.router.weight.T),
+                    stack(lambda b: b.experts.w1), stack(lambda b: b.experts.b1),
+                    stack(lambda b: b.experts.w2), stack(lambda b: b.experts.b2),
+                    np.stack([arr(model.ln_f.weight), arr(model.ln_f.bias)]), arr(model.head.weight.T),
+                    np.array([model.cfg.routing == "softmax_topk_renorm"], np.float32)], np.float32)
+
+
+class FusedDecoder:
+    """``n_streams`` KV-cached streams of ``model`` with the combine rule of the mismatch tables ``mismatch``
+    (L, E, E+1), advanced one layer per call."""
+
+    def __init__(self, model: MoELM, mismatch: np.ndarray, n_streams: int, weights: tuple | None = None):
+        cfg = self.cfg = model.cfg
+        self.L, self.E, self.K, self.V = cfg.n_layer, cfg.n_expert, cfg.top_k, cfg.vocab_size
+        D = np.ascontiguousarray(mismatch, np.float64)
+        if D.shape != (self.L, self.E, self.E + 1):
+            raise ValueError(f"mismatch must have shape {(self.L, self.E, self.E + 1)}, got {D.shape}")
+        if int(n_streams) < 1:
+            raise ValueError(f"n_streams must be >= 1, got {n_streams}")
+        self.D = D
+        n = self.n_streams = int(n_streams)
+        d, H, E, K = cfg.d_model, cfg.n_head, self.E, self.K
+        #: the packed weights (decoders of one model may share them: ``weights=``)
+        self.weights = pack_weights(model) if weights is None else weights
+        kv = (n, self.L, H, d // H, cfg.block_size)  # positions last (fused_kernels)
+        floats = [np.zeros(kv), np.zeros(kv), np.zeros((n, d)), np.zeros((n, d)), np.zeros((n, d)),
+                  np.zeros((n, E)), np.zeros((n, K))]
+        self._floats = fk.pack(floats, np.float32)
+        self._ints = fk.pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1)], np.int64)
+        (self.keys, self.values, self.x, self._r, self._h, self.probs,
+         self.topk_weight) = fk.views(*self._floats)
+        self.topk_idx, self.length, self.layer = fk.views(*self._ints)
+        # self.x: per stream, the residual stream (the token's hidden state after its applied layers)
+        # self.probs, topk_idx, topk_weight: the pending layer's router softmax, Top-K (descending), combine weights
+        # self.length: tokens held by each stream's cache
+        # self.layer: each stream's pending layer (-1: no token in progress)
+        #: next-token logits of each stream that finished its token at the last advance()
+        self.logits = np.zeros((n, self.V), np.float32)
+        self.finished = np.zeros(n, bool)
+        #: each stream's trace position of its token in progress (begin()'s ``positions``), and of the token it
+        #: finished at the last advance()
+        self.position, self.finished_at = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        self._scratch = np.zeros((7, max(3 * d, cfg.block_size, E, cfg.d_ff)), np.float32)
+        self._packed = self.weights + self._floats + self._ints + (self._scratch,)
+
+    def reset(self, rows=None) -> None:
+        """Empty the caches of ``rows`` (None = every stream) and drop a token in progress."""
+        sel = slice(None) if rows is None else np.asarray(rows, np.int64)
+        self.length[sel] = 0
+        self.layer[sel] = -1
+
+    def set_prefix(self, row: int, keys, values) -> None:
+        """Load stream ``row``'s cache with the keys and values (L, H, n, hd) of its first n tokens (numpy or
+        torch: :class:`wide_env.models.trace_context.TraceContext`'s run of a trace window)."""
+        keys, values = np.asarray(keys), np.asarray(values)
+        n = keys.shape[2]  # (the cache holds positions last)
+        if keys.shape != values.shape or keys.shape[:2] != self.keys.shape[1:3] or n > self.cfg.block_size:
+            raise ValueError(f"prefix keys/values must be (L, H, n, hd) with (L, H) = {self.keys.shape[1:3]} and "
+                             f"n <= {self.cfg.block_size}; got {keys.shape}")
+        self.keys[row, :, :, :, :n] = keys.transpose(0, 1, 3, 2)
+        self.values[row, :, :, :, :n] = values.transpose(0, 1, 3, 2)
+        self.length[row] = n
+        self.layer[row] = -1
+
+    def _check(self, status: int, row: int) -> None:
+        if status == fk.CONTEXT_FULL:
+            raise ContextFull(f"stream {row}: context is full ({self.cfg.block_size} tokens); reset the stream")
+        if status == fk.WRONG_LAYER:
+            raise RuntimeError(f"stream {row} is at layer {self.layer[row]}, not the layer the step applies "
+                               "(call begin() first; a stream applies its layers in order)")
+
+    def begin(self, rows, token_ids, positions=None) -> None:
+        """Start a token on streams ``rows``: embedding, then layer 0's attention and router (``positions``: the
+        tokens' trace positions, kept for reporting)."""
+        rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
+        if positions is not None:
+            self.position[rows] = positions
+        ids = np.ascontiguousarray(token_ids, np.int64).reshape(-1)
+        if ids.shape != rows.shape:
+            raise ValueError(f"{ids.size} token ids for {rows.size} streams")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.V):
+            raise ValueError(f"token ids must be in [0, {self.V}), got {ids.tolist()}")
+        self._check(*fk.begin_rows(*self._packed, rows, ids))
+
+    def advance(self, stepped: np.ndarray, allowed: np.ndarray, env_layer: np.ndarray, env_start: np.ndarray,
+                env_token: np.ndarray, env_done: np.ndarray, token_id: np.ndarray) -> np.ndarray:
+        """Every stream b with ``stepped[b]`` (n,) bool and a token in progress applies its pending layer with
+        its ``allowed[b]`` (E,) experts under the combine rule and routes its next layer, in step with an
+        episode whose counters after the step are ``env_layer``, ``env_start``, ``env_token``, ``env_done``
+        (checked: the next layer, or the next token at layer 0, or done). A stream that applied its last layer
+        writes its next-token logits into ``self.logits[b]`` and its token's trace position into
+        ``self.finished_at[b]`` and, unless done, starts its next token ``token_id[start + token]``. Returns
+        ``finished`` (n,) bool (a buffer the next call overwrites)."""
+        self._check(*fk.advance_rows(*self._packed, self.D, stepped, allowed, env_layer, env_start, env_token,
+                                     env_done, token_id, self.logits, self.finished, self.finished_at,
+                                     self.position))
+        return self.finished
+
+    def decode(self, rows, token_ids, allowed: np.ndarray) -> np.ndarray:
+        """One token on streams ``rows`` with allowed masks (R, L, E) bool: returns the (R, V) next-token
+        logits (a copy)."""
+        rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
+        allowed = np.asarray(allowed, bool)
+        if allowed.shape != (rows.size, self.L, self.E):
+            raise ValueError(f"allowed must have shape ({rows.size}, {self.L}, {self.E}), got {allowed.shape}")
+        self.begin(rows, token_ids)
+        n = self.n_streams
+        stepped, mask, zeros = np.zeros(n, bool), np.zeros((n, self.E), bool), np.zeros(n, np.int64)
+        stepped[rows] = True
+        for l in range(self.L):  # in step with an episode whose last token this is (done after it)
+            mask[rows] = allowed[:, l]
+            self.advance(stepped, mask, np.full(n, min(l + 1, self.L - 1), np.int64), zeros, zeros,
+                         np.full(n, l + 1 == self.L), zeros)
+        return self.logits[rows].copy()
