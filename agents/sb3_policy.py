@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import zipfile
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,26 +16,7 @@ from agents.registry import algorithm, algorithm_name_of
 from agents.safe_load import (ModelLoadError, check_environment, detect_algorithm, read_model_data,
                                safe_custom_objects)
 from baselines.observation import action_masks, parse_observation
-
-
-@contextmanager
-def one_torch_thread():
-    """Run the block's torch calls on one CPU thread and restore the caller's setting after it.
-
-    The agents' networks are tiny: torch's own threads only cost synchronisation (and on a small machine they fight
-    the caller's). Library code sets no process-wide thread count; entry points (train.py, the CLI mains) may set
-    one, and then this is one ``get_num_threads`` call."""
-    import torch
-
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from wide_env.models.torch_threads import one_torch_thread  # noqa: F401  (the agents' networks are tiny: one thread)
 
 
 def load_model(algo: str, path: str, problem=None, *, env=None, schedules: dict | None = None, **kwargs: Any):

@@ -53,6 +53,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from wide_env.envs.model_backend import ModelAccuracy
+from wide_env.models.torch_threads import one_torch_thread
+
 from baselines.equal_accuracy import episode_matrix
 from baselines.headroom import baseline_energy_at, counts_for_agents_win, headroom
 
@@ -277,7 +280,7 @@ class EpisodeBound:
 def _model_part(env):
     core = getattr(env.unwrapped, "episode_batch", None)
     model = getattr(core, "model", None)
-    if model is None or not hasattr(model, "masks"):
+    if not isinstance(model, ModelAccuracy):
         raise ValueError("the accuracy bound needs an env that measures accuracy on the model: config "
                          "gating.accuracy = 'model' (or 'auto' with a shipped checkpoint) and gating.backend = 'table'")
     return core, model
@@ -287,12 +290,10 @@ def episode_bound(env, seed: int, tolerance: float | None = None, max_nodes: int
                   n_streams: int = 512, lookahead: bool = True) -> EpisodeBound:
     """The plan of the episode ``env.reset(seed=seed)`` of a single decoding env with model accuracy, replayed
     through ``env`` (module docstring)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small batched passes: one thread (measured on a loaded 2-core machine: 1.6
-    try:  # ms instead of 37 ms CPU per 36-stream layer of the Mixtral-profile model); the caller's count restored
+    # many small batched passes: one thread (measured on a loaded 2-core machine: 1.6 ms instead of 37 ms CPU per
+    # 36-stream layer of the Mixtral-profile model); the caller's count restored
+    with one_torch_thread():
         return _episode_bound(env, seed, tolerance, max_nodes, n_streams, lookahead)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _episode_bound(env, seed, tolerance, max_nodes, n_streams, lookahead) -> EpisodeBound:
@@ -307,7 +308,7 @@ def _episode_bound(env, seed, tolerance, max_nodes, n_streams, lookahead) -> Epi
     usable = tables.meets_deadline if tables.enforce_deadline else np.ones((T, L, E), bool)
     start = int(state.start[0])
     t0 = time.process_time()
-    search = TokenSearch(part.decoder.model, sim.source.mismatch, n_streams)
+    search = TokenSearch(part.model, sim.source.mismatch, n_streams)
     search.set_context(*part.context.prefix(start))
     keeps = []
     for t in range(T):

@@ -244,9 +244,8 @@ def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int 
     if isinstance(jobs, bool) or not isinstance(jobs, numbers.Integral) or jobs < 1:
         raise ValueError(f"jobs (--jobs) = {jobs!r}: the number of training runs at a time must be an integer >= 1 "
                          "(at most the number of CPU cores)")
-    import torch
+    from wide_env.models.torch_threads import one_torch_thread
 
-    torch.set_num_threads(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(REGIMES) if regimes is None else list(regimes)
@@ -264,7 +263,8 @@ def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int 
     t0, cpu0 = time.time(), time.process_time()
     rows, comparisons, fronts, per_seed, agents, per_regime = [], [], [], [], [], {}
     for name in names:
-        result = run_regime(REGIMES[name], out, settings)
+        with one_torch_thread():  # tiny networks and models: one thread, the caller's count restored
+            result = run_regime(REGIMES[name], out, settings)
         rows += result["rows"]
         comparisons += result["comparisons"]
         fronts += result["fronts"]

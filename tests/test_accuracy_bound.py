@@ -23,7 +23,7 @@ def token_case():
     env.reset(seed=0)
     core = env.episode_batch
     part, sim = core.model, core.sim
-    search = TokenSearch(part.decoder.model, sim.source.mismatch, 512)
+    search = TokenSearch(part.model, sim.source.mismatch, 512)
     nothing = np.zeros((1, search.L, search.E), bool)
     for pos in range(int(core.state.start[0]), int(core.state.start[0]) + sim.n_tokens):
         search.set_context(*part.context.prefix(pos))

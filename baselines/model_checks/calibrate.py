@@ -121,13 +121,17 @@ def budget_for_cost(scales: np.ndarray, costs: np.ndarray, target: float) -> flo
 
 def calibrate(profile: str, trace_path: str, ckpt: str, episodes: int, seed: int, costs=(0.5, 1.0, 2.0),
               scales=DEFAULT_SCALES, log=print) -> dict:
-    import torch
+    from wide_env.models.torch_threads import one_torch_thread
 
+    with one_torch_thread():  # the tiny model's many small passes; the caller's thread count restored
+        return _calibrate(profile, trace_path, ckpt, episodes, seed, costs, scales, log)
+
+
+def _calibrate(profile, trace_path, ckpt, episodes, seed, costs, scales, log) -> dict:
     from wide_env.config import RadioConfig, WideConfig
     from wide_env.gating.trace import load_trace
     from wide_env.models.moe_lm import load_checkpoint
 
-    torch.set_num_threads(1)
     trace = load_trace(trace_path)
     model, _ = load_checkpoint(ckpt)
     unit = _median_rule_budget(trace)

@@ -110,6 +110,9 @@ class _ModelStreams:
             model, self.context = _model_and_context(source, str(checkpoint_dir))
             self.decoder = self._decoder(model, source.mismatch, num_envs)
         self.sim = sim
+        #: the checkpoint's torch model (the reference the streams were built from; solvers such as the accuracy
+        #: bound run it themselves)
+        self.model = model
         self.token_id, self.target_id = self.context.token_id, self.context.target_id
         self.n_layers = sim.n_layers
         self.weight = sim.config.reward.accuracy_weight if sim.config.reward.objective == "accuracy" else None
