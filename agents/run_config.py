@@ -313,7 +313,7 @@ def resume_config(args: argparse.Namespace, run_dir: Path) -> dict:
             conflicts.append(f"{option} {given!r} (the run's: {cfg.get(key)!r})")
     for dest, option in (("conf_file", "--conf-file"), ("hyperparams", "--hyperparams"), ("policy", "--policy"), ("log_folder", "--log-folder"),
                          ("run_name", "--run-name")):
-        if getattr(args, dest) is not None:
+        if getattr(args, dest, None) is not None:
             conflicts.append(f"{option} {getattr(args, dest)!r}")
     if args.demo:
         conflicts.append("--demo")
