@@ -1,0 +1,155 @@
+"""The model-state observation keys (gating.model_state = true): the router's entropy and margin and the
+logit-lens confidence at the current layer of the episode's decoding stream, and the previous token's loss,
+checked against an independent torch computation on the reference StreamDecoder; the same values in the single
+env, the native vector env and SB3's VecEnv; the ConfigError."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import gymnasium as gym  # noqa: E402
+
+import wide_env  # noqa: E402,F401
+from wide_env.config import ConfigError  # noqa: E402
+from wide_env.sim.observation import MODEL_STATE_KEYS  # noqa: E402
+
+KEYS = tuple(MODEL_STATE_KEYS)
+CFG = {"gating": {"source": "trace", "accuracy": "model", "model_state": True}, "n_tokens": 3}
+
+
+def _keys(obs) -> np.ndarray:
+    return np.array([float(obs[k][0]) for k in KEYS])
+
+
+def _torch_keys(decoder, gates, row: int, previous_loss: float) -> np.ndarray:
+    """The keys from the torch StreamDecoder's state: its router softmax at the pending layer, the LM head on
+    its residual stream."""
+    p = torch.from_numpy(gates.probs[row]).double()
+    entropy = float(-(p * torch.log(p.clamp_min(1e-300))).sum() / np.log(p.numel()))
+    top2 = torch.topk(p, 2).values
+    with torch.no_grad():
+        lens = torch.softmax(decoder.model.head_logits(decoder._x[row:row + 1]).double(), -1).max()
+    return np.array([entropy, float(top2[0] - top2[1]), float(lens), previous_loss])
+
+
+@pytest.mark.parametrize("env_id", ["wide_env/WideMoE-Switch-v0", "wide_env/WideMoE-v0"])
+def test_keys_equal_an_independent_torch_computation(env_id):
+    """Random executed sets over whole episodes: every observation's keys equal the torch reference decoder's
+    (driven with the same effective experts), and the previous loss equals the info's measured loss (its
+    delta_loss plus the full model's loss of that token)."""
+    from wide_env.models.decoder import StreamDecoder
+
+    env = gym.make(env_id, config=CFG)
+    backend = env.unwrapped._batch.model
+    seen = []  # the effective experts each step served with (executed and in time)
+    real_before = backend.before_step
+
+    def spy(state, executed):
+        effective = real_before(state, executed)
+        seen.append(effective[0].copy())
+        return effective
+
+    backend.before_step = spy
+    context, sim = backend.context, env.unwrapped.sim
+    ref = StreamDecoder(context.model, sim.source.mismatch, 1)
+    rng = np.random.default_rng(3)
+    E, L = env.action_space.n, sim.n_layers
+    checked = tokens = 0
+    for seed in (4, 5):
+        obs, _ = env.reset(seed=seed)
+        state = env.unwrapped._batch.state
+        start = int(state.start[0])
+        keys, values = context.prefix(start)
+        ref.set_prefix(0, keys, values)
+        position = start
+        gates = ref.begin([0], context.token_id[[position]])
+        previous = 0.0
+        np.testing.assert_allclose(_keys(obs), _torch_keys(ref, gates, 0, previous), atol=2e-4)
+        done = False
+        while not done:
+            obs, _, term, trunc, info = env.step((rng.random(E) < 0.6).astype(np.int8))
+            done = term or trunc
+            gates = ref.execute([0], executed=seen[-1][None])
+            if gates is None:  # the token's last layer: its loss, then the next token's layer 0
+                logits = ref.finish([0])[0].double()
+                target = int(context.target_id[position])
+                previous = float(torch.logsumexp(logits, 0) - logits[target])
+                _, full_nll = context.reference(np.array([position]))
+                assert info["token_complete"] == 1
+                assert _keys(obs)[3] == pytest.approx(info["delta_loss"] + float(full_nll[0]), abs=1e-4)
+                tokens += 1
+                if done:
+                    break
+                position += 1
+                gates = ref.begin([0], context.token_id[[position]])
+            np.testing.assert_allclose(_keys(obs), _torch_keys(ref, gates, 0, previous), atol=2e-4)
+            checked += 1
+    assert tokens == 2 * 3 and checked == 2 * (3 * L - 1)
+
+
+def _same_row(batch_obs, b: int, obs) -> None:
+    # the compiled streams' float32 sums may round differently with a stream's place in the batch (SIMD lanes
+    # over differently aligned rows): about one float32 ulp
+    for k in KEYS:
+        assert batch_obs[k][b, 0] == pytest.approx(obs[k][0], abs=1e-5), k
+
+
+def test_vector_env_and_sb3_rows_are_single_envs():
+    """Row b of the native vector env observes exactly what a single env seeded the same observes (a batch of
+    one is a row of the batch, to float32 rounding), through whole episodes and a reset of one row; SB3's VecEnv observes what the
+    native vector env does for the same seed."""
+    from wide_env.integrations.sb3_vec import make_native_vec_env
+
+    env_id, B, seeds = "wide_env/WideMoE-Switch-v0", 3, [11, 12, 13]
+    vec = gym.make_vec(env_id, num_envs=B, vectorization_mode="vector_entry_point", config=CFG)
+    singles = [gym.make(env_id, config=CFG) for _ in range(B)]
+    vobs, _ = vec.reset(seed=seeds)
+    sobs = [env.reset(seed=s)[0] for env, s in zip(singles, seeds)]
+    rng = np.random.default_rng(0)
+    E = singles[0].action_space.n
+    losses = []
+    for _ in range(singles[0].unwrapped.sim.n_layers * 3):  # whole episodes
+        for b in range(B):
+            _same_row(vobs, b, sobs[b])
+        losses.append(vobs["previous_loss"][:, 0])
+        actions = (rng.random((B, E)) < 0.5).astype(np.int8)
+        vobs = vec.step(actions)[0]
+        sobs = [env.step(actions[b])[0] for b, env in enumerate(singles)]
+    for b in range(B):
+        _same_row(vobs, b, sobs[b])
+    assert np.max(losses) > 0 and vobs["previous_loss"].min() > 0  # tokens completed: their losses observed
+    vobs, _ = vec.reset(seed=[None, 21, None], options={"reset_mask": np.array([False, True, False])})
+    one = singles[1]
+    obs = one.reset(seed=21)[0]
+    assert obs["previous_loss"][0] == 0.0
+    for _ in range(6):
+        _same_row(vobs, 1, obs)
+        actions = (rng.random((B, E)) < 0.5).astype(np.int8)
+        vobs = vec.step(actions)[0]
+        obs = one.step(actions[1])[0]
+
+    native = gym.make_vec(env_id, num_envs=2, vectorization_mode="vector_entry_point", config=CFG)
+    venv = make_native_vec_env(env_id, n_envs=2, seed=3, env_kwargs={"config": CFG})
+    a, n = venv.reset(), native.reset(seed=3)[0]
+    for _ in range(7):
+        for k in KEYS:
+            np.testing.assert_array_equal(a[k], n[k])
+        actions = (rng.random((2, E)) < 0.5).astype(np.int8)
+        a, n = venv.step(actions)[0], native.step(actions)[0]
+
+
+def test_model_state_needs_model_accuracy():
+    """gating.model_state without gating.accuracy = 'model' is a ConfigError naming the field and the fix; off,
+    the layout has no model-state keys."""
+    for gating in ({"model_state": True}, {"source": "trace", "accuracy": "rule", "model_state": True},
+                   {"source": "trace", "backend": "live", "accuracy": "model", "model_state": True}):
+        with pytest.raises(ConfigError, match=r"gating\.model_state.*gating\.accuracy = 'model'"):
+            gym.make("wide_env/WideMoE-v0", config={"gating": gating})
+    with pytest.raises(ConfigError, match=r"gating\.model_state"):
+        gym.make("wide_env/WideMoE-v0", config={"gating": {"source": "trace", "accuracy": "model",
+                                                           "model_state": "yes"}})
+    plain = gym.make("wide_env/WideMoE-v0", config={"gating": {"source": "trace", "accuracy": "model"}})
+    assert not set(KEYS) & set(plain.observation_space.spaces)
+    flat = gym.make("wide_env/WideMoE-v0", config={**CFG, "flatten_observation": True})
+    assert flat.observation_space.shape[0] == sum(b.shape[0] for b in plain.observation_space.spaces.values()) + 4
+    assert list(flat.unwrapped.problem.obs_slices)[-4:] == list(KEYS)
