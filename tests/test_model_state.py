@@ -153,3 +153,45 @@ def test_model_state_needs_model_accuracy():
     flat = gym.make("wide_env/WideMoE-v0", config={**CFG, "flatten_observation": True})
     assert flat.observation_space.shape[0] == sum(b.shape[0] for b in plain.observation_space.spaces.values()) + 4
     assert list(flat.unwrapped.problem.obs_slices)[-4:] == list(KEYS)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_the_expert_set_network_reads_the_keys_as_per_token_context(flat):
+    """The expert-set network finds the keys in a real model-state observation (Dict, or flat by its size),
+    routes them to the globals every expert token sees, and its action logits move with them."""
+    from gymnasium import spaces
+
+    from agents.layout import layout_spec
+    from agents.networks import ExpertSetPolicy
+
+    env = gym.make("wide_env/WideMoE-v0", config={**CFG, "flatten_observation": flat})
+    problem = env.unwrapped.problem
+    sizes = dict(n_experts=problem.n_experts, top_k=problem.top_k, n_nodes=problem.n_nodes)
+    obs, _ = env.reset(seed=2)
+    spec = layout_spec(env.observation_space, **sizes)
+    assert [k.name for k in spec.keys][-4:] == list(KEYS)
+    plain = layout_spec(gym.make("wide_env/WideMoE-v0", config={**CFG, "flatten_observation": flat,
+                                                                "gating": {"model_state": False}}).observation_space,
+                        **sizes)
+    assert not set(KEYS) & {k.name for k in plain.keys}
+    policy = ExpertSetPolicy(env.observation_space, spaces.MultiBinary(problem.n_experts), lambda _: 1e-3, **sizes)
+    ext = policy.features_extractor
+    assert [k.name for k in ext.routing.glob][-4:] == list(KEYS)  # globals: broadcast to every expert token
+
+    def batch(o):
+        return torch.as_tensor(o[None]) if flat else {k: torch.as_tensor(v[None]) for k, v in o.items()}
+
+    with torch.no_grad():
+        _, _, glob = ext.element_inputs(batch(obs))
+        values = _keys(obs if not flat else {k: obs[sl] for k, sl in problem.obs_slices.items()})
+        for v in values[:3]:  # the fractions enter the globals as they are
+            assert np.isclose(glob[0].numpy(), v, atol=1e-6).any()
+        logits = policy.get_distribution(batch(obs)).distribution.logits
+        other = obs.copy() if flat else dict(obs)
+        if flat:
+            other[problem.obs_slices["router_margin"]] = 1.0 - other[problem.obs_slices["router_margin"]]
+        else:
+            other["router_margin"] = 1.0 - obs["router_margin"]
+        changed = policy.get_distribution(batch(other)).distribution.logits
+    assert not torch.allclose(logits, changed)
+
