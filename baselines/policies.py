@@ -33,6 +33,9 @@ Names (``POLICY_NAMES``) and keyword arguments:
 * ``greedy`` - ``k`` (default K) least-energy feasible experts; ``pool="all"`` (default) or ``"topk"``.
 * ``random`` - ``p_keep`` (default 0.5) per Top-K expert, ``seed`` (default None); ``policy.reset(seed)``
   reseeds (the evaluator does this per episode).
+* ``confident_skip`` - on the model-state keys (``gating.model_state``; the ``WideMoE-ModelState-v0`` preset):
+  Top-K, or only its top expert when ``logit_lens_confidence > confidence`` or ``router_margin > margin``
+  (defaults tuned on the selection seeds: :mod:`baselines.model_state_tuning`).
 * ``ALGO:PATH`` - a saved agent, loaded by the learned-agent plugin (:mod:`baselines.agent_plugin`; the
   ``agents`` package registers it): ALGO in :data:`agents.registry.ALGORITHMS` (``ppo``, ``a2c``,
   ``maskable_ppo``, ``recurrent_ppo``), a Stable-Baselines3 / sb3-contrib model loaded lazily on CPU;
@@ -48,6 +51,7 @@ from typing import Callable
 
 from baselines.agent_plugin import INSTALL_HINT, AgentPluginUnavailable, agent_plugin
 from baselines.analytic import DES, AdapMoE, Greedy, Random, SiftMoE, TopK, WDMoE
+from baselines.model_state_policy import ConfidentSkip
 from baselines.observation import problem_of
 from baselines.policy_base import SPAN_POLICY_NAMES, Policy
 from baselines.prefill_policies import is_prefill, make_prefill_policy
@@ -61,7 +65,9 @@ POLICIES: dict[str, Callable[..., Policy]] = {
     "topk": TopK, "siftmoe": SiftMoE, "wdmoe": WDMoE, "des": DES, "adapmoe": AdapMoE, "greedy": Greedy,
     "random": Random,
 }
-POLICY_NAMES = tuple(POLICIES) + SPAN_POLICY_NAMES
+#: analytic policies that read the opt-in model-state keys (gating.model_state): only envs with them
+MODEL_STATE_POLICIES: dict[str, Callable[..., Policy]] = {"confident_skip": ConfidentSkip}
+POLICY_NAMES = tuple(POLICIES) + tuple(MODEL_STATE_POLICIES) + SPAN_POLICY_NAMES
 
 
 def make_policy(name: str, env, **kwargs) -> Policy:
@@ -78,6 +84,8 @@ def make_policy(name: str, env, **kwargs) -> Policy:
     key = name.strip().lower()
     if key in SPAN_POLICY_NAMES:  # the oracle and the time-spanning policies are built from the env itself
         return make_span_policy(key, env, **kwargs)
+    if key in MODEL_STATE_POLICIES:
+        return MODEL_STATE_POLICIES[key](problem, **kwargs)
     if key not in POLICIES:
         try:
             saved = f"'algo:path.zip' with algo in {list(agent_plugin().algorithms)}"

@@ -195,3 +195,55 @@ def test_the_expert_set_network_reads_the_keys_as_per_token_context(flat):
         changed = policy.get_distribution(batch(other)).distribution.logits
     assert not torch.allclose(logits, changed)
 
+
+
+def test_preset_and_its_rule_confident_skip():
+    """The ModelState preset observes the keys with the model's accuracy; confident_skip executes exactly the Top-K
+    set, or only its largest-weight expert where a key crosses its threshold (checked entry by entry), is Top-K
+    with thresholds of 1, and refuses an env without the keys or thresholds outside [0, 1]."""
+    from baselines.policies import POLICY_NAMES, make_policy
+
+    assert "confident_skip" in POLICY_NAMES
+    env = gym.make("wide_env/WideMoE-ModelState-v0", config={"n_tokens": 4})
+    problem = env.unwrapped.problem
+    assert problem.accuracy_source == "model" and set(KEYS) <= set(env.observation_space.spaces)
+    obs, _ = env.reset(seed=9)
+    observations = []
+    for _ in range(4 * problem.n_layers):
+        observations.append(obs)
+        obs = env.step(obs["topk_mask"].astype(np.int8))[0]
+    batch = {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+    topk = make_policy("topk", env)
+    np.testing.assert_array_equal(make_policy("confident_skip", env, confidence=1.0, margin=1.0)(batch), topk(batch))
+    theta, theta_m = 0.3, 0.5
+    rule = make_policy("confident_skip", env, confidence=theta, margin=theta_m)
+    actions = rule(batch)
+    easy_rows = 0
+    for o, action in zip(observations, actions):
+        mask = o["topk_mask"] > 0.5
+        if o["logit_lens_confidence"][0] > theta or o["router_margin"][0] > theta_m:
+            easy_rows += 1
+            assert action.sum() == 1 and mask[action.argmax()]
+            assert o["topk_weight"][action.argmax()] == o["topk_weight"][mask].max()
+        else:
+            np.testing.assert_array_equal(action, mask.astype(np.int8))
+    assert 0 < easy_rows < len(observations)  # both branches are exercised
+    np.testing.assert_array_equal(np.stack([rule(o) for o in observations]), actions)  # batched = one by one
+    with pytest.raises(ValueError, match=r"gating\.model_state = true"):
+        make_policy("confident_skip", gym.make("wide_env/WideMoE-v0"))
+    with pytest.raises(ValueError, match="confidence must be in"):
+        make_policy("confident_skip", env, confidence=1.5)
+
+
+def test_confident_skip_trades_energy_for_loss_on_the_selection_seeds():
+    """On the same selection episodes, skipping the 2nd slot on easy tokens uses less energy than Top-K and keeps
+    most of the full model's predictions; the tuning rows are sorted by the preset's reward."""
+    from baselines.model_state_tuning import tune
+
+    rows = tune(episodes=2, grid=(0.5, 1.0), env_kwargs={"config": {"n_tokens": 4}})
+    assert [r["reward_per_step"] for r in rows] == sorted((r["reward_per_step"] for r in rows), reverse=True)
+    by = {(r["confidence"], r["margin"]): r for r in rows}
+    assert by[(1.0, 1.0)]["energy_rel_topk"] == pytest.approx(1.0)
+    assert by[(1.0, 1.0)]["accuracy_same"] == 1.0
+    assert by[(0.5, 0.5)]["energy_rel_topk"] < by[(1.0, 0.5)]["energy_rel_topk"] < 1.0
+    assert by[(0.5, 0.5)]["accuracy_same"] > 0.5
