@@ -25,6 +25,10 @@ step's accuracy fields become the measured ones:
 * ``delta_loss``: -log p(target) minus the full model's (nats); with ``reward.objective = "accuracy"`` the
   reward's accuracy term is -accuracy_weight x this.
 
+With ``gating.model_state = true`` the model accuracy's streams also fill the model-state observation keys
+(the router's entropy and margin and the logit-lens confidence at each stream's current layer, the previous
+token's loss; :mod:`wide_env.envs.model_state`) after every step and reset.
+
 For the same executed experts both report the same accuracy. Rows of a batch that are at the same layer run
 in one batched pass.
 """

@@ -41,14 +41,6 @@ class ModelState:
         #: each row's previous token's loss (nats); the backend sets it when a token completes
         self.previous_loss = np.zeros(int(num_envs))
 
-    def values(self, decoder, rows: np.ndarray | None = None) -> np.ndarray:
-        """(R, 4) float64: the keys of ``rows`` (None = all), in layout order."""
-        rows = np.arange(self.previous_loss.size) if rows is None else np.asarray(rows, np.int64)
-        out = np.zeros((rows.size, len(MODEL_STATE_KEYS)))
-        _write_keys(decoder.probs, decoder.x, self._ln_w, self._ln_b, self._head, self.previous_loss, self._log_e,
-                    rows, out, np.arange(rows.size), 0)
-        return out
-
     def write(self, decoder, obs: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Write the keys of ``rows`` (None = all) into ``obs`` (B, D) float32."""
         rows = np.arange(obs.shape[0]) if rows is None else np.asarray(rows, np.int64)
