@@ -2,7 +2,9 @@
 
 Every key comes with its axes (per expert, per (slot, choice), per node, per (token, expert), ...), its
 entry shape and its scale kind, so networks route keys by what they describe, never by name: a new key
-declared in ``wide_env/sim/observation.py`` reaches them without a change here.
+declared in ``wide_env/sim/observation.py`` reaches them without a change here. The opt-in model-state keys
+(``gating.model_state``) are recognised by their presence (a Dict) or the space's size (a flat Box); being
+global, they reach every expert token of the expert-set network as per-token context.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def layout_spec(observation_space: spaces.Space, n_experts: int | None = None, t
         element_axes = obs_layout.PREFILL_ACTION_AXES
     else:
         layout = obs_layout.observation_layout(int(n_experts), int(top_k), int(n_nodes))
+        if _has_model_state(observation_space, layout):  # gating.model_state: per-token globals after the rest
+            layout.update(obs_layout.MODEL_STATE_KEYS)
         lengths = obs_layout.axis_lengths(int(n_experts), int(top_k), int(n_nodes))
         element_axes = obs_layout.ACTION_AXES
     shapes = obs_layout.key_shapes(layout, axes, lengths)
@@ -74,6 +78,16 @@ def layout_spec(observation_space: spaces.Space, n_experts: int | None = None, t
     _check_space(observation_space, layout)
     keys = tuple(KeySpec(k, tuple(axes[k]), shapes[k], obs_layout.OBSERVATION_SCALES[k], slices[k]) for k in layout)
     return LayoutSpec(keys, tuple(element_axes), dict(lengths))
+
+
+def _has_model_state(space: spaces.Space, layout) -> bool:
+    """Whether a decoding space carries the model-state keys (``gating.model_state``) after ``layout``'s: a Dict
+    by its keys, a flat Box by its size."""
+    extra = obs_layout.MODEL_STATE_KEYS
+    if isinstance(space, spaces.Dict):
+        return set(extra) <= set(space.spaces)
+    total = sum(size for size, _, _ in layout.values())
+    return isinstance(space, spaces.Box) and space.shape == (total + sum(size for size, _, _ in extra.values()),)
 
 
 def _decode_sizes(space: spaces.Dict, axes: dict) -> tuple[int, int, int]:

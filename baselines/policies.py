@@ -39,6 +39,9 @@ Names (``POLICY_NAMES``) and keyword arguments:
   keeps each decision within what is left of the budget. Built from the env (:data:`ENV_POLICIES`: its energy model
   is fitted on sample episodes of the env's physics, ``stats_episodes`` default 16, ``cache_dir``); the tuned
   weights of each benchmark regime: :func:`baselines.lagrangian_tuning.tuned_kwargs`.
+* ``confident_skip`` - on the model-state keys (``gating.model_state``; the ``WideMoE-ModelState-v0`` preset):
+  Top-K, or only its top expert when ``logit_lens_confidence > confidence`` or ``router_margin > margin``
+  (defaults tuned on the selection seeds: :mod:`baselines.model_state_tuning`).
 * ``ALGO:PATH`` - a saved agent, loaded by the learned-agent plugin (:mod:`baselines.agent_plugin`; the
   ``agents`` package registers it): ALGO in :data:`agents.registry.ALGORITHMS` (``ppo``, ``a2c``,
   ``maskable_ppo``, ``recurrent_ppo``), a Stable-Baselines3 / sb3-contrib model loaded lazily on CPU;
@@ -55,12 +58,13 @@ from typing import Callable
 from baselines.agent_plugin import INSTALL_HINT, AgentPluginUnavailable, agent_plugin
 from baselines.analytic import DES, AdapMoE, Greedy, Random, SiftMoE, TopK, WDMoE
 from baselines.lagrangian import make_lagrangian
+from baselines.model_state_policy import ConfidentSkip
 from baselines.observation import problem_of
 from baselines.policy_base import SPAN_POLICY_NAMES, Policy
 from baselines.prefill_policies import is_prefill, make_prefill_policy
 from baselines.spanning import make_span_policy
 
-__all__ = ["POLICIES", "ENV_POLICIES", "POLICY_NAMES", "SPAN_POLICY_NAMES", "make_policy"]
+__all__ = ["POLICIES", "ENV_POLICIES", "MODEL_STATE_POLICIES", "POLICY_NAMES", "SPAN_POLICY_NAMES", "make_policy"]
 
 
 #: the analytic policies by name (the registry; ``algo:PATH`` loads a saved agent instead)
@@ -71,7 +75,9 @@ POLICIES: dict[str, Callable[..., Policy]] = {
 #: analytic policies that read only the observation but are built from the env (``builder(env, **kwargs)``): their
 #: energy model is fitted on the env's physics, so they cannot be made from ``problem`` alone like :data:`POLICIES`
 ENV_POLICIES: dict[str, Callable[..., Policy]] = {"lagrangian": make_lagrangian}
-POLICY_NAMES = tuple(POLICIES) + tuple(ENV_POLICIES) + SPAN_POLICY_NAMES
+#: analytic policies that read the opt-in model-state keys (gating.model_state): only envs with them
+MODEL_STATE_POLICIES: dict[str, Callable[..., Policy]] = {"confident_skip": ConfidentSkip}
+POLICY_NAMES = tuple(POLICIES) + tuple(ENV_POLICIES) + tuple(MODEL_STATE_POLICIES) + SPAN_POLICY_NAMES
 
 
 def make_policy(name: str, env, **kwargs) -> Policy:
@@ -93,6 +99,8 @@ def make_policy(name: str, env, **kwargs) -> Policy:
             return ENV_POLICIES[key](env, **kwargs)
         except TypeError as exc:
             raise TypeError(f"bad keyword arguments for policy {key!r}: {exc}") from None
+    if key in MODEL_STATE_POLICIES:
+        return MODEL_STATE_POLICIES[key](problem, **kwargs)
     if key not in POLICIES:
         try:
             saved = f"'algo:path.zip' with algo in {list(agent_plugin().algorithms)}"

@@ -196,7 +196,7 @@ def test_readme_lists_every_environment_id(readme):
 def test_readme_lists_every_observation_key(readme):
     from wide_env.sim.observation import observation_layout, prefill_observation_layout
 
-    keys = set(observation_layout(8, 2, 8)) | set(prefill_observation_layout(4, 8, 2, 8))
+    keys = set(observation_layout(8, 2, 8, model_state=True)) | set(prefill_observation_layout(4, 8, 2, 8))
     named = {c.strip("`") for c in _first_cells(_readme_section(readme, "Spaces (`WideMoE-v0`)"))}
     missing = sorted(keys - named)
     assert not missing, f"README.md's observation tables lack the keys {missing} (wide_env/sim/observation.py)"

@@ -40,6 +40,7 @@ VARIANTS = {
     "gating.trace_path": (profile_trace("mixtral-8x7b"), {}),
     "gating.backend": ("live", {}),
     "gating.accuracy": ("model", {}),
+    "gating.model_state": (True, {"gating": {"accuracy": "model"}}),
     "gating.checkpoint_dir": (None, {}),  # replaced by a copy of the shipped checkpoint in the test
     "gating.output_norm": (3.0, SYNTHETIC),
     "gating.synthetic_budget": (0.1, SYNTHETIC),

@@ -29,6 +29,12 @@ ENVIRONMENTS = {
     "wide_env/WideMoE-AccuracyObjective-v0": ("wide_env.envs.decode:WideMoEEnv",
                                               {"preset": {"reward": {"objective": "accuracy"},
                                                           "budget": {"mode": "token"}}}),
+    # the accuracy objective measured on the model, with the model-state keys (what a per-step rule on the
+    # trace's gating cannot see; baselines.model_state_policy is its analytic rule)
+    "wide_env/WideMoE-ModelState-v0": ("wide_env.envs.decode:WideMoEEnv",
+                                       {"preset": {"reward": {"objective": "accuracy"}, "budget": {"mode": "token"},
+                                                   "gating": {"source": "trace", "accuracy": "model",
+                                                              "model_state": True}}}),
 }
 # single-env entry point -> its batched vector env (gym.make_vec(..., vectorization_mode="vector_entry_point")).
 VECTOR_ENTRY_POINTS = {"wide_env.envs.decode:WideMoEEnv": "wide_env.envs.vector:WideMoEVectorEnv",

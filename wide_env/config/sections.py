@@ -65,6 +65,10 @@ class GatingConfig:
     #: (the rule where it is validated against the live model, profile tiny's shipped trace; elsewhere the
     #: model when torch is installed). The live backend measures accuracy itself.
     accuracy: str = "auto"
+    #: add the model-state observation keys (docs/model.md#model-state-observations): the router's entropy and
+    #: margin and the logit-lens confidence at the current layer of the episode's decoding stream, and the previous
+    #: token's loss; needs gating.accuracy = "model" (the stream that measures accuracy supplies them).
+    model_state: bool = False
     #: directory of the checkpoint the live backend and the model accuracy run (moe_lm.safetensors +
     #: moe_lm.json); None = the profile's shipped model.
     checkpoint_dir: str | None = None
@@ -90,6 +94,11 @@ class GatingConfig:
         if self.accuracy == "model" and self.source != "trace":
             _fail(f"{path}.accuracy", self.accuracy, "the model decodes a trace's text: set gating.source = 'trace' "
                   "(or gating.accuracy = 'auto')")
+        _check_flag(f"{path}.model_state", self.model_state)
+        if self.model_state and (self.accuracy != "model" or self.backend != "table"):
+            _fail(f"{path}.model_state", self.model_state,
+                  "the model-state keys come from the model that measures accuracy: set gating.accuracy = 'model' "
+                  "(with gating.backend = 'table'), or drop gating.model_state")
         if self.backend == "live" and self.source != "trace":
             _fail(f"{path}.backend", self.backend, "the live backend replays a trace's text: set gating.source = 'trace'")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):

@@ -68,6 +68,8 @@ class EpisodeBatch:
         if self.model is not None:  # before observing: live gating replaces the trace's
             self.model.start(self.state)
         self.obs = self.sim.observe(self.state)
+        if self.model is not None and self.model.observes:
+            self.model.observe(self.obs)
         self.elapsed[:] = 0
         self.pending[:] = False
 
@@ -81,6 +83,8 @@ class EpisodeBatch:
         mask = np.zeros(self.num_envs, dtype=bool)
         mask[rows] = True
         self.obs = self.sim.observe(self.state, mask, self.obs.copy())
+        if self.model is not None and self.model.observes:
+            self.model.observe(self.obs, rows)
         self.elapsed[rows] = 0
         self.pending[rows] = False
 
@@ -99,6 +103,8 @@ class EpisodeBatch:
             extra = model.after_step(state, outcome, before)
             if model.routes_gating:
                 self.sim.observe(state, None, obs)
+            if model.observes:  # its keys of the observation (after the simulator's)
+                model.observe(obs)
             if extra is not None:  # the model's extra columns, named by self.fields
                 outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
                                   self.fields, outcome.detail)

@@ -25,6 +25,10 @@ step's accuracy fields become the measured ones:
 * ``delta_loss``: -log p(target) minus the full model's (nats); with ``reward.objective = "accuracy"`` the
   reward's accuracy term is -accuracy_weight x this.
 
+With ``gating.model_state = true`` the model accuracy's streams also fill the model-state observation keys
+(the router's entropy and margin and the logit-lens confidence at each stream's current layer, the previous
+token's loss; :mod:`wide_env.envs.model_state`) after every step and reset.
+
 For the same executed experts both report the same accuracy. Rows of a batch that are at the same layer run
 in one batched pass.
 """
@@ -97,6 +101,8 @@ class _ModelStreams:
     extra_keys: tuple[str, ...] = ()
     #: whether the part writes the next layers' gating into the plan after a step (the batch observes after it)
     routes_gating = False
+    #: whether the part writes observation keys of its own (:meth:`ModelAccuracy.observe`)
+    observes = False
     _needs = "config 'gating.accuracy' = 'model'"
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
@@ -164,11 +170,22 @@ class ModelAccuracy(_ModelStreams):
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
         self._stepped = np.ones(num_envs, bool)  # the decoder steps every stream with a token in progress
+        self.observes = bool(sim.config.gating.model_state)
+        if self.observes:
+            from wide_env.envs.model_state import ModelState
+
+            self.state_keys = ModelState(self.context.model, sim.obs_slices, num_envs)
+
+    def observe(self, obs: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Write the model-state keys of ``rows`` (index array; None = all) into ``obs`` (B, D)."""
+        self.state_keys.write(self.decoder, obs, rows)
 
     def start(self, state, rows: np.ndarray | None = None) -> None:
         """Load the episodes' contexts and start their first token (layer 0 routed)."""
         super().start(state, rows)
         rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
+        if self.observes:
+            self.state_keys.previous_loss[rows] = 0.0  # an episode's first token has no previous one
         position = state.start[rows] + state.token[rows]
         self.decoder.begin(rows, self.token_id[position], position)
 
@@ -183,7 +200,9 @@ class ModelAccuracy(_ModelStreams):
                                         self.token_id)
         if finished.any():
             rows = np.flatnonzero(finished)
-            self._report(outcome, rows, self.decoder.finished_at[rows], self.decoder.logits[rows])
+            nll = self._report(outcome, rows, self.decoder.finished_at[rows], self.decoder.logits[rows])
+            if self.observes:
+                self.state_keys.previous_loss[rows] = nll
 
 
 class LiveGating(_ModelStreams):

@@ -357,7 +357,8 @@ class TraceGating(GatingSource):
         if n_tokens not in self._valid_starts:
             T = self.n_tokens_total
             if n_tokens > T:
-                raise ValueError(f"n_tokens = {n_tokens} exceeds the trace length {T} of {self.path}; lower n_tokens")
+                raise ValueError(f"config field 'n_tokens' = {n_tokens} exceeds the trace length {T} of {self.path}; "
+                                 "lower n_tokens")
             starts = np.arange(T - n_tokens + 1)
             if self.doc_start is not None:
                 # a window may begin at a document start but must not contain a later one

@@ -15,12 +15,29 @@ MAX_ENERGY_COST = 1.0e4
 MAX_LATENCY_RATIO = 100.0
 MAX_DEVIATION = 1.0e3
 GAIN_DB_LOW, GAIN_DB_HIGH = -250.0, 50.0
+#: a token's loss in nats beyond which the previous token's loss is clipped (log of the byte vocabulary is 5.5)
+MAX_LOSS = 100.0
+
+#: The model-state keys (``gating.model_state = true``, with ``gating.accuracy = "model"``): written by the model
+#: backend (:class:`wide_env.envs.model_backend.ModelAccuracy`) from the episode's own decoding stream, after the
+#: simulator's keys. At the current layer of the token in progress: the router's entropy over the E experts
+#: divided by log E, the margin between its top-1 and top-2 probabilities, the logit-lens confidence (the
+#: largest softmax probability of the LM head applied to the residual stream so far); and the loss (nats) of
+#: the episode's previous token (0 at its first token).
+MODEL_STATE_KEYS = OrderedDict([
+    ("router_entropy", (1, 0.0, 1.0)),
+    ("router_margin", (1, 0.0, 1.0)),
+    ("logit_lens_confidence", (1, 0.0, 1.0)),
+    ("previous_loss", (1, 0.0, MAX_LOSS)),
+])
 
 
-def observation_layout(n_experts: int, top_k: int, n_nodes: int) -> "OrderedDict[str, tuple[int, float, float]]":
-    """key -> (size, low, high), in the order of the flat observation."""
+def observation_layout(n_experts: int, top_k: int, n_nodes: int,
+                       model_state: bool = False) -> "OrderedDict[str, tuple[int, float, float]]":
+    """key -> (size, low, high), in the order of the flat observation (``model_state``: the model-state keys
+    last)."""
     E, K, N = n_experts, top_k, n_nodes
-    return OrderedDict([
+    layout = OrderedDict([
         ("gate_probs", (E, 0.0, 1.0)),
         ("topk_mask", (E, 0.0, 1.0)),
         ("topk_weight", (E, 0.0, 1.0)),
@@ -32,6 +49,9 @@ def observation_layout(n_experts: int, top_k: int, n_nodes: int) -> "OrderedDict
         ("budget_remaining", (1, 0.0, MAX_DEVIATION)),
         ("position", (2, 0.0, 1.0)),
     ])
+    if model_state:
+        layout.update(MODEL_STATE_KEYS)
+    return layout
 
 
 def prefill_observation_layout(prompt_tokens: int, n_experts: int, top_k: int,
@@ -70,6 +90,7 @@ OBSERVATION_AXES = {
     "energy_cost": ("expert",), "latency_ratio": ("expert",), "deadline_probability": ("expert",),
     "deviation_table": ("slot", "choice"),
     "budget_remaining": ("feature",), "position": ("feature",),
+    **{key: ("feature",) for key in MODEL_STATE_KEYS},
 }
 PREFILL_OBSERVATION_AXES = {
     "gate_probs": ("token", "expert"), "topk_mask": ("token", "expert"), "topk_weight": ("token", "expert"),
@@ -87,6 +108,8 @@ OBSERVATION_SCALES = {
     "energy_cost": "ratio", "latency_ratio": "ratio", "deviation_table": "ratio", "budget_remaining": "ratio",
     "position": "fraction", "load_energy_cost": "ratio", "load_latency_ratio": "ratio",
     "deadline_probability": "fraction", "load_deadline_probability": "fraction",
+    "router_entropy": "fraction", "router_margin": "fraction", "logit_lens_confidence": "fraction",
+    "previous_loss": "ratio",
 }
 
 

@@ -30,7 +30,8 @@ from wide_env.sim.decode.state import FIELDS, DecodeState, empty_outcome
 from wide_env.sim.outcome import Outcome
 from wide_env.sim.decode.view import LayerView, make_view
 from wide_env.sim.gating_rows import build_gating_rows
-from wide_env.sim.observation import MAX_DEVIATION, MAX_ENERGY_COST, observation_layout, observation_slices
+from wide_env.sim.observation import (MAX_DEVIATION, MAX_ENERGY_COST, MODEL_STATE_KEYS, observation_layout,
+                                      observation_slices)
 from wide_env.sim.physics import topk_reference
 from wide_env.sim.scenario import Scenario, per_row
 
@@ -56,12 +57,13 @@ class DecodeSimulator:
         self.deadline, self.enforce_deadline, self.budget_mode = scn.deadline_s, scn.enforce_deadline, scn.budget_mode
         self.layer_budget, self.span_budget, self.layer_weight = scn.layer_budget, scn.span_budget, scn.layer_weight
         self.hosts = scn.hosts
-        self.layout = observation_layout(self.n_experts, self.top_k, self.n_nodes)
+        model_state = bool(config.gating.model_state)  # the model backend writes these keys (after the kernel's)
+        self.layout = observation_layout(self.n_experts, self.top_k, self.n_nodes, model_state)
         self.obs_slices = observation_slices(self.layout)
         self.obs_size = sum(size for size, _, _ in self.layout.values())
         self.has_accuracy = getattr(source, "logit_effects", None) is not None
         sl = self.obs_slices
-        written = kernel.OBSERVATION_KEYS + EXPERT_KEYS
+        written = kernel.OBSERVATION_KEYS + EXPERT_KEYS + (tuple(MODEL_STATE_KEYS) if model_state else ())
         if sorted(sl) != sorted(written):  # the step kernel writes every key of the layout
             raise AssertionError(f"the decoding observation layout {list(sl)} differs from the keys the step kernel "
                                  f"writes {list(written)}: plan a new per-expert key in wide_env/sim/decode/plan.py "
