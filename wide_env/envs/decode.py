@@ -108,6 +108,12 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
     | `budget_remaining` | 1 | [0, 1e3] | budget left for this step / budget unit |
     | `position` | 2 | [0, 1] | layer / (L-1), token / (n_tokens-1) |
 
+    With `gating.model_state = true` (and `gating.accuracy = "model"`) four keys follow, from the episode's own
+    decoding stream: `router_entropy` (1, [0, 1]: the live router's entropy at the current layer / log E),
+    `router_margin` (1, [0, 1]: its top-1 minus top-2 probability), `logit_lens_confidence` (1, [0, 1]: max softmax
+    probability of the LM head on the residual stream so far), `previous_loss` (1, [0, 100]: the previous token's
+    loss, nats; 0 at the first token).
+
     Budget unit: eps_l (per-layer mode) or the token budget (per-token mode; deviations weighted by kappa_l).
 
     ## Rewards
