@@ -80,6 +80,16 @@ def full_model_run(model: MoELM, idx: torch.Tensor) -> tuple[torch.Tensor, torch
             torch.stack([lay["v"] for lay in rec["layers"]]))
 
 
+def checked_streams(cfg, mismatch, n_streams) -> tuple[np.ndarray, int]:
+    """A decoder's mismatch tables (L, E, E+1) as contiguous float64 and its stream count, checked."""
+    D = np.ascontiguousarray(mismatch, np.float64)
+    if D.shape != (cfg.n_layer, cfg.n_expert, cfg.n_expert + 1):
+        raise ValueError(f"mismatch must have shape {(cfg.n_layer, cfg.n_expert, cfg.n_expert + 1)}, got {D.shape}")
+    if int(n_streams) < 1:
+        raise ValueError(f"n_streams must be >= 1, got {n_streams}")
+    return D, int(n_streams)
+
+
 class StreamDecoder:
     """``n_streams`` KV-cached decoding streams of ``model`` (eval mode, CPU) with the combine rule of the
     mismatch tables ``mismatch`` (L, E, E+1)."""
@@ -88,13 +98,8 @@ class StreamDecoder:
         self.model = model.eval()
         cfg = self.cfg = model.cfg
         self.L, self.E, self.K = cfg.n_layer, cfg.n_expert, cfg.top_k
-        D = np.asarray(mismatch, np.float64)
-        if D.shape != (self.L, self.E, self.E + 1):
-            raise ValueError(f"mismatch must have shape {(self.L, self.E, self.E + 1)}, got {D.shape}")
-        if int(n_streams) < 1:
-            raise ValueError(f"n_streams must be >= 1, got {n_streams}")
-        self.D = D
-        n = self.n_streams = int(n_streams)
+        self.D, n = checked_streams(cfg, mismatch, n_streams)
+        self.n_streams = n
         d = cfg.d_model
         shape = (self.L, n, cfg.n_head, cfg.block_size, d // cfg.n_head)
         self._keys, self._values = torch.zeros(shape), torch.zeros(shape)

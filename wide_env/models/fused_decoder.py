@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import fused_kernels as fk
-from .decoder import ContextFull
+from .decoder import ContextFull, checked_streams
 from .moe_lm import MoELM
 
 
@@ -49,13 +49,8 @@ class FusedDecoder:
     def __init__(self, model: MoELM, mismatch: np.ndarray, n_streams: int, weights: tuple | None = None):
         cfg = self.cfg = model.cfg
         self.L, self.E, self.K, self.V = cfg.n_layer, cfg.n_expert, cfg.top_k, cfg.vocab_size
-        D = np.ascontiguousarray(mismatch, np.float64)
-        if D.shape != (self.L, self.E, self.E + 1):
-            raise ValueError(f"mismatch must have shape {(self.L, self.E, self.E + 1)}, got {D.shape}")
-        if int(n_streams) < 1:
-            raise ValueError(f"n_streams must be >= 1, got {n_streams}")
-        self.D = D
-        n = self.n_streams = int(n_streams)
+        self.D, n = checked_streams(cfg, mismatch, n_streams)
+        self.n_streams = n
         d, H, E, K = cfg.d_model, cfg.n_head, self.E, self.K
         #: the packed weights (decoders of one model may share them: ``weights=``)
         self.weights = pack_weights(model) if weights is None else weights
