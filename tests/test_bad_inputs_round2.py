@@ -24,6 +24,7 @@ from wide_env import ConfigError, WideConfig
 from wide_env.gating import TraceError, load_trace, save_trace, validate_trace
 from wide_env.gating.base import LAYER_BUDGET_RANGE
 from wide_env.profiles import profile_checkpoint, profile_trace
+from trace_arrays import small_trace  # tests/ is on sys.path (pytest's rootdir insertion)
 
 ROOT = str(Path(__file__).resolve().parents[1])
 DATA = Path(ROOT) / "wide_env" / "data"
@@ -84,17 +85,7 @@ def test_checkpoint_hash_is_written_at_save_and_required_at_load(tmp_path):
 
 # ---- 5, 10, 11: traces -----------------------------------------------------------------------------------
 def _small_trace(T=30, L=2, E=4, K=2, seed=0):
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal((T, L, E))
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    idx = np.argsort(-probs, -1)[..., :K]
-    w = np.take_along_axis(probs, idx, -1)
-    mismatch = rng.uniform(0.5, 2.0, (L, E, E + 1))
-    mismatch[:, np.arange(E), np.arange(E)] = 0
-    return dict(schema_version=np.array(1), gate_probs=probs.astype(np.float32), topk_idx=idx.astype(np.int16),
-                topk_weight=(w / w.sum(-1, keepdims=True)).astype(np.float16), mismatch=mismatch.astype(np.float32),
-                layer_budget=np.full(L, 0.4, np.float32), d_model=np.array(16), routing=np.array("softmax_topk_renorm"),
-                token_id=rng.integers(0, 256, T), target_id=rng.integers(0, 256, T))
+    return small_trace(T, L, E, K, seed, weight_dtype=np.float16)
 
 
 def test_trace_topk_weight_must_be_a_combine_weight():

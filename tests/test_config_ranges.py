@@ -13,6 +13,7 @@ import wide_env  # noqa: F401
 from wide_env import ConfigError, WideConfig
 from wide_env.config import _SECTIONS
 from wide_env.gating import TraceError, load_trace, save_trace, validate_trace
+from trace_arrays import small_trace  # tests/ is on sys.path (pytest's rootdir insertion)
 
 
 def _make_reset_step(env_id: str, config: dict):
@@ -89,16 +90,7 @@ def test_trace_path_with_synthetic_source_names_both_fields():
 
 
 def _trace(T=30, L=2, E=6, K=2, seed=0):
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal((T, L, E))
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    idx = np.argsort(-probs, -1)[..., :K]
-    w = np.take_along_axis(probs, idx, -1)
-    mismatch = rng.uniform(0.5, 2.0, (L, E, E + 1))
-    mismatch[:, np.arange(E), np.arange(E)] = 0
-    return dict(schema_version=np.array(1), gate_probs=probs.astype(np.float32), topk_idx=idx.astype(np.int16),
-                topk_weight=(w / w.sum(-1, keepdims=True)).astype(np.float32), mismatch=mismatch.astype(np.float32),
-                layer_budget=np.full(L, 0.4, np.float32), d_model=np.array(32), routing=np.array("softmax_topk_renorm"))
+    return small_trace(T, L, E, K, seed, d_model=32, tokens=False)
 
 
 def test_a_custom_trace_sets_the_model_sizes(tmp_path):

@@ -21,6 +21,7 @@ from wide_env.config import ConfigError, WideConfig, _SECTIONS
 from wide_env.gating import TraceError, validate_trace
 from wide_env.gating.base import LAYER_BUDGET_RANGE, TOPK_WEIGHT_SLACK
 from wide_env.gating.trace import OPTIONAL_KEYS, REQUIRED_KEYS
+from trace_arrays import small_trace  # tests/ is on sys.path (pytest's rootdir insertion)
 
 try:
     from hypothesis import given, settings
@@ -224,20 +225,7 @@ def test_every_action_works_or_names_the_action(envs):
 
 # ---- trace arrays ----------------------------------------------------------------------------------------
 def _valid_trace(T=24, L=2, E=4, K=2, seed=0) -> dict:
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal((T, L, E))
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    idx = np.argsort(-probs, -1)[..., :K]
-    w = np.take_along_axis(probs, idx, -1)
-    mismatch = rng.uniform(0.5, 2.0, (L, E, E + 1))
-    mismatch[:, np.arange(E), np.arange(E)] = 0
-    doc_start = np.zeros(T, bool)
-    doc_start[[0, 10]] = True
-    return dict(schema_version=np.array(1), gate_probs=probs.astype(np.float32), topk_idx=idx.astype(np.int16),
-                topk_weight=(w / w.sum(-1, keepdims=True)).astype(np.float32), mismatch=mismatch.astype(np.float32),
-                layer_budget=np.full(L, 0.4, np.float32), d_model=np.array(16), routing=np.array("softmax_topk_renorm"),
-                token_id=rng.integers(0, 256, T), target_id=rng.integers(0, 256, T), doc_start=doc_start,
-                full_correct=rng.random(T) < 0.5)
+    return small_trace(T, L, E, K, seed, doc_starts=(0, 10), full_correct=True)
 
 
 #: a key's checks read these other keys too, so a change to it may be reported on them
