@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from baselines.observation import layer_of
 from baselines.policy_base import Policy
 from baselines.related import (adapmoe_policy, des_policy, greedy_policy, random_policy, topk_policy,
                                wdmoe_policy)
@@ -35,7 +36,7 @@ class SiftMoE(Policy):
         rem = a["budget_remaining"][:, 0]
         if self.problem.budget_mode == "token" and self.allocation == "even":
             L = self.problem.n_layers
-            layer = np.rint(a["position"][:, 0] * max(L - 1, 1)).astype(np.int64)
+            layer = layer_of(a, self.problem)
             rem = rem / np.maximum(L - layer, 1)
         return rem * (1.0 - self.margin)
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from baselines.observation import layer_of
 from baselines.pareto import candidate_experts, subset_members
 from baselines.policy_base import Policy
 from baselines.span_stats import STATS_SEED, span_statistics
@@ -210,7 +211,7 @@ class Lagrangian(Policy):
         E, K, L = self.problem.n_experts, self.problem.top_k, self.problem.n_layers
         usable = self.feasible(a)
         energy = np.where(usable, self.stats.energy_of(a["energy_cost"], a["channel_gain_db"]), 0.0)
-        layer = np.rint(a["position"][:, 0] * max(L - 1, 1)).astype(np.int64)
+        layer = layer_of(a, self.problem)
         lam = self.multipliers(a)
         price = (lam * self.mu[np.clip(layer, 0, L - 1)])[:, None] * self.nu[None, :]
         allowed = a["budget_remaining"][:, 0] * (1.0 - self.margin) if self.guard else None

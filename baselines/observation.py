@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["problem_of", "parse_observation", "feasible_actions", "action_masks"]
+__all__ = ["problem_of", "parse_observation", "layer_of", "feasible_actions", "action_masks"]
 
 
 def problem_of(env) -> Any:
@@ -44,6 +44,12 @@ def parse_observation(obs, problem) -> tuple[dict[str, np.ndarray], bool]:
             raise ValueError(f"observation key {key!r} has {arrays[key].shape[-1]} entries; this env's layout "
                              f"(problem.obs_slices) has {sl.stop - sl.start}")
     return arrays, single
+
+
+def layer_of(arrays: dict[str, np.ndarray], problem) -> np.ndarray:
+    """(B,) int64 the MoE layer of each decision, from the observation's ``position`` (layer / (L - 1) first)."""
+    L = problem.n_layers
+    return np.rint(arrays["position"][:, 0] * max(L - 1, 1)).astype(np.int64)
 
 
 def feasible_actions(arrays: dict[str, np.ndarray], problem) -> np.ndarray:

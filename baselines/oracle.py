@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 
 from baselines.pareto import Fronts, decision_fronts
-from baselines.observation import problem_of
+from baselines.observation import layer_of, problem_of
 from baselines.policy_base import Policy
 from wide_env.rules import VIOLATION_RTOL, budget_left, budget_left_of, violated_of, violation
 
@@ -262,7 +262,7 @@ class Oracle(Policy):
             raise ValueError(f"{B} observations for an env of {state.batch_size} episodes: the oracle answers the "
                              "observation of the env it was made for")
         L, n = self.problem.n_layers, self.problem.n_tokens
-        seen_layer = np.rint(a["position"][:, 0] * max(L - 1, 1)).astype(np.int64)
+        seen_layer = layer_of(a, self.problem)
         seen_token = np.rint(a["position"][:, 1] * max(n - 1, 1)).astype(np.int64)
         out = np.zeros((B, E), dtype=bool)
         for b in range(B):

@@ -39,7 +39,7 @@ import numpy as np
 
 from baselines.pareto import decision_fronts
 from baselines.analytic import SiftMoE
-from baselines.observation import parse_observation, problem_of
+from baselines.observation import layer_of, parse_observation, problem_of
 from baselines.policy_base import SPAN_POLICY_NAMES, Policy
 from baselines.span_stats import STATS_SEED, SpanStatistics, extra_observation, span_statistics
 from wide_env.rules import budget_left_of, violated_of
@@ -54,7 +54,7 @@ def span_position(a: dict, problem) -> tuple[np.ndarray, np.ndarray, int]:
     """(decisions taken in the current span (B,), decisions left including this one (B,), span length H)
     from the observation's position; the span is one layer (layer mode), a token's layers or the episode."""
     L, n = problem.n_layers, problem.n_tokens
-    layer = np.rint(a["position"][:, 0] * max(L - 1, 1)).astype(np.int64)
+    layer = layer_of(a, problem)
     token = np.rint(a["position"][:, 1] * max(n - 1, 1)).astype(np.int64)
     if problem.budget_mode == "episode":
         H, h = n * L, token * L + layer

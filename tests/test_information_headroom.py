@@ -1,0 +1,130 @@
+"""baselines.information_headroom: the exploration data, the flip models' fit and features, the skip rule."""
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import wide_env  # noqa: F401
+from baselines.information_headroom import (ENV_ID, FlipPricedSkip, LogisticModel, collect_skip_samples,
+                                            decision_features, fit_logistic, information_headroom)
+from baselines.lagrangian import energy_model_config
+from baselines.observation import parse_observation, problem_of
+from baselines.span_stats import span_statistics
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return collect_skip_samples(ENV_ID, episodes=12, seed=123)
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = gym.make(ENV_ID)
+    yield e
+    e.close()
+
+
+def test_logistic_fit_is_the_regularised_optimum_and_recovers_the_weights():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100_000, 3)) * [1.0, 2.0, 0.5] + [0.0, 1.0, -1.0]
+    w_true, b_true = np.array([1.5, -0.5, 2.0]), -1.0
+    y = (rng.random(100_000) < 1 / (1 + np.exp(-(x @ w_true + b_true)))).astype(float)
+    l2 = 1e-3
+    model = fit_logistic(x, y, l2=l2)
+    # back in raw units the weights are close to the generating ones
+    w_raw = model.w / model.sd
+    b_raw = model.b - (model.mean / model.sd) @ model.w
+    np.testing.assert_allclose(w_raw, w_true, atol=0.1)
+    assert abs(b_raw - b_true) < 0.1
+    # first-order optimality of the objective it states (standardised features, unpenalised intercept)
+    z = (x - model.mean) / model.sd
+    p = model.predict(x)
+    np.testing.assert_allclose(z.T @ (p - y) / len(y) + l2 * model.w, 0.0, atol=1e-8)
+    assert abs(np.mean(p - y)) < 1e-8
+    # no other weights do better on the same objective
+    def objective(w, b):
+        zz = z @ w + b
+        return np.mean(np.logaddexp(0, zz) - y * zz) + l2 / 2 * w @ w
+    best = objective(model.w, model.b)
+    for _ in range(20):
+        assert objective(model.w + rng.normal(scale=0.01, size=3), model.b + rng.normal(scale=0.01)) > best
+
+
+def test_logistic_constant_column_and_bad_input():
+    x = np.column_stack([np.ones(50), np.arange(50.0)])
+    y = (np.arange(50) > 25).astype(float)
+    model = fit_logistic(x, y)
+    assert model.w[0] == 0.0 and np.isfinite(model.log_loss(x, y))
+    with pytest.raises(ValueError, match="y 0 or 1"):
+        fit_logistic(x, y * 2)
+    with pytest.raises(ValueError, match="l2 must be > 0"):
+        fit_logistic(x, y, l2=0.0)
+    with pytest.raises(ValueError, match=r"expected x \(n, F\)"):
+        fit_logistic(x[:, 0], y)
+
+
+def test_samples_one_per_token_deterministic_and_half_skipped(samples, env):
+    problem = problem_of(env)
+    assert samples["same"].shape == (12 * problem.n_tokens,)
+    assert set(np.unique(samples["same"])) <= {0.0, 1.0}
+    assert 0.3 < samples["skipped"].mean() < 0.7
+    # the perturbed layer is uniform over the layers
+    layers = np.rint(samples["position"][:, 0] * (problem.n_layers - 1))
+    assert set(np.unique(layers)) == set(range(problem.n_layers))
+    again = collect_skip_samples(ENV_ID, episodes=12, seed=123)
+    for key, value in samples.items():
+        np.testing.assert_array_equal(again[key], value)
+    with pytest.raises(ValueError, match="episodes must be an integer >= 1"):
+        collect_skip_samples(ENV_ID, episodes=0)
+
+
+def test_features_layer_blocks(samples, env):
+    problem = problem_of(env)
+    L, E, K = problem.n_layers, problem.n_experts, problem.top_k
+    a = {k: samples[k] for k in problem.obs_slices}
+    dev = decision_features(a, problem, "deviation")
+    obs = decision_features(a, problem, "observation")
+    n = samples["same"].size
+    assert dev.shape == (n, 2 * L)
+    assert obs.shape == (n, 2 * L + L * (E + 2 + 4))  # expert one-hot, two weights, four model-state keys
+    layer = np.rint(a["position"][:, 0] * (L - 1)).astype(int)
+    np.testing.assert_array_equal(dev[np.arange(n), layer], 1.0)
+    assert dev[:, :L].sum() == n
+    # the deviation column of the decision's own layer is the 2nd slot's skip deviation
+    skip_dev = a["deviation_table"].reshape(n, K, E + 1)[:, 1, E]
+    np.testing.assert_allclose(dev[np.arange(n), L + layer], skip_dev)
+    np.testing.assert_array_equal(obs[:, :2 * L], dev)
+    with pytest.raises(ValueError, match="features must be one of"):
+        decision_features(a, problem, "everything")
+
+
+def test_flip_priced_skip_ends(env):
+    problem = problem_of(env)
+    stats = span_statistics(energy_model_config(env.unwrapped.config), 4)
+    model = LogisticModel(np.zeros(2 * problem.n_layers), 0.0, np.zeros(2 * problem.n_layers),
+                          np.ones(2 * problem.n_layers))  # P(flip) = 1/2 everywhere
+    never = FlipPricedSkip(problem, model=model, features="deviation", stats=stats, theta=1e12)
+    always = FlipPricedSkip(problem, model=model, features="deviation", stats=stats, theta=0.0)
+    obs, _ = env.reset(seed=5)
+    for _ in range(12):
+        a, _ = parse_observation(obs, problem)
+        topk = (obs["topk_mask"] > 0.5)
+        np.testing.assert_array_equal(never(obs).astype(bool), topk)
+        skipped = topk & ~always(obs).astype(bool)
+        assert skipped.sum() == 1  # exactly the expert with the smaller combine weight
+        weights = np.where(topk, obs["topk_weight"], -1)
+        assert obs["topk_weight"][skipped][0] == np.sort(weights)[-2]
+        obs, *_ = env.step(never(obs))
+    with pytest.raises(ValueError, match="theta must be a finite number >= 0"):
+        FlipPricedSkip(problem, model=model, features="deviation", stats=stats, theta=-1.0)
+
+
+def test_information_headroom_end_to_end_small():
+    result = information_headroom(episodes=40, test_episodes=3, thetas=(0.0, 1e12), n_boot=20)
+    assert set(result["log_loss"]) == {"constant", "deviation", "observation"}
+    assert [r["policy"] for r in result["rules"]] == ["topk", "deviation theta=0", "deviation theta=1e+12",
+                                                      "observation theta=0", "observation theta=1e+12"]
+    topk, dev_skip, dev_never = result["rules"][:3]
+    # theta huge: never skip (Top-K's energy); theta 0: skip every 2nd slot (less energy)
+    assert dev_never["energy_per_token_j"] == pytest.approx(topk["energy_per_token_j"])
+    assert dev_skip["energy_per_token_j"] < topk["energy_per_token_j"]
+    assert len(result["energy_ratio_at_agreement"]) == len(result["levels"]) == len(result["ci95"])
