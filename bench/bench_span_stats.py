@@ -3,12 +3,12 @@ so collecting them on a preset whose accuracy is measured on the model should co
 accuracy rule; and building a span policy or running ``baselines.span_report`` with torch's default thread count
 should cost what it costs at one thread.
 
-    python bench/bench_span_stats.py [--envs Mixtral TokenBudget] [--episodes 32] [--repeats 3]
+    python bench/bench_span_stats.py [--envs Mixtral TokenBudget] [--episodes 128] [--repeats 3]
 
 Rows:
 1. ``SpanStatistics.collect(config, episodes)`` (no cache) on the preset's config (model accuracy) and on the same
    config with ``gating.accuracy = "rule"``, alternating in one process, CPU time (``time.process_time``); the
-   ratio is model / rule (median of the per-repeat ratios; 1 = the model is not run).
+   ratio is model / rule of the best repeats (1 = the model is not run; the issue measured 3.0 s vs 0.4 s).
 2. ``make_policy("siftmoe_dpp", env)`` (collects its statistics) and ``python -m baselines.span_report --mode token
    --episodes 20``, each in a fresh process with torch's default threads and with ``torch.set_num_threads(1)``,
    alternating; wall time of the call (CPU time would hide threads that spin); ratio default / one thread.
@@ -65,7 +65,7 @@ def collect_seconds(config, episodes: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", nargs="+", default=["Mixtral", "TokenBudget"])
-    parser.add_argument("--episodes", type=int, default=32)
+    parser.add_argument("--episodes", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     import gymnasium as gym
@@ -89,7 +89,7 @@ def main() -> None:
         for _ in range(args.repeats):
             model_s.append(collect_seconds(config, args.episodes))
             rule_s.append(collect_seconds(rule, args.episodes))
-        ratio = float(np.median(np.array(model_s) / np.array(rule_s)))
+        ratio = min(model_s) / min(rule_s)
         print(f"| {name} ({args.episodes} episodes) | {min(model_s):.2f} | {min(rule_s):.2f} | {ratio:.2f} |",
               flush=True)
     print()
