@@ -61,6 +61,9 @@ class EpisodeBatch:
         self.obs: np.ndarray | None = None  # (B, D) float32, the current observations (fresh after each call)
         self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
         self.pending = np.zeros(self.num_envs, dtype=bool)  # episode over at the previous step (autoreset)
+        # the single env's outcome, filled step after step, where the simulator fills a caller's outcome
+        buffer = getattr(sim, "outcome_buffer", None)
+        self._out = buffer(self.num_envs) if buffer is not None and self.num_envs == 1 else None
 
     # ---- resets ----------------------------------------------------------------------------------
     def reset_all(self, rng: np.random.Generator) -> None:
@@ -93,27 +96,54 @@ class EpisodeBatch:
         """Step every row not yet finished (finished rows report zeros); returns (outcome, truncated (B,)).
         The observations after the step are in ``self.obs`` (a fresh array)."""
         self.obs = obs = np.empty_like(self.obs)
-        state, model = self.state, self.model
-        before = None if model is None else model.before_step(state, executed)
-        if model is not None and model.routes_gating:  # observe after the model routed the next layers
-            outcome = self.sim.step(rng, state, executed, obs, observe=False)
-        else:
-            outcome = self.sim.step(rng, state, executed, obs)
-        if model is not None:
-            extra = model.after_step(state, outcome, before)
-            if model.routes_gating:
-                self.sim.observe(state, None, obs)
-            if model.observes:  # its keys of the observation (after the simulator's)
-                model.observe(obs)
-            if extra is not None:  # the model's extra columns, named by self.fields
-                outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
-                                  self.fields, outcome.detail)
-            outcome.column("reward")[:] = compose_reward(*(outcome.column(term) for term in REWARD_TERMS))
+        outcome = self._advance(rng, executed, obs, None)
         truncated = self.state.done.copy()
         if self.max_episode_steps is not None:
             self.elapsed += 1
             truncated |= self.elapsed >= self.max_episode_steps
         return outcome, truncated
+
+    def step_one(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray) -> tuple[float, bool, dict]:
+        """The single env's step (a batch of one): the observation after it goes into ``obs`` ((1, D), a fresh
+        row the caller hands over; then ``self.obs``); returns the reward, whether the episode is over
+        (truncated) and the info as Python numbers (:meth:`step_result_one`). A simulator that fills a caller's
+        outcome (``outcome_buffer``) fills the same one every step: its values leave as Python numbers."""
+        self.obs = obs
+        outcome = self._advance(rng, executed, obs, self._out)
+        values = outcome.values.tolist()[0]  # one conversion each; the columns are picked from the Python lists
+        counts = outcome.counts.tolist()[0]
+        if self._sliced:  # the usual layout: one list slice each
+            info = dict(zip(self.info_keys, values[self._float_at] + counts[self._int_at]))
+        else:
+            info = dict(zip(self.info_keys, [values[i] for i in self._float_cols] + [counts[i] for i in self._int_cols]))
+        truncated = bool(self.state.done[0])
+        if self.max_episode_steps is not None:
+            self.elapsed += 1
+            truncated = truncated or bool(self.elapsed[0] >= self.max_episode_steps)
+        return values[self._reward_col], truncated, info
+
+    def _advance(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray, out):
+        """The simulator's step, then the model backend's part, the observation and the reward (the order of the
+        module docstring); ``out``: the outcome buffer to fill (None: a fresh one)."""
+        state, model, sim = self.state, self.model, self.sim
+        if model is None:
+            return sim.step(rng, state, executed, obs) if out is None else sim.step(rng, state, executed, obs, out=out)
+        before = model.before_step(state, executed)
+        observe = not model.routes_gating  # else observe after the model routed the next layers
+        if out is None:
+            outcome = sim.step(rng, state, executed, obs, observe=observe)
+        else:
+            outcome = sim.step(rng, state, executed, obs, observe=observe, out=out)
+        extra = model.after_step(state, outcome, before)
+        if model.routes_gating:
+            sim.observe(state, None, obs)
+        if model.observes:  # its keys of the observation (after the simulator's)
+            model.observe(obs)
+        if extra is not None:  # the model's extra columns, named by self.fields
+            outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
+                              self.fields, outcome.detail)
+        outcome.column("reward")[:] = compose_reward(*(outcome.column(term) for term in REWARD_TERMS))
+        return outcome
 
     def action_masks(self) -> np.ndarray:
         """(B, 2A) bool: sb3-contrib MultiBinary pairs [may be 0, may be 1] per action entry."""

@@ -124,44 +124,43 @@ class DecodeSimulator:
         state.assign(rows, fresh)
 
     def step(self, rng: np.random.Generator, state: DecodeState, executed: np.ndarray,
-             obs: np.ndarray | None = None, rows: np.ndarray | None = None, observe: bool = True) -> Outcome:
+             obs: np.ndarray | None = None, rows: np.ndarray | None = None, observe: bool = True,
+             out: Outcome | None = None) -> Outcome:
         """Evaluate ``executed`` ((B, E) bool, C-contiguous) at each episode's current layer, fold the
         accuracy, advance, and write the next observations into ``obs`` ((B, D) float32; None: none kept).
         ``rows`` ((B,) bool) limits the step to some episodes; finished episodes are skipped (zero outcome).
         ``observe=False``: no observations are written (the caller changes the next layer's gating first, then
-        calls :meth:`observe`)."""
+        calls :meth:`observe`). ``out``: an outcome of B rows to fill (every field is written; its earlier
+        values are overwritten), else a fresh one."""
         # every step of every env runs this: the buffers and arguments are looked up, not rebuilt
-        B = state.counters.shape[0]
-        out = empty_outcome(B, self.top_k)
+        args = state.kernel_args or self._kernel_args(state)
+        plan, packed, consts, all_rows, replan = args
+        B = replan.shape[0]
+        if out is None:
+            out = empty_outcome(B, self.top_k)
         if obs is None:
             obs = np.empty((B, self.obs_size), dtype=np.float32)
-        replan = state.__dict__.get("_replan")
-        if replan is None or replan.shape[0] != B:
-            replan = self._flags(state)
         if not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
             executed = np.array(executed, dtype=bool)  # the kernel's one argument type
-        if rows is None:
-            rows = self._all_rows.get(B)
-            if rows is None:
-                rows = self._rows(state, None)
-        else:
-            rows = np.ascontiguousarray(rows, dtype=bool)
-        plan, packed, consts = state.kernel_args or self._kernel_args(state)
-        flagged = kernel.run_rows(kernel.STEP if observe else kernel.ADVANCE, rows, executed, plan, packed, consts,
-                                  out.values, out.counts, obs, replan)
-        if flagged:  # their planned chunk is used up: plan the next one, then observe them
-            replanned = replan.copy()
+        rows = all_rows if rows is None else np.ascontiguousarray(rows, dtype=bool)
+        if kernel.run_rows(kernel.STEP if observe else kernel.ADVANCE, rows, executed, plan, packed, consts,
+                           out.values, out.counts, obs, replan):  # some planned chunks are used up: plan the next
+            replanned = replan.copy()  # ones, then observe those episodes
             replan[:] = False
             self._replan(rng, state, replanned)
             if observe:
                 self.observe(state, replanned, obs)
         return out
 
+    def outcome_buffer(self, batch: int) -> Outcome:
+        """An outcome of ``batch`` rows for :meth:`step`'s ``out`` (the step writes every field)."""
+        return empty_outcome(batch, self.top_k)
+
     def evaluate(self, state: DecodeState, executed: np.ndarray, rows: np.ndarray | None = None) -> Outcome:
         """Outcomes of ``executed`` ((B, E) bool) at each episode's current layer, without any state change."""
         out = empty_outcome(state.batch_size, self.top_k)
         executed = np.array(executed, dtype=bool)
-        kernel.run_rows(kernel.EVALUATE, self._rows(state, rows), executed, *self._kernel_args(state),
+        kernel.run_rows(kernel.EVALUATE, self._rows(state, rows), executed, *self._kernel_args(state)[:3],
                         out.values, out.counts, self._obs_buffer(state, None), np.zeros(state.batch_size, dtype=bool))
         return out
 
@@ -172,7 +171,7 @@ class DecodeSimulator:
             obs = np.zeros((state.batch_size, self.obs_size), dtype=np.float32)
         B = state.batch_size
         kernel.run_rows(kernel.OBSERVE, self._rows(state, rows), np.zeros((B, self.n_experts), dtype=bool),
-                        *self._kernel_args(state), np.zeros((B, 0)), np.zeros((B, 0), dtype=np.int64), obs,
+                        *self._kernel_args(state)[:3], np.zeros((B, 0)), np.zeros((B, 0), dtype=np.int64), obs,
                         np.zeros(B, dtype=bool))
         return obs
 
@@ -201,25 +200,20 @@ class DecodeSimulator:
             self._all_rows[B] = np.ones(B, dtype=bool)  # never written
         return self._all_rows[B]
 
-    def _flags(self, state: DecodeState) -> np.ndarray:
-        """A (B,) bool buffer of the state for the kernel's replan flags (all False between steps)."""
-        flags = state.__dict__.get("_replan")
-        if flags is None or flags.shape[0] != state.batch_size:
-            flags = state.__dict__["_replan"] = np.zeros(state.batch_size, dtype=bool)
-        return flags
-
     def _obs_buffer(self, state: DecodeState, obs):
         return np.empty((state.batch_size, self.obs_size), dtype=np.float32) if obs is None else obs
 
     def _kernel_args(self, state: DecodeState) -> tuple:
-        """(plan, state, consts) tuples for :func:`kernel.run_rows`, cached on the state until its
-        plan is replaced."""
+        """(plan, state, consts, all rows, replan flags) for :func:`kernel.run_rows` (the first three tuples, then
+        a (B,) bool array of ones and the (B,) bool buffer of the kernel's replan flags, all False between steps),
+        cached on the state until its plan is replaced."""
         args = state.kernel_args
         if args is None:
             p = state.plan
             plan = (p.costs, p.meets_deadline, p.topk, p.topk_idx, p.deviation_table, p.probs, p.topk_weight, p.obs_gain,
                     p.obs_expert, p.effect_rows, p.effect_base, p.full_correct, self._accuracy[3])
-            args = state.kernel_args = (plan, (state.counters, state.amounts, state.flags), self._consts)
+            args = state.kernel_args = (plan, (state.counters, state.amounts, state.flags), self._consts,
+                                        self._rows(state, None), np.zeros(state.batch_size, dtype=bool))
         return args
 
     def _accuracy_tables(self) -> tuple:

@@ -63,7 +63,6 @@ class DecodeState:
     def __getstate__(self) -> dict:  # pickle / deepcopy: the kernel's argument views are rebuilt on demand
         state = dict(self.__dict__)
         state["kernel_args"] = None
-        state.pop("_replan", None)
         return state
 
     def take(self, rows) -> "DecodeState":

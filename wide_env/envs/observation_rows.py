@@ -1,0 +1,46 @@
+"""Fresh observations for a single env, allocated a block of steps at a time.
+
+A single env returns a new observation every step, and earlier ones must not change (a caller may keep them). Each
+step's flat observation is one row of a float32 block of ``ROWS`` steps, and each Dict observation holds views of
+its own row only: rows never overlap, so nothing is shared between observations. Allocating the block and slicing
+its rows per key happen once per block (numpy slices a whole block's column per key in one call), not per step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: steps per block: a kept observation keeps its block alive (ROWS x D float32, a few kB per block)
+ROWS = 32
+
+
+class ObservationRows:
+    """Hands out (row (1, D) float32, the observation of that row) step after step: ``flatten`` gives the row as a
+    flat (D,) array, else a dict of the layout's keys (views of the row, in ``slices`` order)."""
+
+    def __init__(self, size: int, slices: dict, flatten: bool, rows: int = ROWS):
+        self.size, self.flatten, self.rows = int(size), bool(flatten), int(rows)
+        self.keys = tuple(slices)
+        self._slices = tuple(slices.values())
+        self._targets: list = []  # the block's rows, each (1, D), in step order
+        self._observations: list = []  # the matching observations (flat rows or tuples of per-key views)
+        self._next = self.rows
+
+    def take(self) -> tuple[np.ndarray, np.ndarray | dict]:
+        """A fresh row to write the next observation into, and that observation (written once the row is)."""
+        i = self._next
+        if i == self.rows:
+            self._new_block()
+            i = 0
+        self._next = i + 1
+        if self.flatten:
+            return self._targets[i], self._observations[i]
+        return self._targets[i], dict(zip(self.keys, self._observations[i]))
+
+    def _new_block(self) -> None:
+        block = np.empty((self.rows, self.size), dtype=np.float32)
+        self._targets = list(block.reshape(self.rows, 1, self.size))
+        if self.flatten:
+            self._observations = list(block)
+        else:  # per key, every row's view in one pass; then per row, its keys' views
+            self._observations = list(zip(*(list(block[:, sl]) for sl in self._slices)))
