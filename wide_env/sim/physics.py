@@ -88,7 +88,7 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
     ``fixed``: p_max, t_ul = D_up / r. The helper loads its experts after its queueing delay, overlapping the
     uplink [paper]: latency max(t_ul, q + k t_load) + k t_comp + t_dl (:func:`call_latency`)."""
     gain = np.asarray(gain, dtype=np.float64)
-    unit = all(np.ndim(x) == 0 and x == 1 for x in (uplink_payloads, downlink_payloads, experts))
+    unit = _is_one(uplink_payloads) and _is_one(downlink_payloads) and _is_one(experts)
     up_bits = link.bits * np.asarray(uplink_payloads, dtype=np.float64)
     down_bits = link.bits * np.asarray(downlink_payloads, dtype=np.float64)
     k = np.asarray(experts, dtype=np.float64)
@@ -126,6 +126,11 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
     return LinkCosts(uplink_energy=energy_ul, downlink_energy=link.helper_power_w * t_dl,
                      compute_energy=link.helper_compute_power_w * (t_load + t_comp) * np.ones_like(gain),
                      uplink_time=t_ul, downlink_time=t_dl, latency=latency, uplink_power=p_ul)
+
+
+def _is_one(x) -> bool:
+    """x is the scalar 1 (decoding's load; a Python number is checked without numpy's slower scalar test)."""
+    return x == 1 if type(x) in (int, float) else bool(np.ndim(x) == 0 and x == 1)
 
 
 def call_latency(uplink_time, downlink_time, link: LinkParameters, queue_delay_s=0.0, experts=1.0):
@@ -170,19 +175,25 @@ def lambert_w0(z):
 UPLINK, COMM, SYSTEM, LATENCY = range(4)
 
 
-def node_cost_table(costs: LinkCosts, link: LinkParameters, uplink_energy=None, local_experts=None) -> np.ndarray:
+def node_cost_table(costs: LinkCosts, link: LinkParameters, uplink_energy=None, local_experts=None,
+                    latency=None) -> np.ndarray:
     """(..., 4, N) per helper: energy in the ``uplink`` (user radio), ``comm`` (+ downlink) and ``system``
     (+ compute) scopes, then the latency; from its costs (..., N). ``uplink_energy`` replaces the costs'
-    (slotted uplinks spend another uplink energy; the other terms do not change [choice]). With
+    (slotted uplinks spend another uplink energy; the other terms do not change [choice]); ``latency`` replaces
+    the costs' (the realised one, with queueing delays). With
     ``local_experts`` (broadcastable to the lead shape) the device comes first as node 0: (..., 4, N+1); it
     spends no radio energy and P_gpu k (t_load + t_comp) in the ``system`` scope, taking k (t_load + t_comp)."""
     up = costs.uplink_energy if uplink_energy is None else uplink_energy
-    comm = up + costs.downlink_energy
-    helpers = np.stack([up, comm, comm + costs.compute_energy, costs.latency], axis=-2)
+    shape = np.shape(up)
+    first = 0 if local_experts is None else 1  # the helpers' first column
+    out = np.empty(shape[:-1] + (4, shape[-1] + first))
+    helpers = out[..., first:]
+    helpers[..., UPLINK, :] = up
+    comm = np.add(up, costs.downlink_energy, out=helpers[..., COMM, :])
+    np.add(comm, costs.compute_energy, out=helpers[..., SYSTEM, :])
+    helpers[..., LATENCY, :] = costs.latency if latency is None else latency
     if local_experts is None:
-        return helpers
-    out = np.empty(helpers.shape[:-1] + (helpers.shape[-1] + 1,))
-    out[..., 1:] = helpers
+        return out
     local_time = (link.load_time_s + link.compute_time_s) * np.asarray(local_experts, dtype=np.float64)
     out[..., UPLINK, 0] = out[..., COMM, 0] = 0.0
     out[..., SYSTEM, 0] = link.local_compute_power_w * local_time

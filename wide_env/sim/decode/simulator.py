@@ -26,6 +26,7 @@ from wide_env.sim.decode import kernel
 from wide_env.sim.decode.plan import (EXPERT_KEYS, assign_plan, chunk_size, concat_plans, observed_energy_cost,
                                       plan_tokens)
 from wide_env.sim.decode.hindsight import EpisodeTables, episode_tables
+from wide_env.sim.decode.kernel_entry import KernelEntries, types_key, usual_outcome, usual_step_buffers
 from wide_env.sim.decode.state import FIELDS, DecodeState, empty_outcome
 from wide_env.sim.outcome import Outcome
 from wide_env.sim.decode.view import LayerView, make_view
@@ -35,6 +36,8 @@ from wide_env.sim.observation import (MAX_DEVIATION, MAX_ENERGY_COST, MODEL_STAT
 from wide_env.sim.physics import topk_reference
 from wide_env.sim.scenario import Scenario, per_row
 
+#: the step kernel's compiled entries by the types of a state's arguments (shared by every simulator)
+_STEP_ENTRIES = KernelEntries(kernel.run_rows)
 # Per-source lookup tables of the accuracy bookkeeping (derived from the source's effect tables, shared).
 _EFFECT_LOOKUPS: "weakref.WeakKeyDictionary[GatingSource, tuple]" = weakref.WeakKeyDictionary()
 
@@ -89,6 +92,7 @@ class DecodeSimulator:
                                  dtype=np.float64))
         self._accuracy = self._accuracy_tables()
         self._all_rows: dict[int, np.ndarray] = {}
+        self._unused: dict[int, tuple] = {}
 
     # ---- episodes --------------------------------------------------------------------------------
     def chunk_size(self, batch: int) -> int:
@@ -132,20 +136,30 @@ class DecodeSimulator:
         ``observe=False``: no observations are written (the caller changes the next layer's gating first, then
         calls :meth:`observe`). ``out``: an outcome of B rows to fill (every field is written; its earlier
         values are overwritten), else a fresh one."""
-        # every step of every env runs this: the buffers and arguments are looked up, not rebuilt
-        args = state.kernel_args or self._kernel_args(state)
-        plan, packed, consts, all_rows, replan = args
+        # every step of every env runs this: the buffers, arguments and the kernel's entry are looked up
+        plan, packed, consts, all_rows, replan, key = state.kernel_args or self._kernel_args(state)
         B = replan.shape[0]
         if out is None:
-            out = empty_outcome(B, self.top_k)
+            out, usual = empty_outcome(B, self.top_k), True
+        else:
+            usual = usual_outcome(out)
         if obs is None:
             obs = np.empty((B, self.obs_size), dtype=np.float32)
-        if not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
+        usual = usual and rows is None and usual_step_buffers(executed, obs)
+        if not usual and not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
             executed = np.array(executed, dtype=bool)  # the kernel's one argument type
         rows = all_rows if rows is None else np.ascontiguousarray(rows, dtype=bool)
-        if kernel.run_rows(kernel.STEP if observe else kernel.ADVANCE, rows, executed, plan, packed, consts,
-                           out.values, out.counts, obs, replan):  # some planned chunks are used up: plan the next
-            replanned = replan.copy()  # ones, then observe those episodes
+        call = (kernel.STEP if observe else kernel.ADVANCE, rows, executed, plan, packed, consts, out.values,
+                out.counts, obs, replan)
+        entry = _STEP_ENTRIES.get(key) if usual else None
+        if entry is not None:
+            flagged = entry(*call)
+        else:
+            flagged = kernel.run_rows(*call)
+            if usual:  # compiled for these types now: the next steps with them skip numba's dispatch
+                _STEP_ENTRIES.learn(key, call)
+        if flagged:  # some planned chunks are used up: plan the next ones, then observe those episodes
+            replanned = replan.copy()
             replan[:] = False
             self._replan(rng, state, replanned)
             if observe:
@@ -169,11 +183,17 @@ class DecodeSimulator:
         episodes with ``rows[b]`` ((B,) bool; None = all)."""
         if obs is None:
             obs = np.zeros((state.batch_size, self.obs_size), dtype=np.float32)
-        B = state.batch_size
-        kernel.run_rows(kernel.OBSERVE, self._rows(state, rows), np.zeros((B, self.n_experts), dtype=bool),
-                        *self._kernel_args(state)[:3], np.zeros((B, 0)), np.zeros((B, 0), dtype=np.int64), obs,
-                        np.zeros(B, dtype=bool))
+        args = state.kernel_args or self._kernel_args(state)
+        rows = args[3] if rows is None else np.ascontiguousarray(rows, dtype=bool)
+        unused = self._unused.get(state.batch_size) or self._unused_buffers(state.batch_size)
+        kernel.run_rows(kernel.OBSERVE, rows, unused[0], *args[:3], unused[1], unused[2], obs, args[4])
         return obs
+
+    def _unused_buffers(self, batch: int) -> tuple:
+        """The arguments the kernel's OBSERVE mode neither reads nor writes, (B, E) bool and empty outcome fields."""
+        buffers = self._unused[batch] = (np.zeros((batch, self.n_experts), dtype=bool), np.zeros((batch, 0)),
+                                         np.zeros((batch, 0), dtype=np.int64))
+        return buffers
 
     def _replan(self, rng, state: DecodeState, replan: np.ndarray) -> None:
         rows = None if replan.all() else np.flatnonzero(replan)
@@ -204,16 +224,18 @@ class DecodeSimulator:
         return np.empty((state.batch_size, self.obs_size), dtype=np.float32) if obs is None else obs
 
     def _kernel_args(self, state: DecodeState) -> tuple:
-        """(plan, state, consts, all rows, replan flags) for :func:`kernel.run_rows` (the first three tuples, then
-        a (B,) bool array of ones and the (B,) bool buffer of the kernel's replan flags, all False between steps),
-        cached on the state until its plan is replaced."""
+        """(plan, state, consts, all rows, replan flags, types key) for :func:`kernel.run_rows` (the first three
+        tuples, then a (B,) bool array of ones, the (B,) bool buffer of the kernel's replan flags (all False between
+        steps) and the key of the plan's and state's types (:mod:`wide_env.sim.decode.kernel_entry`)), cached on
+        the state until its plan is replaced."""
         args = state.kernel_args
         if args is None:
             p = state.plan
             plan = (p.costs, p.meets_deadline, p.topk, p.topk_idx, p.deviation_table, p.probs, p.topk_weight, p.obs_gain,
                     p.obs_expert, p.effect_rows, p.effect_base, p.full_correct, self._accuracy[3])
-            args = state.kernel_args = (plan, (state.counters, state.amounts, state.flags), self._consts,
-                                        self._rows(state, None), np.zeros(state.batch_size, dtype=bool))
+            packed = (state.counters, state.amounts, state.flags)
+            args = state.kernel_args = (plan, packed, self._consts, self._rows(state, None),
+                                        np.zeros(state.batch_size, dtype=bool), types_key(plan + packed + self._consts))
         return args
 
     def _accuracy_tables(self) -> tuple:
