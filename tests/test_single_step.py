@@ -103,6 +103,31 @@ def test_single_step_equals_the_batch_step(env_id, config):
             ref.reset(seed=12)
 
 
+@pytest.mark.parametrize("clone", ["pickle", "deepcopy"])
+def test_a_cloned_env_continues_like_the_original(clone):
+    """A pickled or deep-copied env mid-episode steps exactly like the original, into observations of its own (its
+    reused buffers are rebuilt, not copied apart from the arrays they view)."""
+    import copy
+    import pickle
+
+    env = gym.make("wide_env/WideMoE-v0", config=SHORT)
+    env.reset(seed=8)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        env.step(rng.integers(0, 2, 8).astype(np.int8))
+    other = pickle.loads(pickle.dumps(env)) if clone == "pickle" else copy.deepcopy(env)
+    for _ in range(2 * 32):
+        action = rng.integers(0, 2, 8).astype(np.int8)
+        a, b = env.step(action), other.step(action)
+        assert a[1:4] == b[1:4] and a[4] == b[4]
+        for key in a[0]:
+            np.testing.assert_array_equal(a[0][key], b[0][key])
+            assert not np.shares_memory(a[0][key], b[0][key])
+        if a[3]:
+            env.reset(seed=1)
+            other.reset(seed=1)
+
+
 def _copy(obs):
     return {k: v.copy() for k, v in obs.items()} if isinstance(obs, dict) else obs.copy()
 

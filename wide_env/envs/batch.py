@@ -45,6 +45,8 @@ class EpisodeBatch:
         self.fields = sim.outcome_fields
         if self.model is not None:
             sim.leave_to_model()  # the model measures accuracy; the reward is summed after it (step)
+            assert all(self.fields.index[term][0] == 0 for term in REWARD_TERMS), "the reward's terms are float fields"
+            self._term_cols = [self.fields.index[term][1] for term in REWARD_TERMS]
             extra = self.model.extra_keys
             self.float_keys += extra
             self.fields = OutcomeFields(self.fields.floats + extra, self.fields.ints)
@@ -61,9 +63,21 @@ class EpisodeBatch:
         self.obs: np.ndarray | None = None  # (B, D) float32, the current observations (fresh after each call)
         self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
         self.pending = np.zeros(self.num_envs, dtype=bool)  # episode over at the previous step (autoreset)
-        # the single env's outcome, filled step after step, where the simulator fills a caller's outcome
-        buffer = getattr(sim, "outcome_buffer", None)
-        self._out = buffer(self.num_envs) if buffer is not None and self.num_envs == 1 else None
+        self._out = self._outcome_buffer()
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: the outcome buffer's views are rebuilt, not copied apart
+        state = dict(self.__dict__)
+        state["_out"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._out = self._outcome_buffer()
+
+    def _outcome_buffer(self):
+        """The single env's outcome, filled step after step, where the simulator fills a caller's outcome."""
+        buffer = getattr(self.sim, "outcome_buffer", None)
+        return buffer(self.num_envs) if buffer is not None and self.num_envs == 1 else None
 
     # ---- resets ----------------------------------------------------------------------------------
     def reset_all(self, rng: np.random.Generator) -> None:
@@ -109,9 +123,11 @@ class EpisodeBatch:
         (truncated) and the info as Python numbers (:meth:`step_result_one`). A simulator that fills a caller's
         outcome (``outcome_buffer``) fills the same one every step: its values leave as Python numbers."""
         self.obs = obs
-        outcome = self._advance(rng, executed, obs, self._out)
+        outcome = self._advance(rng, executed, obs, self._out, compose=False)
         values = outcome.values.tolist()[0]  # one conversion each; the columns are picked from the Python lists
         counts = outcome.counts.tolist()[0]
+        if self.model is not None:  # the reward once every producer wrote its terms, on the row's numbers
+            values[self._reward_col] = _compose_one(*[values[i] for i in self._term_cols])
         if self._sliced:  # the usual layout: one list slice each
             info = dict(zip(self.info_keys, values[self._float_at] + counts[self._int_at]))
         else:
@@ -122,9 +138,10 @@ class EpisodeBatch:
             truncated = truncated or bool(self.elapsed[0] >= self.max_episode_steps)
         return values[self._reward_col], truncated, info
 
-    def _advance(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray, out):
+    def _advance(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray, out, compose: bool = True):
         """The simulator's step, then the model backend's part, the observation and the reward (the order of the
-        module docstring); ``out``: the outcome buffer to fill (None: a fresh one)."""
+        module docstring); ``out``: the outcome buffer to fill (None: a fresh one); ``compose=False`` leaves the
+        reward column (with a model backend) to the caller."""
         state, model, sim = self.state, self.model, self.sim
         if model is None:
             return sim.step(rng, state, executed, obs) if out is None else sim.step(rng, state, executed, obs, out=out)
@@ -142,7 +159,9 @@ class EpisodeBatch:
         if extra is not None:  # the model's extra columns, named by self.fields
             outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
                               self.fields, outcome.detail)
-        outcome.column("reward")[:] = compose_reward(*(outcome.column(term) for term in REWARD_TERMS))
+        if compose:
+            values = outcome.values
+            values[:, self._reward_col] = compose_reward(*[values[:, i] for i in self._term_cols])
         return outcome
 
     def action_masks(self) -> np.ndarray:
@@ -182,6 +201,11 @@ class EpisodeBatch:
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""
         return self.sim.reset_info(self.state)
+
+
+#: the reward rule on one row's Python numbers: its Python source (the same additions in the same order, IEEE double,
+#: as the compiled rule's; no numba dispatch for four floats)
+_compose_one = compose_reward.py_func
 
 
 def _columns(cols: list[int]):

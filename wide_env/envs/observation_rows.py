@@ -26,6 +26,11 @@ class ObservationRows:
         self._observations: list = []  # the matching observations (flat rows or tuples of per-key views)
         self._next = self.rows
 
+    def __getstate__(self) -> dict:  # pickle / deepcopy: a copy starts a block of its own (views would come apart)
+        state = dict(self.__dict__)
+        state.update(_targets=[], _observations=[], _next=self.rows)
+        return state
+
     def take(self) -> tuple[np.ndarray, np.ndarray | dict]:
         """A fresh row to write the next observation into, and that observation (written once the row is)."""
         i = self._next

@@ -302,9 +302,7 @@ class DecodeSimulator:
         MaskablePPO's masks. The realised queueing delays stay hidden."""
         if not self.enforce_deadline:
             return np.ones((state.batch_size, self.n_experts), dtype=bool)
-        p, b = state.plan, np.arange(state.batch_size)
-        lc = state.layer if self.scenario.cost_per_layer else 0
-        return p.deadline_probability[state.token - state.chunk_start, lc, b] > 0
+        return self._at_current_layer(state, state.plan.deadline_probability) > 0
 
     def on_time(self, state: DecodeState) -> np.ndarray:
         """(B, E) bool: experts whose output arrives by the deadline at each episode's current layer, with the
@@ -312,9 +310,18 @@ class DecodeSimulator:
         they see :meth:`may_execute`."""
         if not self.enforce_deadline:
             return np.ones((state.batch_size, self.n_experts), dtype=bool)
-        p, b = state.plan, np.arange(state.batch_size)
-        lc = state.layer if self.scenario.cost_per_layer else 0
-        return p.meets_deadline[state.token - state.chunk_start, lc, b]
+        return self._at_current_layer(state, state.plan.meets_deadline)
+
+    def _at_current_layer(self, state: DecodeState, table: np.ndarray) -> np.ndarray:
+        """(B, ...) a copy of a plan cost table (C, Lc, B, ...) at each episode's current token and layer."""
+        counters = state.counters
+        if counters.shape[0] == 1:  # one episode (the single env, every step with a model): no index arrays
+            row = counters[0].tolist()
+            c = row[kernel.TOKEN] - row[kernel.CHUNK_START]
+            return table[c, row[kernel.LAYER] if self.scenario.cost_per_layer else 0, :1].copy()
+        c = counters[:, kernel.TOKEN] - counters[:, kernel.CHUNK_START]
+        lc = counters[:, kernel.LAYER] if self.scenario.cost_per_layer else 0
+        return table[c, lc, np.arange(counters.shape[0])]
 
     def override_gates(self, state: DecodeState, rows, probs, topk_idx, topk_weight) -> None:
         """Replace episodes ``rows``' gating at their current (token, layer) by gates computed elsewhere (the
