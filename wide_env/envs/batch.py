@@ -123,7 +123,11 @@ class EpisodeBatch:
         (truncated) and the info as Python numbers (:meth:`step_result_one`). A simulator that fills a caller's
         outcome (``outcome_buffer``) fills the same one every step: its values leave as Python numbers."""
         self.obs = obs
-        outcome = self._advance(rng, executed, obs, self._out, compose=False)
+        out = self._out
+        if self.model is None and out is not None:  # the usual single env: the simulator's step is all
+            outcome = self.sim.step(rng, self.state, executed, obs, out=out)
+        else:
+            outcome = self._advance(rng, executed, obs, out, compose=False)
         values = outcome.values.tolist()[0]  # one conversion each; the columns are picked from the Python lists
         counts = outcome.counts.tolist()[0]
         if self.model is not None:  # the reward once every producer wrote its terms, on the row's numbers

@@ -2,8 +2,8 @@
 
 A single env returns a new observation every step, and earlier ones must not change (a caller may keep them). Each
 step's flat observation is one row of a float32 block of ``ROWS`` steps, and each Dict observation holds views of
-its own row only: rows never overlap, so nothing is shared between observations. Allocating the block and slicing
-its rows per key happen once per block (numpy slices a whole block's column per key in one call), not per step.
+its own row only: rows never overlap, so nothing is shared between observations. The block and its row views are
+made once per block, not per step.
 """
 
 from __future__ import annotations
@@ -20,32 +20,25 @@ class ObservationRows:
 
     def __init__(self, size: int, slices: dict, flatten: bool, rows: int = ROWS):
         self.size, self.flatten, self.rows = int(size), bool(flatten), int(rows)
-        self.keys = tuple(slices)
-        self._slices = tuple(slices.values())
+        self._items = tuple(slices.items())
         self._targets: list = []  # the block's rows, each (1, D), in step order
-        self._observations: list = []  # the matching observations (flat rows or tuples of per-key views)
+        self._flat: list = []  # the same rows, each (D,)
         self._next = self.rows
 
     def __getstate__(self) -> dict:  # pickle / deepcopy: a copy starts a block of its own (views would come apart)
         state = dict(self.__dict__)
-        state.update(_targets=[], _observations=[], _next=self.rows)
+        state.update(_targets=[], _flat=[], _next=self.rows)
         return state
 
     def take(self) -> tuple[np.ndarray, np.ndarray | dict]:
         """A fresh row to write the next observation into, and that observation (written once the row is)."""
         i = self._next
         if i == self.rows:
-            self._new_block()
+            block = np.empty((self.rows, self.size), dtype=np.float32)
+            self._targets, self._flat = list(block.reshape(self.rows, 1, self.size)), list(block)
             i = 0
         self._next = i + 1
+        flat = self._flat[i]
         if self.flatten:
-            return self._targets[i], self._observations[i]
-        return self._targets[i], dict(zip(self.keys, self._observations[i]))
-
-    def _new_block(self) -> None:
-        block = np.empty((self.rows, self.size), dtype=np.float32)
-        self._targets = list(block.reshape(self.rows, 1, self.size))
-        if self.flatten:
-            self._observations = list(block)
-        else:  # per key, every row's view in one pass; then per row, its keys' views
-            self._observations = list(zip(*(list(block[:, sl]) for sl in self._slices)))
+            return self._targets[i], flat
+        return self._targets[i], {key: flat[sl] for key, sl in self._items}  # slicing: cheaper than prebuilt views

@@ -45,18 +45,24 @@ def usual_outcome(out) -> bool:
 
 
 class KernelEntries:
-    """Compiled entries of one numba function by the types key of its cached arguments."""
+    """Compiled entries of one numba function by the types key of its cached arguments; keys are interned to
+    small ints once (:meth:`key_id`), so a step looks its entry up without hashing its types again."""
 
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
-        self._entries: dict = {}
+        self._ids: dict = {}  # types key -> its id
+        self._entries: dict = {}  # id -> entry
 
-    def get(self, key: tuple):
-        """The entry for ``key``, or None before :meth:`learn` saw a call with it."""
-        return self._entries.get(key)
+    def key_id(self, key: tuple) -> int:
+        """The id of a types key (:func:`types_key`)."""
+        return self._ids.setdefault(key, len(self._ids))
 
-    def learn(self, key: tuple, args: tuple) -> None:
+    def get(self, key_id: int):
+        """The entry for a key's id, or None before :meth:`learn` saw a call with it."""
+        return self._entries.get(key_id)
+
+    def learn(self, key_id: int, args: tuple) -> None:
         """Record the entry for the exact types of ``args`` (a call that just went through the dispatcher with
-        the usual step buffers, so numba compiled or loaded it already) under ``key``."""
+        the usual step buffers, so numba compiled or loaded it already) under the key's id."""
         signature = tuple(self.dispatcher.typeof_pyval(a) for a in args)
-        self._entries[key] = self.dispatcher.compile(signature)
+        self._entries[key_id] = self.dispatcher.compile(signature)
