@@ -1,8 +1,8 @@
 """Pinned plans: every array of the planned chunk (costs, deadlines, Top-K energies, observation entries, ...) and
 the first steps' rewards and infos, hashed bit for bit, for host maps and link models the trajectory pins
 (tests/test_trajectory_pins.py) do not cover: experts on the device, a host map per layer, slotted uplinks with a
-device column, the fixed-power uplink, more helpers than experts. A speed change to planning must leave every
-hash as it is (computed on 6dd376a)."""
+device column, the fixed-power uplink, more helpers than experts; and the prefill env's steps (it shares the
+physics). A speed change to planning or the physics must leave every hash as it is (computed on 6dd376a)."""
 
 import hashlib
 import json
@@ -49,3 +49,25 @@ def plan_digest(config: dict) -> str:
 @pytest.mark.parametrize("config", list(PINS))
 def test_plans_are_pinned(config):
     assert plan_digest(json.loads(config)) == PINS[config]
+
+
+PREFILL_PINS = {
+    json.dumps({}): "c64e6b48eae52492",
+    json.dumps({"radio": {"link_budget": "3gpp"}}): "955f42329d37c3ba",
+    json.dumps({"placement": {"hosts": [[0, 1, 2, 3, 4, 5, 6, 7]] * 4}}): "3b55ef2bd5adc755",
+}
+
+
+@pytest.mark.parametrize("config", list(PREFILL_PINS))
+def test_prefill_steps_are_pinned(config):
+    env = gym.make("wide_env/WideMoEPrefill-v0", config=json.loads(config))
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    h = hashlib.sha256()
+    for _ in range(30):
+        obs, reward, _, truncated, info = env.step(rng.integers(0, 2, env.action_space.shape).astype(np.int8))
+        h.update(np.concatenate([v.ravel() for v in obs.values()]).tobytes())
+        h.update(repr((reward, sorted(info.items()))).encode())
+        if truncated:
+            env.reset()
+    assert h.hexdigest()[:16] == PREFILL_PINS[config]
