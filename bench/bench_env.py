@@ -92,7 +92,8 @@ def main() -> None:
     print()
     for label, target in targets.items():
         ratio = median[label]
-        print(f"{label} / CartPole-v1 = {ratio:.3f} median (target >= {target}: {'met' if ratio >= target else 'NOT met'})")
+        verdict = "met" if ratio >= target else "NOT met"
+        print(f"{label} / CartPole-v1 = {ratio:.3f} median (target >= {target}: {verdict})")
 
 
 if __name__ == "__main__":

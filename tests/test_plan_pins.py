@@ -21,7 +21,8 @@ PER_LAYER = [[1, 2, 3, 4, 5, 6, 7, 8], [2, 3, 4, 5, 6, 7, 8, 1], [0, 1, 2, 3, 4,
 PINS = {
     json.dumps({"placement": {"hosts": DEVICE}}): "692a9452dd9e6951",
     json.dumps({"placement": {"hosts": PER_LAYER}}): "88fe5787675ce179",
-    json.dumps({"radio": {"uplink_slots": 3}, "placement": {"hosts": [[0, 1, 2, 3, 4, 5, 6, 7]] * 4}}): "37f8207af9b28897",
+    json.dumps({"radio": {"uplink_slots": 3},
+                "placement": {"hosts": [[0, 1, 2, 3, 4, 5, 6, 7]] * 4}}): "37f8207af9b28897",
     json.dumps({"radio": {"uplink_model": "fixed"}}): "b873c0eaab39704a",
     json.dumps({"placement": {"n_helpers": 10}}): "f13683b6651ac3d9",
 }

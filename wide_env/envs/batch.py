@@ -128,19 +128,15 @@ class EpisodeBatch:
             outcome = self.sim.step(rng, self.state, executed, obs, out=out)
         else:
             outcome = self._advance(rng, executed, obs, out, compose=False)
-        values = outcome.values.tolist()[0]  # one conversion each; the columns are picked from the Python lists
-        counts = outcome.counts.tolist()[0]
+        values = outcome.values.tolist()[0]
         if self.model is not None:  # the reward once every producer wrote its terms, on the row's numbers
             values[self._reward_col] = _compose_one(*[values[i] for i in self._term_cols])
-        if self._sliced:  # the usual layout: one list slice each
-            info = dict(zip(self.info_keys, values[self._float_at] + counts[self._int_at]))
-        else:
-            info = dict(zip(self.info_keys, [values[i] for i in self._float_cols] + [counts[i] for i in self._int_cols]))
+        reward, info = self._row_result(values, outcome.counts.tolist()[0])
         truncated = bool(self.state.done[0])
         if self.max_episode_steps is not None:
             self.elapsed += 1
             truncated = truncated or bool(self.elapsed[0] >= self.max_episode_steps)
-        return values[self._reward_col], truncated, info
+        return reward, truncated, info
 
     def _advance(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray, out, compose: bool = True):
         """The simulator's step, then the model backend's part, the observation and the reward (the order of the
@@ -192,15 +188,15 @@ class EpisodeBatch:
 
     def step_result_one(self, outcome, row: int = 0) -> tuple[float, dict]:
         """One row's reward and step info as Python numbers (the single env's)."""
-        values = outcome.values[row].tolist()  # one conversion; the columns are picked from the Python list
-        counts = outcome.counts[row].tolist()
+        return self._row_result(outcome.values[row].tolist(), outcome.counts[row].tolist())
+
+    def _row_result(self, values: list, counts: list) -> tuple[float, dict]:
+        """The reward and the info (float keys, then int keys) from one row's values and counts as Python lists (one
+        conversion each; the columns are picked from the lists)."""
         if self._sliced:  # the usual layout: one list slice each
-            info = dict(zip(self.float_keys, values[self._float_at]))
-            info.update(zip(self.int_keys, counts[self._int_at]))
-        else:
-            info = dict(zip(self.float_keys, [values[i] for i in self._float_cols]))
-            info.update(zip(self.int_keys, [counts[i] for i in self._int_cols]))
-        return values[self._reward_col], info
+            return values[self._reward_col], dict(zip(self.info_keys, values[self._float_at] + counts[self._int_at]))
+        return values[self._reward_col], dict(zip(self.info_keys, [values[i] for i in self._float_cols] +
+                                                  [counts[i] for i in self._int_cols]))
 
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""

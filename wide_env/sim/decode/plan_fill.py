@@ -1,9 +1,9 @@
-"""Compiled fills of a plan's per-(token, layer, episode) entries that depend on the Top-K set and the costs: the
-Top-K energy, and the planned per-expert observation keys; and the plan's finiteness check (one pass, no
-temporaries). One pass over the plan's step-major arrays instead of
-numpy's broadcast copies, gathers and temporaries (each as large as the plan); the arithmetic is numpy's,
-operation for operation (same order, IEEE double, cast to float32 on store), so the values are bit for bit the
-numpy reference's (:func:`wide_env.sim.physics.topk_reference`, :func:`wide_env.sim.decode.plan.observed_energy_cost`).
+"""Compiled passes over a plan's per-(token, layer, episode) entries: the Top-K energy and the planned per-expert
+observation keys (which depend on the Top-K set and the costs), and the plan's finiteness check. One pass over the
+plan's step-major arrays instead of numpy's broadcast copies, gathers and temporaries (each as large as the plan);
+the arithmetic is numpy's, operation for operation (same order, IEEE double, cast to float32 on store), so the
+values are bit for bit the numpy reference's (:func:`wide_env.sim.physics.topk_reference`,
+:func:`wide_env.sim.decode.plan.observed_energy_cost`).
 """
 
 from __future__ import annotations
