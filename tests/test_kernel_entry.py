@@ -10,7 +10,7 @@ from wide_env.config import WideConfig
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 from wide_env.sim.decode import simulator as simulator_module
-from wide_env.sim.decode.kernel_entry import types_key, usual_outcome, usual_step_buffers
+from wide_env.sim.decode.kernel_entry import KernelEntries, types_key, usual_outcome, usual_step_buffers
 from wide_env.sim.decode.state import empty_outcome
 
 
@@ -67,3 +67,13 @@ def test_a_step_with_other_buffers_equals_the_usual_step(how):
         np.testing.assert_array_equal(state.counters, other.counters)
         np.testing.assert_array_equal(state.amounts, other.amounts)
     assert state.done.all() and other.done.all()
+
+
+def test_a_plain_function_has_no_entries():
+    """Without numba's JIT (NUMBA_DISABLE_JIT=1 makes the kernel a plain function) nothing is learnt: every call
+    goes to the function itself."""
+    entries = KernelEntries(lambda *args: 0)
+    key = entries.key_id(types_key([np.zeros(3)]))
+    assert entries.key_id(types_key([np.ones(3)])) == key
+    entries.learn(key, (1, np.zeros(3)))
+    assert entries.get(key) is None

@@ -204,8 +204,8 @@ class EpisodeBatch:
 
 
 #: the reward rule on one row's Python numbers: its Python source (the same additions in the same order, IEEE double,
-#: as the compiled rule's; no numba dispatch for four floats)
-_compose_one = compose_reward.py_func
+#: as the compiled rule's; no numba dispatch for four floats); the function itself where numba's JIT is disabled
+_compose_one = getattr(compose_reward, "py_func", compose_reward)
 
 
 def _columns(cols: list[int]):

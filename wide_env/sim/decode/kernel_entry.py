@@ -50,6 +50,8 @@ class KernelEntries:
 
     def __init__(self, dispatcher):
         self.dispatcher = dispatcher
+        # a plain Python function (numba's JIT disabled, NUMBA_DISABLE_JIT=1) has no entries: every call runs it
+        self._compiles = hasattr(dispatcher, "compile") and hasattr(dispatcher, "typeof_pyval")
         self._ids: dict = {}  # types key -> its id
         self._entries: dict = {}  # id -> entry
 
@@ -64,5 +66,6 @@ class KernelEntries:
     def learn(self, key_id: int, args: tuple) -> None:
         """Record the entry for the exact types of ``args`` (a call that just went through the dispatcher with
         the usual step buffers, so numba compiled or loaded it already) under the key's id."""
-        signature = tuple(self.dispatcher.typeof_pyval(a) for a in args)
-        self._entries[key_id] = self.dispatcher.compile(signature)
+        if self._compiles:
+            signature = tuple(self.dispatcher.typeof_pyval(a) for a in args)
+            self._entries[key_id] = self.dispatcher.compile(signature)
