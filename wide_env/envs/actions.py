@@ -14,6 +14,8 @@ import numpy as np
 
 #: arrays up to this size are checked through a Python set (cheaper than numpy calls for one env's action)
 _SMALL = 64
+#: one-byte dtypes whose 0/1 entries are valid bools as they are: int8, uint8, bool
+_BYTES = frozenset("bB?")
 
 
 def validate_action(action: Any, shape: tuple[int, ...], entries: str, *, alternative: tuple[int, ...] | None = None,
@@ -21,6 +23,14 @@ def validate_action(action: Any, shape: tuple[int, ...], entries: str, *, altern
     """Turn one env's action (``num_envs`` None) or a batch of ``num_envs`` actions into a C-contiguous bool array
     of shape (1 or num_envs,) + ``shape`` (a tuple); ``entries`` says what one env's entries mean (for the error
     messages); ``alternative`` is another accepted shape (a tuple) of one env's action (same entries, C order)."""
+    if (num_envs is None and type(action) is np.ndarray and action.dtype.char in _BYTES and action.shape == shape
+            and not action.tobytes().translate(None, b"\x00\x01")):
+        # one env's 0/1 bytes (MultiBinary's own int8, uint8 or bool; the single envs' usual action) are bools
+        # already: the action's own buffer is read as one (not copied; the step only reads it)
+        try:
+            return np.ndarray((1,) + shape, np.bool_, action)
+        except (BufferError, ValueError, TypeError):  # not contiguous: the copy below
+            pass
     arr = action if type(action) is np.ndarray else np.asarray(action)
     if num_envs is None and arr.shape == shape and arr.size <= _SMALL and arr.dtype.kind in "iuf":
         # one env's action (the single envs' every step): the short path of the checks below

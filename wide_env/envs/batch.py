@@ -45,6 +45,8 @@ class EpisodeBatch:
         self.fields = sim.outcome_fields
         if self.model is not None:
             sim.leave_to_model()  # the model measures accuracy; the reward is summed after it (step)
+            assert all(self.fields.index[term][0] == 0 for term in REWARD_TERMS), "the reward's terms are float fields"
+            self._term_cols = [self.fields.index[term][1] for term in REWARD_TERMS]
             extra = self.model.extra_keys
             self.float_keys += extra
             self.fields = OutcomeFields(self.fields.floats + extra, self.fields.ints)
@@ -61,6 +63,21 @@ class EpisodeBatch:
         self.obs: np.ndarray | None = None  # (B, D) float32, the current observations (fresh after each call)
         self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
         self.pending = np.zeros(self.num_envs, dtype=bool)  # episode over at the previous step (autoreset)
+        self._out = self._outcome_buffer()
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: the outcome buffer's views are rebuilt, not copied apart
+        state = dict(self.__dict__)
+        state["_out"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._out = self._outcome_buffer()
+
+    def _outcome_buffer(self):
+        """The single env's outcome, filled step after step, where the simulator fills a caller's outcome."""
+        buffer = getattr(self.sim, "outcome_buffer", None)
+        return buffer(self.num_envs) if buffer is not None and self.num_envs == 1 else None
 
     # ---- resets ----------------------------------------------------------------------------------
     def reset_all(self, rng: np.random.Generator) -> None:
@@ -93,27 +110,59 @@ class EpisodeBatch:
         """Step every row not yet finished (finished rows report zeros); returns (outcome, truncated (B,)).
         The observations after the step are in ``self.obs`` (a fresh array)."""
         self.obs = obs = np.empty_like(self.obs)
-        state, model = self.state, self.model
-        before = None if model is None else model.before_step(state, executed)
-        if model is not None and model.routes_gating:  # observe after the model routed the next layers
-            outcome = self.sim.step(rng, state, executed, obs, observe=False)
-        else:
-            outcome = self.sim.step(rng, state, executed, obs)
-        if model is not None:
-            extra = model.after_step(state, outcome, before)
-            if model.routes_gating:
-                self.sim.observe(state, None, obs)
-            if model.observes:  # its keys of the observation (after the simulator's)
-                model.observe(obs)
-            if extra is not None:  # the model's extra columns, named by self.fields
-                outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
-                                  self.fields, outcome.detail)
-            outcome.column("reward")[:] = compose_reward(*(outcome.column(term) for term in REWARD_TERMS))
+        outcome = self._advance(rng, executed, obs, None)
         truncated = self.state.done.copy()
         if self.max_episode_steps is not None:
             self.elapsed += 1
             truncated |= self.elapsed >= self.max_episode_steps
         return outcome, truncated
+
+    def step_one(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray) -> tuple[float, bool, dict]:
+        """The single env's step (a batch of one): the observation after it goes into ``obs`` ((1, D), a fresh
+        row the caller hands over; then ``self.obs``); returns the reward, whether the episode is over
+        (truncated) and the info as Python numbers (:meth:`step_result_one`). A simulator that fills a caller's
+        outcome (``outcome_buffer``) fills the same one every step: its values leave as Python numbers."""
+        self.obs = obs
+        out = self._out
+        if self.model is None and out is not None:  # the usual single env: the simulator's step is all
+            outcome = self.sim.step(rng, self.state, executed, obs, out=out)
+        else:
+            outcome = self._advance(rng, executed, obs, out, compose=False)
+        values = outcome.values.tolist()[0]
+        if self.model is not None:  # the reward once every producer wrote its terms, on the row's numbers
+            values[self._reward_col] = _compose_one(*[values[i] for i in self._term_cols])
+        reward, info = self._row_result(values, outcome.counts.tolist()[0])
+        truncated = bool(self.state.done[0])
+        if self.max_episode_steps is not None:
+            self.elapsed += 1
+            truncated = truncated or bool(self.elapsed[0] >= self.max_episode_steps)
+        return reward, truncated, info
+
+    def _advance(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray, out, compose: bool = True):
+        """The simulator's step, then the model backend's part, the observation and the reward (the order of the
+        module docstring); ``out``: the outcome buffer to fill (None: a fresh one); ``compose=False`` leaves the
+        reward column (with a model backend) to the caller."""
+        state, model, sim = self.state, self.model, self.sim
+        if model is None:
+            return sim.step(rng, state, executed, obs) if out is None else sim.step(rng, state, executed, obs, out=out)
+        before = model.before_step(state, executed)
+        observe = not model.routes_gating  # else observe after the model routed the next layers
+        if out is None:
+            outcome = sim.step(rng, state, executed, obs, observe=observe)
+        else:
+            outcome = sim.step(rng, state, executed, obs, observe=observe, out=out)
+        extra = model.after_step(state, outcome, before)
+        if model.routes_gating:
+            sim.observe(state, None, obs)
+        if model.observes:  # its keys of the observation (after the simulator's)
+            model.observe(obs)
+        if extra is not None:  # the model's extra columns, named by self.fields
+            outcome = Outcome(np.concatenate([outcome.values, extra], axis=1), outcome.counts, outcome.server,
+                              self.fields, outcome.detail)
+        if compose:
+            values = outcome.values
+            values[:, self._reward_col] = compose_reward(*[values[:, i] for i in self._term_cols])
+        return outcome
 
     def action_masks(self) -> np.ndarray:
         """(B, 2A) bool: sb3-contrib MultiBinary pairs [may be 0, may be 1] per action entry."""
@@ -139,19 +188,24 @@ class EpisodeBatch:
 
     def step_result_one(self, outcome, row: int = 0) -> tuple[float, dict]:
         """One row's reward and step info as Python numbers (the single env's)."""
-        values = outcome.values[row].tolist()  # one conversion; the columns are picked from the Python list
-        counts = outcome.counts[row].tolist()
+        return self._row_result(outcome.values[row].tolist(), outcome.counts[row].tolist())
+
+    def _row_result(self, values: list, counts: list) -> tuple[float, dict]:
+        """The reward and the info (float keys, then int keys) from one row's values and counts as Python lists (one
+        conversion each; the columns are picked from the lists)."""
         if self._sliced:  # the usual layout: one list slice each
-            info = dict(zip(self.float_keys, values[self._float_at]))
-            info.update(zip(self.int_keys, counts[self._int_at]))
-        else:
-            info = dict(zip(self.float_keys, [values[i] for i in self._float_cols]))
-            info.update(zip(self.int_keys, [counts[i] for i in self._int_cols]))
-        return values[self._reward_col], info
+            return values[self._reward_col], dict(zip(self.info_keys, values[self._float_at] + counts[self._int_at]))
+        return values[self._reward_col], dict(zip(self.info_keys, [values[i] for i in self._float_cols] +
+                                                  [counts[i] for i in self._int_cols]))
 
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""
         return self.sim.reset_info(self.state)
+
+
+#: the reward rule on one row's Python numbers: its Python source (the same additions in the same order, IEEE double,
+#: as the compiled rule's; no numba dispatch for four floats); the function itself where numba's JIT is disabled
+_compose_one = getattr(compose_reward, "py_func", compose_reward)
 
 
 def _columns(cols: list[int]):

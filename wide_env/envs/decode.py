@@ -14,6 +14,7 @@ from gymnasium import spaces
 from wide_env.config import WideConfig
 from wide_env.envs.actions import validate_action
 from wide_env.envs.batch import EpisodeBatch, EpisodeBatchHandle
+from wide_env.envs.observation_rows import ObservationRows
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 
@@ -197,6 +198,7 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.n_experts)
         self._slice_items = tuple(sim.obs_slices.items())
+        self._rows = ObservationRows(sim.obs_size, sim.obs_slices, self.config.flatten_observation)
         self._last: dict | None = None
 
 
@@ -218,17 +220,16 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
         state = batch.state
         if state is None:
             raise RuntimeError("call reset() before step()")
-        if state.done[0]:
+        if state.flags[0, 0]:  # done
             raise RuntimeError("the episode is over (truncated); call reset() before step()")
         executed = validate_action(action, self._action_shape, self._action_entries)
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
-        outcome, truncated = batch.step(self.np_random, executed)
-        reward, info = batch.step_result_one(outcome)
-        truncated = bool(truncated[0])
+        row, observation = self._rows.take()  # a fresh row: earlier observations stay as they were
+        reward, truncated, info = batch.step_one(self.np_random, executed, row)
         if self._last is not None:
             self._last["info"] = info
-        return self._observation(), reward, False, truncated, info
+        return observation, reward, False, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """sb3-contrib MultiBinary mask: (2E,) bool, pairs [may be 0, may be 1] per expert."""

@@ -236,7 +236,10 @@ def draw_positions(rng: np.random.Generator, shape: tuple[int, ...], r_min: floa
     """Helper positions (shape + (2,)) in metres, uniform in area over the annulus."""
     r = draw_distances(rng, shape, r_min, r_max)
     angle = rng.uniform(0.0, 2.0 * np.pi, size=shape)
-    return np.stack([r * np.cos(angle), r * np.sin(angle)], axis=-1)
+    out = np.empty(tuple(shape) + (2,))
+    np.multiply(r, np.cos(angle), out=out[..., 0])
+    np.multiply(r, np.sin(angle), out=out[..., 1])
+    return out
 
 
 def draw_helpers(rng: np.random.Generator, batch: int, n_helpers: int, placement, path_loss):
@@ -249,7 +252,7 @@ def draw_helpers(rng: np.random.Generator, batch: int, n_helpers: int, placement
         speeds = rng.uniform(placement.speed_min_mps, placement.speed_max_mps, size=shape)
     else:
         waypoints, speeds = positions.copy(), np.zeros(shape)
-    distance = np.linalg.norm(positions, axis=-1)
+    distance = np.sqrt(np.add.reduce(positions * positions, axis=-1))  # np.linalg.norm's own sum, less overhead
     state = path_loss.init(rng, distance)
     return positions, waypoints, speeds, state, path_loss.gain(distance, state)
 

@@ -88,10 +88,14 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
     ``fixed``: p_max, t_ul = D_up / r. The helper loads its experts after its queueing delay, overlapping the
     uplink [paper]: latency max(t_ul, q + k t_load) + k t_comp + t_dl (:func:`call_latency`)."""
     gain = np.asarray(gain, dtype=np.float64)
-    unit = all(np.ndim(x) == 0 and x == 1 for x in (uplink_payloads, downlink_payloads, experts))
-    up_bits = link.bits * np.asarray(uplink_payloads, dtype=np.float64)
-    down_bits = link.bits * np.asarray(downlink_payloads, dtype=np.float64)
-    k = np.asarray(experts, dtype=np.float64)
+    unit = _is_one(uplink_payloads) and _is_one(downlink_payloads) and _is_one(experts)
+    if unit:  # decoding's load, in Python floats: the same doubles as numpy's 0-d arrays, without their overhead
+        up_bits = down_bits = link.bits
+        k = 1.0
+    else:
+        up_bits = link.bits * np.asarray(uplink_payloads, dtype=np.float64)
+        down_bits = link.bits * np.asarray(downlink_payloads, dtype=np.float64)
+        k = np.asarray(experts, dtype=np.float64)
     B, N0 = link.bandwidth_hz, link.noise_psd_w_hz
     t_dl = down_bits / shannon_rate(link.helper_power_w, gain, B, N0)
     t_comp = k * link.compute_time_s
@@ -105,10 +109,14 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
             t_ul = np.minimum(t_ul, efficient_uplink_time(up_bits, gain, link))
         power = inversion_power(up_bits, t_ul, gain, B, N0)
         slow = ~(power <= link.user_max_power_w)  # the window is too short even at p_max (or empty)
-        floor = power < link.user_min_power_w  # below the least output power: send at p_min, faster
-        p_ul = np.where(slow, link.user_max_power_w, np.where(floor, link.user_min_power_w, power))
-        if slow.any() or floor.any():  # usually a few links: their rates only where needed
+        if link.user_min_power_w > 0:
+            floor = power < link.user_min_power_w  # below the least output power: send at p_min, faster
+            p_ul = np.where(slow, link.user_max_power_w, np.where(floor, link.user_min_power_w, power))
             fixed = slow | floor
+        else:  # no least output power (the power is never below 0)
+            p_ul = np.where(slow, link.user_max_power_w, power)
+            fixed = slow
+        if fixed.any():  # usually a few links: their rates only where needed
             rate = shannon_rate(p_ul[fixed], np.broadcast_to(gain, fixed.shape)[fixed], B, N0)
             t_ul[fixed] = np.broadcast_to(up_bits, fixed.shape)[fixed] / rate
     elif link.uplink_model == "fixed":
@@ -117,7 +125,10 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
     else:
         raise ValueError(f"unknown uplink_model {link.uplink_model!r}; choose 'inversion' or 'fixed'")
     latency = call_latency(t_ul, t_dl, link, queue_delay_s, k)
-    energy_ul = (p_ul / link.pa_efficiency + link.circuit_power_w) * t_ul
+    if link.pa_efficiency == 1.0 and link.circuit_power_w == 0.0:  # radiated energy only [paper]: exactly p t
+        energy_ul = p_ul * t_ul
+    else:
+        energy_ul = (p_ul / link.pa_efficiency + link.circuit_power_w) * t_ul
     if not unit:  # idle helpers: no uplink, no time, no energy
         sends, active = up_bits > 0, (up_bits > 0) | (k > 0)
         p_ul, t_ul, energy_ul = np.where(sends, p_ul, 0.0), np.where(sends, t_ul, 0.0), np.where(sends, energy_ul, 0.0)
@@ -128,11 +139,19 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
                      uplink_time=t_ul, downlink_time=t_dl, latency=latency, uplink_power=p_ul)
 
 
+def _is_one(x) -> bool:
+    """x is the scalar 1 (decoding's load; a Python number is checked without numpy's slower scalar test)."""
+    return x == 1 if type(x) in (int, float) else bool(np.ndim(x) == 0 and x == 1)
+
+
 def call_latency(uplink_time, downlink_time, link: LinkParameters, queue_delay_s=0.0, experts=1.0):
     """T = max(t_ul, q + k t_load) + k t_comp + t_dl: the helper loads its k experts after its queueing delay
     q, overlapping the uplink [paper], then computes and sends the outputs back."""
-    k = np.asarray(experts, dtype=np.float64)
-    return (np.maximum(uplink_time, np.asarray(queue_delay_s) + k * link.load_time_s) + k * link.compute_time_s
+    if type(experts) is not float:  # (a Python float: decoding's one expert, no 0-d array needed)
+        experts = np.asarray(experts, dtype=np.float64)
+    if type(queue_delay_s) is not float:
+        queue_delay_s = np.asarray(queue_delay_s)
+    return (np.maximum(uplink_time, queue_delay_s + experts * link.load_time_s) + experts * link.compute_time_s
             + downlink_time)
 
 
@@ -170,19 +189,25 @@ def lambert_w0(z):
 UPLINK, COMM, SYSTEM, LATENCY = range(4)
 
 
-def node_cost_table(costs: LinkCosts, link: LinkParameters, uplink_energy=None, local_experts=None) -> np.ndarray:
+def node_cost_table(costs: LinkCosts, link: LinkParameters, uplink_energy=None, local_experts=None,
+                    latency=None) -> np.ndarray:
     """(..., 4, N) per helper: energy in the ``uplink`` (user radio), ``comm`` (+ downlink) and ``system``
     (+ compute) scopes, then the latency; from its costs (..., N). ``uplink_energy`` replaces the costs'
-    (slotted uplinks spend another uplink energy; the other terms do not change [choice]). With
+    (slotted uplinks spend another uplink energy; the other terms do not change [choice]); ``latency`` replaces
+    the costs' (the realised one, with queueing delays). With
     ``local_experts`` (broadcastable to the lead shape) the device comes first as node 0: (..., 4, N+1); it
     spends no radio energy and P_gpu k (t_load + t_comp) in the ``system`` scope, taking k (t_load + t_comp)."""
     up = costs.uplink_energy if uplink_energy is None else uplink_energy
-    comm = up + costs.downlink_energy
-    helpers = np.stack([up, comm, comm + costs.compute_energy, costs.latency], axis=-2)
+    shape = np.shape(up)
+    first = 0 if local_experts is None else 1  # the helpers' first column
+    out = np.empty(shape[:-1] + (4, shape[-1] + first))
+    helpers = out[..., first:]
+    helpers[..., UPLINK, :] = up
+    comm = np.add(up, costs.downlink_energy, out=helpers[..., COMM, :])
+    np.add(comm, costs.compute_energy, out=helpers[..., SYSTEM, :])
+    helpers[..., LATENCY, :] = costs.latency if latency is None else latency
     if local_experts is None:
-        return helpers
-    out = np.empty(helpers.shape[:-1] + (helpers.shape[-1] + 1,))
-    out[..., 1:] = helpers
+        return out
     local_time = (link.load_time_s + link.compute_time_s) * np.asarray(local_experts, dtype=np.float64)
     out[..., UPLINK, 0] = out[..., COMM, 0] = 0.0
     out[..., SYSTEM, 0] = link.local_compute_power_w * local_time

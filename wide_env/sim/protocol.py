@@ -36,6 +36,9 @@ class Simulator(Protocol):
     def step(self, rng, state, executed: np.ndarray, obs: np.ndarray | None = None) -> Outcome:
         """Apply (B, ...) bool execution masks at each episode's position, advance, write the next observations."""
 
+    # optional: ``outcome_buffer(batch) -> Outcome`` where ``step`` also takes ``out=`` (an outcome of B rows it
+    # fills instead of a fresh one; the single env hands the same one every step)
+
     def observe(self, state, rows: np.ndarray | None = None, obs: np.ndarray | None = None) -> np.ndarray:
         """(B, D) float32 observations of the current positions (into ``obs`` for ``rows``)."""
 

@@ -73,6 +73,10 @@ class Scenario:
     same_hosts_every_layer: bool
     fading_per_layer: bool
     cost_per_layer: bool  # costs differ between layers (per-layer fading or per-layer host maps)
+    local_experts: bool  # some expert runs on the device (node 0): node tables carry its column first
+    # every layer maps expert e to node e of the node tables (helper e + 1 without a device column): the
+    # tables are the experts' as they are, no gather
+    one_to_one_hosts: bool
 
     @classmethod
     def build(cls, config: WideConfig, source: GatingSource) -> "Scenario":
@@ -127,6 +131,9 @@ class Scenario:
                 raise ConfigError("config field 'budget.scale' must be > 0 in layer mode (a zero budget has no unit)")
             unit = layer_budget.copy()
         same_hosts = bool((hosts == hosts[0]).all())
+        local = bool((hosts == 0).any())
+        table_nodes = n_nodes + (1 if local else 0)  # the node tables' columns: the device's, then the helpers'
+        one_to_one = same_hosts and table_nodes == E and bool((hosts[0] - (0 if local else 1) == np.arange(E)).all())
         return cls(
             config=config, source=source, n_layers=L, n_experts=E, top_k=K, n_nodes=n_nodes,
             n_tokens=int(config.n_tokens), hosts=_frozen(hosts), link=link, path_loss=make_path_loss(ch, radio),
@@ -135,4 +142,5 @@ class Scenario:
             deadline_s=link.deadline_s, budget_mode=budget.mode, layer_budget=_frozen(layer_budget),
             layer_weight=_frozen(kappa), span_budget=span_budget, budget_unit=_frozen(unit),
             weighted_mismatch=_frozen(source.mismatch * kappa[:, None, None]), same_hosts_every_layer=same_hosts,
-            fading_per_layer=bool(ch.fading_per_layer), cost_per_layer=bool(ch.fading_per_layer or not same_hosts))
+            fading_per_layer=bool(ch.fading_per_layer), cost_per_layer=bool(ch.fading_per_layer or not same_hosts),
+            local_experts=local, one_to_one_hosts=one_to_one)

@@ -10,7 +10,6 @@ with per-layer fading), 1 for helper positions.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 from wide_env.errors import ConfigError
 from wide_env.sim import slots
 from wide_env.sim.channel import move_random_waypoint
-from wide_env.sim.decode.plan_fill import expert_keys_into, topk_energy_into
+from wide_env.sim.decode.plan_fill import all_finite, expert_keys_into, topk_energy_into
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_ENERGY_COST, MAX_LATENCY_RATIO
 from wide_env.sim.physics import by_expert, call_latency, node_cost_table, node_costs, shannon_rate, topk_reference
@@ -191,12 +190,11 @@ def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, know
         uplink, uplink_time, uplink_fits, surrogate = _slotted_uplink(scn, rng, channel_gain, path_gains,
                                                                       idle.downlink_time)
         observed = _experts(scn, node_cost_table(idle, link, surrogate, _local(scn)))[..., :3, :]
-    realised = dataclasses.replace(idle, uplink_time=uplink_time,
-                                   latency=call_latency(uplink_time, idle.downlink_time, link, queue_delays))
-    expert_costs = _experts(scn, node_cost_table(realised, link, uplink, _local(scn)))  # (C, Lc, n, 4, E)
+    realised_latency = call_latency(uplink_time, idle.downlink_time, link, queue_delays)
+    expert_costs = _experts(scn, node_cost_table(idle, link, uplink, _local(scn), realised_latency))  # (C, Lc, n, 4, E)
     # what the device knows of each call: its latency at an idle helper, and P(meeting the deadline)
     meet = uplink_fits * scn.queue.below_probability(room - link.load_time_s, known_delays)
-    knowable = _experts(scn, _with_device(scn, np.stack([idle.latency, meet], axis=-2), link))  # (C, Lc, n, 2, E)
+    knowable = _experts(scn, _knowable(scn, idle.latency, meet, link))  # (C, Lc, n, 2, E)
     topk_idx = gating.topk_idx.reshape(C, L, n, -1)
     energy = expert_costs[..., scn.scope_index, :]  # (C, Lc, n, E); Lc broadcasts over L
     topk = np.empty((C, L, n, 2))
@@ -259,32 +257,34 @@ def _slotted_uplink(scn: Scenario, rng, channel_gain, path_gains, downlink_time)
     return uplink_energy, uplink_time, fits, surrogate
 
 
-def _with_device(scn: Scenario, helper_values: np.ndarray, link) -> np.ndarray:
-    """(..., 2, N) [idle latency, P(meet)] of the helpers, with the device's column first when some expert
-    runs on it (its latency k (t_load + t_comp), certain)."""
-    if _local(scn) is None:
-        return helper_values
-    local = link.load_time_s + link.compute_time_s
-    device = np.empty(helper_values.shape[:-1] + (1,))
-    device[..., 0, 0] = local
-    device[..., 1, 0] = float(local <= link.deadline_s * (1.0 + 1e-9))
-    return np.concatenate([device, helper_values], axis=-1)
+def _knowable(scn: Scenario, idle_latency: np.ndarray, meet: np.ndarray, link) -> np.ndarray:
+    """(..., 2, N) [idle latency, P(meet)] of the helpers (..., N), with the device's column first when some
+    expert runs on it (its latency k (t_load + t_comp), certain)."""
+    shape = idle_latency.shape  # meet's too
+    first = 1 if scn.local_experts else 0  # the helpers' first column
+    out = np.empty(shape[:-1] + (2, shape[-1] + first))
+    out[..., 0, first:] = idle_latency
+    out[..., 1, first:] = meet
+    if first:
+        local = link.load_time_s + link.compute_time_s
+        out[..., 0, 0] = local
+        out[..., 1, 0] = float(local <= link.deadline_s * (1.0 + 1e-9))
+    return out
 
 
 def _local(scn: Scenario):
     """1 (one expert call) when some expert runs on the device (the node table then needs its column)."""
-    return 1.0 if (scn.hosts == 0).any() else None
+    return 1.0 if scn.local_experts else None
 
 
 def _experts(scn: Scenario, node_values: np.ndarray) -> np.ndarray:
     """(C, Lf, n, ..., nodes) node values -> (C, Lc, n, ..., E) expert values through the host map. Without a
     device column the nodes are the helpers 1..N (a one-to-one map needs no gather)."""
-    offset = 0 if (scn.hosts == 0).any() else 1
+    if scn.one_to_one_hosts:
+        return node_values
+    offset = 0 if scn.local_experts else 1
     if scn.same_hosts_every_layer:
-        hosts = scn.hosts[0] - offset
-        if np.array_equal(hosts, np.arange(node_values.shape[-1])):
-            return node_values
-        return by_expert(node_values, hosts)
+        return by_expert(node_values, scn.hosts[0] - offset)
     C, Lf = node_values.shape[:2]
     out = np.empty((C, scn.n_layers) + node_values.shape[2:-1] + (scn.n_experts,))
     for layer in range(scn.n_layers):
@@ -305,7 +305,8 @@ def observed_energy_cost(energy, observed_scopes, scope_index: int, topk_idx, re
 
 def check_finite(scn: Scenario, plan: TokenPlan) -> None:
     """A plan with NaN or inf costs comes from a config whose numbers overflow: name the fields."""
-    bad = [name for name in ("costs", "topk", "channel_gain_db") if not np.isfinite(getattr(plan, name)).all()]
+    bad = [name for name in ("costs", "topk", "channel_gain_db")
+           if not all_finite(getattr(plan, name).reshape(-1).astype(np.float64, copy=False))]
     if bad:
         cfg = scn.config
         fields_ = {"channel.path_loss_exponent": cfg.channel.path_loss_exponent,

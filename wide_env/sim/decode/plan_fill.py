@@ -1,12 +1,14 @@
-"""Compiled fills of a plan's per-(token, layer, episode) entries that depend on the Top-K set and the costs: the
-Top-K energy, and the planned per-expert observation keys. One pass over the plan's step-major arrays instead of
-numpy's broadcast copies, gathers and temporaries (each as large as the plan); the arithmetic is numpy's,
-operation for operation (same order, IEEE double, cast to float32 on store), so the values are bit for bit the
-numpy reference's (:func:`wide_env.sim.physics.topk_reference`, :func:`wide_env.sim.decode.plan.observed_energy_cost`).
+"""Compiled passes over a plan's per-(token, layer, episode) entries: the Top-K energy and the planned per-expert
+observation keys (which depend on the Top-K set and the costs), and the plan's finiteness check. One pass over the
+plan's step-major arrays instead of numpy's broadcast copies, gathers and temporaries (each as large as the plan);
+the arithmetic is numpy's, operation for operation (same order, IEEE double, cast to float32 on store), so the
+values are bit for bit the numpy reference's (:func:`wide_env.sim.physics.topk_reference`,
+:func:`wide_env.sim.decode.plan.observed_energy_cost`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
@@ -48,3 +50,12 @@ def expert_keys_into(energy, reference, knowable, deadline_s, max_energy_cost, m
                     ratio = knowable[c, lk, b, 0, e] / deadline_s
                     out[c, l, b, 1, e] = ratio if ratio < max_latency_ratio else max_latency_ratio
                     out[c, l, b, 2, e] = knowable[c, lk, b, 1, e]
+
+
+@njit(**_JIT)
+def all_finite(values):
+    """Whether every entry of values (1-D float64) is finite (no NaN, no inf): numpy's isfinite(values).all()."""
+    for x in values:
+        if not np.isfinite(x):
+            return False
+    return True

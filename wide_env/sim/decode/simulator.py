@@ -26,6 +26,7 @@ from wide_env.sim.decode import kernel
 from wide_env.sim.decode.plan import (EXPERT_KEYS, assign_plan, chunk_size, concat_plans, observed_energy_cost,
                                       plan_tokens)
 from wide_env.sim.decode.hindsight import EpisodeTables, episode_tables
+from wide_env.sim.decode.kernel_entry import KernelEntries, types_key, usual_outcome, usual_step_buffers
 from wide_env.sim.decode.state import FIELDS, DecodeState, empty_outcome
 from wide_env.sim.outcome import Outcome
 from wide_env.sim.decode.view import LayerView, make_view
@@ -35,6 +36,8 @@ from wide_env.sim.observation import (MAX_DEVIATION, MAX_ENERGY_COST, MODEL_STAT
 from wide_env.sim.physics import topk_reference
 from wide_env.sim.scenario import Scenario, per_row
 
+#: the step kernel's compiled entries by the types of a state's arguments (shared by every simulator)
+_STEP_ENTRIES = KernelEntries(kernel.run_rows)
 # Per-source lookup tables of the accuracy bookkeeping (derived from the source's effect tables, shared).
 _EFFECT_LOOKUPS: "weakref.WeakKeyDictionary[GatingSource, tuple]" = weakref.WeakKeyDictionary()
 
@@ -89,6 +92,8 @@ class DecodeSimulator:
                                  dtype=np.float64))
         self._accuracy = self._accuracy_tables()
         self._all_rows: dict[int, np.ndarray] = {}
+        self._unused: dict[int, tuple] = {}
+        self._usual_out: tuple = (None, None, None)  # the last outcome (and its arrays) that usual_outcome passed
 
     # ---- episodes --------------------------------------------------------------------------------
     def chunk_size(self, batch: int) -> int:
@@ -124,32 +129,40 @@ class DecodeSimulator:
         state.assign(rows, fresh)
 
     def step(self, rng: np.random.Generator, state: DecodeState, executed: np.ndarray,
-             obs: np.ndarray | None = None, rows: np.ndarray | None = None, observe: bool = True) -> Outcome:
+             obs: np.ndarray | None = None, rows: np.ndarray | None = None, observe: bool = True,
+             out: Outcome | None = None) -> Outcome:
         """Evaluate ``executed`` ((B, E) bool, C-contiguous) at each episode's current layer, fold the
         accuracy, advance, and write the next observations into ``obs`` ((B, D) float32; None: none kept).
         ``rows`` ((B,) bool) limits the step to some episodes; finished episodes are skipped (zero outcome).
         ``observe=False``: no observations are written (the caller changes the next layer's gating first, then
-        calls :meth:`observe`)."""
-        # every step of every env runs this: the buffers and arguments are looked up, not rebuilt
-        B = state.counters.shape[0]
-        out = empty_outcome(B, self.top_k)
+        calls :meth:`observe`). ``out``: an outcome of B rows to fill (every field is written; its earlier
+        values are overwritten), else a fresh one."""
+        # every step of every env runs this: the buffers, arguments and the kernel's entry are looked up
+        plan, packed, consts, all_rows, replan, key = state.kernel_args or self._kernel_args(state)
+        B = replan.shape[0]
+        if out is None:
+            out, usual = empty_outcome(B, self.top_k), True
+        else:  # the single env hands the same outcome every step: checked once
+            seen = self._usual_out
+            usual = seen[0] is out and seen[1] is out.values and seen[2] is out.counts
+            if not usual and usual_outcome(out):
+                self._usual_out, usual = (out, out.values, out.counts), True
         if obs is None:
             obs = np.empty((B, self.obs_size), dtype=np.float32)
-        replan = state.__dict__.get("_replan")
-        if replan is None or replan.shape[0] != B:
-            replan = self._flags(state)
-        if not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
+        usual = usual and rows is None and usual_step_buffers(executed, obs)
+        if not usual and not (executed.dtype == np.bool_ and executed.flags.c_contiguous and executed.flags.writeable):
             executed = np.array(executed, dtype=bool)  # the kernel's one argument type
-        if rows is None:
-            rows = self._all_rows.get(B)
-            if rows is None:
-                rows = self._rows(state, None)
+        rows = all_rows if rows is None else np.ascontiguousarray(rows, dtype=bool)
+        call = (kernel.STEP if observe else kernel.ADVANCE, rows, executed, plan, packed, consts, out.values,
+                out.counts, obs, replan)
+        entry = _STEP_ENTRIES.get(key) if usual else None
+        if entry is not None:
+            flagged = entry(*call)
         else:
-            rows = np.ascontiguousarray(rows, dtype=bool)
-        plan, packed, consts = state.kernel_args or self._kernel_args(state)
-        flagged = kernel.run_rows(kernel.STEP if observe else kernel.ADVANCE, rows, executed, plan, packed, consts,
-                                  out.values, out.counts, obs, replan)
-        if flagged:  # their planned chunk is used up: plan the next one, then observe them
+            flagged = kernel.run_rows(*call)
+            if usual:  # compiled for these types now: the next steps with them skip numba's dispatch
+                _STEP_ENTRIES.learn(key, call)
+        if flagged:  # some planned chunks are used up: plan the next ones, then observe those episodes
             replanned = replan.copy()
             replan[:] = False
             self._replan(rng, state, replanned)
@@ -157,11 +170,15 @@ class DecodeSimulator:
                 self.observe(state, replanned, obs)
         return out
 
+    def outcome_buffer(self, batch: int) -> Outcome:
+        """An outcome of ``batch`` rows for :meth:`step`'s ``out`` (the step writes every field)."""
+        return empty_outcome(batch, self.top_k)
+
     def evaluate(self, state: DecodeState, executed: np.ndarray, rows: np.ndarray | None = None) -> Outcome:
         """Outcomes of ``executed`` ((B, E) bool) at each episode's current layer, without any state change."""
         out = empty_outcome(state.batch_size, self.top_k)
         executed = np.array(executed, dtype=bool)
-        kernel.run_rows(kernel.EVALUATE, self._rows(state, rows), executed, *self._kernel_args(state),
+        kernel.run_rows(kernel.EVALUATE, self._rows(state, rows), executed, *self._kernel_args(state)[:3],
                         out.values, out.counts, self._obs_buffer(state, None), np.zeros(state.batch_size, dtype=bool))
         return out
 
@@ -170,11 +187,17 @@ class DecodeSimulator:
         episodes with ``rows[b]`` ((B,) bool; None = all)."""
         if obs is None:
             obs = np.zeros((state.batch_size, self.obs_size), dtype=np.float32)
-        B = state.batch_size
-        kernel.run_rows(kernel.OBSERVE, self._rows(state, rows), np.zeros((B, self.n_experts), dtype=bool),
-                        *self._kernel_args(state), np.zeros((B, 0)), np.zeros((B, 0), dtype=np.int64), obs,
-                        np.zeros(B, dtype=bool))
+        args = state.kernel_args or self._kernel_args(state)
+        rows = args[3] if rows is None else np.ascontiguousarray(rows, dtype=bool)
+        unused = self._unused.get(state.batch_size) or self._unused_buffers(state.batch_size)
+        kernel.run_rows(kernel.OBSERVE, rows, unused[0], *args[:3], unused[1], unused[2], obs, args[4])
         return obs
+
+    def _unused_buffers(self, batch: int) -> tuple:
+        """The arguments the kernel's OBSERVE mode neither reads nor writes, (B, E) bool and empty outcome fields."""
+        buffers = self._unused[batch] = (np.zeros((batch, self.n_experts), dtype=bool), np.zeros((batch, 0)),
+                                         np.zeros((batch, 0), dtype=np.int64))
+        return buffers
 
     def _replan(self, rng, state: DecodeState, replan: np.ndarray) -> None:
         rows = None if replan.all() else np.flatnonzero(replan)
@@ -201,25 +224,23 @@ class DecodeSimulator:
             self._all_rows[B] = np.ones(B, dtype=bool)  # never written
         return self._all_rows[B]
 
-    def _flags(self, state: DecodeState) -> np.ndarray:
-        """A (B,) bool buffer of the state for the kernel's replan flags (all False between steps)."""
-        flags = state.__dict__.get("_replan")
-        if flags is None or flags.shape[0] != state.batch_size:
-            flags = state.__dict__["_replan"] = np.zeros(state.batch_size, dtype=bool)
-        return flags
-
     def _obs_buffer(self, state: DecodeState, obs):
         return np.empty((state.batch_size, self.obs_size), dtype=np.float32) if obs is None else obs
 
     def _kernel_args(self, state: DecodeState) -> tuple:
-        """(plan, state, consts) tuples for :func:`kernel.run_rows`, cached on the state until its
-        plan is replaced."""
+        """(plan, state, consts, all rows, replan flags, types key) for :func:`kernel.run_rows` (the first three
+        tuples, then a (B,) bool array of ones, the (B,) bool buffer of the kernel's replan flags (all False between
+        steps) and the id of the key of their types (:mod:`wide_env.sim.decode.kernel_entry`)), cached on the state
+        until its plan is replaced."""
         args = state.kernel_args
         if args is None:
             p = state.plan
             plan = (p.costs, p.meets_deadline, p.topk, p.topk_idx, p.deviation_table, p.probs, p.topk_weight, p.obs_gain,
                     p.obs_expert, p.effect_rows, p.effect_base, p.full_correct, self._accuracy[3])
-            args = state.kernel_args = (plan, (state.counters, state.amounts, state.flags), self._consts)
+            packed = (state.counters, state.amounts, state.flags)
+            args = state.kernel_args = (plan, packed, self._consts, self._rows(state, None),
+                                        np.zeros(state.batch_size, dtype=bool),
+                                        _STEP_ENTRIES.key_id(types_key(plan + packed + self._consts)))
         return args
 
     def _accuracy_tables(self) -> tuple:
@@ -286,9 +307,7 @@ class DecodeSimulator:
         MaskablePPO's masks. The realised queueing delays stay hidden."""
         if not self.enforce_deadline:
             return np.ones((state.batch_size, self.n_experts), dtype=bool)
-        p, b = state.plan, np.arange(state.batch_size)
-        lc = state.layer if self.scenario.cost_per_layer else 0
-        return p.deadline_probability[state.token - state.chunk_start, lc, b] > 0
+        return self._at_current_layer(state, state.plan.deadline_probability) > 0
 
     def on_time(self, state: DecodeState) -> np.ndarray:
         """(B, E) bool: experts whose output arrives by the deadline at each episode's current layer, with the
@@ -296,9 +315,18 @@ class DecodeSimulator:
         they see :meth:`may_execute`."""
         if not self.enforce_deadline:
             return np.ones((state.batch_size, self.n_experts), dtype=bool)
-        p, b = state.plan, np.arange(state.batch_size)
-        lc = state.layer if self.scenario.cost_per_layer else 0
-        return p.meets_deadline[state.token - state.chunk_start, lc, b]
+        return self._at_current_layer(state, state.plan.meets_deadline)
+
+    def _at_current_layer(self, state: DecodeState, table: np.ndarray) -> np.ndarray:
+        """(B, ...) a copy of a plan cost table (C, Lc, B, ...) at each episode's current token and layer."""
+        counters = state.counters
+        if counters.shape[0] == 1:  # one episode (the single env, every step with a model): no index arrays
+            row = counters[0].tolist()
+            c = row[kernel.TOKEN] - row[kernel.CHUNK_START]
+            return table[c, row[kernel.LAYER] if self.scenario.cost_per_layer else 0, :1].copy()
+        c = counters[:, kernel.TOKEN] - counters[:, kernel.CHUNK_START]
+        lc = counters[:, kernel.LAYER] if self.scenario.cost_per_layer else 0
+        return table[c, lc, np.arange(counters.shape[0])]
 
     def override_gates(self, state: DecodeState, rows, probs, topk_idx, topk_weight) -> None:
         """Replace episodes ``rows``' gating at their current (token, layer) by gates computed elsewhere (the

@@ -15,8 +15,17 @@ from wide_env.sim.decode.plan import TokenPlan, assign_plan, concat_plans, take_
 from wide_env.sim.outcome import Outcome, OutcomeFields
 
 
-def _column(packed: str, index: int, doc: str) -> property:
-    return property(lambda self: getattr(self, packed)[:, index], doc=doc)
+#: the named per-episode columns: name -> (packed array, column); each is a view kept on the state (an attribute,
+#: not a property: the step path and the model backend read them every step)
+COLUMNS = {
+    "token": ("counters", k.TOKEN),  # (B,) token index within the episode
+    "layer": ("counters", k.LAYER),  # (B,) current MoE layer
+    "chunk_start": ("counters", k.CHUNK_START),  # (B,) token index of the plan's first token
+    "start": ("counters", k.START),  # (B,) trace position of token 0
+    "budget_used": ("amounts", k.BUDGET_USED),  # (B,) weighted deviation spent this token / episode
+    "context": ("amounts", k.CONTEXT),  # (B,) the accuracy rule's context term (earlier tokens' losses, decaying)
+    "done": ("flags", k.DONE),  # (B,) episode over (truncated)
+}
 
 
 @dataclass
@@ -37,13 +46,9 @@ class DecodeState:
     #: the step kernel's arguments for this state; None after the plan's arrays were replaced
     kernel_args: tuple | None = None
 
-    token = _column("counters", k.TOKEN, "(B,) token index within the episode")
-    layer = _column("counters", k.LAYER, "(B,) current MoE layer")
-    chunk_start = _column("counters", k.CHUNK_START, "(B,) token index of the plan's first token")
-    start = _column("counters", k.START, "(B,) trace position of token 0")
-    budget_used = _column("amounts", k.BUDGET_USED, "(B,) weighted deviation spent this token (token mode)")
-    context = _column("amounts", k.CONTEXT, "(B,) the accuracy rule's context term (earlier tokens' losses, decaying)")
-    done = _column("flags", k.DONE, "(B,) episode over (truncated)")
+    def __post_init__(self):
+        for name, (packed, index) in COLUMNS.items():  # token, layer, ...: views of the packed columns
+            self.__dict__[name] = getattr(self, packed)[:, index]
 
     @classmethod
     def new(cls, positions, waypoints, speeds, path_state, path_gain, fading, queue_last, start) -> "DecodeState":
@@ -60,11 +65,14 @@ class DecodeState:
     def batch_size(self) -> int:
         return self.counters.shape[0]
 
-    def __getstate__(self) -> dict:  # pickle / deepcopy: the kernel's argument views are rebuilt on demand
-        state = dict(self.__dict__)
+    def __getstate__(self) -> dict:  # pickle / deepcopy: the kernel's arguments and the column views are rebuilt
+        state = {key: value for key, value in self.__dict__.items() if key not in COLUMNS}
         state["kernel_args"] = None
-        state.pop("_replan", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def take(self, rows) -> "DecodeState":
         """Episodes ``rows`` as a new state (copies): e.g. sub-env b of a batch as a batch of one."""
