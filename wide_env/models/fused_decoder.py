@@ -72,8 +72,10 @@ class FusedDecoder:
         #: each stream's trace position of its token in progress (begin()'s ``positions``), and of the token it
         #: finished at the last advance()
         self.position, self.finished_at = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        self._scratch = np.zeros((7, max(3 * d, cfg.block_size, E, cfg.d_ff)), np.float32)
-        self._packed = self.weights + self._floats + self._ints + (self._scratch,)
+        per_stream = fk.scratch_per_stream(d, cfg.d_ff, E, self.V)
+        self._scratch = np.zeros(n * per_stream + cfg.block_size, np.float32)
+        self._bits = np.zeros(2 * cfg.block_size, np.int64)
+        self._packed = self.weights + self._floats + self._ints + (self._scratch, self._bits)
 
     def reset(self, rows=None) -> None:
         """Empty the caches of ``rows`` (None = every stream) and drop a token in progress."""

@@ -1,13 +1,16 @@
-"""Compiled (numba) forward of a :class:`~wide_env.models.moe_lm.MoELM` one stream, one layer at a time.
+"""Compiled (numba) forward of a :class:`~wide_env.models.moe_lm.MoELM`, one layer at a time, the streams of a
+layer together.
 
 The shipped models are tiny (d_model 32 or 64): torch's per-operation cost, not arithmetic, dominated the
-decoding (issue 22: about 0.7 ms per env step on Mixtral at B = 1). These loops run a stream's layer in a few
-microseconds, row by row, so streams of one call may be at different layers.
+decoding (issue 22: about 0.7 ms per env step on Mixtral at B = 1). These loops run a layer for all the streams
+at it in one pass (:mod:`wide_env.models.fused_math`: matrix products over tiles of streams, vectorised exp and
+erf), so a call may hold streams at different layers and costs about the same per stream at B = 1 or 4096.
 
 The arithmetic is the torch model's (:mod:`wide_env.models.moe_lm`, :mod:`wide_env.models.decoder`) in float32
 with the same weights; sums run in another order than torch's BLAS (matrix products accumulate in float32 in
 input order; layer norms, softmaxes and GELU in float64, cast back), so results agree to float32 rounding
-(``tests/test_fused_decoder.py`` bounds it). The combine rule is :func:`wide_env.rules.serve_slots` itself.
+(``tests/test_fused_decoder.py`` bounds it). A stream's numbers do not depend on the streams beside it. The
+combine rule is :func:`wide_env.rules.serve_slots` itself.
 
 Weights ``W`` (views of one packed buffer, :func:`pack`; see :func:`wide_env.models.fused_decoder.pack_weights`),
 all float32, matrices stored
@@ -21,6 +24,7 @@ last: the attention's loops run along them); 2 x, 3 r, 4 h (n, d) the residual s
 the current layer's attention output and MoE input; 5 probs (n, E); 6 topk_idx (n, K) int64; 7 topk_w (n, K);
 8 length (n,) int64 (tokens in the cache); 9 layer (n,) int64 (the pending layer, L = every layer applied,
 -1 = no token in progress).
+Scratch: ``scratch`` float32 (at least n * :func:`scratch_per_stream` + T), ``bits`` int64 (2T,).
 """
 
 from __future__ import annotations
@@ -32,107 +36,94 @@ from numba import njit
 
 from wide_env.rules import serve_slots
 
+from .fused_math import exp_shifted, gelu_rows, layer_norm, linear_rows
+
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 # reassociation lets the position loops (dot products, sums) run in SIMD lanes; no approximate functions
 _FAST = dict(_JIT, fastmath={"reassoc", "nsz", "contract"})
-_LN_EPS = 1e-5  # torch.nn.LayerNorm's default
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
 
 #: status codes the entry points return (the Python side raises the matching error)
 OK, CONTEXT_FULL, WRONG_LAYER = 0, 1, 2
 
 
-@njit(**_JIT)
-def _layer_norm(x, w, b, out):
-    n = x.shape[0]
-    mean = 0.0
-    for i in range(n):
-        mean += x[i]
-    mean /= n
-    var = 0.0
-    for i in range(n):
-        var += (x[i] - mean) ** 2
-    inv = 1.0 / math.sqrt(var / n + _LN_EPS)
-    for i in range(n):
-        out[i] = (x[i] - mean) * inv * w[i] + b[i]
+def scratch_per_stream(d: int, d_ff: int, n_expert: int, vocab: int) -> int:
+    """Float32 scratch per stream of the layer passes below (the largest of route, apply and finish)."""
+    return max(6 * d + n_expert, 3 * d + n_expert + d_ff, d + vocab)
 
 
 @njit(**_FAST)
-def _linear(x, w, b, out):
-    """out = x @ w + b with w (in, out); b may be empty (no bias). Four inputs per pass over the outputs (a
-    quarter of the loads and stores of ``out``)."""
-    n_out, n_in = out.shape[0], x.shape[0]
-    if b.shape[0]:
-        out[:] = b
-    else:
-        out[:] = 0.0
-    i = 0
-    while i + 4 <= n_in:
-        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-        w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
-        for j in range(n_out):
-            out[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
-        i += 4
-    while i < n_in:
-        xi, wi = x[i], w[i]
-        for j in range(n_out):
-            out[j] += xi * wi[j]
-        i += 1
-
-
-@njit(**_FAST)
-def _route(W, S, row, l, scratch):
-    """Attention of layer ``l`` for stream ``row`` (its residual stream x at its position), then the router:
-    writes the key and value into the cache, r, h, probs and the Top-K with its combine weights."""
+def _route(W, S, rows, l, scratch, bits):
+    """Attention of layer ``l`` for the streams ``rows`` (all at layer l; each at its residual stream x and its
+    position), then the router: writes the keys and values into the caches, r, h, probs and the Top-K with its
+    combine weights."""
     keys, values, x, r, h, probs, topk_idx, topk_w, length = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7], S[8]
     ln, qkv_w, qkv_b, proj_w, proj_b, router_w = W[2], W[3], W[4], W[5], W[6], W[7]
-    d = x.shape[1]
-    H, hd = keys.shape[2], keys.shape[3]
+    R, d = rows.shape[0], x.shape[1]
+    H, hd, T = keys.shape[2], keys.shape[3], keys.shape[4]
     E, K = probs.shape[1], topk_idx.shape[1]
-    a, qkv, y, scores, att = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
-    a = a[:d]
-    qkv = qkv[: 3 * d]
-    y = y[:d]
-    att = att[:d]
-    p = length[row]
-    _layer_norm(x[row], ln[l, 0], ln[l, 1], a)
-    _linear(a, qkv_w[l], qkv_b[l], qkv)
+    o = 0
+    a = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    qkv = scratch[o:o + 3 * R * d].reshape((R, 3 * d))
+    o += 3 * R * d
+    y = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    att = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    logits = scratch[o:o + R * E].reshape((R, E))
+    o += R * E
+    scores = scratch[o:o + T]
+    for g in range(R):
+        layer_norm(x[rows[g]], ln[l, 0], ln[l, 1], a[g])
+    linear_rows(a, qkv_w[l], qkv_b[l], qkv)
     scale = np.float32(hd ** -0.5)
-    n = p + 1
-    for hh in range(H):
-        kc, vc = keys[row, l, hh], values[row, l, hh]  # (hd, T): the loops below run along the positions
-        q = qkv[hh * hd:(hh + 1) * hd]
-        s = scores[:n]
-        for j in range(hd):
-            kc[j, p] = qkv[d + hh * hd + j]
-            vc[j, p] = qkv[2 * d + hh * hd + j]
-        s[:] = 0.0
-        for j in range(hd):
-            qj = q[j]
-            kj = kc[j]
+    for g in range(R):
+        row = rows[g]
+        p = length[row]
+        n = p + 1
+        q = qkv[g]
+        for hh in range(H):
+            # (hd, T): the loops below run along the positions (long loops vectorise; the new position's lines
+            # are read by the scores right after)
+            kc, vc = keys[row, l, hh], values[row, l, hh]
+            s = scores[:n]
+            for j in range(hd):
+                kc[j, p] = q[d + hh * hd + j]
+                vc[j, p] = q[2 * d + hh * hd + j]
+            s[:] = 0.0
+            for j in range(hd):
+                qj = q[hh * hd + j]
+                kj = kc[j]
+                for t in range(n):
+                    s[t] += qj * kj[t]
+            top = np.float32(-np.inf)
             for t in range(n):
-                s[t] += qj * kj[t]
-        top = np.float32(-np.inf)
-        for t in range(n):
-            s[t] *= scale
-            top = max(top, s[t])
-        total = np.float32(0.0)
-        for t in range(n):
-            s[t] = math.exp(s[t] - top)
-            total += s[t]
-        inv = np.float32(1.0) / total
-        for j in range(hd):
-            vj = vc[j]
-            acc = np.float32(0.0)
-            for t in range(n):
-                acc += s[t] * vj[t]
-            y[hh * hd + j] = acc * inv
-    _linear(y, proj_w[l], proj_b[l], att)
-    for i in range(d):
-        r[row, i] = x[row, i] + att[i]
-    _layer_norm(r[row], ln[l, 2], ln[l, 3], h[row])
-    logits = scratch[5][:E]
-    _linear(h[row], router_w[l], scratch[5][:0], logits)
+                s[t] *= scale
+                top = max(top, s[t])
+            inv = np.float32(1.0) / exp_shifted(s, n, top, bits)
+            for j in range(hd):
+                vj = vc[j]
+                acc = np.float32(0.0)
+                for t in range(n):
+                    acc += s[t] * vj[t]
+                y[g, hh * hd + j] = acc * inv
+    linear_rows(y, proj_w[l], proj_b[l], att)
+    for g in range(R):
+        row = rows[g]
+        for i in range(d):
+            r[row, i] = x[row, i] + att[g, i]
+        layer_norm(r[row], ln[l, 2], ln[l, 3], h[row])
+        a[g] = h[row]
+    linear_rows(a, router_w[l], W[14][:0], logits)
+    renorm = W[14][0] != 0
+    for g in range(R):
+        _gate(logits[g], probs[rows[g]], topk_idx[rows[g]], topk_w[rows[g]], K, E, renorm)
+
+
+@njit(**_JIT)
+def _gate(logits, probs, topk_idx, topk_w, K, E, renorm):
+    """The router's softmax (float64), Top-K descending (the first of equal probabilities first) and combine
+    weights, renormalised over the Top-K (``renorm``) or the raw probabilities."""
     top = -np.inf
     for e in range(E):
         top = max(top, logits[e])
@@ -140,83 +131,128 @@ def _route(W, S, row, l, scratch):
     for e in range(E):
         total += math.exp(logits[e] - top)
     for e in range(E):
-        probs[row, e] = math.exp(logits[e] - top) / total
-    # Top-K descending (the first of equal probabilities first); combine weights renormalised over the Top-K
-    # (renorm != 0) or the raw probabilities
+        probs[e] = math.exp(logits[e] - top) / total
     wsum = np.float32(0.0)
     for k in range(K):
         best = -1
         for e in range(E):
             taken = False
             for kk in range(k):
-                if topk_idx[row, kk] == e:
+                if topk_idx[kk] == e:
                     taken = True
-            if not taken and (best < 0 or probs[row, e] > probs[row, best]):
+            if not taken and (best < 0 or probs[e] > probs[best]):
                 best = e
-        topk_idx[row, k] = best
-        topk_w[row, k] = probs[row, best]
-        wsum += probs[row, best]
-    if W[14][0] != 0:  # the renorm flag
+        topk_idx[k] = best
+        topk_w[k] = probs[best]
+        wsum += probs[best]
+    if renorm:
         for k in range(K):
-            topk_w[row, k] = topk_w[row, k] / wsum
+            topk_w[k] = topk_w[k] / wsum
 
 
 @njit(**_JIT)
-def _apply(W, S, D, row, l, allowed, server, table, combine, scratch):
-    """Layer ``l``'s MoE for stream ``row`` under the combine rule with ``allowed`` (E,) experts: x = r + sum_k
-    w_k E_phi(k)(h), a skipped slot adding nothing."""
+def _apply(W, S, D, rows, l, allowed, scratch):
+    """Layer ``l``'s MoE for the streams ``rows`` (all at layer l) under the combine rule with their ``allowed``
+    (n, E) experts: x = r + sum_k w_k E_phi(k)(h), a skipped slot adding nothing. Each expert runs once on the
+    streams it serves."""
     w1, b1, w2, b2 = W[8], W[9], W[10], W[11]
     x, r, h, topk_idx, topk_w = S[2], S[3], S[4], S[6], S[7]
     E, K = D.shape[1], topk_idx.shape[1]
-    d, f = x.shape[1], w1.shape[3]
-    for k in range(K):
-        wk = np.float64(topk_w[row, k])
-        for j in range(E + 1):
-            table[k, j] = wk * D[l, topk_idx[row, k], j]
-    serve_slots(table, (), allowed, server)
-    combine[:] = 0.0
-    for k in range(K):
-        if server[k] < E:
-            combine[server[k]] += topk_w[row, k]
-    act, out, moe = scratch[6][:f], scratch[2][:d], scratch[4][:d]
+    R, d, f = rows.shape[0], x.shape[1], w1.shape[3]
+    o = 0
+    combine = scratch[o:o + R * E].reshape((R, E))
+    o += R * E
+    moe = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    inp = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    act = scratch[o:o + R * f].reshape((R, f))
+    o += R * f
+    out = scratch[o:o + R * d].reshape((R, d))
+    table = np.empty((K, E + 1))
+    server = np.empty(K, np.int64)
+    served = np.empty(R, np.int64)
+    for g in range(R):
+        row = rows[g]
+        for k in range(K):
+            wk = np.float64(topk_w[row, k])
+            for j in range(E + 1):
+                table[k, j] = wk * D[l, topk_idx[row, k], j]
+        serve_slots(table, (), allowed[row], server)
+        combine[g] = 0.0
+        for k in range(K):
+            if server[k] < E:
+                combine[g, server[k]] += topk_w[row, k]
     moe[:] = 0.0
     for e in range(E):
-        c = combine[e]
-        if c == 0.0:
+        m = 0
+        for g in range(R):
+            if combine[g, e] != 0.0:
+                served[m] = g
+                inp[m] = h[rows[g]]
+                m += 1
+        if m == 0:
             continue
-        _linear(h[row], w1[l, e], b1[l, e], act)
-        for i in range(f):
-            v = np.float64(act[i])
-            act[i] = 0.5 * v * (1.0 + math.erf(v * _SQRT1_2))
-        _linear(act, w2[l, e], b2[l, e], out)
+        linear_rows(inp[:m], w1[l, e], b1[l, e], act[:m])
+        gelu_rows(act[:m])
+        linear_rows(act[:m], w2[l, e], b2[l, e], out[:m])
+        for q in range(m):
+            g = served[q]
+            c = combine[g, e]
+            for i in range(d):
+                moe[g, i] += c * out[q, i]
+    for g in range(R):
+        row = rows[g]
         for i in range(d):
-            moe[i] += c * out[i]
-    for i in range(d):
-        x[row, i] = r[row, i] + moe[i]
+            x[row, i] = r[row, i] + moe[g, i]
 
 
 @njit(**_JIT)
-def _finish(W, S, row, logits, scratch):
-    """Next-token logits of stream ``row`` (every layer applied); its cache is one token longer."""
+def _finish(W, S, rows, logits, scratch):
+    """Next-token logits of the streams ``rows`` (every layer applied) into ``logits[row]``; their caches are one
+    token longer."""
     x, length, layer = S[2], S[8], S[9]
-    a = scratch[0][: x.shape[1]]
-    _layer_norm(x[row], W[12][0], W[12][1], a)
-    _linear(a, W[13], W[13][0, :0], logits)
-    length[row] += 1
-    layer[row] = -1
+    R, d, V = rows.shape[0], x.shape[1], logits.shape[1]
+    a = scratch[:R * d].reshape((R, d))
+    out = scratch[R * d:R * (d + V)].reshape((R, V))
+    for g in range(R):
+        layer_norm(x[rows[g]], W[12][0], W[12][1], a[g])
+    linear_rows(a, W[13], W[14][:0], out)
+    for g in range(R):
+        row = rows[g]
+        logits[row] = out[g]
+        length[row] += 1
+        layer[row] = -1
 
 
 @njit(**_JIT)
-def _begin(W, S, row, token, scratch):
+def _embed(W, S, row, token):
+    """Start a token on stream ``row``: its embedding at the stream's next position; layer 0 pending."""
     x, length, layer = S[2], S[8], S[9]
     p = length[row]
-    if p >= W[1].shape[0]:
-        return CONTEXT_FULL
     for i in range(x.shape[1]):
         x[row, i] = W[0][token, i] + W[1][p, i]
     layer[row] = 0
-    _route(W, S, row, 0, scratch)
-    return OK
+
+
+@njit(**_JIT)
+def _by_layer(target, L):
+    """The rows with ``target[row]`` in [0, L) grouped by it (ascending rows in each): (order, starts), the
+    rows at layer l being ``order[starts[l]:starts[l + 1]]``."""
+    starts = np.zeros(L + 1, np.int64)
+    for row in range(target.shape[0]):
+        if 0 <= target[row] < L:
+            starts[target[row] + 1] += 1
+    for l in range(L):
+        starts[l + 1] += starts[l]
+    order = np.empty(starts[L], np.int64)
+    fill = starts.copy()
+    for row in range(target.shape[0]):
+        t = target[row]
+        if 0 <= t < L:
+            order[fill[t]] = row
+            fill[t] += 1
+    return order, starts
 
 
 @njit(**_JIT)
@@ -275,55 +311,75 @@ def views(buf: np.ndarray, meta: np.ndarray) -> list[np.ndarray]:
 
 
 @njit(**_JIT)
-def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, rows, tokens):
+def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, rows, tokens):
     """Start a token on each stream of ``rows`` (token ids ``tokens``): embedding, then layer 0's attention and
-    router. Returns (status, the row it stopped at)."""
+    router. Returns (status, the first row refused); a refused call changes nothing."""
     W, S = _weights(wbuf, wm), _streams(fbuf, fm, ibuf, im)
     for i in range(rows.shape[0]):
-        if _begin(W, S, rows[i], tokens[i], scratch) != OK:
+        if S[8][rows[i]] >= W[1].shape[0]:
             return CONTEXT_FULL, rows[i]
+    for i in range(rows.shape[0]):
+        _embed(W, S, rows[i], tokens[i])
+    _route(W, S, rows, 0, scratch, bits)
     return OK, -1
 
 
 @njit(**_JIT)
-def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, D, stepped, allowed, env_layer, env_start, env_token,
-                 env_done, token_id, logits, finished, finished_at, position):
+def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, D, stepped, allowed, env_layer, env_start,
+                 env_token, env_done, token_id, logits, finished, finished_at, position):
     """Every stream b with ``stepped[b]`` and a token in progress applies its pending layer with its
     ``allowed[b]`` (E,) experts under the combine rule, then routes its next layer. ``env_*`` are the episodes'
     counters after the step (:class:`wide_env.sim.decode.state.DecodeState`), which the streams must agree
     with: the next layer, or at a token's end the next token (layer 0, trace position start + token) unless
     the episode is done. A stream that applied its last layer writes its next-token logits into ``logits[b]``,
     sets ``finished[b]``, ``finished_at[b]`` = its token's trace position (``position[b]``, kept from its
-    begin) and, unless done, starts its next token (id from ``token_id``). Returns (status, row)."""
+    begin) and, unless done, starts its next token (id from ``token_id``). Streams at the same layer run
+    together. Returns (status, row); a refused call (a stream out of step, a full context) changes nothing."""
     W, S = _weights(wbuf, wm), _streams(fbuf, fm, ibuf, im)
-    L, E = D.shape[0], D.shape[1]
-    K = S[6].shape[1]
-    layer = S[9]
-    table = np.empty((K, E + 1))
-    server = np.empty(K, np.int64)
-    combine = np.empty(E, np.float32)
-    for row in range(stepped.shape[0]):
+    L = D.shape[0]
+    length, layer = S[8], S[9]
+    n = stepped.shape[0]
+    applies = np.full(n, -1, np.int64)  # the layer each stream applies now (-1: none)
+    for row in range(n):
         finished[row] = False
         l = layer[row]
         if not stepped[row] or (l < 0 and env_done[row]):  # not stepped, or the episode was over
             continue
         if l < 0 or l >= L:
             return WRONG_LAYER, row
-        _apply(W, S, D, row, l, allowed[row], server, table, combine, scratch)
         if l + 1 < L:
             if env_layer[row] != l + 1:
                 return WRONG_LAYER, row
+        elif not env_done[row]:
+            if env_layer[row] != 0:
+                return WRONG_LAYER, row
+            if length[row] + 1 >= W[1].shape[0]:  # the next token has no position left
+                return CONTEXT_FULL, row
+        applies[row] = l
+    order, starts = _by_layer(applies, L)
+    for l in range(L):
+        if starts[l + 1] > starts[l]:
+            _apply(W, S, D, order[starts[l]:starts[l + 1]], l, allowed, scratch)
+    last = order[starts[L - 1]:starts[L]]
+    if last.shape[0]:
+        _finish(W, S, last, logits, scratch)
+    routes = np.full(n, -1, np.int64)  # the layer each stream routes next (-1: none)
+    for row in range(n):
+        l = applies[row]
+        if l < 0:
+            continue
+        if l + 1 < L:
             layer[row] = l + 1
-            _route(W, S, row, l + 1, scratch)
+            routes[row] = l + 1
             continue
         finished[row] = True
         finished_at[row] = position[row]
-        _finish(W, S, row, logits[row], scratch)
-        if env_done[row]:
-            continue
-        if env_layer[row] != 0:
-            return WRONG_LAYER, row
-        position[row] = env_start[row] + env_token[row]
-        if _begin(W, S, row, token_id[position[row]], scratch) != OK:
-            return CONTEXT_FULL, row
+        if not env_done[row]:
+            position[row] = env_start[row] + env_token[row]
+            _embed(W, S, row, token_id[position[row]])
+            routes[row] = 0
+    order, starts = _by_layer(routes, L)
+    for l in range(L):
+        if starts[l + 1] > starts[l]:
+            _route(W, S, order[starts[l]:starts[l + 1]], l, scratch, bits)
     return OK, -1
