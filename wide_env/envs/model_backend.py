@@ -161,11 +161,12 @@ class ModelAccuracy(_ModelStreams):
     applies its layer with the experts that served it and routes its next one (so ``decoder.probs`` and
     ``decoder.x`` hold each row's current layer's router output and residual stream)."""
 
-    @staticmethod
-    def _decoder(model, mismatch, num_envs):
+    def _decoder(self, model, mismatch, num_envs):
         from wide_env.models.fused_decoder import FusedDecoder
 
-        return FusedDecoder(model, mismatch, num_envs, weights=_packed_weights(model))
+        # the episodes starting in one trace window share its context (one slot per window in use)
+        slots = min(len(self.context.window_starts), num_envs)
+        return FusedDecoder(model, mismatch, num_envs, weights=_packed_weights(model), prefix_slots=slots)
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
@@ -181,9 +182,14 @@ class ModelAccuracy(_ModelStreams):
         self.state_keys.write(self.decoder, obs, rows)
 
     def start(self, state, rows: np.ndarray | None = None) -> None:
-        """Load the episodes' contexts and start their first token (layer 0 routed)."""
-        super().start(state, rows)
+        """Point the episodes' streams at their contexts (shared by the episodes of a trace window) and start
+        their first token (layer 0 routed)."""
         rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
+        with one_torch_thread():  # the trace window's full-model run, once per window
+            for row in rows:
+                start = int(state.start[row])
+                window, keys, values = self.context.window_run(start)
+                self.decoder.share_prefix(int(row), window, keys, values, start - window)
         if self.observes:
             self.state_keys.previous_loss[rows] = 0.0  # an episode's first token has no previous one
         position = state.start[rows] + state.token[rows]

@@ -44,9 +44,11 @@ def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
 
 class FusedDecoder:
     """``n_streams`` KV-cached streams of ``model`` with the combine rule of the mismatch tables ``mismatch``
-    (L, E, E+1), advanced one layer per call."""
+    (L, E, E+1), advanced one layer per call. ``prefix_slots``: how many trace windows' prefixes the streams
+    may share at a time (:meth:`share_prefix`; min(windows, n_streams) or more, so that one is always free)."""
 
-    def __init__(self, model: MoELM, mismatch: np.ndarray, n_streams: int, weights: tuple | None = None):
+    def __init__(self, model: MoELM, mismatch: np.ndarray, n_streams: int, weights: tuple | None = None,
+                 prefix_slots: int = 0):
         cfg = self.cfg = model.cfg
         self.L, self.E, self.K, self.V = cfg.n_layer, cfg.n_expert, cfg.top_k, cfg.vocab_size
         self.D, n = checked_streams(cfg, mismatch, n_streams)
@@ -54,14 +56,18 @@ class FusedDecoder:
         d, H, E, K = cfg.d_model, cfg.n_head, self.E, self.K
         #: the packed weights (decoders of one model may share them: ``weights=``)
         self.weights = pack_weights(model) if weights is None else weights
-        kv = (n, self.L, H, d // H, cfg.block_size)  # positions last (fused_kernels)
+        kv = (n, self.L, cfg.block_size, H, d // H)  # a stream's own positions (fused_kernels)
+        slots = max(int(prefix_slots), 1)
+        shared = (slots, self.L, H, d // H, cfg.block_size)  # shared prefixes: positions last
         floats = [np.zeros(kv), np.zeros(kv), np.zeros((n, d)), np.zeros((n, d)), np.zeros((n, d)),
-                  np.zeros((n, E)), np.zeros((n, K))]
+                  np.zeros((n, E)), np.zeros((n, K)), np.zeros(shared), np.zeros(shared)]
         self._floats = fk.pack(floats, np.float32)
-        self._ints = fk.pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1)], np.int64)
-        (self.keys, self.values, self.x, self._r, self._h, self.probs,
-         self.topk_weight) = fk.views(*self._floats)
-        self.topk_idx, self.length, self.layer = fk.views(*self._ints)
+        self._ints = fk.pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1), np.full(n, -1), np.zeros(n)], np.int64)
+        (self.keys, self.values, self.x, self._r, self._h, self.probs, self.topk_weight, self._shared_keys,
+         self._shared_values) = fk.views(*self._floats)
+        self.topk_idx, self.length, self.layer, self._slot, self._shared = fk.views(*self._ints)
+        self._window_of: list = [None] * slots  # the window each shared slot holds
+        self._refs = np.zeros(slots, np.int64)  # how many streams read each slot
         # self.x: per stream, the residual stream (the token's hidden state after its applied layers)
         # self.probs, topk_idx, topk_weight: the pending layer's router softmax, Top-K (descending), combine weights
         # self.length: tokens held by each stream's cache
@@ -82,17 +88,54 @@ class FusedDecoder:
         sel = slice(None) if rows is None else np.asarray(rows, np.int64)
         self.length[sel] = 0
         self.layer[sel] = -1
+        for row in np.arange(self.n_streams)[sel].reshape(-1):
+            self._release(int(row))
+
+    def _release(self, row: int) -> None:
+        if self._slot[row] >= 0:
+            self._refs[self._slot[row]] -= 1
+        self._slot[row], self._shared[row] = -1, 0
+
+    def share_prefix(self, row: int, window, keys, values, n: int) -> None:
+        """Stream ``row``'s first ``n`` tokens are the first n of the trace window ``window`` (any hashable id),
+        whose full keys and values (L, H, N, hd) with N >= n are ``keys``, ``values``: the same context as
+        :meth:`set_prefix` of their first n, read from a slot the window's streams share (loaded when the
+        window is not in one)."""
+        self._release(row)
+        slot = next((i for i, w in enumerate(self._window_of) if w == window), None)
+        if slot is None:
+            free = np.flatnonzero(self._refs == 0)
+            if not free.size:
+                raise RuntimeError(f"all {self._refs.size} prefix slots are in use; build the decoder with "
+                                   "prefix_slots >= min(windows, n_streams)")
+            slot = int(free[0])
+            keys, values = np.asarray(keys), np.asarray(values)
+            self._check_prefix(keys, values)
+            self._shared_keys[slot, :, :, :, :keys.shape[2]] = keys.transpose(0, 1, 3, 2)
+            self._shared_values[slot, :, :, :, :keys.shape[2]] = values.transpose(0, 1, 3, 2)
+            self._window_of[slot] = window
+        if not 0 <= n <= self._shared_keys.shape[4]:
+            raise ValueError(f"prefix length n must be in [0, {self._shared_keys.shape[4]}], got {n}")
+        self._refs[slot] += 1
+        self._slot[row], self._shared[row] = slot, n
+        self.length[row] = n
+        self.layer[row] = -1
+
+    def _check_prefix(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if (keys.shape != values.shape or keys.shape[:2] != self._shared_keys.shape[1:3]
+                or keys.shape[2] > self.cfg.block_size):
+            raise ValueError(f"prefix keys/values must be (L, H, n, hd) with (L, H) = {self._shared_keys.shape[1:3]} "
+                             f"and n <= {self.cfg.block_size}; got {keys.shape}")
 
     def set_prefix(self, row: int, keys, values) -> None:
         """Load stream ``row``'s cache with the keys and values (L, H, n, hd) of its first n tokens (numpy or
         torch: :class:`wide_env.models.trace_context.TraceContext`'s run of a trace window)."""
         keys, values = np.asarray(keys), np.asarray(values)
-        n = keys.shape[2]  # (the cache holds positions last)
-        if keys.shape != values.shape or keys.shape[:2] != self.keys.shape[1:3] or n > self.cfg.block_size:
-            raise ValueError(f"prefix keys/values must be (L, H, n, hd) with (L, H) = {self.keys.shape[1:3]} and "
-                             f"n <= {self.cfg.block_size}; got {keys.shape}")
-        self.keys[row, :, :, :, :n] = keys.transpose(0, 1, 3, 2)
-        self.values[row, :, :, :, :n] = values.transpose(0, 1, 3, 2)
+        self._check_prefix(keys, values)
+        n = keys.shape[2]
+        self._release(row)
+        self.keys[row, :, :n] = keys.transpose(0, 2, 1, 3)  # (the stream's cache holds positions before heads)
+        self.values[row, :, :n] = values.transpose(0, 2, 1, 3)
         self.length[row] = n
         self.layer[row] = -1
 

@@ -19,11 +19,17 @@ input-major so the inner loops run over contiguous outputs:
   3 qkv_w (L, d, 3d), 4 qkv_b (L, 3d), 5 proj_w (L, d, d), 6 proj_b (L, d), 7 router_w (L, d, E),
   8 w1 (L, E, d, f), 9 b1 (L, E, f), 10 w2 (L, E, f, d), 11 b2 (L, E, d), 12 ln_f (2, d), 13 head_w (d, V),
   14 renorm (1,): 1 where the combine weights are renormalised over the Top-K, else 0.
-Stream state ``S`` (views of a float32 and an int64 buffer): 0 keys, 1 values (n, L, H, hd, T) (positions
-last: the attention's loops run along them); 2 x, 3 r, 4 h (n, d) the residual stream,
+Stream state ``S`` (views of a float32 and an int64 buffer): 0 keys, 1 values (n, L, T, H, hd): each stream's
+own positions (a position's heads side by side: a new position writes two cache lines, an episode's few
+tokens are a few lines to read); 2 x, 3 r, 4 h (n, d) the residual stream,
 the current layer's attention output and MoE input; 5 probs (n, E); 6 topk_idx (n, K) int64; 7 topk_w (n, K);
 8 length (n,) int64 (tokens in the cache); 9 layer (n,) int64 (the pending layer, L = every layer applied,
--1 = no token in progress).
+-1 = no token in progress); 10 shared keys, 11 shared values (slots, L, H, hd, T): trace windows' prefixes
+that streams share (the full model's run of a window: every episode starting in it reads the same context;
+positions last: the attention's loops run along them, and a layer's slots stay in the cache while the
+window's streams run);
+12 slot (n,) int64: each stream's shared slot (-1: none), 13 shared (n,) int64: how many of its first
+positions it reads from there (its own cache holds the rest).
 Scratch: ``scratch`` float32 (at least n * :func:`scratch_per_stream` + T), ``bits`` int64 (2T,).
 """
 
@@ -59,7 +65,7 @@ def _route(W, S, rows, l, scratch, bits):
     keys, values, x, r, h, probs, topk_idx, topk_w, length = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7], S[8]
     ln, qkv_w, qkv_b, proj_w, proj_b, router_w = W[2], W[3], W[4], W[5], W[6], W[7]
     R, d = rows.shape[0], x.shape[1]
-    H, hd, T = keys.shape[2], keys.shape[3], keys.shape[4]
+    T, H, hd = keys.shape[2], keys.shape[3], keys.shape[4]
     E, K = probs.shape[1], topk_idx.shape[1]
     o = 0
     a = scratch[o:o + R * d].reshape((R, d))
@@ -73,40 +79,59 @@ def _route(W, S, rows, l, scratch, bits):
     logits = scratch[o:o + R * E].reshape((R, E))
     o += R * E
     scores = scratch[o:o + T]
+    poly, k_bits = bits[:T].view(np.float64), bits[T:2 * T]
+    scale_bits = k_bits.view(np.float64)
     for g in range(R):
         layer_norm(x[rows[g]], ln[l, 0], ln[l, 1], a[g])
     linear_rows(a, qkv_w[l], qkv_b[l], qkv)
     scale = np.float32(hd ** -0.5)
+    shared_keys, shared_values, slot, shared = S[10], S[11], S[12], S[13]
     for g in range(R):
         row = rows[g]
         p = length[row]
         n = p + 1
         q = qkv[g]
+        P = shared[row] if slot[row] >= 0 else 0  # positions [0, P) in the shared prefix, [P, n) the stream's own
+        sk, sv = shared_keys[max(slot[row], 0), l], shared_values[max(slot[row], 0), l]
+        kc, vc = keys[row, l], values[row, l]  # (T, H, hd)
+        kc[p] = q[d:2 * d].reshape((H, hd))
+        vc[p] = q[2 * d:].reshape((H, hd))
         for hh in range(H):
-            # (hd, T): the loops below run along the positions (long loops vectorise; the new position's lines
-            # are read by the scores right after)
-            kc, vc = keys[row, l, hh], values[row, l, hh]
             s = scores[:n]
-            for j in range(hd):
-                kc[j, p] = q[d + hh * hd + j]
-                vc[j, p] = q[2 * d + hh * hd + j]
             s[:] = 0.0
-            for j in range(hd):
+            for j in range(hd):  # the shared prefix: (hd, T), loops along the positions (they vectorise)
                 qj = q[hh * hd + j]
-                kj = kc[j]
-                for t in range(n):
+                kj = sk[hh, j]
+                for t in range(P):
                     s[t] += qj * kj[t]
+            for t in range(P, n):  # the stream's own positions (few): a position's key is contiguous
+                kt = kc[t, hh]
+                acc = np.float32(0.0)
+                for j in range(hd):
+                    acc += q[hh * hd + j] * kt[j]
+                s[t] = acc
             top = np.float32(-np.inf)
             for t in range(n):
                 s[t] *= scale
                 top = max(top, s[t])
-            inv = np.float32(1.0) / exp_shifted(s, n, top, bits)
+            exp_shifted(s, n, top, poly, k_bits, scale_bits)
+            total = np.float32(0.0)
+            for t in range(n):
+                total += s[t]
+            inv = np.float32(1.0) / total
+            yh = y[g, hh * hd:(hh + 1) * hd]
             for j in range(hd):
-                vj = vc[j]
+                vj = sv[hh, j]
                 acc = np.float32(0.0)
-                for t in range(n):
+                for t in range(P):
                     acc += s[t] * vj[t]
-                y[g, hh * hd + j] = acc * inv
+                yh[j] = acc
+            for t in range(P, n):
+                vt = vc[t, hh]
+                for j in range(hd):
+                    yh[j] += s[t] * vt[j]
+            for j in range(hd):
+                yh[j] *= inv
     linear_rows(y, proj_w[l], proj_b[l], att)
     for g in range(R):
         row = rows[g]
@@ -236,18 +261,34 @@ def _embed(W, S, row, token):
 
 
 @njit(**_JIT)
-def _by_layer(target, L):
-    """The rows with ``target[row]`` in [0, L) grouped by it (ascending rows in each): (order, starts), the
-    rows at layer l being ``order[starts[l]:starts[l + 1]]``."""
+def _by_slot(slot, n_slots):
+    """The rows in order of their shared prefix slot (rows without one first): a layer's streams of one trace
+    window then run one after another, so the window's keys and values stay in the cache between them."""
+    starts = np.zeros(n_slots + 2, np.int64)
+    for row in range(slot.shape[0]):
+        starts[slot[row] + 2] += 1
+    for i in range(n_slots + 1):
+        starts[i + 1] += starts[i]
+    seq = np.empty(slot.shape[0], np.int64)
+    for row in range(slot.shape[0]):
+        seq[starts[slot[row] + 1]] = row
+        starts[slot[row] + 1] += 1
+    return seq
+
+
+@njit(**_JIT)
+def _by_layer(target, L, seq):
+    """The rows with ``target[row]`` in [0, L) grouped by it (in the order of ``seq`` in each): (order,
+    starts), the rows at layer l being ``order[starts[l]:starts[l + 1]]``."""
     starts = np.zeros(L + 1, np.int64)
-    for row in range(target.shape[0]):
+    for row in seq:
         if 0 <= target[row] < L:
             starts[target[row] + 1] += 1
     for l in range(L):
         starts[l + 1] += starts[l]
     order = np.empty(starts[L], np.int64)
     fill = starts.copy()
-    for row in range(target.shape[0]):
+    for row in seq:
         t = target[row]
         if 0 <= t < L:
             order[fill[t]] = row
@@ -286,7 +327,10 @@ def _streams(fbuf, fm, ibuf, im):
             view(fbuf, fm, 2).reshape((fm[2, 2], fm[2, 3])), view(fbuf, fm, 3).reshape((fm[3, 2], fm[3, 3])),
             view(fbuf, fm, 4).reshape((fm[4, 2], fm[4, 3])), view(fbuf, fm, 5).reshape((fm[5, 2], fm[5, 3])),
             view(ibuf, im, 0).reshape((im[0, 2], im[0, 3])), view(fbuf, fm, 6).reshape((fm[6, 2], fm[6, 3])),
-            view(ibuf, im, 1), view(ibuf, im, 2))
+            view(ibuf, im, 1), view(ibuf, im, 2),
+            view(fbuf, fm, 7).reshape((fm[7, 2], fm[7, 3], fm[7, 4], fm[7, 5], fm[7, 6])),
+            view(fbuf, fm, 8).reshape((fm[8, 2], fm[8, 3], fm[8, 4], fm[8, 5], fm[8, 6])),
+            view(ibuf, im, 3), view(ibuf, im, 4))
 
 
 def pack(arrays, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -320,7 +364,15 @@ def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, rows, tokens):
             return CONTEXT_FULL, rows[i]
     for i in range(rows.shape[0]):
         _embed(W, S, rows[i], tokens[i])
-    _route(W, S, rows, 0, scratch, bits)
+    begun = np.zeros(S[8].shape[0], np.bool_)
+    begun[rows] = True
+    order = np.empty(rows.shape[0], np.int64)
+    m = 0
+    for row in _by_slot(S[12], S[10].shape[0]):
+        if begun[row]:
+            order[m] = row
+            m += 1
+    _route(W, S, order[:m], 0, scratch, bits)
     return OK, -1
 
 
@@ -356,7 +408,8 @@ def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, D, stepped, allowe
             if length[row] + 1 >= W[1].shape[0]:  # the next token has no position left
                 return CONTEXT_FULL, row
         applies[row] = l
-    order, starts = _by_layer(applies, L)
+    seq = _by_slot(S[12], S[10].shape[0])
+    order, starts = _by_layer(applies, L, seq)
     for l in range(L):
         if starts[l + 1] > starts[l]:
             _apply(W, S, D, order[starts[l]:starts[l + 1]], l, allowed, scratch)
@@ -378,7 +431,7 @@ def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, D, stepped, allowe
             position[row] = env_start[row] + env_token[row]
             _embed(W, S, row, token_id[position[row]])
             routes[row] = 0
-    order, starts = _by_layer(routes, L)
+    order, starts = _by_layer(routes, L, seq)
     for l in range(L):
         if starts[l + 1] > starts[l]:
             _route(W, S, order[starts[l]:starts[l + 1]], l, scratch, bits)

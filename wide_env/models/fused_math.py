@@ -92,12 +92,11 @@ def linear_rows(x, w, b, out):
 
 
 @njit(**_EXACT)
-def exp_shifted(s, n, top, bits):
-    """s[:n] = exp(s[:n] - top) (float32 in and out, float64 inside); returns their sum (float32, in order).
-    ``bits`` (>= 2n,) int64: scratch. 2^k is built from k's bits: k + 1.5 * 2^52 holds k in its low bits (so
-    no float-to-int conversion, which AVX2 cannot vectorise for int64)."""
-    k_bits, poly = bits[:n], bits[n:2 * n].view(np.float64)
-    shifted = k_bits.view(np.float64)
+def exp_shifted(s, n, top, poly, k_bits, scale):
+    """s[:n] = exp(s[:n] - top) (float32 in and out, float64 inside).
+    Scratch (>= n,): ``poly`` float64, ``k_bits`` int64 and ``scale``, its float64 view (made once by the
+    caller: a view costs reference counting). 2^k is built from k's bits: k + 1.5 * 2^52 holds k in its low
+    bits (so no float-to-int conversion, which AVX2 cannot vectorise for int64)."""
     for t in range(n):
         x = max(np.float64(s[t] - top), -700.0)
         k = np.floor(x * _LOG2E + 0.5)
@@ -115,16 +114,11 @@ def exp_shifted(s, n, top, bits):
         p = p * r + 0.5
         p = p * r + 1.0
         poly[t] = p * r + 1.0
-        shifted[t] = k + _MAGIC
+        scale[t] = k + _MAGIC
     for t in range(n):
         k_bits[t] = (k_bits[t] - _MAGIC_BITS + 1023) << 52  # 2^k's float64 bits
-    scale = k_bits.view(np.float64)
     for t in range(n):
         s[t] = np.float32(poly[t] * scale[t])
-    total = np.float32(0.0)
-    for t in range(n):
-        total += s[t]
-    return total
 
 
 @njit(inline="always", **_EXACT)
