@@ -59,8 +59,7 @@ class FusedDecoder:
         kv = (n, self.L, cfg.block_size, H, d // H)  # a stream's own positions (fused_kernels)
         slots = max(int(prefix_slots), 1)
         shared = (slots, self.L, H, d // H, cfg.block_size)  # shared prefixes: positions last
-        floats = [np.zeros(kv), np.zeros(kv), np.zeros((n, d)), np.zeros((n, d)), np.zeros((n, d)),
-                  np.zeros((n, E)), np.zeros((n, K)), np.zeros(shared), np.zeros(shared)]
+        floats = [kv, kv, (n, d), (n, d), (n, d), (n, E), (n, K), shared, shared]  # zeros (fused_kernels.pack)
         self._floats = fk.pack(floats, np.float32)
         self._ints = fk.pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1), np.full(n, -1), np.zeros(n)], np.int64)
         (self.keys, self.values, self.x, self._r, self._h, self.probs, self.topk_weight, self._shared_keys,

@@ -334,18 +334,21 @@ def _streams(fbuf, fm, ibuf, im):
 
 
 def pack(arrays, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Arrays (rank <= 5) copied into one contiguous buffer: (buffer, meta (N, 7) int64: offset, rank, shape
-    padded with 1s). One buffer per dtype keeps the compiled calls' argument lists short (numba's dispatch cost
-    grows with the number of arguments, about 0.4 us each)."""
+    """Arrays (rank <= 5), or shapes of zero arrays, in one contiguous buffer: (buffer, meta (N, 7) int64:
+    offset, rank, shape padded with 1s). One buffer per dtype keeps the compiled calls' argument lists short
+    (numba's dispatch cost grows with the number of arguments, about 0.4 us each). Zero arrays are not written:
+    their pages stay unmapped until used (a stream's cache is mostly never touched)."""
+    shapes = [tuple(a) if isinstance(a, tuple) else a.shape for a in arrays]
     meta = np.ones((len(arrays), 7), np.int64)
     offset = 0
+    for i, shape in enumerate(shapes):
+        meta[i, 0], meta[i, 1] = offset, len(shape)
+        meta[i, 2:2 + len(shape)] = shape
+        offset += int(np.prod(shape))
+    buf = np.zeros(offset, dtype)
     for i, a in enumerate(arrays):
-        meta[i, 0], meta[i, 1] = offset, a.ndim
-        meta[i, 2:2 + a.ndim] = a.shape
-        offset += a.size
-    buf = np.empty(offset, dtype)
-    for i, a in enumerate(arrays):
-        buf[meta[i, 0]:meta[i, 0] + a.size] = a.reshape(-1)
+        if not isinstance(a, tuple):
+            buf[meta[i, 0]:meta[i, 0] + a.size] = a.reshape(-1)
     return buf, meta
 
 
