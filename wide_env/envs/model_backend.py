@@ -15,9 +15,10 @@ same code). Two uses:
   (the token's loss and summed measured deviation) at each token's last layer (0 at other steps).
 
 Either way a stream holds the episode's text: the full model's keys and values of the trace window before the
-episode's first token (:class:`wide_env.models.trace_context.TraceContext`), then every token as the episode
-decoded it (perturbed keys and values reach the episode's later tokens); and at each token's last layer the
-step's accuracy fields become the measured ones:
+episode's first token (:class:`wide_env.models.trace_context.TraceContext`; with model accuracy one copy per
+window, shared by the episodes that start in it), then every token as the episode decoded it (perturbed keys
+and values reach the episode's later tokens); and at each token's last layer the step's accuracy fields become
+the measured ones:
 
 * ``accuracy_correct``: the model's next-byte prediction is the target;
 * ``accuracy_same``: it equals the full Top-K model's prediction (same context);

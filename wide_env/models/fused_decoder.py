@@ -6,11 +6,13 @@ streams, the same combine rule (:func:`wide_env.rules.serve_slots`), the arithme
 :mod:`wide_env.models.fused_kernels` (float32, agreeing with torch to float32 rounding). A stream applies its
 pending layer when the env steps it, so at any time each stream exposes its current layer's router output
 (``probs``, ``topk_idx``, ``topk_weight``) and its residual stream ``x``, and a call may hold streams at
-different layers.
+different layers (those at one layer run together). A stream's context is its own copy (:meth:`set_prefix`)
+or a trace window's prefix shared with the other streams of that window (:meth:`share_prefix`).
 
+    decoder.share_prefix(row, window, keys, values, n)   # or set_prefix(row, keys, values)
     decoder.begin(rows, token_ids)                  # embedding, layer 0's attention and router
-    finished = decoder.advance(rows, layers, allowed, next_tokens, going)
-    decoder.logits[:len(rows)][finished]            # next-token logits of the rows that finished their token
+    finished = decoder.advance(stepped, allowed, env_layer, env_start, env_token, env_done, token_id)
+    decoder.logits[finished]                        # next-token logits of the streams that finished their token
 """
 
 from __future__ import annotations
