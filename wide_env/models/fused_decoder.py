@@ -24,6 +24,30 @@ from .decoder import ContextFull, checked_streams
 from .moe_lm import MoELM
 
 
+def pack(arrays, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays (rank <= 5), or shapes of zero arrays, in one contiguous buffer: (buffer, meta (N, 7) int64:
+    offset, rank, shape padded with 1s). One buffer per dtype keeps the compiled calls' argument lists short
+    (numba's dispatch cost grows with the number of arguments, about 0.4 us each). Zero arrays are not written:
+    their pages stay unmapped until used (a stream's cache is mostly never touched)."""
+    shapes = [tuple(a) if isinstance(a, tuple) else a.shape for a in arrays]
+    meta = np.ones((len(arrays), 7), np.int64)
+    offset = 0
+    for i, shape in enumerate(shapes):
+        meta[i, 0], meta[i, 1] = offset, len(shape)
+        meta[i, 2:2 + len(shape)] = shape
+        offset += int(np.prod(shape))
+    buf = np.zeros(offset, dtype)
+    for i, a in enumerate(arrays):
+        if not isinstance(a, tuple):
+            buf[meta[i, 0]:meta[i, 0] + a.size] = a.reshape(-1)
+    return buf, meta
+
+
+def views(buf: np.ndarray, meta: np.ndarray) -> list[np.ndarray]:
+    """The arrays of a packed buffer as numpy views (writing them writes the buffer)."""
+    return [buf[m[0]:m[0] + int(np.prod(m[2:2 + m[1]]))].reshape(tuple(m[2:2 + m[1]])) for m in meta]
+
+
 def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
     """The model's weights in the layout of :mod:`fused_kernels` (float32, matrices input-major), packed into one
     buffer: (buffer, meta)."""
@@ -34,7 +58,7 @@ def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
     stack = lambda get: np.stack([arr(get(b)) for b in blocks])  # noqa: E731
     ln = np.stack([np.stack([arr(b.ln1.weight), arr(b.ln1.bias), arr(b.ln2.weight), arr(b.ln2.bias)])
                    for b in blocks])
-    return fk.pack([arr(model.tok.weight), arr(model.pos.weight), ln,
+    return pack([arr(model.tok.weight), arr(model.pos.weight), ln,
                     stack(lambda b: b.qkv.weight.T), stack(lambda b: b.qkv.bias),
                     stack(lambda b: b.proj.weight.T), stack(lambda b: b.proj.bias),
                     stack(lambda b: b.router.weight.T),
@@ -61,12 +85,12 @@ class FusedDecoder:
         kv = (n, self.L, cfg.block_size, H, d // H)  # a stream's own positions (fused_kernels)
         slots = max(int(prefix_slots), 1)
         shared = (slots, self.L, H, d // H, cfg.block_size)  # shared prefixes: positions last
-        floats = [kv, kv, (n, d), (n, d), (n, d), (n, E), (n, K), shared, shared]  # zeros (fused_kernels.pack)
-        self._floats = fk.pack(floats, np.float32)
-        self._ints = fk.pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1), np.full(n, -1), np.zeros(n)], np.int64)
+        floats = [kv, kv, (n, d), (n, d), (n, d), (n, E), (n, K), shared, shared]  # zeros (pack)
+        self._floats = pack(floats, np.float32)
+        self._ints = pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1), np.full(n, -1), np.zeros(n)], np.int64)
         (self.keys, self.values, self.x, self._r, self._h, self.probs, self.topk_weight, self._shared_keys,
-         self._shared_values) = fk.views(*self._floats)
-        self.topk_idx, self.length, self.layer, self._slot, self._shared = fk.views(*self._ints)
+         self._shared_values) = views(*self._floats)
+        self.topk_idx, self.length, self.layer, self._slot, self._shared = views(*self._ints)
         self._window_of: list = [None] * slots  # the window each shared slot holds
         self._refs = np.zeros(slots, np.int64)  # how many streams read each slot
         # self.x: per stream, the residual stream (the token's hidden state after its applied layers)

@@ -12,7 +12,8 @@ input order; layer norms, softmaxes and GELU in float64, cast back), so results 
 (``tests/test_fused_decoder.py`` bounds it). A stream's numbers do not depend on the streams beside it. The
 combine rule is :func:`wide_env.rules.serve_slots` itself.
 
-Weights ``W`` (views of one packed buffer, :func:`pack`; see :func:`wide_env.models.fused_decoder.pack_weights`),
+Weights ``W`` (views of one packed buffer, :func:`wide_env.models.fused_decoder.pack`; see
+:func:`wide_env.models.fused_decoder.pack_weights`),
 all float32, matrices stored
 input-major so the inner loops run over contiguous outputs:
   0 tok (V, d), 1 pos (T, d), 2 ln (L, 4, d) = ln1 weight, ln1 bias, ln2 weight, ln2 bias,
@@ -42,7 +43,7 @@ from numba import njit
 
 from wide_env.rules import serve_slots
 
-from .fused_math import exp_shifted, gelu_rows, layer_norm, linear_rows
+from .fused_math import exp_shifted, gelu_rows, layer_norm, linear_rows, prefetch
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 # reassociation lets the position loops (dot products, sums) run in SIMD lanes; no approximate functions
@@ -87,6 +88,8 @@ def _route(W, S, rows, l, scratch, bits):
     scale = np.float32(hd ** -0.5)
     shared_keys, shared_values, slot, shared = S[10], S[11], S[12], S[13]
     for g in range(R):
+        if g + 1 < R:
+            _prefetch_own(S, rows[g + 1], l)
         row = rows[g]
         p = length[row]
         n = p + 1
@@ -143,6 +146,21 @@ def _route(W, S, rows, l, scratch, bits):
     renorm = W[14][0] != 0
     for g in range(R):
         _gate(logits[g], probs[rows[g]], topk_idx[rows[g]], topk_w[rows[g]], K, E, renorm)
+
+
+@njit(**_JIT)
+def _prefetch_own(S, row, l):
+    """Fetch stream ``row``'s own positions of layer ``l`` (the keys and values its attention reads and the
+    position it writes) into the cache while the stream before it computes: each stream's block is visited
+    once every L steps, a miss from memory otherwise. (Its window's shared prefix is read in long runs the
+    hardware prefetcher follows.)"""
+    keys, values, length, slot, shared = S[0], S[1], S[8], S[12], S[13]
+    first = shared[row] if slot[row] >= 0 else 0
+    k, v = keys[row, l].reshape(-1), values[row, l].reshape(-1)
+    d = keys.shape[3] * keys.shape[4]
+    for i in range(first * d, (length[row] + 1) * d, 16):  # a cache line holds 16 floats
+        prefetch(k, i)
+        prefetch(v, i)
 
 
 @njit(**_JIT)
@@ -298,7 +316,8 @@ def _by_layer(target, L, seq):
 
 @njit(**_JIT)
 def view(buf, meta, i):
-    """Array ``i`` of a packed buffer (:func:`pack`): meta[i] = offset, rank, shape (up to 5)."""
+    """Array ``i`` of a packed buffer (:func:`wide_env.models.fused_decoder.pack`): meta[i] = offset, rank, shape
+    (up to 5)."""
     o = meta[i, 0]
     n = meta[i, 2] * meta[i, 3] * meta[i, 4] * meta[i, 5] * meta[i, 6]
     return buf[o:o + n]
@@ -331,30 +350,6 @@ def _streams(fbuf, fm, ibuf, im):
             view(fbuf, fm, 7).reshape((fm[7, 2], fm[7, 3], fm[7, 4], fm[7, 5], fm[7, 6])),
             view(fbuf, fm, 8).reshape((fm[8, 2], fm[8, 3], fm[8, 4], fm[8, 5], fm[8, 6])),
             view(ibuf, im, 3), view(ibuf, im, 4))
-
-
-def pack(arrays, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Arrays (rank <= 5), or shapes of zero arrays, in one contiguous buffer: (buffer, meta (N, 7) int64:
-    offset, rank, shape padded with 1s). One buffer per dtype keeps the compiled calls' argument lists short
-    (numba's dispatch cost grows with the number of arguments, about 0.4 us each). Zero arrays are not written:
-    their pages stay unmapped until used (a stream's cache is mostly never touched)."""
-    shapes = [tuple(a) if isinstance(a, tuple) else a.shape for a in arrays]
-    meta = np.ones((len(arrays), 7), np.int64)
-    offset = 0
-    for i, shape in enumerate(shapes):
-        meta[i, 0], meta[i, 1] = offset, len(shape)
-        meta[i, 2:2 + len(shape)] = shape
-        offset += int(np.prod(shape))
-    buf = np.zeros(offset, dtype)
-    for i, a in enumerate(arrays):
-        if not isinstance(a, tuple):
-            buf[meta[i, 0]:meta[i, 0] + a.size] = a.reshape(-1)
-    return buf, meta
-
-
-def views(buf: np.ndarray, meta: np.ndarray) -> list[np.ndarray]:
-    """The arrays of a packed buffer as numpy views (writing them writes the buffer)."""
-    return [buf[m[0]:m[0] + int(np.prod(m[2:2 + m[1]]))].reshape(tuple(m[2:2 + m[1]])) for m in meta]
 
 
 @njit(**_JIT)

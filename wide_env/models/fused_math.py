@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 # reassociation lets the output loops of the products run in SIMD lanes; no approximate functions. The exp and
@@ -43,6 +46,24 @@ _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
 _LOG2E = 1.4426950408889634
 _MAGIC = 6755399441055744.0  # 1.5 * 2^52
 _MAGIC_BITS = 0x4338000000000000  # its float64 bits
+
+
+@intrinsic
+def prefetch(typingctx, arr, index):
+    """Ask the CPU to load the cache line of ``arr[index]`` (a 1-d array) ahead of use (llvm.prefetch: a hint,
+    no effect on results). At B = 256 the streams' own cache blocks are visited once every L steps, so each is
+    a miss from memory; fetching the next stream's while this one computes hides the wait."""
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        array = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, array, [args[1]], wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        # read, keep in all cache levels, data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(arr, index), codegen
 
 
 @njit(**_JIT)
