@@ -171,7 +171,11 @@ def test_shared_prefix_slots_are_reused_and_run_out_with_a_clear_error():
     dec.share_prefix(0, "c", *run(8), 2)
     assert list(dec._refs) == [1, 1] and dec._window_of == ["c", "b"]
     with pytest.raises(ValueError, match="prefix length n must be in"):
-        dec.share_prefix(0, "c", *run(8), cfg.block_size + 1)
+        dec.share_prefix(0, "c", *run(8), 9)
+    # a slot copies its window's positions as far as its streams need them: a longer prefix later extends it
+    dec.share_prefix(1, "c", *run(8), 7)
+    assert dec._loaded[0] == 7 and dec.length[1] == 7
+    np.testing.assert_array_equal(dec._shared_keys[0, :, :, :, :7], run(8)[0].transpose(0, 1, 3, 2)[..., :7].astype(np.float32))
 
 
 def _two_windows_one_slot(model, D, run):

@@ -91,8 +91,10 @@ class FusedDecoder:
         (self.keys, self.values, self.x, self._r, self._h, self.probs, self.topk_weight, self._shared_keys,
          self._shared_values) = views(*self._floats)
         self.topk_idx, self.length, self.layer, self._slot, self._shared = views(*self._ints)
-        self._window_of: list = [None] * slots  # the window each shared slot holds
+        self._window_of: list = [None] * slots  # the window each shared slot holds, and back
+        self._slot_of: dict = {}
         self._refs = np.zeros(slots, np.int64)  # how many streams read each slot
+        self._loaded = np.zeros(slots, np.int64)  # how many of its window's first positions each slot holds
         # self.x: per stream, the residual stream (the token's hidden state after its applied layers)
         # self.probs, topk_idx, topk_weight: the pending layer's router softmax, Top-K (descending), combine weights
         # self.length: tokens held by each stream's cache
@@ -124,23 +126,27 @@ class FusedDecoder:
     def share_prefix(self, row: int, window, keys, values, n: int) -> None:
         """Stream ``row``'s first ``n`` tokens are the first n of the trace window ``window`` (any hashable id),
         whose full keys and values (L, H, N, hd) with N >= n are ``keys``, ``values``: the same context as
-        :meth:`set_prefix` of their first n, read from a slot the window's streams share (loaded when the
-        window is not in one)."""
+        :meth:`set_prefix` of their first n, read from a slot the window's streams share (a free slot takes the
+        window when none holds it; positions are copied in as far as a stream needs them)."""
+        keys, values = np.asarray(keys), np.asarray(values)
+        self._check_prefix(keys, values)
+        if not 0 <= n <= keys.shape[2]:
+            raise ValueError(f"prefix length n must be in [0, {keys.shape[2]}] (the window's run), got {n}")
         self._release(row)
-        slot = next((i for i, w in enumerate(self._window_of) if w == window), None)
+        slot = self._slot_of.get(window)
         if slot is None:
             free = np.flatnonzero(self._refs == 0)
             if not free.size:
                 raise RuntimeError(f"all {self._refs.size} prefix slots are in use; build the decoder with "
                                    "prefix_slots >= min(windows, n_streams)")
             slot = int(free[0])
-            keys, values = np.asarray(keys), np.asarray(values)
-            self._check_prefix(keys, values)
-            self._shared_keys[slot, :, :, :, :keys.shape[2]] = keys.transpose(0, 1, 3, 2)
-            self._shared_values[slot, :, :, :, :keys.shape[2]] = values.transpose(0, 1, 3, 2)
-            self._window_of[slot] = window
-        if not 0 <= n <= self._shared_keys.shape[4]:
-            raise ValueError(f"prefix length n must be in [0, {self._shared_keys.shape[4]}], got {n}")
+            self._slot_of.pop(self._window_of[slot], None)
+            self._slot_of[window], self._window_of[slot], self._loaded[slot] = slot, window, 0
+        have = self._loaded[slot]
+        if n > have:  # (the slot holds positions last)
+            self._shared_keys[slot, :, :, :, have:n] = keys[:, :, have:n].transpose(0, 1, 3, 2)
+            self._shared_values[slot, :, :, :, have:n] = values[:, :, have:n].transpose(0, 1, 3, 2)
+            self._loaded[slot] = n
         self._refs[slot] += 1
         self._slot[row], self._shared[row] = slot, n
         self.length[row] = n
