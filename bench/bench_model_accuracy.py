@@ -3,11 +3,12 @@
 against the same env with the accuracy rule.
 
     python bench/bench_model_accuracy.py [--envs Switch Mixtral GptOss] [--batches 1 16 256] [--episodes 2]
-                                         [--repeats 3]
+                                         [--repeats 3] [--clock wall|cpu]
 
 Per env id and batch size, the three envs run the same step calls (``--episodes`` episodes, so resets and the
 context loading at each reset are included) with the same presampled random actions, after one untimed
-warm-up run; repeats are interleaved so all see the same machine load. Reported: vector steps/s (best of
+warm-up run; repeats are interleaved so all see the same machine load (``--clock cpu``: the process's CPU
+time instead of wall time, steadier where other processes share the cores). Reported: vector steps/s (best of
 ``--repeats``) and the ratios rule / model and rule / live (how many times slower; medians of per-repeat
 ratios); and the one-time cost per process of the full model's run of every trace window (the
 contexts episodes start from, computed when first needed).
@@ -33,7 +34,20 @@ from bench_vector import Runner  # noqa: E402  (bench/ is the script's directory
 SETTINGS = {"rule": {"accuracy": "rule"}, "model": {"accuracy": "model"}, "live": {"backend": "live"}}
 
 
-def make_runner(env_id: str, setting: str, batch: int, calls: int, seed: int) -> Runner:
+class CpuRunner(Runner):
+    """bench_vector's runner timed in the process's CPU time."""
+
+    def run(self) -> float:
+        self.env.reset(seed=self.seed + self.runs)
+        self.runs += 1
+        step = self.env.step
+        t0 = time.process_time()
+        for action in self.actions:
+            step(action)
+        return len(self.actions) / (time.process_time() - t0)
+
+
+def make_runner(env_id: str, setting: str, batch: int, calls: int, seed: int, clock: str = "wall") -> Runner:
     """bench_vector's runner on the native vector env with one accuracy setting, after one untimed warm-up run
     (numba, torch and the trace windows' full-model runs, once per process: reported below)."""
     def make(b):
@@ -44,7 +58,7 @@ def make_runner(env_id: str, setting: str, batch: int, calls: int, seed: int) ->
         assert env.unwrapped.problem.accuracy_source in (setting, "rule_unvalidated")
         return env
 
-    runner = Runner(make, batch, calls, seed)
+    runner = (CpuRunner if clock == "cpu" else Runner)(make, batch, calls, seed)
     runner.run()
     return runner
 
@@ -56,11 +70,13 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    print(f"# vector step rate with accuracy from the rule vs measured on the model, best of {args.repeats}; "
+    print(f"# vector step rate with accuracy from the rule vs measured on the model, best of {args.repeats} "
+          f"({args.clock} clock); "
           f"torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}, "
           f"{platform.machine()}")
     print("| env | B | step calls | rule: calls/s | model: calls/s | live: calls/s | rule / model | rule / live |")
@@ -77,7 +93,7 @@ def main() -> None:
         problem = env.unwrapped.problem
         calls = args.episodes * problem.n_tokens * problem.n_layers
         for b in args.batches:
-            runners = {a: make_runner(env_id, a, b, calls, args.seed) for a in SETTINGS}
+            runners = {a: make_runner(env_id, a, b, calls, args.seed, args.clock) for a in SETTINGS}
             runs = {a: [] for a in runners}
             for _ in range(args.repeats):
                 for a, r in runners.items():

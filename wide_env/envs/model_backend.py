@@ -15,9 +15,10 @@ same code). Two uses:
   (the token's loss and summed measured deviation) at each token's last layer (0 at other steps).
 
 Either way a stream holds the episode's text: the full model's keys and values of the trace window before the
-episode's first token (:class:`wide_env.models.trace_context.TraceContext`), then every token as the episode
-decoded it (perturbed keys and values reach the episode's later tokens); and at each token's last layer the
-step's accuracy fields become the measured ones:
+episode's first token (:class:`wide_env.models.trace_context.TraceContext`; with model accuracy one copy per
+window, shared by the episodes that start in it), then every token as the episode decoded it (perturbed keys
+and values reach the episode's later tokens); and at each token's last layer the step's accuracy fields become
+the measured ones:
 
 * ``accuracy_correct``: the model's next-byte prediction is the target;
 * ``accuracy_same``: it equals the full Top-K model's prediction (same context);
@@ -161,11 +162,12 @@ class ModelAccuracy(_ModelStreams):
     applies its layer with the experts that served it and routes its next one (so ``decoder.probs`` and
     ``decoder.x`` hold each row's current layer's router output and residual stream)."""
 
-    @staticmethod
-    def _decoder(model, mismatch, num_envs):
+    def _decoder(self, model, mismatch, num_envs):
         from wide_env.models.fused_decoder import FusedDecoder
 
-        return FusedDecoder(model, mismatch, num_envs, weights=_packed_weights(model))
+        # the episodes starting in one trace window share its context (one slot per window in use)
+        slots = min(len(self.context.window_starts), num_envs)
+        return FusedDecoder(model, mismatch, num_envs, weights=_packed_weights(model), prefix_slots=slots)
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
@@ -181,9 +183,14 @@ class ModelAccuracy(_ModelStreams):
         self.state_keys.write(self.decoder, obs, rows)
 
     def start(self, state, rows: np.ndarray | None = None) -> None:
-        """Load the episodes' contexts and start their first token (layer 0 routed)."""
-        super().start(state, rows)
+        """Point the episodes' streams at their contexts (shared by the episodes of a trace window) and start
+        their first token (layer 0 routed)."""
         rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
+        with one_torch_thread():  # the trace window's full-model run, once per window
+            for row in rows:
+                start = int(state.start[row])
+                window, keys, values = self.context.window_run(start)
+                self.decoder.share_prefix(int(row), window, keys, values, start - window)
         if self.observes:
             self.state_keys.previous_loss[rows] = 0.0  # an episode's first token has no previous one
         position = state.start[rows] + state.token[rows]

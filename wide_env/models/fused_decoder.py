@@ -6,11 +6,13 @@ streams, the same combine rule (:func:`wide_env.rules.serve_slots`), the arithme
 :mod:`wide_env.models.fused_kernels` (float32, agreeing with torch to float32 rounding). A stream applies its
 pending layer when the env steps it, so at any time each stream exposes its current layer's router output
 (``probs``, ``topk_idx``, ``topk_weight``) and its residual stream ``x``, and a call may hold streams at
-different layers.
+different layers (those at one layer run together). A stream's context is its own copy (:meth:`set_prefix`)
+or a trace window's prefix shared with the other streams of that window (:meth:`share_prefix`).
 
+    decoder.share_prefix(row, window, keys, values, n)   # or set_prefix(row, keys, values)
     decoder.begin(rows, token_ids)                  # embedding, layer 0's attention and router
-    finished = decoder.advance(rows, layers, allowed, next_tokens, going)
-    decoder.logits[:len(rows)][finished]            # next-token logits of the rows that finished their token
+    finished = decoder.advance(stepped, allowed, env_layer, env_start, env_token, env_done, token_id)
+    decoder.logits[finished]                        # next-token logits of the streams that finished their token
 """
 
 from __future__ import annotations
@@ -20,6 +22,30 @@ import numpy as np
 from . import fused_kernels as fk
 from .decoder import ContextFull, checked_streams
 from .moe_lm import MoELM
+
+
+def pack(arrays, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays (rank <= 5), or shapes of zero arrays, in one contiguous buffer: (buffer, meta (N, 7) int64:
+    offset, rank, shape padded with 1s). One buffer per dtype keeps the compiled calls' argument lists short
+    (numba's dispatch cost grows with the number of arguments, about 0.4 us each). Zero arrays are not written:
+    their pages stay unmapped until used (a stream's cache is mostly never touched)."""
+    shapes = [tuple(a) if isinstance(a, tuple) else a.shape for a in arrays]
+    meta = np.ones((len(arrays), 7), np.int64)
+    offset = 0
+    for i, shape in enumerate(shapes):
+        meta[i, 0], meta[i, 1] = offset, len(shape)
+        meta[i, 2:2 + len(shape)] = shape
+        offset += int(np.prod(shape))
+    buf = np.zeros(offset, dtype)
+    for i, a in enumerate(arrays):
+        if not isinstance(a, tuple):
+            buf[meta[i, 0]:meta[i, 0] + a.size] = a.reshape(-1)
+    return buf, meta
+
+
+def views(buf: np.ndarray, meta: np.ndarray) -> list[np.ndarray]:
+    """The arrays of a packed buffer as numpy views (writing them writes the buffer)."""
+    return [buf[m[0]:m[0] + int(np.prod(m[2:2 + m[1]]))].reshape(tuple(m[2:2 + m[1]])) for m in meta]
 
 
 def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +58,7 @@ def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
     stack = lambda get: np.stack([arr(get(b)) for b in blocks])  # noqa: E731
     ln = np.stack([np.stack([arr(b.ln1.weight), arr(b.ln1.bias), arr(b.ln2.weight), arr(b.ln2.bias)])
                    for b in blocks])
-    return fk.pack([arr(model.tok.weight), arr(model.pos.weight), ln,
+    return pack([arr(model.tok.weight), arr(model.pos.weight), ln,
                     stack(lambda b: b.qkv.weight.T), stack(lambda b: b.qkv.bias),
                     stack(lambda b: b.proj.weight.T), stack(lambda b: b.proj.bias),
                     stack(lambda b: b.router.weight.T),
@@ -44,9 +70,11 @@ def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
 
 class FusedDecoder:
     """``n_streams`` KV-cached streams of ``model`` with the combine rule of the mismatch tables ``mismatch``
-    (L, E, E+1), advanced one layer per call."""
+    (L, E, E+1), advanced one layer per call. ``prefix_slots``: how many trace windows' prefixes the streams
+    may share at a time (:meth:`share_prefix`; min(windows, n_streams) or more, so that one is always free)."""
 
-    def __init__(self, model: MoELM, mismatch: np.ndarray, n_streams: int, weights: tuple | None = None):
+    def __init__(self, model: MoELM, mismatch: np.ndarray, n_streams: int, weights: tuple | None = None,
+                 prefix_slots: int = 0):
         cfg = self.cfg = model.cfg
         self.L, self.E, self.K, self.V = cfg.n_layer, cfg.n_expert, cfg.top_k, cfg.vocab_size
         self.D, n = checked_streams(cfg, mismatch, n_streams)
@@ -54,14 +82,19 @@ class FusedDecoder:
         d, H, E, K = cfg.d_model, cfg.n_head, self.E, self.K
         #: the packed weights (decoders of one model may share them: ``weights=``)
         self.weights = pack_weights(model) if weights is None else weights
-        kv = (n, self.L, H, d // H, cfg.block_size)  # positions last (fused_kernels)
-        floats = [np.zeros(kv), np.zeros(kv), np.zeros((n, d)), np.zeros((n, d)), np.zeros((n, d)),
-                  np.zeros((n, E)), np.zeros((n, K))]
-        self._floats = fk.pack(floats, np.float32)
-        self._ints = fk.pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1)], np.int64)
-        (self.keys, self.values, self.x, self._r, self._h, self.probs,
-         self.topk_weight) = fk.views(*self._floats)
-        self.topk_idx, self.length, self.layer = fk.views(*self._ints)
+        kv = (n, self.L, cfg.block_size, H, d // H)  # a stream's own positions (fused_kernels)
+        slots = max(int(prefix_slots), 1)
+        shared = (slots, self.L, H, d // H, cfg.block_size)  # shared prefixes: positions last
+        floats = [kv, kv, (n, d), (n, d), (n, d), (n, E), (n, K), shared, shared]  # zeros (pack)
+        self._floats = pack(floats, np.float32)
+        self._ints = pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1), np.full(n, -1), np.zeros(n)], np.int64)
+        (self.keys, self.values, self.x, self._r, self._h, self.probs, self.topk_weight, self._shared_keys,
+         self._shared_values) = views(*self._floats)
+        self.topk_idx, self.length, self.layer, self._slot, self._shared = views(*self._ints)
+        self._window_of: list = [None] * slots  # the window each shared slot holds, and back
+        self._slot_of: dict = {}
+        self._refs = np.zeros(slots, np.int64)  # how many streams read each slot
+        self._loaded = np.zeros(slots, np.int64)  # how many of its window's first positions each slot holds
         # self.x: per stream, the residual stream (the token's hidden state after its applied layers)
         # self.probs, topk_idx, topk_weight: the pending layer's router softmax, Top-K (descending), combine weights
         # self.length: tokens held by each stream's cache
@@ -72,25 +105,68 @@ class FusedDecoder:
         #: each stream's trace position of its token in progress (begin()'s ``positions``), and of the token it
         #: finished at the last advance()
         self.position, self.finished_at = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        self._scratch = np.zeros((7, max(3 * d, cfg.block_size, E, cfg.d_ff)), np.float32)
-        self._packed = self.weights + self._floats + self._ints + (self._scratch,)
+        per_stream = fk.scratch_per_stream(d, cfg.d_ff, E, self.V)
+        self._scratch = np.zeros(n * per_stream + cfg.block_size, np.float32)
+        self._bits = np.zeros(2 * cfg.block_size, np.int64)
+        self._packed = self.weights + self._floats + self._ints + (self._scratch, self._bits)
 
     def reset(self, rows=None) -> None:
         """Empty the caches of ``rows`` (None = every stream) and drop a token in progress."""
         sel = slice(None) if rows is None else np.asarray(rows, np.int64)
         self.length[sel] = 0
         self.layer[sel] = -1
+        for row in np.arange(self.n_streams)[sel].reshape(-1):
+            self._release(int(row))
+
+    def _release(self, row: int) -> None:
+        if self._slot[row] >= 0:
+            self._refs[self._slot[row]] -= 1
+        self._slot[row], self._shared[row] = -1, 0
+
+    def share_prefix(self, row: int, window, keys, values, n: int) -> None:
+        """Stream ``row``'s first ``n`` tokens are the first n of the trace window ``window`` (any hashable id),
+        whose full keys and values (L, H, N, hd) with N >= n are ``keys``, ``values``: the same context as
+        :meth:`set_prefix` of their first n, read from a slot the window's streams share (a free slot takes the
+        window when none holds it; positions are copied in as far as a stream needs them)."""
+        keys, values = np.asarray(keys), np.asarray(values)
+        self._check_prefix(keys, values)
+        if not 0 <= n <= keys.shape[2]:
+            raise ValueError(f"prefix length n must be in [0, {keys.shape[2]}] (the window's run), got {n}")
+        self._release(row)
+        slot = self._slot_of.get(window)
+        if slot is None:
+            free = np.flatnonzero(self._refs == 0)
+            if not free.size:
+                raise RuntimeError(f"all {self._refs.size} prefix slots are in use; build the decoder with "
+                                   "prefix_slots >= min(windows, n_streams)")
+            slot = int(free[0])
+            self._slot_of.pop(self._window_of[slot], None)
+            self._slot_of[window], self._window_of[slot], self._loaded[slot] = slot, window, 0
+        have = self._loaded[slot]
+        if n > have:  # (the slot holds positions last)
+            self._shared_keys[slot, :, :, :, have:n] = keys[:, :, have:n].transpose(0, 1, 3, 2)
+            self._shared_values[slot, :, :, :, have:n] = values[:, :, have:n].transpose(0, 1, 3, 2)
+            self._loaded[slot] = n
+        self._refs[slot] += 1
+        self._slot[row], self._shared[row] = slot, n
+        self.length[row] = n
+        self.layer[row] = -1
+
+    def _check_prefix(self, keys: np.ndarray, values: np.ndarray) -> None:
+        if (keys.shape != values.shape or keys.shape[:2] != self._shared_keys.shape[1:3]
+                or keys.shape[2] > self.cfg.block_size):
+            raise ValueError(f"prefix keys/values must be (L, H, n, hd) with (L, H) = {self._shared_keys.shape[1:3]} "
+                             f"and n <= {self.cfg.block_size}; got {keys.shape}")
 
     def set_prefix(self, row: int, keys, values) -> None:
         """Load stream ``row``'s cache with the keys and values (L, H, n, hd) of its first n tokens (numpy or
         torch: :class:`wide_env.models.trace_context.TraceContext`'s run of a trace window)."""
         keys, values = np.asarray(keys), np.asarray(values)
-        n = keys.shape[2]  # (the cache holds positions last)
-        if keys.shape != values.shape or keys.shape[:2] != self.keys.shape[1:3] or n > self.cfg.block_size:
-            raise ValueError(f"prefix keys/values must be (L, H, n, hd) with (L, H) = {self.keys.shape[1:3]} and "
-                             f"n <= {self.cfg.block_size}; got {keys.shape}")
-        self.keys[row, :, :, :, :n] = keys.transpose(0, 1, 3, 2)
-        self.values[row, :, :, :, :n] = values.transpose(0, 1, 3, 2)
+        self._check_prefix(keys, values)
+        n = keys.shape[2]
+        self._release(row)
+        self.keys[row, :, :n] = keys.transpose(0, 2, 1, 3)  # (the stream's cache holds positions before heads)
+        self.values[row, :, :n] = values.transpose(0, 2, 1, 3)
         self.length[row] = n
         self.layer[row] = -1
 

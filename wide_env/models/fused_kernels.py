@@ -1,26 +1,37 @@
-"""Compiled (numba) forward of a :class:`~wide_env.models.moe_lm.MoELM` one stream, one layer at a time.
+"""Compiled (numba) forward of a :class:`~wide_env.models.moe_lm.MoELM`, one layer at a time, the streams of a
+layer together.
 
 The shipped models are tiny (d_model 32 or 64): torch's per-operation cost, not arithmetic, dominated the
-decoding (issue 22: about 0.7 ms per env step on Mixtral at B = 1). These loops run a stream's layer in a few
-microseconds, row by row, so streams of one call may be at different layers.
+decoding (issue 22: about 0.7 ms per env step on Mixtral at B = 1). These loops run a layer for all the streams
+at it in one pass (:mod:`wide_env.models.fused_math`: matrix products over tiles of streams, vectorised exp and
+erf), so a call may hold streams at different layers and costs about the same per stream at B = 1 or 4096.
 
 The arithmetic is the torch model's (:mod:`wide_env.models.moe_lm`, :mod:`wide_env.models.decoder`) in float32
 with the same weights; sums run in another order than torch's BLAS (matrix products accumulate in float32 in
 input order; layer norms, softmaxes and GELU in float64, cast back), so results agree to float32 rounding
-(``tests/test_fused_decoder.py`` bounds it). The combine rule is :func:`wide_env.rules.serve_slots` itself.
+(``tests/test_fused_decoder.py`` bounds it). A stream's numbers do not depend on the streams beside it. The
+combine rule is :func:`wide_env.rules.serve_slots` itself.
 
-Weights ``W`` (views of one packed buffer, :func:`pack`; see :func:`wide_env.models.fused_decoder.pack_weights`),
+Weights ``W`` (views of one packed buffer, :func:`wide_env.models.fused_decoder.pack`; see
+:func:`wide_env.models.fused_decoder.pack_weights`),
 all float32, matrices stored
 input-major so the inner loops run over contiguous outputs:
   0 tok (V, d), 1 pos (T, d), 2 ln (L, 4, d) = ln1 weight, ln1 bias, ln2 weight, ln2 bias,
   3 qkv_w (L, d, 3d), 4 qkv_b (L, 3d), 5 proj_w (L, d, d), 6 proj_b (L, d), 7 router_w (L, d, E),
   8 w1 (L, E, d, f), 9 b1 (L, E, f), 10 w2 (L, E, f, d), 11 b2 (L, E, d), 12 ln_f (2, d), 13 head_w (d, V),
   14 renorm (1,): 1 where the combine weights are renormalised over the Top-K, else 0.
-Stream state ``S`` (views of a float32 and an int64 buffer): 0 keys, 1 values (n, L, H, hd, T) (positions
-last: the attention's loops run along them); 2 x, 3 r, 4 h (n, d) the residual stream,
+Stream state ``S`` (views of a float32 and an int64 buffer): 0 keys, 1 values (n, L, T, H, hd): each stream's
+own positions (a position's heads side by side: a new position writes two cache lines, an episode's few
+tokens are a few lines to read); 2 x, 3 r, 4 h (n, d) the residual stream,
 the current layer's attention output and MoE input; 5 probs (n, E); 6 topk_idx (n, K) int64; 7 topk_w (n, K);
 8 length (n,) int64 (tokens in the cache); 9 layer (n,) int64 (the pending layer, L = every layer applied,
--1 = no token in progress).
+-1 = no token in progress); 10 shared keys, 11 shared values (slots, L, H, hd, T): trace windows' prefixes
+that streams share (the full model's run of a window: every episode starting in it reads the same context;
+positions last: the attention's loops run along them, and a layer's slots stay in the cache while the
+window's streams run);
+12 slot (n,) int64: each stream's shared slot (-1: none), 13 shared (n,) int64: how many of its first
+positions it reads from there (its own cache holds the rest).
+Scratch: ``scratch`` float32 (at least n * :func:`scratch_per_stream` + T), ``bits`` int64 (2T,).
 """
 
 from __future__ import annotations
@@ -32,107 +43,130 @@ from numba import njit
 
 from wide_env.rules import serve_slots
 
+from .fused_math import exp_shifted, gelu_rows, layer_norm, linear_rows, prefetch
+
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 # reassociation lets the position loops (dot products, sums) run in SIMD lanes; no approximate functions
 _FAST = dict(_JIT, fastmath={"reassoc", "nsz", "contract"})
-_LN_EPS = 1e-5  # torch.nn.LayerNorm's default
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
 
 #: status codes the entry points return (the Python side raises the matching error)
 OK, CONTEXT_FULL, WRONG_LAYER = 0, 1, 2
 
 
-@njit(**_JIT)
-def _layer_norm(x, w, b, out):
-    n = x.shape[0]
-    mean = 0.0
-    for i in range(n):
-        mean += x[i]
-    mean /= n
-    var = 0.0
-    for i in range(n):
-        var += (x[i] - mean) ** 2
-    inv = 1.0 / math.sqrt(var / n + _LN_EPS)
-    for i in range(n):
-        out[i] = (x[i] - mean) * inv * w[i] + b[i]
+def scratch_per_stream(d: int, d_ff: int, n_expert: int, vocab: int) -> int:
+    """Float32 scratch per stream of the layer passes below (the largest of route, apply and finish)."""
+    return max(6 * d + n_expert, 3 * d + n_expert + d_ff, d + vocab)
 
 
 @njit(**_FAST)
-def _linear(x, w, b, out):
-    """out = x @ w + b with w (in, out); b may be empty (no bias). Four inputs per pass over the outputs (a
-    quarter of the loads and stores of ``out``)."""
-    n_out, n_in = out.shape[0], x.shape[0]
-    if b.shape[0]:
-        out[:] = b
-    else:
-        out[:] = 0.0
-    i = 0
-    while i + 4 <= n_in:
-        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-        w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
-        for j in range(n_out):
-            out[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
-        i += 4
-    while i < n_in:
-        xi, wi = x[i], w[i]
-        for j in range(n_out):
-            out[j] += xi * wi[j]
-        i += 1
-
-
-@njit(**_FAST)
-def _route(W, S, row, l, scratch):
-    """Attention of layer ``l`` for stream ``row`` (its residual stream x at its position), then the router:
-    writes the key and value into the cache, r, h, probs and the Top-K with its combine weights."""
+def _route(W, S, rows, l, scratch, bits):
+    """Attention of layer ``l`` for the streams ``rows`` (all at layer l; each at its residual stream x and its
+    position), then the router: writes the keys and values into the caches, r, h, probs and the Top-K with its
+    combine weights."""
     keys, values, x, r, h, probs, topk_idx, topk_w, length = S[0], S[1], S[2], S[3], S[4], S[5], S[6], S[7], S[8]
     ln, qkv_w, qkv_b, proj_w, proj_b, router_w = W[2], W[3], W[4], W[5], W[6], W[7]
-    d = x.shape[1]
-    H, hd = keys.shape[2], keys.shape[3]
+    R, d = rows.shape[0], x.shape[1]
+    T, H, hd = keys.shape[2], keys.shape[3], keys.shape[4]
     E, K = probs.shape[1], topk_idx.shape[1]
-    a, qkv, y, scores, att = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
-    a = a[:d]
-    qkv = qkv[: 3 * d]
-    y = y[:d]
-    att = att[:d]
-    p = length[row]
-    _layer_norm(x[row], ln[l, 0], ln[l, 1], a)
-    _linear(a, qkv_w[l], qkv_b[l], qkv)
+    o = 0
+    a = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    qkv = scratch[o:o + 3 * R * d].reshape((R, 3 * d))
+    o += 3 * R * d
+    y = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    att = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    logits = scratch[o:o + R * E].reshape((R, E))
+    o += R * E
+    scores = scratch[o:o + T]
+    poly, k_bits = bits[:T].view(np.float64), bits[T:2 * T]
+    scale_bits = k_bits.view(np.float64)
+    for g in range(R):
+        layer_norm(x[rows[g]], ln[l, 0], ln[l, 1], a[g])
+    linear_rows(a, qkv_w[l], qkv_b[l], qkv)
     scale = np.float32(hd ** -0.5)
-    n = p + 1
-    for hh in range(H):
-        kc, vc = keys[row, l, hh], values[row, l, hh]  # (hd, T): the loops below run along the positions
-        q = qkv[hh * hd:(hh + 1) * hd]
-        s = scores[:n]
-        for j in range(hd):
-            kc[j, p] = qkv[d + hh * hd + j]
-            vc[j, p] = qkv[2 * d + hh * hd + j]
-        s[:] = 0.0
-        for j in range(hd):
-            qj = q[j]
-            kj = kc[j]
+    shared_keys, shared_values, slot, shared = S[10], S[11], S[12], S[13]
+    for g in range(R):
+        if g + 1 < R:
+            _prefetch_own(S, rows[g + 1], l)
+        row = rows[g]
+        p = length[row]
+        n = p + 1
+        q = qkv[g]
+        P = shared[row] if slot[row] >= 0 else 0  # positions [0, P) in the shared prefix, [P, n) the stream's own
+        sk, sv = shared_keys[max(slot[row], 0), l], shared_values[max(slot[row], 0), l]
+        kc, vc = keys[row, l], values[row, l]  # (T, H, hd)
+        kc[p] = q[d:2 * d].reshape((H, hd))
+        vc[p] = q[2 * d:].reshape((H, hd))
+        for hh in range(H):
+            s = scores[:n]
+            s[:] = 0.0
+            for j in range(hd):  # the shared prefix: (hd, T), loops along the positions (they vectorise)
+                qj = q[hh * hd + j]
+                kj = sk[hh, j]
+                for t in range(P):
+                    s[t] += qj * kj[t]
+            for t in range(P, n):  # the stream's own positions (few): a position's key is contiguous
+                kt = kc[t, hh]
+                acc = np.float32(0.0)
+                for j in range(hd):
+                    acc += q[hh * hd + j] * kt[j]
+                s[t] = acc
+            top = np.float32(-np.inf)
             for t in range(n):
-                s[t] += qj * kj[t]
-        top = np.float32(-np.inf)
-        for t in range(n):
-            s[t] *= scale
-            top = max(top, s[t])
-        total = np.float32(0.0)
-        for t in range(n):
-            s[t] = math.exp(s[t] - top)
-            total += s[t]
-        inv = np.float32(1.0) / total
-        for j in range(hd):
-            vj = vc[j]
-            acc = np.float32(0.0)
+                s[t] *= scale
+                top = max(top, s[t])
+            exp_shifted(s, n, top, poly, k_bits, scale_bits)
+            total = np.float32(0.0)
             for t in range(n):
-                acc += s[t] * vj[t]
-            y[hh * hd + j] = acc * inv
-    _linear(y, proj_w[l], proj_b[l], att)
-    for i in range(d):
-        r[row, i] = x[row, i] + att[i]
-    _layer_norm(r[row], ln[l, 2], ln[l, 3], h[row])
-    logits = scratch[5][:E]
-    _linear(h[row], router_w[l], scratch[5][:0], logits)
+                total += s[t]
+            inv = np.float32(1.0) / total
+            yh = y[g, hh * hd:(hh + 1) * hd]
+            for j in range(hd):
+                vj = sv[hh, j]
+                acc = np.float32(0.0)
+                for t in range(P):
+                    acc += s[t] * vj[t]
+                yh[j] = acc
+            for t in range(P, n):
+                vt = vc[t, hh]
+                for j in range(hd):
+                    yh[j] += s[t] * vt[j]
+            for j in range(hd):
+                yh[j] *= inv
+    linear_rows(y, proj_w[l], proj_b[l], att)
+    for g in range(R):
+        row = rows[g]
+        for i in range(d):
+            r[row, i] = x[row, i] + att[g, i]
+        layer_norm(r[row], ln[l, 2], ln[l, 3], h[row])
+        a[g] = h[row]
+    linear_rows(a, router_w[l], W[14][:0], logits)
+    renorm = W[14][0] != 0
+    for g in range(R):
+        _gate(logits[g], probs[rows[g]], topk_idx[rows[g]], topk_w[rows[g]], K, E, renorm)
+
+
+@njit(**_JIT)
+def _prefetch_own(S, row, l):
+    """Fetch stream ``row``'s own positions of layer ``l`` (the keys and values its attention reads and the
+    position it writes) into the cache while the stream before it computes: each stream's block is visited
+    once every L steps, a miss from memory otherwise. (Its window's shared prefix is read in long runs the
+    hardware prefetcher follows.)"""
+    keys, values, length, slot, shared = S[0], S[1], S[8], S[12], S[13]
+    first = shared[row] if slot[row] >= 0 else 0
+    k, v = keys[row, l].reshape(-1), values[row, l].reshape(-1)
+    d = keys.shape[3] * keys.shape[4]
+    for i in range(first * d, (length[row] + 1) * d, 16):  # a cache line holds 16 floats
+        prefetch(k, i)
+        prefetch(v, i)
+
+
+@njit(**_JIT)
+def _gate(logits, probs, topk_idx, topk_w, K, E, renorm):
+    """The router's softmax (float64), Top-K descending (the first of equal probabilities first) and combine
+    weights, renormalised over the Top-K (``renorm``) or the raw probabilities."""
     top = -np.inf
     for e in range(E):
         top = max(top, logits[e])
@@ -140,88 +174,150 @@ def _route(W, S, row, l, scratch):
     for e in range(E):
         total += math.exp(logits[e] - top)
     for e in range(E):
-        probs[row, e] = math.exp(logits[e] - top) / total
-    # Top-K descending (the first of equal probabilities first); combine weights renormalised over the Top-K
-    # (renorm != 0) or the raw probabilities
+        probs[e] = math.exp(logits[e] - top) / total
     wsum = np.float32(0.0)
     for k in range(K):
         best = -1
         for e in range(E):
             taken = False
             for kk in range(k):
-                if topk_idx[row, kk] == e:
+                if topk_idx[kk] == e:
                     taken = True
-            if not taken and (best < 0 or probs[row, e] > probs[row, best]):
+            if not taken and (best < 0 or probs[e] > probs[best]):
                 best = e
-        topk_idx[row, k] = best
-        topk_w[row, k] = probs[row, best]
-        wsum += probs[row, best]
-    if W[14][0] != 0:  # the renorm flag
+        topk_idx[k] = best
+        topk_w[k] = probs[best]
+        wsum += probs[best]
+    if renorm:
         for k in range(K):
-            topk_w[row, k] = topk_w[row, k] / wsum
+            topk_w[k] = topk_w[k] / wsum
 
 
 @njit(**_JIT)
-def _apply(W, S, D, row, l, allowed, server, table, combine, scratch):
-    """Layer ``l``'s MoE for stream ``row`` under the combine rule with ``allowed`` (E,) experts: x = r + sum_k
-    w_k E_phi(k)(h), a skipped slot adding nothing."""
+def _apply(W, S, D, rows, l, allowed, scratch):
+    """Layer ``l``'s MoE for the streams ``rows`` (all at layer l) under the combine rule with their ``allowed``
+    (n, E) experts: x = r + sum_k w_k E_phi(k)(h), a skipped slot adding nothing. Each expert runs once on the
+    streams it serves."""
     w1, b1, w2, b2 = W[8], W[9], W[10], W[11]
     x, r, h, topk_idx, topk_w = S[2], S[3], S[4], S[6], S[7]
     E, K = D.shape[1], topk_idx.shape[1]
-    d, f = x.shape[1], w1.shape[3]
-    for k in range(K):
-        wk = np.float64(topk_w[row, k])
-        for j in range(E + 1):
-            table[k, j] = wk * D[l, topk_idx[row, k], j]
-    serve_slots(table, (), allowed, server)
-    combine[:] = 0.0
-    for k in range(K):
-        if server[k] < E:
-            combine[server[k]] += topk_w[row, k]
-    act, out, moe = scratch[6][:f], scratch[2][:d], scratch[4][:d]
+    R, d, f = rows.shape[0], x.shape[1], w1.shape[3]
+    o = 0
+    combine = scratch[o:o + R * E].reshape((R, E))
+    o += R * E
+    moe = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    inp = scratch[o:o + R * d].reshape((R, d))
+    o += R * d
+    act = scratch[o:o + R * f].reshape((R, f))
+    o += R * f
+    out = scratch[o:o + R * d].reshape((R, d))
+    table = np.empty((K, E + 1))
+    server = np.empty(K, np.int64)
+    served = np.empty(R, np.int64)
+    for g in range(R):
+        row = rows[g]
+        for k in range(K):
+            wk = np.float64(topk_w[row, k])
+            for j in range(E + 1):
+                table[k, j] = wk * D[l, topk_idx[row, k], j]
+        serve_slots(table, (), allowed[row], server)
+        combine[g] = 0.0
+        for k in range(K):
+            if server[k] < E:
+                combine[g, server[k]] += topk_w[row, k]
     moe[:] = 0.0
     for e in range(E):
-        c = combine[e]
-        if c == 0.0:
+        m = 0
+        for g in range(R):
+            if combine[g, e] != 0.0:
+                served[m] = g
+                inp[m] = h[rows[g]]
+                m += 1
+        if m == 0:
             continue
-        _linear(h[row], w1[l, e], b1[l, e], act)
-        for i in range(f):
-            v = np.float64(act[i])
-            act[i] = 0.5 * v * (1.0 + math.erf(v * _SQRT1_2))
-        _linear(act, w2[l, e], b2[l, e], out)
+        linear_rows(inp[:m], w1[l, e], b1[l, e], act[:m])
+        gelu_rows(act[:m])
+        linear_rows(act[:m], w2[l, e], b2[l, e], out[:m])
+        for q in range(m):
+            g = served[q]
+            c = combine[g, e]
+            for i in range(d):
+                moe[g, i] += c * out[q, i]
+    for g in range(R):
+        row = rows[g]
         for i in range(d):
-            moe[i] += c * out[i]
-    for i in range(d):
-        x[row, i] = r[row, i] + moe[i]
+            x[row, i] = r[row, i] + moe[g, i]
 
 
 @njit(**_JIT)
-def _finish(W, S, row, logits, scratch):
-    """Next-token logits of stream ``row`` (every layer applied); its cache is one token longer."""
+def _finish(W, S, rows, logits, scratch):
+    """Next-token logits of the streams ``rows`` (every layer applied) into ``logits[row]``; their caches are one
+    token longer."""
     x, length, layer = S[2], S[8], S[9]
-    a = scratch[0][: x.shape[1]]
-    _layer_norm(x[row], W[12][0], W[12][1], a)
-    _linear(a, W[13], W[13][0, :0], logits)
-    length[row] += 1
-    layer[row] = -1
+    R, d, V = rows.shape[0], x.shape[1], logits.shape[1]
+    a = scratch[:R * d].reshape((R, d))
+    out = scratch[R * d:R * (d + V)].reshape((R, V))
+    for g in range(R):
+        layer_norm(x[rows[g]], W[12][0], W[12][1], a[g])
+    linear_rows(a, W[13], W[14][:0], out)
+    for g in range(R):
+        row = rows[g]
+        logits[row] = out[g]
+        length[row] += 1
+        layer[row] = -1
 
 
 @njit(**_JIT)
-def _begin(W, S, row, token, scratch):
+def _embed(W, S, row, token):
+    """Start a token on stream ``row``: its embedding at the stream's next position; layer 0 pending."""
     x, length, layer = S[2], S[8], S[9]
     p = length[row]
-    if p >= W[1].shape[0]:
-        return CONTEXT_FULL
     for i in range(x.shape[1]):
         x[row, i] = W[0][token, i] + W[1][p, i]
     layer[row] = 0
-    _route(W, S, row, 0, scratch)
-    return OK
+
+
+@njit(**_JIT)
+def _by_slot(slot, n_slots):
+    """The rows in order of their shared prefix slot (rows without one first): a layer's streams of one trace
+    window then run one after another, so the window's keys and values stay in the cache between them."""
+    starts = np.zeros(n_slots + 2, np.int64)
+    for row in range(slot.shape[0]):
+        starts[slot[row] + 2] += 1
+    for i in range(n_slots + 1):
+        starts[i + 1] += starts[i]
+    seq = np.empty(slot.shape[0], np.int64)
+    for row in range(slot.shape[0]):
+        seq[starts[slot[row] + 1]] = row
+        starts[slot[row] + 1] += 1
+    return seq
+
+
+@njit(**_JIT)
+def _by_layer(target, L, seq):
+    """The rows with ``target[row]`` in [0, L) grouped by it (in the order of ``seq`` in each): (order,
+    starts), the rows at layer l being ``order[starts[l]:starts[l + 1]]``."""
+    starts = np.zeros(L + 1, np.int64)
+    for row in seq:
+        if 0 <= target[row] < L:
+            starts[target[row] + 1] += 1
+    for l in range(L):
+        starts[l + 1] += starts[l]
+    order = np.empty(starts[L], np.int64)
+    fill = starts.copy()
+    for row in seq:
+        t = target[row]
+        if 0 <= t < L:
+            order[fill[t]] = row
+            fill[t] += 1
+    return order, starts
 
 
 @njit(**_JIT)
 def view(buf, meta, i):
-    """Array ``i`` of a packed buffer (:func:`pack`): meta[i] = offset, rank, shape (up to 5)."""
+    """Array ``i`` of a packed buffer (:func:`wide_env.models.fused_decoder.pack`): meta[i] = offset, rank, shape
+    (up to 5)."""
     o = meta[i, 0]
     n = meta[i, 2] * meta[i, 3] * meta[i, 4] * meta[i, 5] * meta[i, 6]
     return buf[o:o + n]
@@ -250,80 +346,91 @@ def _streams(fbuf, fm, ibuf, im):
             view(fbuf, fm, 2).reshape((fm[2, 2], fm[2, 3])), view(fbuf, fm, 3).reshape((fm[3, 2], fm[3, 3])),
             view(fbuf, fm, 4).reshape((fm[4, 2], fm[4, 3])), view(fbuf, fm, 5).reshape((fm[5, 2], fm[5, 3])),
             view(ibuf, im, 0).reshape((im[0, 2], im[0, 3])), view(fbuf, fm, 6).reshape((fm[6, 2], fm[6, 3])),
-            view(ibuf, im, 1), view(ibuf, im, 2))
-
-
-def pack(arrays, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Arrays (rank <= 5) copied into one contiguous buffer: (buffer, meta (N, 7) int64: offset, rank, shape
-    padded with 1s). One buffer per dtype keeps the compiled calls' argument lists short (numba's dispatch cost
-    grows with the number of arguments, about 0.4 us each)."""
-    meta = np.ones((len(arrays), 7), np.int64)
-    offset = 0
-    for i, a in enumerate(arrays):
-        meta[i, 0], meta[i, 1] = offset, a.ndim
-        meta[i, 2:2 + a.ndim] = a.shape
-        offset += a.size
-    buf = np.empty(offset, dtype)
-    for i, a in enumerate(arrays):
-        buf[meta[i, 0]:meta[i, 0] + a.size] = a.reshape(-1)
-    return buf, meta
-
-
-def views(buf: np.ndarray, meta: np.ndarray) -> list[np.ndarray]:
-    """The arrays of a packed buffer as numpy views (writing them writes the buffer)."""
-    return [buf[m[0]:m[0] + int(np.prod(m[2:2 + m[1]]))].reshape(tuple(m[2:2 + m[1]])) for m in meta]
+            view(ibuf, im, 1), view(ibuf, im, 2),
+            view(fbuf, fm, 7).reshape((fm[7, 2], fm[7, 3], fm[7, 4], fm[7, 5], fm[7, 6])),
+            view(fbuf, fm, 8).reshape((fm[8, 2], fm[8, 3], fm[8, 4], fm[8, 5], fm[8, 6])),
+            view(ibuf, im, 3), view(ibuf, im, 4))
 
 
 @njit(**_JIT)
-def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, rows, tokens):
+def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, rows, tokens):
     """Start a token on each stream of ``rows`` (token ids ``tokens``): embedding, then layer 0's attention and
-    router. Returns (status, the row it stopped at)."""
+    router. Returns (status, the first row refused); a refused call changes nothing."""
     W, S = _weights(wbuf, wm), _streams(fbuf, fm, ibuf, im)
     for i in range(rows.shape[0]):
-        if _begin(W, S, rows[i], tokens[i], scratch) != OK:
+        if S[8][rows[i]] >= W[1].shape[0]:
             return CONTEXT_FULL, rows[i]
+    for i in range(rows.shape[0]):
+        _embed(W, S, rows[i], tokens[i])
+    begun = np.zeros(S[8].shape[0], np.bool_)
+    begun[rows] = True
+    order = np.empty(rows.shape[0], np.int64)
+    m = 0
+    for row in _by_slot(S[12], S[10].shape[0]):
+        if begun[row]:
+            order[m] = row
+            m += 1
+    _route(W, S, order[:m], 0, scratch, bits)
     return OK, -1
 
 
 @njit(**_JIT)
-def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, D, stepped, allowed, env_layer, env_start, env_token,
-                 env_done, token_id, logits, finished, finished_at, position):
+def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, D, stepped, allowed, env_layer, env_start,
+                 env_token, env_done, token_id, logits, finished, finished_at, position):
     """Every stream b with ``stepped[b]`` and a token in progress applies its pending layer with its
     ``allowed[b]`` (E,) experts under the combine rule, then routes its next layer. ``env_*`` are the episodes'
     counters after the step (:class:`wide_env.sim.decode.state.DecodeState`), which the streams must agree
     with: the next layer, or at a token's end the next token (layer 0, trace position start + token) unless
     the episode is done. A stream that applied its last layer writes its next-token logits into ``logits[b]``,
     sets ``finished[b]``, ``finished_at[b]`` = its token's trace position (``position[b]``, kept from its
-    begin) and, unless done, starts its next token (id from ``token_id``). Returns (status, row)."""
+    begin) and, unless done, starts its next token (id from ``token_id``). Streams at the same layer run
+    together. Returns (status, row); a refused call (a stream out of step, a full context) changes nothing."""
     W, S = _weights(wbuf, wm), _streams(fbuf, fm, ibuf, im)
-    L, E = D.shape[0], D.shape[1]
-    K = S[6].shape[1]
-    layer = S[9]
-    table = np.empty((K, E + 1))
-    server = np.empty(K, np.int64)
-    combine = np.empty(E, np.float32)
-    for row in range(stepped.shape[0]):
+    L = D.shape[0]
+    length, layer = S[8], S[9]
+    n = stepped.shape[0]
+    applies = np.full(n, -1, np.int64)  # the layer each stream applies now (-1: none)
+    for row in range(n):
         finished[row] = False
         l = layer[row]
         if not stepped[row] or (l < 0 and env_done[row]):  # not stepped, or the episode was over
             continue
         if l < 0 or l >= L:
             return WRONG_LAYER, row
-        _apply(W, S, D, row, l, allowed[row], server, table, combine, scratch)
         if l + 1 < L:
             if env_layer[row] != l + 1:
                 return WRONG_LAYER, row
+        elif not env_done[row]:
+            if env_layer[row] != 0:
+                return WRONG_LAYER, row
+            if length[row] + 1 >= W[1].shape[0]:  # the next token has no position left
+                return CONTEXT_FULL, row
+        applies[row] = l
+    seq = _by_slot(S[12], S[10].shape[0])
+    order, starts = _by_layer(applies, L, seq)
+    for l in range(L):
+        if starts[l + 1] > starts[l]:
+            _apply(W, S, D, order[starts[l]:starts[l + 1]], l, allowed, scratch)
+    last = order[starts[L - 1]:starts[L]]
+    if last.shape[0]:
+        _finish(W, S, last, logits, scratch)
+    routes = np.full(n, -1, np.int64)  # the layer each stream routes next (-1: none)
+    for row in range(n):
+        l = applies[row]
+        if l < 0:
+            continue
+        if l + 1 < L:
             layer[row] = l + 1
-            _route(W, S, row, l + 1, scratch)
+            routes[row] = l + 1
             continue
         finished[row] = True
         finished_at[row] = position[row]
-        _finish(W, S, row, logits[row], scratch)
-        if env_done[row]:
-            continue
-        if env_layer[row] != 0:
-            return WRONG_LAYER, row
-        position[row] = env_start[row] + env_token[row]
-        if _begin(W, S, row, token_id[position[row]], scratch) != OK:
-            return CONTEXT_FULL, row
+        if not env_done[row]:
+            position[row] = env_start[row] + env_token[row]
+            _embed(W, S, row, token_id[position[row]])
+            routes[row] = 0
+    order, starts = _by_layer(routes, L, seq)
+    for l in range(L):
+        if starts[l + 1] > starts[l]:
+            _route(W, S, order[starts[l]:starts[l + 1]], l, scratch, bits)
     return OK, -1

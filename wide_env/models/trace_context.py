@@ -78,9 +78,14 @@ class TraceContext:
 
     def prefix(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (L, H, n, hd) of the full model's context ``window .. position - 1``."""
-        w = self.window(position)
-        keys, values = self._run(w)
+        w, keys, values = self.window_run(position)
         return keys[:, :, : position - w], values[:, :, : position - w]
+
+    def window_run(self, position: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The window holding ``position``: its first trace position and the full model's keys and values
+        (L, H, n, hd) over all of it (episodes starting in it share them: the first position - window)."""
+        w = self.window(position)
+        return (w,) + self._run(w)
 
     def reference(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The full model's prediction (int64) and loss -log p(target) (nats) at each trace position."""
