@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import wide_env  # noqa: F401
-from baselines.information_headroom import (ENV_ID, FlipPricedSkip, LogisticModel, collect_skip_samples,
+from baselines.information_headroom import (ENV_ID, L2_GRID, FlipPricedSkip, LogisticModel, collect_skip_samples,
                                             decision_features, fit_logistic, information_headroom)
 from baselines.lagrangian import energy_model_config
 from baselines.observation import parse_observation, problem_of
@@ -121,6 +121,7 @@ def test_flip_priced_skip_ends(env):
 def test_information_headroom_end_to_end_small():
     result = information_headroom(episodes=40, test_episodes=3, thetas=(0.0, 1e12), n_boot=20)
     assert set(result["log_loss"]) == {"constant", "deviation", "observation"}
+    assert set(result["l2"]) == {"deviation", "observation"} and set(result["l2"].values()) <= set(L2_GRID)
     assert [r["policy"] for r in result["rules"]] == ["topk", "deviation theta=0", "deviation theta=1e+12",
                                                       "observation theta=0", "observation theta=1e+12"]
     topk, dev_skip, dev_never = result["rules"][:3]
