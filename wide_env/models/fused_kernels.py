@@ -58,6 +58,13 @@ def scratch_per_stream(d: int, d_ff: int, n_expert: int, vocab: int) -> int:
     return max(6 * d + n_expert, 3 * d + n_expert + d_ff, d + vocab)
 
 
+@njit(inline="always", **_JIT)
+def _rows_of(scratch, o, R, c):
+    """The (R, c) block of ``scratch`` at offset ``o`` and the offset after it (the layer passes carve their
+    buffers from one scratch, in the order scratch_per_stream counts them)."""
+    return scratch[o:o + R * c].reshape((R, c)), o + R * c
+
+
 @njit(**_FAST)
 def _route(W, S, rows, l, scratch, bits):
     """Attention of layer ``l`` for the streams ``rows`` (all at layer l; each at its residual stream x and its
@@ -68,17 +75,11 @@ def _route(W, S, rows, l, scratch, bits):
     R, d = rows.shape[0], x.shape[1]
     T, H, hd = keys.shape[2], keys.shape[3], keys.shape[4]
     E, K = probs.shape[1], topk_idx.shape[1]
-    o = 0
-    a = scratch[o:o + R * d].reshape((R, d))
-    o += R * d
-    qkv = scratch[o:o + 3 * R * d].reshape((R, 3 * d))
-    o += 3 * R * d
-    y = scratch[o:o + R * d].reshape((R, d))
-    o += R * d
-    att = scratch[o:o + R * d].reshape((R, d))
-    o += R * d
-    logits = scratch[o:o + R * E].reshape((R, E))
-    o += R * E
+    a, o = _rows_of(scratch, 0, R, d)
+    qkv, o = _rows_of(scratch, o, R, 3 * d)
+    y, o = _rows_of(scratch, o, R, d)
+    att, o = _rows_of(scratch, o, R, d)
+    logits, o = _rows_of(scratch, o, R, E)
     scores = scratch[o:o + T]
     poly, k_bits = bits[:T].view(np.float64), bits[T:2 * T]
     scale_bits = k_bits.view(np.float64)
@@ -202,16 +203,11 @@ def _apply(W, S, D, rows, l, allowed, scratch):
     x, r, h, topk_idx, topk_w = S[2], S[3], S[4], S[6], S[7]
     E, K = D.shape[1], topk_idx.shape[1]
     R, d, f = rows.shape[0], x.shape[1], w1.shape[3]
-    o = 0
-    combine = scratch[o:o + R * E].reshape((R, E))
-    o += R * E
-    moe = scratch[o:o + R * d].reshape((R, d))
-    o += R * d
-    inp = scratch[o:o + R * d].reshape((R, d))
-    o += R * d
-    act = scratch[o:o + R * f].reshape((R, f))
-    o += R * f
-    out = scratch[o:o + R * d].reshape((R, d))
+    combine, o = _rows_of(scratch, 0, R, E)
+    moe, o = _rows_of(scratch, o, R, d)
+    inp, o = _rows_of(scratch, o, R, d)
+    act, o = _rows_of(scratch, o, R, f)
+    out, _ = _rows_of(scratch, o, R, d)
     table = np.empty((K, E + 1))
     server = np.empty(K, np.int64)
     served = np.empty(R, np.int64)
@@ -256,8 +252,8 @@ def _finish(W, S, rows, logits, scratch):
     token longer."""
     x, length, layer = S[2], S[8], S[9]
     R, d, V = rows.shape[0], x.shape[1], logits.shape[1]
-    a = scratch[:R * d].reshape((R, d))
-    out = scratch[R * d:R * (d + V)].reshape((R, V))
+    a, o = _rows_of(scratch, 0, R, d)
+    out, _ = _rows_of(scratch, o, R, V)
     for g in range(R):
         layer_norm(x[rows[g]], W[12][0], W[12][1], a[g])
     linear_rows(a, W[13], W[14][:0], out)

@@ -144,43 +144,28 @@ def exp_shifted(s, n, top, poly, k_bits, scale):
 
 
 @njit(inline="always", **_EXACT)
+def _erf_chain(t4, j):
+    """One of erf's four Horner chains in t^4: the coefficients _ERF[j], _ERF[j + 4], ..., _ERF[j + 24], written
+    out (no loop) so that the loops over elements around it vectorise."""
+    p = _ERF[24 + j]
+    p = p * t4 + _ERF[20 + j]
+    p = p * t4 + _ERF[16 + j]
+    p = p * t4 + _ERF[12 + j]
+    p = p * t4 + _ERF[8 + j]
+    p = p * t4 + _ERF[4 + j]
+    return p * t4 + _ERF[j]
+
+
+@njit(inline="always", **_EXACT)
 def erf(x):
     """erf in float64 to about 1e-13 (1 beyond 4: 1.5e-8 off at most): the polynomial _ERF in four interleaved
-    Horner chains in t^4 (p = A + t B +
-    t^2 C + t^3 D: a quarter of the dependency chain, the loops over elements run at throughput), written out so
-    that those loops vectorise."""
+    Horner chains in t^4 (p = A + t B + t^2 C + t^3 D: a quarter of the dependency chain, the loops over elements
+    run at throughput)."""
     z = min(abs(x), 4.0)
     t = 0.5 * z - 1.0
     t2 = t * t
     t4 = t2 * t2
-    a = _ERF[24]
-    a = a * t4 + _ERF[20]
-    a = a * t4 + _ERF[16]
-    a = a * t4 + _ERF[12]
-    a = a * t4 + _ERF[8]
-    a = a * t4 + _ERF[4]
-    a = a * t4 + _ERF[0]
-    b = _ERF[25]
-    b = b * t4 + _ERF[21]
-    b = b * t4 + _ERF[17]
-    b = b * t4 + _ERF[13]
-    b = b * t4 + _ERF[9]
-    b = b * t4 + _ERF[5]
-    b = b * t4 + _ERF[1]
-    c = _ERF[26]
-    c = c * t4 + _ERF[22]
-    c = c * t4 + _ERF[18]
-    c = c * t4 + _ERF[14]
-    c = c * t4 + _ERF[10]
-    c = c * t4 + _ERF[6]
-    c = c * t4 + _ERF[2]
-    d = _ERF[27]
-    d = d * t4 + _ERF[23]
-    d = d * t4 + _ERF[19]
-    d = d * t4 + _ERF[15]
-    d = d * t4 + _ERF[11]
-    d = d * t4 + _ERF[7]
-    d = d * t4 + _ERF[3]
+    a, b, c, d = _erf_chain(t4, 0), _erf_chain(t4, 1), _erf_chain(t4, 2), _erf_chain(t4, 3)
     y = (a + t * b) + t2 * (c + t * d) if z < 4.0 else 1.0
     return y if x >= 0 else -y
 
