@@ -11,22 +11,17 @@ Rows:
    ratio is model / rule of the best repeats (1 = the model is not run; the issue measured 3.0 s vs 0.4 s).
 2. ``make_policy("siftmoe_dpp", env)`` (collects its statistics) and ``python -m baselines.span_report --mode token
    --episodes 20``, each in a fresh process with torch's default threads and with ``torch.set_num_threads(1)``,
-   alternating; wall time of the call (CPU time would hide threads that spin); ratio default / one thread.
+   alternating after one untimed warm-up run; wall time of the call (CPU time would hide threads that spin); ratio
+   default / one thread.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_threads import ROOT, child_json, default_vs_one  # bench/ is the script's directory
 
 CHILD = """
 import json, sys, time, warnings
@@ -48,10 +43,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "threads": torch.get_num
 
 
 def run_child(what: str, env_id: str, one_thread: bool) -> float:
-    code = CHILD.format(root=str(ROOT), one=one_thread, what=what, env_id=env_id)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    return child_json(CHILD.format(root=str(ROOT), one=one_thread, what=what, env_id=env_id))["seconds"]
 
 
 def collect_seconds(config, episodes: int) -> float:
@@ -96,11 +88,8 @@ def main() -> None:
     print("| call (fresh process) | default threads: s | 1 thread: s | default / 1 thread |")
     print("|---|---:|---:|---:|")
     for what, env_id in (("siftmoe_dpp", "wide_env/WideMoE-TokenBudget-v0"), ("span_report", "")):
-        default, one = [], []
-        for _ in range(args.repeats):
-            default.append(run_child(what, env_id, False))
-            one.append(run_child(what, env_id, True))
-        ratio = float(np.median(np.array(default) / np.array(one)))
+        run_child(what, env_id, True)  # warm-up: numba's cache, the trace windows (the first run pays them)
+        default, one, ratio = default_vs_one(lambda one_thread: run_child(what, env_id, one_thread), args.repeats)
         label = ('make_policy("siftmoe_dpp", TokenBudget)' if what == "siftmoe_dpp"
                  else "span_report --mode token --episodes 20")
         print(f"| {label} | {min(default):.2f} | {min(one):.2f} | {ratio:.2f} |", flush=True)

@@ -44,11 +44,25 @@ print(json.dumps({{"rate": {steps} / (time.perf_counter() - t0), "threads": torc
 """
 
 
-def run(env_id: str, one_thread: bool, steps: int) -> dict:
-    code = CHILD.format(root=str(ROOT), one=one_thread, env_id=env_id, steps=steps)
+def child_json(code: str) -> dict:
+    """Run ``code`` in a fresh Python process (from the repository root) and return the JSON of its last line."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def default_vs_one(measure, repeats: int) -> tuple[list, list, float]:
+    """``measure(one_thread)`` alternating torch's default threads and one thread, ``repeats`` times: both lists
+    and the median of the per-repeat ratios default / one."""
+    default, one = [], []
+    for _ in range(repeats):
+        default.append(measure(False))
+        one.append(measure(True))
+    return default, one, float(np.median(np.array(default) / np.array(one)))
+
+
+def run(env_id: str, one_thread: bool, steps: int) -> dict:
+    return child_json(CHILD.format(root=str(ROOT), one=one_thread, env_id=env_id, steps=steps))
 
 
 def main() -> None:
@@ -66,11 +80,8 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name in args.envs:
         env_id = f"wide_env/WideMoE-{name}-v0"
-        default, one = [], []
-        for _ in range(args.repeats):
-            default.append(run(env_id, False, args.steps)["rate"])
-            one.append(run(env_id, True, args.steps)["rate"])
-        ratio = float(np.median(np.array(default) / np.array(one)))
+        default, one, ratio = default_vs_one(lambda one_thread: run(env_id, one_thread, args.steps)["rate"],
+                                             args.repeats)
         print(f"| {name} | {max(default):,.0f} | {max(one):,.0f} | {ratio:.2f} |", flush=True)
 
 
