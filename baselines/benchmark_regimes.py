@@ -115,8 +115,7 @@ REGIMES = {
                         Baseline("lagrangian (tuned, lambda sweep)", "lagrangian", tuned_kwargs("accuracy"))),
                        budget_binding=False,
                        # x1/2, x1 and x4 the YAML entry's 20: from well below Top-K's accuracy up to near it [choice;
-                       # at x1/4 (5) seeds 0 and 1 learned to skip every expert (0 J, 18% accuracy): the shaping's
-                       # additive loss estimate prices mass skipping far below its real cost]
+                       # at x1/4 (5) seed 0 learned to skip every expert (0 J, 18% accuracy), gamma 0 or 0.9]
                        weights=(10.0, 20.0, 80.0), headline_weight=20.0),
     # the SiftMoE paper's setting (Mixtral-8x7B routing, payload, bandwidth, deadline; per-layer budget) with the
     # model's accuracy; it has no tuned YAML entry, so the per-layer regimes' settings (the queues regime's: a
