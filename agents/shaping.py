@@ -28,9 +28,11 @@ that trades a few violations for energy must be pushed harder than the env's def
 
 Over a token the increments telescope to ``-W x delta_loss`` (the final value), so with the env's own weight the
 shaped return of every token equals the env's (a redistribution within the token); with the deviation objective
-it adds the real-accuracy term the benchmark judges agents on. Because the effect tables' loss change is a sum of
-the layers' single-perturbation effects, each increment is exactly what the step's action did to the token's
-loss, so a per-layer (gamma = 0) learner sees all of it. The env's reward and the evaluation are untouched: only
+it adds the real-accuracy term the benchmark judges agents on. With the rule's accuracy (effect tables) the loss
+change is a sum of the layers' single-perturbation effects, so each increment is exactly what the step's action
+did to the token's loss and a per-layer (gamma = 0) learner sees all of it. With the model's accuracy (every
+benchmark regime's source) ``delta_loss`` is 0 before the token's last layer, so the whole term arrives there:
+``token_credit: true`` (:mod:`agents.token_credit`) pays it at every layer of the token. The env's reward and the evaluation are untouched: only
 the training signal changes.
 """
 
@@ -44,7 +46,7 @@ from wide_env.rules import compose_reward
 __all__ = ["RewardShaping", "SHAPING_KEYS", "ENERGY_UNITS", "wrap_reward_shaping", "energy_scale"]
 
 #: keys of the YAML's ``reward_shaping`` mapping
-SHAPING_KEYS = ("accuracy_weight", "correct_weight", "energy", "violation_weight")
+SHAPING_KEYS = ("accuracy_weight", "correct_weight", "energy", "violation_weight", "token_credit")
 ENERGY_UNITS = ("relative", "absolute")
 #: sample episodes behind the absolute energy scale
 SCALE_EPISODES = 8
@@ -70,8 +72,13 @@ class RewardShaping(VecEnvWrapper):
     docstring)."""
 
     def __init__(self, venv, accuracy_weight: float = 0.0, correct_weight: float = 0.0, energy: str = "relative",
-                 violation_weight: float = 0.0):
+                 violation_weight: float = 0.0, token_credit: bool = False):
         super().__init__(venv)
+        if not isinstance(token_credit, bool):
+            raise ValueError(f"reward_shaping.token_credit must be true or false, got {token_credit!r}")
+        #: token credit (agents/token_credit.py) reads each step's shaped reward, accuracy term, layer, completion
+        self.records_steps = token_credit
+        self._records: list[tuple] = []
         self.violation_weight = _weight("violation_weight", violation_weight)
         self.accuracy_weight = _weight("accuracy_weight", accuracy_weight)
         self.correct_weight = _weight("correct_weight", correct_weight)
@@ -89,6 +96,7 @@ class RewardShaping(VecEnvWrapper):
     def step_wait(self):
         obs, reward, done, infos = self.venv.step_wait()
         reward = np.asarray(reward, dtype=np.float32).copy()
+        terms = [None] * len(infos)
         for i, info in enumerate(infos):
             if "delta_loss" not in info:
                 raise ValueError("reward_shaping needs the env's real accuracy (info['delta_loss'], "
@@ -106,7 +114,21 @@ class RewardShaping(VecEnvWrapper):
                 energy += energy - float(info["energy_j"]) / self.energy_scale
             reward[i] = compose_reward(energy, deviation, float(info["reward_deadline"]), accuracy)
             self._loss[i], self._correct[i] = (0.0, 0.0) if done[i] else (loss, correct)
+            if self.records_steps:
+                terms[i] = (accuracy, int(info.get("layer", 0)), bool(info.get("token_complete", False)))
+        if self.records_steps:
+            self._records.append((reward.copy(), *(np.array(column) for column in zip(*terms))))
         return obs, reward, done, infos
+
+    def clear_records(self) -> None:
+        self._records.clear()
+
+    def take_records(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The steps since :meth:`clear_records`, each (n_steps, n_envs): shaped reward, accuracy term, layer,
+        token complete."""
+        shaped, accuracy, layer, complete = (np.stack(column) for column in zip(*self._records))
+        self._records.clear()
+        return shaped, accuracy, layer, complete
 
 
 def wrap_reward_shaping(venv, shaping: dict | None):

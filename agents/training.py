@@ -138,6 +138,7 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
     from agents.sb3_policy import SB3Policy
     from agents.shaping import wrap_reward_shaping
     from agents.shielding import shield_setting, shielded_factory
+    from agents.token_credit import token_credit_callback
 
     torch.set_num_threads(max(int(cfg["num_threads"]), 1))
 
@@ -209,6 +210,9 @@ def _train(cfg: dict, run_dir: Path, env: dict, *, resumed: bool, progress: bool
                                      vecnorm=vecnorm, state=state, verbose=verbose, budget=budget,
                                      on_evaluation=on_evaluation)
     callbacks = [WideMetricsCallback(problem.n_layers), ckpt_cb]
+    credit = token_credit_callback(venv, problem.n_layers)  # reward_shaping.token_credit
+    if credit is not None:
+        callbacks.insert(0, credit)
     cpu_limit = CpuTimeLimit(60.0 * cfg["max_cpu_minutes"]) if cfg.get("max_cpu_minutes") else None
     if cpu_limit is not None:
         callbacks.append(cpu_limit)

@@ -188,10 +188,10 @@ def test_quick_run_trains_every_seed_and_weight_and_writes_per_seed_rows(quick_r
 def test_agent_runs_and_their_folders():
     regime = REGIMES["accuracy"]
     runs = agent_runs(regime, 2)
-    assert [(r.seed, r.weight, r.headline) for r in runs] == [(0, 10.0, False), (1, 10.0, False), (0, 20.0, True),
-                                                              (1, 20.0, True), (0, 80.0, False), (1, 80.0, False)]
+    assert [(r.seed, r.weight, r.headline) for r in runs] == [(0, 20.0, True), (1, 20.0, True), (0, 40.0, False),
+                                                              (1, 40.0, False), (0, 80.0, False), (1, 80.0, False)]
     # the folder of what `python train.py --env PRESET` trains keeps the regime's name; suffixes say what differs
-    assert [r.run_name("accuracy") for r in runs] == ["accuracy_w10", "accuracy_w10_s1", "accuracy", "accuracy_s1",
+    assert [r.run_name("accuracy") for r in runs] == ["accuracy", "accuracy_s1", "accuracy_w40", "accuracy_w40_s1",
                                                        "accuracy_w80", "accuracy_w80_s1"]
     assert agent_runs(REGIMES["token"], 1) == [AgentRun(0, None, True)]
     with pytest.raises(ValueError, match="headline_weight"):
