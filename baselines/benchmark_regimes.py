@@ -120,16 +120,14 @@ REGIMES = {
                        weights=(20.0, 40.0, 80.0), headline_weight=20.0),
     # the SiftMoE paper's setting (Mixtral-8x7B routing, payload, bandwidth, deadline; per-layer budget) with the
     # model's accuracy; it has no tuned YAML entry, so the per-layer regimes' settings (the queues regime's: a
-    # contextual bandit starting at Top-K routing, joules) and token credit (the token's loss reaches all 32
-    # layers, not only the last) [choice]
+    # contextual bandit starting at Top-K routing, joules, the layer's real loss increase) [choice]
     "mixtral": Regime("mixtral", "wide_env/WideMoE-Mixtral-v0",
                       "paper preset: Mixtral-8x7B routing and the paper's radio, per-layer budget, model accuracy",
                       (Baseline("siftmoe", "siftmoe"), Baseline(_LAGRANGIAN, "lagrangian", tuned_kwargs("mixtral"))),
                       config={"gating": {"accuracy": "model"}},
                       hyperparams=("policy_kwargs.expert_set={hidden: 32, pair_hidden: 16, n_blocks: 1, "
                                    "topk_prior: 3.0, nodes_are_experts: true}", "gamma=0.0", "gae_lambda=0.0",
-                                   "reward_shaping={accuracy_weight: 20.0, energy: absolute, violation_weight: 2.0, "
-                                   "token_credit: true}",
+                                   "reward_shaping={accuracy_weight: 20.0, energy: absolute, violation_weight: 2.0}",
                                    "n_timesteps=122880")),
 }
 
