@@ -32,8 +32,8 @@ it adds the real-accuracy term the benchmark judges agents on. With the rule's a
 change is a sum of the layers' single-perturbation effects, so each increment is exactly what the step's action
 did to the token's loss and a per-layer (gamma = 0) learner sees all of it. With the model's accuracy (every
 benchmark regime's source) ``delta_loss`` is 0 before the token's last layer, so the whole term arrives there:
-``token_credit: true`` (:mod:`agents.token_credit`) pays it at every layer of the token. The env's reward and the evaluation are untouched: only
-the training signal changes.
+``token_credit: true`` (:mod:`agents.token_credit`) pays it at every layer of the token. The env's reward and the
+evaluation are untouched: only the training signal changes.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ __all__ = ["RewardShaping", "SHAPING_KEYS", "ENERGY_UNITS", "wrap_reward_shaping
 #: keys of the YAML's ``reward_shaping`` mapping
 SHAPING_KEYS = ("accuracy_weight", "correct_weight", "energy", "violation_weight", "token_credit")
 ENERGY_UNITS = ("relative", "absolute")
+#: steps the token-credit records may hold before a rollout takes them (a rollout holds n_steps)
+MAX_RECORDS = 100_000
 #: sample episodes behind the absolute energy scale
 SCALE_EPISODES = 8
 
@@ -117,6 +119,9 @@ class RewardShaping(VecEnvWrapper):
             if self.records_steps:
                 terms[i] = (accuracy, int(info.get("layer", 0)), bool(info.get("token_complete", False)))
         if self.records_steps:
+            if len(self._records) >= MAX_RECORDS:
+                raise RuntimeError(f"reward_shaping.token_credit: {MAX_RECORDS} steps recorded and never taken; "
+                                   "train with agents.token_credit.TokenCredit as a callback (train.py adds it)")
             self._records.append((reward.copy(), *(np.array(column) for column in zip(*terms))))
         return obs, reward, done, infos
 

@@ -94,3 +94,16 @@ def test_training_with_token_credit_rewrites_the_rollout(monkeypatch):
     with pytest.raises(ValueError, match="n_steps = 6 must be a multiple"):
         PPO("MultiInputPolicy", env, n_steps=6, batch_size=12, n_epochs=1, gamma=0.0, seed=0,
             device="cpu").learn(12, callback=token_credit_callback(env, 4))
+
+
+def test_records_nobody_takes_stop_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr("agents.shaping.MAX_RECORDS", 3)
+    env = _shaped_env(True)
+    env.reset()
+    action = np.ones((2, 8), np.int8)
+    for _ in range(3):
+        env.step(action)
+    with pytest.raises(RuntimeError, match="train with agents.token_credit.TokenCredit"):
+        env.step(action)
+    env.clear_records()
+    env.step(action)  # taken records make room again
