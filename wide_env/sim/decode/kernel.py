@@ -109,6 +109,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     n_acc = effect_values.shape[1]
     acc = np.zeros(MAX_ACC_DIM)
     allowed = np.empty(E, dtype=np.bool_)
+    server = np.empty(K, dtype=np.int64)
     flagged = 0
     for b in range(B):
         if not rows[b]:
@@ -128,21 +129,17 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             # ---- evaluate: energy is spent by every executed expert, even a late one
             up = comm = system = longest = 0.0
             n_executed = misses = 0
-            for e in range(E):
-                allowed[e] = False
-                if executed[b, e]:
-                    up += costs[c, lc, b, UPLINK, e]
-                    comm += costs[c, lc, b, COMM, e]
-                    system += costs[c, lc, b, SYSTEM, e]
-                    n_executed += 1
-                    on_time = meets[c, lc, b, e]
-                    if not on_time:
-                        misses += 1
-                    if costs[c, lc, b, LATENCY, e] > longest:
-                        longest = costs[c, lc, b, LATENCY, e]
-                    allowed[e] = on_time or not enforce  # serves its slots: executed, on time when enforced
+            for e in range(E):  # branch-free (random actions would mispredict every branch on them)
+                run = executed[b, e]
+                on_time = meets[c, lc, b, e]
+                up += costs[c, lc, b, UPLINK, e] if run else 0.0
+                comm += costs[c, lc, b, COMM, e] if run else 0.0
+                system += costs[c, lc, b, SYSTEM, e] if run else 0.0
+                longest = max(longest, costs[c, lc, b, LATENCY, e] if run else 0.0)
+                n_executed += run
+                misses += run & (not on_time)
+                allowed[e] = run & (on_time | (not enforce))  # serves its slots: executed, on time when enforced
             # each slot's server and the deviation (the serve rule)
-            server = counts[b, NI:NI + K]
             weighted = rules.serve_slots(deviation_table, (c, l, b), allowed, server)
             kept = skipped = 0
             for k in range(K):
@@ -169,8 +166,8 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             if has_accuracy:
                 for d in range(n_acc):
                     acc[d] = amounts[b, ACC + d]
-                rules.fold_slots(acc, effect_values, effect_rows[c, l, b], server, E + 1)
-                correct, same, dloss = rules.decide(effect_base[c, 0, b], acc, n_acc, amounts[b, CONTEXT],
+                rules.fold_slots_at(acc, effect_values, effect_rows, (c, l, b), server, E + 1)
+                correct, same, dloss = rules.decide_at(effect_base, (c, 0, b), acc, n_acc, amounts[b, CONTEXT],
                                                     floats[F_CONTEXT_WEIGHT])
                 full = full_correct[c, 0, b]
             # the accuracy objective: the token's real loss increase, when its last layer completes it
@@ -212,6 +209,8 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             counts[b, C_ACCURACY_SAME] = same
             counts[b, C_ACCURACY_FULL] = full
             counts[b, C_TOKEN_COMPLETE] = l == n_layers - 1
+            for k in range(K):
+                counts[b, NI + k] = server[k]
             if mode == EVALUATE:
                 continue
             # ---- commit: accuracy bookkeeping, then advance to the next layer / token / episode end
