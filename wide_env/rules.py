@@ -6,6 +6,8 @@ the solvers' checkers (SiftMoE, prefill, Pareto, oracle, spanning) and the accur
 (:mod:`wide_env.gating.effects`). The scalar functions are numba ``njit`` (callable from numba and from Python);
 the ``*_batch`` / ``*_of`` wrappers only broadcast them over numpy arrays.
 
+* **slot tables**: slot k of a Top-K set (expert S_k, weight w_k) at layer l costs w_k kappa_l D_l(S_k, j) when
+  served by j (column E = skip).
 * **serve slots** (docs/model.md#deviation-estimate): slot k of a Top-K set, with per-slot table
   ``table[k, j]`` (j = 0..E-1 an expert, column E = skip) and ``allowed`` experts (executed, and on time where
   deadlines are enforced), is served by the allowed expert of least table value, or skipped when skipping is
@@ -74,6 +76,30 @@ def serve_slots_batch(table, allowed):
     if table.shape[-1] != allowed.shape[-1] + 1:
         raise ValueError(f"a slot table has E + 1 columns: table {table.shape} for allowed {allowed.shape}")
     return _serve_slots_gu(table, allowed)
+
+
+@njit(**_JIT)
+def slot_table(mismatch, layer, topk_idx, topk_weight, at, out):
+    """One decision's weighted slot table out (K, E+1): out[k, j] = kappa_l D_l(S_k, j) * w_k, from mismatch
+    (L, E, E+1) = kappa_l D_l and the Top-K set / weights ``topk_idx[at]`` / ``topk_weight[at]`` (K,) (``at`` a
+    tuple of leading indices, as :func:`serve_slots` takes)."""
+    for k in range(out.shape[0]):
+        expert, weight = topk_idx[at + (k,)], topk_weight[at + (k,)]
+        for j in range(out.shape[1]):
+            out[k, j] = mismatch[layer, expert, j] * weight
+
+
+@guvectorize(["void(float64[:, :, :], int64, int64[:], float64[:], float64[:, :])"], "(l,e,w),(),(k),(k)->(k,w)",
+             cache=True, nopython=True)
+def _slot_table_gu(mismatch, layer, topk_idx, topk_weight, out):
+    slot_table(mismatch, layer, topk_idx, topk_weight, (), out)
+
+
+def slot_table_batch(mismatch, layer, topk_idx, topk_weight):
+    """:func:`slot_table` broadcast over leading axes: layer lead ints, topk_idx / topk_weight lead + (K,) ->
+    lead + (K, E+1) float64."""
+    return _slot_table_gu(np.asarray(mismatch, dtype=np.float64), np.asarray(layer, dtype=np.int64),
+                          np.asarray(topk_idx, dtype=np.int64), np.asarray(topk_weight, dtype=np.float64))
 
 
 # ---- budget --------------------------------------------------------------------------------------------------

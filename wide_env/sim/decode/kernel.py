@@ -79,17 +79,6 @@ I_EXPERT_AT = I_AT + len(OBSERVATION_KEYS)  # one start per planned per-expert k
 F_LAYER_BUDGET = 9
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def slot_table_into(mismatch, l, topk_idx, topk_weight, at, out):
-    """One decision's weighted slot table out (K, E+1): out[k, j] = kappa_l D_l(S_k, j) * w_k, the product
-    wide_env.sim.deviation.slot_deviation_table takes (the same operands: bit for bit the plan's
-    ``deviation_table``, which the kernel does not read: 144 bytes per decision less to plan and to stream)."""
-    for k in range(out.shape[0]):
-        s, w = topk_idx[at + (k,)], topk_weight[at + (k,)]
-        for j in range(out.shape[1]):
-            out[k, j] = mismatch[l, s, j] * w
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, replan):
     """Run ``mode`` (EVALUATE, STEP, ADVANCE or OBSERVE) on the episodes with ``rows[b]``; returns the number of
@@ -122,7 +111,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     acc = np.zeros(MAX_ACC_DIM)
     allowed = np.empty(E, dtype=np.bool_)
     server = np.empty(K, dtype=np.int64)
-    deviation_table = np.empty((K, E + 1))  # the decision's slot table, derived (slot_table_into)
+    deviation_table = np.empty((K, E + 1))  # the decision's slot table (rules.slot_table; the plan's is not read)
     flagged = 0
     for b in range(B):
         if not rows[b]:
@@ -153,7 +142,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
                 misses += run & (not on_time)
                 allowed[e] = run & (on_time | (not enforce))  # serves its slots: executed, on time when enforced
             # each slot's server and the deviation (the serve rule)
-            slot_table_into(mismatch, l, topk_idx, topk_weight, (c, l, b), deviation_table)
+            rules.slot_table(mismatch, l, topk_idx, topk_weight, (c, l, b), deviation_table)
             weighted = rules.serve_slots(deviation_table, (), allowed, server)
             kept = skipped = 0
             for k in range(K):
@@ -273,7 +262,7 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             obs[b, weight_at + topk_idx[c, l, b, k]] = min(topk_weight[c, l, b, k], 1.0)
         at = ints[I_DEVIATION_AT]
         unit = floats[F_LAYER_BUDGET + 2 * n_layers + l]
-        slot_table_into(mismatch, l, topk_idx, topk_weight, (c, l, b), deviation_table)
+        rules.slot_table(mismatch, l, topk_idx, topk_weight, (c, l, b), deviation_table)
         for k in range(K):
             for j in range(E + 1):
                 obs[b, at + k * (E + 1) + j] = min(deviation_table[k, j] / unit, max_deviation)
