@@ -92,7 +92,8 @@ def main() -> None:
                 ratios[n, b] = float(np.median(np.array(runs["native"]) / np.array(runs[n])))
 
     print(f"# vector step rate, {calls} step calls per run ({args.episodes} WIDE episodes of {problem.n_tokens} "
-          f"tokens x {problem.n_layers} layers), best of {args.repeats}, {args.clock} time; numpy {np.__version__}, gymnasium "
+          f"tokens x {problem.n_layers} layers), best of {args.repeats}, {args.clock} time; numpy {np.__version__}, "
+          f"gymnasium "
           f"{gym.__version__}, python {platform.python_version()}, {platform.machine()}")
     print("| B | env | calls/s (best) | env-steps/s | native / this (best) | native / this (median of repeats) |")
     print("|---:|---|---:|---:|---:|---:|")
