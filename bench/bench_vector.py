@@ -93,8 +93,7 @@ def main() -> None:
 
     print(f"# vector step rate, {calls} step calls per run ({args.episodes} WIDE episodes of {problem.n_tokens} "
           f"tokens x {problem.n_layers} layers), best of {args.repeats}, {args.clock} time; numpy {np.__version__}, "
-          f"gymnasium "
-          f"{gym.__version__}, python {platform.python_version()}, {platform.machine()}")
+          f"gymnasium {gym.__version__}, python {platform.python_version()}, {platform.machine()}")
     print("| B | env | calls/s (best) | env-steps/s | native / this (best) | native / this (median of repeats) |")
     print("|---:|---|---:|---:|---:|---:|")
     labels = {"native": "WideMoEVectorEnv (native)", "cartpole": "CartPoleVectorEnv",
