@@ -6,6 +6,8 @@ the solvers' checkers (SiftMoE, prefill, Pareto, oracle, spanning) and the accur
 (:mod:`wide_env.gating.effects`). The scalar functions are numba ``njit`` (callable from numba and from Python);
 the ``*_batch`` / ``*_of`` wrappers only broadcast them over numpy arrays.
 
+* **slot tables**: slot k of a Top-K set (expert S_k, weight w_k) at layer l costs w_k kappa_l D_l(S_k, j) when
+  served by j (column E = skip).
 * **serve slots** (docs/model.md#deviation-estimate): slot k of a Top-K set, with per-slot table
   ``table[k, j]`` (j = 0..E-1 an expert, column E = skip) and ``allowed`` experts (executed, and on time where
   deadlines are enforced), is served by the allowed expert of least table value, or skipped when skipping is
@@ -43,16 +45,18 @@ def serve_slots(table, at, allowed, server):
     expert index, or E for skip) and returns the summed deviation."""
     K, E = table.shape[-2], allowed.shape[0]
     total = 0.0
-    for k in range(K):
+    for k in range(K):  # selects, not branches: random actions would mispredict a branch on allowed[j]
         best = np.inf
         best_j = E
         for j in range(E):
-            if allowed[j] and table[at + (k, j)] < best:
-                best = table[at + (k, j)]
-                best_j = j
-        if table[at + (k, E)] < best:
-            best = table[at + (k, E)]
-            best_j = E
+            value = table[at + (k, j)]
+            better = allowed[j] & (value < best)
+            best = value if better else best
+            best_j = j if better else best_j
+        value = table[at + (k, E)]
+        better = value < best
+        best = value if better else best
+        best_j = E if better else best_j
         total += best
         server[k] = best_j
     return total
@@ -72,6 +76,30 @@ def serve_slots_batch(table, allowed):
     if table.shape[-1] != allowed.shape[-1] + 1:
         raise ValueError(f"a slot table has E + 1 columns: table {table.shape} for allowed {allowed.shape}")
     return _serve_slots_gu(table, allowed)
+
+
+@njit(**_JIT)
+def slot_table(mismatch, layer, topk_idx, topk_weight, at, out):
+    """One decision's weighted slot table out (K, E+1): out[k, j] = kappa_l D_l(S_k, j) * w_k, from mismatch
+    (L, E, E+1) = kappa_l D_l and the Top-K set / weights ``topk_idx[at]`` / ``topk_weight[at]`` (K,) (``at`` a
+    tuple of leading indices, as :func:`serve_slots` takes)."""
+    for k in range(out.shape[0]):
+        expert, weight = topk_idx[at + (k,)], topk_weight[at + (k,)]
+        for j in range(out.shape[1]):
+            out[k, j] = mismatch[layer, expert, j] * weight
+
+
+@guvectorize(["void(float64[:, :, :], int64, int64[:], float64[:], float64[:, :])"], "(l,e,w),(),(k),(k)->(k,w)",
+             cache=True, nopython=True)
+def _slot_table_gu(mismatch, layer, topk_idx, topk_weight, out):
+    slot_table(mismatch, layer, topk_idx, topk_weight, (), out)
+
+
+def slot_table_batch(mismatch, layer, topk_idx, topk_weight):
+    """:func:`slot_table` broadcast over leading axes: layer lead ints, topk_idx / topk_weight lead + (K,) ->
+    lead + (K, E+1) float64."""
+    return _slot_table_gu(np.asarray(mismatch, dtype=np.float64), np.asarray(layer, dtype=np.int64),
+                          np.asarray(topk_idx, dtype=np.int64), np.asarray(topk_weight, dtype=np.float64))
 
 
 # ---- budget --------------------------------------------------------------------------------------------------
@@ -132,8 +160,15 @@ def fold_row(acc, values, row):
 def fold_slots(acc, values, slot_rows, server, n_servers):
     """Fold one layer into a token's accumulator, slot by slot: slot k served by ``server[k]`` adds
     ``values[slot_rows[k * n_servers + server[k]]]`` (the zero row where the slot keeps its own expert)."""
+    fold_slots_at(acc, values, slot_rows, (), server, n_servers)
+
+
+@njit(**_JIT)
+def fold_slots_at(acc, values, slot_rows, at, server, n_servers):
+    """:func:`fold_slots` with the slots' rows ``slot_rows[at]`` (``at`` a tuple of leading indices, as
+    :func:`serve_slots` takes: the kernel indexes its plan without making a view)."""
     for k in range(server.shape[0]):
-        fold_row(acc, values, slot_rows[k * n_servers + server[k]])
+        fold_row(acc, values, slot_rows[at + (k * n_servers + server[k],)])
 
 
 @njit(**_JIT)
@@ -142,16 +177,22 @@ def decide(base, acc, n_acc, context, context_weight):
     (``[delta, count]``, or ``[delta, frozen, count]`` with n_acc = 2n + 2; several perturbations use the
     frozen-routing sums); ``context`` lowers the full model's prediction by ``context_weight * context``.
     Ties go to the lower candidate (the target first)."""
-    n_cand = base.shape[0]
+    return decide_at(base, (), acc, n_acc, context, context_weight)
+
+
+@njit(**_JIT)
+def decide_at(base, at, acc, n_acc, context, context_weight):
+    """:func:`decide` with the base values ``base[at]`` (``at`` a tuple of leading indices)."""
+    n_cand = base.shape[-1]
     off = n_cand + 1 if n_acc == 2 * n_cand + 2 and acc[n_acc - 1] > 1.5 else 0
     full_winner = 0
     for i in range(1, n_cand):
-        if base[i] > base[full_winner]:
+        if base[at + (i,)] > base[at + (full_winner,)]:
             full_winner = i
     winner = 0
     best = -np.inf
     for i in range(n_cand):
-        score = base[i] + acc[off + i]
+        score = base[at + (i,)] + acc[off + i]
         if i == full_winner:
             score -= context_weight * context
         if score > best:
@@ -173,4 +214,4 @@ def decide_batch(base, acc, context, context_weight, correct, same, delta_loss):
     """:func:`decide` for B tokens: base (B, n), acc (B, D), context (B,); writes the three (B,) outputs."""
     n_acc = acc.shape[1]
     for b in range(acc.shape[0]):
-        correct[b], same[b], delta_loss[b] = decide(base[b], acc[b], n_acc, context[b], context_weight)
+        correct[b], same[b], delta_loss[b] = decide_at(base, (b,), acc[b], n_acc, context[b], context_weight)

@@ -175,11 +175,12 @@ class EpisodeBatch:
 
     # ---- info ------------------------------------------------------------------------------------
     def step_info(self, outcome) -> dict[str, np.ndarray]:
-        """The single env's step info as (B,) arrays (int64 counters, float64 otherwise; fresh arrays)."""
-        floats = outcome.values[:, self._float_at].T.copy()
-        ints = outcome.counts[:, self._int_at].T.copy()
-        info = dict(zip(self.float_keys, floats))
-        info.update(zip(self.int_keys, ints))
+        """The single env's step info as (B,) arrays (int64 counters, float64 otherwise) of the outcome :meth:`step`
+        returned: views of its columns, no copies (each step's outcome is a fresh array that nobody reads after its
+        info is built; copying B x 31 numbers out of it cost about 1/20 of a step at B = 4096)."""
+        values, counts = outcome.values, outcome.counts
+        info = {key: values[:, i] for key, i in zip(self.float_keys, self._float_cols)}
+        info.update({key: counts[:, i] for key, i in zip(self.int_keys, self._int_cols)})
         return info
 
     def step_info_one(self, outcome, row: int = 0) -> dict:

@@ -23,15 +23,19 @@ class GatingRows:
     probs: np.ndarray  # (R, E) router probabilities
     topk_idx: np.ndarray  # (R, K) int64, descending probability
     topk_weight: np.ndarray  # (R, K) combine weights
-    deviation_table: np.ndarray  # (R, K, E+1) float64: kappa_l * w_k * D_l(S_k, j), column E = skip
+    # (R, K, E+1) float64: kappa_l * w_k * D_l(S_k, j), column E = skip; None where the rows' user derives it
+    # from the Top-K sets and weights (wide_env.sim.deviation.slot_deviation_table: one product per entry)
+    deviation_table: np.ndarray | None
 
-    def take(self, rows: np.ndarray) -> "GatingRows":
-        """A new GatingRows holding copies of ``rows`` (flattened) in order."""
+    def take(self, rows: np.ndarray, deviation_table: bool = True) -> "GatingRows":
+        """A new GatingRows holding copies of ``rows`` (flattened) in order (``deviation_table=False``: without
+        the deviation tables, the largest part; a decoding plan derives them)."""
         flat = np.asarray(rows).reshape(-1)
         # the array methods directly: a plan of one episode gathers a few rows, where np.take's and
         # dataclasses.fields' Python overhead outweighs the copy
         return GatingRows(self.probs.take(flat, axis=0), self.topk_idx.take(flat, axis=0),
-                          self.topk_weight.take(flat, axis=0), self.deviation_table.take(flat, axis=0))
+                          self.topk_weight.take(flat, axis=0),
+                          self.deviation_table.take(flat, axis=0) if deviation_table else None)
 
 
 def build_gating_rows(weighted_mismatch: np.ndarray, layer: np.ndarray, probs: np.ndarray, topk_idx: np.ndarray,

@@ -9,7 +9,7 @@ For each episode (row) ``b`` taking part, :func:`run_rows` does, at its current 
 * **step** (evaluate, then commit): keep the token's accumulator (and, at its last layer, carry the context
   term to the next token), advance the layer / token / episode, flag episodes whose planned chunk is used up
   (``replan``), and write the next observation;
-* **observe**: write the observation of the current position.
+* **observe**: write the observation of the current position (:func:`observe_rows`, after the step's loop).
 
 Everything else (planning channels and costs, resets) is numpy (:mod:`wide_env.sim.decode.plan`). Numba
 compiles one specialisation per argument types; the simulator always passes the same types (read-only plan
@@ -85,7 +85,8 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     episodes flagged in ``replan`` (their planned chunk is used up: plan it, then OBSERVE them).
 
     executed (B, E) bool; plan (step-major, see wide_env.sim.decode.plan) = (costs (C, Lc, B, 4, E),
-    meets_deadline (C, Lc, B, E), topk (C, L, B, 2), topk_idx (C, L, B, K), deviation_table (C, L, B, K, E+1),
+    meets_deadline (C, Lc, B, E), topk (C, L, B, 2), topk_idx (C, L, B, K), weighted_mismatch (L, E, E+1) (each
+    decision's deviation table is derived from it, the Top-K set and the weights),
     probs (C, L, B, E) float32, topk_weight (C, L, B, K), obs_gain (C, Lf, B, N) float32, obs_expert
     (C, L, B, P, E) float32 (the planned per-expert keys), effect_rows (C, L, B, K (E+1)) int32 (the accuracy
     table's row of every slot and server), effect_base (C, 1, B, n) float64, full_correct (C, 1, B) bool,
@@ -95,149 +96,179 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
 
     The rule's functions (wide_env.rules) are compiled into it: numba compiles it once per process (or loads
     it from its cache)."""
-    costs, meets, topk, topk_idx, deviation_table, probs, topk_weight = plan[:7]
-    gain, obs_expert, effect_rows, effect_base, full_correct, effect_values = plan[7:]
+    costs, meets, topk, topk_idx, mismatch, _, topk_weight = plan[:7]  # probs and the rest: observe_rows's
+    effect_rows, effect_base, full_correct, effect_values = plan[9:]
     counters, amounts, flags = state
     ints, floats = consts
     n_layers, n_tokens, span = ints[I_LAYERS], ints[I_TOKENS], ints[I_SPAN]
     enforce, scope, has_accuracy = ints[I_ENFORCE] != 0, ints[I_SCOPE], ints[I_ACCURACY] != 0
     on_accuracy, composes = ints[I_OBJECTIVE] == OBJECTIVE_ACCURACY, ints[I_COMPOSE] != 0
-    span_budget, max_deviation = floats[F_SPAN_BUDGET], floats[F_MAX_DEVIATION]
+    span_budget = floats[F_SPAN_BUDGET]
     B, E = executed.shape
     C, K = costs.shape[0], topk_idx.shape[3]
-    per_layer_costs, per_layer_fading = costs.shape[1] > 1, gain.shape[1] > 1
+    per_layer_costs = costs.shape[1] > 1
     n_acc = effect_values.shape[1]
     acc = np.zeros(MAX_ACC_DIM)
     allowed = np.empty(E, dtype=np.bool_)
+    server = np.empty(K, dtype=np.int64)
+    deviation_table = np.empty((K, E + 1))  # the decision's slot table (rules.slot_table; the plan's is not read)
+    if mode == OBSERVE:
+        observe_rows(rows, plan[3], plan[4], plan[5], plan[6], plan[7], plan[8], state[0], state[1], consts[0],
+                     consts[1], deviation_table, obs)
+        return 0
     flagged = 0
+    # STEP: the rows observed after the loop; a copy of ``rows`` once a row is not (finished, or re-planned)
+    observed, copied = rows, False
     for b in range(B):
         if not rows[b]:
             continue
-        if mode != OBSERVE:
-            if mode != EVALUATE and flags[b, DONE]:  # a finished episode does not step: a zero outcome
-                for i in range(values.shape[1]):
-                    values[b, i] = 0.0
-                for i in range(counts.shape[1]):
-                    counts[b, i] = 0
-                continue
-            token, l = counters[b, TOKEN], counters[b, LAYER]
-            c = token - counters[b, CHUNK_START]
-            if c < 0 or c >= C:
-                raise IndexError("an episode's token is outside its planned chunk: re-plan it before stepping")
-            lc = l if per_layer_costs else 0
-            # ---- evaluate: energy is spent by every executed expert, even a late one
-            up = comm = system = longest = 0.0
-            n_executed = misses = 0
-            for e in range(E):
-                allowed[e] = False
-                if executed[b, e]:
-                    up += costs[c, lc, b, UPLINK, e]
-                    comm += costs[c, lc, b, COMM, e]
-                    system += costs[c, lc, b, SYSTEM, e]
-                    n_executed += 1
-                    on_time = meets[c, lc, b, e]
-                    if not on_time:
-                        misses += 1
-                    if costs[c, lc, b, LATENCY, e] > longest:
-                        longest = costs[c, lc, b, LATENCY, e]
-                    allowed[e] = on_time or not enforce  # serves its slots: executed, on time when enforced
-            # each slot's server and the deviation (the serve rule)
-            server = counts[b, NI:NI + K]
-            weighted = rules.serve_slots(deviation_table, (c, l, b), allowed, server)
-            kept = skipped = 0
-            for k in range(K):
-                if server[k] == topk_idx[c, l, b, k]:
-                    kept += 1
-                elif server[k] == E:
-                    skipped += 1
-            energy = up if scope == 0 else (comm if scope == 1 else system)
-            if span != SPAN_LAYER:  # what is left of the token's / episode's budget
-                budget = span_budget - amounts[b, BUDGET_USED]
-                available = rules.budget_left(span_budget, amounts[b, BUDGET_USED])
-                unit = span_budget
-            else:
-                budget = available = unit = floats[F_LAYER_BUDGET + l]
-            violated, overrun = rules.violation(weighted, available, unit)
-            reward_deviation = -floats[F_DEVIATION_WEIGHT] * overrun
-            if on_accuracy:  # the proxy's budget is reported, not rewarded
-                reward_deviation = 0.0
-            reward_energy = -energy / topk[c, l, b, REFERENCE]
-            reward_deadline = -floats[F_DEADLINE_WEIGHT] * misses if enforce else 0.0
-            # the token's real accuracy with this layer folded in (the accuracy rule, wide_env.rules)
-            same = correct = full = True
-            dloss = 0.0
-            if has_accuracy:
-                for d in range(n_acc):
-                    acc[d] = amounts[b, ACC + d]
-                rules.fold_slots(acc, effect_values, effect_rows[c, l, b], server, E + 1)
-                correct, same, dloss = rules.decide(effect_base[c, 0, b], acc, n_acc, amounts[b, CONTEXT],
-                                                    floats[F_CONTEXT_WEIGHT])
-                full = full_correct[c, 0, b]
-            # the accuracy objective: the token's real loss increase, when its last layer completes it
-            reward_accuracy = -floats[F_ACCURACY_WEIGHT] * dloss if on_accuracy and l == n_layers - 1 else 0.0
-            if composes or mode == EVALUATE:  # else the batch sums the reward once the model backend wrote its terms
-                values[b, V_REWARD] = rules.compose_reward(reward_energy, reward_deviation, reward_deadline,
-                                                           reward_accuracy)
-            values[b, V_REWARD_ENERGY] = reward_energy
-            values[b, V_REWARD_DEVIATION] = reward_deviation
-            values[b, V_REWARD_DEADLINE] = reward_deadline
-            values[b, V_REWARD_ACCURACY] = reward_accuracy
-            values[b, V_ENERGY] = energy
-            values[b, V_TOPK_ENERGY] = topk[c, l, b, TOPK_ENERGY]
-            values[b, V_ENERGY_UPLINK] = up
-            values[b, V_ENERGY_COMM] = comm
-            values[b, V_ENERGY_SYSTEM] = system
-            values[b, V_DEVIATION] = weighted / floats[F_LAYER_BUDGET + n_layers + l]
-            values[b, V_WEIGHTED_DEVIATION] = weighted
-            values[b, V_DEVIATION_BUDGET] = budget
-            values[b, V_LATENCY] = longest
-            values[b, V_DELTA_LOSS] = dloss
-            # the constraint costs (Safety-Gymnasium style): the budget's excess in budget units (overrun - 1
-            # where violated), the deadline misses while deadlines are enforced; cost is their sum
-            cost_budget = overrun - 1.0 if violated else 0.0
-            cost_deadline = float(misses) if enforce else 0.0
-            values[b, V_COST] = cost_budget + cost_deadline
-            values[b, V_COST_BUDGET] = cost_budget
-            values[b, V_COST_DEADLINE] = cost_deadline
-            counts[b, C_BUDGET_VIOLATED] = violated
-            counts[b, C_DEADLINE_MISSES] = misses
-            counts[b, C_N_EXECUTED] = n_executed
-            counts[b, C_N_LOST] = misses if enforce else 0
-            counts[b, C_N_KEPT] = kept
-            counts[b, C_N_REPLACED] = K - kept - skipped
-            counts[b, C_N_SKIPPED] = skipped
-            counts[b, C_LAYER] = l
-            counts[b, C_TOKEN] = token
-            counts[b, C_ACCURACY_CORRECT] = correct
-            counts[b, C_ACCURACY_SAME] = same
-            counts[b, C_ACCURACY_FULL] = full
-            counts[b, C_TOKEN_COMPLETE] = l == n_layers - 1
-            if mode == EVALUATE:
-                continue
-            # ---- commit: accuracy bookkeeping, then advance to the next layer / token / episode end
+        if mode != EVALUATE and flags[b, DONE]:  # a finished episode does not step: a zero outcome
+            for i in range(values.shape[1]):
+                values[b, i] = 0.0
+            for i in range(counts.shape[1]):
+                counts[b, i] = 0
+            if not copied:
+                observed, copied = rows.copy(), True
+            observed[b] = False
+            continue
+        token, l = counters[b, TOKEN], counters[b, LAYER]
+        c = token - counters[b, CHUNK_START]
+        if c < 0 or c >= C:
+            raise IndexError("an episode's token is outside its planned chunk: re-plan it before stepping")
+        lc = l if per_layer_costs else 0
+        # ---- evaluate: energy is spent by every executed expert, even a late one
+        up = comm = system = longest = 0.0
+        n_executed = misses = 0
+        for e in range(E):  # branch-free (random actions would mispredict every branch on them)
+            run = executed[b, e]
+            on_time = meets[c, lc, b, e]
+            up += costs[c, lc, b, UPLINK, e] if run else 0.0
+            comm += costs[c, lc, b, COMM, e] if run else 0.0
+            system += costs[c, lc, b, SYSTEM, e] if run else 0.0
+            longest = max(longest, costs[c, lc, b, LATENCY, e] if run else 0.0)
+            n_executed += run
+            misses += run & (not on_time)
+            allowed[e] = run & (on_time | (not enforce))  # serves its slots: executed, on time when enforced
+        # each slot's server and the deviation (the serve rule)
+        rules.slot_table(mismatch, l, topk_idx, topk_weight, (c, l, b), deviation_table)
+        weighted = rules.serve_slots(deviation_table, (), allowed, server)
+        kept = skipped = 0
+        for k in range(K):
+            if server[k] == topk_idx[c, l, b, k]:
+                kept += 1
+            elif server[k] == E:
+                skipped += 1
+        energy = up if scope == 0 else (comm if scope == 1 else system)
+        if span != SPAN_LAYER:  # what is left of the token's / episode's budget
+            budget = span_budget - amounts[b, BUDGET_USED]
+            available = rules.budget_left(span_budget, amounts[b, BUDGET_USED])
+            unit = span_budget
+        else:
+            budget = available = unit = floats[F_LAYER_BUDGET + l]
+        violated, overrun = rules.violation(weighted, available, unit)
+        reward_deviation = -floats[F_DEVIATION_WEIGHT] * overrun
+        if on_accuracy:  # the proxy's budget is reported, not rewarded
+            reward_deviation = 0.0
+        reward_energy = -energy / topk[c, l, b, REFERENCE]
+        reward_deadline = -floats[F_DEADLINE_WEIGHT] * misses if enforce else 0.0
+        # the token's real accuracy with this layer folded in (the accuracy rule, wide_env.rules)
+        same = correct = full = True
+        dloss = 0.0
+        if has_accuracy:
             for d in range(n_acc):
-                amounts[b, ACC + d] = acc[d]
-            if span != SPAN_LAYER:
-                amounts[b, BUDGET_USED] += weighted
-            if l + 1 < n_layers:
-                counters[b, LAYER] = l + 1
-            elif token + 1 >= n_tokens:
-                flags[b, DONE] = True  # the layer stays at L-1: the final observation repeats the last layer
-            else:
-                counters[b, LAYER] = 0
-                counters[b, TOKEN] = token + 1
-                if span == SPAN_TOKEN:
-                    amounts[b, BUDGET_USED] = 0.0
-                if has_accuracy:  # the context term carried to the next token; a fresh accumulator
-                    amounts[b, CONTEXT] = floats[F_CONTEXT_DECAY] * amounts[b, CONTEXT] + max(dloss, 0.0)
-                    for d in range(n_acc):
-                        amounts[b, ACC + d] = 0.0
-                if token + 1 - counters[b, CHUNK_START] >= C:
-                    replan[b] = True
-                    flagged += 1
-                    continue
-            if mode == ADVANCE:
+                acc[d] = amounts[b, ACC + d]
+            rules.fold_slots_at(acc, effect_values, effect_rows, (c, l, b), server, E + 1)
+            correct, same, dloss = rules.decide_at(effect_base, (c, 0, b), acc, n_acc, amounts[b, CONTEXT],
+                                                floats[F_CONTEXT_WEIGHT])
+            full = full_correct[c, 0, b]
+        # the accuracy objective: the token's real loss increase, when its last layer completes it
+        reward_accuracy = -floats[F_ACCURACY_WEIGHT] * dloss if on_accuracy and l == n_layers - 1 else 0.0
+        if composes or mode == EVALUATE:  # else the batch sums the reward once the model backend wrote its terms
+            values[b, V_REWARD] = rules.compose_reward(reward_energy, reward_deviation, reward_deadline,
+                                                       reward_accuracy)
+        values[b, V_REWARD_ENERGY] = reward_energy
+        values[b, V_REWARD_DEVIATION] = reward_deviation
+        values[b, V_REWARD_DEADLINE] = reward_deadline
+        values[b, V_REWARD_ACCURACY] = reward_accuracy
+        values[b, V_ENERGY] = energy
+        values[b, V_TOPK_ENERGY] = topk[c, l, b, TOPK_ENERGY]
+        values[b, V_ENERGY_UPLINK] = up
+        values[b, V_ENERGY_COMM] = comm
+        values[b, V_ENERGY_SYSTEM] = system
+        values[b, V_DEVIATION] = weighted / floats[F_LAYER_BUDGET + n_layers + l]
+        values[b, V_WEIGHTED_DEVIATION] = weighted
+        values[b, V_DEVIATION_BUDGET] = budget
+        values[b, V_LATENCY] = longest
+        values[b, V_DELTA_LOSS] = dloss
+        # the constraint costs (Safety-Gymnasium style): the budget's excess in budget units (overrun - 1
+        # where violated), the deadline misses while deadlines are enforced; cost is their sum
+        cost_budget = overrun - 1.0 if violated else 0.0
+        cost_deadline = float(misses) if enforce else 0.0
+        values[b, V_COST] = cost_budget + cost_deadline
+        values[b, V_COST_BUDGET] = cost_budget
+        values[b, V_COST_DEADLINE] = cost_deadline
+        counts[b, C_BUDGET_VIOLATED] = violated
+        counts[b, C_DEADLINE_MISSES] = misses
+        counts[b, C_N_EXECUTED] = n_executed
+        counts[b, C_N_LOST] = misses if enforce else 0
+        counts[b, C_N_KEPT] = kept
+        counts[b, C_N_REPLACED] = K - kept - skipped
+        counts[b, C_N_SKIPPED] = skipped
+        counts[b, C_LAYER] = l
+        counts[b, C_TOKEN] = token
+        counts[b, C_ACCURACY_CORRECT] = correct
+        counts[b, C_ACCURACY_SAME] = same
+        counts[b, C_ACCURACY_FULL] = full
+        counts[b, C_TOKEN_COMPLETE] = l == n_layers - 1
+        for k in range(K):
+            counts[b, NI + k] = server[k]
+        if mode == EVALUATE:
+            continue
+        # ---- commit: accuracy bookkeeping, then advance to the next layer / token / episode end
+        for d in range(n_acc):
+            amounts[b, ACC + d] = acc[d]
+        if span != SPAN_LAYER:
+            amounts[b, BUDGET_USED] += weighted
+        if l + 1 < n_layers:
+            counters[b, LAYER] = l + 1
+        elif token + 1 >= n_tokens:
+            flags[b, DONE] = True  # the layer stays at L-1: the final observation repeats the last layer
+        else:
+            counters[b, LAYER] = 0
+            counters[b, TOKEN] = token + 1
+            if span == SPAN_TOKEN:
+                amounts[b, BUDGET_USED] = 0.0
+            if has_accuracy:  # the context term carried to the next token; a fresh accumulator
+                amounts[b, CONTEXT] = floats[F_CONTEXT_DECAY] * amounts[b, CONTEXT] + max(dloss, 0.0)
+                for d in range(n_acc):
+                    amounts[b, ACC + d] = 0.0
+            if token + 1 - counters[b, CHUNK_START] >= C:
+                replan[b] = True
+                flagged += 1
+                if not copied:
+                    observed, copied = rows.copy(), True
+                observed[b] = False
                 continue
+    if mode == STEP:
+        observe_rows(observed, topk_idx, mismatch, plan[5], topk_weight, plan[7], plan[8], counters, amounts,
+                     ints, floats, deviation_table, obs)
+    return flagged
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def observe_rows(rows, topk_idx, mismatch, probs, topk_weight, gain, obs_expert, counters, amounts, ints, floats,
+                 deviation_table, obs):
+    """Write the observation of the current position of the episodes with ``rows[b]`` into obs (B, D) float32
+    (the plan's, state's and constants' arrays it reads, as :func:`run_rows` has them; deviation_table (K, E+1)
+    scratch for a decision's slot table). A function of its own, called once per kernel run after the step's loop
+    (compiled apart from it: a B = 4096 vector step took about 4% less time than with both in one loop)."""
+    n_layers, span = ints[I_LAYERS], ints[I_SPAN]
+    span_budget, max_deviation = floats[F_SPAN_BUDGET], floats[F_MAX_DEVIATION]
+    C, E, K = probs.shape[0], probs.shape[3], topk_idx.shape[3]
+    per_layer_fading = gain.shape[1] > 1
+    for b in range(rows.shape[0]):
+        if not rows[b]:
+            continue
         # ---- observe the current position: the gating entries (probabilities, Top-K mask and weights,
         # deviation table over the budget unit), the planned channel entries, the budget left, the position;
         # every key of the layout, clipped to its box
@@ -260,9 +291,10 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
             obs[b, weight_at + topk_idx[c, l, b, k]] = min(topk_weight[c, l, b, k], 1.0)
         at = ints[I_DEVIATION_AT]
         unit = floats[F_LAYER_BUDGET + 2 * n_layers + l]
+        rules.slot_table(mismatch, l, topk_idx, topk_weight, (c, l, b), deviation_table)
         for k in range(K):
             for j in range(E + 1):
-                obs[b, at + k * (E + 1) + j] = min(deviation_table[c, l, b, k, j] / unit, max_deviation)
+                obs[b, at + k * (E + 1) + j] = min(deviation_table[k, j] / unit, max_deviation)
         at = ints[I_GAIN_AT]
         for i in range(gain.shape[3]):
             obs[b, at + i] = gain[c, lf, b, i]
@@ -272,4 +304,3 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
         obs[b, ints[I_BUDGET_AT]] = fraction
         obs[b, ints[I_POSITION_AT]] = l / floats[F_LAYER_DEN]
         obs[b, ints[I_POSITION_AT] + 1] = token / floats[F_TOKEN_DEN]
-    return flagged

@@ -17,6 +17,7 @@ import numpy as np
 from wide_env.errors import ConfigError
 from wide_env.sim import slots
 from wide_env.sim.channel import move_random_waypoint
+from wide_env.sim.deviation import slot_deviation_table
 from wide_env.sim.decode.plan_fill import all_finite, expert_keys_into, topk_energy_into
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_ENERGY_COST, MAX_LATENCY_RATIO
@@ -60,6 +61,9 @@ class TokenPlan:
     effect_base: np.ndarray  # (C, 1, n, M + 2) float64
     full_correct: np.ndarray  # (C, 1, n) bool
 
+    #: (L, E, E+1) kappa_l D_l, for the deviation tables derived on first read (set by the planner; not a field)
+    weighted_mismatch = None
+
     @property
     def chunk_tokens(self) -> int:
         return self.costs.shape[0]
@@ -84,6 +88,26 @@ class TokenPlan:
         """(C, L, n) the reward's energy unit, J."""
         return self.topk[..., 1]
 
+
+def _deviation_table(plan: TokenPlan) -> np.ndarray:
+    """The plan's deviation tables: the stored ones, or derived once from the Top-K sets and weights (the step
+    kernel derives its entries the same way, wide_env.sim.decode.kernel; planning gathers none)."""
+    table = plan.__dict__.get("_deviation_table")
+    if table is None:
+        C, L = plan.topk_idx.shape[:2]
+        table = plan.__dict__["_deviation_table"] = slot_deviation_table(
+            plan.weighted_mismatch, np.arange(L)[None, :, None], plan.topk_idx, plan.topk_weight)
+    return table
+
+
+def _set_deviation_table(plan: TokenPlan, table: np.ndarray | None) -> None:
+    plan.__dict__["_deviation_table"] = table
+
+
+# a field (the dataclass's __init__, fields(), repr and the plan pins see it) read through the derivation above
+TokenPlan.deviation_table = property(_deviation_table, _set_deviation_table)
+#: fields derived from others: take / assign / concat leave them to be derived again
+DERIVED = ("deviation_table",)
 
 #: per-expert observation keys planned from the channel (``obs_expert``'s rows, in this order)
 EXPERT_KEYS = ("energy_cost", "latency_ratio", "deadline_probability")
@@ -166,7 +190,7 @@ def plan_gating(scn: Scenario, rng: np.random.Generator, positions: np.ndarray) 
     L = scn.n_layers
     if scn.source.positional:  # precomputed rows of every position: gather them
         table = position_gating_rows(scn.source, scn.weighted_mismatch)
-        return table.take(positions[:, None, :] * L + np.arange(L)[:, None])
+        return table.take(positions[:, None, :] * L + np.arange(L)[:, None], deviation_table=False)
     flat = scn.source.gates(positions.reshape(-1), rng)  # (C n, L, ...)
     R = C * n * L
     order = lambda x: x.reshape(C, n, L, -1).transpose(0, 2, 1, 3).reshape(R, -1)  # noqa: E731  (c, l, b) rows
@@ -211,14 +235,16 @@ def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, know
         obs_expert[..., 1, :] = np.minimum(knowable[..., 0, :] / scn.deadline_s, MAX_LATENCY_RATIO)
         obs_expert[..., 2, :] = knowable[..., 1, :]
     gain_db = linear_to_db(channel_gain)
-    return TokenPlan(
+    plan = TokenPlan(
         costs=expert_costs, meets_deadline=expert_costs[..., 3, :] <= deadline, observed_energy_scopes=observed,
         topk=topk, probs=gating.probs.reshape(C, L, n, E).astype(np.float32, copy=False), topk_idx=topk_idx,
         topk_weight=gating.topk_weight.reshape(C, L, n, -1).astype(np.float64, copy=False),
-        deviation_table=gating.deviation_table.reshape(C, L, n, -1, E + 1),
+        deviation_table=None if gating.deviation_table is None else gating.deviation_table.reshape(C, L, n, -1, E + 1),
         obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32), obs_expert=obs_expert,
         deadline_probability=knowable[..., 1, :], channel_gain_db=gain_db, helper_positions=positions,
         effect_rows=None, effect_base=None, full_correct=None)
+    plan.weighted_mismatch = scn.weighted_mismatch
+    return plan
 
 
 def _slotted_uplink(scn: Scenario, rng, channel_gain, path_gains, downlink_time):
@@ -321,24 +347,32 @@ def check_finite(scn: Scenario, plan: TokenPlan) -> None:
 
 
 def _arrays(plan: TokenPlan):
-    return [(f.name, getattr(plan, f.name)) for f in fields(plan) if getattr(plan, f.name) is not None]
+    """(name, array) of the plan's stored fields (not the derived ones)."""
+    return [(f.name, getattr(plan, f.name)) for f in fields(plan)
+            if f.name not in DERIVED and getattr(plan, f.name) is not None]
+
+
+def _new_plan(arrays: dict, like: TokenPlan) -> TokenPlan:
+    plan = TokenPlan(**{f.name: arrays.get(f.name) for f in fields(TokenPlan)})
+    plan.weighted_mismatch = like.weighted_mismatch
+    return plan
 
 
 def take_plan(plan: TokenPlan, rows) -> TokenPlan:
     """The plan of episodes ``rows`` alone (copies)."""
-    taken = {name: np.take(value, rows, axis=EPISODES) for name, value in _arrays(plan)}
-    return TokenPlan(**{f.name: taken.get(f.name) for f in fields(TokenPlan)})
+    return _new_plan({name: np.take(value, rows, axis=EPISODES) for name, value in _arrays(plan)}, plan)
 
 
 def assign_plan(target: TokenPlan, rows, source: TokenPlan) -> None:
     """Write plan ``source`` (len(rows) episodes) into episodes ``rows`` of ``target`` (in place)."""
     for name, value in _arrays(target):
         value[:, :, rows] = getattr(source, name)
+    target.deviation_table = None  # derived again from the new Top-K sets when read
 
 
 def concat_plans(plans: list[TokenPlan]) -> TokenPlan:
     """The plans of several groups of episodes (same chunk length) as one plan, in order."""
     if len(plans) == 1:
         return plans[0]
-    joined = {name: np.concatenate([getattr(p, name) for p in plans], axis=EPISODES) for name, _ in _arrays(plans[0])}
-    return TokenPlan(**{f.name: joined.get(f.name) for f in fields(TokenPlan)})
+    return _new_plan({name: np.concatenate([getattr(p, name) for p in plans], axis=EPISODES)
+                      for name, _ in _arrays(plans[0])}, plans[0])

@@ -37,19 +37,25 @@ def expert_keys_into(energy, reference, knowable, deadline_s, max_energy_cost, m
     box, and P(meeting the deadline), from knowable (C, Lc, n, 2, E) = [idle latency, P(meet)]."""
     C, L, n = reference.shape
     E = energy.shape[3]
-    per_layer_cost, per_layer_known = energy.shape[1] > 1, knowable.shape[1] > 1
+    per_layer_cost, Lk = energy.shape[1] > 1, knowable.shape[1]
+    known = np.empty((Lk, n, 2, E), dtype=np.float32)  # one token's latency and P(meet) keys, once per Lk layer
     for c in range(C):
+        for lk in range(Lk):
+            for b in range(n):
+                for e in range(E):
+                    ratio = knowable[c, lk, b, 0, e] / deadline_s
+                    known[lk, b, 0, e] = ratio if ratio < max_latency_ratio else max_latency_ratio
+                    known[lk, b, 1, e] = knowable[c, lk, b, 1, e]
         for l in range(L):
             lc = l if per_layer_cost else 0
-            lk = l if per_layer_known else 0
+            lk = l if Lk > 1 else 0
             for b in range(n):
                 ref = reference[c, l, b]
                 for e in range(E):
                     cost = energy[c, lc, b, e] / ref
                     out[c, l, b, 0, e] = cost if cost < max_energy_cost else max_energy_cost
-                    ratio = knowable[c, lk, b, 0, e] / deadline_s
-                    out[c, l, b, 1, e] = ratio if ratio < max_latency_ratio else max_latency_ratio
-                    out[c, l, b, 2, e] = knowable[c, lk, b, 1, e]
+                    out[c, l, b, 1, e] = known[lk, b, 0, e]
+                    out[c, l, b, 2, e] = known[lk, b, 1, e]
 
 
 @njit(**_JIT)

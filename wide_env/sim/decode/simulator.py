@@ -91,6 +91,7 @@ class DecodeSimulator:
                         np.array(floats + list(self.layer_budget) + list(self.layer_weight) + list(scn.budget_unit),
                                  dtype=np.float64))
         self._accuracy = self._accuracy_tables()
+        self._mismatch = np.ascontiguousarray(scn.weighted_mismatch, dtype=np.float64)  # the kernel's slot tables
         self._all_rows: dict[int, np.ndarray] = {}
         self._unused: dict[int, tuple] = {}
         self._usual_out: tuple = (None, None, None)  # the last outcome (and its arrays) that usual_outcome passed
@@ -235,7 +236,7 @@ class DecodeSimulator:
         args = state.kernel_args
         if args is None:
             p = state.plan
-            plan = (p.costs, p.meets_deadline, p.topk, p.topk_idx, p.deviation_table, p.probs, p.topk_weight, p.obs_gain,
+            plan = (p.costs, p.meets_deadline, p.topk, p.topk_idx, self._mismatch, p.probs, p.topk_weight, p.obs_gain,
                     p.obs_expert, p.effect_rows, p.effect_base, p.full_correct, self._accuracy[3])
             packed = (state.counters, state.amounts, state.flags)
             args = state.kernel_args = (plan, packed, self._consts, self._rows(state, None),
