@@ -121,3 +121,27 @@ def test_a_pickled_or_copied_model_accuracy_env_decodes_like_the_original():
         runs.append([(i["accuracy_correct"], i["accuracy_same"], i["delta_loss"]) for i in got if i["token_complete"]])
     assert len(runs[2]) == 2
     assert runs[0] == runs[2] and runs[1] == runs[2]
+
+
+@pytest.mark.parametrize("E,K", [(8, 1), (8, 2), (32, 4), (5, 5)])
+def test_gate_top_k_is_the_stable_descending_order(E, K):
+    """The router's gate on logits with many ties: probabilities are the float64 softmax rounded to float32, the
+    Top-K the first K of a stable descending sort (the first of equal probabilities first), the combine weights
+    the Top-K probabilities (renormalised in float32 when asked)."""
+    from wide_env.models.fused_kernels import _gate
+
+    rng = np.random.default_rng(E * 10 + K)
+    for trial in range(200):
+        logits = (rng.integers(-3, 3, E) * 0.5).astype(np.float32)  # few distinct values: ties everywhere
+        probs, idx, w, ex = np.zeros(E, np.float32), np.zeros(K, np.int64), np.zeros(K, np.float32), np.zeros(E)
+        renorm = bool(trial % 2)
+        _gate(logits, probs, idx, w, K, E, renorm, ex)
+        z = np.exp(logits.astype(np.float64) - logits.max())
+        np.testing.assert_array_equal(probs, (z / z.sum()).astype(np.float32))
+        want = np.argsort(-probs, kind="stable")[:K]
+        np.testing.assert_array_equal(idx, want)
+        top = probs[want]
+        wsum = np.float32(0.0)
+        for p in top:
+            wsum = np.float32(wsum + p)
+        np.testing.assert_array_equal(w, top / wsum if renorm else top)

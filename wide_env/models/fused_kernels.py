@@ -128,9 +128,10 @@ def _route(W, S, rows, l):
         layer_norm(r[row], ln[l, 2], ln[l, 3], h[row])
         a[g] = h[row]
     linear_rows(a, router_w[l], W[14][:0], logits)
+    ex = carve(bits, 2 * T, (E,)).view(np.float64)  # the gate's exps (work after the attention's)
     renorm = W[14][0] != 0
     for g in range(R):
-        _gate(logits[g], probs[rows[g]], topk_idx[rows[g]], topk_w[rows[g]], K, E, renorm)
+        _gate(logits[g], probs[rows[g]], topk_idx[rows[g]], topk_w[rows[g]], K, E, renorm, ex)
 
 
 @njit(**_JIT)
@@ -149,30 +150,34 @@ def _prefetch_own(S, row, l):
 
 
 @njit(**_JIT)
-def _gate(logits, probs, topk_idx, topk_w, K, E, renorm):
-    """The router's softmax (float64), Top-K descending (the first of equal probabilities first) and combine
-    weights, renormalised over the Top-K (``renorm``) or the raw probabilities."""
+def _gate(logits, probs, topk_idx, topk_w, K, E, renorm, ex):
+    """The router's softmax (float64; ``ex``: float64 scratch (E,), each exp computed once), Top-K descending
+    (the first of equal probabilities first: one pass, each expert inserted after those at least as probable)
+    and combine weights, renormalised over the Top-K (``renorm``) or the raw probabilities."""
     top = -np.inf
     for e in range(E):
         top = max(top, logits[e])
     total = 0.0
     for e in range(E):
-        total += math.exp(logits[e] - top)
+        ex[e] = math.exp(logits[e] - top)
+        total += ex[e]
     for e in range(E):
-        probs[e] = math.exp(logits[e] - top) / total
+        probs[e] = ex[e] / total
+    filled = 0
+    for e in range(E):
+        p = probs[e]
+        if filled == K and not p > probs[topk_idx[K - 1]]:
+            continue
+        i = min(filled, K - 1)  # the last slot (dropped when full), then up past the less probable
+        while i > 0 and p > probs[topk_idx[i - 1]]:
+            topk_idx[i] = topk_idx[i - 1]
+            i -= 1
+        topk_idx[i] = e
+        filled = min(filled + 1, K)
     wsum = np.float32(0.0)
     for k in range(K):
-        best = -1
-        for e in range(E):
-            taken = False
-            for kk in range(k):
-                if topk_idx[kk] == e:
-                    taken = True
-            if not taken and (best < 0 or probs[e] > probs[best]):
-                best = e
-        topk_idx[k] = best
-        topk_w[k] = probs[best]
-        wsum += probs[best]
+        topk_w[k] = probs[topk_idx[k]]
+        wsum += probs[topk_idx[k]]
     if renorm:
         for k in range(K):
             topk_w[k] = topk_w[k] / wsum
@@ -297,7 +302,7 @@ def _work(S, L, K, E):
     per stream the layer each applies and routes, the window order, the layer groups and the served rows; the
     groups' and windows' counts; the combine rule's table (float64) and servers."""
     work, n, T = S[18], S[8].shape[0], S[0].shape[2]
-    o = 2 * T  # the exp's scratch (_route)
+    o = 2 * T + E  # the attention's and the gate's exps (_route)
     applies, routes, seq, order, served = (carve(work, o, (n,)), carve(work, o + n, (n,)), carve(work, o + 2 * n, (n,)),
                                            carve(work, o + 3 * n, (n,)), carve(work, o + 4 * n, (n,)))
     o += 6 * n
@@ -320,7 +325,7 @@ def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, rows, tokens):
             return CONTEXT_FULL, rows[i]
     for i in range(rows.shape[0]):
         _embed(W, S, rows[i], tokens[i])
-    begun, _, seq, order, _, starts, fill, slot_starts, _, _ = _work(S, 1, 1, 1)
+    begun, _, seq, order, _, starts, fill, slot_starts, _, _ = _work(S, W[2].shape[0], S[6].shape[1], S[5].shape[1])
     begun[:] = -1
     begun[rows] = 0
     _by_slot(S[12], slot_starts, seq)
