@@ -172,11 +172,18 @@ class ModelAccuracy(_ModelStreams):
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
         super().__init__(sim, checkpoint_dir, num_envs)
         self._stepped = np.ones(num_envs, bool)  # the decoder steps every stream with a token in progress
+        # the experts each step serves with (before_step writes them here), and the state the decoder's
+        # arguments are bound to (FusedDecoder.bind: the compiled call without numba's per-call typing)
+        self._effective = np.zeros((num_envs, sim.n_experts), bool)
+        self._bound_state = None
         self.observes = bool(sim.config.gating.model_state)
         if self.observes:
             from wide_env.envs.model_state import ModelState
 
             self.state_keys = ModelState(self.context.model, sim.obs_slices, num_envs)
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: the copy binds its own decoder's call again
+        return {**self.__dict__, "_bound_state": None}
 
     def observe(self, obs: np.ndarray, rows: np.ndarray | None = None) -> None:
         """Write the model-state keys of ``rows`` (index array; None = all) into ``obs`` (B, D)."""
@@ -198,14 +205,21 @@ class ModelAccuracy(_ModelStreams):
 
     def before_step(self, state, executed: np.ndarray) -> np.ndarray:
         """The experts the step serves with: executed and in time (the realised delays)."""
-        return np.asarray(executed, dtype=bool) & self.sim.on_time(state)
+        return np.logical_and(executed, self.sim.on_time(state), out=self._effective)
 
     def after_step(self, state, outcome, effective: np.ndarray) -> None:
         """Each stepped row applies its layer with its effective experts (the decoder checks it is in step with
         the episode); rows whose token completed report it and start their next token."""
-        finished = self.decoder.advance(self._stepped, effective, state.layer, state.start, state.token, state.done,
-                                        self.token_id)
-        if finished.any():
+        if effective is self._effective:  # before_step's buffer: the bound call
+            if state is not self._bound_state:
+                self.decoder.bind(self._stepped, effective, state.layer, state.start, state.token, state.done,
+                                  self.token_id)
+                self._bound_state = state
+            finished = self.decoder.advance_bound()
+        else:
+            finished = self.decoder.advance(self._stepped, effective, state.layer, state.start, state.token,
+                                            state.done, self.token_id)
+        if self.decoder.n_finished:
             rows = np.flatnonzero(finished)
             nll = self._report(outcome, rows, self.decoder.finished_at[rows], self.decoder.logits[rows])
             if self.observes:

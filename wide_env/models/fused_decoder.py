@@ -20,32 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import fused_kernels as fk
+from .fused_layout import pack, stream_arrays, views
 from .decoder import ContextFull, checked_streams
 from .moe_lm import MoELM
-
-
-def pack(arrays, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Arrays (rank <= 5), or shapes of zero arrays, in one contiguous buffer: (buffer, meta (N, 7) int64:
-    offset, rank, shape padded with 1s). One buffer per dtype keeps the compiled calls' argument lists short
-    (numba's dispatch cost grows with the number of arguments, about 0.4 us each). Zero arrays are not written:
-    their pages stay unmapped until used (a stream's cache is mostly never touched)."""
-    shapes = [tuple(a) if isinstance(a, tuple) else a.shape for a in arrays]
-    meta = np.ones((len(arrays), 7), np.int64)
-    offset = 0
-    for i, shape in enumerate(shapes):
-        meta[i, 0], meta[i, 1] = offset, len(shape)
-        meta[i, 2:2 + len(shape)] = shape
-        offset += int(np.prod(shape))
-    buf = np.zeros(offset, dtype)
-    for i, a in enumerate(arrays):
-        if not isinstance(a, tuple):
-            buf[meta[i, 0]:meta[i, 0] + a.size] = a.reshape(-1)
-    return buf, meta
-
-
-def views(buf: np.ndarray, meta: np.ndarray) -> list[np.ndarray]:
-    """The arrays of a packed buffer as numpy views (writing them writes the buffer)."""
-    return [buf[m[0]:m[0] + int(np.prod(m[2:2 + m[1]]))].reshape(tuple(m[2:2 + m[1]])) for m in meta]
 
 
 def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +45,20 @@ def pack_weights(model: MoELM) -> tuple[np.ndarray, np.ndarray]:
                     np.array([model.cfg.routing == "softmax_topk_renorm"], np.float32)], np.float32)
 
 
+#: the attributes that are views of the packed buffers (rebuilt after unpickling)
+_VIEWS = ("keys", "values", "x", "_r", "_h", "probs", "topk_weight", "_shared_keys", "_shared_values", "logits",
+          "topk_idx", "length", "layer", "_slot", "_shared", "position", "finished_at", "_packed")
+
+
+def _entry(args: tuple):
+    """advance_rows' compiled entry for the types of ``args`` (compiled or loaded from numba's cache if new);
+    advance_rows itself where numba's JIT is disabled."""
+    kernel = fk.advance_rows
+    if not hasattr(kernel, "compile"):
+        return kernel
+    return kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+
+
 class FusedDecoder:
     """``n_streams`` KV-cached streams of ``model`` with the combine rule of the mismatch tables ``mismatch``
     (L, E, E+1), advanced one layer per call. ``prefix_slots``: how many trace windows' prefixes the streams
@@ -82,15 +73,12 @@ class FusedDecoder:
         d, H, E, K = cfg.d_model, cfg.n_head, self.E, self.K
         #: the packed weights (decoders of one model may share them: ``weights=``)
         self.weights = pack_weights(model) if weights is None else weights
-        kv = (n, self.L, cfg.block_size, H, d // H)  # a stream's own positions (fused_kernels)
         slots = max(int(prefix_slots), 1)
-        shared = (slots, self.L, H, d // H, cfg.block_size)  # shared prefixes: positions last
-        floats = [kv, kv, (n, d), (n, d), (n, d), (n, E), (n, K), shared, shared]  # zeros (pack)
-        self._floats = pack(floats, np.float32)
-        self._ints = pack([np.zeros((n, K)), np.zeros(n), np.full(n, -1), np.full(n, -1), np.zeros(n)], np.int64)
-        (self.keys, self.values, self.x, self._r, self._h, self.probs, self.topk_weight, self._shared_keys,
-         self._shared_values) = views(*self._floats)
-        self.topk_idx, self.length, self.layer, self._slot, self._shared = views(*self._ints)
+        per_stream = fk.scratch_per_stream(d, cfg.d_ff, E, self.V)
+        floats, ints = stream_arrays(n, self.L, cfg.block_size, H, d // H, E, K, self.V, slots, per_stream)
+        self._floats = pack(floats, np.float32)  # zeros: pages mapped when first written
+        self._ints = pack(ints, np.int64)
+        self._views()
         self._window_of: list = [None] * slots  # the window each shared slot holds, and back
         self._slot_of: dict = {}
         self._refs = np.zeros(slots, np.int64)  # how many streams read each slot
@@ -99,16 +87,20 @@ class FusedDecoder:
         # self.probs, topk_idx, topk_weight: the pending layer's router softmax, Top-K (descending), combine weights
         # self.length: tokens held by each stream's cache
         # self.layer: each stream's pending layer (-1: no token in progress)
-        #: next-token logits of each stream that finished its token at the last advance()
-        self.logits = np.zeros((n, self.V), np.float32)
+        # self.logits: next-token logits of each stream that finished its token at the last advance()
+        # self.position, self.finished_at: each stream's trace position of its token in progress (begin()'s
+        # ``positions``), and of the token it finished at the last advance()
         self.finished = np.zeros(n, bool)
-        #: each stream's trace position of its token in progress (begin()'s ``positions``), and of the token it
-        #: finished at the last advance()
-        self.position, self.finished_at = np.zeros(n, np.int64), np.zeros(n, np.int64)
-        per_stream = fk.scratch_per_stream(d, cfg.d_ff, E, self.V)
-        self._scratch = np.zeros(n * per_stream + cfg.block_size, np.float32)
-        self._bits = np.zeros(2 * cfg.block_size, np.int64)
-        self._packed = self.weights + self._floats + self._ints + (self._scratch, self._bits)
+        #: how many streams finished their token at the last advance()
+        self.n_finished = 0
+        self._bound = None  # bind()
+
+    def _views(self) -> None:
+        (self.keys, self.values, self.x, self._r, self._h, self.probs, self.topk_weight, self._shared_keys,
+         self._shared_values, self.logits, _) = views(*self._floats)
+        (self.topk_idx, self.length, self.layer, self._slot, self._shared, self.position, self.finished_at,
+         _) = views(*self._ints)
+        self._packed = self.weights + self._floats + self._ints
 
     def reset(self, rows=None) -> None:
         """Empty the caches of ``rows`` (None = every stream) and drop a token in progress."""
@@ -199,10 +191,46 @@ class FusedDecoder:
         writes its next-token logits into ``self.logits[b]`` and its token's trace position into
         ``self.finished_at[b]`` and, unless done, starts its next token ``token_id[start + token]``. Returns
         ``finished`` (n,) bool (a buffer the next call overwrites)."""
-        self._check(*fk.advance_rows(*self._packed, self.D, stepped, allowed, env_layer, env_start, env_token,
-                                     env_done, token_id, self.logits, self.finished, self.finished_at,
-                                     self.position))
+        return self._advanced(*fk.advance_rows(*self._packed, self.D, stepped, allowed, env_layer, env_start,
+                                                env_token, env_done, token_id, self.finished))
+
+    def _advanced(self, status: int, got: int) -> np.ndarray:
+        if status:
+            self._check(status, got)
+        self.n_finished = got
         return self.finished
+
+    def bind(self, stepped: np.ndarray, allowed: np.ndarray, env_layer: np.ndarray, env_start: np.ndarray,
+             env_token: np.ndarray, env_done: np.ndarray, token_id: np.ndarray) -> None:
+        """Bind :meth:`advance`'s arguments for :meth:`advance_bound`, which advances with their contents at
+        call time (the caller writes them in place). It calls the kernel's compiled entry for these arrays'
+        types directly: numba's dispatcher types every argument at every call (about 1.3 us of a single env's
+        step). Arrays of other sizes than the decoder's are refused."""
+        n, E = self.n_streams, self.E
+        for name, a, shape in (("stepped", stepped, (n,)), ("allowed", allowed, (n, E)), ("env_layer", env_layer, (n,)),
+                               ("env_start", env_start, (n,)), ("env_token", env_token, (n,)),
+                               ("env_done", env_done, (n,))):
+            if not isinstance(a, np.ndarray) or a.shape != shape:
+                raise ValueError(f"{name} must be an array of shape {shape}, got {getattr(a, 'shape', type(a))}")
+        if not isinstance(token_id, np.ndarray) or token_id.ndim != 1:
+            raise ValueError("token_id must be a 1-d array (the trace's token ids)")
+        args = self._packed + (self.D, stepped, allowed, env_layer, env_start, env_token, env_done, token_id,
+                               self.finished)
+        self._bound = (_entry(args), args)
+
+    def advance_bound(self) -> np.ndarray:
+        """:meth:`advance` with the arrays of the last :meth:`bind`."""
+        entry, args = self._bound
+        return self._advanced(*entry(*args))
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: the views are rebuilt from the buffers, not copied apart
+        state = {k: v for k, v in self.__dict__.items() if k not in _VIEWS}
+        state["_bound"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._views()
 
     def decode(self, rows, token_ids, allowed: np.ndarray) -> np.ndarray:
         """One token on streams ``rows`` with allowed masks (R, L, E) bool: returns the (R, V) next-token

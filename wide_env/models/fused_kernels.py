@@ -12,26 +12,8 @@ input order; layer norms, softmaxes and GELU in float64, cast back), so results 
 (``tests/test_fused_decoder.py`` bounds it). A stream's numbers do not depend on the streams beside it. The
 combine rule is :func:`wide_env.rules.serve_slots` itself.
 
-Weights ``W`` (views of one packed buffer, :func:`wide_env.models.fused_decoder.pack`; see
-:func:`wide_env.models.fused_decoder.pack_weights`),
-all float32, matrices stored
-input-major so the inner loops run over contiguous outputs:
-  0 tok (V, d), 1 pos (T, d), 2 ln (L, 4, d) = ln1 weight, ln1 bias, ln2 weight, ln2 bias,
-  3 qkv_w (L, d, 3d), 4 qkv_b (L, 3d), 5 proj_w (L, d, d), 6 proj_b (L, d), 7 router_w (L, d, E),
-  8 w1 (L, E, d, f), 9 b1 (L, E, f), 10 w2 (L, E, f, d), 11 b2 (L, E, d), 12 ln_f (2, d), 13 head_w (d, V),
-  14 renorm (1,): 1 where the combine weights are renormalised over the Top-K, else 0.
-Stream state ``S`` (views of a float32 and an int64 buffer): 0 keys, 1 values (n, L, T, H, hd): each stream's
-own positions (a position's heads side by side: a new position writes two cache lines, an episode's few
-tokens are a few lines to read); 2 x, 3 r, 4 h (n, d) the residual stream,
-the current layer's attention output and MoE input; 5 probs (n, E); 6 topk_idx (n, K) int64; 7 topk_w (n, K);
-8 length (n,) int64 (tokens in the cache); 9 layer (n,) int64 (the pending layer, L = every layer applied,
--1 = no token in progress); 10 shared keys, 11 shared values (slots, L, H, hd, T): trace windows' prefixes
-that streams share (the full model's run of a window: every episode starting in it reads the same context;
-positions last: the attention's loops run along them, and a layer's slots stay in the cache while the
-window's streams run);
-12 slot (n,) int64: each stream's shared slot (-1: none), 13 shared (n,) int64: how many of its first
-positions it reads from there (its own cache holds the rest).
-Scratch: ``scratch`` float32 (at least n * :func:`scratch_per_stream` + T), ``bits`` int64 (2T,).
+Weights ``W`` and stream state ``S`` are views of the decoder's packed buffers, laid out as
+:mod:`wide_env.models.fused_layout` describes.
 """
 
 from __future__ import annotations
@@ -43,6 +25,7 @@ from numba import njit
 
 from wide_env.rules import serve_slots
 
+from .fused_layout import carve, streams, weights
 from .fused_math import exp_shifted, gelu_rows, layer_norm, linear_rows, prefetch
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
@@ -62,11 +45,11 @@ def scratch_per_stream(d: int, d_ff: int, n_expert: int, vocab: int) -> int:
 def _rows_of(scratch, o, R, c):
     """The (R, c) block of ``scratch`` at offset ``o`` and the offset after it (the layer passes carve their
     buffers from one scratch, in the order scratch_per_stream counts them)."""
-    return scratch[o:o + R * c].reshape((R, c)), o + R * c
+    return carve(scratch, o, (R, c)), o + R * c
 
 
 @njit(**_FAST)
-def _route(W, S, rows, l, scratch, bits):
+def _route(W, S, rows, l):
     """Attention of layer ``l`` for the streams ``rows`` (all at layer l; each at its residual stream x and its
     position), then the router: writes the keys and values into the caches, r, h, probs and the Top-K with its
     combine weights."""
@@ -75,6 +58,7 @@ def _route(W, S, rows, l, scratch, bits):
     R, d = rows.shape[0], x.shape[1]
     T, H, hd = keys.shape[2], keys.shape[3], keys.shape[4]
     E, K = probs.shape[1], topk_idx.shape[1]
+    scratch, bits = S[17], S[18]
     a, o = _rows_of(scratch, 0, R, d)
     qkv, o = _rows_of(scratch, o, R, 3 * d)
     y, o = _rows_of(scratch, o, R, d)
@@ -98,8 +82,8 @@ def _route(W, S, rows, l, scratch, bits):
         P = shared[row] if slot[row] >= 0 else 0  # positions [0, P) in the shared prefix, [P, n) the stream's own
         sk, sv = shared_keys[max(slot[row], 0), l], shared_values[max(slot[row], 0), l]
         kc, vc = keys[row, l], values[row, l]  # (T, H, hd)
-        kc[p] = q[d:2 * d].reshape((H, hd))
-        vc[p] = q[2 * d:].reshape((H, hd))
+        kc[p] = carve(q, d, (H, hd))
+        vc[p] = carve(q, 2 * d, (H, hd))
         for hh in range(H):
             s = scores[:n]
             s[:] = 0.0
@@ -144,9 +128,10 @@ def _route(W, S, rows, l, scratch, bits):
         layer_norm(r[row], ln[l, 2], ln[l, 3], h[row])
         a[g] = h[row]
     linear_rows(a, router_w[l], W[14][:0], logits)
+    ex = carve(bits, 2 * T, (E,)).view(np.float64)  # the gate's exps (work after the attention's)
     renorm = W[14][0] != 0
     for g in range(R):
-        _gate(logits[g], probs[rows[g]], topk_idx[rows[g]], topk_w[rows[g]], K, E, renorm)
+        _gate(logits[g], probs[rows[g]], topk_idx[rows[g]], topk_w[rows[g]], K, E, renorm, ex)
 
 
 @njit(**_JIT)
@@ -165,37 +150,41 @@ def _prefetch_own(S, row, l):
 
 
 @njit(**_JIT)
-def _gate(logits, probs, topk_idx, topk_w, K, E, renorm):
-    """The router's softmax (float64), Top-K descending (the first of equal probabilities first) and combine
-    weights, renormalised over the Top-K (``renorm``) or the raw probabilities."""
+def _gate(logits, probs, topk_idx, topk_w, K, E, renorm, ex):
+    """The router's softmax (float64; ``ex``: float64 scratch (E,), each exp computed once), Top-K descending
+    (the first of equal probabilities first: one pass, each expert inserted after those at least as probable)
+    and combine weights, renormalised over the Top-K (``renorm``) or the raw probabilities."""
     top = -np.inf
     for e in range(E):
         top = max(top, logits[e])
     total = 0.0
     for e in range(E):
-        total += math.exp(logits[e] - top)
+        ex[e] = math.exp(logits[e] - top)
+        total += ex[e]
     for e in range(E):
-        probs[e] = math.exp(logits[e] - top) / total
+        probs[e] = ex[e] / total
+    filled = 0
+    for e in range(E):
+        p = probs[e]
+        if filled == K and not p > probs[topk_idx[K - 1]]:
+            continue
+        i = min(filled, K - 1)  # the last slot (dropped when full), then up past the less probable
+        while i > 0 and p > probs[topk_idx[i - 1]]:
+            topk_idx[i] = topk_idx[i - 1]
+            i -= 1
+        topk_idx[i] = e
+        filled = min(filled + 1, K)
     wsum = np.float32(0.0)
     for k in range(K):
-        best = -1
-        for e in range(E):
-            taken = False
-            for kk in range(k):
-                if topk_idx[kk] == e:
-                    taken = True
-            if not taken and (best < 0 or probs[e] > probs[best]):
-                best = e
-        topk_idx[k] = best
-        topk_w[k] = probs[best]
-        wsum += probs[best]
+        topk_w[k] = probs[topk_idx[k]]
+        wsum += probs[topk_idx[k]]
     if renorm:
         for k in range(K):
             topk_w[k] = topk_w[k] / wsum
 
 
 @njit(**_JIT)
-def _apply(W, S, D, rows, l, allowed, scratch):
+def _apply(W, S, D, rows, l, allowed, table, server, served):
     """Layer ``l``'s MoE for the streams ``rows`` (all at layer l) under the combine rule with their ``allowed``
     (n, E) experts: x = r + sum_k w_k E_phi(k)(h), a skipped slot adding nothing. Each expert runs once on the
     streams it serves."""
@@ -203,14 +192,12 @@ def _apply(W, S, D, rows, l, allowed, scratch):
     x, r, h, topk_idx, topk_w = S[2], S[3], S[4], S[6], S[7]
     E, K = D.shape[1], topk_idx.shape[1]
     R, d, f = rows.shape[0], x.shape[1], w1.shape[3]
+    scratch = S[17]
     combine, o = _rows_of(scratch, 0, R, E)
     moe, o = _rows_of(scratch, o, R, d)
     inp, o = _rows_of(scratch, o, R, d)
     act, o = _rows_of(scratch, o, R, f)
     out, _ = _rows_of(scratch, o, R, d)
-    table = np.empty((K, E + 1))
-    server = np.empty(K, np.int64)
-    served = np.empty(R, np.int64)
     for g in range(R):
         row = rows[g]
         for k in range(K):
@@ -247,10 +234,10 @@ def _apply(W, S, D, rows, l, allowed, scratch):
 
 
 @njit(**_JIT)
-def _finish(W, S, rows, logits, scratch):
+def _finish(W, S, rows):
     """Next-token logits of the streams ``rows`` (every layer applied) into ``logits[row]``; their caches are one
     token longer."""
-    x, length, layer = S[2], S[8], S[9]
+    x, length, layer, logits, scratch = S[2], S[8], S[9], S[14], S[17]
     R, d, V = rows.shape[0], x.shape[1], logits.shape[1]
     a, o = _rows_of(scratch, 0, R, d)
     out, _ = _rows_of(scratch, o, R, V)
@@ -275,119 +262,98 @@ def _embed(W, S, row, token):
 
 
 @njit(**_JIT)
-def _by_slot(slot, n_slots):
-    """The rows in order of their shared prefix slot (rows without one first): a layer's streams of one trace
-    window then run one after another, so the window's keys and values stay in the cache between them."""
-    starts = np.zeros(n_slots + 2, np.int64)
+def _by_slot(slot, starts, seq):
+    """The rows in order of their shared prefix slot (rows without one first) into ``seq``: a layer's streams of
+    one trace window then run one after another, so the window's keys and values stay in the cache between
+    them. ``starts``: scratch (slots + 2,)."""
+    starts[:] = 0
     for row in range(slot.shape[0]):
         starts[slot[row] + 2] += 1
-    for i in range(n_slots + 1):
+    for i in range(starts.shape[0] - 1):
         starts[i + 1] += starts[i]
-    seq = np.empty(slot.shape[0], np.int64)
     for row in range(slot.shape[0]):
         seq[starts[slot[row] + 1]] = row
         starts[slot[row] + 1] += 1
-    return seq
 
 
 @njit(**_JIT)
-def _by_layer(target, L, seq):
-    """The rows with ``target[row]`` in [0, L) grouped by it (in the order of ``seq`` in each): (order,
-    starts), the rows at layer l being ``order[starts[l]:starts[l + 1]]``."""
-    starts = np.zeros(L + 1, np.int64)
+def _by_layer(target, seq, order, starts, fill):
+    """The rows with ``target[row]`` in [0, L) grouped by it (in the order of ``seq`` in each), L =
+    len(starts) - 1: the rows at layer l are ``order[starts[l]:starts[l + 1]]`` afterwards (``fill``: scratch
+    like ``starts``)."""
+    L = starts.shape[0] - 1
+    starts[:] = 0
     for row in seq:
         if 0 <= target[row] < L:
             starts[target[row] + 1] += 1
     for l in range(L):
         starts[l + 1] += starts[l]
-    order = np.empty(starts[L], np.int64)
-    fill = starts.copy()
+    fill[:] = starts
     for row in seq:
         t = target[row]
         if 0 <= t < L:
             order[fill[t]] = row
             fill[t] += 1
-    return order, starts
+
+
+@njit(inline="always", **_JIT)
+def _work(S, L, K, E):
+    """The int64 scratch of a call carved from S[18] (its size: :func:`wide_env.models.fused_layout.stream_arrays`):
+    per stream the layer each applies and routes, the window order, the layer groups and the served rows; the
+    groups' and windows' counts; the combine rule's table (float64) and servers."""
+    work, n, T = S[18], S[8].shape[0], S[0].shape[2]
+    o = 2 * T + E  # the attention's and the gate's exps (_route)
+    applies, routes, seq, order, served = (carve(work, o, (n,)), carve(work, o + n, (n,)), carve(work, o + 2 * n, (n,)),
+                                           carve(work, o + 3 * n, (n,)), carve(work, o + 4 * n, (n,)))
+    o += 6 * n
+    starts, fill = carve(work, o, (L + 1,)), carve(work, o + L + 1, (L + 1,))
+    o += 2 * (L + 1)
+    slot_starts = carve(work, o, (S[10].shape[0] + 2,))
+    o += S[10].shape[0] + 2
+    table = carve(work, o, (K * (E + 1),)).view(np.float64).reshape((K, E + 1))
+    server = carve(work, o + K * (E + 1), (K,))
+    return applies, routes, seq, order, served, starts, fill, slot_starts, table, server
 
 
 @njit(**_JIT)
-def view(buf, meta, i):
-    """Array ``i`` of a packed buffer (:func:`wide_env.models.fused_decoder.pack`): meta[i] = offset, rank, shape
-    (up to 5)."""
-    o = meta[i, 0]
-    n = meta[i, 2] * meta[i, 3] * meta[i, 4] * meta[i, 5] * meta[i, 6]
-    return buf[o:o + n]
-
-
-@njit(**_JIT)
-def _weights(wbuf, wm):
-    s = wm
-    return (view(wbuf, s, 0).reshape((s[0, 2], s[0, 3])), view(wbuf, s, 1).reshape((s[1, 2], s[1, 3])),
-            view(wbuf, s, 2).reshape((s[2, 2], s[2, 3], s[2, 4])),
-            view(wbuf, s, 3).reshape((s[3, 2], s[3, 3], s[3, 4])), view(wbuf, s, 4).reshape((s[4, 2], s[4, 3])),
-            view(wbuf, s, 5).reshape((s[5, 2], s[5, 3], s[5, 4])), view(wbuf, s, 6).reshape((s[6, 2], s[6, 3])),
-            view(wbuf, s, 7).reshape((s[7, 2], s[7, 3], s[7, 4])),
-            view(wbuf, s, 8).reshape((s[8, 2], s[8, 3], s[8, 4], s[8, 5])),
-            view(wbuf, s, 9).reshape((s[9, 2], s[9, 3], s[9, 4])),
-            view(wbuf, s, 10).reshape((s[10, 2], s[10, 3], s[10, 4], s[10, 5])),
-            view(wbuf, s, 11).reshape((s[11, 2], s[11, 3], s[11, 4])),
-            view(wbuf, s, 12).reshape((s[12, 2], s[12, 3])), view(wbuf, s, 13).reshape((s[13, 2], s[13, 3])),
-            view(wbuf, s, 14))
-
-
-@njit(**_JIT)
-def _streams(fbuf, fm, ibuf, im):
-    return (view(fbuf, fm, 0).reshape((fm[0, 2], fm[0, 3], fm[0, 4], fm[0, 5], fm[0, 6])),
-            view(fbuf, fm, 1).reshape((fm[1, 2], fm[1, 3], fm[1, 4], fm[1, 5], fm[1, 6])),
-            view(fbuf, fm, 2).reshape((fm[2, 2], fm[2, 3])), view(fbuf, fm, 3).reshape((fm[3, 2], fm[3, 3])),
-            view(fbuf, fm, 4).reshape((fm[4, 2], fm[4, 3])), view(fbuf, fm, 5).reshape((fm[5, 2], fm[5, 3])),
-            view(ibuf, im, 0).reshape((im[0, 2], im[0, 3])), view(fbuf, fm, 6).reshape((fm[6, 2], fm[6, 3])),
-            view(ibuf, im, 1), view(ibuf, im, 2),
-            view(fbuf, fm, 7).reshape((fm[7, 2], fm[7, 3], fm[7, 4], fm[7, 5], fm[7, 6])),
-            view(fbuf, fm, 8).reshape((fm[8, 2], fm[8, 3], fm[8, 4], fm[8, 5], fm[8, 6])),
-            view(ibuf, im, 3), view(ibuf, im, 4))
-
-
-@njit(**_JIT)
-def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, rows, tokens):
+def begin_rows(wbuf, wm, fbuf, fm, ibuf, im, rows, tokens):
     """Start a token on each stream of ``rows`` (token ids ``tokens``): embedding, then layer 0's attention and
     router. Returns (status, the first row refused); a refused call changes nothing."""
-    W, S = _weights(wbuf, wm), _streams(fbuf, fm, ibuf, im)
+    W, S = weights(wbuf, wm), streams(fbuf, fm, ibuf, im)
     for i in range(rows.shape[0]):
         if S[8][rows[i]] >= W[1].shape[0]:
             return CONTEXT_FULL, rows[i]
     for i in range(rows.shape[0]):
         _embed(W, S, rows[i], tokens[i])
-    begun = np.zeros(S[8].shape[0], np.bool_)
-    begun[rows] = True
-    order = np.empty(rows.shape[0], np.int64)
-    m = 0
-    for row in _by_slot(S[12], S[10].shape[0]):
-        if begun[row]:
-            order[m] = row
-            m += 1
-    _route(W, S, order[:m], 0, scratch, bits)
+    begun, _, seq, order, _, starts, fill, slot_starts, _, _ = _work(S, W[2].shape[0], S[6].shape[1], S[5].shape[1])
+    begun[:] = -1
+    begun[rows] = 0
+    _by_slot(S[12], slot_starts, seq)
+    _by_layer(begun, seq, order, starts, fill)
+    _route(W, S, order[:starts[1]], 0)
     return OK, -1
 
 
 @njit(**_JIT)
-def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, D, stepped, allowed, env_layer, env_start,
-                 env_token, env_done, token_id, logits, finished, finished_at, position):
+def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, D, stepped, allowed, env_layer, env_start, env_token, env_done,
+                 token_id, finished):
     """Every stream b with ``stepped[b]`` and a token in progress applies its pending layer with its
     ``allowed[b]`` (E,) experts under the combine rule, then routes its next layer. ``env_*`` are the episodes'
     counters after the step (:class:`wide_env.sim.decode.state.DecodeState`), which the streams must agree
     with: the next layer, or at a token's end the next token (layer 0, trace position start + token) unless
-    the episode is done. A stream that applied its last layer writes its next-token logits into ``logits[b]``,
-    sets ``finished[b]``, ``finished_at[b]`` = its token's trace position (``position[b]``, kept from its
-    begin) and, unless done, starts its next token (id from ``token_id``). Streams at the same layer run
-    together. Returns (status, row); a refused call (a stream out of step, a full context) changes nothing."""
-    W, S = _weights(wbuf, wm), _streams(fbuf, fm, ibuf, im)
-    L = D.shape[0]
-    length, layer = S[8], S[9]
+    the episode is done. A stream that applied its last layer writes its next-token logits (S[14]), sets
+    ``finished[b]`` and its finished_at (S[16]) = its token's trace position (S[15], kept from its begin) and,
+    unless done, starts its next token (id from ``token_id``). Streams at the same layer run together. Returns
+    (OK, how many streams finished) or (status, row) for a refused call (a stream out of step, a full
+    context), which changes nothing."""
+    W, S = weights(wbuf, wm), streams(fbuf, fm, ibuf, im)
+    L, E = D.shape[0], D.shape[1]
+    length, layer, position, finished_at = S[8], S[9], S[15], S[16]
     n = stepped.shape[0]
-    applies = np.full(n, -1, np.int64)  # the layer each stream applies now (-1: none)
-    for row in range(n):
+    applies, routes, seq, order, served, starts, fill, slot_starts, table, server = _work(S, L, S[6].shape[1], E)
+    for row in range(n):  # the layer each stream applies now (-1: none)
         finished[row] = False
+        applies[row] = -1
         l = layer[row]
         if not stepped[row] or (l < 0 and env_done[row]):  # not stepped, or the episode was over
             continue
@@ -402,16 +368,20 @@ def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, D, stepped, allowe
             if length[row] + 1 >= W[1].shape[0]:  # the next token has no position left
                 return CONTEXT_FULL, row
         applies[row] = l
-    seq = _by_slot(S[12], S[10].shape[0])
-    order, starts = _by_layer(applies, L, seq)
+    if n == 1:  # one stream (the single env): no ordering to do
+        seq[0] = 0
+    else:
+        _by_slot(S[12], slot_starts, seq)
+    _by_layer(applies, seq, order, starts, fill)
     for l in range(L):
         if starts[l + 1] > starts[l]:
-            _apply(W, S, D, order[starts[l]:starts[l + 1]], l, allowed, scratch)
+            _apply(W, S, D, order[starts[l]:starts[l + 1]], l, allowed, table, server, served)
     last = order[starts[L - 1]:starts[L]]
     if last.shape[0]:
-        _finish(W, S, last, logits, scratch)
-    routes = np.full(n, -1, np.int64)  # the layer each stream routes next (-1: none)
-    for row in range(n):
+        _finish(W, S, last)
+    done = 0
+    for row in range(n):  # the layer each stream routes next (-1: none)
+        routes[row] = -1
         l = applies[row]
         if l < 0:
             continue
@@ -420,13 +390,14 @@ def advance_rows(wbuf, wm, fbuf, fm, ibuf, im, scratch, bits, D, stepped, allowe
             routes[row] = l + 1
             continue
         finished[row] = True
+        done += 1
         finished_at[row] = position[row]
         if not env_done[row]:
             position[row] = env_start[row] + env_token[row]
             _embed(W, S, row, token_id[position[row]])
             routes[row] = 0
-    order, starts = _by_layer(routes, L, seq)
+    _by_layer(routes, seq, order, starts, fill)
     for l in range(L):
         if starts[l + 1] > starts[l]:
-            _route(W, S, order[starts[l]:starts[l + 1]], l, scratch, bits)
-    return OK, -1
+            _route(W, S, order[starts[l]:starts[l + 1]], l)
+    return OK, done
