@@ -95,10 +95,12 @@ def _env_kwargs(regime: Regime, config: dict | None = None) -> dict | None:
 
 
 def train_agent(regime: Regime, out: Path, *, run: AgentRun = AgentRun(TRAIN_SEED, None, True),
-                timesteps: int | None, cpu_minutes: float, quick: bool) -> dict:
+                timesteps: int | None, cpu_minutes: float, quick: bool, reuse: bool = False) -> dict:
     """``python train.py --env PRESET`` (its YAML entry, the run's seed, its weight as
     ``reward_shaping.accuracy_weight``) into OUT/runs; stops on its timestep budget, or at the ``cpu_minutes``
-    safety cap (reported: ``cpu_limit_reached``). Returns the model path, timesteps, CPU and wall seconds."""
+    safety cap (reported: ``cpu_limit_reached``). Returns the model path, timesteps, CPU and wall seconds.
+    ``reuse``: a run folder that finished its budget with the same command line is taken as it is (its recorded
+    training times; ``reused`` True) instead of trained again."""
     argv = ["--env", regime.env_id, "--seed", str(run.seed), "-f", str(out / "runs"), "--run-name",
             run.run_name(regime.name), "--no-compare", "-tb", "none", "--max-cpu-minutes", f"{cpu_minutes:g}"]
     kwargs = _env_kwargs(regime)
@@ -113,10 +115,17 @@ def train_agent(regime: Regime, out: Path, *, run: AgentRun = AgentRun(TRAIN_SEE
         argv += ["-n", str(timesteps)]
     if quick:
         argv += ["--eval-freq", "0", "--eval-episodes", "2", "--save-freq", "0", "-v", "0"]
-    cpu0, wall0 = time.process_time(), time.time()
-    run_dir = Path(agent_plugin("the benchmark's agent training").train(argv))
-    cpu, wall = time.process_time() - cpu0, time.time() - wall0
-    status = json.loads((run_dir / "status.json").read_text())
+    command = "python train.py " + shlex.join(argv)
+    run_dir = out / "runs" / "ppo" / run.run_name(regime.name)
+    status = _finished_status(run_dir, command) if reuse else None
+    reused = status is not None
+    if reused:
+        cpu, wall = float(status.get("train_cpu_s", 0.0)), float(status.get("train_s", 0.0))
+    else:
+        cpu0, wall0 = time.process_time(), time.time()
+        run_dir = Path(agent_plugin("the benchmark's agent training").train(argv))
+        cpu, wall = time.process_time() - cpu0, time.time() - wall0
+        status = json.loads((run_dir / "status.json").read_text())
     capped = bool(status.get("cpu_limit_reached", False))
     if capped:
         print(f"   WARNING: {run_dir.name} stopped at the {cpu_minutes:g} CPU-minute safety cap after "
@@ -124,7 +133,18 @@ def train_agent(regime: Regime, out: Path, *, run: AgentRun = AgentRun(TRAIN_SEE
     return {"regime": regime.name, "seed": run.seed, "weight": "" if run.weight is None else run.weight,
             "headline": run.headline, "model": str(run_dir / "final_model.zip"), "run_dir": str(run_dir),
             "cpu_s": cpu, "wall_s": wall, "timesteps": int(status.get("num_timesteps", status.get("timesteps", 0))),
-            "cpu_limit_reached": capped, "command": "python train.py " + shlex.join(argv)}
+            "cpu_limit_reached": capped, "command": command, "reused": reused}
+
+
+def _finished_status(run_dir: Path, command: str) -> dict | None:
+    """The status of a run folder that trained its whole budget with exactly ``command`` (None otherwise)."""
+    try:
+        same = (run_dir / "command.txt").read_text().strip() == command
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = status.get("state") == "done" and status.get("num_timesteps") == status.get("n_timesteps")
+    return status if same and done and (run_dir / "final_model.zip").is_file() else None
 
 
 def _train_one(regime: Regime, run: AgentRun, out: Path, settings: dict) -> dict:
@@ -132,7 +152,7 @@ def _train_one(regime: Regime, run: AgentRun, out: Path, settings: dict) -> dict
 
     torch.set_num_threads(1)  # a forked worker starts with torch's default
     return train_agent(regime, out, run=run, timesteps=settings.get("timesteps"), cpu_minutes=settings["cpu_minutes"],
-                       quick=settings["quick"])
+                       quick=settings["quick"], reuse=settings.get("reuse_runs", False))
 
 
 def _train_all(regime: Regime, runs: list[AgentRun], out: Path, settings: dict) -> list[dict]:
@@ -226,15 +246,16 @@ def _agent_row(regime: Regime, training: dict, test: list[dict]) -> dict:
     run = AgentRun(training["seed"], training["weight"] if training["weight"] != "" else None, training["headline"])
     recs = [r for r in test if r["policy"] == agent_policy(run) and r["train_seed"] == run.seed]
     summary = summary_of(recs, agent_policy(run))
-    keep = ("seed", "weight", "headline", "timesteps", "cpu_s", "wall_s", "cpu_limit_reached", "run_dir")
+    keep = ("seed", "weight", "headline", "timesteps", "cpu_s", "wall_s", "cpu_limit_reached", "reused", "run_dir")
     return {"regime": regime.name, "policy": agent_policy(run), **summary,
             **{("train_" + k if k in ("timesteps", "cpu_s", "wall_s") else k): training[k] for k in keep}}
 
 
 def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int | None = None,
                   selection_episodes: int | None = None, seeds: int | None = None, cpu_minutes: float = 60.0,
-                  jobs: int = 1, command: str = "") -> list[dict]:
-    """Run the benchmark into ``out`` (see the module docstring); returns the table rows."""
+                  jobs: int = 1, command: str = "", reuse_runs: bool = False) -> list[dict]:
+    """Run the benchmark into ``out`` (see the module docstring); returns the table rows. ``reuse_runs``: take
+    the agents whose run folders in ``out`` finished with the same command line instead of training them again."""
     if isinstance(cpu_minutes, bool) or not isinstance(cpu_minutes, numbers.Real) or not 0 < cpu_minutes < math.inf:
         raise ValueError(f"cpu_minutes (--cpu-minutes) = {cpu_minutes!r}: the CPU-time safety cap of each training "
                          "run must be a positive number of minutes, e.g. 60")
@@ -259,7 +280,8 @@ def run_benchmark(out, regimes=None, *, quick: bool = False, test_episodes: int 
         settings["selection_episodes"] = int(selection_episodes)
     if seeds is not None:
         settings["seeds"] = int(seeds)
-    settings.update(quick=quick, cpu_minutes=float(cpu_minutes), jobs=int(jobs), stats_dir=str(out / "span_stats"))
+    settings.update(quick=quick, cpu_minutes=float(cpu_minutes), jobs=int(jobs), stats_dir=str(out / "span_stats"),
+                    reuse_runs=bool(reuse_runs))
     t0, cpu0 = time.time(), time.process_time()
     rows, comparisons, fronts, per_seed, agents, per_regime = [], [], [], [], [], {}
     for name in names:
@@ -322,6 +344,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--cpu-minutes", type=_positive_minutes, default=60.0,
                     help="safety cap of each training run's CPU time, minutes > 0 (default 60; runs stop on their "
                          "timestep budget well before it; a run that hits it is reported)")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="take agents whose run folders in OUT finished their budget with the same command line "
+                         "(e.g. after an interruption, or to evaluate again with new baselines) instead of training "
+                         "them again; a changed YAML entry needs a fresh OUT")
     args = ap.parse_args(argv)
     for name, value in (("--test-episodes", args.test_episodes), ("--selection-episodes", args.selection_episodes)):
         if value is not None and value < 2:
@@ -336,7 +362,7 @@ def main(argv=None) -> list[dict]:
         return run_benchmark(args.out, regimes, quick=args.quick, test_episodes=args.test_episodes,
                              selection_episodes=args.selection_episodes, seeds=args.seeds,
                              cpu_minutes=args.cpu_minutes, jobs=args.jobs,
-                             command=command)
+                             command=command, reuse_runs=args.reuse_runs)
     except ValueError as exc:
         ap.exit(2, f"{ap.prog}: error: {exc}\n")
 

@@ -228,3 +228,28 @@ def test_parallel_training_trains_the_same_agents(quick_run, tmp_path):
     parallel = [{k: a[k] for k in keys} for a in _read(out / "agents.csv")]
     assert parallel == serial
     assert json.loads((out / "benchmark.json").read_text())["settings"]["jobs"] == 2
+
+
+def test_reuse_takes_finished_runs_with_the_same_command_and_trains_others(quick_run, monkeypatch):
+    import baselines.benchmark as bench
+
+    regime, run = REGIMES["queues"], AgentRun(0, None, True)
+    kwargs = dict(run=run, timesteps=QUICK["timesteps"], cpu_minutes=60.0, quick=True)
+    trained = []
+
+    class Plugin:
+        def train(self, argv):
+            trained.append(argv)
+            raise RuntimeError("trained")
+
+    monkeypatch.setattr(bench, "agent_plugin", lambda purpose: Plugin())
+    agent = bench.train_agent(regime, quick_run, reuse=True, **kwargs)
+    assert agent["reused"] and not trained
+    status = json.loads((quick_run / "runs" / "ppo" / "queues" / "status.json").read_text())
+    assert agent["timesteps"] == QUICK["timesteps"] and agent["cpu_s"] == status["train_cpu_s"]
+    assert agent["model"] == str(quick_run / "runs" / "ppo" / "queues" / "final_model.zip")
+    # another command line (here the safety cap), or no reuse asked: the run is trained
+    for other in (dict(kwargs, cpu_minutes=30.0, reuse=True), dict(kwargs, reuse=False)):
+        with pytest.raises(RuntimeError, match="trained"):
+            bench.train_agent(regime, quick_run, **other)
+    assert len(trained) == 2
