@@ -25,12 +25,25 @@ only if the observation predicts a skip's effect on the prediction better than t
    ratio of the observation rule's energy to the deviation rule's at matched agreement is the information
    headroom: what richer observations buy with the same action space and an optimiser that is exact for it.
 
-Measured on ``wide_env/WideMoE-ModelState-v0`` (README "Information headroom"): the observation features lower
+Two further checks of where headroom could come from (README "Why the agents tie"):
+
+4. **The residual stream** (``residual=True``, ``--residual``): the ``"residual"`` features add, per layer, the
+   d-dimensional hidden state of the token in progress at the decision (the decoder's residual stream after the
+   layers applied so far; what the server that routes the token holds, though no observation key carries it).
+   Only its held-out log-loss is reported: no policy observes it, so it has no skip rule.
+5. **Compounding within a token** (:func:`skip_compounding`, ``--compounding P``): every layer skips its 2nd slot
+   independently with probability P; the flip rate per number of skips in the token against the rate the
+   single-skip rates predict if skips flipped the prediction independently. A per-step rule prices each skip
+   on its own; a superadditive effect (more flips than independence predicts) would reward a policy that
+   remembers the token's skips, a subadditive one a policy that concentrates them.
+
+Measured on ``wide_env/WideMoE-ModelState-v0`` (README "Why the agents tie"): the observation features lower
 the held-out log-loss by about a third more than the deviation term does over a constant, yet the fronts match
-within a few per cent: the flips the hindsight bound avoids are not predictable from what a causal policy sees.
+within a few per cent: the flips the hindsight bound avoids are not predictable from what a causal policy sees;
+the residual stream predicts them no better.
 
     python -m baselines.information_headroom --out runs/information_headroom [--episodes 3000] \\
-        [--test-episodes 200]
+        [--test-episodes 200] [--residual] [--compounding 0.35]
 """
 from __future__ import annotations
 
@@ -45,10 +58,12 @@ from baselines.observation import layer_of, parse_observation, problem_of
 from baselines.policy_base import Policy
 
 __all__ = ["FEATURE_SETS", "SAMPLE_KEYS", "collect_skip_samples", "decision_features", "fit_logistic",
-           "LogisticModel", "FlipPricedSkip", "information_headroom", "main"]
+           "LogisticModel", "FlipPricedSkip", "information_headroom", "skip_compounding", "main"]
 
 ENV_ID = "wide_env/WideMoE-ModelState-v0"
 FEATURE_SETS = ("deviation", "observation")
+#: the feature sets a flip model can be fitted on: the policies' two, and the residual stream (item 4: no rule)
+FIT_FEATURE_SETS = FEATURE_SETS + ("residual",)
 #: model-state keys the "observation" features use where the env offers them (docs/model.md)
 _STATE_KEYS = ("router_entropy", "router_margin", "logit_lens_confidence", "previous_loss")
 #: per-sample arrays :func:`collect_skip_samples` returns besides the decision's observation
@@ -76,8 +91,10 @@ def _check_problem(problem) -> None:
 def decision_features(a: dict, problem, features: str) -> np.ndarray:
     """(B, F) features of skipping each decision's 2nd Top-K slot (module docstring, item 2), from the parsed
     observation ``a`` (:func:`baselines.observation.parse_observation`)."""
-    if features not in FEATURE_SETS:
-        raise ValueError(f"features must be one of {list(FEATURE_SETS)}, got {features!r}")
+    if features not in FIT_FEATURE_SETS:
+        raise ValueError(f"features must be one of {list(FIT_FEATURE_SETS)}, got {features!r}")
+    if features == "residual" and "residual" not in a:
+        raise ValueError("the 'residual' features need samples collected with residual=True")
     L, E, K = problem.n_layers, problem.n_experts, problem.top_k
     B = a["position"].shape[0]
     rows = np.arange(B)
@@ -85,9 +102,11 @@ def decision_features(a: dict, problem, features: str) -> np.ndarray:
     first, second = _top_two(a)
     deviation = a["deviation_table"].reshape(B, K, E + 1)[:, 1, E]  # slot 2 skipped (budget units)
     columns = [layer, layer * deviation[:, None]]
-    if features == "observation":
+    if features in ("observation", "residual"):
         per_layer = [np.eye(E)[second], a["topk_weight"][rows, first][:, None], a["topk_weight"][rows, second][:, None],
                      *(a[k][:, :1] for k in _STATE_KEYS if k in a)]
+        if features == "residual":
+            per_layer.append(a["residual"])
         x = np.concatenate(per_layer, axis=1)
         columns.append((layer[:, :, None] * x[:, None, :]).reshape(B, -1))
     return np.concatenate(columns, axis=1)
@@ -142,24 +161,40 @@ def fit_logistic(x, y, l2: float = 1e-3, iterations: int = 50, tol: float = 1e-1
     return LogisticModel(theta[:-1], theta[-1], mean, sd)
 
 
+def _check_episodes(episodes) -> None:
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+
+
+def _residual_stream(env, env_id: str):
+    """The (B, d) residual stream of the env's decoding streams (model accuracy only)."""
+    decoder = getattr(getattr(env.unwrapped.episode_batch, "model", None), "decoder", None)
+    if decoder is None or not hasattr(decoder, "x"):
+        raise ValueError(f"{env_id} decodes no tokens on the model, so it has no residual stream: the 'residual' "
+                         "features need gating.accuracy = 'model' (e.g. wide_env/WideMoE-ModelState-v0)")
+    return decoder.x
+
+
 def collect_skip_samples(env_id: str = ENV_ID, episodes: int = 3000, seed: int = EXPLORATION_SEED,
-                         env_kwargs: dict | None = None) -> dict[str, np.ndarray]:
+                         env_kwargs: dict | None = None, residual: bool = False) -> dict[str, np.ndarray]:
     """Exploration data (module docstring, item 1): per token, its perturbable decision's parsed observation
     (every key of the layout, (n, size)), ``skipped`` (the 2nd slot was skipped) and ``same`` (the token's
-    prediction equals the full model's). Episode i is ``reset(seed=seed + i)``; the exploration draws come from
+    prediction equals the full model's); with ``residual``, also ``residual`` (n, d): the token's residual stream
+    at that decision (item 4). Episode i is ``reset(seed=seed + i)``; the exploration draws come from
     ``numpy.random.default_rng(seed)``, so the data are a function of the arguments."""
     import gymnasium as gym
 
     import wide_env  # noqa: F401  (registers the envs)
 
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+    _check_episodes(episodes)
     env = gym.make(env_id, **(env_kwargs or {}))
     try:
         problem = problem_of(env)
         _check_problem(problem)
+        stream = _residual_stream(env, env_id) if residual else None
         rng = np.random.default_rng(seed)
-        rows: dict[str, list] = {k: [] for k in (*problem.obs_slices, *SAMPLE_KEYS)}
+        rows: dict[str, list] = {k: [] for k in (*problem.obs_slices, *SAMPLE_KEYS, *(("residual",) if residual
+                                                                                       else ()))}
         for episode in range(episodes):
             obs, _ = env.reset(seed=seed + episode)
             done, chosen, skip, pending = False, -1, False, None
@@ -173,6 +208,8 @@ def collect_skip_samples(env_id: str = ENV_ID, episodes: int = 3000, seed: int =
                     if skip:
                         action[_top_two(a)[1][0]] = 0
                     pending = {k: v[0] for k, v in a.items()}
+                    if stream is not None:
+                        pending["residual"] = np.array(stream[0], dtype=np.float64)
                 obs, _, terminated, truncated, info = env.step(action)
                 done = terminated or truncated
                 if info.get("token_complete"):
@@ -229,10 +266,11 @@ def _front_ratio(energy_a, agree_a, energy_b, agree_b, levels) -> list[float]:
 
 def information_headroom(env_id: str = ENV_ID, *, episodes: int = 3000, test_episodes: int = 200,
                          thetas=THETAS, seed: int = EXPLORATION_SEED, test_seed: int = TEST_SEED,
-                         levels=(0.90, 0.93, 0.95, 0.97), n_boot: int = 1000, env_kwargs: dict | None = None) -> dict:
+                         levels=(0.90, 0.93, 0.95, 0.97), n_boot: int = 1000, env_kwargs: dict | None = None,
+                         residual: bool = False) -> dict:
     """The whole measurement (module docstring): log-losses, both rules' fronts on the test seeds and the
     observation rule's energy / the deviation rule's at matched agreement ``levels``, with a 95% percentile
-    bootstrap CI over the (paired) test episodes."""
+    bootstrap CI over the (paired) test episodes; ``residual``: also the residual stream's log-loss (item 4)."""
     import gymnasium as gym
 
     from baselines.lagrangian import energy_model_config
@@ -240,12 +278,12 @@ def information_headroom(env_id: str = ENV_ID, *, episodes: int = 3000, test_epi
     from baselines.span_stats import span_statistics
 
     t0, c0 = time.perf_counter(), time.process_time()
-    data = collect_skip_samples(env_id, episodes, seed, env_kwargs)
+    data = collect_skip_samples(env_id, episodes, seed, env_kwargs, residual=residual)
     env = gym.make(env_id, **(env_kwargs or {}))
     problem, config = problem_of(env), env.unwrapped.config
     env.close()
     skipped = data["skipped"] > 0.5
-    a = {k: data[k][skipped] for k in problem.obs_slices}
+    a = {k: data[k][skipped] for k in (*problem.obs_slices, *(("residual",) if residual else ()))}
     flip = 1.0 - data["same"][skipped]
     n = flip.size
     if n < 10 or flip.min() == flip.max():
@@ -258,7 +296,7 @@ def information_headroom(env_id: str = ENV_ID, *, episodes: int = 3000, test_epi
                                                        + (1 - flip[held]) * np.log(1 - flip[train].mean()))))}}
     models, result["l2"] = {}, {}
     fit_part, check_part = train[: 3 * train.size // 4], train[3 * train.size // 4:]
-    for features in FEATURE_SETS:
+    for features in FEATURE_SETS + (("residual",) if residual else ()):
         x = decision_features(a, problem, features)
         # the regularisation chosen on a validation part of the training samples (the observation features are
         # many: hundreds on a 32-layer model), then the held-out third scored and the rule fitted on everything
@@ -266,7 +304,8 @@ def information_headroom(env_id: str = ENV_ID, *, episodes: int = 3000, test_epi
                                                                                                  flip[check_part]))
         result["l2"][features] = l2
         result["log_loss"][features] = fit_logistic(x[train], flip[train], l2=l2).log_loss(x[held], flip[held])
-        models[features] = fit_logistic(x, flip, l2=l2)  # the rules use every sample
+        if features in FEATURE_SETS:  # the rules use every sample (no policy observes the residual stream)
+            models[features] = fit_logistic(x, flip, l2=l2)
     stats = span_statistics(energy_model_config(config), 16)
     policies = ["topk"]
     for features in FEATURE_SETS:
@@ -307,12 +346,90 @@ def information_headroom(env_id: str = ENV_ID, *, episodes: int = 3000, test_epi
     return result
 
 
+def skip_compounding(env_id: str = ENV_ID, episodes: int = 3000, probability: float = 0.35,
+                     seed: int = EXPLORATION_SEED, env_kwargs: dict | None = None) -> dict:
+    """Compounding of skips within a token (module docstring, item 5). Every layer's decision runs Top-K and
+    skips its 2nd slot with ``probability``, independently (draws from ``numpy.random.default_rng(seed)``; episode
+    i is ``reset(seed=seed + i)``). Returns per number of skips c in a token: the tokens, their flip rate (the
+    prediction differs from the full model's) with a 95% normal CI, and the rate if each skipped layer l flipped
+    independently with its single-skip excess q_l: 1 - (1 - f_0) prod_{l skipped} (1 - q_l), where f_0 is the
+    flip rate of tokens with no skip (flips the budget-free env makes anyway, e.g. infeasible experts) and
+    1 - q_l = (1 - f_l) / (1 - f_0), f_l the rate of tokens whose only skip is at layer l."""
+    import gymnasium as gym
+
+    import wide_env  # noqa: F401  (registers the envs)
+
+    _check_episodes(episodes)
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability must be in (0, 1), got {probability!r}")
+    t0 = time.process_time()
+    env = gym.make(env_id, **(env_kwargs or {}))
+    try:
+        problem = problem_of(env)
+        _check_problem(problem)
+        L = problem.n_layers
+        rng = np.random.default_rng(seed)
+        skips, flips, token = [], [], np.zeros(L, bool)
+        for episode in range(episodes):
+            obs, _ = env.reset(seed=seed + episode)
+            done = False
+            while not done:
+                a, _ = parse_observation(obs, problem)
+                layer = int(layer_of(a, problem)[0])
+                if layer == 0:
+                    token[:] = False
+                action = (a["topk_mask"][0] > 0.5).astype(np.int8)
+                if rng.random() < probability:
+                    action[_top_two(a)[1][0]] = 0
+                    token[layer] = True
+                obs, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+                if info.get("token_complete"):
+                    if "accuracy_same" not in info:
+                        raise ValueError(f"{env_id} reports no real accuracy (info['accuracy_same'])")
+                    skips.append(token.copy())
+                    flips.append(1.0 - float(info["accuracy_same"]))
+    finally:
+        env.close()
+    skips, flips = np.asarray(skips), np.asarray(flips)
+    count = skips.sum(axis=1)
+    f0 = float(flips[count == 0].mean()) if (count == 0).any() else 0.0
+    single = np.array([flips[(count == 1) & skips[:, l]].mean() if ((count == 1) & skips[:, l]).any() else np.nan
+                       for l in range(L)])
+    keep = (1.0 - single) / (1.0 - f0)  # 1 - q_l
+    independent = 1.0 - (1.0 - f0) * np.prod(np.where(skips, keep, 1.0), axis=1)
+    rows = []
+    for c in range(L + 1):
+        m = count == c
+        if not m.any():
+            continue
+        rate = float(flips[m].mean())
+        half = 1.96 * np.sqrt(rate * (1 - rate) / m.sum())
+        rows.append({"skips": c, "tokens": int(m.sum()), "flip_rate": rate, "ci95": [rate - half, rate + half],
+                     "independent": float(np.nanmean(independent[m]))})
+    return {"env_id": env_id, "episodes": episodes, "probability": probability, "tokens": int(flips.size),
+            "no_skip_flip_rate": f0, "single_skip_flip_rate": single.tolist(), "rows": rows,
+            "cpu_s": time.process_time() - t0}
+
+
+def _compounding_table(result: dict) -> str:
+    lines = [f"skips compounding on {result['env_id']}: {result['tokens']} tokens, each layer skips its 2nd slot "
+             f"with probability {result['probability']:g}",
+             "| skips in the token | tokens | flip rate (95% CI) | if independent |", "|---|---|---|---|"]
+    lines += [f"| {r['skips']} | {r['tokens']} | {r['flip_rate']:.4f} ({r['ci95'][0]:.4f}-{r['ci95'][1]:.4f}) | "
+              f"{r['independent']:.4f} |" for r in result["rows"]]
+    return "\n".join(lines)
+
+
 def _table(result: dict) -> str:
     ll = result["log_loss"]
+    residual = (f", residual stream {ll['residual']:.4f} (L2 {result['l2']['residual']:g})" if "residual" in ll
+                else "")
     lines = [f"information headroom on {result['env_id']}: {result['samples']} skipped decisions, flip rate "
              f"{result['flip_rate']:.4f}",
              f"held-out log-loss: constant {ll['constant']:.4f}, deviation {ll['deviation']:.4f}, observation "
-             f"{ll['observation']:.4f} (L2 {result['l2']['deviation']:g} and {result['l2']['observation']:g})",
+             f"{ll['observation']:.4f} (L2 {result['l2']['deviation']:g} and {result['l2']['observation']:g})"
+             + residual,
              "| rule | energy/token (J) | accuracy | same as full model |", "|---|---|---|---|"]
     lines += [f"| {r['policy']} | {r['energy_per_token_j']:.4e} | {r['accuracy_correct']:.4f} | "
               f"{r['accuracy_same']:.4f} |" for r in result["rules"]]
@@ -330,9 +447,25 @@ def main(argv=None) -> dict:
                         help="exploration episodes (seeds 40000+; one sample per token: deep models with few tokens "
                              "per episode need more)")
     parser.add_argument("--test-episodes", type=int, default=200, help="test episodes (seeds 20000+)")
+    parser.add_argument("--residual", action="store_true",
+                        help="also fit a flip model on the residual stream at the decision (model accuracy only)")
+    parser.add_argument("--compounding", type=float, default=None, metavar="P",
+                        help="instead: the compounding of skips within a token, every layer skipping its 2nd slot "
+                             "with probability P (writes skip_compounding.json / .md)")
     parser.add_argument("--out", type=Path, default=None, help="directory for information_headroom.json / .md")
     args = parser.parse_args(argv)
-    result = information_headroom(args.env, episodes=args.episodes, test_episodes=args.test_episodes)
+    if args.compounding is not None:
+        result = skip_compounding(args.env, episodes=args.episodes, probability=args.compounding)
+        table = _compounding_table(result)
+        print(table)
+        print(f"{result['cpu_s']:.0f} CPU-s")
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "skip_compounding.json").write_text(json.dumps(result, indent=1))
+            (args.out / "skip_compounding.md").write_text(table + "\n")
+        return result
+    result = information_headroom(args.env, episodes=args.episodes, test_episodes=args.test_episodes,
+                                  residual=args.residual)
     table = _table(result)
     print(table)
     print(f"{result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} CPU-s")

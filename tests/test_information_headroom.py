@@ -5,7 +5,8 @@ import pytest
 
 import wide_env  # noqa: F401
 from baselines.information_headroom import (ENV_ID, L2_GRID, FlipPricedSkip, LogisticModel, collect_skip_samples,
-                                            decision_features, fit_logistic, information_headroom)
+                                            decision_features, fit_logistic, information_headroom,
+                                            skip_compounding)
 from baselines.lagrangian import energy_model_config
 from baselines.observation import parse_observation, problem_of
 from baselines.span_stats import span_statistics
@@ -129,3 +130,62 @@ def test_information_headroom_end_to_end_small():
     assert dev_never["energy_per_token_j"] == pytest.approx(topk["energy_per_token_j"])
     assert dev_skip["energy_per_token_j"] < topk["energy_per_token_j"]
     assert len(result["energy_ratio_at_agreement"]) == len(result["levels"]) == len(result["ci95"])
+
+
+def test_residual_samples_are_the_decoders_stream_and_extend_the_observation_features():
+    data = collect_skip_samples(ENV_ID, episodes=3, seed=7, residual=True)
+    plain = collect_skip_samples(ENV_ID, episodes=3, seed=7)
+    for key, value in plain.items():  # recording the stream changes nothing else
+        np.testing.assert_array_equal(data[key], value)
+    env = gym.make(ENV_ID)
+    problem = problem_of(env)
+    decoder = env.unwrapped.episode_batch.model.decoder
+    d = decoder.x.shape[1]
+    n = data["same"].size
+    assert data["residual"].shape == (n, d) and np.isfinite(data["residual"]).all()
+    # the first sample is the stream at the first token's perturbed layer: replay the same actions to it
+    rng = np.random.default_rng(7)
+    chosen, skip = int(rng.integers(problem.n_layers)), bool(rng.random() < 0.5)
+    obs, _ = env.reset(seed=7)
+    for layer in range(chosen):
+        obs, *_ = env.step((obs["topk_mask"] > 0.5).astype(np.int8))
+    np.testing.assert_array_equal(data["residual"][0], np.asarray(decoder.x[0], np.float64))
+    env.close()
+    a = {k: data[k] for k in (*problem.obs_slices, "residual")}
+    obs_features = decision_features(a, problem, "observation")
+    res = decision_features(a, problem, "residual")
+    L, E = problem.n_layers, problem.n_experts
+    assert res.shape == (n, 2 * L + L * (E + 2 + 4 + d))
+    layer = np.rint(a["position"][:, 0] * (L - 1)).astype(int)
+    block = res[:, 2 * L:].reshape(n, L, E + 2 + 4 + d)
+    np.testing.assert_array_equal(block[np.arange(n), layer, E + 6:], data["residual"])
+    np.testing.assert_array_equal(res[:, :2 * L], obs_features[:, :2 * L])
+    with pytest.raises(ValueError, match="need samples collected with residual=True"):
+        decision_features(plain, problem, "residual")
+    with pytest.raises(ValueError, match="has no residual stream"):
+        collect_skip_samples("wide_env/WideMoE-v0", episodes=1, residual=True)
+
+
+def test_skip_compounding_counts_and_independence_prediction():
+    result = skip_compounding(ENV_ID, episodes=20, probability=0.5, seed=11)
+    env = gym.make(ENV_ID)
+    problem = problem_of(env)
+    env.close()
+    assert result["tokens"] == 20 * problem.n_tokens
+    assert sum(r["tokens"] for r in result["rows"]) == result["tokens"]
+    assert all(0 <= r["skips"] <= problem.n_layers and 0.0 <= r["flip_rate"] <= 1.0 for r in result["rows"])
+    zero = next(r for r in result["rows"] if r["skips"] == 0)
+    assert zero["independent"] == pytest.approx(zero["flip_rate"]) == pytest.approx(result["no_skip_flip_rate"])
+    one = next(r for r in result["rows"] if r["skips"] == 1)
+    # with one skip the independence prediction is the single-skip rates themselves, averaged over the tokens
+    assert one["independent"] == pytest.approx(one["flip_rate"])
+    assert skip_compounding(ENV_ID, episodes=20, probability=0.5, seed=11)["rows"] == result["rows"]
+    with pytest.raises(ValueError, match=r"probability must be in \(0, 1\)"):
+        skip_compounding(ENV_ID, episodes=1, probability=1.0)
+
+
+def test_information_headroom_residual_reports_its_log_loss_only():
+    result = information_headroom(episodes=40, test_episodes=2, thetas=(1e12,), n_boot=5, residual=True)
+    assert set(result["log_loss"]) == {"constant", "deviation", "observation", "residual"}
+    assert np.isfinite(result["log_loss"]["residual"]) and result["l2"]["residual"] in L2_GRID
+    assert not any(r["policy"].startswith("residual") for r in result["rules"])  # no policy observes the stream
