@@ -228,24 +228,46 @@ def collect_skip_samples(env_id: str = ENV_ID, episodes: int = 3000, seed: int =
 class FlipPricedSkip(Policy):
     """Top-K, with the 2nd slot skipped where the energy it saves exceeds ``theta x P(flip)`` (module docstring,
     item 3). ``model``: a :class:`LogisticModel` on :func:`decision_features` ``features``; ``stats``: the energy
-    model (:class:`baselines.span_stats.SpanStatistics`)."""
+    model (:class:`baselines.span_stats.SpanStatistics`). ``history_factors`` (g_0, g_1, ...; item 5): the rule
+    remembers how many 2nd slots it skipped in each row's token in progress, n, and prices the next skip at
+    ``theta x P(flip) x g_min(n, len - 1)`` (causal: only its own past actions; a subadditive compounding makes
+    later skips in a token cheaper)."""
 
     name = "flip_priced_skip"
 
-    def __init__(self, problem, *, model: LogisticModel, features: str, stats, theta: float):
+    def __init__(self, problem, *, model: LogisticModel, features: str, stats, theta: float,
+                 history_factors=None):
         super().__init__(problem)
         _check_problem(problem)
         if not (np.isfinite(theta) and theta >= 0):
             raise ValueError(f"theta must be a finite number >= 0, got {theta!r}")
         self.model, self.features, self.stats, self.theta = model, features, stats, float(theta)
+        self.history_factors = None
+        if history_factors is not None:
+            g = np.asarray(history_factors, dtype=np.float64)
+            if g.ndim != 1 or g.size == 0 or not (np.isfinite(g).all() and (g >= 0).all()):
+                raise ValueError(f"history_factors must be a non-empty list of finite numbers >= 0, got "
+                                 f"{history_factors!r}")
+            self.history_factors = g
+        self._skipped = None  # per row: 2nd slots skipped in the token in progress
+
+    def reset(self, seed: int | None = None) -> None:
+        self._skipped = None
 
     def select(self, a):
         topk = a["topk_mask"] > 0.5
         rows = np.arange(topk.shape[0])
         second = _top_two(a)[1]
         saving = self.stats.energy_of(a["energy_cost"], a["channel_gain_db"])[rows, second]
-        flip = self.model.predict(decision_features(a, self.problem, self.features))
-        skip = saving > self.theta * flip
+        price = self.theta * self.model.predict(decision_features(a, self.problem, self.features))
+        if self.history_factors is not None:
+            if self._skipped is None or self._skipped.size != rows.size:
+                self._skipped = np.zeros(rows.size, dtype=np.int64)
+            self._skipped[layer_of(a, self.problem) == 0] = 0  # a token starts
+            price = price * self.history_factors[np.minimum(self._skipped, self.history_factors.size - 1)]
+        skip = saving > price
+        if self.history_factors is not None:
+            self._skipped += skip
         out = topk.copy()
         out[rows[skip], second[skip]] = False
         return out
@@ -267,10 +289,12 @@ def _front_ratio(energy_a, agree_a, energy_b, agree_b, levels) -> list[float]:
 def information_headroom(env_id: str = ENV_ID, *, episodes: int = 3000, test_episodes: int = 200,
                          thetas=THETAS, seed: int = EXPLORATION_SEED, test_seed: int = TEST_SEED,
                          levels=(0.90, 0.93, 0.95, 0.97), n_boot: int = 1000, env_kwargs: dict | None = None,
-                         residual: bool = False) -> dict:
+                         residual: bool = False, history_factors=None) -> dict:
     """The whole measurement (module docstring): log-losses, both rules' fronts on the test seeds and the
     observation rule's energy / the deviation rule's at matched agreement ``levels``, with a 95% percentile
-    bootstrap CI over the (paired) test episodes; ``residual``: also the residual stream's log-loss (item 4)."""
+    bootstrap CI over the (paired) test episodes; ``residual``: also the residual stream's log-loss (item 4);
+    ``history_factors``: also the deviation rule that remembers its skips (item 5), its energy / the deviation
+    rule's at the same levels (``history_ratio_at_agreement``, ``history_ci95``)."""
     import gymnasium as gym
 
     from baselines.lagrangian import energy_model_config
@@ -308,13 +332,16 @@ def information_headroom(env_id: str = ENV_ID, *, episodes: int = 3000, test_epi
             models[features] = fit_logistic(x, flip, l2=l2)
     stats = span_statistics(energy_model_config(config), 16)
     policies = ["topk"]
-    for features in FEATURE_SETS:
+    families = {f: (f, None) for f in FEATURE_SETS}  # label -> (features, history factors)
+    if history_factors is not None:
+        families["history"] = ("deviation", history_factors)
+    for family, (features, factors) in families.items():
         for theta in thetas:
-            def factory(env, features=features, theta=theta):
+            def factory(env, features=features, theta=theta, factors=factors):
                 return FlipPricedSkip(problem_of(env), model=models[features], features=features, stats=stats,
-                                      theta=theta)
+                                      theta=theta, history_factors=factors)
             factory.is_policy_factory = True
-            policies.append((f"{features} theta={theta:g}", factory))
+            policies.append((f"{family} theta={theta:g}", factory))
     episode_rows: list[dict] = []
     rows = evaluate_policies(env_id, policies, episodes=test_episodes, seed=test_seed, env_kwargs=env_kwargs,
                              episode_rows=episode_rows)
@@ -328,20 +355,23 @@ def information_headroom(env_id: str = ENV_ID, *, episodes: int = 3000, test_epi
         i = labels.index(rec["policy"])
         energy[i, rec["episode"]] = rec["energy_j"] / max(rec["tokens"], 1)
         agree[i, rec["episode"]] = rec["accuracy_same"]
-    members = {f: [0] + [i for i, lab in enumerate(labels) if lab.startswith(f + " ")] for f in FEATURE_SETS}
+    members = {f: [0] + [i for i, lab in enumerate(labels) if lab.startswith(f + " ")] for f in families}
 
-    def ratios(episodes):
+    def ratios(episodes, family):
         e, g = energy[:, episodes].mean(axis=1), agree[:, episodes].mean(axis=1)
-        obs, dev = members["observation"], members["deviation"]
-        return _front_ratio(e[obs], g[obs], e[dev], g[dev], levels)
+        num, dev = members[family], members["deviation"]
+        return _front_ratio(e[num], g[num], e[dev], g[dev], levels)
 
-    rng = np.random.default_rng(seed)
-    boot = np.array([ratios(rng.integers(test_episodes, size=test_episodes)) for _ in range(n_boot)])
     result["levels"] = list(levels)
-    result["energy_ratio_at_agreement"] = ratios(np.arange(test_episodes))
-    with np.errstate(all="ignore"):
-        result["ci95"] = [[float(np.nanpercentile(boot[:, j], q)) if np.isfinite(boot[:, j]).any() else float("nan")
-                           for q in (2.5, 97.5)] for j in range(len(levels))]
+    for family, key in (("observation", ""), ("history", "history_")):
+        if family not in families:
+            continue
+        rng = np.random.default_rng(seed)
+        boot = np.array([ratios(rng.integers(test_episodes, size=test_episodes), family) for _ in range(n_boot)])
+        result[f"{key or 'energy_'}ratio_at_agreement"] = ratios(np.arange(test_episodes), family)
+        with np.errstate(all="ignore"):
+            result[f"{key}ci95"] = [[float(np.nanpercentile(boot[:, j], q)) if np.isfinite(boot[:, j]).any()
+                                     else float("nan") for q in (2.5, 97.5)] for j in range(len(levels))]
     result["wall_s"], result["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
     return result
 
@@ -409,7 +439,26 @@ def skip_compounding(env_id: str = ENV_ID, episodes: int = 3000, probability: fl
                      "independent": float(np.nanmean(independent[m]))})
     return {"env_id": env_id, "episodes": episodes, "probability": probability, "tokens": int(flips.size),
             "no_skip_flip_rate": f0, "single_skip_flip_rate": single.tolist(), "rows": rows,
-            "cpu_s": time.process_time() - t0}
+            "history_factors": _marginal_factors(rows), "cpu_s": time.process_time() - t0}
+
+
+#: tokens a count of skips needs before its flip rate sets a history factor
+_MIN_TOKENS = 200
+
+
+def _marginal_factors(rows: list[dict]) -> list[float]:
+    """g_n = (f_(n+1) - f_n) / (f_1 - f_0): the extra flips of a token's (n+1)-th skip relative to its first's,
+    for the counts with at least :data:`_MIN_TOKENS` tokens (clipped at 0; [1.0] where f_1 <= f_0): the history
+    factors of :class:`FlipPricedSkip` that price a skip at its marginal flips."""
+    rate = {r["skips"]: r["flip_rate"] for r in rows if r["tokens"] >= _MIN_TOKENS}
+    if 0 not in rate or 1 not in rate or rate[1] <= rate[0]:
+        return [1.0]
+    first = rate[1] - rate[0]
+    factors, n = [1.0], 1
+    while n + 1 in rate:
+        factors.append(max(0.0, (rate[n + 1] - rate[n]) / first))
+        n += 1
+    return factors
 
 
 def _compounding_table(result: dict) -> str:
@@ -418,6 +467,8 @@ def _compounding_table(result: dict) -> str:
              "| skips in the token | tokens | flip rate (95% CI) | if independent |", "|---|---|---|---|"]
     lines += [f"| {r['skips']} | {r['tokens']} | {r['flip_rate']:.4f} ({r['ci95'][0]:.4f}-{r['ci95'][1]:.4f}) | "
               f"{r['independent']:.4f} |" for r in result["rows"]]
+    lines.append("marginal flips of a token's n-th skip / its first's (history factors): "
+                 + ",".join(f"{g:.3g}" for g in result["history_factors"]))
     return "\n".join(lines)
 
 
@@ -436,6 +487,11 @@ def _table(result: dict) -> str:
     lines.append("observation rule / deviation rule energy at agreement with the full model "
                  + ", ".join(f"{lv:.2f}: {x:.3f} ({lo:.3f}-{hi:.3f})" for lv, x, (lo, hi)
                              in zip(result["levels"], result["energy_ratio_at_agreement"], result["ci95"])))
+    if "history_ratio_at_agreement" in result:
+        lines.append("history rule / deviation rule energy at agreement with the full model "
+                     + ", ".join(f"{lv:.2f}: {x:.3f} ({lo:.3f}-{hi:.3f})" for lv, x, (lo, hi)
+                                 in zip(result["levels"], result["history_ratio_at_agreement"],
+                                        result["history_ci95"])))
     return "\n".join(lines)
 
 
@@ -452,8 +508,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--compounding", type=float, default=None, metavar="P",
                         help="instead: the compounding of skips within a token, every layer skipping its 2nd slot "
                              "with probability P (writes skip_compounding.json / .md)")
+    parser.add_argument("--history-factors", default=None, metavar="G0,G1,...",
+                        help="also the deviation rule that prices a token's n-th skip x G_n (e.g. the factors "
+                             "--compounding prints)")
     parser.add_argument("--out", type=Path, default=None, help="directory for information_headroom.json / .md")
     args = parser.parse_args(argv)
+    factors = None
+    if args.history_factors is not None:
+        try:
+            factors = [float(g) for g in args.history_factors.split(",")]
+        except ValueError:
+            parser.error(f"--history-factors: comma-separated numbers, got {args.history_factors!r}")
     if args.compounding is not None:
         result = skip_compounding(args.env, episodes=args.episodes, probability=args.compounding)
         table = _compounding_table(result)
@@ -465,7 +530,7 @@ def main(argv=None) -> dict:
             (args.out / "skip_compounding.md").write_text(table + "\n")
         return result
     result = information_headroom(args.env, episodes=args.episodes, test_episodes=args.test_episodes,
-                                  residual=args.residual)
+                                  residual=args.residual, history_factors=factors)
     table = _table(result)
     print(table)
     print(f"{result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} CPU-s")

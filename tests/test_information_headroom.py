@@ -189,3 +189,56 @@ def test_information_headroom_residual_reports_its_log_loss_only():
     assert set(result["log_loss"]) == {"constant", "deviation", "observation", "residual"}
     assert np.isfinite(result["log_loss"]["residual"]) and result["l2"]["residual"] in L2_GRID
     assert not any(r["policy"].startswith("residual") for r in result["rules"])  # no policy observes the stream
+
+
+def test_flip_priced_skip_history_factors_remember_the_tokens_skips(env):
+    problem = problem_of(env)
+    L = problem.n_layers
+    stats = span_statistics(energy_model_config(env.unwrapped.config), 4)
+    half = LogisticModel(np.zeros(2 * L), 0.0, np.zeros(2 * L), np.ones(2 * L))  # P(flip) = 1/2
+    plain = FlipPricedSkip(problem, model=half, features="deviation", stats=stats, theta=1e6)
+    same = FlipPricedSkip(problem, model=half, features="deviation", stats=stats, theta=1e6, history_factors=[1.0])
+    # after the token's first skip every later 2nd slot is free; the first skip only where the saving beats theta/2
+    free = FlipPricedSkip(problem, model=half, features="deviation", stats=stats, theta=0.0,
+                          history_factors=[1.0, 0.0])
+    never_then_free = FlipPricedSkip(problem, model=half, features="deviation", stats=stats, theta=1e12,
+                                     history_factors=[1.0, 0.0])
+    obs, _ = env.reset(seed=9)
+    for step in range(3 * L):
+        np.testing.assert_array_equal(plain(obs), same(obs))
+        topk = obs["topk_mask"] > 0.5
+        assert (topk & ~free(obs).astype(bool)).sum() == 1  # theta 0: skips at once, then free
+        np.testing.assert_array_equal(never_then_free(obs).astype(bool), topk)  # never a first skip
+        obs, *_ = env.step(topk.astype(np.int8))
+    # the count restarts with each token: theta huge after a first skip forced at layer 0 only
+    forced = FlipPricedSkip(problem, model=half, features="deviation", stats=stats, theta=1e12,
+                            history_factors=[1.0, 0.0])
+    obs, _ = env.reset(seed=9)
+    forced._skipped = np.ones(1, np.int64)
+    for step in range(2 * L):
+        if step % L == 0:
+            # a token starts: the count carried from the last token (1) is cleared, so no skip at theta huge ...
+            np.testing.assert_array_equal(forced(obs).astype(bool), obs["topk_mask"] > 0.5)
+            assert forced._skipped.tolist() == [0]
+            forced._skipped[:] = 1  # ... pretend one happened: the token's later layers skip their 2nd slot
+        else:
+            skipped = (obs["topk_mask"] > 0.5) & ~forced(obs).astype(bool)
+            assert skipped.sum() == 1
+        obs, *_ = env.step((obs["topk_mask"] > 0.5).astype(np.int8))
+    forced.reset()
+    assert forced._skipped is None
+    with pytest.raises(ValueError, match="history_factors must be a non-empty list"):
+        FlipPricedSkip(problem, model=half, features="deviation", stats=stats, theta=1.0, history_factors=[])
+    with pytest.raises(ValueError, match="history_factors must be a non-empty list"):
+        FlipPricedSkip(problem, model=half, features="deviation", stats=stats, theta=1.0, history_factors=[-1.0])
+
+
+def test_marginal_factors():
+    from baselines.information_headroom import _marginal_factors
+
+    rows = [{"skips": c, "tokens": t, "flip_rate": f} for c, t, f in
+            [(0, 1000, 0.01), (1, 1000, 0.05), (2, 1000, 0.07), (3, 500, 0.10), (4, 10, 0.5)]]
+    assert _marginal_factors(rows) == pytest.approx([1.0, 0.5, 0.75])  # 4 skips: too few tokens
+    assert _marginal_factors(rows[:1]) == [1.0]
+    assert _marginal_factors([{"skips": 0, "tokens": 999, "flip_rate": 0.1},
+                              {"skips": 1, "tokens": 999, "flip_rate": 0.1}]) == [1.0]
