@@ -2,7 +2,8 @@
 the first steps' rewards and infos, hashed bit for bit, for host maps and link models the trajectory pins
 (tests/test_trajectory_pins.py) do not cover: experts on the device, a host map per layer, slotted uplinks with a
 device column, the fixed-power uplink, more helpers than experts; and the prefill env's steps (it shares the
-physics). A speed change to planning or the physics must leave every hash as it is (computed on 6dd376a)."""
+physics). A speed change to planning or the physics must leave every hash as it is (computed on 6dd376a; where
+numpy's code paths differ from the pinned ones, tests/pin_runner.py says how they are computed)."""
 
 import hashlib
 import json
@@ -10,6 +11,7 @@ from dataclasses import fields
 
 import gymnasium as gym
 import numpy as np
+import pin_runner
 import pytest
 
 import wide_env  # noqa: F401  (registers the ids)
@@ -47,9 +49,35 @@ def plan_digest(config: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def prefill_digest(config: dict) -> str:
+    env = gym.make("wide_env/WideMoEPrefill-v0", config=config)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    h = hashlib.sha256()
+    for _ in range(30):
+        obs, reward, _, truncated, info = env.step(rng.integers(0, 2, env.action_space.shape).astype(np.int8))
+        h.update(np.concatenate([v.ravel() for v in obs.values()]).tobytes())
+        h.update(repr((reward, sorted(info.items()))).encode())
+        if truncated:
+            env.reset()
+    return h.hexdigest()[:16]
+
+
+def all_digests() -> dict:
+    """Every pin's digest as computed here (tests/pin_runner.py runs it where numpy's code paths are the pinned
+    ones)."""
+    return {**{"plan " + config: plan_digest(json.loads(config)) for config in PINS},
+            **{"prefill " + config: prefill_digest(json.loads(config)) for config in PREFILL_PINS}}
+
+
+@pytest.fixture(scope="module")
+def got():
+    return pin_runner.digests(__file__)
+
+
 @pytest.mark.parametrize("config", list(PINS))
-def test_plans_are_pinned(config):
-    assert plan_digest(json.loads(config)) == PINS[config]
+def test_plans_are_pinned(got, config):
+    assert got["plan " + config] == PINS[config]
 
 
 PREFILL_PINS = {
@@ -60,15 +88,5 @@ PREFILL_PINS = {
 
 
 @pytest.mark.parametrize("config", list(PREFILL_PINS))
-def test_prefill_steps_are_pinned(config):
-    env = gym.make("wide_env/WideMoEPrefill-v0", config=json.loads(config))
-    obs, _ = env.reset(seed=3)
-    rng = np.random.default_rng(0)
-    h = hashlib.sha256()
-    for _ in range(30):
-        obs, reward, _, truncated, info = env.step(rng.integers(0, 2, env.action_space.shape).astype(np.int8))
-        h.update(np.concatenate([v.ravel() for v in obs.values()]).tobytes())
-        h.update(repr((reward, sorted(info.items()))).encode())
-        if truncated:
-            env.reset()
-    assert h.hexdigest()[:16] == PREFILL_PINS[config]
+def test_prefill_steps_are_pinned(got, config):
+    assert got["prefill " + config] == PREFILL_PINS[config]

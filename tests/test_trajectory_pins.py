@@ -1,13 +1,15 @@
 """Pinned trajectories: short runs of the single env, the native vector env (with autoresets, per-row seeds and
 mid-episode re-planning), hashed bit for bit (observations, rewards, flags, every info key
 with its type or dtype). A speed change to the simulator core must leave every hash as it is; a change of the
-dynamics must update the pins on purpose (and say so)."""
+dynamics must update the pins on purpose (and say so). Where numpy's code paths differ from the pinned ones,
+tests/pin_runner.py says how they are computed."""
 
 import hashlib
 import json
 
 import gymnasium as gym
 import numpy as np
+import pin_runner
 import pytest
 
 import wide_env  # noqa: F401  (registers the ids)
@@ -97,12 +99,6 @@ SINGLE = {
 }
 
 
-@pytest.mark.parametrize("env_id,config", list(SINGLE))
-def test_single_env_trajectory_is_pinned(env_id, config):
-    got = single_env_digest(env_id, None if config is None else json.loads(config), steps=140, seed=11)
-    assert got == SINGLE[env_id, config], got
-
-
 VECTOR = {
     # one generator, lockstep autoreset (every row at once), short plan chunks: re-planning mid-episode
     ("flat", 5, "int", "NextStep", 8): "1587e55ee8d81a2a",
@@ -112,17 +108,19 @@ VECTOR = {
 }
 
 
-@pytest.mark.parametrize("layout,num_envs,seeding,autoreset,plan_steps", list(VECTOR))
-def test_vector_env_trajectory_is_pinned(monkeypatch, layout, num_envs, seeding, autoreset, plan_steps):
+def _vector_digest(layout, num_envs, seeding, autoreset, plan_steps) -> str:
+    saved = plan_module.PLAN_LAYER_STEPS
     if plan_steps is not None:  # chunks of a few tokens: the batch re-plans mid-episode
-        monkeypatch.setattr(plan_module, "PLAN_LAYER_STEPS", plan_steps)
-    config = {**RULE, "flatten_observation": layout == "flat", "budget": {"mode": "token"}}
-    seed = 5 if seeding == "int" else [20 + i for i in range(num_envs)]
-    got = vector_env_digest("wide_env/WideMoE-v0", config, num_envs, steps=150, seed=seed, autoreset=autoreset)
-    assert got == VECTOR[layout, num_envs, seeding, autoreset, plan_steps], got
+        plan_module.PLAN_LAYER_STEPS = plan_steps
+    try:
+        config = {**RULE, "flatten_observation": layout == "flat", "budget": {"mode": "token"}}
+        seed = 5 if seeding == "int" else [20 + i for i in range(num_envs)]
+        return vector_env_digest("wide_env/WideMoE-v0", config, num_envs, steps=150, seed=seed, autoreset=autoreset)
+    finally:
+        plan_module.PLAN_LAYER_STEPS = saved
 
 
-def test_vector_env_with_rows_out_of_step_is_pinned():
+def _rows_out_of_step_digest() -> str:
     env = gym.make_vec("wide_env/WideMoE-v0", num_envs=4, vectorization_mode="vector_entry_point",
                        config={**RULE, "flatten_observation": True})
     rng = np.random.default_rng(3)
@@ -132,4 +130,34 @@ def test_vector_env_with_rows_out_of_step_is_pinned():
         d.add(env.step(rng.integers(0, 2, (4, 8)).astype(bool)))
         if t in (10, 37):
             d.add(env.reset(options={"reset_mask": np.array([True, False, t == 37, False])}))
-    assert d.hexdigest() == "b24c80f7665a135e", d.hexdigest()
+    return d.hexdigest()
+
+
+def all_digests() -> dict:
+    """Every pin's digest as computed here (tests/pin_runner.py runs it where numpy's code paths are the pinned
+    ones)."""
+    out = {f"single {env_id} {config}": single_env_digest(env_id, None if config is None else json.loads(config),
+                                                          steps=140, seed=11) for env_id, config in SINGLE}
+    out.update({f"vector {key}": _vector_digest(*key) for key in VECTOR})
+    out["rows out of step"] = _rows_out_of_step_digest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def got():
+    return pin_runner.digests(__file__)
+
+
+@pytest.mark.parametrize("env_id,config", list(SINGLE))
+def test_single_env_trajectory_is_pinned(got, env_id, config):
+    assert got[f"single {env_id} {config}"] == SINGLE[env_id, config]
+
+
+@pytest.mark.parametrize("layout,num_envs,seeding,autoreset,plan_steps", list(VECTOR))
+def test_vector_env_trajectory_is_pinned(got, layout, num_envs, seeding, autoreset, plan_steps):
+    assert got[f"vector {(layout, num_envs, seeding, autoreset, plan_steps)}"] == VECTOR[
+        layout, num_envs, seeding, autoreset, plan_steps]
+
+
+def test_vector_env_with_rows_out_of_step_is_pinned(got):
+    assert got["rows out of step"] == "b24c80f7665a135e"
