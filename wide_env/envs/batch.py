@@ -129,9 +129,15 @@ class EpisodeBatch:
         self.obs = obs
         out = self._out
         if self._lean:  # the usual single env: the simulator's step is all
-            self.sim.step_one(rng, self.state, executed, obs, out)
-            outcome = out
-        elif self.model is None and out is not None:
+            state = self.state
+            self.sim.step_one(rng, state, executed, obs, out)
+            reward, info = self._row_dict(out.values.tolist()[0], out.counts.tolist()[0])
+            truncated = state.done.item(0)  # a Python bool
+            if self.max_episode_steps is not None:
+                self.elapsed += 1
+                truncated = truncated or bool(self.elapsed[0] >= self.max_episode_steps)
+            return reward, truncated, info
+        if self.model is None and out is not None:
             outcome = self.sim.step(rng, self.state, executed, obs, out=out)
         else:
             outcome = self._advance(rng, executed, obs, out, compose=False)

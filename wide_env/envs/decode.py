@@ -226,7 +226,7 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
         row, observation = self._rows.take()  # a fresh row: earlier observations stay as they were
-        reward, truncated, info = batch.step_one(self.np_random, executed, row)
+        reward, truncated, info = batch.step_one(self._np_random, executed, row)  # reset() made the generator
         if self._last is not None:
             self._last["info"] = info
         return observation, reward, False, truncated, info

@@ -155,7 +155,8 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
             states = np.concatenate([fading[None], states], axis=0)
         fading = last if len(states) else fading
         gains = path_g * scn.fading.gain(states)  # (epochs, n, N)
-        path_gains = np.broadcast_to(path_g, gains.shape)
+        # the large-scale part alone: only slotted uplinks read it (they fade within the window)
+        path_gains = np.broadcast_to(path_g, gains.shape) if cfg.radio.uplink_slots > 1 else None
     state.fading[sel] = fading
     tokens = np.minimum(state.chunk_start[sel] + np.arange(chunk)[:, None], scn.n_tokens - 1)  # (C, n)
     positions = state.start[sel] + tokens  # (C, n) trace positions
@@ -165,7 +166,8 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
     known = np.concatenate([state.queue_last[sel][None], delays[:-1]])
     state.queue_last[sel] = delays[-1]
     shape = (chunk, epochs_per_token, n, N)
-    plan = _plan_costs(scn, rng, gains.reshape(shape), path_gains.reshape(shape), delays.reshape(shape),
+    plan = _plan_costs(scn, rng, gains.reshape(shape), None if path_gains is None else path_gains.reshape(shape),
+                       delays.reshape(shape),
                        known.reshape(shape), gating, where)
     check_finite(scn, plan)
     table_rows, base, full = effects[:3]
@@ -200,8 +202,9 @@ def plan_gating(scn: Scenario, rng: np.random.Generator, positions: np.ndarray) 
 
 def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, known_delays, gating: GatingRows,
                 positions) -> TokenPlan:
-    """Costs of the planned tokens: channel_gain, path_gains, the realised queueing delays and the delays the
-    device knows (the previous epoch's), all (C, Lf, n, N); positions (C, 1, n, N, 2)."""
+    """Costs of the planned tokens: channel_gain, path_gains (None without slotted uplinks, the only readers), the
+    realised queueing delays and the delays the device knows (the previous epoch's), all (C, Lf, n, N); positions
+    (C, 1, n, N, 2)."""
     link, radio = scn.link, scn.config.radio
     C, Lf, n, N = channel_gain.shape
     L, E = scn.n_layers, scn.n_experts
@@ -240,11 +243,17 @@ def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, know
         topk=topk, probs=gating.probs.reshape(C, L, n, E).astype(np.float32, copy=False), topk_idx=topk_idx,
         topk_weight=gating.topk_weight.reshape(C, L, n, -1).astype(np.float64, copy=False),
         deviation_table=None if gating.deviation_table is None else gating.deviation_table.reshape(C, L, n, -1, E + 1),
-        obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32), obs_expert=obs_expert,
+        obs_gain=_clipped(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32), obs_expert=obs_expert,
         deadline_probability=knowable[..., 1, :], channel_gain_db=gain_db, helper_positions=positions,
         effect_rows=None, effect_base=None, full_correct=None)
     plan.weighted_mismatch = scn.weighted_mismatch
     return plan
+
+
+def _clipped(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """np.clip(x, low, high) as its two ufuncs (the same numbers, NaN included, without np.clip's Python layers)."""
+    out = np.maximum(x, low)
+    return np.minimum(out, high, out=out)
 
 
 def _slotted_uplink(scn: Scenario, rng, channel_gain, path_gains, downlink_time):
