@@ -44,6 +44,10 @@ class ObservationRows:
                 raise ValueError(f"observation key {key!r}: slices of step 1 only, got {sl}")
         return dict_function("f", [(key, f"f[{int(sl.start)}:{int(sl.stop)}]") for key, sl in self._items])
 
+    def split(self, flat: np.ndarray) -> dict:
+        """The Dict observation of a flat (D,) row: its keys' views, in layout order."""
+        return self._split(flat)
+
     def take(self) -> tuple[np.ndarray, np.ndarray | dict]:
         """A fresh row to write the next observation into, and that observation (written once the row is)."""
         i = self._next

@@ -340,6 +340,18 @@ class DecodeSimulator:
         return {"layer": layer.copy(), "token": state.token.copy(), "topk_energy_j": np.array(topk, dtype=np.float64),
                 "deviation_budget": np.array(budget, dtype=np.float64)}
 
+    def reset_info_one(self, state: DecodeState, row: int = 0) -> dict:
+        """:meth:`reset_info` of one episode as Python numbers (the single env's reset info: the same numbers, read
+        one by one instead of through (B,) arrays)."""
+        counters = state.counters[row].tolist()
+        token, layer = counters[kernel.TOKEN], counters[kernel.LAYER]
+        topk = state.plan.topk.item(token - counters[kernel.CHUNK_START], layer, row, 0)  # topk_energy
+        if self.budget_mode == "layer":
+            budget = float(np.float64(self.layer_budget[layer]))
+        else:
+            budget = float(np.float64(self.span_budget - state.budget_used[row]))
+        return {"layer": layer, "token": token, "topk_energy_j": float(topk), "deviation_budget": budget}
+
     # ---- what policies and tests may look at -------------------------------------------------------
     def episode_tables(self, state: DecodeState, index: int = 0) -> EpisodeTables:
         """Hindsight: every planned (token, layer) of episode ``index`` (:mod:`wide_env.sim.decode.hindsight`)."""
