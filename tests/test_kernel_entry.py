@@ -79,11 +79,13 @@ def test_a_plain_function_has_no_entries():
     assert entries.get(key) is None
 
 
-def test_the_table_describes_the_arrays_and_step_one_equals_step():
+def test_the_table_describes_the_arrays_and_step_one_equals_step(monkeypatch):
     """kernel_table: the table holds each array's address and axis lengths, and the single env's step through it
-    (DecodeSimulator.step_one) equals the dispatcher's step, replans included (chunks shorter than the episode)."""
+    (DecodeSimulator.step_one, after its warm-up steps through the usual entry) equals the dispatcher's step, replans
+    included (chunks shorter than the episode)."""
     from wide_env.sim.decode import kernel_table
 
+    monkeypatch.setattr(kernel_table, "_warm", [3])  # three steps through the usual entry, then the table
     sim = make_sim(n_tokens=5)
     state = sim.reset(np.random.default_rng(4), 1, chunk=2)
     other = copy.deepcopy(state)
@@ -97,9 +99,10 @@ def test_the_table_describes_the_arrays_and_step_one_equals_step():
     rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
     actions = np.random.default_rng(1).integers(0, 2, (5 * sim.n_layers, 1, sim.n_experts)).astype(bool)
     other_out = sim.outcome_buffer(1)
-    for action in actions:
+    for t, action in enumerate(actions):
         obs_a, obs_b = np.empty((1, sim.obs_size), np.float32), np.empty((1, sim.obs_size), np.float32)
         sim.step_one(rng_a, state, action.copy(), obs_a, out)
+        assert (sim._one[2] is None) == (t < 3)  # warming up, then the table's entry
         want = sim.step(rng_b, other, action.copy(), obs_b, out=other_out)
         np.testing.assert_array_equal(out.values, want.values)
         np.testing.assert_array_equal(out.counts, want.counts)

@@ -35,16 +35,36 @@ WIDTH = 6
 
 _ENTRY: list = []  # run_table's compiled entry for the single env's argument types, once compiled or loaded
 
+#: single-env steps a process takes through the kernel's usual entry before it makes the table's: compiling
+#: run_table (and _describe) costs about 2 s of CPU the first time on a machine (numba caches it on disk after), which
+#: pays off over many steps only; a short script (one reset and a few steps) never compiles it
+WARM_STEPS = 256
+_warm = [WARM_STEPS]  # steps left before the table's entry is made
 
-def entry(executed: np.ndarray, obs: np.ndarray, table: np.ndarray):
-    """:func:`run_table`'s compiled entry for the types of these arguments (and an int mode), which must be the usual
-    step buffers (wide_env.sim.decode.kernel_entry.usual_step_buffers) and a table of :func:`table_of`; None where
-    numba's JIT is disabled (no compiled code to rebuild the arrays in: the caller steps through the kernel)."""
+
+def warming() -> bool:
+    """Whether the process is still before :data:`WARM_STEPS` single-env steps (then the caller steps through the
+    kernel's usual entry and calls :func:`count_step`)."""
+    return _warm[0] > 0
+
+
+def count_step() -> bool:
+    """Count one warming step; True at the last one (the caller looks the table's entry up again)."""
+    _warm[0] -= 1
+    return _warm[0] <= 0
+
+
+def entry():
+    """:func:`run_table`'s compiled entry for an int mode, the usual step buffers (executed (B, E) bool and obs (B, D)
+    float32, C-contiguous and writeable: wide_env.sim.decode.kernel_entry.usual_step_buffers) and a table of
+    :func:`table_of`; None where numba's JIT is disabled (no compiled code to rebuild the arrays in: the caller steps
+    through the kernel)."""
     if not _ENTRY:
         if not hasattr(run_table, "compile"):  # NUMBA_DISABLE_JIT=1: a plain function
             return None
-        signature = tuple(run_table.typeof_pyval(a) for a in (kernel.STEP, executed, obs, table))
-        _ENTRY.append(run_table.compile(signature))
+        usual = (kernel.STEP, np.zeros((1, 1), dtype=np.bool_), np.zeros((1, 1), dtype=np.float32),
+                 np.zeros((1, WIDTH), dtype=np.int64))
+        _ENTRY.append(run_table.compile(tuple(run_table.typeof_pyval(a) for a in usual)))
     return _ENTRY[0]
 
 

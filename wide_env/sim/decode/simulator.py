@@ -38,7 +38,7 @@ from wide_env.sim.scenario import Scenario, per_row
 
 #: the step kernel's compiled entries by the types of a state's arguments (shared by every simulator)
 _STEP_ENTRIES = KernelEntries(kernel.run_rows)
-_NO_ONE = (None,) * 5  # DecodeSimulator.step_one before its first call
+_NO_ONE = (None,) * 6  # DecodeSimulator.step_one before its first call
 _BOOL = np.dtype(np.bool_)
 # Per-source lookup tables of the accuracy bookkeeping (derived from the source's effect tables, shared).
 _EFFECT_LOOKUPS: "weakref.WeakKeyDictionary[GatingSource, tuple]" = weakref.WeakKeyDictionary()
@@ -186,28 +186,33 @@ class DecodeSimulator:
         arrays the table does not take, go through :meth:`step`."""
         one = self._one
         if one[0] is not state.kernel_args or one[1] is not out:
-            one = self._one_call(state, out, executed, obs)
+            one = self._one_call(state, out)
         flags = executed.flags
-        if one[2] is None or not (flags.c_contiguous and flags.writeable) or executed.dtype is not _BOOL:
+        if (one[2] is None or not (flags.c_contiguous and flags.writeable) or executed.dtype is not _BOOL
+                or executed.ndim != 2):
             self.step(rng, state, executed, obs, out=out)
+            if one[5] and kernel_table.count_step():  # warmed up: the table's entry from the next step on
+                self._one = _NO_ONE
         elif one[2](kernel.STEP, executed, obs, one[3]):  # some planned chunks are used up
             self._replan_flagged(rng, state, one[4], obs)
 
-    def _one_call(self, state: DecodeState, out: Outcome, executed: np.ndarray, obs: np.ndarray) -> tuple:
+    def _one_call(self, state: DecodeState, out: Outcome) -> tuple:
         """:meth:`step_one`'s call for this state's kernel arguments and this outcome: (kernel arguments, outcome,
-        the table's compiled entry (None where the table does not apply), the table (it keeps the addresses of arrays
-        the kernel arguments and the outcome hold), the replan flags)."""
+        the table's compiled entry (None where the table does not apply, or while the process warms up:
+        kernel_table.WARM_STEPS), the table (it keeps the addresses of arrays the kernel arguments and the outcome
+        hold), the replan flags, whether the process is warming up)."""
         args = state.kernel_args or self._kernel_args(state)
         plan, packed, consts, rows, replan, _ = args
-        arrays = plan + packed + consts + (rows, out.values, out.counts, replan)
+        warming = kernel_table.warming()
         entry = table = None
-        if rows.shape[0] == 1 and usual_step_buffers(executed, obs) and kernel_table.fits(arrays):
+        if not warming and rows.shape[0] == 1 and usual_outcome(out) and \
+                kernel_table.fits(plan + packed + consts + (rows, out.values, out.counts, replan)):
             table = kernel_table.table_of(plan, packed, consts, rows, out.values, out.counts, replan)
-            entry = kernel_table.entry(executed, obs, table)
-        one = (args, out, entry, table, replan)
-        if entry is not None:  # the arrays of the table live as long as this tuple (args and out hold them)
-            self._one = one
-        return one
+            entry = kernel_table.entry()
+        # kept until the plan or the outcome changes (the arrays of the table live as long as this tuple: args and
+        # out hold them)
+        self._one = (args, out, entry, table, replan, warming)
+        return self._one
 
     def _replan_flagged(self, rng, state: DecodeState, replan: np.ndarray, obs: np.ndarray | None) -> None:
         """Plan the next chunks of the episodes the kernel flagged in ``replan`` (cleared), then observe them into
