@@ -2,10 +2,12 @@
 
 Numba turns each array argument into its own struct on every call (about 40 ns an array, 1.1 us for the kernel's
 22 arrays: as long as the single env's whole step in the kernel). A batch of one passes the same plan, state,
-constants and outcome step after step; only the executed mask and the observation row change. :func:`describe`
-writes the addresses and shapes of the fixed arrays into an int64 table once per plan, and :func:`run_table` rebuilds
-them from it inside compiled code (views without a reference count, so no unboxing) and runs
-:func:`wide_env.sim.decode.kernel.run_rows` on them: the same compiled rule on the same memory.
+constants and outcome step after step; only the executed mask and the observation row change. :func:`table_of`
+writes the addresses and shapes of the fixed arrays into an int64 table once per plan, and
+:func:`wide_env.sim.decode.kernel.run_table` rebuilds them from it inside compiled code (:func:`view1` ..
+:func:`view5`: views without a reference count, so no unboxing) and runs :func:`wide_env.sim.decode.kernel.run_rows`
+on them: the same compiled rule on the same memory. ``run_table`` lives in kernel.py so that numba's disk cache,
+keyed on the defining file, compiles it again whenever the kernel changes.
 
 The caller keeps every array of a table alive while the table is used (wide_env.sim.decode.simulator keeps them
 together in one tuple) and uses a table only for arrays of :data:`DTYPES` (C-contiguous, see :func:`fits`).
@@ -16,8 +18,6 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, types
 from numba.extending import intrinsic
-
-from wide_env.sim.decode import kernel
 
 #: the dtypes of the table's arrays, in its row order: the plan's 13 (kernel.run_rows), the state's 3, the 2
 #: constants, then rows, the outcome's values and counts, and the replan flags
@@ -33,10 +33,8 @@ NDIMS = (5, 4, 4, 4, 3, 4, 4, 4, 5, 4, 4, 3, 2, 2, 2, 2, 1, 1, 1, 2, 2, 1)
 WIDTH = 6
 
 
-_ENTRY: list = []  # run_table's compiled entry for the single env's argument types, once compiled or loaded
-
 #: single-env steps a process takes through the kernel's usual entry before it makes the table's: compiling
-#: run_table (and _describe) costs about 2 s of CPU the first time on a machine (numba caches it on disk after), which
+#: kernel.run_table (and _describe) costs about 2 s of CPU the first time on a machine (numba caches it on disk after), which
 #: pays off over many steps only; a short script (one reset and a few steps) never compiles it
 WARM_STEPS = 256
 _warm = [WARM_STEPS]  # steps left before the table's entry is made
@@ -52,20 +50,6 @@ def count_step() -> bool:
     """Count one warming step; True at the last one (the caller looks the table's entry up again)."""
     _warm[0] -= 1
     return _warm[0] <= 0
-
-
-def entry():
-    """:func:`run_table`'s compiled entry for an int mode, the usual step buffers (executed (B, E) bool and obs (B, D)
-    float32, C-contiguous and writeable: wide_env.sim.decode.kernel_entry.usual_step_buffers) and a table of
-    :func:`table_of`; None where numba's JIT is disabled (no compiled code to rebuild the arrays in: the caller steps
-    through the kernel)."""
-    if not _ENTRY:
-        if not hasattr(run_table, "compile"):  # NUMBA_DISABLE_JIT=1: a plain function
-            return None
-        usual = (kernel.STEP, np.zeros((1, 1), dtype=np.bool_), np.zeros((1, 1), dtype=np.float32),
-                 np.zeros((1, WIDTH), dtype=np.int64))
-        _ENTRY.append(run_table.compile(tuple(run_table.typeof_pyval(a) for a in usual)))
-    return _ENTRY[0]
 
 
 def fits(arrays) -> bool:
@@ -132,38 +116,26 @@ def _pointer(typingctx, address, dtype):
 
 
 @njit(inline="always")
-def _a1(t, i, dtype):
+def view1(t, i, dtype):
+    """Row ``i`` of table ``t`` as a 1-D C array of ``dtype`` (a numba number class)."""
     return carray(_pointer(t[i, 0], dtype), (t[i, 1],))
 
 
 @njit(inline="always")
-def _a2(t, i, dtype):
+def view2(t, i, dtype):
     return carray(_pointer(t[i, 0], dtype), (t[i, 1], t[i, 2]))
 
 
 @njit(inline="always")
-def _a3(t, i, dtype):
+def view3(t, i, dtype):
     return carray(_pointer(t[i, 0], dtype), (t[i, 1], t[i, 2], t[i, 3]))
 
 
 @njit(inline="always")
-def _a4(t, i, dtype):
+def view4(t, i, dtype):
     return carray(_pointer(t[i, 0], dtype), (t[i, 1], t[i, 2], t[i, 3], t[i, 4]))
 
 
 @njit(inline="always")
-def _a5(t, i, dtype):
+def view5(t, i, dtype):
     return carray(_pointer(t[i, 0], dtype), (t[i, 1], t[i, 2], t[i, 3], t[i, 4], t[i, 5]))
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def run_table(mode, executed, obs, t):
-    """:func:`kernel.run_rows` (``mode``, executed (B, E) bool, obs (B, D) float32) on the arrays of table ``t``."""
-    plan = (_a5(t, 0, np.float64), _a4(t, 1, np.bool_), _a4(t, 2, np.float64), _a4(t, 3, np.int64),
-            _a3(t, 4, np.float64), _a4(t, 5, np.float32), _a4(t, 6, np.float64), _a4(t, 7, np.float32),
-            _a5(t, 8, np.float32), _a4(t, 9, np.int32), _a4(t, 10, np.float64), _a3(t, 11, np.bool_),
-            _a2(t, 12, np.float64))
-    state = (_a2(t, 13, np.int64), _a2(t, 14, np.float64), _a2(t, 15, np.bool_))
-    consts = (_a1(t, 16, np.int64), _a1(t, 17, np.float64))
-    return kernel.run_rows(mode, _a1(t, 18, np.bool_), executed, plan, state, consts, _a2(t, 19, np.float64),
-                           _a2(t, 20, np.int64), obs, _a1(t, 21, np.bool_))

@@ -94,7 +94,7 @@ class DecodeSimulator:
                                  dtype=np.float64))
         self._accuracy = self._accuracy_tables()
         # the kernel's slot tables: a writeable copy of the scenario's frozen array (the kernel only reads it), so the
-        # step's arguments have the types kernel_table.run_table rebuilds and both share one compiled kernel
+        # step's arguments have the types kernel.run_table rebuilds and both share one compiled kernel
         self._mismatch = np.array(scn.weighted_mismatch, dtype=np.float64, order="C")
         self._all_rows: dict[int, np.ndarray] = {}
         self._unused: dict[int, tuple] = {}
@@ -208,7 +208,7 @@ class DecodeSimulator:
         if not warming and rows.shape[0] == 1 and usual_outcome(out) and \
                 kernel_table.fits(plan + packed + consts + (rows, out.values, out.counts, replan)):
             table = kernel_table.table_of(plan, packed, consts, rows, out.values, out.counts, replan)
-            entry = kernel_table.entry()
+            entry = kernel.table_entry()
         # kept until the plan or the outcome changes (the arrays of the table live as long as this tuple: args and
         # out hold them)
         self._one = (args, out, entry, table, replan, warming)
