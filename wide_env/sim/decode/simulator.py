@@ -39,6 +39,7 @@ from wide_env.sim.scenario import Scenario, per_row
 #: the step kernel's compiled entries by the types of a state's arguments (shared by every simulator)
 _STEP_ENTRIES = KernelEntries(kernel.run_rows)
 _NO_ONE = (None,) * 6  # DecodeSimulator.step_one before its first call
+_TABLE_FITS: dict[int, bool] = {}  # types key id -> whether such kernel arguments go into a table
 _BOOL = np.dtype(np.bool_)
 # Per-source lookup tables of the accuracy bookkeeping (derived from the source's effect tables, shared).
 _EFFECT_LOOKUPS: "weakref.WeakKeyDictionary[GatingSource, tuple]" = weakref.WeakKeyDictionary()
@@ -202,17 +203,25 @@ class DecodeSimulator:
         kernel_table.WARM_STEPS), the table (it keeps the addresses of arrays the kernel arguments and the outcome
         hold), the replan flags, whether the process is warming up)."""
         args = state.kernel_args or self._kernel_args(state)
-        plan, packed, consts, rows, replan, _ = args
+        plan, packed, consts, rows, replan, key = args
         warming = kernel_table.warming()
         entry = table = None
-        if not warming and rows.shape[0] == 1 and usual_outcome(out) and \
-                kernel_table.fits(plan + packed + consts + (rows, out.values, out.counts, replan)):
+        if not warming and rows.shape[0] == 1 and usual_outcome(out) and self._table_fits(key, args, out):
             table = kernel_table.table_of(plan, packed, consts, rows, out.values, out.counts, replan)
             entry = kernel.table_entry()
         # kept until the plan or the outcome changes (the arrays of the table live as long as this tuple: args and
         # out hold them)
         self._one = (args, out, entry, table, replan, warming)
         return self._one
+
+    def _table_fits(self, key: int, args: tuple, out: Outcome) -> bool:
+        """Whether kernel arguments of types key ``key`` (and the simulator's own rows and replan flags and a usual
+        outcome) go into a table (kernel_table.fits), checked once per key."""
+        fits = _TABLE_FITS.get(key)
+        if fits is None:
+            plan, packed, consts, rows, replan, _ = args
+            fits = _TABLE_FITS[key] = kernel_table.fits(plan + packed + consts + (rows, out.values, out.counts, replan))
+        return fits
 
     def _replan_flagged(self, rng, state: DecodeState, replan: np.ndarray, obs: np.ndarray | None) -> None:
         """Plan the next chunks of the episodes the kernel flagged in ``replan`` (cleared), then observe them into
