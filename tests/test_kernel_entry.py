@@ -77,3 +77,37 @@ def test_a_plain_function_has_no_entries():
     assert entries.key_id(types_key([np.ones(3)])) == key
     entries.learn(key, (1, np.zeros(3)))
     assert entries.get(key) is None
+
+
+def test_the_table_describes_the_arrays_and_step_one_equals_step(monkeypatch):
+    """kernel_table: the table holds each array's address and axis lengths, and the single env's step through it
+    (DecodeSimulator.step_one, after its warm-up steps through the usual entry) equals the dispatcher's step, replans
+    included (chunks shorter than the episode)."""
+    from wide_env.sim.decode import kernel_table
+
+    monkeypatch.setattr(kernel_table, "_warm", [3])  # three steps through the usual entry, then the table
+    sim = make_sim(n_tokens=5)
+    state = sim.reset(np.random.default_rng(4), 1, chunk=2)
+    other = copy.deepcopy(state)
+    plan, packed, consts, rows, replan, _ = sim._kernel_args(state)
+    out = sim.outcome_buffer(1)
+    arrays = plan + packed + consts + (rows, out.values, out.counts, replan)
+    assert kernel_table.fits(arrays) and not kernel_table.fits(arrays[:-1] + (replan.astype(np.int64),))
+    table = kernel_table.table_of(plan, packed, consts, rows, out.values, out.counts, replan)
+    for row, a in zip(table, arrays):
+        assert row[0] == a.ctypes.data and tuple(row[1:1 + a.ndim]) == a.shape and not row[1 + a.ndim:].any()
+    rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
+    actions = np.random.default_rng(1).integers(0, 2, (5 * sim.n_layers, 1, sim.n_experts)).astype(bool)
+    other_out = sim.outcome_buffer(1)
+    for t, action in enumerate(actions):
+        obs_a, obs_b = np.empty((1, sim.obs_size), np.float32), np.empty((1, sim.obs_size), np.float32)
+        sim.step_one(rng_a, state, action.copy(), obs_a, out)
+        assert (sim._one[2] is None) == (t < 3)  # warming up, then the table's entry
+        want = sim.step(rng_b, other, action.copy(), obs_b, out=other_out)
+        np.testing.assert_array_equal(out.values, want.values)
+        np.testing.assert_array_equal(out.counts, want.counts)
+        np.testing.assert_array_equal(obs_a, obs_b)
+        np.testing.assert_array_equal(state.counters, other.counters)
+        np.testing.assert_array_equal(state.amounts, other.amounts)
+    assert sim._one[2] is not None  # the table's entry was used
+    assert state.done.all() and other.done.all()

@@ -15,6 +15,7 @@ import numbers
 import numpy as np
 
 from wide_env.envs.accuracy_source import resolve_accuracy_source
+from wide_env.envs.dict_display import dict_function
 from wide_env.envs.model_backend import model_backend_for
 from wide_env.sim.outcome import Outcome, OutcomeFields
 from wide_env.rules import REWARD_TERMS, compose_reward
@@ -53,10 +54,8 @@ class EpisodeBatch:
         self.info_keys = self.float_keys + self.int_keys
         self._float_cols = [self.fields.index[key][1] for key in self.float_keys]
         self._int_cols = [self.fields.index[key][1] for key in self.int_keys]
-        # the same columns as slices where they are contiguous (a slice is a view: the cheaper gather)
-        self._float_at, self._int_at = _columns(self._float_cols), _columns(self._int_cols)
-        self._sliced = type(self._float_at) is slice and type(self._int_at) is slice
         self._reward_col = self.fields.index["reward"][1]
+        self._row_dict = self._row_function()
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
         self.state = None
@@ -64,15 +63,19 @@ class EpisodeBatch:
         self.elapsed = np.zeros(self.num_envs, dtype=np.int64)
         self.pending = np.zeros(self.num_envs, dtype=bool)  # episode over at the previous step (autoreset)
         self._out = self._outcome_buffer()
+        #: step_one goes straight to the simulator's step_one (no model backend, an outcome buffer of its own)
+        self._lean = self.model is None and self._out is not None and hasattr(sim, "step_one")
 
     def __getstate__(self) -> dict:  # pickle / deepcopy: the outcome buffer's views are rebuilt, not copied apart
         state = dict(self.__dict__)
         state["_out"] = None
+        state["_row_dict"] = None  # a compiled function: made again
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._out = self._outcome_buffer()
+        self._row_dict = self._row_function()
 
     def _outcome_buffer(self):
         """The single env's outcome, filled step after step, where the simulator fills a caller's outcome."""
@@ -118,13 +121,23 @@ class EpisodeBatch:
         return outcome, truncated
 
     def step_one(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray) -> tuple[float, bool, dict]:
-        """The single env's step (a batch of one): the observation after it goes into ``obs`` ((1, D), a fresh
-        row the caller hands over; then ``self.obs``); returns the reward, whether the episode is over
+        """The single env's step (a batch of one): the observation after it goes into ``obs`` ((1, D) float32,
+        C-contiguous and writeable, a fresh row the caller hands over (wide_env.envs.observation_rows); then
+        ``self.obs``); returns the reward, whether the episode is over
         (truncated) and the info as Python numbers (:meth:`step_result_one`). A simulator that fills a caller's
         outcome (``outcome_buffer``) fills the same one every step: its values leave as Python numbers."""
         self.obs = obs
         out = self._out
-        if self.model is None and out is not None:  # the usual single env: the simulator's step is all
+        if self._lean:  # the usual single env: the simulator's step is all
+            state = self.state
+            self.sim.step_one(rng, state, executed, obs, out)
+            reward, info = self._row_dict(out.values.tolist()[0], out.counts.tolist()[0])
+            truncated = state.done.item(0)  # a Python bool
+            if self.max_episode_steps is not None:
+                self.elapsed += 1
+                truncated = truncated or bool(self.elapsed[0] >= self.max_episode_steps)
+            return reward, truncated, info
+        if self.model is None and out is not None:
             outcome = self.sim.step(rng, self.state, executed, obs, out=out)
         else:
             outcome = self._advance(rng, executed, obs, out, compose=False)
@@ -194,10 +207,14 @@ class EpisodeBatch:
     def _row_result(self, values: list, counts: list) -> tuple[float, dict]:
         """The reward and the info (float keys, then int keys) from one row's values and counts as Python lists (one
         conversion each; the columns are picked from the lists)."""
-        if self._sliced:  # the usual layout: one list slice each
-            return values[self._reward_col], dict(zip(self.info_keys, values[self._float_at] + counts[self._int_at]))
-        return values[self._reward_col], dict(zip(self.info_keys, [values[i] for i in self._float_cols] +
-                                                  [counts[i] for i in self._int_cols]))
+        return self._row_dict(values, counts)
+
+    def _row_function(self):
+        """(values, counts) -> (reward, info) for :meth:`_row_result`: one dict display of the info keys
+        (wide_env.envs.dict_display)."""
+        items = [(key, f"v[{i}]") for key, i in zip(self.float_keys, self._float_cols)]
+        items += [(key, f"c[{i}]") for key, i in zip(self.int_keys, self._int_cols)]
+        return dict_function("v, c", items, prefix=f"v[{self._reward_col}], ")
 
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""
@@ -207,13 +224,6 @@ class EpisodeBatch:
 #: the reward rule on one row's Python numbers: its Python source (the same additions in the same order, IEEE double,
 #: as the compiled rule's; no numba dispatch for four floats); the function itself where numba's JIT is disabled
 _compose_one = getattr(compose_reward, "py_func", compose_reward)
-
-
-def _columns(cols: list[int]):
-    """A slice for contiguous ascending column indices, else the index list."""
-    if cols and cols == list(range(cols[0], cols[0] + len(cols))):
-        return slice(cols[0], cols[0] + len(cols))
-    return cols
 
 
 class EpisodeBatchHandle:

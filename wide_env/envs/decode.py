@@ -197,7 +197,6 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
         self.problem = build_problem(sim, self.config.flatten_observation, self._batch.accuracy_source)
         self.observation_space = observation_space_for(sim.layout, self.config.flatten_observation)
         self.action_space = spaces.MultiBinary(sim.n_experts)
-        self._slice_items = tuple(sim.obs_slices.items())
         self._rows = ObservationRows(sim.obs_size, sim.obs_slices, self.config.flatten_observation)
         self._last: dict | None = None
 
@@ -212,8 +211,7 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
         batch = self._batch
         batch.reset_all(self.np_random)
         self._last = None
-        info = {key: value[0].item() for key, value in batch.reset_info().items()}
-        return self._observation(), info
+        return self._observation(), self.sim.reset_info_one(batch.state)
 
     def step(self, action):
         batch = self._batch
@@ -226,7 +224,7 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
         if self.render_mode is not None:
             self._last = {"view": self.current_view(), "executed": executed[0].tolist()}
         row, observation = self._rows.take()  # a fresh row: earlier observations stay as they were
-        reward, truncated, info = batch.step_one(self.np_random, executed, row)
+        reward, truncated, info = batch.step_one(self._np_random, executed, row)  # reset() made the generator
         if self._last is not None:
             self._last["info"] = info
         return observation, reward, False, truncated, info
@@ -256,7 +254,7 @@ class WideMoEEnv(EpisodeBatchHandle, gym.Env):
         if self.config.flatten_observation:
             return flat
         # views into this step's fresh array: nothing is shared with earlier or later observations
-        return {key: flat[sl] for key, sl in self._slice_items}
+        return self._rows.split(flat)
 
     @property
     def trace_start(self) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wide_env.envs.dict_display import dict_function
+
 #: steps per block: a kept observation keeps its block alive (ROWS x D float32, a few kB per block)
 ROWS = 32
 
@@ -21,14 +23,30 @@ class ObservationRows:
     def __init__(self, size: int, slices: dict, flatten: bool, rows: int = ROWS):
         self.size, self.flatten, self.rows = int(size), bool(flatten), int(rows)
         self._items = tuple(slices.items())
+        self._split = self._split_function()
         self._targets: list = []  # the block's rows, each (1, D), in step order
         self._flat: list = []  # the same rows, each (D,)
         self._next = self.rows
 
     def __getstate__(self) -> dict:  # pickle / deepcopy: a copy starts a block of its own (views would come apart)
         state = dict(self.__dict__)
-        state.update(_targets=[], _flat=[], _next=self.rows)
+        state.update(_targets=[], _flat=[], _next=self.rows, _split=None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._split = self._split_function()
+
+    def _split_function(self):
+        """flat row -> the dict of its keys' views (slices of the row), one dict display (wide_env.envs.dict_display)."""
+        for key, sl in self._items:
+            if sl.step not in (None, 1):
+                raise ValueError(f"observation key {key!r}: slices of step 1 only, got {sl}")
+        return dict_function("f", [(key, f"f[{int(sl.start)}:{int(sl.stop)}]") for key, sl in self._items])
+
+    def split(self, flat: np.ndarray) -> dict:
+        """The Dict observation of a flat (D,) row: its keys' views, in layout order."""
+        return self._split(flat)
 
     def take(self) -> tuple[np.ndarray, np.ndarray | dict]:
         """A fresh row to write the next observation into, and that observation (written once the row is)."""
@@ -41,4 +59,4 @@ class ObservationRows:
         flat = self._flat[i]
         if self.flatten:
             return self._targets[i], flat
-        return self._targets[i], {key: flat[sl] for key, sl in self._items}  # slicing: cheaper than prebuilt views
+        return self._targets[i], self._split(flat)  # slicing: cheaper than prebuilt views

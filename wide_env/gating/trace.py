@@ -372,6 +372,9 @@ class TraceGating(GatingSource):
 
     def start(self, rng, batch, n_tokens):
         starts = self.valid_starts(n_tokens)
+        if batch == 1:  # the single env's reset: numpy's scalar draw gives the same number and leaves the generator in
+            i = rng.integers(0, starts.size)  # the same state as size=1, without the sized draw's overhead
+            return starts[i:i + 1].copy()
         return starts[rng.integers(0, starts.size, size=batch)]
 
     def gates(self, positions, rng):

@@ -134,8 +134,11 @@ def node_costs(gain, link: LinkParameters, *, uplink_payloads=1, downlink_payloa
         p_ul, t_ul, energy_ul = np.where(sends, p_ul, 0.0), np.where(sends, t_ul, 0.0), np.where(sends, energy_ul, 0.0)
         latency = np.where(active, latency, 0.0)
     t_load = k * link.load_time_s
+    compute = link.helper_compute_power_w * (t_load + t_comp)
+    # spread over the link shape (x 1.0 leaves a double as it is: a scalar's fill is the same numbers)
+    compute = np.full(gain.shape, compute) if unit else compute * np.ones_like(gain)
     return LinkCosts(uplink_energy=energy_ul, downlink_energy=link.helper_power_w * t_dl,
-                     compute_energy=link.helper_compute_power_w * (t_load + t_comp) * np.ones_like(gain),
+                     compute_energy=compute,
                      uplink_time=t_ul, downlink_time=t_dl, latency=latency, uplink_power=p_ul)
 
 

@@ -23,6 +23,7 @@ from numba import njit
 
 from wide_env import rules
 from wide_env.rules import MAX_ACC_DIM
+from wide_env.sim.decode.kernel_table import WIDTH, view1, view2, view3, view4, view5
 
 #: ADVANCE = STEP without writing the next observations (a model backend routes the next layer first)
 EVALUATE, STEP, OBSERVE, ADVANCE = 0, 1, 2, 3
@@ -304,3 +305,35 @@ def observe_rows(rows, topk_idx, mismatch, probs, topk_weight, gain, obs_expert,
         obs[b, ints[I_BUDGET_AT]] = fraction
         obs[b, ints[I_POSITION_AT]] = l / floats[F_LAYER_DEN]
         obs[b, ints[I_POSITION_AT] + 1] = token / floats[F_TOKEN_DEN]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def run_table(mode, executed, obs, t):
+    """:func:`run_rows` (``mode``, executed (B, E) bool, obs (B, D) float32) on the arrays of table ``t``
+    (wide_env.sim.decode.kernel_table: the plan's 13, the state's 3, the 2 constants, rows, the outcome's values and
+    counts, the replan flags); returns what run_rows returns."""
+    plan = (view5(t, 0, np.float64), view4(t, 1, np.bool_), view4(t, 2, np.float64), view4(t, 3, np.int64),
+            view3(t, 4, np.float64), view4(t, 5, np.float32), view4(t, 6, np.float64), view4(t, 7, np.float32),
+            view5(t, 8, np.float32), view4(t, 9, np.int32), view4(t, 10, np.float64), view3(t, 11, np.bool_),
+            view2(t, 12, np.float64))
+    state = (view2(t, 13, np.int64), view2(t, 14, np.float64), view2(t, 15, np.bool_))
+    consts = (view1(t, 16, np.int64), view1(t, 17, np.float64))
+    return run_rows(mode, view1(t, 18, np.bool_), executed, plan, state, consts, view2(t, 19, np.float64),
+                    view2(t, 20, np.int64), obs, view1(t, 21, np.bool_))
+
+
+_TABLE_ENTRY: list = []  # run_table's compiled entry for the usual argument types, once compiled or loaded
+
+
+def table_entry():
+    """:func:`run_table`'s compiled entry for an int mode, the usual step buffers (executed (B, E) bool and obs (B, D)
+    float32, C-contiguous and writeable: wide_env.sim.decode.kernel_entry.usual_step_buffers) and a table of
+    wide_env.sim.decode.kernel_table.table_of; None where numba's JIT is disabled (no compiled code to rebuild the
+    arrays in: the caller steps through run_rows)."""
+    if not _TABLE_ENTRY:
+        if not hasattr(run_table, "compile"):  # NUMBA_DISABLE_JIT=1: a plain function
+            return None
+        usual = (STEP, np.zeros((1, 1), dtype=np.bool_), np.zeros((1, 1), dtype=np.float32),
+                 np.zeros((1, WIDTH), dtype=np.int64))
+        _TABLE_ENTRY.append(run_table.compile(tuple(run_table.typeof_pyval(a) for a in usual)))
+    return _TABLE_ENTRY[0]

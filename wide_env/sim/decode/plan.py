@@ -10,6 +10,7 @@ with per-layer fading), 1 for helper positions.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -18,7 +19,7 @@ from wide_env.errors import ConfigError
 from wide_env.sim import slots
 from wide_env.sim.channel import move_random_waypoint
 from wide_env.sim.deviation import slot_deviation_table
-from wide_env.sim.decode.plan_fill import all_finite, expert_keys_into, topk_energy_into
+from wide_env.sim.decode.plan_fill import all_finite, all_finite3, expert_keys_into, topk_energy_into
 from wide_env.sim.gating_rows import GatingRows, build_gating_rows, position_gating_rows
 from wide_env.sim.observation import GAIN_DB_HIGH, GAIN_DB_LOW, MAX_ENERGY_COST, MAX_LATENCY_RATIO
 from wide_env.sim.physics import by_expert, call_latency, node_cost_table, node_costs, shannon_rate, topk_reference
@@ -155,23 +156,26 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
             states = np.concatenate([fading[None], states], axis=0)
         fading = last if len(states) else fading
         gains = path_g * scn.fading.gain(states)  # (epochs, n, N)
-        path_gains = np.broadcast_to(path_g, gains.shape)
+        # the large-scale part alone: only slotted uplinks read it (they fade within the window)
+        path_gains = np.broadcast_to(path_g, gains.shape) if cfg.radio.uplink_slots > 1 else None
     state.fading[sel] = fading
     tokens = np.minimum(state.chunk_start[sel] + np.arange(chunk)[:, None], scn.n_tokens - 1)  # (C, n)
     positions = state.start[sel] + tokens  # (C, n) trace positions
-    gating = plan_gating(scn, rng, positions)
+    L = scn.n_layers
+    position_rows = positions[:, None, :] * L + np.arange(L)[:, None]  # (C, L, n): row position * L + layer
+    gating = plan_gating(scn, rng, positions, position_rows)
     # queueing delays of every epoch and the ones before them (what the device knows when it decides)
     delays = scn.queue.sequence(rng, state.queue_last[sel], epochs)  # (epochs, n, N)
     known = np.concatenate([state.queue_last[sel][None], delays[:-1]])
     state.queue_last[sel] = delays[-1]
     shape = (chunk, epochs_per_token, n, N)
-    plan = _plan_costs(scn, rng, gains.reshape(shape), path_gains.reshape(shape), delays.reshape(shape),
+    plan = _plan_costs(scn, rng, gains.reshape(shape), None if path_gains is None else path_gains.reshape(shape),
+                       delays.reshape(shape),
                        known.reshape(shape), gating, where)
     check_finite(scn, plan)
     table_rows, base, full = effects[:3]
     if table_rows.shape[0]:
-        L = scn.n_layers
-        rows = (positions[:, None, :] * L + np.arange(L)[:, None]).reshape(-1)  # (c, l, b) order
+        rows = position_rows.reshape(-1)  # (c, l, b) order
         plan.effect_rows = table_rows.reshape(-1, table_rows.shape[-1]).take(rows, axis=0).reshape(chunk, L, n, -1)
         plan.effect_base = base.take(positions, axis=0)[:, None]
         plan.full_correct = full.take(positions)[:, None, :]
@@ -182,15 +186,21 @@ def plan_tokens(scn: Scenario, rng: np.random.Generator, state, rows, chunk: int
     return plan
 
 
-def plan_gating(scn: Scenario, rng: np.random.Generator, positions: np.ndarray) -> GatingRows:
+def plan_gating(scn: Scenario, rng: np.random.Generator, positions: np.ndarray,
+                position_rows: np.ndarray | None = None) -> GatingRows:
     """Gating rows of the tokens at trace ``positions`` (C, n) in every layer, in step-major order: row
-    (c L + l) n + b. A recorded trace's rows are gathered from its per-position tables; a synthetic source
-    draws fresh gating."""
+    (c L + l) n + b. A recorded trace's rows are gathered from its per-position tables (``position_rows``: their
+    rows, positions[:, None, :] * L + arange(L)[:, None], where the caller has them); a synthetic source draws
+    fresh gating."""
     C, n = positions.shape
     L = scn.n_layers
     if scn.source.positional:  # precomputed rows of every position: gather them
-        table = position_gating_rows(scn.source, scn.weighted_mismatch)
-        return table.take(positions[:, None, :] * L + np.arange(L)[:, None], deviation_table=False)
+        table = _SCENARIO_ROWS.get(scn)
+        if table is None:  # (the lookup by source and mismatch tables, once per scenario)
+            table = _SCENARIO_ROWS[scn] = position_gating_rows(scn.source, scn.weighted_mismatch)
+        if position_rows is None:
+            position_rows = positions[:, None, :] * L + np.arange(L)[:, None]
+        return table.take(position_rows, deviation_table=False)
     flat = scn.source.gates(positions.reshape(-1), rng)  # (C n, L, ...)
     R = C * n * L
     order = lambda x: x.reshape(C, n, L, -1).transpose(0, 2, 1, 3).reshape(R, -1)  # noqa: E731  (c, l, b) rows
@@ -198,10 +208,15 @@ def plan_gating(scn: Scenario, rng: np.random.Generator, positions: np.ndarray) 
                              order(flat.topk_idx), order(flat.topk_weight))
 
 
+#: a scenario's position gating rows (wide_env.sim.gating_rows.position_gating_rows, looked up once per scenario)
+_SCENARIO_ROWS: "weakref.WeakKeyDictionary[Scenario, GatingRows]" = weakref.WeakKeyDictionary()
+
+
 def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, known_delays, gating: GatingRows,
                 positions) -> TokenPlan:
-    """Costs of the planned tokens: channel_gain, path_gains, the realised queueing delays and the delays the
-    device knows (the previous epoch's), all (C, Lf, n, N); positions (C, 1, n, N, 2)."""
+    """Costs of the planned tokens: channel_gain, path_gains (None without slotted uplinks, the only readers), the
+    realised queueing delays and the delays the device knows (the previous epoch's), all (C, Lf, n, N); positions
+    (C, 1, n, N, 2)."""
     link, radio = scn.link, scn.config.radio
     C, Lf, n, N = channel_gain.shape
     L, E = scn.n_layers, scn.n_experts
@@ -240,11 +255,17 @@ def _plan_costs(scn: Scenario, rng, channel_gain, path_gains, queue_delays, know
         topk=topk, probs=gating.probs.reshape(C, L, n, E).astype(np.float32, copy=False), topk_idx=topk_idx,
         topk_weight=gating.topk_weight.reshape(C, L, n, -1).astype(np.float64, copy=False),
         deviation_table=None if gating.deviation_table is None else gating.deviation_table.reshape(C, L, n, -1, E + 1),
-        obs_gain=np.clip(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32), obs_expert=obs_expert,
+        obs_gain=_clipped(gain_db, GAIN_DB_LOW, GAIN_DB_HIGH).astype(np.float32), obs_expert=obs_expert,
         deadline_probability=knowable[..., 1, :], channel_gain_db=gain_db, helper_positions=positions,
         effect_rows=None, effect_base=None, full_correct=None)
     plan.weighted_mismatch = scn.weighted_mismatch
     return plan
+
+
+def _clipped(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """np.clip(x, low, high) as its two ufuncs (the same numbers, NaN included, without np.clip's Python layers)."""
+    out = np.maximum(x, low)
+    return np.minimum(out, high, out=out)
 
 
 def _slotted_uplink(scn: Scenario, rng, channel_gain, path_gains, downlink_time):
@@ -331,8 +352,11 @@ def observed_energy_cost(energy, observed_scopes, scope_index: int, topk_idx, re
 
 def check_finite(scn: Scenario, plan: TokenPlan) -> None:
     """A plan with NaN or inf costs comes from a config whose numbers overflow: name the fields."""
-    bad = [name for name in ("costs", "topk", "channel_gain_db")
-           if not all_finite(getattr(plan, name).reshape(-1).astype(np.float64, copy=False))]
+    names = ("costs", "topk", "channel_gain_db")
+    flat = [getattr(plan, name).reshape(-1).astype(np.float64, copy=False) for name in names]
+    if all_finite3(*flat):  # one compiled pass over the three (the usual case)
+        return
+    bad = [name for name, values in zip(names, flat) if not all_finite(values)]
     if bad:
         cfg = scn.config
         fields_ = {"channel.path_loss_exponent": cfg.channel.path_loss_exponent,

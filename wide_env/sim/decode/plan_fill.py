@@ -65,3 +65,9 @@ def all_finite(values):
         if not np.isfinite(x):
             return False
     return True
+
+
+@njit(**_JIT)
+def all_finite3(a, b, c):
+    """all_finite of three 1-D float64 arrays in one call."""
+    return all_finite(a) and all_finite(b) and all_finite(c)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # annotations only: the simulator reads configs by attribute
 from wide_env.gating import effects
 from wide_env.gating.base import GatingSource
 from wide_env.sim.channel import draw_helpers
-from wide_env.sim.decode import kernel
+from wide_env.sim.decode import kernel, kernel_table
 from wide_env.sim.decode.plan import (EXPERT_KEYS, assign_plan, chunk_size, concat_plans, observed_energy_cost,
                                       plan_tokens)
 from wide_env.sim.decode.hindsight import EpisodeTables, episode_tables
@@ -38,6 +38,9 @@ from wide_env.sim.scenario import Scenario, per_row
 
 #: the step kernel's compiled entries by the types of a state's arguments (shared by every simulator)
 _STEP_ENTRIES = KernelEntries(kernel.run_rows)
+_NO_ONE = (None,) * 6  # DecodeSimulator.step_one before its first call
+_TABLE_FITS: dict[int, bool] = {}  # types key id -> whether such kernel arguments go into a table
+_BOOL = np.dtype(np.bool_)
 # Per-source lookup tables of the accuracy bookkeeping (derived from the source's effect tables, shared).
 _EFFECT_LOOKUPS: "weakref.WeakKeyDictionary[GatingSource, tuple]" = weakref.WeakKeyDictionary()
 
@@ -91,10 +94,18 @@ class DecodeSimulator:
                         np.array(floats + list(self.layer_budget) + list(self.layer_weight) + list(scn.budget_unit),
                                  dtype=np.float64))
         self._accuracy = self._accuracy_tables()
-        self._mismatch = np.ascontiguousarray(scn.weighted_mismatch, dtype=np.float64)  # the kernel's slot tables
+        # the kernel's slot tables: a writeable copy of the scenario's frozen array (the kernel only reads it), so the
+        # step's arguments have the types kernel.run_table rebuilds and both share one compiled kernel
+        self._mismatch = np.array(scn.weighted_mismatch, dtype=np.float64, order="C")
         self._all_rows: dict[int, np.ndarray] = {}
         self._unused: dict[int, tuple] = {}
         self._usual_out: tuple = (None, None, None)  # the last outcome (and its arrays) that usual_outcome passed
+        self._one: tuple = _NO_ONE  # step_one's call (_one_call)
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy: step_one's compiled entry is looked up again
+        state = dict(self.__dict__)
+        state["_one"] = _NO_ONE
+        return state
 
     # ---- episodes --------------------------------------------------------------------------------
     def chunk_size(self, batch: int) -> int:
@@ -164,12 +175,62 @@ class DecodeSimulator:
             if usual:  # compiled for these types now: the next steps with them skip numba's dispatch
                 _STEP_ENTRIES.learn(key, call)
         if flagged:  # some planned chunks are used up: plan the next ones, then observe those episodes
-            replanned = replan.copy()
-            replan[:] = False
-            self._replan(rng, state, replanned)
-            if observe:
-                self.observe(state, replanned, obs)
+            self._replan_flagged(rng, state, replan, obs if observe else None)
         return out
+
+    def step_one(self, rng: np.random.Generator, state: DecodeState, executed: np.ndarray, obs: np.ndarray,
+                 out: Outcome) -> None:
+        """:meth:`step` of a batch of one, all rows, observed, into ``out`` (:meth:`outcome_buffer` (1)) and ``obs``
+        ((1, D) float32, C-contiguous and writeable, as wide_env.envs.observation_rows hands them out): the single
+        env's every step. The kernel is called through a table of its fixed arrays (wide_env.sim.decode.kernel_table),
+        made once per plan and outcome; an ``executed`` other than (1, E) bool, C-contiguous and writeable, or
+        arrays the table does not take, go through :meth:`step`."""
+        one = self._one
+        if one[0] is not state.kernel_args or one[1] is not out:
+            one = self._one_call(state, out)
+        flags = executed.flags
+        if (one[2] is None or not (flags.c_contiguous and flags.writeable) or executed.dtype is not _BOOL
+                or executed.ndim != 2):
+            self.step(rng, state, executed, obs, out=out)
+            if one[5] and kernel_table.count_step():  # warmed up: the table's entry from the next step on
+                self._one = _NO_ONE
+        elif one[2](kernel.STEP, executed, obs, one[3]):  # some planned chunks are used up
+            self._replan_flagged(rng, state, one[4], obs)
+
+    def _one_call(self, state: DecodeState, out: Outcome) -> tuple:
+        """:meth:`step_one`'s call for this state's kernel arguments and this outcome: (kernel arguments, outcome,
+        the table's compiled entry (None where the table does not apply, or while the process warms up:
+        kernel_table.WARM_STEPS), the table (it keeps the addresses of arrays the kernel arguments and the outcome
+        hold), the replan flags, whether the process is warming up)."""
+        args = state.kernel_args or self._kernel_args(state)
+        plan, packed, consts, rows, replan, key = args
+        warming = kernel_table.warming()
+        entry = table = None
+        if not warming and rows.shape[0] == 1 and usual_outcome(out) and self._table_fits(key, args, out):
+            table = kernel_table.table_of(plan, packed, consts, rows, out.values, out.counts, replan)
+            entry = kernel.table_entry()
+        # kept until the plan or the outcome changes (the arrays of the table live as long as this tuple: args and
+        # out hold them)
+        self._one = (args, out, entry, table, replan, warming)
+        return self._one
+
+    def _table_fits(self, key: int, args: tuple, out: Outcome) -> bool:
+        """Whether kernel arguments of types key ``key`` (and the simulator's own rows and replan flags and a usual
+        outcome) go into a table (kernel_table.fits), checked once per key."""
+        fits = _TABLE_FITS.get(key)
+        if fits is None:
+            plan, packed, consts, rows, replan, _ = args
+            fits = _TABLE_FITS[key] = kernel_table.fits(plan + packed + consts + (rows, out.values, out.counts, replan))
+        return fits
+
+    def _replan_flagged(self, rng, state: DecodeState, replan: np.ndarray, obs: np.ndarray | None) -> None:
+        """Plan the next chunks of the episodes the kernel flagged in ``replan`` (cleared), then observe them into
+        ``obs`` (None: not observed)."""
+        replanned = replan.copy()
+        replan[:] = False
+        self._replan(rng, state, replanned)
+        if obs is not None:
+            self.observe(state, replanned, obs)
 
     def outcome_buffer(self, batch: int) -> Outcome:
         """An outcome of ``batch`` rows for :meth:`step`'s ``out`` (the step writes every field)."""
@@ -292,6 +353,18 @@ class DecodeSimulator:
         budget = (self.layer_budget[layer] if self.budget_mode == "layer" else self.span_budget - state.budget_used)
         return {"layer": layer.copy(), "token": state.token.copy(), "topk_energy_j": np.array(topk, dtype=np.float64),
                 "deviation_budget": np.array(budget, dtype=np.float64)}
+
+    def reset_info_one(self, state: DecodeState, row: int = 0) -> dict:
+        """:meth:`reset_info` of one episode as Python numbers (the single env's reset info: the same numbers, read
+        one by one instead of through (B,) arrays)."""
+        counters = state.counters[row].tolist()
+        token, layer = counters[kernel.TOKEN], counters[kernel.LAYER]
+        topk = state.plan.topk.item(token - counters[kernel.CHUNK_START], layer, row, 0)  # topk_energy
+        if self.budget_mode == "layer":
+            budget = float(np.float64(self.layer_budget[layer]))
+        else:
+            budget = float(np.float64(self.span_budget - state.budget_used[row]))
+        return {"layer": layer, "token": token, "topk_energy_j": float(topk), "deviation_budget": budget}
 
     # ---- what policies and tests may look at -------------------------------------------------------
     def episode_tables(self, state: DecodeState, index: int = 0) -> EpisodeTables:
