@@ -26,11 +26,12 @@ from numba import njit
 from wide_env.rules import serve_slots
 
 from .fused_layout import carve, streams, weights
-from .fused_math import exp_shifted, gelu_rows, layer_norm, linear_rows, prefetch
+from .fused_math import exp_flat, gelu_rows, layer_norm, linear_rows, prefetch
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
 # reassociation lets the position loops (dot products, sums) run in SIMD lanes; no approximate functions
 _FAST = dict(_JIT, fastmath={"reassoc", "nsz", "contract"})
+_EXACT = dict(_JIT, fastmath={"contract"})
 
 #: status codes the entry points return (the Python side raises the matching error)
 OK, CONTEXT_FULL, WRONG_LAYER = 0, 1, 2
@@ -64,17 +65,25 @@ def _route(W, S, rows, l):
     y, o = _rows_of(scratch, o, R, d)
     att, o = _rows_of(scratch, o, R, d)
     logits, o = _rows_of(scratch, o, R, E)
-    scores = scratch[o:o + T]
-    poly, k_bits = bits[:T].view(np.float64), bits[T:2 * T]
+    scores = scratch[o:o + H * T]  # a stream's scores, head after head
+    # the exps' float64 arguments (then polynomials) and 2^k of every head's positions (_work: the start of S[18])
+    shifted, k_bits = bits[:H * T].view(np.float64), bits[H * T:2 * H * T]
     scale_bits = k_bits.view(np.float64)
     for g in range(R):
         layer_norm(x[rows[g]], ln[l, 0], ln[l, 1], a[g])
     linear_rows(a, qkv_w[l], qkv_b[l], qkv)
     scale = np.float32(hd ** -0.5)
     shared_keys, shared_values, slot, shared = S[10], S[11], S[12], S[13]
+    ahead = 0  # the first stream of the next window in ``rows`` (they run in window order: _by_slot)
     for g in range(R):
         if g + 1 < R:
             _prefetch_own(S, rows[g + 1], l)
+        if g == ahead:  # the first stream of its window's run: fetch the next window's prefix meanwhile
+            ahead = g + 1
+            while ahead < R and slot[rows[ahead]] == slot[rows[g]]:
+                ahead += 1
+            if ahead < R:
+                _prefetch_shared(S, rows[ahead], l)
         row = rows[g]
         p = length[row]
         n = p + 1
@@ -84,8 +93,9 @@ def _route(W, S, rows, l):
         kc, vc = keys[row, l], values[row, l]  # (T, H, hd)
         kc[p] = carve(q, d, (H, hd))
         vc[p] = carve(q, 2 * d, (H, hd))
-        for hh in range(H):
-            s = scores[:n]
+        heads = carve(scores, 0, (H, n))
+        for hh in range(H):  # every head's scores, scaled, and their exps' arguments (shifted by the maximum)
+            s = heads[hh]
             s[:] = 0.0
             for j in range(hd):  # the shared prefix: (hd, T), loops along the positions (they vectorise)
                 qj = q[hh * hd + j]
@@ -102,7 +112,10 @@ def _route(W, S, rows, l):
             for t in range(n):
                 s[t] *= scale
                 top = max(top, s[t])
-            exp_shifted(s, n, top, poly, k_bits, scale_bits)
+            _shift(s, n, top, shifted[hh * n:])
+        exp_flat(scores, H * n, shifted, k_bits, scale_bits)  # the heads' exps in one pass (long loops)
+        for hh in range(H):
+            s = heads[hh]
             total = np.float32(0.0)
             for t in range(n):
                 total += s[t]
@@ -128,10 +141,17 @@ def _route(W, S, rows, l):
         layer_norm(r[row], ln[l, 2], ln[l, 3], h[row])
         a[g] = h[row]
     linear_rows(a, router_w[l], W[14][:0], logits)
-    ex = carve(bits, 2 * T, (E,)).view(np.float64)  # the gate's exps (work after the attention's)
+    ex = carve(bits, 2 * H * T, (E,)).view(np.float64)  # the gate's exps (work after the attention's)
     renorm = W[14][0] != 0
     for g in range(R):
         _gate(logits[g], probs[rows[g]], topk_idx[rows[g]], topk_w[rows[g]], K, E, renorm, ex)
+
+
+@njit(**_EXACT)
+def _shift(s, n, top, out):
+    """out[:n] = s[:n] - top in float64, at least -700 (exp_flat's arguments; compiled without reassociation)."""
+    for t in range(n):
+        out[t] = max(np.float64(s[t] - top), -700.0)
 
 
 @njit(**_JIT)
@@ -147,6 +167,25 @@ def _prefetch_own(S, row, l):
     for i in range(first * d, (length[row] + 1) * d, 16):  # a cache line holds 16 floats
         prefetch(k, i)
         prefetch(v, i)
+
+
+@njit(**_JIT)
+def _prefetch_shared(S, row, l):
+    """Fetch the shared prefix of stream ``row``'s window at layer ``l`` (the positions it reads: the first of
+    each (head, dimension) row of keys and values) into the cache while the stream before it computes, where it
+    reads another window than that stream (the streams run in window order): at B = 256 most windows' blocks
+    of a layer are a miss from memory, visited once per step."""
+    shared_keys, shared_values, slot, shared = S[10], S[11], S[12], S[13]
+    if slot[row] < 0:
+        return
+    P = shared[row]
+    k, v = shared_keys[slot[row], l], shared_values[slot[row], l]
+    for hh in range(k.shape[0]):
+        for j in range(k.shape[1]):
+            kj, vj = k[hh, j], v[hh, j]
+            for t in range(0, P, 16):  # a cache line holds 16 floats
+                prefetch(kj, t)
+                prefetch(vj, t)
 
 
 @njit(**_JIT)
@@ -301,8 +340,8 @@ def _work(S, L, K, E):
     """The int64 scratch of a call carved from S[18] (its size: :func:`wide_env.models.fused_layout.stream_arrays`):
     per stream the layer each applies and routes, the window order, the layer groups and the served rows; the
     groups' and windows' counts; the combine rule's table (float64) and servers."""
-    work, n, T = S[18], S[8].shape[0], S[0].shape[2]
-    o = 2 * T + E  # the attention's and the gate's exps (_route)
+    work, n, T, H = S[18], S[8].shape[0], S[0].shape[2], S[0].shape[3]
+    o = 2 * H * T + E  # the attention's and the gate's exps (_route)
     applies, routes, seq, order, served = (carve(work, o, (n,)), carve(work, o + n, (n,)), carve(work, o + 2 * n, (n,)),
                                            carve(work, o + 3 * n, (n,)), carve(work, o + 4 * n, (n,)))
     o += 6 * n

@@ -67,10 +67,10 @@ def stream_arrays(n: int, L: int, T: int, H: int, hd: int, E: int, K: int, V: in
     int arrays (slot and layer -1)."""
     kv, shared = (n, L, T, H, hd), (slots, L, H, hd, T)
     floats = [kv, kv, (n, H * hd), (n, H * hd), (n, H * hd), (n, E), (n, K), shared, shared, (n, V),
-              (n * scratch_per_stream + T,)]
-    # work: the attention's exps (2T) and the gate's (E), then per stream 6 (layer groups, window order, served
+              (n * scratch_per_stream + H * T,)]
+    # work: the attention's exps (2 H T: every head of a stream) and the gate's (E), then per stream 6 (layer groups, window order, served
     # rows), the layer and slot counts, the combine rule's table (float64 bits) and servers
-    work = 2 * T + E + 6 * n + 2 * (L + 1) + slots + 2 + K * (E + 1) + K
+    work = 2 * H * T + E + 6 * n + 2 * (L + 1) + slots + 2 + K * (E + 1) + K
     ints = [np.zeros((n, K)), np.zeros(n), np.full(n, -1), np.full(n, -1), np.zeros(n), np.zeros(n), np.zeros(n),
             (work,)]
     return floats, ints

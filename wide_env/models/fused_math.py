@@ -1,7 +1,7 @@
 """The arithmetic of the compiled decoder (:mod:`wide_env.models.fused_kernels`), on blocks of streams.
 
 A layer's streams run together: the matrix products take R rows at once (a weight row, loaded once, serves
-every stream of a tile), and the transcendental functions of the attention softmax and the GELU run in
+four streams), and the transcendental functions of the attention softmax and the GELU run in
 loops the compiler vectorises (libm's scalar ``exp`` and ``erf`` cost 3 and 10 ns a call: at B = 256 they
 took a quarter of a step). Every stream's result depends on its own inputs alone, in the same order of
 operations whatever the number of rows beside it, so a stream decodes alike in a batch of one or of 4096.
@@ -21,14 +21,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
-# reassociation lets the output loops of the products run in SIMD lanes; no approximate functions. The exp and
-# erf loops are compiled without it: it could fold their range reduction's two-part constants.
-_FAST = dict(_JIT, fastmath={"reassoc", "nsz", "contract"})
+# no reassociation: the loops vectorise across outputs (the products) or elements (exp, erf) as written, each
+# output's sum in the order the code gives (a product's chain of fused multiply-adds; without it, the exp and
+# erf range reduction's two-part constants could fold); no approximate functions
 _EXACT = dict(_JIT, fastmath={"contract"})
 _LN_EPS = 1e-5  # torch.nn.LayerNorm's default
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
-#: rows per tile of a product: the tile's outputs (up to 16 x 256 floats) stay in the L1 cache
-ROW_TILE = 16
 
 # erf on [0, 4] as a polynomial in t = (z - 2) / 2, degree 27: numpy.polynomial.chebyshev.chebfit of math.erf at
 # 200 Chebyshev nodes, converted to powers of t (cheb2poly; the sum of |coefficients| is 4.3, so Horner loses
@@ -82,47 +80,92 @@ def layer_norm(x, w, b, out):
         out[i] = (x[i] - mean) * inv * w[i] + b[i]
 
 
-@njit(**_FAST)
+@njit(**_EXACT)
 def linear_rows(x, w, b, out):
-    """out = x @ w + b for every row of ``x`` (R, in) with w (in, out); b may be empty (no bias). Per row: four
-    inputs per pass over the outputs, in input order (the same sums for a row alone or in a tile)."""
+    """out = x @ w + b for every row of ``x`` (R, in) with w (in, out); b may be empty (no bias). Per output: a
+    chain of fused multiply-adds in input order from the bias (the same sums for a row alone or among others,
+    whichever of the paths below runs it). Rows run four at a time: each weight row loaded serves four rows,
+    and their outputs pass through the registers once per four inputs."""
     R, n_in, n_out = x.shape[0], w.shape[0], w.shape[1]
-    for r0 in range(0, R, ROW_TILE):
-        r1 = min(R, r0 + ROW_TILE)
-        for r in range(r0, r1):
-            o = out[r]
-            if b.shape[0]:
-                o[:] = b
-            else:
-                o[:] = 0.0
+    for r in range(R):
+        o = out[r]
+        if b.shape[0]:
+            o[:] = b
+        else:
+            o[:] = 0.0
+    for r0 in range(0, R - 3, 4):
+        o0, o1, o2, o3 = out[r0], out[r0 + 1], out[r0 + 2], out[r0 + 3]
+        x0, x1, x2, x3 = x[r0], x[r0 + 1], x[r0 + 2], x[r0 + 3]
         i = 0
         while i + 4 <= n_in:
-            w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
-            for r in range(r0, r1):
-                xr, o = x[r], out[r]
-                x0, x1, x2, x3 = xr[i], xr[i + 1], xr[i + 2], xr[i + 3]
-                for j in range(n_out):
-                    o[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j]
+            wa, wb, wc, wd = w[i], w[i + 1], w[i + 2], w[i + 3]
+            x0a, x0b, x0c, x0d = x0[i], x0[i + 1], x0[i + 2], x0[i + 3]
+            x1a, x1b, x1c, x1d = x1[i], x1[i + 1], x1[i + 2], x1[i + 3]
+            x2a, x2b, x2c, x2d = x2[i], x2[i + 1], x2[i + 2], x2[i + 3]
+            x3a, x3b, x3c, x3d = x3[i], x3[i + 1], x3[i + 2], x3[i + 3]
+            for j in range(n_out):
+                va, vb, vc, vd = wa[j], wb[j], wc[j], wd[j]
+                acc = o0[j]
+                acc += x0a * va
+                acc += x0b * vb
+                acc += x0c * vc
+                acc += x0d * vd
+                o0[j] = acc
+                acc = o1[j]
+                acc += x1a * va
+                acc += x1b * vb
+                acc += x1c * vc
+                acc += x1d * vd
+                o1[j] = acc
+                acc = o2[j]
+                acc += x2a * va
+                acc += x2b * vb
+                acc += x2c * vc
+                acc += x2d * vd
+                o2[j] = acc
+                acc = o3[j]
+                acc += x3a * va
+                acc += x3b * vb
+                acc += x3c * vc
+                acc += x3d * vd
+                o3[j] = acc
             i += 4
         while i < n_in:
             wi = w[i]
-            for r in range(r0, r1):
-                xi, o = x[r, i], out[r]
-                for j in range(n_out):
-                    o[j] += xi * wi[j]
+            for j in range(n_out):
+                o0[j] += x0[i] * wi[j]
+                o1[j] += x1[i] * wi[j]
+                o2[j] += x2[i] * wi[j]
+                o3[j] += x3[i] * wi[j]
             i += 1
+    for r in range(R - R % 4, R):  # the last rows one at a time
+        xr, o = x[r], out[r]
+        for i in range(n_in):
+            xi, wi = xr[i], w[i]
+            for j in range(n_out):
+                o[j] += xi * wi[j]
 
 
 @njit(**_EXACT)
 def exp_shifted(s, n, top, poly, k_bits, scale):
-    """s[:n] = exp(s[:n] - top) (float32 in and out, float64 inside).
-    Scratch (>= n,): ``poly`` float64, ``k_bits`` int64 and ``scale``, its float64 view (made once by the
-    caller: a view costs reference counting). 2^k is built from k's bits: k + 1.5 * 2^52 holds k in its low
-    bits (so no float-to-int conversion, which AVX2 cannot vectorise for int64)."""
+    """s[:n] = exp(s[:n] - top) (float32 in and out, float64 inside): :func:`exp_flat` of the shifted scores.
+    Scratch (>= n,): ``poly`` float64, ``k_bits`` int64 and ``scale``, its float64 view."""
     for t in range(n):
-        x = max(np.float64(s[t] - top), -700.0)
-        k = np.floor(x * _LOG2E + 0.5)
-        r = (x - k * _LN2_HI) - k * _LN2_LO
+        poly[t] = max(np.float64(s[t] - top), -700.0)
+    exp_flat(s, n, poly, k_bits, scale)
+
+
+@njit(**_EXACT)
+def exp_flat(s, n, x, k_bits, scale):
+    """s[:n] = exp(x[:n]) rounded to float32, for float64 ``x`` >= -700 (overwritten: the polynomial). One call
+    serves a stream's scores of every head (each shifted by its head's maximum beforehand), so the loops run
+    long. Scratch (>= n,): ``k_bits`` int64 and ``scale``, its float64 view (made once by the caller: a view
+    costs reference counting). 2^k is built from k's bits: k + 1.5 * 2^52 holds k in its low bits (so no
+    float-to-int conversion, which AVX2 cannot vectorise for int64)."""
+    for t in range(n):
+        xt = x[t]
+        k = np.floor(xt * _LOG2E + 0.5)
+        r = (xt - k * _LN2_HI) - k * _LN2_LO
         p = 1.0 / 479001600.0
         p = p * r + 1.0 / 39916800.0
         p = p * r + 1.0 / 3628800.0
@@ -135,12 +178,12 @@ def exp_shifted(s, n, top, poly, k_bits, scale):
         p = p * r + 1.0 / 6.0
         p = p * r + 0.5
         p = p * r + 1.0
-        poly[t] = p * r + 1.0
+        x[t] = p * r + 1.0
         scale[t] = k + _MAGIC
     for t in range(n):
         k_bits[t] = (k_bits[t] - _MAGIC_BITS + 1023) << 52  # 2^k's float64 bits
     for t in range(n):
-        s[t] = np.float32(poly[t] * scale[t])
+        s[t] = np.float32(x[t] * scale[t])
 
 
 @njit(inline="always", **_EXACT)
