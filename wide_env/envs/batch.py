@@ -140,7 +140,7 @@ class EpisodeBatch:
         if self.model is None and out is not None:
             outcome = self.sim.step(rng, self.state, executed, obs, out=out)
         else:
-            outcome = self._advance(rng, executed, obs, out, compose=False)
+            outcome = self._advance(rng, executed, obs, out, compose=False, one=True)
         values = outcome.values.tolist()[0]
         if self.model is not None:  # the reward once every producer wrote its terms, on the row's numbers
             values[self._reward_col] = _compose_one(*[values[i] for i in self._term_cols])
@@ -151,10 +151,12 @@ class EpisodeBatch:
             truncated = truncated or bool(self.elapsed[0] >= self.max_episode_steps)
         return reward, truncated, info
 
-    def _advance(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray, out, compose: bool = True):
+    def _advance(self, rng: np.random.Generator, executed: np.ndarray, obs: np.ndarray, out, compose: bool = True,
+                 one: bool = False):
         """The simulator's step, then the model backend's part, the observation and the reward (the order of the
         module docstring); ``out``: the outcome buffer to fill (None: a fresh one); ``compose=False`` leaves the
-        reward column (with a model backend) to the caller."""
+        reward column (with a model backend) to the caller; ``one``: :meth:`step_one`'s call (``obs`` a fresh
+        row), whose simulator step goes through the simulator's single-env entry."""
         state, model, sim = self.state, self.model, self.sim
         if model is None:
             return sim.step(rng, state, executed, obs) if out is None else sim.step(rng, state, executed, obs, out=out)
@@ -162,6 +164,9 @@ class EpisodeBatch:
         observe = not model.routes_gating  # else observe after the model routed the next layers
         if out is None:
             outcome = sim.step(rng, state, executed, obs, observe=observe)
+        elif one and observe:  # the single env with model accuracy: the kernel through its table, as the lean step
+            sim.step_one(rng, state, executed, obs, out)
+            outcome = out
         else:
             outcome = sim.step(rng, state, executed, obs, observe=observe, out=out)
         extra = model.after_step(state, outcome, before)
