@@ -521,23 +521,18 @@ def main(argv=None) -> dict:
             parser.error(f"--history-factors: comma-separated numbers, got {args.history_factors!r}")
     if args.compounding is not None:
         result = skip_compounding(args.env, episodes=args.episodes, probability=args.compounding)
-        table = _compounding_table(result)
-        print(table)
-        print(f"{result['cpu_s']:.0f} CPU-s")
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "skip_compounding.json").write_text(json.dumps(result, indent=1))
-            (args.out / "skip_compounding.md").write_text(table + "\n")
-        return result
-    result = information_headroom(args.env, episodes=args.episodes, test_episodes=args.test_episodes,
-                                  residual=args.residual, history_factors=factors)
-    table = _table(result)
+        name, table, took = "skip_compounding", _compounding_table(result), f"{result['cpu_s']:.0f} CPU-s"
+    else:
+        result = information_headroom(args.env, episodes=args.episodes, test_episodes=args.test_episodes,
+                                      residual=args.residual, history_factors=factors)
+        name, table = "information_headroom", _table(result)
+        took = f"{result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} CPU-s"
     print(table)
-    print(f"{result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} CPU-s")
+    print(took)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "information_headroom.json").write_text(json.dumps(result, indent=1))
-        (args.out / "information_headroom.md").write_text(table + "\n")
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"{name}.md").write_text(table + "\n")
     return result
 
 

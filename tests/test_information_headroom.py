@@ -1,4 +1,6 @@
 """baselines.information_headroom: the exploration data, the flip models' fit and features, the skip rule."""
+import json
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -242,3 +244,15 @@ def test_marginal_factors():
     assert _marginal_factors(rows[:1]) == [1.0]
     assert _marginal_factors([{"skips": 0, "tokens": 999, "flip_rate": 0.1},
                               {"skips": 1, "tokens": 999, "flip_rate": 0.1}]) == [1.0]
+
+
+def test_cli_compounding_writes_its_files_and_rejects_bad_factors(tmp_path, capsys):
+    from baselines.information_headroom import main
+
+    result = main(["--episodes", "4", "--compounding", "0.3", "--out", str(tmp_path)])
+    assert (tmp_path / "skip_compounding.md").read_text().startswith("skips compounding on")
+    assert json.loads((tmp_path / "skip_compounding.json").read_text())["rows"] == result["rows"]
+    assert "CPU-s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--history-factors", "1,a"])
+    assert "--history-factors: comma-separated numbers" in capsys.readouterr().err
