@@ -144,7 +144,7 @@ class EpisodeBatch:
         values = outcome.values.tolist()[0]
         if self.model is not None:  # the reward once every producer wrote its terms, on the row's numbers
             values[self._reward_col] = _compose_one(*[values[i] for i in self._term_cols])
-        reward, info = self._row_result(values, outcome.counts.tolist()[0])
+        reward, info = self._row_dict(values, outcome.counts.tolist()[0])
         truncated = bool(self.state.done[0])
         if self.max_episode_steps is not None:
             self.elapsed += 1
@@ -207,15 +207,11 @@ class EpisodeBatch:
 
     def step_result_one(self, outcome, row: int = 0) -> tuple[float, dict]:
         """One row's reward and step info as Python numbers (the single env's)."""
-        return self._row_result(outcome.values[row].tolist(), outcome.counts[row].tolist())
-
-    def _row_result(self, values: list, counts: list) -> tuple[float, dict]:
-        """The reward and the info (float keys, then int keys) from one row's values and counts as Python lists (one
-        conversion each; the columns are picked from the lists)."""
-        return self._row_dict(values, counts)
+        return self._row_dict(outcome.values[row].tolist(), outcome.counts[row].tolist())
 
     def _row_function(self):
-        """(values, counts) -> (reward, info) for :meth:`_row_result`: one dict display of the info keys
+        """(values, counts) -> (reward, info) (``self._row_dict``): the reward and the info (float keys, then int
+        keys) from one row's values and counts as Python lists, one dict display of the info keys
         (wide_env.envs.dict_display)."""
         items = [(key, f"v[{i}]") for key, i in zip(self.float_keys, self._float_cols)]
         items += [(key, f"c[{i}]") for key, i in zip(self.int_keys, self._int_cols)]
