@@ -178,6 +178,43 @@ def test_shared_prefix_slots_are_reused_and_run_out_with_a_clear_error():
     np.testing.assert_array_equal(dec._shared_keys[0, :, :, :, :7], run(8)[0].transpose(0, 1, 3, 2)[..., :7].astype(np.float32))
 
 
+def test_a_stream_keeps_the_windows_it_visited_in_spare_slots():
+    """One stream with three slots: a window visited before is shared again without its keys (share_loaded), and
+    a new window takes the least recently used free slot (an unused one first)."""
+    model, D = _model("switch-base-8")
+    cfg = model.cfg
+    hd = cfg.d_model // cfg.n_head
+    run = lambda n: (np.random.default_rng(n).standard_normal((cfg.n_layer, cfg.n_head, n, hd)),) * 2  # noqa: E731
+    dec = FusedDecoder(model, D, 1, prefix_slots=3)
+    assert not dec.share_loaded(0, "a", 0)  # no slot holds a yet
+    for window in "abc":
+        dec.share_prefix(0, window, *run(10), 6)
+    assert dec._window_of == ["a", "b", "c"] and list(dec._refs) == [0, 0, 1]
+    assert dec.share_loaded(0, "a", 4)  # positions it holds: shared, nothing copied
+    assert list(dec._refs) == [1, 0, 0] and dec.length[0] == 4 and dec._slot[0] == 0
+    assert not dec.share_loaded(0, "a", 7)  # more positions than it holds: share_prefix copies them
+    dec.share_prefix(0, "d", *run(10), 6)  # b's slot is the least recently used free one
+    assert dec._window_of == ["a", "d", "c"]
+    dec.share_prefix(0, "a", *run(10), 8)  # a again, with more positions: copied on top
+    assert dec._loaded[0] == 8 and dec._window_of == ["a", "d", "c"]
+    np.testing.assert_array_equal(dec._shared_keys[0, :, :, :, :8], run(10)[0].transpose(0, 1, 3, 2)[..., :8].astype(np.float32))
+
+
+def test_single_model_env_keeps_every_window_of_the_shipped_traces():
+    """A single env on Mixtral keeps all of its trace's windows (32 MiB of slots): no window ever gives up its
+    slot, so a new episode copies at most the positions its window's slot does not hold yet."""
+    env = gym.make("wide_env/WideMoE-Mixtral-v0")
+    backend = env.unwrapped.episode_batch.model
+    dec, context = backend.decoder, backend.context
+    assert dec._refs.size == len(context.window_starts) == 32
+    slot_of = {}
+    for seed in range(200):
+        env.reset(seed=seed)
+        window = context.window(env.unwrapped.trace_start)
+        assert slot_of.setdefault(window, int(dec._slot[0])) == dec._slot[0]
+    assert len(slot_of) == 32
+
+
 def _two_windows_one_slot(model, D, run):
     dec = FusedDecoder(model, D, 2, prefix_slots=1)
     dec.share_prefix(0, "a", *run(3), 1)

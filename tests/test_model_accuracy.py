@@ -294,3 +294,29 @@ def test_checkers_sb3_vec_env_and_clones_with_the_model_inside():
         runs.append([clone.step(a)[4]["measured_deviation"] for a in actions])
     np.testing.assert_allclose(runs[1], runs[0], atol=1e-6)
     np.testing.assert_allclose(runs[2], runs[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["deviation", "accuracy"])
+def test_single_env_token_report_is_the_batched_report_bit_for_bit(objective):
+    """The single env reports a completed token through its own one-row path (Python numbers, no index arrays);
+    it must write exactly what the batched report writes for the same logits and position, and return the same
+    loss."""
+    env = gym.make("wide_env/WideMoE-Mixtral-v0", config={"reward": {"objective": objective}})
+    env.reset(seed=4)
+    batch = env.unwrapped.episode_batch
+    backend = batch.model
+    assert backend._one
+    rng = np.random.default_rng(0)
+    n = len(backend.target_id)
+    for position in rng.integers(0, n, 12).tolist() + [0, n - 1]:
+        logits = (rng.standard_normal(backend.decoder.V) * 3).astype(np.float32)
+        logits[int(backend.target_id[position])] += rng.choice([0.0, 9.0])  # some predictions correct
+        one, many = batch._outcome_buffer(), batch._outcome_buffer()
+        for out in (one, many):
+            out.values[:], out.counts[:] = -7.0, -7
+        nll_one = backend._report_one(one, position, logits)
+        nll_many = backend._report(many, np.array([0]), np.array([position]), logits[None])
+        assert nll_one == nll_many[0]
+        np.testing.assert_array_equal(one.values, many.values)
+        np.testing.assert_array_equal(one.counts, many.counts)
+        assert not (one.values == -7.0).all()

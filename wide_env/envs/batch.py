@@ -11,6 +11,7 @@ named by :attr:`EpisodeBatch.fields`), the observation, then the reward, summed 
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 
@@ -48,6 +49,7 @@ class EpisodeBatch:
             sim.leave_to_model()  # the model measures accuracy; the reward is summed after it (step)
             assert all(self.fields.index[term][0] == 0 for term in REWARD_TERMS), "the reward's terms are float fields"
             self._term_cols = [self.fields.index[term][1] for term in REWARD_TERMS]
+            self._terms_of = operator.itemgetter(*self._term_cols)  # a row's terms from its values (a list)
             extra = self.model.extra_keys
             self.float_keys += extra
             self.fields = OutcomeFields(self.fields.floats + extra, self.fields.ints)
@@ -143,9 +145,9 @@ class EpisodeBatch:
             outcome = self._advance(rng, executed, obs, out, compose=False, one=True)
         values = outcome.values.tolist()[0]
         if self.model is not None:  # the reward once every producer wrote its terms, on the row's numbers
-            values[self._reward_col] = _compose_one(*[values[i] for i in self._term_cols])
+            values[self._reward_col] = _compose_one(*self._terms_of(values))
         reward, info = self._row_dict(values, outcome.counts.tolist()[0])
-        truncated = bool(self.state.done[0])
+        truncated = self.state.done.item(0)  # a Python bool
         if self.max_episode_steps is not None:
             self.elapsed += 1
             truncated = truncated or bool(self.elapsed[0] >= self.max_episode_steps)

@@ -50,6 +50,9 @@ from wide_env.profiles import profile_checkpoint
 _CONTEXTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # a loaded model's weights packed for the compiled decoder, shared the same way
 _PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: [choice] memory for the trace windows' contexts a batch of few streams keeps beyond the ones in use (every
+#: window of the shipped Mixtral and GPT-OSS traces; 85 of Switch's 128)
+_SLOT_BYTES = 32 << 20
 
 
 def _packed_weights(model):
@@ -155,6 +158,27 @@ class _ModelStreams:
             outcome.column("reward_accuracy")[rows] = -self.weight * delta
         return nll
 
+    def _report_one(self, outcome, position: int, logits: np.ndarray) -> float:
+        """:meth:`_report` for a batch of one (row 0) whose token at trace ``position`` completed with next-token
+        ``logits`` (V,): the same numbers in the same operations, without the index arrays (the single env's
+        every token: a quarter of the time)."""
+        logits = logits.astype(np.float64)
+        target = int(self.target_id[position])
+        pred = int(logits.argmax())
+        top = logits[pred]  # the max
+        nll = float(top + np.log(np.exp(logits - top).sum()) - logits[target])
+        full_pred, full_nll = self.context.reference_one(position)  # (its full-model run where no episode started)
+        delta = nll - full_nll
+        got = [("accuracy_correct", pred == target), ("accuracy_same", pred == full_pred),
+               ("accuracy_full", full_pred == target), ("delta_loss", delta)]
+        if self.weight is not None:
+            got.append(("reward_accuracy", -self.weight * delta))
+        index, columns = outcome.fields.index, (outcome.values, outcome.counts)
+        for name, value in got:
+            which, i = index[name]
+            columns[which][0, i] = value
+        return nll
+
 
 class ModelAccuracy(_ModelStreams):
     """The measured accuracy of a batch's episodes; the observations keep the trace's gating. The streams run
@@ -165,8 +189,12 @@ class ModelAccuracy(_ModelStreams):
     def _decoder(self, model, mismatch, num_envs):
         from wide_env.models.fused_decoder import FusedDecoder
 
-        # the episodes starting in one trace window share its context (one slot per window in use)
-        slots = min(len(self.context.window_starts), num_envs)
+        # the episodes starting in one trace window share its context (one slot per window in use); a few streams
+        # keep more windows than they use at a time, up to _SLOT_BYTES, so that a new episode mostly finds its
+        # window's context already copied in (a single env on Mixtral copied 1 MiB, about 110 us, at every reset)
+        cfg = model.cfg
+        slot_bytes = 2 * cfg.n_layer * cfg.d_model * cfg.block_size * 4  # keys and values, float32
+        slots = min(len(self.context.window_starts), max(num_envs, _SLOT_BYTES // slot_bytes))
         return FusedDecoder(model, mismatch, num_envs, weights=_packed_weights(model), prefix_slots=slots)
 
     def __init__(self, sim, checkpoint_dir: str, num_envs: int):
@@ -176,6 +204,7 @@ class ModelAccuracy(_ModelStreams):
         # arguments are bound to (FusedDecoder.bind: the compiled call without numba's per-call typing)
         self._effective = np.zeros((num_envs, sim.n_experts), bool)
         self._bound_state = None
+        self._one = num_envs == 1
         self.observes = bool(sim.config.gating.model_state)
         if self.observes:
             from wide_env.envs.model_state import ModelState
@@ -193,11 +222,13 @@ class ModelAccuracy(_ModelStreams):
         """Point the episodes' streams at their contexts (shared by the episodes of a trace window) and start
         their first token (layer 0 routed)."""
         rows = np.arange(state.batch_size) if rows is None else np.asarray(rows, np.int64)
-        with one_torch_thread():  # the trace window's full-model run, once per window
-            for row in rows:
-                start = int(state.start[row])
-                window, keys, values = self.context.window_run(start)
-                self.decoder.share_prefix(int(row), window, keys, values, start - window)
+        context, decoder = self.context, self.decoder
+        for row, start in zip(rows.tolist(), state.start[rows].tolist()):
+            window = context.window(start)
+            if not decoder.share_loaded(row, window, start - window):  # (a slot holds it: the usual case)
+                with one_torch_thread():  # the trace window's full-model run, once per window
+                    window, keys, values = context.window_run(start)
+                decoder.share_prefix(row, window, keys, values, start - window)
         if self.observes:
             self.state_keys.previous_loss[rows] = 0.0  # an episode's first token has no previous one
         position = state.start[rows] + state.token[rows]
@@ -205,7 +236,7 @@ class ModelAccuracy(_ModelStreams):
 
     def before_step(self, state, executed: np.ndarray) -> np.ndarray:
         """The experts the step serves with: executed and in time (the realised delays)."""
-        return np.logical_and(executed, self.sim.on_time(state), out=self._effective)
+        return self.sim.served(state, executed, self._effective)
 
     def after_step(self, state, outcome, effective: np.ndarray) -> None:
         """Each stepped row applies its layer with its effective experts (the decoder checks it is in step with
@@ -219,11 +250,16 @@ class ModelAccuracy(_ModelStreams):
         else:
             finished = self.decoder.advance(self._stepped, effective, state.layer, state.start, state.token,
                                             state.done, self.token_id)
-        if self.decoder.n_finished:
+        if not self.decoder.n_finished:
+            return
+        if self._one:  # the single env: one token, its numbers as Python's
+            nll = self._report_one(outcome, int(self.decoder.finished_at[0]), self.decoder.logits[0])
+            rows = 0
+        else:
             rows = np.flatnonzero(finished)
             nll = self._report(outcome, rows, self.decoder.finished_at[rows], self.decoder.logits[rows])
-            if self.observes:
-                self.state_keys.previous_loss[rows] = nll
+        if self.observes:
+            self.state_keys.previous_loss[rows] = nll
 
 
 class LiveGating(_ModelStreams):

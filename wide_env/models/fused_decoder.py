@@ -83,6 +83,10 @@ class FusedDecoder:
         self._slot_of: dict = {}
         self._refs = np.zeros(slots, np.int64)  # how many streams read each slot
         self._loaded = np.zeros(slots, np.int64)  # how many of its window's first positions each slot holds
+        # when each slot was last taken (share_prefix's count; -1: never): a free slot holding the window least
+        # recently used gives it up first, so a few streams over many windows keep the others' copies
+        self._taken = np.full(slots, -1, np.int64)
+        self._takes = 0
         # self.x: per stream, the residual stream (the token's hidden state after its applied layers)
         # self.probs, topk_idx, topk_weight: the pending layer's router softmax, Top-K (descending), combine weights
         # self.length: tokens held by each stream's cache
@@ -118,12 +122,15 @@ class FusedDecoder:
     def share_prefix(self, row: int, window, keys, values, n: int) -> None:
         """Stream ``row``'s first ``n`` tokens are the first n of the trace window ``window`` (any hashable id),
         whose full keys and values (L, H, N, hd) with N >= n are ``keys``, ``values``: the same context as
-        :meth:`set_prefix` of their first n, read from a slot the window's streams share (a free slot takes the
-        window when none holds it; positions are copied in as far as a stream needs them)."""
+        :meth:`set_prefix` of their first n, read from a slot the window's streams share (when no slot holds the
+        window, the free slot least recently taken takes it: an unused one first; positions are copied in as far as
+        a stream needs them)."""
         keys, values = np.asarray(keys), np.asarray(values)
         self._check_prefix(keys, values)
         if not 0 <= n <= keys.shape[2]:
             raise ValueError(f"prefix length n must be in [0, {keys.shape[2]}] (the window's run), got {n}")
+        if self.share_loaded(row, window, n):
+            return
         self._release(row)
         slot = self._slot_of.get(window)
         if slot is None:
@@ -131,7 +138,7 @@ class FusedDecoder:
             if not free.size:
                 raise RuntimeError(f"all {self._refs.size} prefix slots are in use; build the decoder with "
                                    "prefix_slots >= min(windows, n_streams)")
-            slot = int(free[0])
+            slot = int(free[self._taken[free].argmin()])
             self._slot_of.pop(self._window_of[slot], None)
             self._slot_of[window], self._window_of[slot], self._loaded[slot] = slot, window, 0
         have = self._loaded[slot]
@@ -139,7 +146,23 @@ class FusedDecoder:
             self._shared_keys[slot, :, :, :, have:n] = keys[:, :, have:n].transpose(0, 1, 3, 2)
             self._shared_values[slot, :, :, :, have:n] = values[:, :, have:n].transpose(0, 1, 3, 2)
             self._loaded[slot] = n
+        self._take(row, slot, n)
+
+    def share_loaded(self, row: int, window, n: int) -> bool:
+        """:meth:`share_prefix` where a slot already holds the first ``n`` positions of ``window`` (no keys and
+        values needed: a new episode in a window the streams visited before); False (nothing changed) otherwise."""
+        slot = self._slot_of.get(window)
+        if slot is None or not 0 <= n <= self._loaded[slot]:
+            return False
+        self._release(row)
+        self._take(row, slot, n)
+        return True
+
+    def _take(self, row: int, slot: int, n: int) -> None:
+        """Stream ``row`` reads its first ``n`` positions from ``slot`` (which holds them)."""
         self._refs[slot] += 1
+        self._taken[slot] = self._takes
+        self._takes += 1
         self._slot[row], self._shared[row] = slot, n
         self.length[row] = n
         self.layer[row] = -1

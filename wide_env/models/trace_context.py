@@ -9,6 +9,8 @@ the full model's next-token prediction and loss at every position (the reference
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,7 @@ class TraceContext:
         if starts.size == 0 or starts[0] != 0:
             starts = np.r_[0, starts]
         self.window_starts = starts
+        self._starts = starts.tolist()
         ends = np.r_[starts[1:], n]
         longest = int((ends - starts).max())
         if longest > model.cfg.block_size:
@@ -60,7 +63,7 @@ class TraceContext:
 
     def window(self, position: int) -> int:
         """The first trace position of the window holding ``position``."""
-        return int(self.window_starts[np.searchsorted(self.window_starts, position, side="right") - 1])
+        return self._starts[bisect.bisect_right(self._starts, position) - 1]
 
     def _run(self, w: int) -> tuple:
         got = self._windows.get(w)
@@ -86,6 +89,16 @@ class TraceContext:
         (L, H, n, hd) over all of it (episodes starting in it share them: the first position - window)."""
         w = self.window(position)
         return (w,) + self._run(w)
+
+    def reference_one(self, position: int) -> tuple[int, float]:
+        """:meth:`reference` at one trace position, as Python numbers (the single env's every token)."""
+        i = bisect.bisect_right(self._starts, position) - 1
+        if not self._done[i]:
+            from .torch_threads import one_torch_thread
+
+            with one_torch_thread():  # the window's full-model run (once)
+                self._run(self._starts[i])
+        return int(self._pred[position]), float(self._nll[position])
 
     def reference(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The full model's prediction (int64) and loss -log p(target) (nats) at each trace position."""

@@ -391,13 +391,23 @@ class DecodeSimulator:
             return np.ones((state.batch_size, self.n_experts), dtype=bool)
         return self._at_current_layer(state, state.plan.meets_deadline)
 
-    def _at_current_layer(self, state: DecodeState, table: np.ndarray) -> np.ndarray:
-        """(B, ...) a copy of a plan cost table (C, Lc, B, ...) at each episode's current token and layer."""
+    def served(self, state: DecodeState, executed: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``executed`` (B, E) bool and :meth:`on_time`, written into ``out`` (B, E) bool: the experts a step
+        serves with (the model backend's, before every step)."""
+        if not self.enforce_deadline:
+            np.copyto(out, executed)
+            return out
+        return np.logical_and(executed, self._at_current_layer(state, state.plan.meets_deadline, copy=False), out=out)
+
+    def _at_current_layer(self, state: DecodeState, table: np.ndarray, copy: bool = True) -> np.ndarray:
+        """(B, ...) a plan cost table (C, Lc, B, ...) at each episode's current token and layer: a copy (with
+        ``copy=False`` a view where there is one episode)."""
         counters = state.counters
         if counters.shape[0] == 1:  # one episode (the single env, every step with a model): no index arrays
             row = counters[0].tolist()
             c = row[kernel.TOKEN] - row[kernel.CHUNK_START]
-            return table[c, row[kernel.LAYER] if self.scenario.cost_per_layer else 0, :1].copy()
+            at = table[c, row[kernel.LAYER] if self.scenario.cost_per_layer else 0, :1]
+            return at.copy() if copy else at
         c = counters[:, kernel.TOKEN] - counters[:, kernel.CHUNK_START]
         lc = counters[:, kernel.LAYER] if self.scenario.cost_per_layer else 0
         return table[c, lc, np.arange(counters.shape[0])]
