@@ -11,7 +11,7 @@ of the envs of one batch size are interleaved, so each sees the same machine loa
 and env-steps/s (= B * calls/s), best of ``--repeats``, and ratios measured in this run (of the best
 runs, and the median of per-repeat ratios, which is steadier on a shared machine). ``--clock cpu`` times the
 process's CPU time (time.process_time): on a machine other jobs share, wall time counts their time slices too.
-Targets: native at B = 256 >= 1/4 of CartPole's vector rate and >= 20x our SyncVectorEnv; with B = 256 and
+Targets (issue 22): native at B = 256 >= 1/2 of CartPole's vector rate (an earlier issue asked 1/4), at B = 4096 >= 1/4, and >= 20x our SyncVectorEnv; with B = 256 and
 4096 both given, the per-env-step cost at B = 4096 against B = 256 (flat cost per step: ratio >= 1).
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main() -> None:
     if ("cartpole", 256) in ratios:
         r, best = ratios["cartpole", 256], rate["native", 256] / rate["cartpole", 256]
         print(f"\nB=256 native / CartPole = {r:.3f} median, {best:.3f} best-of "
-              f"(target >= 0.25: {'met' if r >= 0.25 else 'NOT met'} by the median)")
+              f"(target >= 0.5, issue 22: {'met' if r >= 0.5 else 'NOT met'} by the median)")
     if ("cartpole", 4096) in ratios:
         r = ratios["cartpole", 4096]
         print(f"B=4096 native / CartPole = {r:.3f} median (target >= 0.25: {'met' if r >= 0.25 else 'NOT met'})")

@@ -10,7 +10,8 @@ from wide_env.config import WideConfig
 from wide_env.gating import make_gating_source
 from wide_env.sim.decode import DecodeSimulator
 from wide_env.sim.decode import simulator as simulator_module
-from wide_env.sim.decode.kernel_entry import KernelEntries, types_key, usual_outcome, usual_step_buffers
+from wide_env.compiled_entry import KernelEntries, types_key
+from wide_env.sim.decode.kernel_entry import usual_outcome, usual_step_buffers
 from wide_env.sim.decode.state import empty_outcome
 
 

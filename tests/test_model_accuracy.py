@@ -300,7 +300,7 @@ def test_checkers_sb3_vec_env_and_clones_with_the_model_inside():
 def test_single_env_token_report_is_the_batched_report_bit_for_bit(objective):
     """The single env reports a completed token through its own one-row path (Python numbers, no index arrays);
     it must write exactly what the batched report writes for the same logits and position, and return the same
-    loss."""
+    loss, which is numpy's log-softmax of the logits (to rounding)."""
     env = gym.make("wide_env/WideMoE-Mixtral-v0", config={"reward": {"objective": objective}})
     env.reset(seed=4)
     batch = env.unwrapped.episode_batch
@@ -314,9 +314,28 @@ def test_single_env_token_report_is_the_batched_report_bit_for_bit(objective):
         one, many = batch._outcome_buffer(), batch._outcome_buffer()
         for out in (one, many):
             out.values[:], out.counts[:] = -7.0, -7
-        nll_one = backend._report_one(one, position, logits)
+        nll_one = backend._report_one(one, position, logits[None])
         nll_many = backend._report(many, np.array([0]), np.array([position]), logits[None])
         assert nll_one == nll_many[0]
+        x = logits.astype(np.float64)
+        want = x.max() + np.log(np.exp(x - x.max()).sum()) - x[int(backend.target_id[position])]
+        assert nll_one == pytest.approx(want, rel=1e-12, abs=1e-12)
         np.testing.assert_array_equal(one.values, many.values)
         np.testing.assert_array_equal(one.counts, many.counts)
         assert not (one.values == -7.0).all()
+
+
+def test_token_losses_are_numpys_argmax_and_log_softmax():
+    from wide_env.models.fused_math import token_losses
+
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((6, 50)) * 4).astype(np.float32)
+    logits[2, [7, 30]] = logits[2].max() + 1.0  # equal maxima: the first is the prediction
+    target = rng.integers(0, 50, 6)
+    pred, nll = np.empty(6, np.int64), np.empty(6)
+    token_losses(logits, target, pred, nll)
+    x = logits.astype(np.float64)
+    np.testing.assert_array_equal(pred, x.argmax(-1))
+    assert pred[2] == 7
+    want = -(x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+    np.testing.assert_allclose(nll, want[np.arange(6), target], rtol=1e-12, atol=1e-12)

@@ -42,6 +42,7 @@ import numpy as np
 
 from wide_env.envs.accuracy_source import (ACCURACY_SOURCES, accuracy_source_of,  # noqa: F401 (public names)
                                            checkpoint_dir_of)
+from wide_env.models.fused_math import token_losses
 from wide_env.models.torch_threads import one_torch_thread
 from wide_env.profiles import profile_checkpoint
 
@@ -142,11 +143,9 @@ class _ModelStreams:
     def _report(self, outcome, rows: np.ndarray, positions: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """Rows whose token completed: the step's accuracy fields (and the accuracy reward) from the model's
         next-token ``logits`` (R, V); returns the tokens' losses -log p(target) (nats)."""
-        logits = np.asarray(logits, np.float64)
         target = self.target_id[positions]
-        pred = logits.argmax(-1)
-        top = logits.max(-1)
-        nll = top + np.log(np.exp(logits - top[:, None]).sum(-1)) - logits[np.arange(rows.size), target]
+        pred, nll = np.empty(rows.size, np.int64), np.empty(rows.size)
+        token_losses(np.ascontiguousarray(logits), target, pred, nll)
         with one_torch_thread():  # the window's full-model run where no episode started in it
             full_pred, full_nll = self.context.reference(positions)
         delta = nll - full_nll
@@ -160,13 +159,11 @@ class _ModelStreams:
 
     def _report_one(self, outcome, position: int, logits: np.ndarray) -> float:
         """:meth:`_report` for a batch of one (row 0) whose token at trace ``position`` completed with next-token
-        ``logits`` (V,): the same numbers in the same operations, without the index arrays (the single env's
-        every token: a quarter of the time)."""
-        logits = logits.astype(np.float64)
-        target = int(self.target_id[position])
-        pred = int(logits.argmax())
-        top = logits[pred]  # the max
-        nll = float(top + np.log(np.exp(logits - top).sum()) - logits[target])
+        ``logits`` (1, V): the same numbers, without index arrays (the single env's every token)."""
+        target = self.target_id[position:position + 1]
+        pred, nll = self._one_pred, self._one_nll
+        token_losses(logits, target, pred, nll)
+        pred, nll, target = int(pred[0]), float(nll[0]), int(target[0])
         full_pred, full_nll = self.context.reference_one(position)  # (its full-model run where no episode started)
         delta = nll - full_nll
         got = [("accuracy_correct", pred == target), ("accuracy_same", pred == full_pred),
@@ -205,6 +202,7 @@ class ModelAccuracy(_ModelStreams):
         self._effective = np.zeros((num_envs, sim.n_experts), bool)
         self._bound_state = None
         self._one = num_envs == 1
+        self._one_pred, self._one_nll = np.zeros(1, np.int64), np.zeros(1)  # _report_one's
         self.observes = bool(sim.config.gating.model_state)
         if self.observes:
             from wide_env.envs.model_state import ModelState
@@ -253,7 +251,7 @@ class ModelAccuracy(_ModelStreams):
         if not self.decoder.n_finished:
             return
         if self._one:  # the single env: one token, its numbers as Python's
-            nll = self._report_one(outcome, int(self.decoder.finished_at[0]), self.decoder.logits[0])
+            nll = self._report_one(outcome, int(self.decoder.finished_at[0]), self.decoder.logits)
             rows = 0
         else:
             rows = np.flatnonzero(finished)

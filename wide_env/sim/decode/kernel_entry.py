@@ -2,11 +2,12 @@
 
 Numba's dispatcher types every argument on every call (about 1 us for the kernel's twenty arrays in tuples, on
 the order of the single env's whole kernel run). A simulator's step passes the same types step after step: its
-plan, state and constants (one key per state, :func:`types_key`) and its own buffers. :class:`KernelEntries`
-keeps the machine-code entry numba compiled (or loaded from its cache) for each key and hands it out only for
-calls whose per-step buffers have the usual types (:func:`usual_step_buffers`, :func:`usual_outcome`); any other
-call goes through the dispatcher. Numba's entry checks no type but the item size (an array of other axes or order
-would be read out of bounds), so both checks must hold before it is called.
+plan, state and constants (one key per state, :func:`wide_env.compiled_entry.types_key`) and its own buffers.
+:class:`wide_env.compiled_entry.KernelEntries` keeps the machine-code entry numba compiled (or loaded from its
+cache) for each key; the simulator hands it out only for calls whose per-step buffers have the usual types
+(:func:`usual_step_buffers`, :func:`usual_outcome`); any other call goes through the dispatcher. Numba's entry
+checks no type but the item size (an array of other axes or order would be read out of bounds), so both checks
+must hold before it is called.
 """
 
 from __future__ import annotations
@@ -14,15 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 _BOOL, _FLOAT32, _FLOAT64, _INT64 = np.dtype(np.bool_), np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int64)
-
-
-def types_key(arrays) -> tuple:
-    """What numba's types of ``arrays`` depend on: dtype, number of axes, C order, writeability."""
-    key = []
-    for a in arrays:
-        flags = a.flags
-        key.append((a.dtype, a.ndim, flags.c_contiguous, flags.writeable))
-    return tuple(key)
 
 
 def usual_step_buffers(executed: np.ndarray, obs: np.ndarray) -> bool:
@@ -42,30 +34,3 @@ def usual_outcome(out) -> bool:
         return False
     v, c = values.flags, counts.flags
     return v.c_contiguous and v.writeable and c.c_contiguous and c.writeable
-
-
-class KernelEntries:
-    """Compiled entries of one numba function by the types key of its cached arguments; keys are interned to
-    small ints once (:meth:`key_id`), so a step looks its entry up without hashing its types again."""
-
-    def __init__(self, dispatcher):
-        self.dispatcher = dispatcher
-        # a plain Python function (numba's JIT disabled, NUMBA_DISABLE_JIT=1) has no entries: every call runs it
-        self._compiles = hasattr(dispatcher, "compile") and hasattr(dispatcher, "typeof_pyval")
-        self._ids: dict = {}  # types key -> its id
-        self._entries: dict = {}  # id -> entry
-
-    def key_id(self, key: tuple) -> int:
-        """The id of a types key (:func:`types_key`)."""
-        return self._ids.setdefault(key, len(self._ids))
-
-    def get(self, key_id: int):
-        """The entry for a key's id, or None before :meth:`learn` saw a call with it."""
-        return self._entries.get(key_id)
-
-    def learn(self, key_id: int, args: tuple) -> None:
-        """Record the entry for the exact types of ``args`` (a call that just went through the dispatcher with
-        the usual step buffers, so numba compiled or loaded it already) under the key's id."""
-        if self._compiles:
-            signature = tuple(self.dispatcher.typeof_pyval(a) for a in args)
-            self._entries[key_id] = self.dispatcher.compile(signature)

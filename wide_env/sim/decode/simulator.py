@@ -26,7 +26,8 @@ from wide_env.sim.decode import kernel, kernel_table
 from wide_env.sim.decode.plan import (EXPERT_KEYS, assign_plan, chunk_size, concat_plans, observed_energy_cost,
                                       plan_tokens)
 from wide_env.sim.decode.hindsight import EpisodeTables, episode_tables
-from wide_env.sim.decode.kernel_entry import KernelEntries, types_key, usual_outcome, usual_step_buffers
+from wide_env.compiled_entry import KernelEntries, types_key
+from wide_env.sim.decode.kernel_entry import usual_outcome, usual_step_buffers
 from wide_env.sim.decode.state import FIELDS, DecodeState, empty_outcome
 from wide_env.sim.outcome import Outcome
 from wide_env.sim.decode.view import LayerView, make_view
