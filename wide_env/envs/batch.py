@@ -57,6 +57,7 @@ class EpisodeBatch:
         self._float_cols = [self.fields.index[key][1] for key in self.float_keys]
         self._int_cols = [self.fields.index[key][1] for key in self.int_keys]
         self._reward_col = self.fields.index["reward"][1]
+        self._float_span, self._int_span = _span(self._float_cols), _span(self._int_cols)
         self._row_dict = self._row_function()
         self.reset_info_keys = sim.RESET_INFO_KEYS
         self.only_step_keys = tuple(k for k in self.info_keys if k not in self.reset_info_keys)
@@ -199,8 +200,13 @@ class EpisodeBatch:
         returned: views of its columns, no copies (each step's outcome is a fresh array that nobody reads after its
         info is built; copying B x 31 numbers out of it cost about 1/20 of a step at B = 4096)."""
         values, counts = outcome.values, outcome.counts
-        info = {key: values[:, i] for key, i in zip(self.float_keys, self._float_cols)}
-        info.update({key: counts[:, i] for key, i in zip(self.int_keys, self._int_cols)})
+        floats, ints = self._float_span, self._int_span
+        # a run of columns: the transpose's rows are those views, made in C (a dict display of 30 views cost
+        # about 8 us, a fifth of a B = 16 step)
+        info = (dict(zip(self.float_keys, values.T[floats])) if floats is not None else
+                {key: values[:, i] for key, i in zip(self.float_keys, self._float_cols)})
+        info.update(zip(self.int_keys, counts.T[ints]) if ints is not None else
+                    {key: counts[:, i] for key, i in zip(self.int_keys, self._int_cols)})
         return info
 
     def step_info_one(self, outcome, row: int = 0) -> dict:
@@ -222,6 +228,13 @@ class EpisodeBatch:
     def reset_info(self) -> dict[str, np.ndarray]:
         """The reset info of every row at the current state, (B,) arrays (copies)."""
         return self.sim.reset_info(self.state)
+
+
+def _span(columns: list[int]) -> slice | None:
+    """``columns`` as a slice where they are a run of consecutive columns (None otherwise)."""
+    if columns and columns == list(range(columns[0], columns[0] + len(columns))):
+        return slice(columns[0], columns[0] + len(columns))
+    return None
 
 
 #: the reward rule on one row's Python numbers: its Python source (the same additions in the same order, IEEE double,
