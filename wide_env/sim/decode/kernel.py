@@ -123,8 +123,18 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
     observed, copied = rows, False
     flat_values = effect_values.reshape(-1)
     for b in range(B):
-        if has_accuracy and b + FOLD_AHEAD < B:
-            _prefetch_fold(flat_values, effect_rows, counters, b + FOLD_AHEAD, C, E, K, n_acc)
+        ahead = b + FOLD_AHEAD
+        if has_accuracy and ahead < B:
+            # fetch the accuracy table's rows of that episode's Top-K slots skipped (a hint: no effect on results).
+            # The table (a row per trace position, layer, slot and server) is read at random, and its folds were the
+            # kernel's costliest misses (a sixth of a B = 256 step). Only the skip rows: a slot's own expert reads
+            # the zero row, and fetching every executed expert's row as well made the step slower. Written out here:
+            # a helper function taking the arrays would add their reference counting (atomic) at every row.
+            ca = counters[ahead, TOKEN] - counters[ahead, CHUNK_START]
+            if 0 <= ca < C:
+                la = counters[ahead, LAYER]
+                for k in range(K):
+                    prefetch(flat_values, effect_rows[ca, la, ahead, k * (E + 1) + E] * n_acc)
         if not rows[b]:
             continue
         if mode != EVALUATE and flags[b, DONE]:  # a finished episode does not step: a zero outcome
@@ -262,21 +272,6 @@ def run_rows(mode, rows, executed, plan, state, consts, values, counts, obs, rep
 
 #: rows ahead whose accuracy-table rows the step fetches into the cache while it computes this one
 FOLD_AHEAD = 6
-
-
-@njit(inline="always")
-def _prefetch_fold(flat_values, effect_rows, counters, b, C, E, K, n_acc):
-    """Fetch the accuracy table's rows of episode ``b``'s Top-K slots skipped into the cache (a hint: no effect on
-    results). The table (a row per trace position, layer, slot and server) is read at random, and its folds were
-    the kernel's costliest misses (a sixth of a B = 256 step). Only the skip rows: a slot's own expert reads the
-    zero row, and fetching every executed expert's row as well (unpredictable branches, ten lines a row) made
-    the step slower; measured: B = 256 about 7% faster, B = 4096 unchanged."""
-    c = counters[b, TOKEN] - counters[b, CHUNK_START]
-    if c < 0 or c >= C:
-        return
-    l = counters[b, LAYER]
-    for k in range(K):
-        prefetch(flat_values, effect_rows[c, l, b, k * (E + 1) + E] * n_acc)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
